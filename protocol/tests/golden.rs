@@ -1,0 +1,135 @@
+//! Golden bytes for every message: a change to the wire format must show up here (and bump
+//! PROTOCOL_VERSION).
+
+use fnx_protocol::*;
+
+const MAX: usize = DEFAULT_MAX_FRAME_BYTES;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn task_result_ok() -> TaskResult {
+    TaskResult { id: TaskId(7), attempt: Attempt(2), outcome: Outcome::Ok(Payload::json("42")) }
+}
+
+fn task_result_err() -> TaskResult {
+    TaskResult {
+        id: TaskId(8),
+        attempt: Attempt(1),
+        outcome: Outcome::Err(TaskError {
+            kind: ErrorKind::WorkerLost,
+            type_name: "WorkerLost".into(),
+            message: "signal 9".into(),
+            traceback: None,
+        }),
+    }
+}
+
+fn m2i_samples() -> Vec<(&'static str, ManagerToInterchange)> {
+    vec![
+        (
+            "register",
+            ManagerToInterchange::Register(Register {
+                uid: "m0".into(),
+                host: "nid001".into(),
+                pid: 4242,
+                cores: 64,
+                slots: 64,
+                prefetch: 8,
+                block_id: Some(BlockId(3)),
+                zero_work: false,
+                fnx_version: "0.1.0".into(),
+            }),
+        ),
+        ("heartbeat", ManagerToInterchange::Heartbeat),
+        ("results", ManagerToInterchange::Results(vec![task_result_ok(), task_result_err()])),
+        ("drain", ManagerToInterchange::Drain),
+        ("bye", ManagerToInterchange::Bye { reason: "sigterm".into() }),
+    ]
+}
+
+fn i2m_samples() -> Vec<(&'static str, InterchangeToManager)> {
+    vec![
+        (
+            "registered",
+            InterchangeToManager::Registered {
+                manager: ManagerId(5),
+                heartbeat_period_ms: 5000,
+                heartbeat_threshold_ms: 30000,
+            },
+        ),
+        ("rejected", InterchangeToManager::Rejected { reason: "no".into() }),
+        (
+            "tasks",
+            InterchangeToManager::Tasks {
+                functions: vec![
+                    FunctionDef {
+                        id: FunctionId(1),
+                        body: FunctionBody::PythonRef { module: "m".into(), qualname: "f".into() },
+                    },
+                    FunctionDef { id: FunctionId(2), body: FunctionBody::Shell { template: "echo {x}".into() } },
+                ],
+                tasks: vec![TaskSpec {
+                    id: TaskId(9),
+                    attempt: Attempt(1),
+                    function: FunctionId(1),
+                    args: Payload { encoding: Encoding::Pickle, data: vec![0x80, 0x05] },
+                    walltime_ms: Some(1500),
+                }],
+            },
+        ),
+        ("heartbeat", InterchangeToManager::Heartbeat),
+        ("cancel", InterchangeToManager::Cancel { tasks: vec![(TaskId(9), Attempt(1))] }),
+        ("drain", InterchangeToManager::Drain),
+        ("drained", InterchangeToManager::Drained),
+        ("shutdown", InterchangeToManager::Shutdown { reason: "bye".into() }),
+    ]
+}
+
+const M2I_GOLDEN: &[(&str, &str)] = &[
+    ("register", "920181a8726567697374657299a26d30a66e6964303031cd109240400803c2a5302e312e30"),
+    ("heartbeat", "9201a9686561727462656174"),
+    ("results", "920181a7726573756c74739293070281a26f6b92a46a736f6ec402343293080181a365727294ab776f726b65725f6c6f7374aa576f726b65724c6f7374a87369676e616c2039c0"),
+    ("drain", "9201a5647261696e"),
+    ("bye", "920181a362796591a77369677465726d"),
+];
+
+const I2M_GOLDEN: &[(&str, &str)] = &[
+    ("registered", "920181aa726567697374657265649305cd1388cd7530"),
+    ("rejected", "920181a872656a656374656491a26e6f"),
+    ("tasks", "920181a57461736b739292920181aa707974686f6e5f72656692a16da166920281a57368656c6c91a86563686f207b787d919509010192a67069636b6c65c4028005cd05dc"),
+    ("heartbeat", "9201a9686561727462656174"),
+    ("cancel", "920181a663616e63656c9191920901"),
+    ("drain", "9201a5647261696e"),
+    ("drained", "9201a7647261696e6564"),
+    ("shutdown", "920181a873687574646f776e91a3627965"),
+];
+
+#[test]
+fn manager_to_interchange_golden_bytes() {
+    let samples = m2i_samples();
+    let mut actual = Vec::new();
+    for (name, msg) in &samples {
+        let bytes = encode(msg, MAX).unwrap();
+        let back: ManagerToInterchange = decode(&bytes, MAX).unwrap();
+        assert_eq!(&back, msg, "{name} round-trips");
+        actual.push((*name, hex(&bytes)));
+    }
+    let expected: Vec<(&str, String)> = M2I_GOLDEN.iter().map(|(n, h)| (*n, h.to_string())).collect();
+    assert_eq!(actual, expected, "manager→interchange wire bytes changed");
+}
+
+#[test]
+fn interchange_to_manager_golden_bytes() {
+    let samples = i2m_samples();
+    let mut actual = Vec::new();
+    for (name, msg) in &samples {
+        let bytes = encode(msg, MAX).unwrap();
+        let back: InterchangeToManager = decode(&bytes, MAX).unwrap();
+        assert_eq!(&back, msg, "{name} round-trips");
+        actual.push((*name, hex(&bytes)));
+    }
+    let expected: Vec<(&str, String)> = I2M_GOLDEN.iter().map(|(n, h)| (*n, h.to_string())).collect();
+    assert_eq!(actual, expected, "interchange→manager wire bytes changed");
+}

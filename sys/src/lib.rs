@@ -1,0 +1,18 @@
+//! Facts and syscalls of the node that the manager and the embedded runner need.
+//!
+//! # Layout
+//! - [`process`]: process groups, death signals, child subreaper, pidfds, killing a process
+//!   group with a grace period, signal names.
+//! - [`sweep`]: finding every process that carries an fnx environment marker (so that children
+//!   that left their process group with `setsid` are still found) and killing them.
+//! - [`signals`]: turning SIGINT/SIGTERM/SIGHUP into a readable file descriptor (self-pipe),
+//!   so event loops can poll for them.
+//! - [`node`]: host name and the number of CPUs this process may use.
+//!
+//! Placement (hwloc topology, pinning plans) joins this crate when pinning is built.
+#![deny(missing_docs)]
+
+pub mod node;
+pub mod process;
+pub mod signals;
+pub mod sweep;
