@@ -1,0 +1,386 @@
+//! The thread that connects the state machine to a ZeroMQ ROUTER socket.
+//!
+//! One ROUTER socket serves every manager (one file descriptor per manager connection, no
+//! matter how many workers it has). `ROUTER_MANDATORY` turns a send to a vanished peer into an
+//! error instead of a silent drop, high-water marks are unlimited (back-pressure comes from
+//! capacity-based dispatch, not from dropped messages), and `MAXMSGSIZE` caps what a peer can
+//! make us buffer. The host talks to the thread through [`Handle`] (commands, woken through an
+//! inproc socket) and receives [`Event`]s on a channel, finished tasks in batches.
+
+use crate::state::{Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer};
+use fnx_protocol::{decode, encode, FunctionDef, InterchangeToManager, ManagerToInterchange, TaskId};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// How to run the driver.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// ZeroMQ endpoint to bind, e.g. `tcp://127.0.0.1:0` (port 0: any free port).
+    pub bind: String,
+    /// State machine tunables.
+    pub state: Config,
+    /// Largest frame accepted from or sent to a manager.
+    pub max_frame_bytes: usize,
+    /// How often expiry is checked.
+    pub tick: Duration,
+}
+
+impl DriverConfig {
+    /// Defaults, bound to `bind`.
+    pub fn new(bind: impl Into<String>) -> Self {
+        DriverConfig {
+            bind: bind.into(),
+            state: Config::default(),
+            max_frame_bytes: fnx_protocol::DEFAULT_MAX_FRAME_BYTES,
+            tick: Duration::from_millis(100),
+        }
+    }
+}
+
+/// The driver could not start.
+#[derive(Debug, Error)]
+pub enum DriverError {
+    /// A ZeroMQ call failed.
+    #[error("interchange socket: {what}: {source}")]
+    Zmq {
+        /// Which call.
+        what: &'static str,
+        /// The ZeroMQ error.
+        source: zmq::Error,
+    },
+    /// The driver thread could not be started.
+    #[error("cannot start the interchange thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn zerr(what: &'static str) -> impl FnOnce(zmq::Error) -> DriverError {
+    move |source| DriverError::Zmq { what, source }
+}
+
+/// What the driver tells its host.
+#[derive(Debug)]
+pub enum Event {
+    /// Tasks that reached their terminal state, in the order they did.
+    Finished(Vec<Finished>),
+    /// A manager event (registered, lost, refused, drained, ignored message).
+    Notice(Notice),
+}
+
+enum Command {
+    AddFunction(FunctionDef),
+    Submit(Vec<NewTask>),
+    Cancel(Vec<TaskId>),
+    ManagerGone { uid: String, reason: String },
+    Status(Sender<(Counts, Vec<ManagerStatus>)>),
+    Shutdown { reason: String },
+}
+
+/// The host's side of a running interchange.
+pub struct Handle {
+    commands: Sender<Command>,
+    wake: Mutex<zmq::Socket>,
+    endpoint: String,
+    thread: Option<JoinHandle<()>>,
+}
+
+static NEXT_WAKE: AtomicU64 = AtomicU64::new(0);
+
+/// Bind the ROUTER socket and start the driver thread.
+pub fn start(ctx: &zmq::Context, config: DriverConfig) -> Result<(Handle, Receiver<Event>), DriverError> {
+    let router = ctx.socket(zmq::ROUTER).map_err(zerr("socket"))?;
+    router.set_router_mandatory(true).map_err(zerr("ROUTER_MANDATORY"))?;
+    router.set_sndhwm(0).map_err(zerr("SNDHWM"))?;
+    router.set_rcvhwm(0).map_err(zerr("RCVHWM"))?;
+    router.set_maxmsgsize(config.max_frame_bytes as i64).map_err(zerr("MAXMSGSIZE"))?;
+    router.set_linger(2000).map_err(zerr("LINGER"))?;
+    router.bind(&config.bind).map_err(zerr("bind"))?;
+    let endpoint = router
+        .get_last_endpoint()
+        .map_err(zerr("last endpoint"))?
+        .unwrap_or_else(|raw| String::from_utf8_lossy(&raw).into_owned());
+    let wake_addr = format!("inproc://fnx-interchange-wake-{}", NEXT_WAKE.fetch_add(1, Ordering::Relaxed));
+    let wake_rx = ctx.socket(zmq::PAIR).map_err(zerr("socket"))?;
+    wake_rx.bind(&wake_addr).map_err(zerr("bind wake"))?;
+    let wake_tx = ctx.socket(zmq::PAIR).map_err(zerr("socket"))?;
+    wake_tx.connect(&wake_addr).map_err(zerr("connect wake"))?;
+    let (cmd_tx, cmd_rx) = channel();
+    let (ev_tx, ev_rx) = channel();
+    let thread = std::thread::Builder::new()
+        .name("interchange".into())
+        .spawn(move || {
+            let mut driver = Driver {
+                ic: Interchange::new(config.state.clone()),
+                router,
+                wake: wake_rx,
+                commands: cmd_rx,
+                events: ev_tx,
+                max_frame: config.max_frame_bytes,
+                tick: config.tick,
+                ignored: RateLimit::default(),
+            };
+            driver.run();
+        })
+        .map_err(DriverError::Thread)?;
+    let handle = Handle { commands: cmd_tx, wake: Mutex::new(wake_tx), endpoint, thread: Some(thread) };
+    Ok((handle, ev_rx))
+}
+
+impl Handle {
+    /// The endpoint managers connect to (with the real port if port 0 was bound).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn command(&self, cmd: Command) {
+        if self.commands.send(cmd).is_ok() {
+            if let Ok(wake) = self.wake.lock() {
+                let _ = wake.send(&[][..], zmq::DONTWAIT);
+            }
+        }
+    }
+
+    /// Make a function known to the interchange.
+    pub fn add_function(&self, def: FunctionDef) {
+        self.command(Command::AddFunction(def));
+    }
+
+    /// Hand tasks to the interchange.
+    pub fn submit(&self, tasks: Vec<NewTask>) {
+        self.command(Command::Submit(tasks));
+    }
+
+    /// Cancel tasks.
+    pub fn cancel(&self, ids: Vec<TaskId>) {
+        self.command(Command::Cancel(ids));
+    }
+
+    /// Tell the interchange that the manager launched as `uid` has ended.
+    pub fn manager_gone(&self, uid: String, reason: String) {
+        self.command(Command::ManagerGone { uid, reason });
+    }
+
+    /// Counts and managers, as the driver sees them now.
+    pub fn status(&self) -> Option<(Counts, Vec<ManagerStatus>)> {
+        let (tx, rx) = channel();
+        self.command(Command::Status(tx));
+        rx.recv_timeout(Duration::from_secs(10)).ok()
+    }
+
+    /// Tell every manager to exit, then stop the driver thread.
+    pub fn shutdown(mut self, reason: &str) {
+        self.stop(reason);
+    }
+
+    fn stop(&mut self, reason: &str) {
+        if let Some(thread) = self.thread.take() {
+            self.command(Command::Shutdown { reason: reason.to_string() });
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.stop("the interchange is stopping");
+    }
+}
+
+struct Driver {
+    ic: Interchange,
+    router: zmq::Socket,
+    wake: zmq::Socket,
+    commands: Receiver<Command>,
+    events: Sender<Event>,
+    max_frame: usize,
+    tick: Duration,
+    ignored: RateLimit,
+}
+
+struct Outbox<'a> {
+    router: &'a zmq::Socket,
+    max_frame: usize,
+    finished: Vec<Finished>,
+    notices: Vec<Notice>,
+    unreachable: Vec<Peer>,
+}
+
+impl Comm for Outbox<'_> {
+    fn send(&mut self, to: &Peer, msg: &InterchangeToManager) {
+        let frame = match encode(msg, self.max_frame) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::error!("cannot encode a message for a manager: {e}");
+                return;
+            }
+        };
+        let sent = self
+            .router
+            .send(&to[..], zmq::SNDMORE | zmq::DONTWAIT)
+            .and_then(|()| self.router.send(frame, zmq::DONTWAIT));
+        if let Err(e) = sent {
+            tracing::debug!("send to a manager failed: {e}");
+            self.unreachable.push(to.clone());
+        }
+    }
+
+    fn finished(&mut self, done: Finished) {
+        self.finished.push(done);
+    }
+
+    fn notice(&mut self, notice: Notice) {
+        self.notices.push(notice);
+    }
+}
+
+const MAX_MESSAGES_PER_ROUND: usize = 4096;
+
+impl Driver {
+    fn run(&mut self) {
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            let (router_ready, wake_ready) = {
+                let mut items = [self.router.as_poll_item(zmq::POLLIN), self.wake.as_poll_item(zmq::POLLIN)];
+                if let Err(e) = zmq::poll(&mut items, timeout.as_millis().max(1) as i64) {
+                    tracing::error!("poll failed: {e}");
+                }
+                (items[0].is_readable(), items[1].is_readable())
+            };
+            let mut out = Outbox {
+                router: &self.router,
+                max_frame: self.max_frame,
+                finished: Vec::new(),
+                notices: Vec::new(),
+                unreachable: Vec::new(),
+            };
+            let mut stop = None;
+            if wake_ready {
+                while self.wake.recv_bytes(zmq::DONTWAIT).is_ok() {}
+            }
+            while let Ok(cmd) = self.commands.try_recv() {
+                match cmd {
+                    Command::AddFunction(def) => self.ic.add_function(def),
+                    Command::Submit(tasks) => self.ic.submit(tasks, &mut out),
+                    Command::Cancel(ids) => self.ic.cancel(&ids, &mut out),
+                    Command::ManagerGone { uid, reason } => self.ic.manager_gone(&uid, &reason, &mut out),
+                    Command::Status(reply) => {
+                        let _ = reply.send((self.ic.counts(), self.ic.managers(Instant::now())));
+                    }
+                    Command::Shutdown { reason } => stop = Some(reason),
+                }
+            }
+            if router_ready {
+                let now = Instant::now();
+                for _ in 0..MAX_MESSAGES_PER_ROUND {
+                    match self.router.recv_multipart(zmq::DONTWAIT) {
+                        Ok(parts) => handle_parts(&mut self.ic, now, parts, self.max_frame, &mut out),
+                        Err(zmq::Error::EAGAIN) => break,
+                        Err(e) => {
+                            tracing::error!("receive failed: {e}");
+                            break;
+                        }
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.ic.tick(now, &mut out);
+                next_tick = now + self.tick;
+            }
+            if let Some(reason) = &stop {
+                self.ic.shutdown_all(reason, &mut out);
+            } else {
+                self.ic.dispatch(&mut out);
+            }
+            while !out.unreachable.is_empty() {
+                let peers = std::mem::take(&mut out.unreachable);
+                for peer in peers {
+                    self.ic.peer_unreachable(&peer, &mut out);
+                }
+            }
+            let Outbox { finished, notices, .. } = out;
+            for notice in notices {
+                self.log_notice(&notice);
+                let _ = self.events.send(Event::Notice(notice));
+            }
+            if !finished.is_empty() {
+                let _ = self.events.send(Event::Finished(finished));
+            }
+            if stop.is_some() {
+                return;
+            }
+        }
+    }
+
+    fn log_notice(&mut self, notice: &Notice) {
+        match notice {
+            Notice::Registered { id, uid, host, slots } => {
+                tracing::info!("manager {uid} ({id}) on {host} registered with {slots} slots")
+            }
+            Notice::Refused { uid, reason } => {
+                tracing::warn!("refused manager {}: {reason}", uid.as_deref().unwrap_or("(unnamed)"))
+            }
+            Notice::Lost { id, uid, host, reason, requeued, failed } => tracing::warn!(
+                "manager {uid} ({id}) on {host} lost: {reason}; {requeued} tasks requeued, {failed} failed"
+            ),
+            Notice::Drained { id, uid } => tracing::info!("manager {uid} ({id}) drained and released"),
+            Notice::Ignored { reason } => {
+                if let Some(suppressed) = self.ignored.allow(Instant::now()) {
+                    if suppressed > 0 {
+                        tracing::warn!("{suppressed} more ignored messages were not logged");
+                    }
+                    tracing::warn!("ignored: {reason}");
+                }
+            }
+        }
+    }
+}
+
+fn handle_parts(ic: &mut Interchange, now: Instant, parts: Vec<Vec<u8>>, max: usize, out: &mut Outbox<'_>) {
+    let mut parts = parts.into_iter();
+    let Some(peer) = parts.next() else { return };
+    let (Some(frame), None) = (parts.next(), parts.next()) else {
+        let err = fnx_protocol::FrameError::Malformed { reason: "expected exactly one frame per message".into() };
+        ic.on_bad_frame(&peer, &err, out);
+        return;
+    };
+    match decode::<ManagerToInterchange>(&frame, max) {
+        Ok(msg) => ic.on_message(now, &peer, msg, out),
+        Err(err) => ic.on_bad_frame(&peer, &err, out),
+    }
+}
+
+/// Lets through a few warnings per window and counts the rest.
+#[derive(Default)]
+struct RateLimit {
+    window_start: Option<Instant>,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    const WINDOW: Duration = Duration::from_secs(10);
+    const PER_WINDOW: u32 = 10;
+
+    /// `Some(suppressed since last allowed)` if this one may be logged.
+    fn allow(&mut self, now: Instant) -> Option<u64> {
+        match self.window_start {
+            Some(start) if now.duration_since(start) < Self::WINDOW => {}
+            _ => {
+                self.window_start = Some(now);
+                self.in_window = 0;
+            }
+        }
+        if self.in_window < Self::PER_WINDOW {
+            self.in_window += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}

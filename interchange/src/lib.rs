@@ -1,0 +1,19 @@
+//! The dispatcher between clients and node managers.
+//!
+//! # Layout
+//! - [`state`]: the interchange as a pure, synchronous state machine — pending queue, capacity
+//!   based batched dispatch, per-manager in-flight tracking, heartbeat expiry, retries, drain,
+//!   cancel. Events in, messages out through the [`Comm`] trait; no I/O.
+//! - [`queue`]: the priority-then-FIFO pending queue.
+//! - [`driver`]: one thread that owns a ZeroMQ ROUTER socket (one socket for every manager),
+//!   feeds the state machine and hands finished tasks to the host over a channel.
+//!
+//! The interchange knows nothing about how managers are started.
+#![deny(missing_docs)]
+
+pub mod driver;
+pub mod queue;
+pub mod state;
+
+pub use driver::{DriverConfig, Event, Handle};
+pub use state::{Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer};

@@ -1,0 +1,644 @@
+//! The interchange as a pure state machine: events in, messages out through [`Comm`].
+//!
+//! No sockets, threads or clocks live here: the caller passes `now` (a monotonic `Instant`) with
+//! every event and receives every effect through the [`Comm`] trait, so unit tests feed events
+//! and assert the exact messages emitted.
+
+use crate::queue::PendingQueue;
+use fnx_protocol::{
+    Attempt, BlockId, ErrorKind, FrameError, FunctionDef, FunctionId, InterchangeToManager,
+    ManagerId, ManagerToInterchange, Outcome, Payload, Register, TaskError, TaskId, TaskResult,
+    TaskSpec, PROTOCOL_VERSION,
+};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+/// The routing identity of a connected peer (opaque bytes chosen by the transport).
+pub type Peer = Vec<u8>;
+
+/// Tunables of the dispatcher.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Heartbeat period managers are told to use.
+    pub heartbeat_period: Duration,
+    /// Silence after which a manager is declared lost.
+    pub heartbeat_threshold: Duration,
+    /// Most tasks in one `Tasks` message.
+    pub max_batch_tasks: usize,
+    /// Most argument bytes in one `Tasks` message (a single larger task still goes alone).
+    pub max_batch_bytes: usize,
+    /// Largest accepted argument payload of one task.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            heartbeat_period: Duration::from_secs(5),
+            heartbeat_threshold: Duration::from_secs(30),
+            max_batch_tasks: 4096,
+            max_batch_bytes: 8 << 20,
+            max_payload_bytes: 10 << 20,
+        }
+    }
+}
+
+/// A task handed to the interchange.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewTask {
+    /// Its id, unique among the tasks this interchange holds.
+    pub id: TaskId,
+    /// The function to run (registered with [`Interchange::add_function`]).
+    pub function: FunctionId,
+    /// Its arguments.
+    pub args: Payload,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Per-attempt walltime in milliseconds.
+    pub walltime_ms: Option<u64>,
+    /// How many times it may be re-dispatched after an infrastructure failure.
+    pub retries: u32,
+}
+
+/// A task reached its terminal state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finished {
+    /// The task.
+    pub id: TaskId,
+    /// The attempt that produced the outcome (the number of dispatches so far; 0 if never sent).
+    pub attempt: Attempt,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// What the interchange tells the world.
+pub trait Comm {
+    /// Send a message to a connected peer.
+    fn send(&mut self, to: &Peer, msg: &InterchangeToManager);
+    /// A task is done (success, failure or cancelled); reported exactly once per task.
+    fn finished(&mut self, done: Finished);
+    /// Something an operator should know (registration, loss, refusals). Also logged.
+    fn notice(&mut self, notice: Notice);
+}
+
+/// Events about managers, for logs, status and the embedded runner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// A manager registered.
+    Registered {
+        /// Its id.
+        id: ManagerId,
+        /// The name its launcher gave it.
+        uid: String,
+        /// Its host.
+        host: String,
+        /// Its worker slots.
+        slots: u32,
+    },
+    /// A registration was refused.
+    Refused {
+        /// The name the peer gave, if it could be read.
+        uid: Option<String>,
+        /// Why.
+        reason: String,
+    },
+    /// A manager was lost; its tasks were retried or failed.
+    Lost {
+        /// Its id.
+        id: ManagerId,
+        /// The name its launcher gave it.
+        uid: String,
+        /// Its host.
+        host: String,
+        /// Why it was declared lost.
+        reason: String,
+        /// How many of its tasks were queued again.
+        requeued: usize,
+        /// How many of its tasks failed as `manager_lost`.
+        failed: usize,
+    },
+    /// A manager finished draining and was released.
+    Drained {
+        /// Its id.
+        id: ManagerId,
+        /// The name its launcher gave it.
+        uid: String,
+    },
+    /// A message was ignored (unknown or expired sender, unassigned result, malformed bytes).
+    Ignored {
+        /// What and why.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TaskState {
+    Queued,
+    Running(ManagerId),
+}
+
+#[derive(Debug)]
+struct TaskRec {
+    function: FunctionId,
+    args: Payload,
+    priority: i32,
+    walltime_ms: Option<u64>,
+    retries_left: u32,
+    attempt: Attempt,
+    state: TaskState,
+    cancel_requested: bool,
+}
+
+#[derive(Debug)]
+struct ManagerRec {
+    peer: Peer,
+    uid: String,
+    host: String,
+    block_id: Option<BlockId>,
+    slots: u32,
+    capacity: usize,
+    inflight: HashSet<TaskId>,
+    functions_sent: HashSet<FunctionId>,
+    last_seen: Instant,
+    idle_since: Option<Instant>,
+    draining: bool,
+    in_ready: bool,
+    completed: u64,
+}
+
+/// A snapshot of one manager, for status displays.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagerStatus {
+    /// Its id.
+    pub id: ManagerId,
+    /// The name its launcher gave it.
+    pub uid: String,
+    /// Its host.
+    pub host: String,
+    /// Its block, if any.
+    pub block_id: Option<BlockId>,
+    /// Worker slots.
+    pub slots: u32,
+    /// Tasks it holds now.
+    pub inflight: usize,
+    /// Tasks it completed.
+    pub completed: u64,
+    /// Whether it is draining.
+    pub draining: bool,
+    /// How long it has held no task.
+    pub idle_for: Option<Duration>,
+}
+
+/// Counts for status displays.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Tasks waiting for dispatch.
+    pub queued: usize,
+    /// Tasks held by managers.
+    pub running: usize,
+    /// Registered managers.
+    pub managers: usize,
+    /// Worker slots across registered managers.
+    pub slots: u64,
+}
+
+/// The dispatcher state.
+#[derive(Debug)]
+pub struct Interchange {
+    config: Config,
+    functions: HashMap<FunctionId, FunctionDef>,
+    tasks: HashMap<TaskId, TaskRec>,
+    queue: PendingQueue,
+    managers: HashMap<ManagerId, ManagerRec>,
+    peers: HashMap<Peer, ManagerId>,
+    ready: VecDeque<ManagerId>,
+    next_manager: u64,
+    queued: usize,
+}
+
+impl Interchange {
+    /// An empty interchange.
+    pub fn new(config: Config) -> Self {
+        Interchange {
+            config,
+            functions: HashMap::new(),
+            tasks: HashMap::new(),
+            queue: PendingQueue::default(),
+            managers: HashMap::new(),
+            peers: HashMap::new(),
+            ready: VecDeque::new(),
+            next_manager: 1,
+            queued: 0,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Make a function known; tasks may refer to it from now on.
+    pub fn add_function(&mut self, def: FunctionDef) {
+        self.functions.insert(def.id, def);
+    }
+
+    /// Accept tasks. Invalid ones (unknown function, payload over the limit, duplicate id)
+    /// finish at once as `bad_input`.
+    pub fn submit(&mut self, tasks: Vec<NewTask>, comm: &mut impl Comm) {
+        for t in tasks {
+            if let Some(err) = self.validate(&t) {
+                comm.finished(Finished { id: t.id, attempt: Attempt(0), outcome: Outcome::Err(err) });
+                continue;
+            }
+            self.queue.push_back(t.priority, t.id);
+            self.queued += 1;
+            self.tasks.insert(
+                t.id,
+                TaskRec {
+                    function: t.function,
+                    args: t.args,
+                    priority: t.priority,
+                    walltime_ms: t.walltime_ms,
+                    retries_left: t.retries,
+                    attempt: Attempt(0),
+                    state: TaskState::Queued,
+                    cancel_requested: false,
+                },
+            );
+        }
+    }
+
+    fn validate(&self, t: &NewTask) -> Option<TaskError> {
+        if self.tasks.contains_key(&t.id) {
+            return Some(TaskError::new(ErrorKind::BadInput, "DuplicateTask", format!("{} is already held", t.id)));
+        }
+        if !self.functions.contains_key(&t.function) {
+            return Some(TaskError::new(ErrorKind::BadInput, "UnknownFunction", format!("{} is not registered", t.function)));
+        }
+        let len = t.args.data.len();
+        if len > self.config.max_payload_bytes {
+            return Some(TaskError::new(
+                ErrorKind::BadInput,
+                "PayloadTooLarge",
+                format!("arguments of {len} bytes exceed the limit of {} bytes", self.config.max_payload_bytes),
+            ));
+        }
+        None
+    }
+
+    /// Cancel tasks: a queued task never runs; a running one is killed by its manager and
+    /// reported `cancelled` when the manager confirms (or when the manager is lost).
+    pub fn cancel(&mut self, ids: &[TaskId], comm: &mut impl Comm) {
+        let mut per_manager: HashMap<ManagerId, Vec<(TaskId, Attempt)>> = HashMap::new();
+        for &id in ids {
+            let Some(rec) = self.tasks.get_mut(&id) else { continue };
+            match rec.state {
+                TaskState::Queued => {
+                    let attempt = rec.attempt;
+                    self.tasks.remove(&id);
+                    self.queued -= 1;
+                    comm.finished(Finished { id, attempt, outcome: Outcome::Err(cancelled()) });
+                }
+                TaskState::Running(mid) => {
+                    rec.cancel_requested = true;
+                    per_manager.entry(mid).or_default().push((id, rec.attempt));
+                }
+            }
+        }
+        for (mid, tasks) in per_manager {
+            if let Some(m) = self.managers.get(&mid) {
+                comm.send(&m.peer, &InterchangeToManager::Cancel { tasks });
+            }
+        }
+    }
+
+    /// A frame arrived from `peer`.
+    pub fn on_message(&mut self, now: Instant, peer: &Peer, msg: ManagerToInterchange, comm: &mut impl Comm) {
+        if let ManagerToInterchange::Register(reg) = msg {
+            self.on_register(now, peer, reg, comm);
+            return;
+        }
+        let Some(&mid) = self.peers.get(peer) else {
+            comm.notice(Notice::Ignored {
+                reason: format!("{} from an unknown or expired manager; told it to exit", kind_name(&msg)),
+            });
+            comm.send(peer, &InterchangeToManager::Shutdown { reason: "not registered with this interchange (unknown or expired)".into() });
+            return;
+        };
+        if let Some(m) = self.managers.get_mut(&mid) {
+            m.last_seen = now;
+        }
+        match msg {
+            ManagerToInterchange::Register(_) => unreachable!("handled above"),
+            ManagerToInterchange::Heartbeat => comm.send(peer, &InterchangeToManager::Heartbeat),
+            ManagerToInterchange::Results(results) => self.on_results(now, mid, results, comm),
+            ManagerToInterchange::Drain => {
+                if let Some(m) = self.managers.get_mut(&mid) {
+                    m.draining = true;
+                }
+                self.release_if_drained(mid, comm);
+            }
+            ManagerToInterchange::Bye { reason } => self.lose_manager(mid, &format!("it exited: {reason}"), comm),
+        }
+    }
+
+    /// Bytes from `peer` could not be decoded.
+    pub fn on_bad_frame(&mut self, peer: &Peer, err: &FrameError, comm: &mut impl Comm) {
+        if let FrameError::VersionMismatch { peer: theirs, .. } = err {
+            let reason = format!(
+                "protocol version mismatch: manager speaks version {theirs}, interchange speaks version {PROTOCOL_VERSION}"
+            );
+            comm.notice(Notice::Refused { uid: None, reason: reason.clone() });
+            comm.send(peer, &InterchangeToManager::Rejected { reason });
+            return;
+        }
+        match self.peers.get(peer).copied() {
+            Some(mid) => {
+                self.lose_manager(mid, &format!("it sent a malformed message ({err})"), comm);
+                comm.send(peer, &InterchangeToManager::Shutdown { reason: format!("malformed message: {err}") });
+            }
+            None => comm.notice(Notice::Ignored { reason: format!("malformed message from an unregistered peer: {err}") }),
+        }
+    }
+
+    fn on_register(&mut self, now: Instant, peer: &Peer, reg: Register, comm: &mut impl Comm) {
+        if self.peers.contains_key(peer) {
+            let reason = format!("manager {} registered twice on one connection", reg.uid);
+            comm.notice(Notice::Refused { uid: Some(reg.uid), reason: reason.clone() });
+            comm.send(peer, &InterchangeToManager::Rejected { reason });
+            return;
+        }
+        if reg.slots == 0 {
+            let reason = format!("manager {} on {} offers 0 worker slots", reg.uid, reg.host);
+            comm.notice(Notice::Refused { uid: Some(reg.uid), reason: reason.clone() });
+            comm.send(peer, &InterchangeToManager::Rejected { reason });
+            return;
+        }
+        let id = ManagerId(self.next_manager);
+        self.next_manager += 1;
+        comm.send(
+            peer,
+            &InterchangeToManager::Registered {
+                manager: id,
+                heartbeat_period_ms: self.config.heartbeat_period.as_millis() as u64,
+                heartbeat_threshold_ms: self.config.heartbeat_threshold.as_millis() as u64,
+            },
+        );
+        comm.notice(Notice::Registered { id, uid: reg.uid.clone(), host: reg.host.clone(), slots: reg.slots });
+        self.managers.insert(
+            id,
+            ManagerRec {
+                peer: peer.clone(),
+                uid: reg.uid,
+                host: reg.host,
+                block_id: reg.block_id,
+                slots: reg.slots,
+                capacity: reg.slots as usize + reg.prefetch as usize,
+                inflight: HashSet::new(),
+                functions_sent: HashSet::new(),
+                last_seen: now,
+                idle_since: Some(now),
+                draining: false,
+                in_ready: true,
+                completed: 0,
+            },
+        );
+        self.peers.insert(peer.clone(), id);
+        self.ready.push_back(id);
+    }
+
+    fn on_results(&mut self, now: Instant, mid: ManagerId, results: Vec<TaskResult>, comm: &mut impl Comm) {
+        for r in results {
+            let assigned = matches!(self.tasks.get(&r.id), Some(t) if t.state == TaskState::Running(mid) && t.attempt == r.attempt);
+            if !assigned {
+                comm.notice(Notice::Ignored {
+                    reason: format!("result of {} {} from {mid}: not assigned to it (superseded or unknown); discarded", r.id, r.attempt),
+                });
+                continue;
+            }
+            let Some(m) = self.managers.get_mut(&mid) else { return };
+            m.inflight.remove(&r.id);
+            m.completed += 1;
+            if m.inflight.is_empty() {
+                m.idle_since = Some(now);
+            }
+            if !m.in_ready && !m.draining {
+                m.in_ready = true;
+                self.ready.push_back(mid);
+            }
+            let host = m.host.clone();
+            self.settle(r.id, r.outcome, &host, comm);
+        }
+        self.release_if_drained(mid, comm);
+    }
+
+    /// Record an attempt's outcome: retry an infrastructure failure if allowed, else finish.
+    fn settle(&mut self, id: TaskId, outcome: Outcome, host: &str, comm: &mut impl Comm) {
+        let Some(rec) = self.tasks.get_mut(&id) else { return };
+        if let Outcome::Err(e) = &outcome {
+            if e.kind.is_infrastructure() && rec.retries_left > 0 && !rec.cancel_requested {
+                rec.retries_left -= 1;
+                rec.state = TaskState::Queued;
+                self.queue.push_front(rec.priority, id);
+                self.queued += 1;
+                return;
+            }
+        }
+        let mut outcome = outcome;
+        if rec.cancel_requested && matches!(&outcome, Outcome::Err(e) if e.kind.is_infrastructure()) {
+            outcome = Outcome::Err(cancelled());
+        }
+        if let Outcome::Err(e) = &mut outcome {
+            if e.kind.is_infrastructure() && !e.message.contains(host) {
+                e.message = format!("{} (on host {host}, attempt {})", e.message, rec.attempt.0);
+            }
+        }
+        let attempt = rec.attempt;
+        self.tasks.remove(&id);
+        comm.finished(Finished { id, attempt, outcome });
+    }
+
+    /// Periodic housekeeping: declare managers lost whose silence passed the threshold.
+    pub fn tick(&mut self, now: Instant, comm: &mut impl Comm) {
+        let threshold = self.config.heartbeat_threshold;
+        let expired: Vec<(ManagerId, Duration)> = self
+            .managers
+            .iter()
+            .filter_map(|(&id, m)| {
+                let silent = now.saturating_duration_since(m.last_seen);
+                (silent > threshold).then_some((id, silent))
+            })
+            .collect();
+        for (mid, silent) in expired {
+            let peer = self.managers[&mid].peer.clone();
+            self.lose_manager(mid, &format!("no message for {:.1}s (threshold {:.1}s)", silent.as_secs_f64(), threshold.as_secs_f64()), comm);
+            comm.send(&peer, &InterchangeToManager::Shutdown { reason: "declared lost after missing heartbeats".into() });
+        }
+    }
+
+    /// The launcher saw the manager named `uid` end (e.g. its process exited).
+    pub fn manager_gone(&mut self, uid: &str, reason: &str, comm: &mut impl Comm) {
+        let found = self.managers.iter().find(|(_, m)| m.uid == uid).map(|(&id, _)| id);
+        if let Some(mid) = found {
+            self.lose_manager(mid, reason, comm);
+        }
+    }
+
+    /// A peer cannot be reached any more (the transport refused a send to it).
+    pub fn peer_unreachable(&mut self, peer: &Peer, comm: &mut impl Comm) {
+        if let Some(mid) = self.peers.get(peer).copied() {
+            self.lose_manager(mid, "its connection is gone", comm);
+        }
+    }
+
+    fn lose_manager(&mut self, mid: ManagerId, reason: &str, comm: &mut impl Comm) {
+        let Some(m) = self.managers.remove(&mid) else { return };
+        self.peers.remove(&m.peer);
+        let (mut requeued, mut failed) = (0, 0);
+        let mut held: Vec<TaskId> = m.inflight.into_iter().collect();
+        held.sort_unstable_by(|a, b| b.cmp(a)); // pushed to the front: oldest ends up first
+        for id in held {
+            let error = TaskError::new(
+                ErrorKind::ManagerLost,
+                "ManagerLost",
+                format!("manager {} ({mid}) on host {} was lost: {reason}", m.uid, m.host),
+            );
+            let before = self.queued;
+            self.settle(id, Outcome::Err(error), &m.host, comm);
+            if self.queued > before {
+                requeued += 1;
+            } else {
+                failed += 1;
+            }
+        }
+        comm.notice(Notice::Lost { id: mid, uid: m.uid, host: m.host, reason: reason.to_string(), requeued, failed });
+    }
+
+    /// Ask a manager to drain: it gets no new tasks and is released once it holds none.
+    pub fn drain_manager(&mut self, mid: ManagerId, comm: &mut impl Comm) {
+        let Some(m) = self.managers.get_mut(&mid) else { return };
+        m.draining = true;
+        comm.send(&m.peer, &InterchangeToManager::Drain);
+        self.release_if_drained(mid, comm);
+    }
+
+    fn release_if_drained(&mut self, mid: ManagerId, comm: &mut impl Comm) {
+        let done = matches!(self.managers.get(&mid), Some(m) if m.draining && m.inflight.is_empty());
+        if done {
+            let m = self.managers.remove(&mid).expect("checked above");
+            self.peers.remove(&m.peer);
+            comm.send(&m.peer, &InterchangeToManager::Drained);
+            comm.notice(Notice::Drained { id: mid, uid: m.uid });
+        }
+    }
+
+    /// Tell every manager to exit now.
+    pub fn shutdown_all(&mut self, reason: &str, comm: &mut impl Comm) {
+        for m in self.managers.values() {
+            comm.send(&m.peer, &InterchangeToManager::Shutdown { reason: reason.to_string() });
+        }
+    }
+
+    /// Hand queued tasks to managers with free capacity, in batches, round-robin.
+    pub fn dispatch(&mut self, comm: &mut impl Comm) {
+        while self.queued > 0 {
+            let Some(mid) = self.ready.pop_front() else { return };
+            let Some(m) = self.managers.get_mut(&mid) else { continue };
+            m.in_ready = false;
+            let free = m.capacity.saturating_sub(m.inflight.len());
+            if free == 0 || m.draining {
+                continue;
+            }
+            let limit = free.min(self.config.max_batch_tasks);
+            let mut tasks = Vec::with_capacity(limit.min(self.queued));
+            let mut functions = Vec::new();
+            let mut bytes = 0usize;
+            while tasks.len() < limit && self.queued > 0 {
+                if !tasks.is_empty() && bytes >= self.config.max_batch_bytes {
+                    break;
+                }
+                let Some(id) = self.queue.pop() else { break };
+                let Some(rec) = self.tasks.get_mut(&id) else { continue }; // cancelled while queued
+                if rec.state != TaskState::Queued {
+                    continue;
+                }
+                self.queued -= 1;
+                rec.attempt = rec.attempt.next();
+                rec.state = TaskState::Running(mid);
+                if m.functions_sent.insert(rec.function) {
+                    if let Some(def) = self.functions.get(&rec.function) {
+                        functions.push(def.clone());
+                    }
+                }
+                bytes += rec.args.data.len();
+                m.inflight.insert(id);
+                tasks.push(TaskSpec {
+                    id,
+                    attempt: rec.attempt,
+                    function: rec.function,
+                    args: rec.args.clone(),
+                    walltime_ms: rec.walltime_ms,
+                });
+            }
+            if tasks.is_empty() {
+                continue;
+            }
+            m.idle_since = None;
+            if m.inflight.len() < m.capacity {
+                m.in_ready = true;
+                self.ready.push_back(mid);
+            }
+            comm.send(&m.peer, &InterchangeToManager::Tasks { functions, tasks });
+        }
+    }
+
+    /// Queue, running and manager counts.
+    pub fn counts(&self) -> Counts {
+        Counts {
+            queued: self.queued,
+            running: self.tasks.len() - self.queued,
+            managers: self.managers.len(),
+            slots: self.managers.values().map(|m| u64::from(m.slots)).sum(),
+        }
+    }
+
+    /// Whether no task is queued or running.
+    pub fn is_idle(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// A snapshot of every registered manager.
+    pub fn managers(&self, now: Instant) -> Vec<ManagerStatus> {
+        let mut out: Vec<ManagerStatus> = self
+            .managers
+            .iter()
+            .map(|(&id, m)| ManagerStatus {
+                id,
+                uid: m.uid.clone(),
+                host: m.host.clone(),
+                block_id: m.block_id,
+                slots: m.slots,
+                inflight: m.inflight.len(),
+                completed: m.completed,
+                draining: m.draining,
+                idle_for: m.idle_since.map(|t| now.saturating_duration_since(t)),
+            })
+            .collect();
+        out.sort_by_key(|m| m.id);
+        out
+    }
+}
+
+fn cancelled() -> TaskError {
+    TaskError::new(ErrorKind::Cancelled, "Cancelled", "the task was cancelled")
+}
+
+fn kind_name(msg: &ManagerToInterchange) -> &'static str {
+    match msg {
+        ManagerToInterchange::Register(_) => "register",
+        ManagerToInterchange::Heartbeat => "heartbeat",
+        ManagerToInterchange::Results(_) => "results",
+        ManagerToInterchange::Drain => "drain",
+        ManagerToInterchange::Bye { .. } => "bye",
+    }
+}

@@ -1,0 +1,344 @@
+//! Feed the interchange events; assert the exact messages it emits.
+
+use fnx_interchange::state::*;
+use fnx_protocol::*;
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Rec {
+    sent: Vec<(Peer, InterchangeToManager)>,
+    finished: Vec<Finished>,
+    notices: Vec<Notice>,
+}
+
+impl Comm for Rec {
+    fn send(&mut self, to: &Peer, msg: &InterchangeToManager) {
+        self.sent.push((to.clone(), msg.clone()));
+    }
+    fn finished(&mut self, done: Finished) {
+        self.finished.push(done);
+    }
+    fn notice(&mut self, notice: Notice) {
+        self.notices.push(notice);
+    }
+}
+
+impl Rec {
+    fn take(&mut self) -> Vec<(Peer, InterchangeToManager)> {
+        std::mem::take(&mut self.sent)
+    }
+}
+
+const F: FunctionId = FunctionId(1);
+
+fn peer(n: u8) -> Peer {
+    vec![0, n]
+}
+
+fn config() -> Config {
+    Config {
+        heartbeat_period: Duration::from_secs(1),
+        heartbeat_threshold: Duration::from_secs(3),
+        max_batch_tasks: 100,
+        max_batch_bytes: 1 << 20,
+        max_payload_bytes: 1000,
+    }
+}
+
+fn reg(uid: &str, slots: u32, prefetch: u32) -> ManagerToInterchange {
+    ManagerToInterchange::Register(Register {
+        uid: uid.into(),
+        host: format!("host-{uid}"),
+        pid: 1,
+        cores: slots,
+        slots,
+        prefetch,
+        block_id: None,
+        zero_work: false,
+        fnx_version: "test".into(),
+    })
+}
+
+fn task(id: u64) -> NewTask {
+    NewTask { id: TaskId(id), function: F, args: Payload::json(format!("[{id}]")), priority: 0, walltime_ms: None, retries: 1 }
+}
+
+fn spec(id: u64, attempt: u32) -> TaskSpec {
+    TaskSpec { id: TaskId(id), attempt: Attempt(attempt), function: F, args: Payload::json(format!("[{id}]")), walltime_ms: None }
+}
+
+fn fdef() -> FunctionDef {
+    FunctionDef { id: F, body: FunctionBody::PythonRef { module: "m".into(), qualname: "f".into() } }
+}
+
+fn ok(id: u64, attempt: u32) -> TaskResult {
+    TaskResult { id: TaskId(id), attempt: Attempt(attempt), outcome: Outcome::Ok(Payload::json("1")) }
+}
+
+fn err(id: u64, attempt: u32, kind: ErrorKind) -> TaskResult {
+    TaskResult { id: TaskId(id), attempt: Attempt(attempt), outcome: Outcome::Err(TaskError::new(kind, "X", "boom")) }
+}
+
+fn setup(_now: Instant) -> (Interchange, Rec) {
+    let mut ic = Interchange::new(config());
+    ic.add_function(fdef());
+    (ic, Rec::default())
+}
+
+fn registered(id: u64) -> InterchangeToManager {
+    InterchangeToManager::Registered { manager: ManagerId(id), heartbeat_period_ms: 1000, heartbeat_threshold_ms: 3000 }
+}
+
+#[test]
+fn registration_is_answered_and_tasks_go_out_in_one_batch_up_to_capacity() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 2, 1), &mut c);
+    assert_eq!(c.take(), vec![(peer(1), registered(1))]);
+    ic.submit((1..=5).map(task).collect(), &mut c);
+    ic.dispatch(&mut c);
+    assert_eq!(
+        c.take(),
+        vec![(peer(1), InterchangeToManager::Tasks { functions: vec![fdef()], tasks: vec![spec(1, 1), spec(2, 1), spec(3, 1)] })]
+    );
+    assert_eq!(ic.counts(), Counts { queued: 2, running: 3, managers: 1, slots: 2 });
+    // A result frees one slot; the next dispatch sends one task and no function body again.
+    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![ok(1, 1)]), &mut c);
+    ic.dispatch(&mut c);
+    assert_eq!(c.take(), vec![(peer(1), InterchangeToManager::Tasks { functions: vec![], tasks: vec![spec(4, 1)] })]);
+    assert_eq!(c.finished, vec![Finished { id: TaskId(1), attempt: Attempt(1), outcome: Outcome::Ok(Payload::json("1")) }]);
+}
+
+#[test]
+fn priority_first_then_fifo() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    let mut urgent = task(9);
+    urgent.priority = 10;
+    ic.submit(vec![task(1), task(2), urgent], &mut c);
+    ic.on_message(now, &peer(1), reg("a", 3, 0), &mut c);
+    c.take();
+    ic.dispatch(&mut c);
+    let sent = c.take();
+    let InterchangeToManager::Tasks { tasks, .. } = &sent[0].1 else { panic!("{sent:?}") };
+    assert_eq!(tasks.iter().map(|t| t.id.0).collect::<Vec<_>>(), vec![9, 1, 2]);
+}
+
+#[test]
+fn tasks_are_spread_round_robin_over_managers() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 2, 0), &mut c);
+    ic.on_message(now, &peer(2), reg("b", 2, 0), &mut c);
+    c.take();
+    ic.submit((1..=3).map(task).collect(), &mut c);
+    ic.dispatch(&mut c);
+    assert_eq!(
+        c.take(),
+        vec![
+            (peer(1), InterchangeToManager::Tasks { functions: vec![fdef()], tasks: vec![spec(1, 1), spec(2, 1)] }),
+            (peer(2), InterchangeToManager::Tasks { functions: vec![fdef()], tasks: vec![spec(3, 1)] }),
+        ]
+    );
+}
+
+#[test]
+fn worker_lost_is_retried_with_a_new_attempt_then_fails() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
+    ic.submit(vec![task(1)], &mut c);
+    ic.dispatch(&mut c);
+    c.take();
+    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![err(1, 1, ErrorKind::WorkerLost)]), &mut c);
+    assert!(c.finished.is_empty(), "first loss is retried");
+    ic.dispatch(&mut c);
+    assert_eq!(c.take(), vec![(peer(1), InterchangeToManager::Tasks { functions: vec![], tasks: vec![spec(1, 2)] })]);
+    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![err(1, 2, ErrorKind::WorkerLost)]), &mut c);
+    assert_eq!(c.finished.len(), 1);
+    let Outcome::Err(e) = &c.finished[0].outcome else { panic!() };
+    assert_eq!(e.kind, ErrorKind::WorkerLost);
+    assert!(e.message.contains("host-a") && e.message.contains("attempt 2"), "{}", e.message);
+    assert!(ic.is_idle());
+}
+
+#[test]
+fn user_exceptions_are_never_retried() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
+    ic.submit(vec![task(1)], &mut c);
+    ic.dispatch(&mut c);
+    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![err(1, 1, ErrorKind::Exception)]), &mut c);
+    assert_eq!(c.finished.len(), 1);
+    assert_eq!(c.finished[0].outcome, Outcome::Err(TaskError::new(ErrorKind::Exception, "X", "boom")));
+}
+
+#[test]
+fn a_silent_manager_expires_its_tasks_requeue_and_late_messages_are_refused() {
+    let t0 = Instant::now();
+    let (mut ic, mut c) = setup(t0);
+    ic.on_message(t0, &peer(1), reg("a", 1, 0), &mut c);
+    ic.on_message(t0, &peer(2), reg("b", 1, 0), &mut c);
+    let mut no_retry = task(2);
+    no_retry.retries = 0;
+    ic.submit(vec![task(1), no_retry], &mut c);
+    ic.dispatch(&mut c);
+    c.take();
+    // b keeps heartbeating, a stays silent past the threshold.
+    let t1 = t0 + Duration::from_secs(2);
+    ic.on_message(t1, &peer(2), ManagerToInterchange::Heartbeat, &mut c);
+    assert_eq!(c.take(), vec![(peer(2), InterchangeToManager::Heartbeat)]);
+    let t2 = t0 + Duration::from_millis(3500);
+    ic.tick(t2, &mut c);
+    assert_eq!(
+        c.take(),
+        vec![(peer(1), InterchangeToManager::Shutdown { reason: "declared lost after missing heartbeats".into() })]
+    );
+    assert!(matches!(&c.notices.last(), Some(Notice::Lost { uid, requeued: 1, failed: 0, .. }) if uid == "a"));
+    // Task 1 (on a) is queued again; it goes to b once b frees its slot.
+    ic.on_message(t2, &peer(2), ManagerToInterchange::Results(vec![ok(2, 1)]), &mut c);
+    ic.dispatch(&mut c);
+    assert_eq!(c.take(), vec![(peer(2), InterchangeToManager::Tasks { functions: vec![], tasks: vec![spec(1, 2)] })]);
+    // a wakes up: its heartbeat and its stale result are refused; nothing is recorded twice.
+    ic.on_message(t2, &peer(1), ManagerToInterchange::Heartbeat, &mut c);
+    ic.on_message(t2, &peer(1), ManagerToInterchange::Results(vec![ok(1, 1)]), &mut c);
+    let shutdown = InterchangeToManager::Shutdown { reason: "not registered with this interchange (unknown or expired)".into() };
+    assert_eq!(c.take(), vec![(peer(1), shutdown.clone()), (peer(1), shutdown)]);
+    assert_eq!(c.finished.iter().filter(|f| f.id == TaskId(1)).count(), 0);
+    ic.on_message(t2, &peer(2), ManagerToInterchange::Results(vec![ok(1, 2)]), &mut c);
+    assert_eq!(c.finished.iter().filter(|f| f.id == TaskId(1)).count(), 1);
+}
+
+#[test]
+fn a_lost_manager_fails_tasks_without_retries_as_manager_lost_naming_the_host() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
+    let mut t = task(1);
+    t.retries = 0;
+    ic.submit(vec![t], &mut c);
+    ic.dispatch(&mut c);
+    ic.manager_gone("a", "its process exited (killed by signal 9 (SIGKILL))", &mut c);
+    let Outcome::Err(e) = &c.finished[0].outcome else { panic!() };
+    assert_eq!(e.kind, ErrorKind::ManagerLost);
+    assert!(e.message.contains("host-a") && e.message.contains("SIGKILL"), "{}", e.message);
+    assert_eq!(ic.counts().managers, 0);
+}
+
+#[test]
+fn a_result_for_a_task_held_by_another_manager_is_ignored() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
+    ic.on_message(now, &peer(2), reg("b", 1, 0), &mut c);
+    ic.submit(vec![task(1)], &mut c);
+    ic.dispatch(&mut c);
+    // Task 1 went to a; b forges its result, and a second result for an unknown task.
+    ic.on_message(now, &peer(2), ManagerToInterchange::Results(vec![ok(1, 1), ok(77, 1)]), &mut c);
+    assert!(c.finished.is_empty());
+    assert_eq!(c.notices.iter().filter(|n| matches!(n, Notice::Ignored { .. })).count(), 2);
+    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![ok(1, 1)]), &mut c);
+    assert_eq!(c.finished.len(), 1);
+}
+
+#[test]
+fn a_wrong_protocol_version_is_refused_with_both_versions_and_others_keep_working() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
+    c.take();
+    ic.on_bad_frame(&peer(9), &FrameError::VersionMismatch { peer: 99, ours: PROTOCOL_VERSION }, &mut c);
+    let reason = format!("protocol version mismatch: manager speaks version 99, interchange speaks version {PROTOCOL_VERSION}");
+    assert_eq!(c.take(), vec![(peer(9), InterchangeToManager::Rejected { reason })]);
+    ic.on_bad_frame(&peer(8), &FrameError::Malformed { reason: "junk".into() }, &mut c);
+    assert!(c.take().is_empty(), "garbage from an unknown peer gets no answer");
+    ic.submit(vec![task(1)], &mut c);
+    ic.dispatch(&mut c);
+    assert_eq!(c.take().len(), 1, "the registered manager still gets work");
+}
+
+#[test]
+fn drain_stops_dispatch_and_releases_the_manager_when_empty() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
+    ic.submit(vec![task(1), task(2)], &mut c);
+    ic.dispatch(&mut c);
+    c.take();
+    ic.on_message(now, &peer(1), ManagerToInterchange::Drain, &mut c);
+    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![ok(1, 1)]), &mut c);
+    ic.dispatch(&mut c);
+    assert_eq!(c.take(), vec![(peer(1), InterchangeToManager::Drained)]);
+    assert_eq!(ic.counts(), Counts { queued: 1, running: 0, managers: 0, slots: 0 });
+}
+
+#[test]
+fn cancel_finishes_queued_tasks_at_once_and_asks_the_manager_for_running_ones() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
+    ic.submit(vec![task(1), task(2)], &mut c);
+    ic.dispatch(&mut c);
+    c.take();
+    ic.cancel(&[TaskId(1), TaskId(2)], &mut c);
+    assert_eq!(c.take(), vec![(peer(1), InterchangeToManager::Cancel { tasks: vec![(TaskId(1), Attempt(1))] })]);
+    assert_eq!(c.finished.len(), 1);
+    assert_eq!(c.finished[0].id, TaskId(2));
+    // The manager's kill shows up as worker_lost: it is reported cancelled, not retried.
+    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![err(1, 1, ErrorKind::WorkerLost)]), &mut c);
+    let Outcome::Err(e) = &c.finished[1].outcome else { panic!() };
+    assert_eq!(e.kind, ErrorKind::Cancelled);
+    ic.dispatch(&mut c);
+    assert!(c.take().is_empty(), "the cancelled queued task never runs");
+}
+
+#[test]
+fn invalid_tasks_finish_at_once_as_bad_input() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    let mut unknown = task(1);
+    unknown.function = FunctionId(42);
+    let mut big = task(2);
+    big.args = Payload::json(vec![b' '; 1001]);
+    ic.submit(vec![unknown, big, task(3), task(3)], &mut c);
+    let kinds: Vec<(u64, ErrorKind)> = c
+        .finished
+        .iter()
+        .map(|f| match &f.outcome {
+            Outcome::Err(e) => (f.id.0, e.kind),
+            Outcome::Ok(_) => panic!(),
+        })
+        .collect();
+    assert_eq!(kinds, vec![(1, ErrorKind::BadInput), (2, ErrorKind::BadInput), (3, ErrorKind::BadInput)]);
+    assert_eq!(ic.counts().queued, 1);
+}
+
+#[test]
+fn a_malformed_message_from_a_registered_manager_loses_it() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
+    ic.submit(vec![task(1)], &mut c);
+    ic.dispatch(&mut c);
+    c.take();
+    ic.on_bad_frame(&peer(1), &FrameError::Malformed { reason: "junk".into() }, &mut c);
+    assert_eq!(
+        c.take(),
+        vec![(peer(1), InterchangeToManager::Shutdown { reason: "malformed message: malformed frame: junk".into() })]
+    );
+    assert_eq!(ic.counts(), Counts { queued: 1, running: 0, managers: 0, slots: 0 });
+}
+
+#[test]
+fn zero_slots_and_double_registration_are_refused() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 0, 0), &mut c);
+    assert!(matches!(&c.take()[0].1, InterchangeToManager::Rejected { reason } if reason.contains("0 worker slots")));
+    ic.on_message(now, &peer(2), reg("b", 1, 0), &mut c);
+    ic.on_message(now, &peer(2), reg("b", 1, 0), &mut c);
+    let sent = c.take();
+    assert!(matches!(&sent[1].1, InterchangeToManager::Rejected { reason } if reason.contains("twice")));
+    assert_eq!(ic.counts().managers, 1);
+}
