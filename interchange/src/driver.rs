@@ -7,8 +7,12 @@
 //! make us buffer. The host talks to the thread through [`Handle`] (commands, woken through an
 //! inproc socket) and receives [`Event`]s on a channel, finished tasks in batches.
 
-use crate::state::{Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer};
-use fnx_protocol::{decode, encode, FunctionDef, InterchangeToManager, ManagerToInterchange, TaskId};
+use crate::state::{
+    Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer,
+};
+use fnx_protocol::{
+    decode, encode, FunctionDef, InterchangeToManager, ManagerToInterchange, TaskId,
+};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Mutex;
@@ -90,19 +94,29 @@ pub struct Handle {
 static NEXT_WAKE: AtomicU64 = AtomicU64::new(0);
 
 /// Bind the ROUTER socket and start the driver thread.
-pub fn start(ctx: &zmq::Context, config: DriverConfig) -> Result<(Handle, Receiver<Event>), DriverError> {
+pub fn start(
+    ctx: &zmq::Context,
+    config: DriverConfig,
+) -> Result<(Handle, Receiver<Event>), DriverError> {
     let router = ctx.socket(zmq::ROUTER).map_err(zerr("socket"))?;
-    router.set_router_mandatory(true).map_err(zerr("ROUTER_MANDATORY"))?;
+    router
+        .set_router_mandatory(true)
+        .map_err(zerr("ROUTER_MANDATORY"))?;
     router.set_sndhwm(0).map_err(zerr("SNDHWM"))?;
     router.set_rcvhwm(0).map_err(zerr("RCVHWM"))?;
-    router.set_maxmsgsize(config.max_frame_bytes as i64).map_err(zerr("MAXMSGSIZE"))?;
+    router
+        .set_maxmsgsize(config.max_frame_bytes as i64)
+        .map_err(zerr("MAXMSGSIZE"))?;
     router.set_linger(2000).map_err(zerr("LINGER"))?;
     router.bind(&config.bind).map_err(zerr("bind"))?;
     let endpoint = router
         .get_last_endpoint()
         .map_err(zerr("last endpoint"))?
         .unwrap_or_else(|raw| String::from_utf8_lossy(&raw).into_owned());
-    let wake_addr = format!("inproc://fnx-interchange-wake-{}", NEXT_WAKE.fetch_add(1, Ordering::Relaxed));
+    let wake_addr = format!(
+        "inproc://fnx-interchange-wake-{}",
+        NEXT_WAKE.fetch_add(1, Ordering::Relaxed)
+    );
     let wake_rx = ctx.socket(zmq::PAIR).map_err(zerr("socket"))?;
     wake_rx.bind(&wake_addr).map_err(zerr("bind wake"))?;
     let wake_tx = ctx.socket(zmq::PAIR).map_err(zerr("socket"))?;
@@ -125,7 +139,12 @@ pub fn start(ctx: &zmq::Context, config: DriverConfig) -> Result<(Handle, Receiv
             driver.run();
         })
         .map_err(DriverError::Thread)?;
-    let handle = Handle { commands: cmd_tx, wake: Mutex::new(wake_tx), endpoint, thread: Some(thread) };
+    let handle = Handle {
+        commands: cmd_tx,
+        wake: Mutex::new(wake_tx),
+        endpoint,
+        thread: Some(thread),
+    };
     Ok((handle, ev_rx))
 }
 
@@ -177,7 +196,9 @@ impl Handle {
 
     fn stop(&mut self, reason: &str) {
         if let Some(thread) = self.thread.take() {
-            self.command(Command::Shutdown { reason: reason.to_string() });
+            self.command(Command::Shutdown {
+                reason: reason.to_string(),
+            });
             let _ = thread.join();
         }
     }
@@ -244,7 +265,10 @@ impl Driver {
         loop {
             let timeout = next_tick.saturating_duration_since(Instant::now());
             let (router_ready, wake_ready) = {
-                let mut items = [self.router.as_poll_item(zmq::POLLIN), self.wake.as_poll_item(zmq::POLLIN)];
+                let mut items = [
+                    self.router.as_poll_item(zmq::POLLIN),
+                    self.wake.as_poll_item(zmq::POLLIN),
+                ];
                 if let Err(e) = zmq::poll(&mut items, timeout.as_millis().max(1) as i64) {
                     tracing::error!("poll failed: {e}");
                 }
@@ -266,7 +290,9 @@ impl Driver {
                     Command::AddFunction(def) => self.ic.add_function(def),
                     Command::Submit(tasks) => self.ic.submit(tasks, &mut out),
                     Command::Cancel(ids) => self.ic.cancel(&ids, &mut out),
-                    Command::ManagerGone { uid, reason } => self.ic.manager_gone(&uid, &reason, &mut out),
+                    Command::ManagerGone { uid, reason } => {
+                        self.ic.manager_gone(&uid, &reason, &mut out)
+                    }
                     Command::Status(reply) => {
                         let _ = reply.send((self.ic.counts(), self.ic.managers(Instant::now())));
                     }
@@ -277,7 +303,9 @@ impl Driver {
                 let now = Instant::now();
                 for _ in 0..MAX_MESSAGES_PER_ROUND {
                     match self.router.recv_multipart(zmq::DONTWAIT) {
-                        Ok(parts) => handle_parts(&mut self.ic, now, parts, self.max_frame, &mut out),
+                        Ok(parts) => {
+                            handle_parts(&mut self.ic, now, parts, self.max_frame, &mut out)
+                        }
                         Err(zmq::Error::EAGAIN) => break,
                         Err(e) => {
                             tracing::error!("receive failed: {e}");
@@ -302,7 +330,9 @@ impl Driver {
                     self.ic.peer_unreachable(&peer, &mut out);
                 }
             }
-            let Outbox { finished, notices, .. } = out;
+            let Outbox {
+                finished, notices, ..
+            } = out;
             for notice in notices {
                 self.log_notice(&notice);
                 let _ = self.events.send(Event::Notice(notice));
@@ -340,11 +370,19 @@ impl Driver {
     }
 }
 
-fn handle_parts(ic: &mut Interchange, now: Instant, parts: Vec<Vec<u8>>, max: usize, out: &mut Outbox<'_>) {
+fn handle_parts(
+    ic: &mut Interchange,
+    now: Instant,
+    parts: Vec<Vec<u8>>,
+    max: usize,
+    out: &mut Outbox<'_>,
+) {
     let mut parts = parts.into_iter();
     let Some(peer) = parts.next() else { return };
     let (Some(frame), None) = (parts.next(), parts.next()) else {
-        let err = fnx_protocol::FrameError::Malformed { reason: "expected exactly one frame per message".into() };
+        let err = fnx_protocol::FrameError::Malformed {
+            reason: "expected exactly one frame per message".into(),
+        };
         ic.on_bad_frame(&peer, &err, out);
         return;
     };

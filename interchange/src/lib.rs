@@ -16,4 +16,6 @@ pub mod queue;
 pub mod state;
 
 pub use driver::{DriverConfig, Event, Handle};
-pub use state::{Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer};
+pub use state::{
+    Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer,
+};

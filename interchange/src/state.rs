@@ -247,7 +247,11 @@ impl Interchange {
     pub fn submit(&mut self, tasks: Vec<NewTask>, comm: &mut impl Comm) {
         for t in tasks {
             if let Some(err) = self.validate(&t) {
-                comm.finished(Finished { id: t.id, attempt: Attempt(0), outcome: Outcome::Err(err) });
+                comm.finished(Finished {
+                    id: t.id,
+                    attempt: Attempt(0),
+                    outcome: Outcome::Err(err),
+                });
                 continue;
             }
             self.queue.push_back(t.priority, t.id);
@@ -270,17 +274,28 @@ impl Interchange {
 
     fn validate(&self, t: &NewTask) -> Option<TaskError> {
         if self.tasks.contains_key(&t.id) {
-            return Some(TaskError::new(ErrorKind::BadInput, "DuplicateTask", format!("{} is already held", t.id)));
+            return Some(TaskError::new(
+                ErrorKind::BadInput,
+                "DuplicateTask",
+                format!("{} is already held", t.id),
+            ));
         }
         if !self.functions.contains_key(&t.function) {
-            return Some(TaskError::new(ErrorKind::BadInput, "UnknownFunction", format!("{} is not registered", t.function)));
+            return Some(TaskError::new(
+                ErrorKind::BadInput,
+                "UnknownFunction",
+                format!("{} is not registered", t.function),
+            ));
         }
         let len = t.args.data.len();
         if len > self.config.max_payload_bytes {
             return Some(TaskError::new(
                 ErrorKind::BadInput,
                 "PayloadTooLarge",
-                format!("arguments of {len} bytes exceed the limit of {} bytes", self.config.max_payload_bytes),
+                format!(
+                    "arguments of {len} bytes exceed the limit of {} bytes",
+                    self.config.max_payload_bytes
+                ),
             ));
         }
         None
@@ -291,13 +306,19 @@ impl Interchange {
     pub fn cancel(&mut self, ids: &[TaskId], comm: &mut impl Comm) {
         let mut per_manager: HashMap<ManagerId, Vec<(TaskId, Attempt)>> = HashMap::new();
         for &id in ids {
-            let Some(rec) = self.tasks.get_mut(&id) else { continue };
+            let Some(rec) = self.tasks.get_mut(&id) else {
+                continue;
+            };
             match rec.state {
                 TaskState::Queued => {
                     let attempt = rec.attempt;
                     self.tasks.remove(&id);
                     self.queued -= 1;
-                    comm.finished(Finished { id, attempt, outcome: Outcome::Err(cancelled()) });
+                    comm.finished(Finished {
+                        id,
+                        attempt,
+                        outcome: Outcome::Err(cancelled()),
+                    });
                 }
                 TaskState::Running(mid) => {
                     rec.cancel_requested = true;
@@ -313,16 +334,30 @@ impl Interchange {
     }
 
     /// A frame arrived from `peer`.
-    pub fn on_message(&mut self, now: Instant, peer: &Peer, msg: ManagerToInterchange, comm: &mut impl Comm) {
+    pub fn on_message(
+        &mut self,
+        now: Instant,
+        peer: &Peer,
+        msg: ManagerToInterchange,
+        comm: &mut impl Comm,
+    ) {
         if let ManagerToInterchange::Register(reg) = msg {
             self.on_register(now, peer, reg, comm);
             return;
         }
         let Some(&mid) = self.peers.get(peer) else {
             comm.notice(Notice::Ignored {
-                reason: format!("{} from an unknown or expired manager; told it to exit", kind_name(&msg)),
+                reason: format!(
+                    "{} from an unknown or expired manager; told it to exit",
+                    kind_name(&msg)
+                ),
             });
-            comm.send(peer, &InterchangeToManager::Shutdown { reason: "not registered with this interchange (unknown or expired)".into() });
+            comm.send(
+                peer,
+                &InterchangeToManager::Shutdown {
+                    reason: "not registered with this interchange (unknown or expired)".into(),
+                },
+            );
             return;
         };
         if let Some(m) = self.managers.get_mut(&mid) {
@@ -338,7 +373,9 @@ impl Interchange {
                 }
                 self.release_if_drained(mid, comm);
             }
-            ManagerToInterchange::Bye { reason } => self.lose_manager(mid, &format!("it exited: {reason}"), comm),
+            ManagerToInterchange::Bye { reason } => {
+                self.lose_manager(mid, &format!("it exited: {reason}"), comm)
+            }
         }
     }
 
@@ -348,29 +385,45 @@ impl Interchange {
             let reason = format!(
                 "protocol version mismatch: manager speaks version {theirs}, interchange speaks version {PROTOCOL_VERSION}"
             );
-            comm.notice(Notice::Refused { uid: None, reason: reason.clone() });
+            comm.notice(Notice::Refused {
+                uid: None,
+                reason: reason.clone(),
+            });
             comm.send(peer, &InterchangeToManager::Rejected { reason });
             return;
         }
         match self.peers.get(peer).copied() {
             Some(mid) => {
                 self.lose_manager(mid, &format!("it sent a malformed message ({err})"), comm);
-                comm.send(peer, &InterchangeToManager::Shutdown { reason: format!("malformed message: {err}") });
+                comm.send(
+                    peer,
+                    &InterchangeToManager::Shutdown {
+                        reason: format!("malformed message: {err}"),
+                    },
+                );
             }
-            None => comm.notice(Notice::Ignored { reason: format!("malformed message from an unregistered peer: {err}") }),
+            None => comm.notice(Notice::Ignored {
+                reason: format!("malformed message from an unregistered peer: {err}"),
+            }),
         }
     }
 
     fn on_register(&mut self, now: Instant, peer: &Peer, reg: Register, comm: &mut impl Comm) {
         if self.peers.contains_key(peer) {
             let reason = format!("manager {} registered twice on one connection", reg.uid);
-            comm.notice(Notice::Refused { uid: Some(reg.uid), reason: reason.clone() });
+            comm.notice(Notice::Refused {
+                uid: Some(reg.uid),
+                reason: reason.clone(),
+            });
             comm.send(peer, &InterchangeToManager::Rejected { reason });
             return;
         }
         if reg.slots == 0 {
             let reason = format!("manager {} on {} offers 0 worker slots", reg.uid, reg.host);
-            comm.notice(Notice::Refused { uid: Some(reg.uid), reason: reason.clone() });
+            comm.notice(Notice::Refused {
+                uid: Some(reg.uid),
+                reason: reason.clone(),
+            });
             comm.send(peer, &InterchangeToManager::Rejected { reason });
             return;
         }
@@ -384,7 +437,12 @@ impl Interchange {
                 heartbeat_threshold_ms: self.config.heartbeat_threshold.as_millis() as u64,
             },
         );
-        comm.notice(Notice::Registered { id, uid: reg.uid.clone(), host: reg.host.clone(), slots: reg.slots });
+        comm.notice(Notice::Registered {
+            id,
+            uid: reg.uid.clone(),
+            host: reg.host.clone(),
+            slots: reg.slots,
+        });
         self.managers.insert(
             id,
             ManagerRec {
@@ -407,7 +465,13 @@ impl Interchange {
         self.ready.push_back(id);
     }
 
-    fn on_results(&mut self, now: Instant, mid: ManagerId, results: Vec<TaskResult>, comm: &mut impl Comm) {
+    fn on_results(
+        &mut self,
+        now: Instant,
+        mid: ManagerId,
+        results: Vec<TaskResult>,
+        comm: &mut impl Comm,
+    ) {
         for r in results {
             let assigned = matches!(self.tasks.get(&r.id), Some(t) if t.state == TaskState::Running(mid) && t.attempt == r.attempt);
             if !assigned {
@@ -416,7 +480,9 @@ impl Interchange {
                 });
                 continue;
             }
-            let Some(m) = self.managers.get_mut(&mid) else { return };
+            let Some(m) = self.managers.get_mut(&mid) else {
+                return;
+            };
             m.inflight.remove(&r.id);
             m.completed += 1;
             if m.inflight.is_empty() {
@@ -434,7 +500,9 @@ impl Interchange {
 
     /// Record an attempt's outcome: retry an infrastructure failure if allowed, else finish.
     fn settle(&mut self, id: TaskId, outcome: Outcome, host: &str, comm: &mut impl Comm) {
-        let Some(rec) = self.tasks.get_mut(&id) else { return };
+        let Some(rec) = self.tasks.get_mut(&id) else {
+            return;
+        };
         if let Outcome::Err(e) = &outcome {
             if e.kind.is_infrastructure() && rec.retries_left > 0 && !rec.cancel_requested {
                 rec.retries_left -= 1;
@@ -445,7 +513,8 @@ impl Interchange {
             }
         }
         let mut outcome = outcome;
-        if rec.cancel_requested && matches!(&outcome, Outcome::Err(e) if e.kind.is_infrastructure()) {
+        if rec.cancel_requested && matches!(&outcome, Outcome::Err(e) if e.kind.is_infrastructure())
+        {
             outcome = Outcome::Err(cancelled());
         }
         if let Outcome::Err(e) = &mut outcome {
@@ -455,7 +524,11 @@ impl Interchange {
         }
         let attempt = rec.attempt;
         self.tasks.remove(&id);
-        comm.finished(Finished { id, attempt, outcome });
+        comm.finished(Finished {
+            id,
+            attempt,
+            outcome,
+        });
     }
 
     /// Periodic housekeeping: declare managers lost whose silence passed the threshold.
@@ -471,14 +544,31 @@ impl Interchange {
             .collect();
         for (mid, silent) in expired {
             let peer = self.managers[&mid].peer.clone();
-            self.lose_manager(mid, &format!("no message for {:.1}s (threshold {:.1}s)", silent.as_secs_f64(), threshold.as_secs_f64()), comm);
-            comm.send(&peer, &InterchangeToManager::Shutdown { reason: "declared lost after missing heartbeats".into() });
+            self.lose_manager(
+                mid,
+                &format!(
+                    "no message for {:.1}s (threshold {:.1}s)",
+                    silent.as_secs_f64(),
+                    threshold.as_secs_f64()
+                ),
+                comm,
+            );
+            comm.send(
+                &peer,
+                &InterchangeToManager::Shutdown {
+                    reason: "declared lost after missing heartbeats".into(),
+                },
+            );
         }
     }
 
     /// The launcher saw the manager named `uid` end (e.g. its process exited).
     pub fn manager_gone(&mut self, uid: &str, reason: &str, comm: &mut impl Comm) {
-        let found = self.managers.iter().find(|(_, m)| m.uid == uid).map(|(&id, _)| id);
+        let found = self
+            .managers
+            .iter()
+            .find(|(_, m)| m.uid == uid)
+            .map(|(&id, _)| id);
         if let Some(mid) = found {
             self.lose_manager(mid, reason, comm);
         }
@@ -492,7 +582,9 @@ impl Interchange {
     }
 
     fn lose_manager(&mut self, mid: ManagerId, reason: &str, comm: &mut impl Comm) {
-        let Some(m) = self.managers.remove(&mid) else { return };
+        let Some(m) = self.managers.remove(&mid) else {
+            return;
+        };
         self.peers.remove(&m.peer);
         let (mut requeued, mut failed) = (0, 0);
         let mut held: Vec<TaskId> = m.inflight.into_iter().collect();
@@ -501,7 +593,10 @@ impl Interchange {
             let error = TaskError::new(
                 ErrorKind::ManagerLost,
                 "ManagerLost",
-                format!("manager {} ({mid}) on host {} was lost: {reason}", m.uid, m.host),
+                format!(
+                    "manager {} ({mid}) on host {} was lost: {reason}",
+                    m.uid, m.host
+                ),
             );
             let before = self.queued;
             self.settle(id, Outcome::Err(error), &m.host, comm);
@@ -511,39 +606,61 @@ impl Interchange {
                 failed += 1;
             }
         }
-        comm.notice(Notice::Lost { id: mid, uid: m.uid, host: m.host, reason: reason.to_string(), requeued, failed });
+        comm.notice(Notice::Lost {
+            id: mid,
+            uid: m.uid,
+            host: m.host,
+            reason: reason.to_string(),
+            requeued,
+            failed,
+        });
     }
 
     /// Ask a manager to drain: it gets no new tasks and is released once it holds none.
     pub fn drain_manager(&mut self, mid: ManagerId, comm: &mut impl Comm) {
-        let Some(m) = self.managers.get_mut(&mid) else { return };
+        let Some(m) = self.managers.get_mut(&mid) else {
+            return;
+        };
         m.draining = true;
         comm.send(&m.peer, &InterchangeToManager::Drain);
         self.release_if_drained(mid, comm);
     }
 
     fn release_if_drained(&mut self, mid: ManagerId, comm: &mut impl Comm) {
-        let done = matches!(self.managers.get(&mid), Some(m) if m.draining && m.inflight.is_empty());
+        let done =
+            matches!(self.managers.get(&mid), Some(m) if m.draining && m.inflight.is_empty());
         if done {
             let m = self.managers.remove(&mid).expect("checked above");
             self.peers.remove(&m.peer);
             comm.send(&m.peer, &InterchangeToManager::Drained);
-            comm.notice(Notice::Drained { id: mid, uid: m.uid });
+            comm.notice(Notice::Drained {
+                id: mid,
+                uid: m.uid,
+            });
         }
     }
 
     /// Tell every manager to exit now.
     pub fn shutdown_all(&mut self, reason: &str, comm: &mut impl Comm) {
         for m in self.managers.values() {
-            comm.send(&m.peer, &InterchangeToManager::Shutdown { reason: reason.to_string() });
+            comm.send(
+                &m.peer,
+                &InterchangeToManager::Shutdown {
+                    reason: reason.to_string(),
+                },
+            );
         }
     }
 
     /// Hand queued tasks to managers with free capacity, in batches, round-robin.
     pub fn dispatch(&mut self, comm: &mut impl Comm) {
         while self.queued > 0 {
-            let Some(mid) = self.ready.pop_front() else { return };
-            let Some(m) = self.managers.get_mut(&mid) else { continue };
+            let Some(mid) = self.ready.pop_front() else {
+                return;
+            };
+            let Some(m) = self.managers.get_mut(&mid) else {
+                continue;
+            };
             m.in_ready = false;
             let free = m.capacity.saturating_sub(m.inflight.len());
             if free == 0 || m.draining {
@@ -558,7 +675,9 @@ impl Interchange {
                     break;
                 }
                 let Some(id) = self.queue.pop() else { break };
-                let Some(rec) = self.tasks.get_mut(&id) else { continue }; // cancelled while queued
+                let Some(rec) = self.tasks.get_mut(&id) else {
+                    continue;
+                }; // cancelled while queued
                 if rec.state != TaskState::Queued {
                     continue;
                 }

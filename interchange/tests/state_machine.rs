@@ -60,23 +60,50 @@ fn reg(uid: &str, slots: u32, prefetch: u32) -> ManagerToInterchange {
 }
 
 fn task(id: u64) -> NewTask {
-    NewTask { id: TaskId(id), function: F, args: Payload::json(format!("[{id}]")), priority: 0, walltime_ms: None, retries: 1 }
+    NewTask {
+        id: TaskId(id),
+        function: F,
+        args: Payload::json(format!("[{id}]")),
+        priority: 0,
+        walltime_ms: None,
+        retries: 1,
+    }
 }
 
 fn spec(id: u64, attempt: u32) -> TaskSpec {
-    TaskSpec { id: TaskId(id), attempt: Attempt(attempt), function: F, args: Payload::json(format!("[{id}]")), walltime_ms: None }
+    TaskSpec {
+        id: TaskId(id),
+        attempt: Attempt(attempt),
+        function: F,
+        args: Payload::json(format!("[{id}]")),
+        walltime_ms: None,
+    }
 }
 
 fn fdef() -> FunctionDef {
-    FunctionDef { id: F, body: FunctionBody::PythonRef { module: "m".into(), qualname: "f".into() } }
+    FunctionDef {
+        id: F,
+        body: FunctionBody::PythonRef {
+            module: "m".into(),
+            qualname: "f".into(),
+        },
+    }
 }
 
 fn ok(id: u64, attempt: u32) -> TaskResult {
-    TaskResult { id: TaskId(id), attempt: Attempt(attempt), outcome: Outcome::Ok(Payload::json("1")) }
+    TaskResult {
+        id: TaskId(id),
+        attempt: Attempt(attempt),
+        outcome: Outcome::Ok(Payload::json("1")),
+    }
 }
 
 fn err(id: u64, attempt: u32, kind: ErrorKind) -> TaskResult {
-    TaskResult { id: TaskId(id), attempt: Attempt(attempt), outcome: Outcome::Err(TaskError::new(kind, "X", "boom")) }
+    TaskResult {
+        id: TaskId(id),
+        attempt: Attempt(attempt),
+        outcome: Outcome::Err(TaskError::new(kind, "X", "boom")),
+    }
 }
 
 fn setup(_now: Instant) -> (Interchange, Rec) {
@@ -86,7 +113,11 @@ fn setup(_now: Instant) -> (Interchange, Rec) {
 }
 
 fn registered(id: u64) -> InterchangeToManager {
-    InterchangeToManager::Registered { manager: ManagerId(id), heartbeat_period_ms: 1000, heartbeat_threshold_ms: 3000 }
+    InterchangeToManager::Registered {
+        manager: ManagerId(id),
+        heartbeat_period_ms: 1000,
+        heartbeat_threshold_ms: 3000,
+    }
 }
 
 #[test]
@@ -99,14 +130,49 @@ fn registration_is_answered_and_tasks_go_out_in_one_batch_up_to_capacity() {
     ic.dispatch(&mut c);
     assert_eq!(
         c.take(),
-        vec![(peer(1), InterchangeToManager::Tasks { functions: vec![fdef()], tasks: vec![spec(1, 1), spec(2, 1), spec(3, 1)] })]
+        vec![(
+            peer(1),
+            InterchangeToManager::Tasks {
+                functions: vec![fdef()],
+                tasks: vec![spec(1, 1), spec(2, 1), spec(3, 1)]
+            }
+        )]
     );
-    assert_eq!(ic.counts(), Counts { queued: 2, running: 3, managers: 1, slots: 2 });
+    assert_eq!(
+        ic.counts(),
+        Counts {
+            queued: 2,
+            running: 3,
+            managers: 1,
+            slots: 2
+        }
+    );
     // A result frees one slot; the next dispatch sends one task and no function body again.
-    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![ok(1, 1)]), &mut c);
+    ic.on_message(
+        now,
+        &peer(1),
+        ManagerToInterchange::Results(vec![ok(1, 1)]),
+        &mut c,
+    );
     ic.dispatch(&mut c);
-    assert_eq!(c.take(), vec![(peer(1), InterchangeToManager::Tasks { functions: vec![], tasks: vec![spec(4, 1)] })]);
-    assert_eq!(c.finished, vec![Finished { id: TaskId(1), attempt: Attempt(1), outcome: Outcome::Ok(Payload::json("1")) }]);
+    assert_eq!(
+        c.take(),
+        vec![(
+            peer(1),
+            InterchangeToManager::Tasks {
+                functions: vec![],
+                tasks: vec![spec(4, 1)]
+            }
+        )]
+    );
+    assert_eq!(
+        c.finished,
+        vec![Finished {
+            id: TaskId(1),
+            attempt: Attempt(1),
+            outcome: Outcome::Ok(Payload::json("1"))
+        }]
+    );
 }
 
 #[test]
@@ -120,8 +186,13 @@ fn priority_first_then_fifo() {
     c.take();
     ic.dispatch(&mut c);
     let sent = c.take();
-    let InterchangeToManager::Tasks { tasks, .. } = &sent[0].1 else { panic!("{sent:?}") };
-    assert_eq!(tasks.iter().map(|t| t.id.0).collect::<Vec<_>>(), vec![9, 1, 2]);
+    let InterchangeToManager::Tasks { tasks, .. } = &sent[0].1 else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(
+        tasks.iter().map(|t| t.id.0).collect::<Vec<_>>(),
+        vec![9, 1, 2]
+    );
 }
 
 #[test]
@@ -136,8 +207,20 @@ fn tasks_are_spread_round_robin_over_managers() {
     assert_eq!(
         c.take(),
         vec![
-            (peer(1), InterchangeToManager::Tasks { functions: vec![fdef()], tasks: vec![spec(1, 1), spec(2, 1)] }),
-            (peer(2), InterchangeToManager::Tasks { functions: vec![fdef()], tasks: vec![spec(3, 1)] }),
+            (
+                peer(1),
+                InterchangeToManager::Tasks {
+                    functions: vec![fdef()],
+                    tasks: vec![spec(1, 1), spec(2, 1)]
+                }
+            ),
+            (
+                peer(2),
+                InterchangeToManager::Tasks {
+                    functions: vec![fdef()],
+                    tasks: vec![spec(3, 1)]
+                }
+            ),
         ]
     );
 }
@@ -150,15 +233,40 @@ fn worker_lost_is_retried_with_a_new_attempt_then_fails() {
     ic.submit(vec![task(1)], &mut c);
     ic.dispatch(&mut c);
     c.take();
-    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![err(1, 1, ErrorKind::WorkerLost)]), &mut c);
+    ic.on_message(
+        now,
+        &peer(1),
+        ManagerToInterchange::Results(vec![err(1, 1, ErrorKind::WorkerLost)]),
+        &mut c,
+    );
     assert!(c.finished.is_empty(), "first loss is retried");
     ic.dispatch(&mut c);
-    assert_eq!(c.take(), vec![(peer(1), InterchangeToManager::Tasks { functions: vec![], tasks: vec![spec(1, 2)] })]);
-    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![err(1, 2, ErrorKind::WorkerLost)]), &mut c);
+    assert_eq!(
+        c.take(),
+        vec![(
+            peer(1),
+            InterchangeToManager::Tasks {
+                functions: vec![],
+                tasks: vec![spec(1, 2)]
+            }
+        )]
+    );
+    ic.on_message(
+        now,
+        &peer(1),
+        ManagerToInterchange::Results(vec![err(1, 2, ErrorKind::WorkerLost)]),
+        &mut c,
+    );
     assert_eq!(c.finished.len(), 1);
-    let Outcome::Err(e) = &c.finished[0].outcome else { panic!() };
+    let Outcome::Err(e) = &c.finished[0].outcome else {
+        panic!()
+    };
     assert_eq!(e.kind, ErrorKind::WorkerLost);
-    assert!(e.message.contains("host-a") && e.message.contains("attempt 2"), "{}", e.message);
+    assert!(
+        e.message.contains("host-a") && e.message.contains("attempt 2"),
+        "{}",
+        e.message
+    );
     assert!(ic.is_idle());
 }
 
@@ -169,9 +277,17 @@ fn user_exceptions_are_never_retried() {
     ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
     ic.submit(vec![task(1)], &mut c);
     ic.dispatch(&mut c);
-    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![err(1, 1, ErrorKind::Exception)]), &mut c);
+    ic.on_message(
+        now,
+        &peer(1),
+        ManagerToInterchange::Results(vec![err(1, 1, ErrorKind::Exception)]),
+        &mut c,
+    );
     assert_eq!(c.finished.len(), 1);
-    assert_eq!(c.finished[0].outcome, Outcome::Err(TaskError::new(ErrorKind::Exception, "X", "boom")));
+    assert_eq!(
+        c.finished[0].outcome,
+        Outcome::Err(TaskError::new(ErrorKind::Exception, "X", "boom"))
+    );
 }
 
 #[test]
@@ -193,20 +309,56 @@ fn a_silent_manager_expires_its_tasks_requeue_and_late_messages_are_refused() {
     ic.tick(t2, &mut c);
     assert_eq!(
         c.take(),
-        vec![(peer(1), InterchangeToManager::Shutdown { reason: "declared lost after missing heartbeats".into() })]
+        vec![(
+            peer(1),
+            InterchangeToManager::Shutdown {
+                reason: "declared lost after missing heartbeats".into()
+            }
+        )]
     );
-    assert!(matches!(&c.notices.last(), Some(Notice::Lost { uid, requeued: 1, failed: 0, .. }) if uid == "a"));
+    assert!(
+        matches!(&c.notices.last(), Some(Notice::Lost { uid, requeued: 1, failed: 0, .. }) if uid == "a")
+    );
     // Task 1 (on a) is queued again; it goes to b once b frees its slot.
-    ic.on_message(t2, &peer(2), ManagerToInterchange::Results(vec![ok(2, 1)]), &mut c);
+    ic.on_message(
+        t2,
+        &peer(2),
+        ManagerToInterchange::Results(vec![ok(2, 1)]),
+        &mut c,
+    );
     ic.dispatch(&mut c);
-    assert_eq!(c.take(), vec![(peer(2), InterchangeToManager::Tasks { functions: vec![], tasks: vec![spec(1, 2)] })]);
+    assert_eq!(
+        c.take(),
+        vec![(
+            peer(2),
+            InterchangeToManager::Tasks {
+                functions: vec![],
+                tasks: vec![spec(1, 2)]
+            }
+        )]
+    );
     // a wakes up: its heartbeat and its stale result are refused; nothing is recorded twice.
     ic.on_message(t2, &peer(1), ManagerToInterchange::Heartbeat, &mut c);
-    ic.on_message(t2, &peer(1), ManagerToInterchange::Results(vec![ok(1, 1)]), &mut c);
-    let shutdown = InterchangeToManager::Shutdown { reason: "not registered with this interchange (unknown or expired)".into() };
-    assert_eq!(c.take(), vec![(peer(1), shutdown.clone()), (peer(1), shutdown)]);
+    ic.on_message(
+        t2,
+        &peer(1),
+        ManagerToInterchange::Results(vec![ok(1, 1)]),
+        &mut c,
+    );
+    let shutdown = InterchangeToManager::Shutdown {
+        reason: "not registered with this interchange (unknown or expired)".into(),
+    };
+    assert_eq!(
+        c.take(),
+        vec![(peer(1), shutdown.clone()), (peer(1), shutdown)]
+    );
     assert_eq!(c.finished.iter().filter(|f| f.id == TaskId(1)).count(), 0);
-    ic.on_message(t2, &peer(2), ManagerToInterchange::Results(vec![ok(1, 2)]), &mut c);
+    ic.on_message(
+        t2,
+        &peer(2),
+        ManagerToInterchange::Results(vec![ok(1, 2)]),
+        &mut c,
+    );
     assert_eq!(c.finished.iter().filter(|f| f.id == TaskId(1)).count(), 1);
 }
 
@@ -219,10 +371,20 @@ fn a_lost_manager_fails_tasks_without_retries_as_manager_lost_naming_the_host() 
     t.retries = 0;
     ic.submit(vec![t], &mut c);
     ic.dispatch(&mut c);
-    ic.manager_gone("a", "its process exited (killed by signal 9 (SIGKILL))", &mut c);
-    let Outcome::Err(e) = &c.finished[0].outcome else { panic!() };
+    ic.manager_gone(
+        "a",
+        "its process exited (killed by signal 9 (SIGKILL))",
+        &mut c,
+    );
+    let Outcome::Err(e) = &c.finished[0].outcome else {
+        panic!()
+    };
     assert_eq!(e.kind, ErrorKind::ManagerLost);
-    assert!(e.message.contains("host-a") && e.message.contains("SIGKILL"), "{}", e.message);
+    assert!(
+        e.message.contains("host-a") && e.message.contains("SIGKILL"),
+        "{}",
+        e.message
+    );
     assert_eq!(ic.counts().managers, 0);
 }
 
@@ -235,10 +397,26 @@ fn a_result_for_a_task_held_by_another_manager_is_ignored() {
     ic.submit(vec![task(1)], &mut c);
     ic.dispatch(&mut c);
     // Task 1 went to a; b forges its result, and a second result for an unknown task.
-    ic.on_message(now, &peer(2), ManagerToInterchange::Results(vec![ok(1, 1), ok(77, 1)]), &mut c);
+    ic.on_message(
+        now,
+        &peer(2),
+        ManagerToInterchange::Results(vec![ok(1, 1), ok(77, 1)]),
+        &mut c,
+    );
     assert!(c.finished.is_empty());
-    assert_eq!(c.notices.iter().filter(|n| matches!(n, Notice::Ignored { .. })).count(), 2);
-    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![ok(1, 1)]), &mut c);
+    assert_eq!(
+        c.notices
+            .iter()
+            .filter(|n| matches!(n, Notice::Ignored { .. }))
+            .count(),
+        2
+    );
+    ic.on_message(
+        now,
+        &peer(1),
+        ManagerToInterchange::Results(vec![ok(1, 1)]),
+        &mut c,
+    );
     assert_eq!(c.finished.len(), 1);
 }
 
@@ -248,11 +426,30 @@ fn a_wrong_protocol_version_is_refused_with_both_versions_and_others_keep_workin
     let (mut ic, mut c) = setup(now);
     ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
     c.take();
-    ic.on_bad_frame(&peer(9), &FrameError::VersionMismatch { peer: 99, ours: PROTOCOL_VERSION }, &mut c);
+    ic.on_bad_frame(
+        &peer(9),
+        &FrameError::VersionMismatch {
+            peer: 99,
+            ours: PROTOCOL_VERSION,
+        },
+        &mut c,
+    );
     let reason = format!("protocol version mismatch: manager speaks version 99, interchange speaks version {PROTOCOL_VERSION}");
-    assert_eq!(c.take(), vec![(peer(9), InterchangeToManager::Rejected { reason })]);
-    ic.on_bad_frame(&peer(8), &FrameError::Malformed { reason: "junk".into() }, &mut c);
-    assert!(c.take().is_empty(), "garbage from an unknown peer gets no answer");
+    assert_eq!(
+        c.take(),
+        vec![(peer(9), InterchangeToManager::Rejected { reason })]
+    );
+    ic.on_bad_frame(
+        &peer(8),
+        &FrameError::Malformed {
+            reason: "junk".into(),
+        },
+        &mut c,
+    );
+    assert!(
+        c.take().is_empty(),
+        "garbage from an unknown peer gets no answer"
+    );
     ic.submit(vec![task(1)], &mut c);
     ic.dispatch(&mut c);
     assert_eq!(c.take().len(), 1, "the registered manager still gets work");
@@ -267,10 +464,23 @@ fn drain_stops_dispatch_and_releases_the_manager_when_empty() {
     ic.dispatch(&mut c);
     c.take();
     ic.on_message(now, &peer(1), ManagerToInterchange::Drain, &mut c);
-    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![ok(1, 1)]), &mut c);
+    ic.on_message(
+        now,
+        &peer(1),
+        ManagerToInterchange::Results(vec![ok(1, 1)]),
+        &mut c,
+    );
     ic.dispatch(&mut c);
     assert_eq!(c.take(), vec![(peer(1), InterchangeToManager::Drained)]);
-    assert_eq!(ic.counts(), Counts { queued: 1, running: 0, managers: 0, slots: 0 });
+    assert_eq!(
+        ic.counts(),
+        Counts {
+            queued: 1,
+            running: 0,
+            managers: 0,
+            slots: 0
+        }
+    );
 }
 
 #[test]
@@ -282,12 +492,27 @@ fn cancel_finishes_queued_tasks_at_once_and_asks_the_manager_for_running_ones() 
     ic.dispatch(&mut c);
     c.take();
     ic.cancel(&[TaskId(1), TaskId(2)], &mut c);
-    assert_eq!(c.take(), vec![(peer(1), InterchangeToManager::Cancel { tasks: vec![(TaskId(1), Attempt(1))] })]);
+    assert_eq!(
+        c.take(),
+        vec![(
+            peer(1),
+            InterchangeToManager::Cancel {
+                tasks: vec![(TaskId(1), Attempt(1))]
+            }
+        )]
+    );
     assert_eq!(c.finished.len(), 1);
     assert_eq!(c.finished[0].id, TaskId(2));
     // The manager's kill shows up as worker_lost: it is reported cancelled, not retried.
-    ic.on_message(now, &peer(1), ManagerToInterchange::Results(vec![err(1, 1, ErrorKind::WorkerLost)]), &mut c);
-    let Outcome::Err(e) = &c.finished[1].outcome else { panic!() };
+    ic.on_message(
+        now,
+        &peer(1),
+        ManagerToInterchange::Results(vec![err(1, 1, ErrorKind::WorkerLost)]),
+        &mut c,
+    );
+    let Outcome::Err(e) = &c.finished[1].outcome else {
+        panic!()
+    };
     assert_eq!(e.kind, ErrorKind::Cancelled);
     ic.dispatch(&mut c);
     assert!(c.take().is_empty(), "the cancelled queued task never runs");
@@ -310,7 +535,14 @@ fn invalid_tasks_finish_at_once_as_bad_input() {
             Outcome::Ok(_) => panic!(),
         })
         .collect();
-    assert_eq!(kinds, vec![(1, ErrorKind::BadInput), (2, ErrorKind::BadInput), (3, ErrorKind::BadInput)]);
+    assert_eq!(
+        kinds,
+        vec![
+            (1, ErrorKind::BadInput),
+            (2, ErrorKind::BadInput),
+            (3, ErrorKind::BadInput)
+        ]
+    );
     assert_eq!(ic.counts().queued, 1);
 }
 
@@ -322,12 +554,31 @@ fn a_malformed_message_from_a_registered_manager_loses_it() {
     ic.submit(vec![task(1)], &mut c);
     ic.dispatch(&mut c);
     c.take();
-    ic.on_bad_frame(&peer(1), &FrameError::Malformed { reason: "junk".into() }, &mut c);
+    ic.on_bad_frame(
+        &peer(1),
+        &FrameError::Malformed {
+            reason: "junk".into(),
+        },
+        &mut c,
+    );
     assert_eq!(
         c.take(),
-        vec![(peer(1), InterchangeToManager::Shutdown { reason: "malformed message: malformed frame: junk".into() })]
+        vec![(
+            peer(1),
+            InterchangeToManager::Shutdown {
+                reason: "malformed message: malformed frame: junk".into()
+            }
+        )]
     );
-    assert_eq!(ic.counts(), Counts { queued: 1, running: 0, managers: 0, slots: 0 });
+    assert_eq!(
+        ic.counts(),
+        Counts {
+            queued: 1,
+            running: 0,
+            managers: 0,
+            slots: 0
+        }
+    );
 }
 
 #[test]
@@ -335,10 +586,14 @@ fn zero_slots_and_double_registration_are_refused() {
     let now = Instant::now();
     let (mut ic, mut c) = setup(now);
     ic.on_message(now, &peer(1), reg("a", 0, 0), &mut c);
-    assert!(matches!(&c.take()[0].1, InterchangeToManager::Rejected { reason } if reason.contains("0 worker slots")));
+    assert!(
+        matches!(&c.take()[0].1, InterchangeToManager::Rejected { reason } if reason.contains("0 worker slots"))
+    );
     ic.on_message(now, &peer(2), reg("b", 1, 0), &mut c);
     ic.on_message(now, &peer(2), reg("b", 1, 0), &mut c);
     let sent = c.take();
-    assert!(matches!(&sent[1].1, InterchangeToManager::Rejected { reason } if reason.contains("twice")));
+    assert!(
+        matches!(&sent[1].1, InterchangeToManager::Rejected { reason } if reason.contains("twice"))
+    );
     assert_eq!(ic.counts().managers, 1);
 }

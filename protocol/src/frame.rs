@@ -27,7 +27,9 @@ pub enum FrameError {
         max: usize,
     },
     /// The peer speaks another protocol version.
-    #[error("protocol version mismatch: peer speaks version {peer}, this side speaks version {ours}")]
+    #[error(
+        "protocol version mismatch: peer speaks version {peer}, this side speaks version {ours}"
+    )]
     VersionMismatch {
         /// The peer's version.
         peer: u64,
@@ -49,18 +51,30 @@ pub enum FrameError {
 }
 
 fn malformed(reason: impl ToString) -> FrameError {
-    FrameError::Malformed { reason: reason.to_string() }
+    FrameError::Malformed {
+        reason: reason.to_string(),
+    }
 }
 
 /// Encode `msg` as a frame. Fails if the result would exceed `max` bytes.
 pub fn encode<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> {
     let mut buf = Vec::with_capacity(64);
-    rmp::encode::write_array_len(&mut buf, 2).map_err(|e| FrameError::Encode { reason: e.to_string() })?;
-    rmp::encode::write_uint(&mut buf, u64::from(PROTOCOL_VERSION))
-        .map_err(|e| FrameError::Encode { reason: e.to_string() })?;
-    rmp_serde::encode::write(&mut buf, msg).map_err(|e| FrameError::Encode { reason: e.to_string() })?;
+    rmp::encode::write_array_len(&mut buf, 2).map_err(|e| FrameError::Encode {
+        reason: e.to_string(),
+    })?;
+    rmp::encode::write_uint(&mut buf, u64::from(PROTOCOL_VERSION)).map_err(|e| {
+        FrameError::Encode {
+            reason: e.to_string(),
+        }
+    })?;
+    rmp_serde::encode::write(&mut buf, msg).map_err(|e| FrameError::Encode {
+        reason: e.to_string(),
+    })?;
     if buf.len() > max {
-        return Err(FrameError::TooLarge { len: buf.len(), max });
+        return Err(FrameError::TooLarge {
+            len: buf.len(),
+            max,
+        });
     }
     Ok(buf)
 }
@@ -68,7 +82,8 @@ pub fn encode<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> 
 /// Read only the protocol version of a frame (used to answer a peer of another version).
 pub fn peek_version(frame: &[u8]) -> Result<u64, FrameError> {
     let mut rest = frame;
-    let n = rmp::decode::read_array_len(&mut rest).map_err(|e| malformed(format!("envelope: {e}")))?;
+    let n =
+        rmp::decode::read_array_len(&mut rest).map_err(|e| malformed(format!("envelope: {e}")))?;
     if n != 2 {
         return Err(malformed(format!("envelope has {n} elements, expected 2")));
     }
@@ -78,17 +93,24 @@ pub fn peek_version(frame: &[u8]) -> Result<u64, FrameError> {
 /// Decode a frame of at most `max` bytes into a message.
 pub fn decode<T: DeserializeOwned>(frame: &[u8], max: usize) -> Result<T, FrameError> {
     if frame.len() > max {
-        return Err(FrameError::TooLarge { len: frame.len(), max });
+        return Err(FrameError::TooLarge {
+            len: frame.len(),
+            max,
+        });
     }
     let mut rest = frame;
-    let n = rmp::decode::read_array_len(&mut rest).map_err(|e| malformed(format!("envelope: {e}")))?;
+    let n =
+        rmp::decode::read_array_len(&mut rest).map_err(|e| malformed(format!("envelope: {e}")))?;
     if n != 2 {
         return Err(malformed(format!("envelope has {n} elements, expected 2")));
     }
-    let version =
-        rmp::decode::read_int::<u64, _>(&mut rest).map_err(|e| malformed(format!("version: {e}")))?;
+    let version = rmp::decode::read_int::<u64, _>(&mut rest)
+        .map_err(|e| malformed(format!("version: {e}")))?;
     if version != u64::from(PROTOCOL_VERSION) {
-        return Err(FrameError::VersionMismatch { peer: version, ours: PROTOCOL_VERSION });
+        return Err(FrameError::VersionMismatch {
+            peer: version,
+            ours: PROTOCOL_VERSION,
+        });
     }
     // Decoding from a slice borrows every length-prefixed field from the frame itself, so a
     // length claiming more bytes than remain is an error, never an allocation.

@@ -7,6 +7,7 @@
 //!   bodies, typed error kinds.
 //! - [`messages`]: one enum per direction of the manager ⇄ interchange link.
 //! - [`frame`]: the versioned msgpack envelope, size-capped encode/decode that never panics.
+//! - [`shell`]: shell command templates whose parameters become arguments, never code.
 //! - [`bootstrap`]: the settings a node manager is started with, rendered to a command line by
 //!   the launcher and parsed back by `fnx manager`.
 #![deny(missing_docs)]
@@ -15,6 +16,7 @@ pub mod bootstrap;
 pub mod frame;
 pub mod ids;
 pub mod messages;
+pub mod shell;
 pub mod task;
 
 pub use bootstrap::ManagerBootstrap;

@@ -37,7 +37,10 @@ pub struct Payload {
 impl Payload {
     /// A JSON payload from its text.
     pub fn json(text: impl Into<Vec<u8>>) -> Payload {
-        Payload { encoding: Encoding::Json, data: text.into() }
+        Payload {
+            encoding: Encoding::Json,
+            data: text.into(),
+        }
     }
 }
 
@@ -174,7 +177,12 @@ pub struct TaskError {
 impl TaskError {
     /// A failure with no traceback.
     pub fn new(kind: ErrorKind, type_name: &str, message: impl Into<String>) -> TaskError {
-        TaskError { kind, type_name: type_name.to_string(), message: message.into(), traceback: None }
+        TaskError {
+            kind,
+            type_name: type_name.to_string(),
+            message: message.into(),
+            traceback: None,
+        }
     }
 }
 

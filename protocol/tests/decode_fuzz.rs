@@ -52,7 +52,10 @@ fn truncated_frames_are_errors() {
     let msg = ManagerToInterchange::Heartbeat;
     let frame = encode(&msg, MAX).unwrap();
     for end in 0..frame.len() {
-        assert!(decode::<ManagerToInterchange>(&frame[..end], MAX).is_err(), "cut at {end}");
+        assert!(
+            decode::<ManagerToInterchange>(&frame[..end], MAX).is_err(),
+            "cut at {end}"
+        );
     }
 }
 
@@ -67,7 +70,10 @@ fn a_length_claiming_four_gib_is_an_error_not_an_allocation() {
     let err = decode::<ManagerToInterchange>(&frame, MAX).unwrap_err();
     assert!(matches!(err, FrameError::Malformed { .. }), "{err:?}");
     // An array header claiming 2^32-1 elements.
-    let frame = [0x92, 0x01, 0x81, 0xa7, b'r', b'e', b's', b'u', b'l', b't', b's', 0xdd, 0xff, 0xff, 0xff, 0xff];
+    let frame = [
+        0x92, 0x01, 0x81, 0xa7, b'r', b'e', b's', b'u', b'l', b't', b's', 0xdd, 0xff, 0xff, 0xff,
+        0xff,
+    ];
     assert!(decode::<ManagerToInterchange>(&frame, MAX).is_err());
 }
 
@@ -76,9 +82,14 @@ fn oversized_frames_are_refused_before_decoding() {
     let frame = vec![0u8; MAX + 1];
     assert_eq!(
         decode::<ManagerToInterchange>(&frame, MAX),
-        Err(FrameError::TooLarge { len: MAX + 1, max: MAX })
+        Err(FrameError::TooLarge {
+            len: MAX + 1,
+            max: MAX
+        })
     );
-    let big = ManagerToInterchange::Bye { reason: "x".repeat(100) };
+    let big = ManagerToInterchange::Bye {
+        reason: "x".repeat(100),
+    };
     assert!(matches!(encode(&big, 50), Err(FrameError::TooLarge { .. })));
 }
 
@@ -89,11 +100,19 @@ fn another_version_is_named_in_the_error() {
     frame.extend_from_slice(b"heartbeat");
     assert_eq!(
         decode::<ManagerToInterchange>(&frame, MAX),
-        Err(FrameError::VersionMismatch { peer: 2, ours: PROTOCOL_VERSION })
+        Err(FrameError::VersionMismatch {
+            peer: 2,
+            ours: PROTOCOL_VERSION
+        })
     );
     assert_eq!(peek_version(&frame), Ok(2));
-    let text = decode::<ManagerToInterchange>(&frame, MAX).unwrap_err().to_string();
-    assert!(text.contains("version 2") && text.contains(&format!("version {PROTOCOL_VERSION}")), "{text}");
+    let text = decode::<ManagerToInterchange>(&frame, MAX)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.contains("version 2") && text.contains(&format!("version {PROTOCOL_VERSION}")),
+        "{text}"
+    );
 }
 
 #[test]

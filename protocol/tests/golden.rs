@@ -10,7 +10,11 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn task_result_ok() -> TaskResult {
-    TaskResult { id: TaskId(7), attempt: Attempt(2), outcome: Outcome::Ok(Payload::json("42")) }
+    TaskResult {
+        id: TaskId(7),
+        attempt: Attempt(2),
+        outcome: Outcome::Ok(Payload::json("42")),
+    }
 }
 
 fn task_result_err() -> TaskResult {
@@ -43,9 +47,17 @@ fn m2i_samples() -> Vec<(&'static str, ManagerToInterchange)> {
             }),
         ),
         ("heartbeat", ManagerToInterchange::Heartbeat),
-        ("results", ManagerToInterchange::Results(vec![task_result_ok(), task_result_err()])),
+        (
+            "results",
+            ManagerToInterchange::Results(vec![task_result_ok(), task_result_err()]),
+        ),
         ("drain", ManagerToInterchange::Drain),
-        ("bye", ManagerToInterchange::Bye { reason: "sigterm".into() }),
+        (
+            "bye",
+            ManagerToInterchange::Bye {
+                reason: "sigterm".into(),
+            },
+        ),
     ]
 }
 
@@ -59,31 +71,57 @@ fn i2m_samples() -> Vec<(&'static str, InterchangeToManager)> {
                 heartbeat_threshold_ms: 30000,
             },
         ),
-        ("rejected", InterchangeToManager::Rejected { reason: "no".into() }),
+        (
+            "rejected",
+            InterchangeToManager::Rejected {
+                reason: "no".into(),
+            },
+        ),
         (
             "tasks",
             InterchangeToManager::Tasks {
                 functions: vec![
                     FunctionDef {
                         id: FunctionId(1),
-                        body: FunctionBody::PythonRef { module: "m".into(), qualname: "f".into() },
+                        body: FunctionBody::PythonRef {
+                            module: "m".into(),
+                            qualname: "f".into(),
+                        },
                     },
-                    FunctionDef { id: FunctionId(2), body: FunctionBody::Shell { template: "echo {x}".into() } },
+                    FunctionDef {
+                        id: FunctionId(2),
+                        body: FunctionBody::Shell {
+                            template: "echo {x}".into(),
+                        },
+                    },
                 ],
                 tasks: vec![TaskSpec {
                     id: TaskId(9),
                     attempt: Attempt(1),
                     function: FunctionId(1),
-                    args: Payload { encoding: Encoding::Pickle, data: vec![0x80, 0x05] },
+                    args: Payload {
+                        encoding: Encoding::Pickle,
+                        data: vec![0x80, 0x05],
+                    },
                     walltime_ms: Some(1500),
                 }],
             },
         ),
         ("heartbeat", InterchangeToManager::Heartbeat),
-        ("cancel", InterchangeToManager::Cancel { tasks: vec![(TaskId(9), Attempt(1))] }),
+        (
+            "cancel",
+            InterchangeToManager::Cancel {
+                tasks: vec![(TaskId(9), Attempt(1))],
+            },
+        ),
         ("drain", InterchangeToManager::Drain),
         ("drained", InterchangeToManager::Drained),
-        ("shutdown", InterchangeToManager::Shutdown { reason: "bye".into() }),
+        (
+            "shutdown",
+            InterchangeToManager::Shutdown {
+                reason: "bye".into(),
+            },
+        ),
     ]
 }
 
@@ -116,7 +154,10 @@ fn manager_to_interchange_golden_bytes() {
         assert_eq!(&back, msg, "{name} round-trips");
         actual.push((*name, hex(&bytes)));
     }
-    let expected: Vec<(&str, String)> = M2I_GOLDEN.iter().map(|(n, h)| (*n, h.to_string())).collect();
+    let expected: Vec<(&str, String)> = M2I_GOLDEN
+        .iter()
+        .map(|(n, h)| (*n, h.to_string()))
+        .collect();
     assert_eq!(actual, expected, "manager→interchange wire bytes changed");
 }
 
@@ -130,6 +171,9 @@ fn interchange_to_manager_golden_bytes() {
         assert_eq!(&back, msg, "{name} round-trips");
         actual.push((*name, hex(&bytes)));
     }
-    let expected: Vec<(&str, String)> = I2M_GOLDEN.iter().map(|(n, h)| (*n, h.to_string())).collect();
+    let expected: Vec<(&str, String)> = I2M_GOLDEN
+        .iter()
+        .map(|(n, h)| (*n, h.to_string()))
+        .collect();
     assert_eq!(actual, expected, "interchange→manager wire bytes changed");
 }

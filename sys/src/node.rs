@@ -27,5 +27,7 @@ pub fn usable_cpus() -> u32 {
             }
         }
     }
-    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
 }

@@ -15,7 +15,14 @@ pub unsafe fn child_setup(death_signal: libc::c_int) -> io::Result<()> {
     if libc::setpgid(0, 0) != 0 {
         return Err(io::Error::last_os_error());
     }
-    if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal as libc::c_ulong, 0, 0, 0) != 0 {
+    if libc::prctl(
+        libc::PR_SET_PDEATHSIG,
+        death_signal as libc::c_ulong,
+        0,
+        0,
+        0,
+    ) != 0
+    {
         return Err(io::Error::last_os_error());
     }
     // If the parent died between fork and prctl, the death signal will never come.
@@ -25,7 +32,13 @@ pub unsafe fn child_setup(death_signal: libc::c_int) -> io::Result<()> {
     let mut empty: libc::sigset_t = std::mem::zeroed();
     libc::sigemptyset(&mut empty);
     libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE, libc::SIGCHLD] {
+    for sig in [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGPIPE,
+        libc::SIGCHLD,
+    ] {
         libc::signal(sig, libc::SIG_DFL);
     }
     Ok(())

@@ -62,7 +62,8 @@ impl SignalPipe {
         let mut out = Vec::new();
         loop {
             // SAFETY: reading into a local buffer from a non-blocking fd we own.
-            let n = unsafe { libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            let n =
+                unsafe { libc::read(self.read.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             if n <= 0 {
                 return out;
             }

@@ -16,7 +16,11 @@ pub fn find_marked(key: &str, value: &str) -> Vec<u32> {
     };
     let mut found = Vec::new();
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         if pid == me {
@@ -26,7 +30,10 @@ pub fn find_marked(key: &str, value: &str) -> Vec<u32> {
         let Ok(environ) = fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
-        if environ.split(|&b| b == 0).any(|var| var == needle.as_bytes()) {
+        if environ
+            .split(|&b| b == 0)
+            .any(|var| var == needle.as_bytes())
+        {
             found.push(pid);
         }
     }

@@ -1,0 +1,362 @@
+//! `fnx bench`: measure fnx's own overhead, apart from any work.
+
+use crate::embedded::{Embedded, PoolOptions};
+use crate::{EXIT_OK, EXIT_USAGE};
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use fnx_interchange::driver::{self, DriverConfig};
+use fnx_interchange::{Event, Handle, NewTask, Notice};
+use fnx_protocol::{
+    decode, encode, FunctionBody, FunctionDef, FunctionId, InterchangeToManager,
+    ManagerToInterchange, Outcome, Payload, Register, TaskId, TaskResult, DEFAULT_MAX_FRAME_BYTES,
+};
+use hdrhistogram::Histogram;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Benchmarks.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Tasks/s and latency through a real interchange and ZeroMQ sockets with zero-work
+    /// managers (tasks complete without running); prints JSON.
+    Dispatch(DispatchArgs),
+}
+
+/// How zero-work managers are run.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Mode {
+    /// Many managers simulated in one process (one DEALER socket each), for scales beyond what
+    /// this machine can hold as processes.
+    Simulated,
+    /// Real `fnx manager --zero-work` processes.
+    Processes,
+}
+
+/// `fnx bench dispatch`.
+#[derive(Args, Debug)]
+pub struct DispatchArgs {
+    /// Managers
+    #[arg(long, default_value_t = 128)]
+    pub managers: u32,
+    /// Worker slots per manager
+    #[arg(long, default_value_t = 64)]
+    pub slots: u32,
+    /// Tasks
+    #[arg(long, default_value_t = 1_000_000)]
+    pub tasks: u64,
+    /// Simulated managers in this process, or real manager processes
+    #[arg(long, value_enum, default_value = "simulated")]
+    pub mode: Mode,
+    /// Argument bytes per task
+    #[arg(long, default_value_t = 8)]
+    pub payload_bytes: usize,
+    /// Tasks queued per manager beyond its slots [default: slots]
+    #[arg(long)]
+    pub prefetch: Option<u32>,
+    /// Tasks used to measure interchange memory per queued task (0: skip)
+    #[arg(long, default_value_t = 200_000)]
+    pub memory_tasks: u64,
+}
+
+/// Run a benchmark.
+pub fn run(cmd: BenchCommand) -> u8 {
+    crate::logging::to_stderr();
+    let BenchCommand::Dispatch(args) = cmd;
+    match dispatch(&args) {
+        Ok(json) => {
+            println!("{}", serde_json::to_string_pretty(&json).expect("json"));
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("fnx bench: {e:#}");
+            EXIT_USAGE
+        }
+    }
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Interchange memory per queued task beyond its payload, measured on the state machine.
+fn queue_memory(tasks: u64, payload_bytes: usize) -> f64 {
+    struct Null;
+    impl fnx_interchange::Comm for Null {
+        fn send(&mut self, _: &fnx_interchange::Peer, _: &InterchangeToManager) {}
+        fn finished(&mut self, _: fnx_interchange::Finished) {}
+        fn notice(&mut self, _: Notice) {}
+    }
+    let mut ic = fnx_interchange::Interchange::new(fnx_interchange::Config::default());
+    ic.add_function(FunctionDef {
+        id: FunctionId(1),
+        body: FunctionBody::PythonRef {
+            module: "m".into(),
+            qualname: "f".into(),
+        },
+    });
+    let before = rss_bytes();
+    let mut batch = Vec::with_capacity(10_000);
+    for i in 0..tasks {
+        batch.push(new_task(i, payload_bytes));
+        if batch.len() == 10_000 {
+            ic.submit(std::mem::take(&mut batch), &mut Null);
+        }
+    }
+    ic.submit(batch, &mut Null);
+    let after = rss_bytes();
+    assert_eq!(ic.counts().queued as u64, tasks);
+    (after.saturating_sub(before)) as f64 / tasks as f64 - payload_bytes as f64
+}
+
+fn new_task(i: u64, payload_bytes: usize) -> NewTask {
+    NewTask {
+        id: TaskId(i),
+        function: FunctionId(1),
+        args: Payload::json(vec![b'0'; payload_bytes]),
+        priority: 0,
+        walltime_ms: None,
+        retries: 0,
+    }
+}
+
+fn dispatch(args: &DispatchArgs) -> Result<serde_json::Value> {
+    if args.managers == 0 || args.slots == 0 || args.tasks == 0 {
+        anyhow::bail!("--managers, --slots and --tasks must be at least 1");
+    }
+    let memory =
+        (args.memory_tasks > 0).then(|| queue_memory(args.memory_tasks, args.payload_bytes));
+    let ctx = zmq::Context::new();
+    let threshold = Duration::from_secs(600);
+    let (handle, events, sim, pool) = match args.mode {
+        Mode::Simulated => {
+            let mut cfg = DriverConfig::new("tcp://127.0.0.1:0");
+            cfg.state.heartbeat_threshold = threshold;
+            let (handle, events) = driver::start(&ctx, cfg)?;
+            let sim = SimManagers::start(
+                &ctx,
+                handle.endpoint(),
+                args.managers,
+                args.slots,
+                args.prefetch.unwrap_or(args.slots),
+            )?;
+            (Some(handle), Some(events), Some(sim), None)
+        }
+        Mode::Processes => {
+            let run_dir = std::env::temp_dir().join(format!("fnx-bench-{}", std::process::id()));
+            let pool = Embedded::start(PoolOptions {
+                managers: args.managers,
+                workers: Some(args.slots),
+                prefetch: args.prefetch,
+                python: "python3".into(),
+                run_dir,
+                run_id: format!("bench-{}", std::process::id()),
+                heartbeat_period: Duration::from_secs(5),
+                heartbeat_threshold: threshold,
+                max_result_bytes: 1 << 20,
+                kill_grace: Duration::from_secs(1),
+                zero_work: true,
+            })?;
+            (None, None, None, Some(pool))
+        }
+    };
+    let (handle, events): (&Handle, &Receiver<Event>) = match &pool {
+        Some(p) => (&p.handle, &p.events),
+        None => (handle.as_ref().expect("set"), events.as_ref().expect("set")),
+    };
+    handle.add_function(FunctionDef {
+        id: FunctionId(1),
+        body: FunctionBody::PythonRef {
+            module: "m".into(),
+            qualname: "f".into(),
+        },
+    });
+    // Wait for every manager to register.
+    let mut registered = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while registered < args.managers {
+        match events.recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::Notice(Notice::Registered { .. })) => registered += 1,
+            Ok(_) => {}
+            Err(_) if Instant::now() > deadline => anyhow::bail!(
+                "only {registered} of {} managers registered within 120 s",
+                args.managers
+            ),
+            Err(_) => {}
+        }
+    }
+    let capacity =
+        u64::from(args.managers) * u64::from(args.slots + args.prefetch.unwrap_or(args.slots));
+    let window = (capacity * 2).max(10_000);
+    let mut submitted_at: Vec<Option<Instant>> = vec![None; args.tasks as usize];
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).context("histogram")?;
+    let (mut next, mut done, mut failed) = (0u64, 0u64, 0u64);
+    let started = Instant::now();
+    while done < args.tasks {
+        if next < args.tasks && next - done < window {
+            let end = (next + 10_000).min(args.tasks).min(done + window);
+            let now = Instant::now();
+            let batch: Vec<NewTask> = (next..end)
+                .map(|i| new_task(i, args.payload_bytes))
+                .collect();
+            for slot in &mut submitted_at[next as usize..end as usize] {
+                *slot = Some(now);
+            }
+            handle.submit(batch);
+            next = end;
+        }
+        let timeout = if next < args.tasks && next - done < window {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(50)
+        };
+        match events.recv_timeout(timeout) {
+            Ok(Event::Finished(batch)) => {
+                let now = Instant::now();
+                for f in batch {
+                    done += 1;
+                    if !matches!(f.outcome, Outcome::Ok(_)) {
+                        failed += 1;
+                    }
+                    if let Some(t) = submitted_at.get_mut(f.id.0 as usize).and_then(Option::take) {
+                        let _ = hist.record(now.duration_since(t).as_micros().max(1) as u64);
+                    }
+                }
+            }
+            Ok(Event::Notice(Notice::Lost { uid, reason, .. })) => {
+                anyhow::bail!("manager {uid} was lost: {reason}")
+            }
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => anyhow::bail!("interchange stopped: {e}"),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    if let Some(sim) = sim {
+        sim.stop();
+    }
+    if let Some(pool) = pool {
+        pool.stop("benchmark finished");
+    }
+    Ok(serde_json::json!({
+        "benchmark": "dispatch",
+        "mode": format!("{:?}", args.mode).to_lowercase(),
+        "managers": args.managers,
+        "slots_per_manager": args.slots,
+        "workers": u64::from(args.managers) * u64::from(args.slots),
+        "tasks": args.tasks,
+        "failed": failed,
+        "payload_bytes": args.payload_bytes,
+        "seconds": elapsed,
+        "tasks_per_second": args.tasks as f64 / elapsed,
+        "latency_us": {
+            "p50": hist.value_at_quantile(0.50),
+            "p90": hist.value_at_quantile(0.90),
+            "p99": hist.value_at_quantile(0.99),
+            "max": hist.max(),
+        },
+        "queued_task_overhead_bytes": memory,
+        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+    }))
+}
+
+/// Many zero-work managers in one thread: one DEALER socket each, answering every task batch
+/// with one result batch.
+struct SimManagers {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl SimManagers {
+    fn start(
+        ctx: &zmq::Context,
+        endpoint: &str,
+        managers: u32,
+        slots: u32,
+        prefetch: u32,
+    ) -> Result<SimManagers> {
+        let mut sockets = Vec::with_capacity(managers as usize);
+        for i in 0..managers {
+            let s = ctx.socket(zmq::DEALER)?;
+            s.set_sndhwm(0)?;
+            s.set_rcvhwm(0)?;
+            s.set_linger(0)?;
+            s.connect(endpoint)?;
+            let reg = Register {
+                uid: format!("sim-{i}"),
+                host: "simulated".into(),
+                pid: std::process::id(),
+                cores: slots,
+                slots,
+                prefetch,
+                block_id: None,
+                zero_work: true,
+                fnx_version: env!("CARGO_PKG_VERSION").into(),
+            };
+            s.send(
+                encode(
+                    &ManagerToInterchange::Register(reg),
+                    DEFAULT_MAX_FRAME_BYTES,
+                )?,
+                0,
+            )?;
+            sockets.push(s);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("sim-managers".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    let mut items: Vec<zmq::PollItem> = sockets
+                        .iter()
+                        .map(|s| s.as_poll_item(zmq::POLLIN))
+                        .collect();
+                    if zmq::poll(&mut items, 50).is_err() {
+                        continue;
+                    }
+                    let ready: Vec<usize> = items
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, i)| i.is_readable())
+                        .map(|(n, _)| n)
+                        .collect();
+                    drop(items);
+                    for n in ready {
+                        while let Ok(frame) = sockets[n].recv_bytes(zmq::DONTWAIT) {
+                            if let Ok(InterchangeToManager::Tasks { tasks, .. }) =
+                                decode(&frame, DEFAULT_MAX_FRAME_BYTES)
+                            {
+                                let results: Vec<TaskResult> = tasks
+                                    .into_iter()
+                                    .map(|t| TaskResult {
+                                        id: t.id,
+                                        attempt: t.attempt,
+                                        outcome: Outcome::Ok(t.args),
+                                    })
+                                    .collect();
+                                if let Ok(frame) = encode(
+                                    &ManagerToInterchange::Results(results),
+                                    DEFAULT_MAX_FRAME_BYTES,
+                                ) {
+                                    let _ = sockets[n].send(frame, 0);
+                                }
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(SimManagers { stop, thread })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}

@@ -1,0 +1,231 @@
+//! Embedded mode: an in-process interchange plus local manager processes, for one run.
+
+use anyhow::{Context, Result};
+use fnx_interchange::driver::{self, DriverConfig};
+use fnx_interchange::{Event, Handle};
+use fnx_protocol::ManagerBootstrap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::time::{Duration, Instant};
+
+/// Settings of an embedded pool.
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    /// Manager processes.
+    pub managers: u32,
+    /// Worker slots per manager (None: the CPUs each may use).
+    pub workers: Option<u32>,
+    /// Prefetch per manager (None: as many as slots).
+    pub prefetch: Option<u32>,
+    /// Python interpreter.
+    pub python: String,
+    /// Run directory (logs).
+    pub run_dir: PathBuf,
+    /// Environment marker of every process of this run.
+    pub run_id: String,
+    /// Heartbeat period.
+    pub heartbeat_period: Duration,
+    /// Heartbeat threshold.
+    pub heartbeat_threshold: Duration,
+    /// Largest result.
+    pub max_result_bytes: u64,
+    /// SIGTERM → SIGKILL grace for tasks.
+    pub kill_grace: Duration,
+    /// Managers complete tasks without running them.
+    pub zero_work: bool,
+}
+
+/// A manager process that ended.
+pub struct ManagerExit {
+    /// Its uid.
+    pub uid: String,
+    /// How it ended.
+    pub status: String,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+struct Child {
+    uid: String,
+    pid: u32,
+    log: PathBuf,
+    running: bool,
+}
+
+/// A running embedded pool.
+pub struct Embedded {
+    /// The interchange.
+    pub handle: Handle,
+    /// Its events.
+    pub events: Receiver<Event>,
+    children: Vec<Child>,
+    exits: Receiver<(String, std::io::Result<ExitStatus>)>,
+    opts: PoolOptions,
+    _ctx: zmq::Context,
+}
+
+impl Embedded {
+    /// Bind an interchange on loopback and start the manager processes.
+    pub fn start(opts: PoolOptions) -> Result<Embedded> {
+        let ctx = zmq::Context::new();
+        let mut cfg = DriverConfig::new("tcp://127.0.0.1:0");
+        cfg.state.heartbeat_period = opts.heartbeat_period;
+        cfg.state.heartbeat_threshold = opts.heartbeat_threshold;
+        let (handle, events) = driver::start(&ctx, cfg).context("cannot start the interchange")?;
+        tracing::info!("interchange listening on {}", handle.endpoint());
+        let exe = std::env::current_exe().context("cannot find the fnx executable")?;
+        let (tx, exits) = channel();
+        let mut children = Vec::new();
+        for i in 0..opts.managers {
+            let uid = format!("manager-{i}");
+            let child = spawn_manager(&exe, &handle, &opts, &uid, tx.clone())?;
+            children.push(child);
+        }
+        Ok(Embedded {
+            handle,
+            events,
+            children,
+            exits,
+            opts,
+            _ctx: ctx,
+        })
+    }
+
+    /// Managers still running.
+    pub fn alive(&self) -> usize {
+        self.children.iter().filter(|c| c.running).count()
+    }
+
+    /// Managers that ended since the last call; the interchange is told at once, so their
+    /// tasks are retried elsewhere without waiting for missed heartbeats.
+    pub fn poll_exits(&mut self) -> Vec<ManagerExit> {
+        let mut out = Vec::new();
+        while let Ok((uid, status)) = self.exits.try_recv() {
+            let status = match status {
+                Ok(s) => describe(s),
+                Err(e) => format!("could not be waited for: {e}"),
+            };
+            if let Some(c) = self.children.iter_mut().find(|c| c.uid == uid) {
+                c.running = false;
+                // Its workers die with it (death signal); anything they started is swept.
+                fnx_sys::sweep::kill_marked(
+                    "FNX_MANAGER",
+                    &format!("{}.{}", self.opts.run_id, uid),
+                    20,
+                );
+                self.handle
+                    .manager_gone(uid.clone(), format!("its process ended ({status})"));
+                out.push(ManagerExit {
+                    uid,
+                    status,
+                    log: c.log.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Stop everything: tell managers to exit, then terminate, kill and sweep what is left.
+    pub fn stop(self, reason: &str) {
+        let Embedded {
+            handle,
+            children,
+            exits,
+            opts,
+            ..
+        } = self;
+        handle.shutdown(reason);
+        let mut running: Vec<&Child> = children.iter().filter(|c| c.running).collect();
+        let wait = |running: &mut Vec<&Child>, until: Instant| {
+            while !running.is_empty() && Instant::now() < until {
+                if let Ok((uid, _)) = exits.recv_timeout(Duration::from_millis(20)) {
+                    running.retain(|c| c.uid != uid);
+                }
+            }
+        };
+        wait(
+            &mut running,
+            Instant::now() + opts.kill_grace + Duration::from_secs(1),
+        );
+        for c in &running {
+            let _ = fnx_sys::process::kill_group(c.pid, libc::SIGTERM);
+        }
+        wait(&mut running, Instant::now() + Duration::from_secs(2));
+        for c in &running {
+            let _ = fnx_sys::process::kill_group(c.pid, libc::SIGKILL);
+        }
+        wait(&mut running, Instant::now() + Duration::from_secs(2));
+        let swept = fnx_sys::sweep::kill_marked("FNX_RUN_ID", &opts.run_id, 20);
+        if swept > 0 {
+            tracing::warn!("killed {swept} leftover processes of this run");
+        }
+    }
+}
+
+fn describe(s: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    fnx_sys::process::describe_wait_status(s.into_raw())
+}
+
+fn spawn_manager(
+    exe: &Path,
+    handle: &Handle,
+    opts: &PoolOptions,
+    uid: &str,
+    exits: Sender<(String, std::io::Result<ExitStatus>)>,
+) -> Result<Child> {
+    let mut b = ManagerBootstrap::new(
+        handle.endpoint().to_string(),
+        uid.to_string(),
+        opts.run_dir.clone(),
+        opts.run_id.clone(),
+    );
+    b.slots = opts.workers;
+    b.prefetch = opts.prefetch;
+    b.python = opts.python.clone();
+    b.heartbeat_period_ms = opts.heartbeat_period.as_millis() as u64;
+    b.heartbeat_threshold_ms = opts.heartbeat_threshold.as_millis() as u64;
+    b.max_result_bytes = opts.max_result_bytes;
+    b.kill_grace_ms = opts.kill_grace.as_millis() as u64;
+    b.zero_work = opts.zero_work;
+    let dir = fnx_manager::manager_dir(&b);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let log = dir.join("manager.log");
+    let stderr = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(fnx_launcher::manager_args(&b))
+        .env("FNX_RUN_ID", &opts.run_id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(stderr));
+    // Own process group (a terminal's Ctrl-C reaches only `fnx map`, which stops everything in
+    // order), and SIGTERM if `fnx map` dies.
+    // SAFETY: child_setup only makes async-signal-safe calls.
+    unsafe {
+        cmd.pre_exec(|| fnx_sys::process::child_setup(libc::SIGTERM));
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    let pid = child.id();
+    let name = uid.to_string();
+    std::thread::Builder::new()
+        .name(format!("wait-{uid}"))
+        .spawn(move || {
+            let status = child.wait();
+            let _ = exits.send((name, status));
+        })
+        .context("cannot start a thread")?;
+    Ok(Child {
+        uid: uid.to_string(),
+        pid,
+        log,
+        running: true,
+    })
+}

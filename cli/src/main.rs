@@ -1,0 +1,82 @@
+//! `fnx`: the one binary of fnx. Every role is a subcommand.
+//!
+//! Exit codes (documented in `--help`): 0 success, 1 some task failed, 2 usage or
+//! configuration error, 3 a manager lost or was refused by its interchange, 130 interrupted.
+
+use clap::{Parser, Subcommand};
+use mimalloc::MiMalloc;
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
+
+mod bench;
+mod embedded;
+mod input;
+mod logging;
+mod manager_cmd;
+mod map;
+mod output;
+
+/// Exit status: every task succeeded.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: at least one task failed.
+pub const EXIT_TASK_FAILED: u8 = 1;
+/// Exit status: bad usage or configuration.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: a manager was refused by or lost its interchange.
+pub const EXIT_LINK: u8 = 3;
+/// Exit status: interrupted by SIGINT or SIGTERM.
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+const AFTER_HELP: &str = "\
+Exit status:
+  0    every task succeeded
+  1    at least one task failed (see the output lines with \"ok\": false)
+  2    usage or configuration error (nothing ran)
+  130  interrupted by Ctrl-C (SIGINT) or SIGTERM; no process is left behind
+
+Environment:
+  FNX_HOME   where run directories (logs) go: $FNX_HOME/runs/ (default ~/.fnx)
+  FNX_LOG    log filter for fnx's own log files (default: info)";
+
+/// fnx runs functions — Python functions and shell commands — on many cores and nodes, fast,
+/// without losing any.
+#[derive(Parser, Debug)]
+#[command(name = "fnx", version, about, long_about = None, after_help = AFTER_HELP)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a function over many inputs (one JSON line each) and write one result line each.
+    Map(map::MapArgs),
+    /// Run a function once and print its result.
+    Run(map::RunArgs),
+    /// Measure fnx's own overhead.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Run a node manager (started by fnx itself or by a launcher inside a batch job).
+    #[command(hide = true)]
+    Manager(manager_cmd::ManagerArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let code = match cli.command {
+        Command::Map(args) => map::run_map(args),
+        Command::Run(args) => map::run_once(args),
+        Command::Bench(cmd) => bench::run(cmd),
+        Command::Manager(args) => manager_cmd::run(args),
+    };
+    ExitCode::from(code)
+}

@@ -1,0 +1,136 @@
+//! `fnx manager`: the node manager role. Its flags are exactly what
+//! `fnx_launcher::manager_args` renders from a `ManagerBootstrap`.
+
+use crate::{logging, EXIT_LINK, EXIT_OK, EXIT_USAGE};
+use clap::Args;
+use fnx_manager::PoolEnd;
+use fnx_protocol::{BlockId, ManagerBootstrap};
+use std::path::PathBuf;
+
+/// Flags of `fnx manager`.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct ManagerArgs {
+    /// ZeroMQ endpoint of the interchange (tcp://HOST:PORT).
+    #[arg(long)]
+    pub interchange: String,
+    /// Unique name of this manager launch.
+    #[arg(long)]
+    pub uid: String,
+    /// Directory for logs (the manager writes into RUN_DIR/UID/).
+    #[arg(long)]
+    pub run_dir: PathBuf,
+    /// Marker put into the environment of every process the manager starts.
+    #[arg(long)]
+    pub run_id: String,
+    /// Python interpreter for workers.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Heartbeat period in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub heartbeat_period_ms: u64,
+    /// Interchange silence (ms) after which the manager exits.
+    #[arg(long, default_value_t = 30000)]
+    pub heartbeat_threshold_ms: u64,
+    /// Largest result in bytes.
+    #[arg(long, default_value_t = 10 << 20)]
+    pub max_result_bytes: u64,
+    /// Milliseconds between SIGTERM and SIGKILL when a task is killed.
+    #[arg(long, default_value_t = 2000)]
+    pub kill_grace_ms: u64,
+    /// The block (batch job) this manager belongs to.
+    #[arg(long)]
+    pub block_id: Option<u64>,
+    /// Worker slots (default: the CPUs this process may use).
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// Tasks accepted beyond the slots (default: as many as slots).
+    #[arg(long)]
+    pub prefetch: Option<u32>,
+    /// Complete tasks without running them (overhead measurement).
+    #[arg(long)]
+    pub zero_work: bool,
+}
+
+impl From<ManagerArgs> for ManagerBootstrap {
+    fn from(a: ManagerArgs) -> Self {
+        ManagerBootstrap {
+            interchange: a.interchange,
+            uid: a.uid,
+            block_id: a.block_id.map(BlockId),
+            slots: a.slots,
+            prefetch: a.prefetch,
+            zero_work: a.zero_work,
+            python: a.python,
+            run_dir: a.run_dir,
+            run_id: a.run_id,
+            heartbeat_period_ms: a.heartbeat_period_ms,
+            heartbeat_threshold_ms: a.heartbeat_threshold_ms,
+            max_result_bytes: a.max_result_bytes,
+            kill_grace_ms: a.kill_grace_ms,
+        }
+    }
+}
+
+/// Run a manager; the exit status tells its launcher how it ended.
+pub fn run(args: ManagerArgs) -> u8 {
+    let b = ManagerBootstrap::from(args);
+    let dir = fnx_manager::manager_dir(&b);
+    if let Err(e) =
+        std::fs::create_dir_all(&dir).and_then(|()| logging::to_file(&dir.join("manager.log")))
+    {
+        eprintln!(
+            "fnx manager: cannot write logs under {}: {e}",
+            dir.display()
+        );
+        return EXIT_USAGE;
+    }
+    match fnx_manager::run(&b) {
+        Ok(PoolEnd::Drained | PoolEnd::Shutdown(_)) => EXIT_OK,
+        Ok(PoolEnd::Signal(sig)) => 128u8.saturating_add(sig as u8),
+        Ok(PoolEnd::LinkLost(reason)) => {
+            eprintln!("fnx manager {}: {reason}", b.uid);
+            EXIT_LINK
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("fnx manager {}: {e}", b.uid);
+            EXIT_USAGE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(subcommand)]
+        cmd: Sub,
+    }
+    #[derive(clap::Subcommand)]
+    enum Sub {
+        Manager(ManagerArgs),
+    }
+
+    #[test]
+    fn the_launcher_command_line_parses_back_into_the_same_bootstrap() {
+        let mut b = ManagerBootstrap::new(
+            "tcp://10.1.2.3:5555".into(),
+            "blk-1/m 0".into(),
+            "/tmp/run dir".into(),
+            "r1".into(),
+        );
+        b.block_id = Some(BlockId(7));
+        b.slots = Some(64);
+        b.prefetch = Some(3);
+        b.zero_work = true;
+        b.python = "/opt/py/bin/python3".into();
+        b.kill_grace_ms = 250;
+        let mut argv = vec!["fnx".to_string()];
+        argv.extend(fnx_launcher::manager_args(&b));
+        let Sub::Manager(args) = Wrapper::try_parse_from(argv).expect("parses").cmd;
+        assert_eq!(ManagerBootstrap::from(args), b);
+    }
+}

@@ -1,0 +1,197 @@
+//! The link thread: owns the DEALER socket to the interchange, registers, sends heartbeats on
+//! its own clock (never blocked by user work), watches for interchange silence, and relays
+//! frames between the interchange and the pool over an inproc pair.
+
+use crate::pool::tag;
+use fnx_protocol::{
+    decode, encode, FrameError, InterchangeToManager, ManagerToInterchange, Register,
+};
+use std::time::{Duration, Instant};
+
+/// Settings of the link.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    /// Interchange endpoint.
+    pub interchange: String,
+    /// Heartbeat period until the interchange says otherwise.
+    pub heartbeat_period: Duration,
+    /// Silence after which the interchange is considered gone (also the registration timeout).
+    pub heartbeat_threshold: Duration,
+    /// Largest frame accepted.
+    pub max_frame_bytes: usize,
+}
+
+/// Run the link until the pool says quit or the link fails. `pair` is connected to the pool.
+pub fn run(ctx: &zmq::Context, cfg: LinkConfig, register: Register, pair: zmq::Socket) {
+    let end = match Link::connect(ctx, &cfg, register, &pair) {
+        Ok(mut link) => link.serve(&pair),
+        Err(e) => Some(format!(
+            "cannot connect to the interchange at {}: {e}",
+            cfg.interchange
+        )),
+    };
+    if let Some(reason) = end {
+        tracing::error!("{reason}");
+        let _ = pair.send_multipart([tag::LINK_ENDED, reason.as_bytes()], 0);
+        // Wait for the pool to acknowledge with QUIT so it is not left talking to nobody.
+        loop {
+            match pair.recv_multipart(0) {
+                Ok(parts) if parts.first().map(Vec::as_slice) == Some(tag::QUIT) => break,
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+struct Link {
+    dealer: zmq::Socket,
+    cfg: LinkConfig,
+    registered: bool,
+    last_contact: Instant,
+    next_heartbeat: Instant,
+}
+
+impl Link {
+    fn connect(
+        ctx: &zmq::Context,
+        cfg: &LinkConfig,
+        register: Register,
+        _pair: &zmq::Socket,
+    ) -> Result<Link, zmq::Error> {
+        let dealer = ctx.socket(zmq::DEALER)?;
+        dealer.set_sndhwm(0)?;
+        dealer.set_rcvhwm(0)?;
+        dealer.set_linger(1000)?;
+        dealer.set_maxmsgsize(cfg.max_frame_bytes as i64)?;
+        dealer.connect(&cfg.interchange)?;
+        let frame = encode(
+            &ManagerToInterchange::Register(register),
+            cfg.max_frame_bytes,
+        )
+        .map_err(|_| zmq::Error::EMSGSIZE)?;
+        dealer.send(frame, 0)?;
+        let now = Instant::now();
+        Ok(Link {
+            dealer,
+            cfg: cfg.clone(),
+            registered: false,
+            last_contact: now,
+            next_heartbeat: now + cfg.heartbeat_period,
+        })
+    }
+
+    fn send(&self, msg: &ManagerToInterchange) {
+        match encode(msg, self.cfg.max_frame_bytes) {
+            Ok(frame) => {
+                if let Err(e) = self.dealer.send(frame, 0) {
+                    tracing::error!("send to the interchange failed: {e}");
+                }
+            }
+            Err(e) => tracing::error!("cannot encode a message for the interchange: {e}"),
+        }
+    }
+
+    /// Serve until quit (returns `None`) or failure (returns the reason).
+    fn serve(&mut self, pair: &zmq::Socket) -> Option<String> {
+        loop {
+            let now = Instant::now();
+            let silence_deadline = self.last_contact + self.cfg.heartbeat_threshold;
+            if now >= silence_deadline {
+                let what = if self.registered {
+                    "has been silent"
+                } else {
+                    "did not answer the registration"
+                };
+                return Some(format!(
+                    "the interchange at {} {what} for {:.1}s; exiting",
+                    self.cfg.interchange,
+                    now.duration_since(self.last_contact).as_secs_f64()
+                ));
+            }
+            if self.registered && now >= self.next_heartbeat {
+                self.send(&ManagerToInterchange::Heartbeat);
+                self.next_heartbeat = now + self.cfg.heartbeat_period;
+            }
+            let wake = if self.registered {
+                self.next_heartbeat.min(silence_deadline)
+            } else {
+                silence_deadline
+            };
+            let timeout = wake.saturating_duration_since(now).as_millis().max(1) as i64;
+            let (from_ic, from_pool) = {
+                let mut items = [
+                    self.dealer.as_poll_item(zmq::POLLIN),
+                    pair.as_poll_item(zmq::POLLIN),
+                ];
+                if zmq::poll(&mut items, timeout).is_err() {
+                    continue;
+                }
+                (items[0].is_readable(), items[1].is_readable())
+            };
+            if from_pool {
+                while let Ok(parts) = pair.recv_multipart(zmq::DONTWAIT) {
+                    let (Some(t), Some(body)) = (parts.first(), parts.get(1)) else {
+                        continue;
+                    };
+                    if t.as_slice() == tag::QUIT {
+                        if !body.is_empty() {
+                            self.send(&ManagerToInterchange::Bye {
+                                reason: String::from_utf8_lossy(body).into_owned(),
+                            });
+                        }
+                        return None;
+                    }
+                    if let Err(e) = self.dealer.send(&body[..], 0) {
+                        tracing::error!("send to the interchange failed: {e}");
+                    }
+                }
+            }
+            if from_ic {
+                while let Ok(frame) = self.dealer.recv_bytes(zmq::DONTWAIT) {
+                    self.last_contact = Instant::now();
+                    if let Some(reason) = self.on_frame(frame, pair) {
+                        return Some(reason);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Vec<u8>, pair: &zmq::Socket) -> Option<String> {
+        let msg = match decode::<InterchangeToManager>(&frame, self.cfg.max_frame_bytes) {
+            Ok(msg) => msg,
+            Err(FrameError::VersionMismatch { peer, ours }) => {
+                return Some(format!(
+                    "protocol version mismatch: the interchange speaks version {peer}, this manager speaks version {ours}"
+                ))
+            }
+            Err(e) => {
+                tracing::error!("ignoring a malformed message from the interchange: {e}");
+                return None;
+            }
+        };
+        match msg {
+            InterchangeToManager::Registered {
+                manager,
+                heartbeat_period_ms,
+                heartbeat_threshold_ms,
+            } => {
+                tracing::info!("registered with the interchange as {manager}");
+                self.registered = true;
+                self.cfg.heartbeat_period = Duration::from_millis(heartbeat_period_ms.max(1));
+                self.cfg.heartbeat_threshold = Duration::from_millis(heartbeat_threshold_ms.max(1));
+                self.next_heartbeat = Instant::now() + self.cfg.heartbeat_period;
+                None
+            }
+            InterchangeToManager::Rejected { reason } => {
+                Some(format!("the interchange refused this manager: {reason}"))
+            }
+            InterchangeToManager::Heartbeat => None,
+            _ => {
+                let _ = pair.send_multipart([tag::FRAME, &frame[..]], 0);
+                None
+            }
+        }
+    }
+}

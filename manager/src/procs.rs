@@ -1,0 +1,294 @@
+//! The processes a manager starts: Python workers and shell commands.
+//!
+//! Every process is started in its own process group with `PR_SET_PDEATHSIG` (so it dies with
+//! the manager's pool thread), its signal mask reset, and three markers in its environment:
+//! `FNX_RUN_ID` (the whole run), `FNX_MANAGER` (this manager) and `FNX_PROC` (this process
+//! tree), which children inherit even after `setsid` — see `fnx_sys::sweep`.
+
+use crate::wire::{def_frame, task_frame_head, FrameReader, WireError, WorkerHeader};
+use fnx_protocol::{FunctionBody, FunctionId, TaskSpec};
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
+
+/// Environment every started process gets.
+#[derive(Clone, Debug)]
+pub struct Markers {
+    /// `FNX_RUN_ID`.
+    pub run_id: String,
+    /// `FNX_MANAGER`.
+    pub manager: String,
+}
+
+/// Largest tail of stdout/stderr kept for a shell task.
+pub const TAIL_BYTES: usize = 64 * 1024;
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Read what is available from a non-blocking fd into `sink`; returns `true` at end-of-file.
+fn read_available(fd: RawFd, mut sink: impl FnMut(&[u8])) -> io::Result<bool> {
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        // SAFETY: reading into a local buffer.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n == 0 {
+            return Ok(true);
+        }
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock => Ok(false),
+                io::ErrorKind::Interrupted => continue,
+                _ => Err(err),
+            };
+        }
+        sink(&buf[..n as usize]);
+    }
+}
+
+fn prepare(cmd: &mut Command, markers: &Markers, proc_marker: &str) {
+    cmd.env("FNX_RUN_ID", &markers.run_id)
+        .env("FNX_MANAGER", &markers.manager)
+        .env("FNX_PROC", proc_marker);
+    // SAFETY: child_setup only makes async-signal-safe calls.
+    unsafe {
+        cmd.pre_exec(|| fnx_sys::process::child_setup(libc::SIGKILL));
+    }
+}
+
+/// A Python worker process.
+#[derive(Debug)]
+pub struct PythonWorker {
+    /// Its pid (and process group id).
+    pub pid: u32,
+    /// Readable when it exits.
+    pub pidfd: OwnedFd,
+    /// Its `FNX_PROC` marker.
+    pub marker: String,
+    /// Whether it has said `ready`.
+    pub ready: bool,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    reader: FrameReader,
+    defined: HashSet<FunctionId>,
+    eof: bool,
+}
+
+impl PythonWorker {
+    /// Start `python -u -B script` with the protocol on its stdin/stdout and `log` as stderr.
+    pub fn spawn(
+        python: &str,
+        script: &Path,
+        log: &Path,
+        markers: &Markers,
+        serial: u64,
+        max_result_bytes: u64,
+    ) -> io::Result<PythonWorker> {
+        let log_file = File::options().create(true).append(true).open(log)?;
+        let marker = format!("{}.w{serial}", markers.manager);
+        let mut cmd = Command::new(python);
+        cmd.arg("-u")
+            .arg("-B")
+            .arg(script)
+            .env("FNX_WORKER_ID", serial.to_string())
+            .env("FNX_MAX_RESULT_BYTES", max_result_bytes.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file));
+        prepare(&mut cmd, markers, &marker);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {python}: {e}")))?;
+        let pid = child.id();
+        let pidfd = fnx_sys::process::pidfd_open(pid)?;
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        set_nonblocking(stdout.as_raw_fd())?;
+        Ok(PythonWorker {
+            pid,
+            pidfd,
+            marker,
+            ready: false,
+            stdin,
+            stdout,
+            reader: FrameReader::default(),
+            defined: HashSet::new(),
+            eof: false,
+        })
+    }
+
+    /// The fd to poll for frames.
+    pub fn stdout_fd(&self) -> RawFd {
+        self.stdout.as_raw_fd()
+    }
+
+    /// Whether its stdout reached end-of-file.
+    pub fn eof(&self) -> bool {
+        self.eof
+    }
+
+    /// Send a task (and the function's definition the first time this worker sees it).
+    pub fn send_task(&mut self, spec: &TaskSpec, body: &FunctionBody) -> io::Result<()> {
+        if self.defined.insert(spec.function) {
+            self.stdin.write_all(&def_frame(spec.function, body))?;
+        }
+        let head = task_frame_head(
+            spec.id,
+            spec.function,
+            spec.args.encoding,
+            spec.args.data.len(),
+        );
+        if spec.args.data.len() < 64 * 1024 {
+            let mut frame = head;
+            frame.extend_from_slice(&spec.args.data);
+            self.stdin.write_all(&frame)
+        } else {
+            self.stdin.write_all(&head)?;
+            self.stdin.write_all(&spec.args.data)
+        }
+    }
+
+    /// Ask it to exit (best effort).
+    pub fn send_exit(&mut self) {
+        let _ = self.stdin.write_all(&crate::wire::exit_frame());
+    }
+
+    /// Read what its stdout has, then return the complete frames.
+    pub fn read_frames(&mut self, max: usize) -> Result<Vec<(WorkerHeader, Vec<u8>)>, WireError> {
+        let reader = &mut self.reader;
+        let eof = read_available(self.stdout.as_raw_fd(), |chunk| {
+            let spare = reader.spare(chunk.len());
+            spare.copy_from_slice(chunk);
+        });
+        self.eof = matches!(eof, Ok(true) | Err(_));
+        let mut frames = Vec::new();
+        while let Some(frame) = self.reader.next_frame(max)? {
+            frames.push(frame);
+        }
+        Ok(frames)
+    }
+}
+
+/// Keeps the last `TAIL_BYTES` of a stream.
+#[derive(Debug, Default)]
+pub struct Tail {
+    buf: Vec<u8>,
+    dropped: usize,
+}
+
+impl Tail {
+    fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() > 2 * TAIL_BYTES {
+            let cut = self.buf.len() - TAIL_BYTES;
+            self.dropped += cut;
+            self.buf.drain(..cut);
+        }
+    }
+
+    /// The kept text (lossy UTF-8), with a marker if the start was cut.
+    pub fn text(&self) -> String {
+        let start = self.buf.len().saturating_sub(TAIL_BYTES);
+        let dropped = self.dropped + start;
+        let text = String::from_utf8_lossy(&self.buf[start..]);
+        if dropped > 0 {
+            format!("[... {dropped} bytes truncated]\n{text}")
+        } else {
+            text.into_owned()
+        }
+    }
+}
+
+/// A running shell command.
+#[derive(Debug)]
+pub struct ShellProc {
+    /// Its pid (and process group id).
+    pub pid: u32,
+    /// Readable when it exits.
+    pub pidfd: OwnedFd,
+    /// Its `FNX_PROC` marker.
+    pub marker: String,
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+    /// Captured stdout tail.
+    pub out: Tail,
+    /// Captured stderr tail.
+    pub err: Tail,
+}
+
+impl ShellProc {
+    /// Start `sh -c script fnx-sh args...` in `cwd`.
+    pub fn spawn(
+        script: &str,
+        args: &[String],
+        markers: &Markers,
+        serial: u64,
+        task: &str,
+    ) -> io::Result<ShellProc> {
+        let marker = format!("{}.s{serial}", markers.manager);
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(script)
+            .arg("fnx-sh")
+            .args(args)
+            .env("FNX_TASK_ID", task)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        prepare(&mut cmd, markers, &marker);
+        let mut child = cmd.spawn()?;
+        let pid = child.id();
+        let pidfd = fnx_sys::process::pidfd_open(pid)?;
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        set_nonblocking(stdout.as_raw_fd())?;
+        set_nonblocking(stderr.as_raw_fd())?;
+        Ok(ShellProc {
+            pid,
+            pidfd,
+            marker,
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+            out: Tail::default(),
+            err: Tail::default(),
+        })
+    }
+
+    /// Open output fds to poll.
+    pub fn output_fds(&self) -> Vec<RawFd> {
+        self.stdout
+            .iter()
+            .map(|s| s.as_raw_fd())
+            .chain(self.stderr.iter().map(|s| s.as_raw_fd()))
+            .collect()
+    }
+
+    /// Read what is available; closes a stream at end-of-file.
+    pub fn read_output(&mut self) {
+        if let Some(s) = &self.stdout {
+            let out = &mut self.out;
+            if !matches!(read_available(s.as_raw_fd(), |d| out.push(d)), Ok(false)) {
+                self.stdout = None;
+            }
+        }
+        if let Some(s) = &self.stderr {
+            let err = &mut self.err;
+            if !matches!(read_available(s.as_raw_fd(), |d| err.push(d)), Ok(false)) {
+                self.stderr = None;
+            }
+        }
+    }
+}

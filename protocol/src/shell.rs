@@ -1,0 +1,107 @@
+//! Shell command templates: `{name}` parameters that become single arguments, never code.
+//!
+//! A template such as `gzip -k {path}` is turned into the script `gzip -k "${1}"`, run as
+//! `sh -c SCRIPT fnx-sh VALUE...`: the shell parses only the template, and each value reaches
+//! the command as one literal argument (`a; rm -rf x` stays one argument). `{{` and `}}` stand
+//! for literal braces; a `{` that does not start a `{identifier}` is kept as is, and so is
+//! shell syntax such as `${HOME}` (a `{` right after `$`) and `{ a; b; }`, so `awk '{print $1}'`
+//! works unchanged. A parameter used twice is passed once.
+
+use thiserror::Error;
+
+/// A parsed template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShellTemplate {
+    /// The script for `sh -c`, with parameters replaced by `"${N}"`.
+    pub script: String,
+    /// Parameter names in order of first appearance; argument N+1 is the value of `params[N]`.
+    pub params: Vec<String>,
+}
+
+/// A template that cannot be used.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TemplateError {
+    /// The template is empty or only white space.
+    #[error("the shell command template is empty")]
+    Empty,
+}
+
+fn is_ident(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+/// Parse a template.
+pub fn parse(template: &str) -> Result<ShellTemplate, TemplateError> {
+    if template.trim().is_empty() {
+        return Err(TemplateError::Empty);
+    }
+    let mut script = String::with_capacity(template.len() + 16);
+    let mut params: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < template.len() {
+        let rest = &template[i..];
+        if rest.starts_with("{{") {
+            script.push('{');
+            i += 2;
+        } else if rest.starts_with("}}") {
+            script.push('}');
+            i += 2;
+        } else if rest.starts_with('{') && !template[..i].ends_with('$') {
+            match rest[1..].find('}').map(|end| &rest[1..1 + end]) {
+                Some(name) if is_ident(name) => {
+                    let n = match params.iter().position(|p| p == name) {
+                        Some(n) => n + 1,
+                        None => {
+                            params.push(name.to_string());
+                            params.len()
+                        }
+                    };
+                    script.push_str(&format!("\"${{{n}}}\""));
+                    i += name.len() + 2;
+                }
+                _ => {
+                    script.push('{');
+                    i += 1;
+                }
+            }
+        } else {
+            let Some(c) = rest.chars().next() else { break };
+            script.push(c);
+            i += c.len_utf8();
+        }
+    }
+    Ok(ShellTemplate { script, params })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_become_quoted_positional_arguments() {
+        let t = parse("gzip -k {path} && echo {path} {n}").unwrap();
+        assert_eq!(t.script, r#"gzip -k "${1}" && echo "${1}" "${2}""#);
+        assert_eq!(t.params, vec!["path", "n"]);
+    }
+
+    #[test]
+    fn braces_that_are_not_parameters_stay() {
+        let t = parse("awk '{print $1}' {file} {{x}}").unwrap();
+        assert_eq!(t.script, r#"awk '{print $1}' "${1}" {x}"#);
+        assert_eq!(t.params, vec!["file"]);
+    }
+
+    #[test]
+    fn bad_templates_are_errors() {
+        assert_eq!(parse("  "), Err(TemplateError::Empty));
+    }
+
+    #[test]
+    fn shell_expansions_are_not_parameters() {
+        let t = parse("echo ${HOME} {x}; {{ true; }}").unwrap();
+        assert_eq!(t.script, r#"echo ${HOME} "${1}"; { true; }"#);
+        assert_eq!(t.params, vec!["x"]);
+    }
+}
