@@ -22,6 +22,26 @@ pub enum BenchCommand {
     /// Tasks/s and latency through a real interchange and ZeroMQ sockets with zero-work
     /// managers (tasks complete without running); prints JSON.
     Dispatch(DispatchArgs),
+    /// Bytes/s end to end through real managers and Python workers: each task takes and returns
+    /// a bytes object (pickle encoding); prints JSON.
+    Transfer(TransferArgs),
+}
+
+/// `fnx bench transfer`.
+#[derive(Args, Debug)]
+pub struct TransferArgs {
+    /// Tasks
+    #[arg(long, default_value_t = 1000)]
+    pub tasks: u64,
+    /// Bytes each task takes and returns
+    #[arg(long, default_value_t = 1 << 20)]
+    pub bytes: usize,
+    /// Python workers
+    #[arg(long, default_value_t = 2)]
+    pub workers: u32,
+    /// Python interpreter
+    #[arg(long, default_value = "python3")]
+    pub python: String,
 }
 
 /// How zero-work managers are run.
@@ -63,8 +83,11 @@ pub struct DispatchArgs {
 /// Run a benchmark.
 pub fn run(cmd: BenchCommand) -> u8 {
     crate::logging::to_stderr();
-    let BenchCommand::Dispatch(args) = cmd;
-    match dispatch(&args) {
+    let result = match cmd {
+        BenchCommand::Dispatch(args) => dispatch(&args),
+        BenchCommand::Transfer(args) => transfer(&args),
+    };
+    match result {
         Ok(json) => {
             println!("{}", serde_json::to_string_pretty(&json).expect("json"));
             EXIT_OK
@@ -262,6 +285,99 @@ fn dispatch(args: &DispatchArgs) -> Result<serde_json::Value> {
             "max": hist.max(),
         },
         "queued_task_overhead_bytes": memory,
+        "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+    }))
+}
+
+/// `((data,), {})` as a protocol-5 pickle: the arguments of `echo(data)`.
+fn pickled_bytes_arg(len: usize) -> Vec<u8> {
+    let mut p = Vec::with_capacity(len + 16);
+    p.extend_from_slice(&[0x80, 0x05, b'B']);
+    p.extend_from_slice(&(len as u32).to_le_bytes());
+    p.resize(p.len() + len, b'x');
+    p.extend_from_slice(&[0x85, b'}', 0x86, b'.']);
+    p
+}
+
+fn transfer(args: &TransferArgs) -> Result<serde_json::Value> {
+    if args.bytes > u32::MAX as usize - 64 || args.workers == 0 {
+        anyhow::bail!("--bytes must be below 4 GiB and --workers at least 1");
+    }
+    let run_dir = std::env::temp_dir().join(format!("fnx-bench-transfer-{}", std::process::id()));
+    let pool = Embedded::start(PoolOptions {
+        managers: 1,
+        workers: Some(args.workers),
+        prefetch: None,
+        python: args.python.clone(),
+        run_dir: run_dir.clone(),
+        run_id: format!("bench-{}", std::process::id()),
+        heartbeat_period: Duration::from_secs(5),
+        heartbeat_threshold: Duration::from_secs(600),
+        max_result_bytes: args.bytes as u64 + (1 << 20),
+        kill_grace: Duration::from_secs(1),
+        zero_work: false,
+    })?;
+    let echo = FunctionBody::PythonSource {
+        source: "def echo(data):\n    return data\n".into(),
+        name: "echo".into(),
+    };
+    pool.handle.add_function(FunctionDef {
+        id: FunctionId(1),
+        body: echo,
+    });
+    let arg = pickled_bytes_arg(args.bytes);
+    // Keep a bounded window of tasks in flight, as a streaming client would; building each
+    // task's argument (a copy of `arg`) is part of the measured time.
+    let window = u64::from(args.workers) * 8;
+    let (mut next, mut done, mut returned) = (0u64, 0u64, 0u64);
+    let started = Instant::now();
+    while done < args.tasks {
+        if next < args.tasks && next - done < window {
+            let end = (done + window).min(args.tasks);
+            let batch: Vec<NewTask> = (next..end)
+                .map(|i| NewTask {
+                    id: TaskId(i),
+                    function: FunctionId(1),
+                    args: Payload {
+                        encoding: fnx_protocol::Encoding::Pickle,
+                        data: arg.clone(),
+                    },
+                    priority: 0,
+                    walltime_ms: None,
+                    retries: 0,
+                })
+                .collect();
+            pool.handle.submit(batch);
+            next = end;
+        }
+        match pool.events.recv_timeout(Duration::from_secs(120)) {
+            Ok(Event::Finished(batch)) => {
+                for f in batch {
+                    done += 1;
+                    match f.outcome {
+                        Outcome::Ok(p) if p.data.len() >= args.bytes => {
+                            returned += p.data.len() as u64
+                        }
+                        other => anyhow::bail!("task {} did not echo its bytes: {other:?}", f.id.0),
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => anyhow::bail!("no result for 120 s ({e}); logs in {}", run_dir.display()),
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    pool.stop("benchmark finished");
+    let _ = std::fs::remove_dir_all(&run_dir);
+    let mb = (args.tasks as f64 * args.bytes as f64) / 1e6;
+    Ok(serde_json::json!({
+        "benchmark": "transfer",
+        "tasks": args.tasks,
+        "bytes_per_task": args.bytes,
+        "workers": args.workers,
+        "seconds": elapsed,
+        "mb_per_second": mb / elapsed,
+        "returned_bytes": returned,
         "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
     }))
 }

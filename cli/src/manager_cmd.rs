@@ -43,7 +43,7 @@ pub struct ManagerArgs {
     /// Worker slots (default: the CPUs this process may use).
     #[arg(long)]
     pub slots: Option<u32>,
-    /// Tasks accepted beyond the slots (default: as many as slots).
+    /// Tasks accepted beyond the slots (default: as many as slots, at least 64).
     #[arg(long)]
     pub prefetch: Option<u32>,
     /// Complete tasks without running them (overhead measurement).

@@ -40,7 +40,8 @@ pub struct RunOptions {
     /// Directory for this run's logs [default: $FNX_HOME/runs/<time>-<pid>]
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
-    /// Tasks each manager holds beyond its workers, to hide dispatch latency [default: workers]
+    /// Tasks each manager holds beyond its workers, to hide dispatch latency; lower it for
+    /// long tasks spread over many managers [default: workers, at least 64]
     #[arg(long)]
     pub prefetch: Option<u32>,
     /// Seconds between SIGTERM and SIGKILL when a task is killed

@@ -653,8 +653,20 @@ impl Interchange {
     }
 
     /// Hand queued tasks to managers with free capacity, in batches, round-robin.
+    ///
+    /// Each visit gives a manager at most an even share of the queue (`queued / ready
+    /// managers`, rounded up), so a short queue is spread over all managers instead of filling
+    /// the first one's prefetch.
     pub fn dispatch(&mut self, comm: &mut impl Comm) {
+        let mut share = 0;
+        let mut visits_left = 0;
         while self.queued > 0 {
+            if visits_left == 0 {
+                // A new round: recompute the even share over the managers that can take work.
+                visits_left = self.ready.len().max(1);
+                share = self.queued.div_ceil(visits_left);
+            }
+            visits_left -= 1;
             let Some(mid) = self.ready.pop_front() else {
                 return;
             };
@@ -666,7 +678,7 @@ impl Interchange {
             if free == 0 || m.draining {
                 continue;
             }
-            let limit = free.min(self.config.max_batch_tasks);
+            let limit = free.min(self.config.max_batch_tasks).min(share);
             let mut tasks = Vec::with_capacity(limit.min(self.queued));
             let mut functions = Vec::new();
             let mut bytes = 0usize;

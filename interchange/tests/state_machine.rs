@@ -597,3 +597,23 @@ fn zero_slots_and_double_registration_are_refused() {
     );
     assert_eq!(ic.counts().managers, 1);
 }
+
+#[test]
+fn a_short_queue_is_spread_evenly_instead_of_filling_one_prefetch() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 2, 64), &mut c);
+    ic.on_message(now, &peer(2), reg("b", 2, 64), &mut c);
+    c.take();
+    ic.submit((1..=10).map(task).collect(), &mut c);
+    ic.dispatch(&mut c);
+    let sizes: Vec<(Peer, usize)> = c
+        .take()
+        .into_iter()
+        .map(|(p, m)| match m {
+            InterchangeToManager::Tasks { tasks, .. } => (p, tasks.len()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(sizes, vec![(peer(1), 5), (peer(2), 5)]);
+}

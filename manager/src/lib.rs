@@ -27,6 +27,10 @@ use thiserror::Error;
 /// The Python worker runtime, written into each manager's directory at start.
 pub const WORKER_PY: &str = include_str!("../../sdk/python/fnx/worker.py");
 
+/// Default prefetch for managers with few slots: short tasks need a few dozen tasks in hand to
+/// cover the round trip to the interchange (measured in benches/README.md).
+pub const DEFAULT_MIN_PREFETCH: u32 = 64;
+
 /// How a manager ended.
 pub use pool::PoolEnd;
 
@@ -83,7 +87,7 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
         pid: std::process::id(),
         cores,
         slots,
-        prefetch: b.prefetch.unwrap_or(slots),
+        prefetch: b.prefetch.unwrap_or(slots.max(DEFAULT_MIN_PREFETCH)),
         block_id: b.block_id,
         zero_work: b.zero_work,
         fnx_version: env!("CARGO_PKG_VERSION").to_string(),

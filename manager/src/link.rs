@@ -148,7 +148,7 @@ impl Link {
                 }
             }
             if from_ic {
-                while let Ok(frame) = self.dealer.recv_bytes(zmq::DONTWAIT) {
+                while let Ok(frame) = self.dealer.recv_msg(zmq::DONTWAIT) {
                     self.last_contact = Instant::now();
                     if let Some(reason) = self.on_frame(frame, pair) {
                         return Some(reason);
@@ -158,7 +158,7 @@ impl Link {
         }
     }
 
-    fn on_frame(&mut self, frame: Vec<u8>, pair: &zmq::Socket) -> Option<String> {
+    fn on_frame(&mut self, frame: zmq::Message, pair: &zmq::Socket) -> Option<String> {
         let msg = match decode::<InterchangeToManager>(&frame, self.cfg.max_frame_bytes) {
             Ok(msg) => msg,
             Err(FrameError::VersionMismatch { peer, ours }) => {
@@ -189,7 +189,10 @@ impl Link {
             }
             InterchangeToManager::Heartbeat => None,
             _ => {
-                let _ = pair.send_multipart([tag::FRAME, &frame[..]], 0);
+                // Forward the received message itself (no copy of large task batches).
+                let _ = pair
+                    .send(tag::FRAME, zmq::SNDMORE)
+                    .and_then(|()| pair.send(frame, 0));
                 None
             }
         }

@@ -82,10 +82,24 @@ enum Kind {
 
 struct Proc {
     kind: Kind,
+    /// The task running now.
     task: Option<Running>,
+    /// A small task already written into a busy Python worker's pipe, so the worker starts it
+    /// the moment the current one ends (no round trip through the manager in between). It
+    /// starts its walltime clock when it becomes `task`.
+    next: Option<Pipelined>,
     exit: Option<i32>,
     log: Option<PathBuf>,
 }
+
+struct Pipelined {
+    spec: TaskSpec,
+    cancelled: bool,
+}
+
+/// Largest argument payload pipelined behind a running task (well inside a pipe's buffer, so
+/// writing it never blocks the manager).
+const PIPELINE_MAX_ARGS: usize = 16 * 1024;
 
 impl Proc {
     fn pidfd(&self) -> i32 {
@@ -251,17 +265,20 @@ impl<'a> Pool<'a> {
     }
 
     fn on_link(&mut self) {
-        while let Ok(parts) = self.link.recv_multipart(zmq::DONTWAIT) {
-            let (Some(t), Some(body)) = (parts.first(), parts.get(1)) else {
+        while let Ok(t) = self.link.recv_msg(zmq::DONTWAIT) {
+            if !t.get_more() {
+                continue;
+            }
+            let Ok(body) = self.link.recv_msg(0) else {
                 continue;
             };
-            if t.as_slice() == tag::LINK_ENDED {
+            if &t[..] == tag::LINK_ENDED {
                 self.end = Some(PoolEnd::LinkLost(
-                    String::from_utf8_lossy(body).into_owned(),
+                    String::from_utf8_lossy(&body).into_owned(),
                 ));
                 continue;
             }
-            match fnx_protocol::decode::<InterchangeToManager>(body, usize::MAX) {
+            match fnx_protocol::decode::<InterchangeToManager>(&body, usize::MAX) {
                 Ok(msg) => self.on_message(msg),
                 Err(e) => tracing::error!("undecodable frame from the link: {e}"),
             }
@@ -326,6 +343,15 @@ impl<'a> Pool<'a> {
                     r.kill_at = Some(Instant::now() + grace);
                     let _ = kill_group(pid, libc::SIGTERM);
                 }
+                continue;
+            }
+            // Waiting in a worker's pipe: it is killed as soon as it starts.
+            if let Some(next) = self.procs.values_mut().find_map(|p| {
+                p.next
+                    .as_mut()
+                    .filter(|n| n.spec.id == id && n.spec.attempt == attempt)
+            }) {
+                next.cancelled = true;
             }
         }
     }
@@ -383,6 +409,7 @@ impl<'a> Pool<'a> {
             }
             "result" => {
                 let Some(r) = proc.task.take_if(|r| Some(r.id.0) == header.tid) else {
+                    // Not the running task: the worker broke the one-at-a-time order.
                     tracing::warn!(
                         "worker {pid} sent a result for task {:?} it does not hold",
                         header.tid
@@ -396,6 +423,9 @@ impl<'a> Pool<'a> {
                         ..r
                     });
                     return;
+                }
+                if let Some(next) = proc.next.take() {
+                    proc.task = Some(promote(pid, next, self.cfg.kill_grace));
                 }
                 let outcome = if header.ok == Some(true) {
                     let encoding = match header.enc.as_deref() {
@@ -452,6 +482,14 @@ impl<'a> Pool<'a> {
     }
 
     fn finish_proc(&mut self, pid: u32, mut proc: Proc) {
+        if let Some(next) = proc.next.take() {
+            // It never started: run it elsewhere (or report it cancelled).
+            if next.cancelled {
+                self.push_result(next.spec.id, next.spec.attempt, Outcome::Err(cancelled()));
+            } else {
+                self.queue.push_front(next.spec);
+            }
+        }
         let status = proc.exit.unwrap_or(0);
         let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
         let forced = proc.task.as_ref().is_some_and(|r| r.forced.is_some());
@@ -542,11 +580,63 @@ impl<'a> Pool<'a> {
             };
             if func.body.is_python() {
                 if !self.start_python_task() {
-                    return;
+                    break;
                 }
             } else {
                 self.start_shell_task();
             }
+        }
+        self.pipeline();
+    }
+
+    /// Every Python worker is busy and tasks wait: write one small task behind each running
+    /// one, so workers go from task to task without waiting for the manager.
+    fn pipeline(&mut self) {
+        if self.queue.is_empty()
+            || self
+                .procs
+                .values()
+                .any(|p| p.task.is_none() && p.exit.is_none())
+        {
+            return;
+        }
+        let candidates: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| {
+                p.next.is_none()
+                    && p.exit.is_none()
+                    && p.task.as_ref().is_some_and(|r| r.forced.is_none())
+                    && matches!(&p.kind, Kind::Python(w) if w.ready && !w.eof())
+            })
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in candidates {
+            let Some(spec) = self.queue.front() else {
+                return;
+            };
+            let Some(func) = self.functions.get(&spec.function) else {
+                return;
+            };
+            let proc = self.procs.get_mut(&pid).expect("candidate");
+            let Kind::Python(worker) = &mut proc.kind else {
+                continue;
+            };
+            if !func.body.is_python()
+                || spec.args.data.len() > PIPELINE_MAX_ARGS
+                || !worker.knows(spec.function)
+            {
+                return;
+            }
+            let spec = self.queue.pop_front().expect("front exists");
+            if let Err(e) = worker.send_task(&spec, &func.body) {
+                tracing::warn!("cannot send a task to worker {pid}: {e}");
+                let _ = kill_group(pid, libc::SIGKILL);
+            }
+            proc.next = Some(Pipelined {
+                spec,
+                cancelled: false,
+            });
         }
     }
 
@@ -630,6 +720,7 @@ impl<'a> Pool<'a> {
                         Proc {
                             kind: Kind::Python(w),
                             task: None,
+                            next: None,
                             exit: None,
                             log: Some(log),
                         },
@@ -719,6 +810,7 @@ impl<'a> Pool<'a> {
                     Proc {
                         kind: Kind::Shell(proc),
                         task: Some(running),
+                        next: None,
                         exit: None,
                         log: None,
                     },
@@ -748,7 +840,9 @@ impl<'a> Pool<'a> {
         let Some(since) = self.batch_since else {
             return;
         };
-        if !force && since.elapsed() < FLUSH_AFTER {
+        // Hold results back briefly to batch them, but only while there is local work to do:
+        // a manager with nothing queued needs the interchange to see its free slots now.
+        if !force && !self.queue.is_empty() && since.elapsed() < FLUSH_AFTER {
             return;
         }
         let results = std::mem::take(&mut self.batch);
@@ -792,6 +886,28 @@ impl<'a> Pool<'a> {
         }
         reap_any();
     }
+}
+
+/// A pipelined task became the running one: its walltime starts now; a cancel that came while
+/// it waited in the pipe kills it at once.
+fn promote(pid: u32, next: Pipelined, grace: Duration) -> Running {
+    let now = Instant::now();
+    let mut r = Running {
+        id: next.spec.id,
+        attempt: next.spec.attempt,
+        deadline: next
+            .spec
+            .walltime_ms
+            .map(|ms| now + Duration::from_millis(ms)),
+        forced: None,
+        kill_at: None,
+    };
+    if next.cancelled {
+        r.forced = Some(cancelled());
+        r.kill_at = Some(now + grace);
+        let _ = kill_group(pid, libc::SIGTERM);
+    }
+    r
 }
 
 fn cancelled() -> TaskError {

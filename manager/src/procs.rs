@@ -140,6 +140,11 @@ impl PythonWorker {
         self.eof
     }
 
+    /// Whether this worker has been sent the definition of `function`.
+    pub fn knows(&self, function: FunctionId) -> bool {
+        self.defined.contains(&function)
+    }
+
     /// Send a task (and the function's definition the first time this worker sees it).
     pub fn send_task(&mut self, spec: &TaskSpec, body: &FunctionBody) -> io::Result<()> {
         if self.defined.insert(spec.function) {
@@ -168,11 +173,7 @@ impl PythonWorker {
 
     /// Read what its stdout has, then return the complete frames.
     pub fn read_frames(&mut self, max: usize) -> Result<Vec<(WorkerHeader, Vec<u8>)>, WireError> {
-        let reader = &mut self.reader;
-        let eof = read_available(self.stdout.as_raw_fd(), |chunk| {
-            let spare = reader.spare(chunk.len());
-            spare.copy_from_slice(chunk);
-        });
+        let eof = self.reader.fill_from(self.stdout.as_raw_fd());
         self.eof = matches!(eof, Ok(true) | Err(_));
         let mut frames = Vec::new();
         while let Some(frame) = self.reader.next_frame(max)? {

@@ -126,24 +126,51 @@ pub struct FrameReader {
 }
 
 impl FrameReader {
-    /// Space to read into: the caller fills `buf[len..]` and calls [`FrameReader::filled`].
-    pub fn spare(&mut self, want: usize) -> &mut [u8] {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        } else if self.start > (1 << 20) {
-            self.buf.drain(..self.start);
-            self.start = 0;
+    /// Read everything `fd` (non-blocking) has into the buffer, straight into its spare
+    /// capacity (no zero-fill, no bounce buffer); returns `true` at end-of-file.
+    pub fn fill_from(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<bool> {
+        loop {
+            if self.start > 0 && self.start == self.buf.len() {
+                self.buf.clear();
+                self.start = 0;
+            } else if self.start > (1 << 20) {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            let missing = self.missing();
+            self.buf.reserve(missing.clamp(64 * 1024, 16 << 20));
+            let spare = self.buf.spare_capacity_mut();
+            // SAFETY: read(2) writes at most spare.len() bytes into the spare capacity.
+            let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), spare.len()) };
+            if n == 0 {
+                return Ok(true);
+            }
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                match err.kind() {
+                    std::io::ErrorKind::WouldBlock => return Ok(false),
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => return Err(err),
+                }
+            }
+            // SAFETY: the kernel initialised n bytes past the old length.
+            unsafe { self.buf.set_len(self.buf.len() + n as usize) };
         }
-        let len = self.buf.len();
-        self.buf.resize(len + want, 0);
-        &mut self.buf[len..]
     }
 
-    /// After reading `n` bytes into the slice from [`FrameReader::spare`] of size `want`.
-    pub fn filled(&mut self, want: usize, n: usize) {
-        let len = self.buf.len();
-        self.buf.truncate(len - want + n);
+    /// Bytes still missing for the frame at the head of the buffer (0 if unknown).
+    fn missing(&self) -> usize {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 4 {
+            return 0;
+        }
+        let total = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        (4 + total).saturating_sub(avail.len())
+    }
+
+    #[cfg(test)]
+    fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
     }
 
     /// The next complete frame, if one is buffered.
@@ -189,9 +216,7 @@ mod tests {
         let mut r = FrameReader::default();
         for chunk in frame.chunks(5) {
             assert!(r.next_frame(1 << 20).unwrap().is_none());
-            let spare = r.spare(chunk.len());
-            spare.copy_from_slice(chunk);
-            r.filled(chunk.len(), chunk.len());
+            r.push(chunk);
         }
         let (h, payload) = r.next_frame(1 << 20).unwrap().unwrap();
         assert_eq!(
@@ -202,17 +227,36 @@ mod tests {
     }
 
     #[test]
+    fn frames_are_read_from_a_pipe_without_a_bounce_buffer() {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds, closed below.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) },
+            0
+        );
+        let mut frame = Vec::new();
+        push_frame_prefix(&mut frame, br#"{"op":"ready","pid":1}"#, 0);
+        // SAFETY: writing a local buffer to our pipe.
+        unsafe { libc::write(fds[1], frame.as_ptr().cast(), frame.len()) };
+        let mut r = FrameReader::default();
+        assert!(!r.fill_from(fds[0]).unwrap(), "open pipe, no eof");
+        assert_eq!(r.next_frame(1 << 20).unwrap().unwrap().0.pid, Some(1));
+        // SAFETY: closing the fds we opened.
+        unsafe { libc::close(fds[1]) };
+        assert!(r.fill_from(fds[0]).unwrap(), "eof after close");
+        unsafe { libc::close(fds[0]) };
+    }
+
+    #[test]
     fn oversized_and_inconsistent_frames_are_errors() {
         let mut r = FrameReader::default();
-        let spare = r.spare(8);
-        spare.copy_from_slice(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1]);
+        r.push(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1]);
         assert!(matches!(
             r.next_frame(1 << 20),
             Err(WireError::TooLarge { .. })
         ));
         let mut r = FrameReader::default();
-        let spare = r.spare(8);
-        spare.copy_from_slice(&[0, 0, 0, 8, 0, 0, 0, 9]);
+        r.push(&[0, 0, 0, 8, 0, 0, 0, 9]);
         assert!(matches!(
             r.next_frame(1 << 20),
             Err(WireError::BadHeader(_))

@@ -19,7 +19,8 @@ pub struct ManagerBootstrap {
     pub block_id: Option<BlockId>,
     /// Worker slots; `None` means one per CPU the process may use.
     pub slots: Option<u32>,
-    /// Tasks accepted beyond the slots, queued locally; `None` means as many as slots.
+    /// Tasks accepted beyond the slots, queued locally; `None` means as many as slots, at
+    /// least 64.
     pub prefetch: Option<u32>,
     /// Complete tasks without running them (overhead measurement).
     pub zero_work: bool,

@@ -1,0 +1,119 @@
+"""Hostile traffic on the interchange's manager port during a run (FAULTS.md 19 and 21)."""
+
+import random
+import re
+import socket
+import textwrap
+
+import msgpack
+import pytest
+import zmq
+
+from conftest import wait_for
+
+PROTOCOL_VERSION = 1
+
+GATED = """
+    import os, time
+
+    def triple(d, x):
+        open(os.path.join(d, "pid-%d-%d" % (os.getpid(), x)), "w").close()
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(d, "release")):
+            if time.monotonic() > deadline:
+                raise TimeoutError("never released")
+            time.sleep(0.01)
+        return x * 3
+"""
+
+
+def interchange_port(bg) -> int:
+    m = wait_for(
+        lambda: re.search(r"interchange listening on tcp://127\.0\.0\.1:(\d+)", bg.log_text()),
+        10, f"the interchange address in {bg.run_dir / 'fnx.log'}",
+    )
+    return int(m.group(1))
+
+
+def register(version, uid="intruder"):
+    msg = {"register": [uid, "nowhere", 4242, 1, 1, 0, None, False, "0.0.0-test"]}
+    return msgpack.packb([version, msg])
+
+
+def garbage_messages(rng):
+    """Malformed frames: random bytes, truncated msgpack, well-formed msgpack of wrong shapes."""
+    good = register(PROTOCOL_VERSION)
+    yield b""
+    for n in (1, 7, 64, 4096, 200_000):
+        yield rng.randbytes(n)
+    yield good[: len(good) // 2]                                   # truncated
+    yield msgpack.packb([PROTOCOL_VERSION, {"no_such_message": []}])  # unknown kind
+    yield msgpack.packb([PROTOCOL_VERSION, "register"])           # wrong type
+    yield msgpack.packb({"register": 1})                            # no envelope
+    yield msgpack.packb([PROTOCOL_VERSION, {"results": [[1, 2, 3]]}])  # results, never registered
+    yield msgpack.packb([PROTOCOL_VERSION, "heartbeat"])           # heartbeat, never registered
+    yield b"\xdb\xff\xff\xff\xff"                                    # str32 claiming 4 GiB
+    yield b"\x92\x01\xdd\xff\xff\xff\xff"                            # array32 claiming 4G items
+
+
+def test_fault_19_21_garbage_and_wrong_version_on_manager_port_run_unaffected(fnx_env):
+    fnx_env.write("gated.py", textwrap.dedent(GATED))
+    gate = fnx_env.dir / "gate"
+    gate.mkdir()
+    n = 12
+    bg = fnx_env.start_map(
+        "gated:triple", "--workers", "2", inputs=([str(gate), i] for i in range(n))
+    )
+    port = interchange_port(bg)
+    wait_for(lambda: len(list(gate.glob("pid-*"))) >= 2, 20, "two running tasks")
+    rng = random.Random(19)
+
+    # Raw TCP garbage, not even a ZMTP greeting.
+    for size in (16, 100_000):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(rng.randbytes(size))
+    # A ZMTP signature followed by nonsense.
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"\xff" + b"\x00" * 8 + b"\x7f\x03\x00" + rng.randbytes(1000))
+
+    ctx = zmq.Context()
+    try:
+        junk = ctx.socket(zmq.DEALER)
+        junk.setsockopt(zmq.LINGER, 1000)
+        junk.connect(f"tcp://127.0.0.1:{port}")
+        for frame in garbage_messages(rng):
+            junk.send(frame)
+        junk.send_multipart([b"two", b"parts"])
+
+        # A registration in another protocol version is refused, naming both versions.
+        bad = ctx.socket(zmq.DEALER)
+        bad.setsockopt(zmq.LINGER, 0)
+        bad.connect(f"tcp://127.0.0.1:{port}")
+        bad.send(register(99, uid="from-the-future"))
+        assert bad.poll(10_000), "no answer to a registration with protocol version 99"
+        reply = msgpack.unpackb(bad.recv())
+        assert reply == [
+            PROTOCOL_VERSION,
+            {"rejected": [
+                "protocol version mismatch: manager speaks version 99, "
+                "interchange speaks version 1"
+            ]},
+        ]
+        junk.close()
+        bad.close()
+    finally:
+        ctx.term()
+
+    (gate / "release").touch()
+    run = bg.wait(40)
+
+    assert run.returncode == 0, run.explain()
+    r = run.by_index()
+    assert sorted(r) == list(range(n))
+    for i, line in r.items():
+        assert line == {"index": i, "ok": True, "result": 3 * i}, line
+    log = (run.run_dir / "fnx.log").read_text(errors="replace")
+    assert "version 99" in log, "the refused registration must be visible in the run's log"
+    assert "ignored" in log, "malformed messages must be logged (rate-limited), not dropped silently"
+    # The real manager stayed registered the whole time: exactly one registration.
+    assert log.count("registered with") == 1, log

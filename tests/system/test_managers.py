@@ -1,0 +1,188 @@
+"""Manager faults (FAULTS.md 6, 7, 16) in a running `fnx map --managers 2`."""
+
+import os
+import signal
+import socket
+import textwrap
+
+import pytest
+
+from conftest import alive, children_of, descendants_of, wait_for
+
+TASKS = """
+    import json, os, time
+
+    def slow_square(x):
+        time.sleep(0.3)
+        return x * x
+
+    def gated(d, i, gate="release"):
+        # Record the attempt (this worker's pid and the task index), then wait for the gate.
+        with open(os.path.join(d, "run-%d-%d" % (i, os.getpid())), "w") as f:
+            f.write(json.dumps([i, os.getpid()]))
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(d, gate)):
+            if time.monotonic() > deadline:
+                raise TimeoutError("never released")
+            time.sleep(0.01)
+        return [i, os.getpid()]
+"""
+
+
+@pytest.fixture
+def env(fnx_env):
+    fnx_env.write("tasks.py", textwrap.dedent(TASKS))
+    (fnx_env.dir / "gate").mkdir()
+    return fnx_env
+
+
+def attempts(env) -> list[tuple[int, int]]:
+    """(task index, worker pid) of every attempt started so far."""
+    out = []
+    for p in (env.dir / "gate").glob("run-*"):
+        _, i, pid = p.name.split("-")
+        out.append((int(i), int(pid)))
+    return sorted(out)
+
+
+def manager_proc(bg, uid):
+    """The manager process `uid` (a child of fnx map), once it has started a worker."""
+    return wait_for(
+        lambda: next((p for p in children_of(bg.pid)
+                      if f"--uid {uid} " in p.cmdline + " " and children_of(p.pid)), None),
+        10, f"manager {uid} with workers",
+    )
+
+
+def test_fault_06_16_manager_sigkilled_mid_run_tasks_finish_workers_gone(env):
+    n = 40
+    bg = env.start_map(
+        "tasks:slow_square", "--managers", "2", "--workers", "2",
+        inputs=([i] for i in range(n)),
+    )
+    bg.wait_for_results(4)
+    managers = wait_for(
+        lambda: [p for p in children_of(bg.pid) if "manager" in p.cmdline and children_of(p.pid)],
+        10, "a manager with workers",
+    )
+    victim = managers[0]
+    workers = descendants_of(victim.pid)
+    assert workers, f"manager {victim.pid} has no workers"
+    os.kill(victim.pid, signal.SIGKILL)
+    # Its workers die with it, promptly.
+    wait_for(
+        lambda: not [w for w in workers if alive(w.pid)], 5,
+        f"the workers {[w.pid for w in workers]} of the killed manager {victim.pid} to die",
+    )
+    run = bg.wait(40)
+
+    assert run.returncode == 0, run.explain()
+    r = run.by_index()
+    assert sorted(r) == list(range(n)), "every task accounted for exactly once"
+    for i, line in r.items():
+        assert line == {"index": i, "ok": True, "result": i * i}, line
+    for w in workers:
+        assert not alive(w.pid), f"worker {w.pid} of the killed manager survived: {w.cmdline}"
+
+
+def test_fault_06_manager_lost_without_retries_names_host_and_signal(env):
+    gate = str(env.dir / "gate")
+    n = 6
+    bg = env.start_map(
+        "tasks:gated", "--managers", "2", "--workers", "1", "--retries", "0",
+        inputs=([gate, i] for i in range(n)),
+    )
+    victim = manager_proc(bg, "manager-0")
+    wait_for(lambda: len(attempts(env)) >= 2, 20, "a running task on each manager")
+    victim_workers = {p.pid for p in descendants_of(victim.pid)}
+    lost_running = [i for i, pid in attempts(env) if pid in victim_workers]
+    assert len(lost_running) == 1, (attempts(env), victim_workers)
+    os.kill(victim.pid, signal.SIGKILL)
+    wait_for(lambda: "lost" in bg.log_text(), 10, "the interchange to declare manager-0 lost")
+    (env.dir / "gate" / "release").touch()
+    run = bg.wait(30)
+
+    assert run.returncode == 1, run.explain()
+    r = run.by_index()
+    assert sorted(r) == list(range(n)), "every task accounted for exactly once"
+    lost = {i for i, line in r.items() if not line["ok"]}
+    assert lost_running[0] in lost, "the task running on the killed manager is lost"
+    for i, line in r.items():
+        if i in lost:
+            err = line["error"]
+            assert err["kind"] == "manager_lost", line
+            assert "manager-0" in err["message"], err
+            assert socket.gethostname() in err["message"], err
+            assert "SIGKILL" in err["message"], err
+        else:
+            assert line["result"][0] == i, line
+    # Lost tasks are not run again (--retries 0); the others ran once each.
+    ran = [i for i, _ in attempts(env)]
+    assert sorted(ran) == sorted(set(ran)), f"a task ran twice: {attempts(env)}"
+
+
+def test_fault_07_sigstop_manager_past_threshold_then_sigcont(env):
+    """The stopped manager is declared lost, its tasks re-run elsewhere; once resumed, its
+    stale result is discarded (attempt fencing) and it exits."""
+    gate = str(env.dir / "gate")
+    n = 6
+    # The last task waits on a second gate so that the run is still going when the stale
+    # manager resumes.
+    inputs = [[gate, i] for i in range(n - 1)] + [[gate, n - 1, "release-last"]]
+    bg = env.start_map(
+        "tasks:gated", "--managers", "2", "--workers", "1",
+        "--heartbeat-period", "0.2", "--heartbeat-threshold", "2", inputs=inputs,
+    )
+    victim = manager_proc(bg, "manager-0")
+    wait_for(lambda: len(attempts(env)) >= 2, 20, "a running task on each manager")
+    victim_workers = {p.pid for p in descendants_of(victim.pid)}
+    ((stale_task, stale_pid),) = [(i, pid) for i, pid in attempts(env) if pid in victim_workers]
+
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "manager-0" in bg.log_text() and "lost" in bg.log_text(), 10,
+                 "manager-0 to be declared lost")
+        # The stale worker finishes now too, but its manager cannot pass the result on yet.
+        (env.dir / "gate" / "release").touch()
+        wait_for(lambda: n - 1 in [i for i, _ in attempts(env)], 20,
+                 "every other task to run on the healthy manager")
+        reruns = [pid for i, pid in attempts(env) if i == stale_task and pid != stale_pid]
+        assert reruns, f"task {stale_task} was not run again elsewhere: {attempts(env)}"
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+    wait_for(lambda: not alive(victim.pid), 10, "the resumed stale manager to exit")
+    (env.dir / "gate" / "release-last").touch()
+    run = bg.wait(30)
+
+    assert run.returncode == 0, run.explain()
+    r = run.by_index()
+    assert sorted(r) == list(range(n)), "every task accounted for exactly once"
+    for i, line in r.items():
+        assert line["ok"] is True and line["result"][0] == i, line
+    # The recorded outcome of the superseded task is the re-run's, not the stale attempt's.
+    assert r[stale_task]["result"][1] in reruns, (r[stale_task], stale_pid)
+    assert not alive(stale_pid), "the stale manager's worker must be gone"
+
+
+def test_fault_16_manager_killed_while_shell_tasks_have_children(env):
+    flags = env.dir / "gate"
+    bg = env.start_map(
+        "--shell", "touch {flag}; sleep 1000 & setsid sleep 1000 & sleep 1000",
+        "--managers", "2", "--workers", "1", "--retries", "0", "--kill-grace", "0.3",
+        inputs=({"flag": str(flags / f"run-{i}-0")} for i in range(4)),
+    )
+    victim = manager_proc(bg, "manager-0")
+    tree = wait_for(
+        lambda: (d := descendants_of(victim.pid)) and
+        len([p for p in d if p.cmdline == "sleep 1000"]) == 3 and d,
+        10, "the three sleeps of the task on manager-0",
+    )
+    os.kill(victim.pid, signal.SIGKILL)
+    wait_for(lambda: not [p for p in tree if alive(p.pid)], 5,
+             f"every process of the killed manager's task to die: {tree}")
+    bg.proc.send_signal(signal.SIGINT)
+    run = bg.wait(15)
+    assert run.returncode == 130, run.explain()
+    lost = [line for line in run.lines if not line["ok"]]
+    assert lost and all(line["error"]["kind"] == "manager_lost" for line in lost), run.lines
+    env.assert_no_processes(grace=1.0)
