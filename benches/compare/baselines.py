@@ -65,8 +65,9 @@ def metric_value(workload, tasks, seconds):
     if workload == "sleep":
         ideal = tasks * SLEEP_SECONDS / WORKERS
         return ideal / seconds
-    # transfer: payload of one direction; 1 MB = the 1,048,576-byte payload of one task.
-    return tasks * (TRANSFER_BYTES / (1024 * 1024)) / seconds
+    # transfer: payload of one direction, in 10^6-byte MB as `fnx bench transfer` counts them
+    # (1,000 tasks x 1,048,576 B = 1,048.6 MB).
+    return tasks * TRANSFER_BYTES / 1e6 / seconds
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +126,8 @@ def _timed_run(submit_all, wait_all, workload, n):
 
 
 def _wait_cf(futures, check):
-    for fut in concurrent.futures.as_completed(futures):
+    # In submission order: the last one returns only when every task has (as_completed costs more).
+    for fut in futures:
         check.add(fut.result())
 
 
@@ -182,7 +184,7 @@ def parsl_pool(timing, tmpdir):
 
     sq = _task_functions()
     encrypted = os.environ.get("FNX_COMPARE_PARSL_ENCRYPTED", "0") == "1"
-    log = os.environ.get("FNX_COMPARE_PARSL_LOG", "default") != "off"
+    log = os.environ.get("FNX_COMPARE_PARSL_LOG", "off") == "default"
     htex_kwargs = dict(
         label="htex",
         address="127.0.0.1",  # loopback only; no probing of the machine's interfaces
@@ -209,7 +211,7 @@ def parsl_pool(timing, tmpdir):
         run_dir=os.path.join(tmpdir, "runinfo"),
         strategy="none",  # one fixed block of 2 workers; no scaling thread decisions mid-run
         usage_tracking=0,
-        initialize_logging=log,  # default True: DEBUG log of every task in runinfo/.../parsl.log
+        initialize_logging=log,  # Parsl's default (True) DEBUG-logs every task to parsl.log
     )
     t0 = time.perf_counter()
     dfk = parsl.load(config)
@@ -294,13 +296,11 @@ def dask_pool(timing, tmpdir):
 
 
 def _dask(client, fn, workload, n):
-    import distributed
-
     args = _args_for(workload, n)
 
     def wait_all(futures, check):
-        # with_results fetches results in batches as tasks finish (no per-future round trip).
-        for _fut, result in distributed.as_completed(futures, with_results=True):
+        # One gather: Dask fetches the results in bulk (faster here than as_completed).
+        for result in client.gather(futures):
             check.add(result)
 
     return _timed_run(
@@ -413,7 +413,10 @@ def fnx_transfer(ctx, n):
     probe = subprocess.run([ctx["fnx"], "bench", "transfer", "--help"], cwd=EXAMPLES,
                            env=ctx["env"], capture_output=True, text=True, timeout=60)
     if probe.returncode != 0:
-        return {"skipped": "this fnx binary has no `fnx bench transfer`"}
+        if "unrecognized subcommand" in probe.stderr:
+            return {"skipped": "this fnx binary has no `fnx bench transfer`"}
+        return {"error": f"`fnx bench transfer --help` exit {probe.returncode}: "
+                         f"{probe.stderr.strip()[-500:]}"}
     cmd = [ctx["fnx"], "bench", "transfer", "--tasks", str(n), "--bytes", str(TRANSFER_BYTES),
            "--workers", str(WORKERS)]
     res = {"command": " ".join(shlex.quote(c) for c in cmd), "cwd": EXAMPLES}
@@ -587,7 +590,13 @@ def report(results, meta):
     p(f"nproc: {meta['nproc']} · /proc/loadavg before: `{meta['loadavg_before']}` · after: "
       f"`{meta['loadavg_after']}`")
     p("")
-    p("Median of the runs (individual runs in parentheses, in run order). Higher is better everywhere.")
+    v = meta.get("versions", {})
+    p("Versions: " + ", ".join(f"{k} {v[k]}" for k in ("fnx", "git", "python", "parsl", "dask",
+                                                        "distributed") if v.get(k)))
+    p("")
+    p("Median of the runs (individual runs in parentheses, in run order). Higher is better "
+      "everywhere. tasks/s = tasks ÷ end-to-end s; efficiency = ideal s (tasks × 10 ms ÷ 2 "
+      "workers) ÷ end-to-end s; MB/s = tasks × 1,048,576 B ÷ 10^6 ÷ end-to-end s (one direction).")
     p("")
     p("| workload | metric | " + " | ".join(systems) + " |")
     p("|---|---|" + "---|" * len(systems))
@@ -595,7 +604,7 @@ def report(results, meta):
         n = tasks_for(w, meta["scale"])
         desc = {"noop": f"noop: {n:,} × `f(x)=x`",
                 "sleep": f"sleep: {n:,} × 10 ms (ideal {n * SLEEP_SECONDS / WORKERS:g} s)",
-                "transfer": f"transfer: {n:,} × 1 MB in and out"}[w]
+                "transfer": f"transfer: {n:,} × 1 MiB in and out"}[w]
         cells = []
         for s in systems:
             rs = cell_runs(s, w)
@@ -628,7 +637,8 @@ def report(results, meta):
             row = []
             for b in bs:
                 v = medians.get((b, w))
-                row.append(f"{f / v:.2f}×" if f and v else "–")
+                row.append(("–" if not (f and v) else
+                            f"{f / v:.1f}×" if f / v >= 10 else f"{f / v:.2f}×"))
             p(f"| {w} | " + " | ".join(row) + " |")
         p("")
     p("Times in seconds (medians). End-to-end: first submit to last result (fnx: the whole "
@@ -682,10 +692,13 @@ def report(results, meta):
         notes.append("² errors: " + "; ".join(
             f"run {r['repeat']} {r['system']} {r['workload']}: {r['error'][:300]}" for r in errs))
     strays = [r for r in runs if r.get("strays")]
+    if meta.get("interrupted"):
+        notes.append(f"INTERRUPTED: partial results; {len(meta.get('strays_at_exit') or [])} "
+                     "process(es) of the interrupted cell ended by the harness.")
     if strays:
         notes.append("Processes left behind and ended by the harness: " + "; ".join(
             f"{r['system']} {r['workload']}: {len(r['strays'])}" for r in strays))
-    else:
+    elif runs:
         notes.append("No process outlived its cell (checked after every cell).")
     for n in notes:
         p(n)
@@ -699,8 +712,9 @@ def _versions(fnx):
         with contextlib.suppress(Exception):
             v[mod] = __import__(mod).__version__
     with contextlib.suppress(Exception):
-        v["fnx"] = subprocess.run([fnx, "--version"], capture_output=True, text=True,
-                                  timeout=30).stdout.strip()
+        out = subprocess.run([fnx, "--version"], capture_output=True, text=True,
+                             timeout=30).stdout.strip().split("\n")[0]
+        v["fnx"] = out.split(" ", 1)[1] if out.startswith("fnx ") else out
     with contextlib.suppress(Exception):
         v["fnx_worker_python"] = subprocess.run(
             [os.environ.get("FNX_PYTHON", "python3"), "--version"], capture_output=True,
@@ -772,7 +786,7 @@ def main(argv):
         "parsl_encrypted": os.environ.get("FNX_COMPARE_PARSL_ENCRYPTED", "0") == "1",
         "metrics": {"noop": "tasks / end-to-end seconds",
                     "sleep": "ideal (tasks x 0.01 s / 2 workers) / end-to-end seconds",
-                    "transfer": "tasks x 1 MB (1 MB = 1,048,576 B, one direction) / end-to-end "
+                    "transfer": "tasks x 1,048,576 B / 10^6 (MB, one direction) / end-to-end "
                                 "seconds"},
     }
     results = {"meta": meta, "runs": []}
@@ -820,9 +834,10 @@ def main(argv):
         if cur is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(cur.pid, signal.SIGKILL)
+        meta["interrupted"] = True
         print("\ninterrupted; writing partial results", file=sys.stderr)
     finally:
-        end_strays(grace=1.0)
+        meta["strays_at_exit"] = end_strays(grace=1.0)
         meta["loadavg_after"] = _loadavg()
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)

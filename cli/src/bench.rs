@@ -163,7 +163,6 @@ fn dispatch(args: &DispatchArgs) -> Result<serde_json::Value> {
             cfg.state.heartbeat_threshold = threshold;
             let (handle, events) = driver::start(&ctx, cfg)?;
             let sim = SimManagers::start(
-                &ctx,
                 handle.endpoint(),
                 args.managers,
                 args.slots,
@@ -201,7 +200,8 @@ fn dispatch(args: &DispatchArgs) -> Result<serde_json::Value> {
         },
     });
     // Wait for every manager to register.
-    let mut registered = 0;
+    // An embedded pool has waited for its managers already.
+    let mut registered = if pool.is_some() { args.managers } else { 0 };
     let deadline = Instant::now() + Duration::from_secs(120);
     while registered < args.managers {
         match events.recv_timeout(Duration::from_millis(100)) {
@@ -390,20 +390,20 @@ struct SimManagers {
 }
 
 impl SimManagers {
-    fn start(
-        ctx: &zmq::Context,
-        endpoint: &str,
-        managers: u32,
-        slots: u32,
-        prefetch: u32,
-    ) -> Result<SimManagers> {
+    fn start(endpoint: &str, managers: u32, slots: u32, prefetch: u32) -> Result<SimManagers> {
         let mut sockets = Vec::with_capacity(managers as usize);
+        // libzmq allows 1023 sockets per context by default: one context per 1000 managers.
+        let mut contexts = Vec::new();
         for i in 0..managers {
-            let s = ctx.socket(zmq::DEALER)?;
+            if i % 1000 == 0 {
+                contexts.push(zmq::Context::new());
+            }
+            let s = contexts.last().expect("pushed above").socket(zmq::DEALER)?;
             s.set_sndhwm(0)?;
             s.set_rcvhwm(0)?;
             s.set_linger(0)?;
-            s.connect(endpoint)?;
+            s.connect(endpoint)
+                .with_context(|| format!("connect of simulated manager {i}"))?;
             let reg = Register {
                 uid: format!("sim-{i}"),
                 host: "simulated".into(),
@@ -429,6 +429,7 @@ impl SimManagers {
         let thread = std::thread::Builder::new()
             .name("sim-managers".into())
             .spawn(move || {
+                let _contexts = contexts;
                 while !flag.load(Ordering::Relaxed) {
                     let mut items: Vec<zmq::PollItem> = sockets
                         .iter()

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use fnx_interchange::driver::{self, DriverConfig};
-use fnx_interchange::{Event, Handle};
+use fnx_interchange::{Event, Handle, Notice};
 use fnx_protocol::ManagerBootstrap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -83,14 +83,53 @@ impl Embedded {
             let child = spawn_manager(&exe, &handle, &opts, &uid, tx.clone())?;
             children.push(child);
         }
-        Ok(Embedded {
+        let mut pool = Embedded {
             handle,
             events,
             children,
             exits,
             opts,
             _ctx: ctx,
-        })
+        };
+        pool.wait_registered(Duration::from_secs(60))?;
+        Ok(pool)
+    }
+
+    /// Wait until every manager has registered, so the first tasks are spread over all of them
+    /// (a manager that registered first would otherwise take a short queue into its prefetch).
+    fn wait_registered(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut registered = 0;
+        while registered < self.children.len() {
+            match self.events.recv_timeout(Duration::from_millis(20)) {
+                Ok(Event::Notice(Notice::Registered { .. })) => registered += 1,
+                Ok(_) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(e) => anyhow::bail!("the interchange stopped: {e}"),
+            }
+            if let Some(exit) = self.poll_exits().into_iter().next() {
+                anyhow::bail!(
+                    "manager {} ended while starting ({}); its log: {}",
+                    exit.uid,
+                    exit.status,
+                    exit.log.display()
+                );
+            }
+            if Instant::now() > deadline {
+                let logs = self
+                    .children
+                    .iter()
+                    .map(|c| c.log.display().to_string())
+                    .collect::<Vec<_>>();
+                anyhow::bail!(
+                    "only {registered} of {} managers registered within {}s; logs: {}",
+                    self.children.len(),
+                    timeout.as_secs(),
+                    logs.join(", ")
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Managers still running.

@@ -114,6 +114,9 @@ fn python_args(text: &str) -> Result<Payload, String> {
 
 fn shell_value(name: &str, v: &Value) -> Result<String, String> {
     match v {
+        Value::String(s) if s.contains('\0') => Err(format!(
+            "parameter '{name}' contains a NUL byte, which cannot be passed as a command argument"
+        )),
         Value::String(s) => Ok(s.clone()),
         Value::Number(n) => Ok(n.to_string()),
         Value::Bool(b) => Ok(b.to_string()),
@@ -230,6 +233,10 @@ mod tests {
             .unwrap()
             .unwrap_err()
             .contains("takes 2 parameters"));
+        assert!(parse_line(&kind, r#"{"src": "a\u0000", "dst": "b"}"#)
+            .unwrap()
+            .unwrap_err()
+            .contains("NUL byte"));
         assert!(parse_line(&kind, r#"{"src": [1], "dst": "b"}"#)
             .unwrap()
             .unwrap_err()

@@ -261,6 +261,10 @@ pub trait Sink {
     fn expect(&mut self, index: u64);
     /// A task's outcome.
     fn outcome(&mut self, index: u64, outcome: &Outcome) -> std::io::Result<()>;
+    /// Called every loop round (about every 20 ms), so buffered output reaches readers.
+    fn tick(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Sink for ResultWriter {
@@ -269,7 +273,9 @@ impl Sink for ResultWriter {
     }
     fn outcome(&mut self, index: u64, outcome: &Outcome) -> std::io::Result<()> {
         let (line, _) = output::result_line(index, outcome);
-        self.write(index, line)?;
+        self.write(index, line)
+    }
+    fn tick(&mut self) -> std::io::Result<()> {
         self.maybe_flush()
     }
 }
@@ -437,7 +443,7 @@ fn execute(
             tracing::warn!("manager {} ended: {}", exit.uid, exit.status);
             acc.progress.clear();
             eprintln!(
-                "fnx: manager {} ended unexpectedly ({}); its log: {}",
+                "fnx: manager {} ended ({}); its log: {}",
                 exit.uid,
                 exit.status,
                 exit.log.display()
@@ -470,8 +476,18 @@ fn execute(
                 anyhow::bail!("the interchange stopped unexpectedly")
             }
         }
+        acc.sink.tick()?;
         acc.progress
             .draw(&acc.tally, input_done.then_some(total), false);
+    }
+    if interrupted {
+        // Every task that was handed out gets its line: none is left silent.
+        let mut left: Vec<u64> = acc.outstanding.drain().collect();
+        left.sort_unstable();
+        for index in left {
+            let msg = "fnx map was interrupted before the task finished".to_string();
+            acc.fail(index, ErrorKind::Cancelled, "Interrupted", msg)?;
+        }
     }
     acc.progress
         .draw(&acc.tally, input_done.then_some(total), true);

@@ -125,7 +125,7 @@ impl ResultWriter {
 
     /// Flush if some time has passed (so a reader of a pipe sees results as they come).
     pub fn maybe_flush(&mut self) -> std::io::Result<()> {
-        if self.last_flush.elapsed() >= Duration::from_millis(200) {
+        if self.last_flush.elapsed() >= Duration::from_millis(100) {
             self.last_flush = Instant::now();
             self.out.flush()?;
         }

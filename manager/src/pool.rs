@@ -941,6 +941,11 @@ fn shell_args(t: &ShellTemplate, args: &Payload) -> Result<Vec<String>, TaskErro
             values.len()
         )));
     }
+    if let Some((name, _)) = t.params.iter().zip(&values).find(|(_, v)| v.contains('\0')) {
+        return Err(bad(format!(
+            "the value of parameter '{name}' contains a NUL byte"
+        )));
+    }
     Ok(values)
 }
 

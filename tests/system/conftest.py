@@ -8,7 +8,9 @@ One `FnxEnv` per test owns every process the test starts (STYLE.md item 10):
   `fnx` (interchange, managers, workers, shell tasks and anything they fork) inherits it, so
   scanning `/proc/*/environ` finds every process of the test, however it was detached,
 - at teardown: background commands still running are interrupted (SIGINT, then SIGKILL),
-  then every process still carrying the marker is killed and the test FAILS ("nothing leaked").
+  then every process still carrying the marker is killed and the test FAILS ("nothing leaked");
+  it also fails if any log of the test (fnx's stderr, the run's fnx.log, manager and worker
+  logs) shows a Rust panic ("nothing crashed").
 
 The binary is `$FNX_BIN`, else `target/debug/fnx` of the repository holding this file.
 """
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -33,6 +35,7 @@ MARK_VAR = "FNX_TEST_MARK"
 
 # How long processes of a finished run may take to disappear (death signals are asynchronous).
 LEAK_GRACE_S = 2.0
+PANIC = "panicked at"
 
 
 def fnx_bin() -> Path:
@@ -197,7 +200,8 @@ class BackgroundMap:
     def wait_for_results(self, n: int, timeout: float = 30) -> list[dict]:
         def enough():
             if self.proc.poll() is not None:
-                pytest.fail(f"fnx map exited early:\n{self.finish_result().explain()}", pytrace=False)
+                explain = self.finish_result().explain()
+                pytest.fail(f"fnx map exited early:\n{explain}", pytrace=False)
             r = self.results_so_far()
             return r if len(r) >= n else None
 
@@ -254,6 +258,7 @@ class FnxEnv:
         self._count = 0
         self._background: list[BackgroundMap] = []
         self._started: list[subprocess.Popen] = []
+        self._panics: list[str] = []
 
     # -- files --------------------------------------------------------------------------------
 
@@ -307,7 +312,9 @@ class FnxEnv:
         self._background.append(bg)
         return bg
 
-    def map(self, *args: str, inputs=None, input_bytes: bytes | None = None, timeout: float = 60) -> MapResult:
+    def map(
+        self, *args: str, inputs=None, input_bytes: bytes | None = None, timeout: float = 60
+    ) -> MapResult:
         """Run `fnx map ARGS` to completion (failing the test after `timeout` seconds)."""
         return self.start_map(*args, inputs=inputs, input_bytes=input_bytes).wait(timeout)
 
@@ -323,7 +330,12 @@ class FnxEnv:
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
-            pytest.fail(f"fnx {' '.join(args)} did not finish within {timeout}s:\n{err}", pytrace=False)
+            pytest.fail(
+                f"fnx {' '.join(args)} did not finish within {timeout}s:\n{err}", pytrace=False
+            )
+        if PANIC in err:
+            at = max(0, err.index(PANIC) - 20)
+            self._panics.append(f"fnx {' '.join(args)}: {err[at:][:400]}")
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     # -- processes ----------------------------------------------------------------------------
@@ -332,7 +344,9 @@ class FnxEnv:
         """Live processes started (directly or not) by this test."""
         return marked_processes(self.mark)
 
-    def assert_no_processes(self, match: Callable[[Proc], bool] = lambda p: True, grace: float = 0.0):
+    def assert_no_processes(
+        self, match: Callable[[Proc], bool] = lambda p: True, grace: float = 0.0
+    ):
         """Fail if a process of this test matching `match` is still alive after `grace` seconds."""
         deadline = time.monotonic() + grace
         while True:
@@ -343,6 +357,16 @@ class FnxEnv:
         assert not left, "processes left behind:\n" + "\n".join(
             f"  pid {p.pid} (ppid {p.ppid}, {p.state}): {p.cmdline}" for p in left
         )
+
+    def crashes(self) -> list[str]:
+        """Rust panics reported by any fnx process of this test."""
+        found = list(self._panics)
+        logs = [*self.dir.glob("map-*.stderr"), *self.dir.glob("run-*/**/*.log")]
+        for log in sorted(logs):
+            text = log.read_text(errors="replace")
+            if PANIC in text:
+                found.append(f"{log}: {text[max(0, text.index(PANIC) - 20):][:400]}")
+        return found
 
     def teardown(self) -> list[str]:
         """Stop what is still running; return the description of every leaked process."""
@@ -376,16 +400,21 @@ class FnxEnv:
 
 
 @pytest.fixture
-def fnx_env(tmp_path: Path, request: pytest.FixtureRequest):
+def fnx_env(tmp_path: Path):
     env = FnxEnv(tmp_path)
     yield env
+    problems = []
     leaked = env.teardown()
     if leaked:
-        pytest.fail(
+        problems.append(
             f"{len(leaked)} process(es) with {MARK_VAR}={env.mark} survived the test:\n  "
-            + "\n  ".join(leaked),
-            pytrace=False,
+            + "\n  ".join(leaked)
         )
+    crashes = env.crashes()
+    if crashes:
+        problems.append("fnx crashed:\n  " + "\n  ".join(crashes))
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
 
 
 def pytest_configure(config):

@@ -1,5 +1,6 @@
 """Faults from FAULTS.md injected into a running `fnx map`: killed workers, walltime,
-interrupts (managers: test_managers.py). Each test waits on files, log lines or output lines, never on a fixed sleep.
+interrupts (manager faults: test_managers.py). Each test waits on files, log lines or output
+lines, never on a fixed sleep.
 """
 
 import os
@@ -11,13 +12,13 @@ import pytest
 
 from conftest import alive, wait_for
 
-# Blocks until the file `release` exists in directory d; records its pid in d/pid-<pid> first.
+# The user functions of these tests. Each records its worker's pid as the file d/pid-<pid>
+# (so the test can find and kill it); hang() then waits for the file d/release.
 GATE = """
     import os, signal, time
 
     def _gate(d):
-        with open(os.path.join(d, "pid-%d" % os.getpid()), "w") as f:
-            f.write(str(os.getpid()))
+        _record_pid(d)
         deadline = time.monotonic() + 120
         while not os.path.exists(os.path.join(d, "release")):
             if time.monotonic() > deadline:
@@ -28,11 +29,14 @@ GATE = """
         _gate(d)
         return os.getpid()
 
+    def _record_pid(d):
+        with open(os.path.join(d, "pid-%d" % os.getpid()), "w") as f:
+            f.write(str(os.getpid()))
+
     def sleep_forever(d, ignore_term=False):
         if ignore_term:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        with open(os.path.join(d, "pid-%d" % os.getpid()), "w") as f:
-            f.write(str(os.getpid()))
+        _record_pid(d)
         time.sleep(1000)
 
     def pid():
@@ -48,7 +52,6 @@ GATE = """
         if x == code:
             os._exit(code)
         return x * 10
-
 """
 
 
@@ -200,6 +203,29 @@ def test_fault_14_python_walltime_worker_replaced_next_task_works(env, ignore_te
     assert took < 15, f"the run took {took:.1f}s for a 1 s walltime"
 
 
+def test_fault_14_python_walltime_kills_the_tasks_children(env):
+    env.write("spawner.py", textwrap.dedent("""
+        import os, subprocess, time
+
+        def f(hang):
+            subprocess.Popen(["sleep", "1000"])
+            subprocess.Popen(["setsid", "sleep", "1000"])
+            if hang:
+                time.sleep(1000)
+            return os.getpid()
+    """))
+    run = env.map(
+        "spawner:f", "--workers", "1", "--walltime", "1", "--kill-grace", "0.3",
+        inputs=[[True], [False]], timeout=30,
+    )
+    r = run.by_index()
+    assert r[0]["ok"] is False and r[0]["error"]["kind"] == "walltime", r[0]
+    assert r[1]["ok"] is True, r[1]
+    # Right after the run: neither the children of the killed task nor those left behind by
+    # the finished one survive.
+    env.assert_no_processes(_is_sleep_1000)
+
+
 # ---------------------------------------------------------------------------------------------
 # Interrupt
 # ---------------------------------------------------------------------------------------------
@@ -236,4 +262,24 @@ def test_interrupt_exits_130_and_stops_every_process(env, kind, sig):
 
     assert run.returncode == 130, run.explain()
     assert took < 5, f"fnx map took {took:.1f}s to stop after {sig.name}"
+    # Every task that was handed out is accounted for: still-running ones are cancelled.
+    assert sorted(line["index"] for line in run.lines) == [0, 1, 2, 3], run.lines
+    assert all(line["error"]["kind"] == "cancelled" for line in run.lines), run.lines
     env.assert_no_processes(grace=1.0)
+
+
+def test_fault_16_fnx_map_sigkilled_takes_every_process_with_it(env):
+    """No Ctrl-C handler runs on SIGKILL: managers, workers and task children must still die
+    (death signals and the run marker), with none left on the node."""
+    gate = env.dir / "gate"
+    bg = env.start_map(
+        "--shell", "touch {flag}; sleep 1000 & setsid sleep 1000 & sleep 1000",
+        "--managers", "2", "--workers", "1", "--prefetch", "1", "--kill-grace", "0.3",
+        inputs=({"flag": str(gate / f"pid-{i}")} for i in range(4)),
+    )
+    wait_pids(env, 2)
+    wait_for(lambda: len([p for p in env.processes() if _is_sleep_1000(p)]) >= 6, 10,
+             "the sleeps of both running tasks")
+    bg.proc.kill()
+    bg.proc.wait()
+    env.assert_no_processes(grace=5.0)

@@ -69,6 +69,28 @@ def test_shell_1000_tasks_template_parameter_is_one_literal_argument(fnx_env):
         assert not (fnx_env.dir / name).exists(), f"a template value ran as shell code ({name})"
 
 
+def test_shell_parameter_values_checked_per_line(fnx_env):
+    """Values that cannot become one command argument are the input's fault: bad_input for
+    that line, not an infrastructure failure that is retried."""
+    lines = [
+        {"x": "a\u0000b"},        # NUL cannot be in an argv element
+        {"y": "1"},               # unknown parameter
+        {"x": [1, 2]},            # not a scalar
+        {"x": None},
+        {"x": 5},                 # numbers and booleans are fine
+        {"x": True},
+    ]
+    run = fnx_env.map("--shell", "printf '[%s]' {x}", inputs=lines)
+    assert run.returncode == 1, run.explain()
+    r = run.by_index()
+    for i in range(4):
+        assert r[i]["ok"] is False, r[i]
+        assert r[i]["error"]["kind"] == "bad_input", r[i]
+        assert r[i]["error"]["message"].startswith(f"line {i + 1}:"), r[i]
+    assert r[4]["result"]["stdout"] == "[5]" and r[5]["result"]["stdout"] == "[true]"
+    assert "infrastructure" not in run.stderr, run.stderr
+
+
 def test_shell_nonzero_exit_is_an_exception_with_returncode(fnx_env):
     run = fnx_env.map(
         "--shell", "echo out {x}; echo err >&2; exit {x}",
@@ -84,6 +106,14 @@ def test_shell_nonzero_exit_is_an_exception_with_returncode(fnx_env):
 # ---------------------------------------------------------------------------------------------
 # User code behaviour
 # ---------------------------------------------------------------------------------------------
+
+
+def test_python_file_reference(fnx_env):
+    fnx_env.write("scripts/score.py", "def score(x, y=1):\n    return [x * y, __name__]\n")
+    run = fnx_env.map("./scripts/score.py:score", inputs=[[2], {"x": 3, "y": 4}])
+    assert run.returncode == 0, run.explain()
+    r = run.by_index()
+    assert r[0]["result"] == [2, "score"] and r[1]["result"] == [12, "score"]
 
 
 def test_fault_13_exception_reported_and_worker_reused(fnx_env):
@@ -118,6 +148,44 @@ def test_fault_13_exception_reported_and_worker_reused(fnx_env):
     # User exceptions neither kill nor replace the worker: successes come from the 2 workers.
     assert 1 <= len(pids) <= 2, pids
     assert "20 succeeded, 20 failed" in run.stderr
+
+
+def test_fault_13_huge_unpicklable_and_system_exit_exceptions(fnx_env):
+    module(fnx_env, "odd", """
+        class Unpicklable(Exception):
+            def __reduce__(self):
+                raise TypeError("cannot pickle this")
+
+        class BadStr(Exception):
+            def __str__(self):
+                raise RuntimeError("str() fails")
+
+        def f(k):
+            if k == 0:
+                raise ValueError("m" * (50 << 20))
+            if k == 1:
+                raise Unpicklable("unpicklable one")
+            if k == 2:
+                raise BadStr("x")
+            if k == 3:
+                raise SystemExit(7)
+            return k
+    """)
+    run = fnx_env.map("odd:f", "--workers", "1", inputs=([k] for k in range(5)), timeout=60)
+    assert run.returncode == 1, run.explain()
+    r = run.by_index()
+    errs = {k: r[k]["error"] for k in range(4)}
+    assert all(e["kind"] == "exception" for e in errs.values()), errs
+    # 50 MB message: cut to about 64 KiB with a marker naming what was dropped.
+    msg = errs[0]["message"]
+    assert errs[0]["type"] == "ValueError"
+    assert 64 << 10 <= len(msg) <= 70 << 10, len(msg)
+    assert msg.startswith("mmmm") and "bytes truncated]" in msg, msg[-100:]
+    assert len(errs[0]["traceback"]) <= 70 << 10
+    assert errs[1]["type"].endswith("Unpicklable") and errs[1]["message"] == "unpicklable one"
+    assert errs[2]["type"].endswith("BadStr")
+    assert errs[3]["type"] == "SystemExit" and errs[3]["message"] == "7"
+    assert r[4] == {"index": 4, "ok": True, "result": 4}
 
 
 def test_user_prints_megabytes_to_stdout_results_intact_text_in_worker_log(fnx_env):
@@ -195,6 +263,25 @@ def test_not_serializable_results_and_big_int_exact(fnx_env):
 # ---------------------------------------------------------------------------------------------
 # Input and usage errors
 # ---------------------------------------------------------------------------------------------
+
+
+def test_fault_18_input_payload_too_large_is_rejected_before_running(fnx_env):
+    module(fnx_env, "length", """
+        import os
+
+        def f(s):
+            open("ran-%d" % len(s), "w").close()
+            return len(s)
+    """)
+    big = "x" * (11 << 20)  # over the 10 MiB default limit
+    run = fnx_env.map("length:f", "--workers", "1", inputs=[[big], ["small"]], timeout=60)
+    assert run.returncode == 1, run.explain()
+    r = run.by_index()
+    err = r[0]["error"]
+    assert r[0]["ok"] is False and err["kind"] == "bad_input", r[0]
+    assert str(len(big) + 4) in err["message"] and "10485760" in err["message"], err
+    assert r[1] == {"index": 1, "ok": True, "result": 5}
+    assert not (fnx_env.dir / f"ran-{len(big)}").exists(), "the oversized task must not run"
 
 
 def test_bad_input_lines_reported_by_line_number_others_run(fnx_env):
