@@ -1,0 +1,454 @@
+//! The worker pool: runs tasks in Python workers and shell processes, enforces walltimes,
+//! batches results. Runs on the manager's main thread and never touches the interchange socket
+//! (the link thread does); the two talk over an inproc pair.
+//!
+//! - `mod.rs`: the loop (poll, link messages, signals, cancel, walltime deadlines, result
+//!   batching, stopping every process).
+//! - `schedule.rs`: starting tasks (workers, shell commands, pipelining).
+//! - `outcome.rs`: worker frames, process exits and each task's outcome.
+
+mod outcome;
+mod schedule;
+
+use outcome::{cancelled, shell_args};
+
+use crate::procs::{Markers, PythonWorker, ShellProc};
+use fnx_protocol::shell::{self, ShellTemplate};
+use fnx_protocol::{
+    encode, Encoding, ErrorKind, FunctionBody, FunctionId, InterchangeToManager,
+    ManagerToInterchange, Outcome, Payload, TaskError, TaskId, TaskResult, TaskSpec,
+};
+use fnx_sys::process::{describe_wait_status, kill_group, reap_any};
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// How the pool runs.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Tasks run at once.
+    pub slots: usize,
+    /// Python interpreter.
+    pub python: String,
+    /// The worker runtime file.
+    pub worker_script: PathBuf,
+    /// Where worker logs go.
+    pub log_dir: PathBuf,
+    /// Environment markers for every started process.
+    pub markers: Markers,
+    /// Largest result.
+    pub max_result_bytes: u64,
+    /// SIGTERM → SIGKILL grace.
+    pub kill_grace: Duration,
+    /// Complete tasks without running them.
+    pub zero_work: bool,
+    /// Largest frame to the interchange.
+    pub max_frame_bytes: usize,
+}
+
+/// Why the pool stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolEnd {
+    /// The interchange released this manager after a drain.
+    Drained,
+    /// The interchange told it to exit.
+    Shutdown(String),
+    /// The manager got a termination signal.
+    Signal(i32),
+    /// The link to the interchange ended (refused, silent).
+    LinkLost(String),
+}
+
+/// Tags of messages on the inproc pair between pool and link.
+pub mod tag {
+    /// link → pool: a frame from the interchange.
+    pub const FRAME: &[u8] = b"F";
+    /// link → pool: the link ended; body is the reason.
+    pub const LINK_ENDED: &[u8] = b"X";
+    /// pool → link: a frame for the interchange.
+    pub const SEND: &[u8] = b"R";
+    /// pool → link: stop; a non-empty body is sent as `Bye` first.
+    pub const QUIT: &[u8] = b"Q";
+}
+
+struct Func {
+    body: FunctionBody,
+    shell: Option<ShellTemplate>,
+}
+
+struct Running {
+    id: TaskId,
+    attempt: fnx_protocol::Attempt,
+    deadline: Option<Instant>,
+    forced: Option<TaskError>,
+    kill_at: Option<Instant>,
+}
+
+enum Kind {
+    Python(PythonWorker),
+    Shell(ShellProc),
+}
+
+struct Proc {
+    kind: Kind,
+    /// The task running now.
+    task: Option<Running>,
+    /// A small task already written into a busy Python worker's pipe, so the worker starts it
+    /// the moment the current one ends (no round trip through the manager in between). It
+    /// starts its walltime clock when it becomes `task`.
+    next: Option<Pipelined>,
+    exit: Option<i32>,
+    log: Option<PathBuf>,
+}
+
+struct Pipelined {
+    spec: TaskSpec,
+    cancelled: bool,
+}
+
+/// Largest argument payload pipelined behind a running task (well inside a pipe's buffer, so
+/// writing it never blocks the manager).
+const PIPELINE_MAX_ARGS: usize = 16 * 1024;
+
+impl Proc {
+    fn pidfd(&self) -> i32 {
+        match &self.kind {
+            Kind::Python(w) => w.pidfd.as_raw_fd(),
+            Kind::Shell(s) => s.pidfd.as_raw_fd(),
+        }
+    }
+    fn marker(&self) -> &str {
+        match &self.kind {
+            Kind::Python(w) => &w.marker,
+            Kind::Shell(s) => &s.marker,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Source {
+    Link,
+    Signal,
+    Exit,
+    Output(u32),
+}
+
+const FLUSH_AFTER: Duration = Duration::from_millis(1);
+const FLUSH_COUNT: usize = 1024;
+const FLUSH_BYTES: usize = 4 << 20;
+
+/// The pool's state.
+pub struct Pool<'a> {
+    cfg: PoolConfig,
+    link: &'a zmq::Socket,
+    signals: &'a fnx_sys::signals::SignalPipe,
+    functions: HashMap<FunctionId, Func>,
+    queue: VecDeque<TaskSpec>,
+    procs: HashMap<u32, Proc>,
+    serial: u64,
+    startup_failures: u32,
+    batch: Vec<TaskResult>,
+    batch_bytes: usize,
+    batch_since: Option<Instant>,
+    end: Option<PoolEnd>,
+}
+
+impl<'a> Pool<'a> {
+    /// A pool that talks to the link over `link` and watches `signals`.
+    pub fn new(
+        cfg: PoolConfig,
+        link: &'a zmq::Socket,
+        signals: &'a fnx_sys::signals::SignalPipe,
+    ) -> Self {
+        Pool {
+            cfg,
+            link,
+            signals,
+            functions: HashMap::new(),
+            queue: VecDeque::new(),
+            procs: HashMap::new(),
+            serial: 0,
+            startup_failures: 0,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            batch_since: None,
+            end: None,
+        }
+    }
+
+    /// Run until the interchange releases or stops this manager, the link ends or a signal
+    /// arrives; then kill every process this manager started.
+    pub fn run(mut self) -> PoolEnd {
+        while self.end.is_none() {
+            self.step();
+        }
+        let end = self.end.clone().expect("loop ended");
+        self.flush(true);
+        self.stop_all();
+        let bye = match &end {
+            PoolEnd::Signal(sig) => format!("received {}", fnx_sys::process::signal_name(*sig)),
+            _ => String::new(),
+        };
+        let _ = self.link.send_multipart([tag::QUIT, bye.as_bytes()], 0);
+        end
+    }
+
+    fn step(&mut self) {
+        let mut sources = vec![Source::Link, Source::Signal];
+        let mut fds = vec![self.signals.raw_fd()];
+        for (&pid, p) in &self.procs {
+            sources.push(Source::Exit);
+            fds.push(p.pidfd());
+            match &p.kind {
+                Kind::Python(w) if !w.eof() => {
+                    sources.push(Source::Output(pid));
+                    fds.push(w.stdout_fd());
+                }
+                Kind::Python(_) => {}
+                Kind::Shell(s) => {
+                    for fd in s.output_fds() {
+                        sources.push(Source::Output(pid));
+                        fds.push(fd);
+                    }
+                }
+            }
+        }
+        let mut items = Vec::with_capacity(sources.len());
+        items.push(self.link.as_poll_item(zmq::POLLIN));
+        items.extend(
+            fds.iter()
+                .map(|&fd| zmq::PollItem::from_fd(fd, zmq::POLLIN)),
+        );
+        let timeout = self.poll_timeout();
+        if let Err(e) = zmq::poll(&mut items, timeout) {
+            tracing::error!("poll failed: {e}");
+        }
+        let ready: Vec<Source> = items
+            .iter()
+            .zip(&sources)
+            .filter(|(item, _)| item.get_revents().bits() != 0)
+            .map(|(_, s)| *s)
+            .collect();
+        drop(items);
+        let mut exited = false;
+        for source in ready {
+            match source {
+                Source::Link => self.on_link(),
+                Source::Signal => {
+                    if let Some(&sig) = self.signals.drain().first() {
+                        tracing::warn!("received {}; stopping", fnx_sys::process::signal_name(sig));
+                        self.end = Some(PoolEnd::Signal(sig));
+                    }
+                }
+                Source::Exit => exited = true,
+                Source::Output(pid) => self.on_output(pid),
+            }
+        }
+        if exited {
+            self.reap();
+        }
+        self.check_deadlines(Instant::now());
+        self.schedule();
+        self.flush(false);
+    }
+
+    fn poll_timeout(&self) -> i64 {
+        let now = Instant::now();
+        let mut next = now + Duration::from_secs(1);
+        if let Some(since) = self.batch_since {
+            next = next.min(since + FLUSH_AFTER);
+        }
+        for p in self.procs.values() {
+            if let Some(r) = &p.task {
+                for t in [r.deadline.filter(|_| r.forced.is_none()), r.kill_at]
+                    .into_iter()
+                    .flatten()
+                {
+                    next = next.min(t);
+                }
+            }
+        }
+        let wait = next.saturating_duration_since(now);
+        // zmq::poll takes milliseconds; round up so a 1 ms flush does not spin.
+        (wait.as_micros().div_ceil(1000)) as i64
+    }
+
+    fn on_link(&mut self) {
+        while let Ok(t) = self.link.recv_msg(zmq::DONTWAIT) {
+            if !t.get_more() {
+                continue;
+            }
+            let Ok(body) = self.link.recv_msg(0) else {
+                continue;
+            };
+            if &t[..] == tag::LINK_ENDED {
+                self.end = Some(PoolEnd::LinkLost(
+                    String::from_utf8_lossy(&body).into_owned(),
+                ));
+                continue;
+            }
+            match fnx_protocol::decode::<InterchangeToManager>(&body, usize::MAX) {
+                Ok(msg) => self.on_message(msg),
+                Err(e) => tracing::error!("undecodable frame from the link: {e}"),
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: InterchangeToManager) {
+        match msg {
+            InterchangeToManager::Tasks { functions, tasks } => {
+                for def in functions {
+                    let shell = match &def.body {
+                        FunctionBody::Shell { template } => shell::parse(template).ok(),
+                        _ => None,
+                    };
+                    self.functions.insert(
+                        def.id,
+                        Func {
+                            body: def.body,
+                            shell,
+                        },
+                    );
+                }
+                if self.cfg.zero_work {
+                    for spec in tasks {
+                        self.push_result(spec.id, spec.attempt, Outcome::Ok(spec.args));
+                    }
+                } else {
+                    self.queue.extend(tasks);
+                }
+            }
+            InterchangeToManager::Cancel { tasks } => self.cancel(&tasks),
+            InterchangeToManager::Drain => tracing::info!("draining: no new tasks will come"),
+            InterchangeToManager::Drained => self.end = Some(PoolEnd::Drained),
+            InterchangeToManager::Shutdown { reason } => {
+                tracing::info!("interchange asked this manager to exit: {reason}");
+                self.end = Some(PoolEnd::Shutdown(reason));
+            }
+            other => tracing::debug!("unexpected message for the pool: {other:?}"),
+        }
+    }
+
+    fn cancel(&mut self, tasks: &[(TaskId, fnx_protocol::Attempt)]) {
+        for &(id, attempt) in tasks {
+            if let Some(pos) = self
+                .queue
+                .iter()
+                .position(|t| t.id == id && t.attempt == attempt)
+            {
+                self.queue.remove(pos);
+                self.push_result(id, attempt, Outcome::Err(cancelled()));
+                continue;
+            }
+            let grace = self.cfg.kill_grace;
+            if let Some((&pid, proc)) = self
+                .procs
+                .iter_mut()
+                .find(|(_, p)| matches!(&p.task, Some(r) if r.id == id && r.attempt == attempt))
+            {
+                let r = proc.task.as_mut().expect("matched");
+                if r.forced.is_none() {
+                    r.forced = Some(cancelled());
+                    r.kill_at = Some(Instant::now() + grace);
+                    let _ = kill_group(pid, libc::SIGTERM);
+                }
+                continue;
+            }
+            // Waiting in a worker's pipe: it is killed as soon as it starts.
+            if let Some(next) = self.procs.values_mut().find_map(|p| {
+                p.next
+                    .as_mut()
+                    .filter(|n| n.spec.id == id && n.spec.attempt == attempt)
+            }) {
+                next.cancelled = true;
+            }
+        }
+    }
+
+    fn check_deadlines(&mut self, now: Instant) {
+        let grace = self.cfg.kill_grace;
+        for (&pid, p) in self.procs.iter_mut() {
+            let Some(r) = p.task.as_mut() else { continue };
+            if r.forced.is_none() && r.deadline.is_some_and(|d| now >= d) {
+                r.forced = Some(TaskError::new(
+                    ErrorKind::Walltime,
+                    "WalltimeExceeded",
+                    "walltime exceeded: the task ran past its limit and its processes were killed",
+                ));
+                r.kill_at = Some(now + grace);
+                let _ = kill_group(pid, libc::SIGTERM);
+            } else if r.kill_at.is_some_and(|k| now >= k) {
+                r.kill_at = None;
+                let _ = kill_group(pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    fn push_result(&mut self, id: TaskId, attempt: fnx_protocol::Attempt, outcome: Outcome) {
+        self.batch_bytes += match &outcome {
+            Outcome::Ok(p) => p.data.len(),
+            Outcome::Err(e) => e.message.len() + e.traceback.as_ref().map_or(0, String::len),
+        } + 32;
+        self.batch.push(TaskResult {
+            id,
+            attempt,
+            outcome,
+        });
+        self.batch_since.get_or_insert_with(Instant::now);
+        if self.batch.len() >= FLUSH_COUNT || self.batch_bytes >= FLUSH_BYTES {
+            self.flush(true);
+        }
+    }
+
+    fn flush(&mut self, force: bool) {
+        let Some(since) = self.batch_since else {
+            return;
+        };
+        // Hold results back briefly to batch them, but only while there is local work to do:
+        // a manager with nothing queued needs the interchange to see its free slots now.
+        if !force && !self.queue.is_empty() && since.elapsed() < FLUSH_AFTER {
+            return;
+        }
+        let results = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        self.batch_since = None;
+        match encode(
+            &ManagerToInterchange::Results(results),
+            self.cfg.max_frame_bytes,
+        ) {
+            Ok(frame) => {
+                if let Err(e) = self.link.send_multipart([tag::SEND, &frame[..]], 0) {
+                    tracing::error!("cannot hand results to the link thread: {e}");
+                }
+            }
+            Err(e) => tracing::error!("cannot encode results: {e}"),
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for (&pid, p) in self.procs.iter_mut() {
+            if let Kind::Python(w) = &mut p.kind {
+                if p.task.is_none() {
+                    w.send_exit();
+                }
+            }
+            let _ = kill_group(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + self.cfg.kill_grace;
+        while !self.procs.is_empty() && Instant::now() < deadline {
+            for (pid, _) in reap_any() {
+                self.procs.remove(&pid);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for &pid in self.procs.keys() {
+            let _ = kill_group(pid, libc::SIGKILL);
+        }
+        let swept = fnx_sys::sweep::kill_marked("FNX_MANAGER", &self.cfg.markers.manager, 20);
+        if swept > 0 {
+            tracing::info!("killed {swept} leftover processes at exit");
+        }
+        reap_any();
+    }
+}

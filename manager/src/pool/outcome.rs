@@ -1,0 +1,293 @@
+//! How tasks end: worker frames, process exits, and the outcome of each task.
+
+use super::*;
+
+impl Pool<'_> {
+    pub(super) fn on_output(&mut self, pid: u32) {
+        let max = self.cfg.max_result_bytes as usize + (1 << 20);
+        let Some(proc) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        match &mut proc.kind {
+            Kind::Shell(s) => s.read_output(),
+            Kind::Python(w) => match w.read_frames(max) {
+                Ok(frames) => {
+                    for (header, payload) in frames {
+                        self.on_worker_frame(pid, header, payload);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("worker {pid} broke the protocol: {e}; killing it");
+                    let kind = match e {
+                        crate::wire::WireError::TooLarge { .. } => ErrorKind::ResultTooLarge,
+                        crate::wire::WireError::BadHeader(_) => ErrorKind::WorkerLost,
+                    };
+                    self.force_kill(pid, TaskError::new(kind, "ProtocolError", e.to_string()));
+                }
+            },
+        }
+    }
+
+    pub(super) fn force_kill(&mut self, pid: u32, error: TaskError) {
+        if let Some(proc) = self.procs.get_mut(&pid) {
+            if let Some(r) = proc.task.as_mut() {
+                r.forced.get_or_insert(error);
+            }
+        }
+        let _ = kill_group(pid, libc::SIGKILL);
+    }
+
+    pub(super) fn on_worker_frame(
+        &mut self,
+        pid: u32,
+        header: crate::wire::WorkerHeader,
+        payload: Vec<u8>,
+    ) {
+        let max_result = self.cfg.max_result_bytes;
+        let Some(proc) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        let Kind::Python(worker) = &mut proc.kind else {
+            return;
+        };
+        match header.op.as_str() {
+            "ready" => {
+                worker.ready = true;
+                self.startup_failures = 0;
+                tracing::debug!(
+                    "worker {pid} ready (Python {})",
+                    header.python.as_deref().unwrap_or("?")
+                );
+            }
+            "result" => {
+                let Some(r) = proc.task.take_if(|r| Some(r.id.0) == header.tid) else {
+                    // Not the running task: the worker broke the one-at-a-time order.
+                    tracing::warn!(
+                        "worker {pid} sent a result for task {:?} it does not hold",
+                        header.tid
+                    );
+                    return;
+                };
+                if let Some(forced) = r.forced {
+                    // Killed for walltime or cancel already; the kill goes on.
+                    proc.task = Some(Running {
+                        forced: Some(forced),
+                        ..r
+                    });
+                    return;
+                }
+                if let Some(next) = proc.next.take() {
+                    proc.task = Some(promote(pid, next, self.cfg.kill_grace));
+                }
+                let outcome = if header.ok == Some(true) {
+                    let encoding = match header.enc.as_deref() {
+                        Some("pickle") => Encoding::Pickle,
+                        _ => Encoding::Json,
+                    };
+                    if payload.len() as u64 > max_result {
+                        Outcome::Err(too_large(payload.len() as u64, max_result))
+                    } else {
+                        Outcome::Ok(Payload {
+                            encoding,
+                            data: payload,
+                        })
+                    }
+                } else {
+                    match header.error {
+                        Some(e) => Outcome::Err(e.into_task_error()),
+                        None => Outcome::Err(TaskError::new(
+                            ErrorKind::Exception,
+                            "Unknown",
+                            "worker reported a failure without details",
+                        )),
+                    }
+                };
+                self.push_result(r.id, r.attempt, outcome);
+            }
+            other => tracing::warn!("worker {pid} sent unknown op {other:?}"),
+        }
+    }
+
+    pub(super) fn reap(&mut self) {
+        for (pid, status) in reap_any() {
+            match self.procs.get_mut(&pid) {
+                Some(p) => p.exit = Some(status),
+                None => tracing::debug!(
+                    "reaped orphaned descendant {pid} ({})",
+                    describe_wait_status(status)
+                ),
+            }
+        }
+        let done: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.exit.is_some())
+            .map(|(&pid, _)| pid)
+            .collect();
+        for pid in done {
+            // Frames or output written just before exit are still in the pipe.
+            self.on_output(pid);
+            if let Some(proc) = self.procs.remove(&pid) {
+                self.finish_proc(pid, proc);
+            }
+        }
+    }
+
+    pub(super) fn finish_proc(&mut self, pid: u32, mut proc: Proc) {
+        if let Some(next) = proc.next.take() {
+            // It never started: run it elsewhere (or report it cancelled).
+            if next.cancelled {
+                self.push_result(next.spec.id, next.spec.attempt, Outcome::Err(cancelled()));
+            } else {
+                self.queue.push_front(next.spec);
+            }
+        }
+        let status = proc.exit.unwrap_or(0);
+        let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+        let forced = proc.task.as_ref().is_some_and(|r| r.forced.is_some());
+        // Leftovers in the group go at once; with a forced end or a crash, also those that left
+        // the group (found by their marker).
+        let _ = kill_group(pid, libc::SIGKILL);
+        if forced || !clean {
+            let swept = fnx_sys::sweep::kill_marked("FNX_PROC", proc.marker(), 20);
+            if swept > 0 {
+                tracing::info!("killed {swept} leftover processes of {pid}");
+            }
+        }
+        let Some(r) = proc.task.take() else {
+            if let Kind::Python(w) = &proc.kind {
+                if !w.ready {
+                    self.startup_failures += 1;
+                    tracing::error!(
+                        "worker {pid} exited during start-up ({}); see {}",
+                        describe_wait_status(status),
+                        proc.log
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            return;
+        };
+        let outcome = match (r.forced, &mut proc.kind) {
+            (Some(e), _) => Outcome::Err(e),
+            (None, Kind::Python(_)) => {
+                let log = proc
+                    .log
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                Outcome::Err(TaskError::new(
+                    ErrorKind::WorkerLost,
+                    "WorkerLost",
+                    format!(
+                        "worker process {pid} died while running the task: {}; worker log: {log}",
+                        describe_wait_status(status)
+                    ),
+                ))
+            }
+            (None, Kind::Shell(s)) => shell_outcome(status, s, self.cfg.max_result_bytes),
+        };
+        self.push_result(r.id, r.attempt, outcome);
+    }
+}
+
+/// A pipelined task became the running one: its walltime starts now; a cancel that came while
+/// it waited in the pipe kills it at once.
+pub(super) fn promote(pid: u32, next: Pipelined, grace: Duration) -> Running {
+    let now = Instant::now();
+    let mut r = Running {
+        id: next.spec.id,
+        attempt: next.spec.attempt,
+        deadline: next
+            .spec
+            .walltime_ms
+            .map(|ms| now + Duration::from_millis(ms)),
+        forced: None,
+        kill_at: None,
+    };
+    if next.cancelled {
+        r.forced = Some(cancelled());
+        r.kill_at = Some(now + grace);
+        let _ = kill_group(pid, libc::SIGTERM);
+    }
+    r
+}
+
+pub(super) fn cancelled() -> TaskError {
+    TaskError::new(ErrorKind::Cancelled, "Cancelled", "the task was cancelled")
+}
+
+pub(super) fn too_large(len: u64, max: u64) -> TaskError {
+    TaskError::new(
+        ErrorKind::ResultTooLarge,
+        "ResultTooLarge",
+        format!("result of {len} bytes exceeds the limit of {max} bytes"),
+    )
+}
+
+/// Arguments of a shell task: a JSON array of strings, one per template parameter.
+pub(super) fn shell_args(t: &ShellTemplate, args: &Payload) -> Result<Vec<String>, TaskError> {
+    let bad = |msg: String| TaskError::new(ErrorKind::BadInput, "BadArguments", msg);
+    if args.encoding != Encoding::Json {
+        return Err(bad("shell tasks take JSON arguments".into()));
+    }
+    let values: Vec<String> = serde_json::from_slice(&args.data).map_err(|e| {
+        bad(format!(
+            "shell arguments must be a JSON array of strings: {e}"
+        ))
+    })?;
+    if values.len() != t.params.len() {
+        return Err(bad(format!(
+            "the template takes {} parameters ({}), got {} values",
+            t.params.len(),
+            t.params.join(", "),
+            values.len()
+        )));
+    }
+    if let Some((name, _)) = t.params.iter().zip(&values).find(|(_, v)| v.contains('\0')) {
+        return Err(bad(format!(
+            "the value of parameter '{name}' contains a NUL byte"
+        )));
+    }
+    Ok(values)
+}
+
+pub(super) fn shell_outcome(status: i32, s: &ShellProc, max: u64) -> Outcome {
+    let stdout = s.out.text();
+    let stderr = s.err.text();
+    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+        let json =
+            serde_json::json!({"returncode": 0, "stdout": stdout, "stderr": stderr}).to_string();
+        if json.len() as u64 > max {
+            return Outcome::Err(too_large(json.len() as u64, max));
+        }
+        return Outcome::Ok(Payload::json(json));
+    }
+    let (type_name, message) = if libc::WIFEXITED(status) {
+        (
+            "NonZeroExit",
+            format!("command exited with status {}", libc::WEXITSTATUS(status)),
+        )
+    } else {
+        (
+            "KilledBySignal",
+            format!("command {}", describe_wait_status(status)),
+        )
+    };
+    let mut tb = String::new();
+    if !stdout.is_empty() {
+        tb.push_str("--- stdout (tail) ---\n");
+        tb.push_str(&stdout);
+        tb.push('\n');
+    }
+    tb.push_str("--- stderr (tail) ---\n");
+    tb.push_str(&stderr);
+    Outcome::Err(TaskError {
+        kind: ErrorKind::Exception,
+        type_name: type_name.into(),
+        message,
+        traceback: Some(tb),
+    })
+}
