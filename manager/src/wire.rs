@@ -116,6 +116,8 @@ pub struct WorkerHeader {
     pub pid: Option<u32>,
     /// The worker's Python version (`ready`).
     pub python: Option<String>,
+    /// The worker's interpreter, resolved (`ready`).
+    pub executable: Option<String>,
 }
 
 /// Splits the byte stream from a worker into frames.

@@ -1,6 +1,7 @@
 //! How tasks end: worker frames, process exits, and the outcome of each task.
 
 use super::*;
+use std::path::Path;
 
 impl Pool<'_> {
     pub(super) fn on_output(&mut self, pid: u32) {
@@ -54,6 +55,20 @@ impl Pool<'_> {
             "ready" => {
                 worker.ready = true;
                 self.startup_failures = 0;
+                // Start later workers with the resolved interpreter (skips wrappers such as
+                // pyenv shims, which cost more than Python's own start-up).
+                if let Some(exe) = header
+                    .executable
+                    .filter(|e| Path::new(e).is_absolute() && Path::new(e).exists())
+                {
+                    if exe != self.cfg.python {
+                        tracing::info!(
+                            "workers start with {exe} (resolved from {})",
+                            self.cfg.python
+                        );
+                        self.cfg.python = exe;
+                    }
+                }
                 tracing::debug!(
                     "worker {pid} ready (Python {})",
                     header.python.as_deref().unwrap_or("?")

@@ -490,7 +490,7 @@ def main():
         "started: python %s (%s), worker id %s, max result %d bytes"
         % (python, sys.executable, os.environ.get("FNX_WORKER_ID", "?"), max_result)
     )
-    ready = {"op": "ready", "pid": os.getpid(), "python": python}
+    ready = {"op": "ready", "pid": os.getpid(), "python": python, "executable": sys.executable}
     try:
         _send(proto_out, json.dumps(ready, separators=(",", ":")).encode("utf-8"))
         reason = _serve(proto_in, proto_out, max_result)

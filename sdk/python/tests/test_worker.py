@@ -208,7 +208,9 @@ def worker(make_worker):
 
 def test_ready_frame_and_start_log(worker):
     header, payload = worker.ready
+    executable = header.pop("executable")
     assert header == {"op": "ready", "pid": worker.proc.pid, "python": platform.python_version()}
+    assert os.path.isabs(executable) and os.path.samefile(executable, sys.executable), executable
     assert payload == b""
     log = worker.log()
     assert "fnx worker %d: started: python %s" % (worker.proc.pid, platform.python_version()) in log
