@@ -40,15 +40,23 @@ pub fn find_marked(key: &str, value: &str) -> Vec<u32> {
     found
 }
 
-/// SIGKILL every process marked `key=value`, repeating until none is found (a process may fork
-/// while the sweep runs) or `rounds` passes were made. Returns how many kills were sent.
+/// SIGKILL every process marked `key=value`, repeating until two passes in a row find none (a
+/// process may fork while the sweep runs, and one in the middle of `execve` can be unreadable
+/// for an instant) or `rounds` passes were made. Returns how many kills were sent.
 pub fn kill_marked(key: &str, value: &str, rounds: usize) -> usize {
     let mut killed = 0;
+    let mut empty_passes = 0;
     for _ in 0..rounds {
         let pids = find_marked(key, value);
         if pids.is_empty() {
-            break;
+            empty_passes += 1;
+            if empty_passes == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            continue;
         }
+        empty_passes = 0;
         for pid in pids {
             if crate::process::kill_pid(pid, libc::SIGKILL).is_ok() {
                 killed += 1;
