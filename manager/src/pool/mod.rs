@@ -85,6 +85,20 @@ struct Running {
     kill_at: Option<Instant>,
 }
 
+impl Running {
+    /// A task that starts running now: its walltime clock starts here.
+    fn start(spec: &TaskSpec) -> Running {
+        let now = Instant::now();
+        Running {
+            id: spec.id,
+            attempt: spec.attempt,
+            deadline: spec.walltime_ms.map(|ms| now + Duration::from_millis(ms)),
+            forced: None,
+            kill_at: None,
+        }
+    }
+}
+
 enum Kind {
     Python(PythonWorker),
     Shell(ShellProc),
@@ -112,6 +126,16 @@ struct Pipelined {
 const PIPELINE_MAX_ARGS: usize = 16 * 1024;
 
 impl Proc {
+    fn new(kind: Kind, task: Option<Running>, log: Option<PathBuf>) -> Proc {
+        Proc {
+            kind,
+            task,
+            next: None,
+            exit: None,
+            log,
+        }
+    }
+
     fn pidfd(&self) -> i32 {
         match &self.kind {
             Kind::Python(w) => w.pidfd.as_raw_fd(),

@@ -211,20 +211,10 @@ impl Pool<'_> {
 /// A pipelined task became the running one: its walltime starts now; a cancel that came while
 /// it waited in the pipe kills it at once.
 pub(super) fn promote(pid: u32, next: Pipelined, grace: Duration) -> Running {
-    let now = Instant::now();
-    let mut r = Running {
-        id: next.spec.id,
-        attempt: next.spec.attempt,
-        deadline: next
-            .spec
-            .walltime_ms
-            .map(|ms| now + Duration::from_millis(ms)),
-        forced: None,
-        kill_at: None,
-    };
+    let mut r = Running::start(&next.spec);
     if next.cancelled {
         r.forced = Some(cancelled());
-        r.kill_at = Some(now + grace);
+        r.kill_at = Some(Instant::now() + grace);
         let _ = kill_group(pid, libc::SIGTERM);
     }
     r

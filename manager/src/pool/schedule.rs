@@ -103,15 +103,7 @@ impl Pool<'_> {
         let Kind::Python(worker) = &mut proc.kind else {
             unreachable!("found as python")
         };
-        proc.task = Some(Running {
-            id: spec.id,
-            attempt: spec.attempt,
-            deadline: spec
-                .walltime_ms
-                .map(|ms| Instant::now() + Duration::from_millis(ms)),
-            forced: None,
-            kill_at: None,
-        });
+        proc.task = Some(Running::start(&spec));
         if let Err(e) = worker.send_task(&spec, body) {
             tracing::warn!("cannot send a task to worker {pid}: {e}");
             // The worker is gone or broken; its exit is reported as worker_lost.
@@ -160,16 +152,8 @@ impl Pool<'_> {
             ) {
                 Ok(w) => {
                     let pid = w.pid;
-                    self.procs.insert(
-                        pid,
-                        Proc {
-                            kind: Kind::Python(w),
-                            task: None,
-                            next: None,
-                            exit: None,
-                            log: Some(log),
-                        },
-                    );
+                    self.procs
+                        .insert(pid, Proc::new(Kind::Python(w), None, Some(log)));
                 }
                 Err(e) => {
                     tracing::error!("cannot start a Python worker: {e}");
@@ -241,25 +225,9 @@ impl Pool<'_> {
         match outcome {
             Ok(proc) => {
                 let pid = proc.pid;
-                let running = Running {
-                    id: spec.id,
-                    attempt: spec.attempt,
-                    deadline: spec
-                        .walltime_ms
-                        .map(|ms| Instant::now() + Duration::from_millis(ms)),
-                    forced: None,
-                    kill_at: None,
-                };
-                self.procs.insert(
-                    pid,
-                    Proc {
-                        kind: Kind::Shell(proc),
-                        task: Some(running),
-                        next: None,
-                        exit: None,
-                        log: None,
-                    },
-                );
+                let running = Running::start(&spec);
+                self.procs
+                    .insert(pid, Proc::new(Kind::Shell(proc), Some(running), None));
             }
             Err(e) => self.push_result(spec.id, spec.attempt, Outcome::Err(e)),
         }
