@@ -1,5 +1,6 @@
 """Example functions for `fnx map` (see README.md)."""
 
+import os
 import time
 
 
@@ -22,3 +23,10 @@ def nap(seconds):
 def echo_bytes(data):
     """Return the bytes it was given (used by the transfer benchmark, pickle encoding)."""
     return data
+
+
+def timed_nap(seconds):
+    """Sleep; return [pid, start, end] (perf_counter) to measure the gap between tasks."""
+    start = time.perf_counter()
+    time.sleep(seconds)
+    return [os.getpid(), start, time.perf_counter()]
