@@ -203,3 +203,48 @@ def test_fault_16_manager_killed_while_shell_tasks_have_children(env):
     assert "manager_lost" in kinds and kinds <= {"manager_lost", "cancelled"}, run.lines
     assert sorted(line["index"] for line in run.lines) == list(range(4)), run.lines
     env.assert_no_processes(grace=1.0)
+
+
+def test_manager_exits_with_its_workers_when_the_interchange_falls_silent(env):
+    """The interchange (inside fnx map) stops answering: each manager notices the silence within
+    the heartbeat threshold and exits, taking its workers and their children with it."""
+    bg = env.start_map(
+        "tasks:gated", "--workers", "2", "--heartbeat-period", "0.2", "--heartbeat-threshold", "1.5",
+        inputs=([str(env.dir / "gate"), i] for i in range(2)),
+    )
+    manager = manager_proc(bg, "manager-0")
+    workers = wait_for(lambda: len(children_of(manager.pid)) == 2 and children_of(manager.pid), 10,
+                       "both workers of manager-0")
+    os.kill(bg.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: not alive(manager.pid), 10, "the manager to exit after the silence")
+        wait_for(lambda: not [w for w in workers if alive(w.pid)], 5, "its workers to be gone")
+        log = (bg.run_dir / "manager-0" / "manager.log").read_text()
+        assert "has been silent" in log, log
+    finally:
+        os.kill(bg.pid, signal.SIGKILL)
+        os.kill(bg.pid, signal.SIGCONT)
+    bg.proc.wait(10)
+    env.assert_no_processes(grace=2.0)
+
+
+def test_fault_09_busy_node_is_not_declared_lost(env):
+    """Tasks pin every core for several heartbeat thresholds: heartbeats come from the manager's
+    own thread, so the manager is never declared lost and every task succeeds once."""
+    env.write("busy.py", textwrap.dedent("""
+        import time
+
+        def spin(seconds):
+            end = time.monotonic() + seconds
+            n = 0
+            while time.monotonic() < end:
+                n += 1
+            return seconds
+    """))
+    run = env.map("busy:spin", "--workers", "2", "--heartbeat-period", "0.1",
+                  "--heartbeat-threshold", "0.8", inputs=[[2.5]] * 4)
+    assert run.returncode == 0, run.explain()
+    assert sorted(r["index"] for r in run.lines) == [0, 1, 2, 3]
+    assert all(r["ok"] and r["result"] == 2.5 for r in run.lines), run.lines
+    log = (run.run_dir / "fnx.log").read_text()
+    assert " lost" not in log, log
