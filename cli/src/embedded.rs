@@ -63,6 +63,7 @@ pub struct Embedded {
     children: Vec<Child>,
     exits: Receiver<(String, std::io::Result<ExitStatus>)>,
     opts: PoolOptions,
+    stopped: bool,
     _ctx: zmq::Context,
 }
 
@@ -89,6 +90,7 @@ impl Embedded {
             children,
             exits,
             opts,
+            stopped: false,
             _ctx: ctx,
         };
         pool.wait_registered(Duration::from_secs(60))?;
@@ -167,16 +169,20 @@ impl Embedded {
     }
 
     /// Stop everything: tell managers to exit, then terminate, kill and sweep what is left.
-    pub fn stop(self, reason: &str) {
-        let Embedded {
-            handle,
-            children,
-            exits,
-            opts,
-            ..
-        } = self;
-        handle.shutdown(reason);
-        let mut running: Vec<&Child> = children.iter().filter(|c| c.running).collect();
+    pub fn stop(mut self, reason: &str) {
+        self.stop_all(reason);
+    }
+
+    /// [`Embedded::stop`] through a reference; also run when the pool is dropped (an early
+    /// return on an error), so no manager, worker or task outlives the run. Idempotent.
+    fn stop_all(&mut self, reason: &str) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        self.handle.stop(reason);
+        let exits = &self.exits;
+        let mut running: Vec<&Child> = self.children.iter().filter(|c| c.running).collect();
         let wait = |running: &mut Vec<&Child>, until: Instant| {
             while !running.is_empty() && Instant::now() < until {
                 if let Ok((uid, _)) = exits.recv_timeout(Duration::from_millis(20)) {
@@ -186,7 +192,7 @@ impl Embedded {
         };
         wait(
             &mut running,
-            Instant::now() + opts.kill_grace + Duration::from_secs(1),
+            Instant::now() + self.opts.kill_grace + Duration::from_secs(1),
         );
         for c in &running {
             let _ = fnx_sys::process::kill_group(c.pid, libc::SIGTERM);
@@ -196,10 +202,16 @@ impl Embedded {
             let _ = fnx_sys::process::kill_group(c.pid, libc::SIGKILL);
         }
         wait(&mut running, Instant::now() + Duration::from_secs(2));
-        let swept = fnx_sys::sweep::kill_marked("FNX_RUN_ID", &opts.run_id, 20);
+        let swept = fnx_sys::sweep::kill_marked("FNX_RUN_ID", &self.opts.run_id, 20);
         if swept > 0 {
             tracing::warn!("killed {swept} leftover processes of this run");
         }
+    }
+}
+
+impl Drop for Embedded {
+    fn drop(&mut self) {
+        self.stop_all("fnx is exiting");
     }
 }
 

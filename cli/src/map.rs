@@ -265,6 +265,11 @@ pub trait Sink {
     fn tick(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+    /// Finished outcomes held back (e.g. waiting for their turn in input order); they count
+    /// against the in-flight window so memory stays bounded.
+    fn held(&self) -> usize {
+        0
+    }
 }
 
 impl Sink for ResultWriter {
@@ -277,6 +282,9 @@ impl Sink for ResultWriter {
     }
     fn tick(&mut self) -> std::io::Result<()> {
         self.maybe_flush()
+    }
+    fn held(&self) -> usize {
+        self.pending_len()
     }
 }
 
@@ -358,8 +366,10 @@ fn execute(
     let run_dir = opts.run_dir.clone().unwrap_or_else(default_run_dir);
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| anyhow::anyhow!("cannot create run directory {}: {e}", run_dir.display()))?;
-    logging::to_file(&run_dir.join("fnx.log"))?;
-    let signals = fnx_sys::signals::install(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])?;
+    let log = run_dir.join("fnx.log");
+    logging::to_file(&log).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", log.display()))?;
+    let signals = fnx_sys::signals::install(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+        .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
     let run_id = format!("{}-{:x}", std::process::id(), rand_seed());
     let secs = Duration::from_secs_f64;
     let mut pool = Embedded::start(PoolOptions {
@@ -397,7 +407,7 @@ fn execute(
         }
         // Take input while the window has room. This thread submits, so every task is in
         // `outstanding` before any of its results can arrive.
-        while !input_done && acc.outstanding.len() < WINDOW {
+        while !input_done && acc.outstanding.len() + acc.sink.held() < WINDOW {
             match input.try_recv() {
                 Ok(InputMsg::Lines(lines)) => {
                     let mut tasks = Vec::with_capacity(lines.len());
@@ -566,9 +576,9 @@ pub fn run_map(args: MapArgs) -> u8 {
     };
     let mut progress = Progress::new(show);
     let mut writer = ResultWriter::new(out, args.ordered);
-    let result = execute(body, kind, source, &args.run, &mut writer, &mut progress);
-    if let Err(e) = writer.flush() {
-        eprintln!("fnx: cannot write results: {e}");
+    let mut result = execute(body, kind, source, &args.run, &mut writer, &mut progress);
+    if let (Ok(_), Err(e)) = (&result, writer.flush()) {
+        result = Err(anyhow::anyhow!("cannot write results: {e}"));
     }
     finish_report(result)
 }
@@ -577,7 +587,14 @@ fn finish_report(result: anyhow::Result<Report>) -> u8 {
     match result {
         Err(e) => {
             eprintln!("fnx: {e:#}");
-            EXIT_USAGE
+            // Nothing ran (bad configuration) or results could not be written.
+            if e.downcast_ref::<std::io::Error>().is_some()
+                || e.to_string().starts_with("cannot write")
+            {
+                EXIT_TASK_FAILED
+            } else {
+                EXIT_USAGE
+            }
         }
         Ok(r) => {
             let mut line = format!("fnx: {}", r.tally.summary(r.elapsed));

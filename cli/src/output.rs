@@ -123,6 +123,11 @@ impl ResultWriter {
         Ok(())
     }
 
+    /// Lines held back waiting for an earlier line (ordered mode).
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Flush if some time has passed (so a reader of a pipe sees results as they come).
     pub fn maybe_flush(&mut self) -> std::io::Result<()> {
         if self.last_flush.elapsed() >= Duration::from_millis(100) {

@@ -194,7 +194,8 @@ impl Handle {
         self.stop(reason);
     }
 
-    fn stop(&mut self, reason: &str) {
+    /// Tell every manager to exit and stop the driver thread; later calls do nothing.
+    pub fn stop(&mut self, reason: &str) {
         if let Some(thread) = self.thread.take() {
             self.command(Command::Shutdown {
                 reason: reason.to_string(),

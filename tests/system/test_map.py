@@ -395,3 +395,25 @@ def test_results_written_as_they_complete_while_others_still_run(fnx_env):
     run = bg.wait(30)
     assert run.returncode == 0, run.explain()
     assert {i: line["result"] for i, line in run.by_index().items()} == {i: i for i in range(5)}
+
+
+def test_output_pipe_closed_early_stops_the_run_and_every_process(fnx_env):
+    """`fnx map ... | head -1`: once the reader is gone, fnx stops the run (exit 1, a clear
+    message) and leaves no manager, worker or task behind."""
+    import subprocess
+
+    module(fnx_env, "slow", "import time\ndef f(x):\n    time.sleep(0.05)\n    return x\n")
+    inp = fnx_env.write_inputs([i] for i in range(200))
+    proc = subprocess.Popen(
+        [str(fnx_env.bin), "map", "slow:f", "-i", str(inp), "--workers", "2",
+         "--progress", "never", "--run-dir", str(fnx_env.dir / "run-pipe")],
+        cwd=fnx_env.dir, env=fnx_env.env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    first = json.loads(proc.stdout.readline())
+    assert first["ok"] is True
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    assert b"Broken pipe" in err, err
+    fnx_env.assert_no_processes(grace=2.0)
