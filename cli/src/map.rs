@@ -526,6 +526,10 @@ fn rand_seed() -> u128 {
 
 fn open_input(path: &str) -> Result<Box<dyn BufRead + Send>, String> {
     if path == "-" {
+        // SAFETY: isatty on a standard fd.
+        if unsafe { libc::isatty(0) } == 1 {
+            eprintln!("fnx: reading input lines from the terminal (end with Ctrl-D; --input FILE reads a file)");
+        }
         return Ok(Box::new(BufReader::with_capacity(
             1 << 20,
             std::io::stdin(),

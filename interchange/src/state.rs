@@ -147,6 +147,8 @@ struct TaskRec {
     attempt: Attempt,
     state: TaskState,
     cancel_requested: bool,
+    /// Workers this task's attempts killed (worker_lost outcomes): a poison task shows here.
+    crashes: u32,
 }
 
 #[derive(Debug)]
@@ -267,6 +269,7 @@ impl Interchange {
                     attempt: Attempt(0),
                     state: TaskState::Queued,
                     cancel_requested: false,
+                    crashes: 0,
                 },
             );
         }
@@ -504,6 +507,9 @@ impl Interchange {
             return;
         };
         if let Outcome::Err(e) = &outcome {
+            if e.kind == ErrorKind::WorkerLost {
+                rec.crashes += 1;
+            }
             if e.kind.is_infrastructure() && rec.retries_left > 0 && !rec.cancel_requested {
                 rec.retries_left -= 1;
                 rec.state = TaskState::Queued;
@@ -520,6 +526,12 @@ impl Interchange {
         if let Outcome::Err(e) = &mut outcome {
             if e.kind.is_infrastructure() && !e.message.contains(host) {
                 e.message = format!("{} (on host {host}, attempt {})", e.message, rec.attempt.0);
+            }
+            if e.kind == ErrorKind::WorkerLost && rec.crashes > 1 {
+                e.message = format!(
+                    "the task crashed {} workers; last: {}",
+                    rec.crashes, e.message
+                );
             }
         }
         let attempt = rec.attempt;

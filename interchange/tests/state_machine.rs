@@ -263,6 +263,11 @@ fn worker_lost_is_retried_with_a_new_attempt_then_fails() {
     };
     assert_eq!(e.kind, ErrorKind::WorkerLost);
     assert!(
+        e.message.starts_with("the task crashed 2 workers"),
+        "{}",
+        e.message
+    );
+    assert!(
         e.message.contains("host-a") && e.message.contains("attempt 2"),
         "{}",
         e.message

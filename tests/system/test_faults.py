@@ -138,6 +138,7 @@ def test_fault_12_poison_task_fails_after_its_retries_queue_drains(env):
     err = r[1]["error"]
     assert r[1]["ok"] is False and err["kind"] == "worker_lost", r[1]
     assert "exit status 3" in err["message"] and "attempt 3" in err["message"], err
+    assert err["message"].startswith("the task crashed 3 workers"), err
     crashed = list((env.dir / "gate").glob("attempt-*"))
     assert len(crashed) == 3, f"the poison task must run 1 + 2 retries times, ran {len(crashed)}"
     assert [r[i]["result"] for i in (0, 2, 3)] == [0, 20, 30]
