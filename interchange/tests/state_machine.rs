@@ -112,6 +112,25 @@ fn setup(_now: Instant) -> (Interchange, Rec) {
     (ic, Rec::default())
 }
 
+fn counts(queued: usize, running: usize, managers: usize, slots: u64) -> Counts {
+    Counts {
+        queued,
+        running,
+        managers,
+        slots,
+    }
+}
+
+/// One manager "a" with `slots` and no prefetch, holding the dispatched `tasks`.
+fn one_manager_running(now: Instant, slots: u32, tasks: Vec<NewTask>) -> (Interchange, Rec) {
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", slots, 0), &mut c);
+    ic.submit(tasks, &mut c);
+    ic.dispatch(&mut c);
+    c.take();
+    (ic, c)
+}
+
 fn registered(id: u64) -> InterchangeToManager {
     InterchangeToManager::Registered {
         manager: ManagerId(id),
@@ -138,15 +157,7 @@ fn registration_is_answered_and_tasks_go_out_in_one_batch_up_to_capacity() {
             }
         )]
     );
-    assert_eq!(
-        ic.counts(),
-        Counts {
-            queued: 2,
-            running: 3,
-            managers: 1,
-            slots: 2
-        }
-    );
+    assert_eq!(ic.counts(), counts(2, 3, 1, 2));
     // A result frees one slot; the next dispatch sends one task and no function body again.
     ic.on_message(
         now,
@@ -228,11 +239,7 @@ fn tasks_are_spread_round_robin_over_managers() {
 #[test]
 fn worker_lost_is_retried_with_a_new_attempt_then_fails() {
     let now = Instant::now();
-    let (mut ic, mut c) = setup(now);
-    ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
-    ic.submit(vec![task(1)], &mut c);
-    ic.dispatch(&mut c);
-    c.take();
+    let (mut ic, mut c) = one_manager_running(now, 1, vec![task(1)]);
     ic.on_message(
         now,
         &peer(1),
@@ -463,11 +470,7 @@ fn a_wrong_protocol_version_is_refused_with_both_versions_and_others_keep_workin
 #[test]
 fn drain_stops_dispatch_and_releases_the_manager_when_empty() {
     let now = Instant::now();
-    let (mut ic, mut c) = setup(now);
-    ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
-    ic.submit(vec![task(1), task(2)], &mut c);
-    ic.dispatch(&mut c);
-    c.take();
+    let (mut ic, mut c) = one_manager_running(now, 1, vec![task(1), task(2)]);
     ic.on_message(now, &peer(1), ManagerToInterchange::Drain, &mut c);
     ic.on_message(
         now,
@@ -477,25 +480,13 @@ fn drain_stops_dispatch_and_releases_the_manager_when_empty() {
     );
     ic.dispatch(&mut c);
     assert_eq!(c.take(), vec![(peer(1), InterchangeToManager::Drained)]);
-    assert_eq!(
-        ic.counts(),
-        Counts {
-            queued: 1,
-            running: 0,
-            managers: 0,
-            slots: 0
-        }
-    );
+    assert_eq!(ic.counts(), counts(1, 0, 0, 0));
 }
 
 #[test]
 fn cancel_finishes_queued_tasks_at_once_and_asks_the_manager_for_running_ones() {
     let now = Instant::now();
-    let (mut ic, mut c) = setup(now);
-    ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
-    ic.submit(vec![task(1), task(2)], &mut c);
-    ic.dispatch(&mut c);
-    c.take();
+    let (mut ic, mut c) = one_manager_running(now, 1, vec![task(1), task(2)]);
     ic.cancel(&[TaskId(1), TaskId(2)], &mut c);
     assert_eq!(
         c.take(),
@@ -554,11 +545,7 @@ fn invalid_tasks_finish_at_once_as_bad_input() {
 #[test]
 fn a_malformed_message_from_a_registered_manager_loses_it() {
     let now = Instant::now();
-    let (mut ic, mut c) = setup(now);
-    ic.on_message(now, &peer(1), reg("a", 1, 0), &mut c);
-    ic.submit(vec![task(1)], &mut c);
-    ic.dispatch(&mut c);
-    c.take();
+    let (mut ic, mut c) = one_manager_running(now, 1, vec![task(1)]);
     ic.on_bad_frame(
         &peer(1),
         &FrameError::Malformed {
@@ -575,15 +562,7 @@ fn a_malformed_message_from_a_registered_manager_loses_it() {
             }
         )]
     );
-    assert_eq!(
-        ic.counts(),
-        Counts {
-            queued: 1,
-            running: 0,
-            managers: 0,
-            slots: 0
-        }
-    );
+    assert_eq!(ic.counts(), counts(1, 0, 0, 0));
 }
 
 #[test]
