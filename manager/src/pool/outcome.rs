@@ -263,8 +263,19 @@ pub(super) fn shell_outcome(status: i32, s: &ShellProc, max: u64) -> Outcome {
     let stdout = s.out.text();
     let stderr = s.err.text();
     if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
-        let json =
-            serde_json::json!({"returncode": 0, "stdout": stdout, "stderr": stderr}).to_string();
+        /// A shell task's result, fields in this order.
+        #[derive(serde::Serialize)]
+        struct ShellResult<'a> {
+            returncode: i32,
+            stdout: &'a str,
+            stderr: &'a str,
+        }
+        let result = ShellResult {
+            returncode: 0,
+            stdout: &stdout,
+            stderr: &stderr,
+        };
+        let json = serde_json::to_string(&result).expect("strings serialize");
         if json.len() as u64 > max {
             return Outcome::Err(too_large(json.len() as u64, max));
         }
