@@ -242,7 +242,7 @@ def test_fault_09_busy_node_is_not_declared_lost(env):
             return seconds
     """))
     run = env.map("busy:spin", "--workers", "2", "--heartbeat-period", "0.1",
-                  "--heartbeat-threshold", "0.8", inputs=[[2.5]] * 4)
+                  "--heartbeat-threshold", "1.0", inputs=[[2.5]] * 4)
     assert run.returncode == 0, run.explain()
     assert sorted(r["index"] for r in run.lines) == [0, 1, 2, 3]
     assert all(r["ok"] and r["result"] == 2.5 for r in run.lines), run.lines
