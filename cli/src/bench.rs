@@ -157,7 +157,7 @@ fn dispatch(args: &DispatchArgs) -> Result<serde_json::Value> {
         (args.memory_tasks > 0).then(|| queue_memory(args.memory_tasks, args.payload_bytes));
     let ctx = zmq::Context::new();
     let threshold = Duration::from_secs(600);
-    let (handle, events, sim, pool) = match args.mode {
+    let (own_handle, own_events, sim, pool) = match args.mode {
         Mode::Simulated => {
             let mut cfg = DriverConfig::new("tcp://127.0.0.1:0");
             cfg.state.heartbeat_threshold = threshold;
@@ -190,7 +190,10 @@ fn dispatch(args: &DispatchArgs) -> Result<serde_json::Value> {
     };
     let (handle, events): (&Handle, &Receiver<Event>) = match &pool {
         Some(p) => (&p.handle, &p.events),
-        None => (handle.as_ref().expect("set"), events.as_ref().expect("set")),
+        None => (
+            own_handle.as_ref().expect("set"),
+            own_events.as_ref().expect("set"),
+        ),
     };
     handle.add_function(FunctionDef {
         id: FunctionId(1),
@@ -261,6 +264,8 @@ fn dispatch(args: &DispatchArgs) -> Result<serde_json::Value> {
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    // The interchange goes first (it tells every manager to exit), then the simulated managers.
+    drop(own_handle);
     if let Some(sim) = sim {
         sim.stop();
     }
@@ -382,6 +387,26 @@ fn transfer(args: &TransferArgs) -> Result<serde_json::Value> {
     }))
 }
 
+/// A zero-work manager's answer: every task batch completes at once; a reclaim gets nothing
+/// back (nothing is ever queued).
+fn sim_reply(frame: &[u8]) -> Option<Vec<u8>> {
+    let reply = match decode(frame, DEFAULT_MAX_FRAME_BYTES).ok()? {
+        InterchangeToManager::Tasks { tasks, .. } => ManagerToInterchange::Results(
+            tasks
+                .into_iter()
+                .map(|t| TaskResult {
+                    id: t.id,
+                    attempt: t.attempt,
+                    outcome: Outcome::Ok(t.args),
+                })
+                .collect(),
+        ),
+        InterchangeToManager::Reclaim { .. } => ManagerToInterchange::Returned(Vec::new()),
+        _ => return None,
+    };
+    encode(&reply, DEFAULT_MAX_FRAME_BYTES).ok()
+}
+
 /// Many zero-work managers in one thread: one DEALER socket each, answering every task batch
 /// with one result batch.
 struct SimManagers {
@@ -447,23 +472,8 @@ impl SimManagers {
                     drop(items);
                     for n in ready {
                         while let Ok(frame) = sockets[n].recv_bytes(zmq::DONTWAIT) {
-                            if let Ok(InterchangeToManager::Tasks { tasks, .. }) =
-                                decode(&frame, DEFAULT_MAX_FRAME_BYTES)
-                            {
-                                let results: Vec<TaskResult> = tasks
-                                    .into_iter()
-                                    .map(|t| TaskResult {
-                                        id: t.id,
-                                        attempt: t.attempt,
-                                        outcome: Outcome::Ok(t.args),
-                                    })
-                                    .collect();
-                                if let Ok(frame) = encode(
-                                    &ManagerToInterchange::Results(results),
-                                    DEFAULT_MAX_FRAME_BYTES,
-                                ) {
-                                    let _ = sockets[n].send(frame, 0);
-                                }
+                            if let Some(reply) = sim_reply(&frame) {
+                                let _ = sockets[n].send(reply, 0);
                             }
                         }
                     }

@@ -166,6 +166,23 @@ struct ManagerRec {
     draining: bool,
     in_ready: bool,
     completed: u64,
+    /// A `Reclaim` was sent and its `Returned` has not come back yet.
+    reclaim_pending: bool,
+}
+
+impl ManagerRec {
+    /// Slots with no task (0 while draining).
+    fn idle_slots(&self) -> usize {
+        if self.draining {
+            return 0;
+        }
+        (self.slots as usize).saturating_sub(self.inflight.len())
+    }
+
+    /// Tasks held beyond the slots: queued on the manager, not running.
+    fn excess(&self) -> usize {
+        self.inflight.len().saturating_sub(self.slots as usize)
+    }
 }
 
 /// A snapshot of one manager, for status displays.
@@ -379,6 +396,34 @@ impl Interchange {
             ManagerToInterchange::Bye { reason } => {
                 self.lose_manager(mid, &format!("it exited: {reason}"), comm)
             }
+            ManagerToInterchange::Returned(tasks) => self.on_returned(mid, &tasks),
+        }
+    }
+
+    /// A manager gave back tasks it had not started: queue them again (not a retry).
+    fn on_returned(&mut self, mid: ManagerId, tasks: &[(TaskId, Attempt)]) {
+        let Some(m) = self.managers.get_mut(&mid) else {
+            return;
+        };
+        m.reclaim_pending = false;
+        let mut returned: Vec<TaskId> = Vec::with_capacity(tasks.len());
+        for &(id, attempt) in tasks {
+            let held = matches!(self.tasks.get(&id), Some(t) if t.state == TaskState::Running(mid) && t.attempt == attempt);
+            if held && m.inflight.remove(&id) {
+                returned.push(id);
+            }
+        }
+        if !m.in_ready && !m.draining {
+            m.in_ready = true;
+            self.ready.push_back(mid);
+        }
+        // Oldest first at the front of their level.
+        for &id in returned.iter().rev() {
+            if let Some(rec) = self.tasks.get_mut(&id) {
+                rec.state = TaskState::Queued;
+                self.queue.push_front(rec.priority, id);
+                self.queued += 1;
+            }
         }
     }
 
@@ -462,6 +507,7 @@ impl Interchange {
                 draining: false,
                 in_ready: true,
                 completed: 0,
+                reclaim_pending: false,
             },
         );
         self.peers.insert(peer.clone(), id);
@@ -668,15 +714,26 @@ impl Interchange {
     ///
     /// Each visit gives a manager at most an even share of the queue (`queued / ready
     /// managers`, rounded up), so a short queue is spread over all managers instead of filling
-    /// the first one's prefetch.
+    /// the first one's prefetch. Tasks go beyond a manager's slots (prefetch) only while there
+    /// are more queued tasks than idle slots. When the queue is empty while workers idle and
+    /// another manager holds prefetched tasks, that manager is asked to give some back
+    /// ([`InterchangeToManager::Reclaim`]).
     pub fn dispatch(&mut self, comm: &mut impl Comm) {
         let mut share = 0;
         let mut visits_left = 0;
+        let mut prefetch = true;
         while self.queued > 0 {
             if visits_left == 0 {
                 // A new round: recompute the even share over the managers that can take work.
                 visits_left = self.ready.len().max(1);
                 share = self.queued.div_ceil(visits_left);
+                let idle: usize = self
+                    .ready
+                    .iter()
+                    .filter_map(|id| self.managers.get(id))
+                    .map(ManagerRec::idle_slots)
+                    .sum();
+                prefetch = self.queued > idle;
             }
             visits_left -= 1;
             let Some(mid) = self.ready.pop_front() else {
@@ -690,7 +747,10 @@ impl Interchange {
             if free == 0 || m.draining {
                 continue;
             }
-            let limit = free.min(self.config.max_batch_tasks).min(share);
+            let mut limit = free.min(self.config.max_batch_tasks).min(share);
+            if !prefetch {
+                limit = limit.min(m.idle_slots());
+            }
             let mut tasks = Vec::with_capacity(limit.min(self.queued));
             let mut functions = Vec::new();
             let mut bytes = 0usize;
@@ -732,6 +792,30 @@ impl Interchange {
                 self.ready.push_back(mid);
             }
             comm.send(&m.peer, &InterchangeToManager::Tasks { functions, tasks });
+        }
+        self.maybe_reclaim(comm);
+    }
+
+    /// Nothing queued, some worker idle, and some manager holds tasks beyond its slots: ask the
+    /// manager with the most to give back as many as there are idle slots (one request at a time
+    /// per manager).
+    fn maybe_reclaim(&mut self, comm: &mut impl Comm) {
+        if self.queued > 0 {
+            return;
+        }
+        let idle: usize = self.managers.values().map(ManagerRec::idle_slots).sum();
+        if idle == 0 {
+            return;
+        }
+        let donor = self
+            .managers
+            .iter_mut()
+            .filter(|(_, m)| !m.draining && !m.reclaim_pending && m.excess() > 0)
+            .max_by_key(|(_, m)| m.excess());
+        if let Some((_, m)) = donor {
+            m.reclaim_pending = true;
+            let max = m.excess().min(idle) as u32;
+            comm.send(&m.peer, &InterchangeToManager::Reclaim { max });
         }
     }
 
@@ -783,5 +867,6 @@ fn kind_name(msg: &ManagerToInterchange) -> &'static str {
         ManagerToInterchange::Results(_) => "results",
         ManagerToInterchange::Drain => "drain",
         ManagerToInterchange::Bye { .. } => "bye",
+        ManagerToInterchange::Returned(_) => "returned",
     }
 }

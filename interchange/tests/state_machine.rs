@@ -601,3 +601,90 @@ fn a_short_queue_is_spread_evenly_instead_of_filling_one_prefetch() {
         .collect();
     assert_eq!(sizes, vec![(peer(1), 5), (peer(2), 5)]);
 }
+
+#[test]
+fn idle_workers_reclaim_tasks_prefetched_by_a_busy_manager() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 1, 4), &mut c);
+    ic.on_message(now, &peer(2), reg("b", 1, 4), &mut c);
+    c.take();
+    ic.submit((1..=10).map(task).collect(), &mut c);
+    ic.dispatch(&mut c);
+    assert_eq!(
+        c.take().len(),
+        2,
+        "5 tasks each: more queued than idle slots, so prefetch"
+    );
+    // b finishes its five; a is stuck on its first and holds four unstarted.
+    let b_results = (6..=10).map(|i| ok(i, 1)).collect();
+    ic.on_message(
+        now,
+        &peer(2),
+        ManagerToInterchange::Results(b_results),
+        &mut c,
+    );
+    ic.dispatch(&mut c);
+    assert_eq!(
+        c.take(),
+        vec![(peer(1), InterchangeToManager::Reclaim { max: 1 })]
+    );
+    ic.dispatch(&mut c);
+    assert!(c.take().is_empty(), "one reclaim at a time per manager");
+    // a gives back its newest unstarted task; it goes to b's idle slot, not back to a.
+    ic.on_message(
+        now,
+        &peer(1),
+        ManagerToInterchange::Returned(vec![(TaskId(5), Attempt(1))]),
+        &mut c,
+    );
+    ic.dispatch(&mut c);
+    assert_eq!(
+        c.take(),
+        vec![(
+            peer(2),
+            InterchangeToManager::Tasks {
+                functions: vec![],
+                tasks: vec![spec(5, 2)]
+            }
+        )],
+        "no further reclaim: no slot is idle any more"
+    );
+    assert_eq!(ic.counts(), counts(0, 5, 2, 2));
+}
+
+#[test]
+fn a_short_queue_goes_to_idle_slots_only() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("a", 2, 64), &mut c);
+    ic.on_message(now, &peer(2), reg("b", 2, 64), &mut c);
+    ic.submit((1..=4).map(task).collect(), &mut c);
+    ic.dispatch(&mut c);
+    c.take();
+    // Both managers are full (2 running each). Two more tasks arrive; a frees one slot.
+    ic.submit((5..=6).map(task).collect(), &mut c);
+    ic.on_message(
+        now,
+        &peer(1),
+        ManagerToInterchange::Results(vec![ok(1, 1)]),
+        &mut c,
+    );
+    ic.dispatch(&mut c);
+    // Two queued tasks, one idle slot: prefetch is allowed (more work than idle slots) and
+    // shared evenly between the two managers with capacity.
+    let sent = c.take();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    ic.on_message(
+        now,
+        &peer(1),
+        ManagerToInterchange::Results(vec![ok(2, 1)]),
+        &mut c,
+    );
+    ic.submit(vec![task(7)], &mut c);
+    ic.dispatch(&mut c);
+    // One task, one idle slot (on a): it goes to a, not into b's prefetch.
+    let sent = c.take();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].0, peer(1));
+}

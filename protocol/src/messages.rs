@@ -50,6 +50,9 @@ pub enum ManagerToInterchange {
         /// Why it exits.
         reason: String,
     },
+    /// Answer to [`InterchangeToManager::Reclaim`]: these attempts were queued on the manager,
+    /// never started, and are given back (the list may be empty).
+    Returned(Vec<(TaskId, Attempt)>),
 }
 
 /// Messages from the interchange to a manager.
@@ -83,6 +86,12 @@ pub enum InterchangeToManager {
     Cancel {
         /// The attempts to cancel.
         tasks: Vec<(TaskId, Attempt)>,
+    },
+    /// Give back up to `max` tasks held but not started (prefetched), so that idle workers
+    /// elsewhere can run them; answered by [`ManagerToInterchange::Returned`].
+    Reclaim {
+        /// Most tasks to give back.
+        max: u32,
     },
     /// Stop taking new tasks; finish the ones held. `Drained` follows when none are left.
     Drain,

@@ -58,6 +58,10 @@ fn m2i_samples() -> Vec<(&'static str, ManagerToInterchange)> {
                 reason: "sigterm".into(),
             },
         ),
+        (
+            "returned",
+            ManagerToInterchange::Returned(vec![(TaskId(9), Attempt(1))]),
+        ),
     ]
 }
 
@@ -114,6 +118,7 @@ fn i2m_samples() -> Vec<(&'static str, InterchangeToManager)> {
                 tasks: vec![(TaskId(9), Attempt(1))],
             },
         ),
+        ("reclaim", InterchangeToManager::Reclaim { max: 3 }),
         ("drain", InterchangeToManager::Drain),
         ("drained", InterchangeToManager::Drained),
         (
@@ -131,6 +136,7 @@ const M2I_GOLDEN: &[(&str, &str)] = &[
     ("results", "920181a7726573756c74739293070281a26f6b92a46a736f6ec402343293080181a365727294ab776f726b65725f6c6f7374aa576f726b65724c6f7374a87369676e616c2039c0"),
     ("drain", "9201a5647261696e"),
     ("bye", "920181a362796591a77369677465726d"),
+    ("returned", "920181a872657475726e656491920901"),
 ];
 
 const I2M_GOLDEN: &[(&str, &str)] = &[
@@ -139,6 +145,7 @@ const I2M_GOLDEN: &[(&str, &str)] = &[
     ("tasks", "920181a57461736b739292920181aa707974686f6e5f72656692a16da166920281a57368656c6c91a86563686f207b787d919509010192a67069636b6c65c4028005cd05dc"),
     ("heartbeat", "9201a9686561727462656174"),
     ("cancel", "920181a663616e63656c9191920901"),
+    ("reclaim", "920181a77265636c61696d9103"),
     ("drain", "9201a5647261696e"),
     ("drained", "9201a7647261696e6564"),
     ("shutdown", "920181a873687574646f776e91a3627965"),

@@ -248,3 +248,36 @@ def test_fault_09_busy_node_is_not_declared_lost(env):
     assert all(r["ok"] and r["result"] == 2.5 for r in run.lines), run.lines
     log = (run.run_dir / "fnx.log").read_text()
     assert " lost" not in log, log
+
+
+def test_idle_manager_takes_back_tasks_prefetched_by_a_busy_one(env):
+    """With the default prefetch, each of two managers takes half of a short queue. When one
+    manager's worker is stuck on a long task, the other, once idle, gets the stuck manager's
+    unstarted tasks back through the interchange (Reclaim / Returned) instead of idling."""
+    env.write("uneven.py", textwrap.dedent("""
+        import os, time
+
+        def f(d, i):
+            if i == 0:
+                deadline = time.monotonic() + 60
+                while not os.path.exists(os.path.join(d, "release")):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("never released")
+                    time.sleep(0.01)
+            return [i, os.getpid()]
+    """))
+    gate = env.dir / "gate"
+    bg = env.start_map("uneven:f", "--managers", "2", "--workers", "1",
+                       inputs=([str(gate), i] for i in range(10)))
+    # Everything but task 0 and the one task pipelined behind it on the stuck worker finishes.
+    done = bg.wait_for_results(8, timeout=30)
+    assert all(line["ok"] for line in done), done
+    assert 0 not in {line["index"] for line in done}
+    (gate / "release").touch()
+    run = bg.wait(30)
+    assert run.returncode == 0, run.explain()
+    r = run.by_index()
+    assert sorted(r) == list(range(10))
+    stuck_pid = r[0]["result"][1]
+    moved = [i for i in range(1, 5) if r[i]["result"][1] != stuck_pid]
+    assert len(moved) >= 3, f"tasks queued behind the stuck one ran elsewhere: {r}"

@@ -344,6 +344,7 @@ impl<'a> Pool<'a> {
                 }
             }
             InterchangeToManager::Cancel { tasks } => self.cancel(&tasks),
+            InterchangeToManager::Reclaim { max } => self.give_back(max as usize),
             InterchangeToManager::Drain => tracing::info!("draining: no new tasks will come"),
             InterchangeToManager::Drained => self.end = Some(PoolEnd::Drained),
             InterchangeToManager::Shutdown { reason } => {
@@ -351,6 +352,33 @@ impl<'a> Pool<'a> {
                 self.end = Some(PoolEnd::Shutdown(reason));
             }
             other => tracing::debug!("unexpected message for the pool: {other:?}"),
+        }
+    }
+
+    /// Return up to `max` queued (never started) tasks, newest first, so idle workers on other
+    /// managers can run them. Results gathered so far go first, so the interchange's view of
+    /// what this manager holds is current.
+    fn give_back(&mut self, max: usize) {
+        let n = max.min(self.queue.len());
+        let returned: Vec<_> = self
+            .queue
+            .drain(self.queue.len() - n..)
+            .map(|t| (t.id, t.attempt))
+            .collect();
+        self.flush(true);
+        if !returned.is_empty() {
+            tracing::debug!("giving back {} unstarted tasks", returned.len());
+        }
+        match encode(
+            &ManagerToInterchange::Returned(returned),
+            self.cfg.max_frame_bytes,
+        ) {
+            Ok(frame) => {
+                if let Err(e) = self.link.send_multipart([tag::SEND, &frame[..]], 0) {
+                    tracing::error!("cannot hand returned tasks to the link thread: {e}");
+                }
+            }
+            Err(e) => tracing::error!("cannot encode returned tasks: {e}"),
         }
     }
 
