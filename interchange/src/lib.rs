@@ -4,6 +4,7 @@
 //! - [`state`]: the interchange as a pure, synchronous state machine — pending queue, capacity
 //!   based batched dispatch, per-manager in-flight tracking, heartbeat expiry, retries, drain,
 //!   cancel. Events in, messages out through the [`Comm`] trait; no I/O.
+//! - [`types`]: the public data types: configuration, tasks in, finished tasks and notices out.
 //! - [`queue`]: the priority-then-FIFO pending queue.
 //! - [`driver`]: one thread that owns a ZeroMQ ROUTER socket (one socket for every manager),
 //!   feeds the state machine and hands finished tasks to the host over a channel.
@@ -14,6 +15,7 @@
 pub mod driver;
 pub mod queue;
 pub mod state;
+pub mod types;
 
 pub use driver::{DriverConfig, Event, Handle};
 pub use state::{

@@ -1,0 +1,161 @@
+//! The interchange's public data types: configuration, what goes in (tasks), what comes out
+//! (finished tasks, notices, the `Comm` trait), and status snapshots.
+
+use fnx_protocol::{
+    Attempt, BlockId, FunctionId, InterchangeToManager, ManagerId, Outcome, Payload, TaskId,
+};
+use std::time::Duration;
+
+/// The routing identity of a connected peer (opaque bytes chosen by the transport).
+pub type Peer = Vec<u8>;
+
+/// Tunables of the dispatcher.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Heartbeat period managers are told to use.
+    pub heartbeat_period: Duration,
+    /// Silence after which a manager is declared lost.
+    pub heartbeat_threshold: Duration,
+    /// Most tasks in one `Tasks` message.
+    pub max_batch_tasks: usize,
+    /// Most argument bytes in one `Tasks` message (a single larger task still goes alone).
+    pub max_batch_bytes: usize,
+    /// Largest accepted argument payload of one task.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            heartbeat_period: Duration::from_secs(5),
+            heartbeat_threshold: Duration::from_secs(30),
+            max_batch_tasks: 4096,
+            max_batch_bytes: 8 << 20,
+            max_payload_bytes: 10 << 20,
+        }
+    }
+}
+
+/// A task handed to the interchange.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewTask {
+    /// Its id, unique among the tasks this interchange holds.
+    pub id: TaskId,
+    /// The function to run (registered with [`Interchange::add_function`]).
+    pub function: FunctionId,
+    /// Its arguments.
+    pub args: Payload,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Per-attempt walltime in milliseconds.
+    pub walltime_ms: Option<u64>,
+    /// How many times it may be re-dispatched after an infrastructure failure.
+    pub retries: u32,
+}
+
+/// A task reached its terminal state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finished {
+    /// The task.
+    pub id: TaskId,
+    /// The attempt that produced the outcome (the number of dispatches so far; 0 if never sent).
+    pub attempt: Attempt,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// What the interchange tells the world.
+pub trait Comm {
+    /// Send a message to a connected peer.
+    fn send(&mut self, to: &Peer, msg: &InterchangeToManager);
+    /// A task is done (success, failure or cancelled); reported exactly once per task.
+    fn finished(&mut self, done: Finished);
+    /// Something an operator should know (registration, loss, refusals). Also logged.
+    fn notice(&mut self, notice: Notice);
+}
+
+/// Events about managers, for logs, status and the embedded runner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// A manager registered.
+    Registered {
+        /// Its id.
+        id: ManagerId,
+        /// The name its launcher gave it.
+        uid: String,
+        /// Its host.
+        host: String,
+        /// Its worker slots.
+        slots: u32,
+    },
+    /// A registration was refused.
+    Refused {
+        /// The name the peer gave, if it could be read.
+        uid: Option<String>,
+        /// Why.
+        reason: String,
+    },
+    /// A manager was lost; its tasks were retried or failed.
+    Lost {
+        /// Its id.
+        id: ManagerId,
+        /// The name its launcher gave it.
+        uid: String,
+        /// Its host.
+        host: String,
+        /// Why it was declared lost.
+        reason: String,
+        /// How many of its tasks were queued again.
+        requeued: usize,
+        /// How many of its tasks failed as `manager_lost`.
+        failed: usize,
+    },
+    /// A manager finished draining and was released.
+    Drained {
+        /// Its id.
+        id: ManagerId,
+        /// The name its launcher gave it.
+        uid: String,
+    },
+    /// A message was ignored (unknown or expired sender, unassigned result, malformed bytes).
+    Ignored {
+        /// What and why.
+        reason: String,
+    },
+}
+
+/// A snapshot of one manager, for status displays.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagerStatus {
+    /// Its id.
+    pub id: ManagerId,
+    /// The name its launcher gave it.
+    pub uid: String,
+    /// Its host.
+    pub host: String,
+    /// Its block, if any.
+    pub block_id: Option<BlockId>,
+    /// Worker slots.
+    pub slots: u32,
+    /// Tasks it holds now.
+    pub inflight: usize,
+    /// Tasks it completed.
+    pub completed: u64,
+    /// Whether it is draining.
+    pub draining: bool,
+    /// How long it has held no task.
+    pub idle_for: Option<Duration>,
+}
+
+/// Counts for status displays.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Tasks waiting for dispatch.
+    pub queued: usize,
+    /// Tasks held by managers.
+    pub running: usize,
+    /// Registered managers.
+    pub managers: usize,
+    /// Worker slots across registered managers.
+    pub slots: u64,
+}
