@@ -369,16 +369,18 @@ impl<'a> Pool<'a> {
         if !returned.is_empty() {
             tracing::debug!("giving back {} unstarted tasks", returned.len());
         }
-        match encode(
-            &ManagerToInterchange::Returned(returned),
-            self.cfg.max_frame_bytes,
-        ) {
+        self.send(&ManagerToInterchange::Returned(returned));
+    }
+
+    /// Hand a message for the interchange to the link thread.
+    fn send(&self, msg: &ManagerToInterchange) {
+        match encode(msg, self.cfg.max_frame_bytes) {
             Ok(frame) => {
                 if let Err(e) = self.link.send_multipart([tag::SEND, &frame[..]], 0) {
-                    tracing::error!("cannot hand returned tasks to the link thread: {e}");
+                    tracing::error!("cannot hand a message to the link thread: {e}");
                 }
             }
-            Err(e) => tracing::error!("cannot encode returned tasks: {e}"),
+            Err(e) => tracing::error!("cannot encode a message for the interchange: {e}"),
         }
     }
 
@@ -465,17 +467,7 @@ impl<'a> Pool<'a> {
         let results = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
         self.batch_since = None;
-        match encode(
-            &ManagerToInterchange::Results(results),
-            self.cfg.max_frame_bytes,
-        ) {
-            Ok(frame) => {
-                if let Err(e) = self.link.send_multipart([tag::SEND, &frame[..]], 0) {
-                    tracing::error!("cannot hand results to the link thread: {e}");
-                }
-            }
-            Err(e) => tracing::error!("cannot encode results: {e}"),
-        }
+        self.send(&ManagerToInterchange::Results(results));
     }
 
     fn stop_all(&mut self) {
