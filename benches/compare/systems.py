@@ -70,6 +70,14 @@ def _task_functions():
     return square
 
 
+# The function of examples/square.py that each workload calls, for every system.
+WORKLOAD_FUNCTION = {"noop": "noop", "sleep": "nap", "transfer": "echo_bytes"}
+
+
+def _task_function(workload):
+    return getattr(_task_functions(), WORKLOAD_FUNCTION[workload])
+
+
 def _args_for(workload, n):
     if workload == "noop":
         return [(i,) for i in range(n)]
@@ -142,21 +150,10 @@ def processpool_pool(timing):
         timing["shutdown_seconds"] = time.perf_counter() - t1
 
 
-def _processpool(pool, fn, workload, n):
+def _processpool(pool, workload, n):
+    fn = _task_function(workload)
     args = _args_for(workload, n)
     return _timed_run(lambda: [pool.submit(fn, *a) for a in args], _wait_cf, workload, n)
-
-
-def processpool_noop(pool, n):
-    return _processpool(pool, _task_functions().noop, "noop", n)
-
-
-def processpool_sleep(pool, n):
-    return _processpool(pool, _task_functions().nap, "sleep", n)
-
-
-def processpool_transfer(pool, n):
-    return _processpool(pool, _task_functions().echo_bytes, "transfer", n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,9 +203,8 @@ def parsl_pool(timing, tmpdir):
     dfk = parsl.load(config)
     try:
         apps = {
-            "noop": parsl.python_app(sq.noop, executors=["htex"]),
-            "sleep": parsl.python_app(sq.nap, executors=["htex"]),
-            "transfer": parsl.python_app(sq.echo_bytes, executors=["htex"]),
+            w: parsl.python_app(getattr(sq, name), executors=["htex"])
+            for w, name in WORKLOAD_FUNCTION.items()
         }
         # Warm-up: waits until the worker pool has connected to the interchange.
         for f in [apps["noop"](i) for i in range(WORKERS)]:
@@ -230,16 +226,6 @@ def _parsl(apps, workload, n):
     return _timed_run(lambda: [app(*a) for a in args], _wait_cf, workload, n)
 
 
-def parsl_noop(apps, n):
-    return _parsl(apps, "noop", n)
-
-
-def parsl_sleep(apps, n):
-    return _parsl(apps, "sleep", n)
-
-
-def parsl_transfer(apps, n):
-    return _parsl(apps, "transfer", n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,7 +270,8 @@ def dask_pool(timing, tmpdir):
         timing["shutdown_seconds"] = time.perf_counter() - t1
 
 
-def _dask(client, fn, workload, n):
+def _dask(client, workload, n):
+    fn = _task_function(workload)
     args = _args_for(workload, n)
 
     def wait_all(futures, check):
@@ -297,16 +284,6 @@ def _dask(client, fn, workload, n):
     )
 
 
-def dask_noop(client, n):
-    return _dask(client, _task_functions().noop, "noop", n)
-
-
-def dask_sleep(client, n):
-    return _dask(client, _task_functions().nap, "sleep", n)
-
-
-def dask_transfer(client, n):
-    return _dask(client, _task_functions().echo_bytes, "transfer", n)
 
 
 def cell_main(argv):
@@ -322,14 +299,14 @@ def cell_main(argv):
     warnings.filterwarnings("ignore", message=".*[Ll]arge object.*")
     warnings.filterwarnings("ignore", message=".*[Ss]ending large graph.*")
     timing = {}
-    run = globals()[f"{a.system}_{a.workload}"]
+    run = {"processpool": _processpool, "parsl": _parsl, "dask": _dask}[a.system]
     try:
         if a.system == "processpool":
             pool_cm = processpool_pool(timing)
         else:
             pool_cm = globals()[f"{a.system}_pool"](timing, a.tmpdir)
         with pool_cm as pool:
-            out.update(run(pool, a.tasks))
+            out.update(run(pool, a.workload, a.tasks))
     except BaseException as e:  # noqa: BLE001 - reported, not swallowed
         out["error"] = f"{type(e).__name__}: {e}"
     out.update(timing)
@@ -391,11 +368,11 @@ def _fnx_map(ctx, workload, n, function):
 
 
 def fnx_noop(ctx, n):
-    return _fnx_map(ctx, "noop", n, "square:noop")
+    return _fnx_map(ctx, "noop", n, "square:" + WORKLOAD_FUNCTION["noop"])
 
 
 def fnx_sleep(ctx, n):
-    return _fnx_map(ctx, "sleep", n, "square:nap")
+    return _fnx_map(ctx, "sleep", n, "square:" + WORKLOAD_FUNCTION["sleep"])
 
 
 def fnx_transfer(ctx, n):
