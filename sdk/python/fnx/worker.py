@@ -285,15 +285,7 @@ def _load_file(fid, path):
         sys.path.insert(0, directory)
     loader = importlib.machinery.SourceFileLoader(name, path)  # any file name suffix
     spec = importlib.util.spec_from_file_location(name, path, loader=loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        loader.exec_module(module)
-    except BaseException:
-        if sys.modules.get(name) is module:
-            del sys.modules[name]
-        raise
-    return module
+    return _run_new_module(importlib.util.module_from_spec(spec), name, loader.exec_module)
 
 
 def _load_source(fid, source):
@@ -305,10 +297,14 @@ def _load_source(fid, source):
     # Lets tracebacks show source lines (entries with mtime None survive checkcache()).
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     code = compile(source, filename, "exec")
-    module = types.ModuleType(name)
+    return _run_new_module(types.ModuleType(name), name, lambda m: exec(code, m.__dict__))
+
+
+def _run_new_module(module, name, execute):
+    """Register ``module`` as ``name`` and run ``execute(module)``; unregister it on failure."""
     sys.modules[name] = module
     try:
-        exec(code, module.__dict__)
+        execute(module)
     except BaseException:
         if sys.modules.get(name) is module:
             del sys.modules[name]
