@@ -64,6 +64,7 @@ fn tasks(n: u64) -> Vec<NewTask> {
             priority: 0,
             walltime_ms: None,
             retries: 1,
+            attempt: fnx_protocol::Attempt(0),
         })
         .collect()
 }

@@ -1,9 +1,9 @@
 //! `fnx bench`: measure fnx's own overhead, apart from any work.
 
-use crate::embedded::{Embedded, PoolOptions};
 use crate::{EXIT_OK, EXIT_USAGE};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use fnx_daemon::local::{LocalPool, PoolOptions};
 use fnx_interchange::driver::{self, DriverConfig};
 use fnx_interchange::{Event, Handle, NewTask, Notice};
 use fnx_protocol::{
@@ -11,6 +11,7 @@ use fnx_protocol::{
     ManagerToInterchange, Outcome, Payload, Register, TaskId, TaskResult, DEFAULT_MAX_FRAME_BYTES,
 };
 use hdrhistogram::Histogram;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -146,6 +147,7 @@ fn new_task(i: u64, payload_bytes: usize) -> NewTask {
         priority: 0,
         walltime_ms: None,
         retries: 0,
+        attempt: fnx_protocol::Attempt(0),
     }
 }
 
@@ -172,7 +174,7 @@ fn dispatch(args: &DispatchArgs) -> Result<serde_json::Value> {
         }
         Mode::Processes => {
             let run_dir = std::env::temp_dir().join(format!("fnx-bench-{}", std::process::id()));
-            let pool = Embedded::start(PoolOptions {
+            let pool = LocalPool::start(PoolOptions {
                 managers: args.managers,
                 workers: Some(args.slots),
                 prefetch: args.prefetch,
@@ -184,6 +186,7 @@ fn dispatch(args: &DispatchArgs) -> Result<serde_json::Value> {
                 max_result_bytes: 1 << 20,
                 kill_grace: Duration::from_secs(1),
                 zero_work: true,
+                ..PoolOptions::new(PathBuf::new(), String::new())
             })?;
             (None, None, None, Some(pool))
         }
@@ -309,7 +312,7 @@ fn transfer(args: &TransferArgs) -> Result<serde_json::Value> {
         anyhow::bail!("--bytes must be below 4 GiB and --workers at least 1");
     }
     let run_dir = std::env::temp_dir().join(format!("fnx-bench-transfer-{}", std::process::id()));
-    let pool = Embedded::start(PoolOptions {
+    let pool = LocalPool::start(PoolOptions {
         managers: 1,
         workers: Some(args.workers),
         prefetch: None,
@@ -321,6 +324,7 @@ fn transfer(args: &TransferArgs) -> Result<serde_json::Value> {
         max_result_bytes: args.bytes as u64 + (1 << 20),
         kill_grace: Duration::from_secs(1),
         zero_work: false,
+        ..PoolOptions::new(PathBuf::new(), String::new())
     })?;
     let echo = FunctionBody::PythonSource {
         source: "def echo(data):\n    return data\n".into(),
@@ -350,6 +354,7 @@ fn transfer(args: &TransferArgs) -> Result<serde_json::Value> {
                     priority: 0,
                     walltime_ms: None,
                     retries: 0,
+                    attempt: fnx_protocol::Attempt(0),
                 })
                 .collect();
             pool.handle.submit(batch);

@@ -11,7 +11,8 @@ use std::process::ExitCode;
 static GLOBAL: MiMalloc = MiMalloc;
 
 mod bench;
-mod embedded;
+mod client;
+mod daemon_cmd;
 mod input;
 mod logging;
 mod manager_cmd;
@@ -58,6 +59,25 @@ enum Command {
     /// Measure fnx's own overhead.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run the fnx service: durable task store, HTTP API, pools of workers.
+    Daemon(daemon_cmd::DaemonArgs),
+    /// Submit one task to the daemon.
+    Submit(client::SubmitArgs),
+    /// Show a task's result (optionally waiting for it).
+    Result(client::ResultArgs),
+    /// Cancel a task.
+    Cancel(client::CancelArgs),
+    /// Show the daemon's pools, managers and task counts.
+    Status(client::StatusArgs),
+    /// Register, list and show functions.
+    #[command(subcommand)]
+    Function(client::FunctionCommand),
+    /// Create API tokens (admin; writes the daemon's store directly).
+    #[command(subcommand)]
+    Token(daemon_cmd::TokenCommand),
+    /// Validate site configurations.
+    #[command(subcommand)]
+    Config(daemon_cmd::ConfigCommand),
     /// Run a node manager (started by fnx itself or by a launcher inside a batch job).
     #[command(hide = true)]
     Manager(manager_cmd::ManagerArgs),
@@ -77,6 +97,14 @@ fn main() -> ExitCode {
         Command::Run(args) => map::run_once(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Manager(args) => manager_cmd::run(args),
+        Command::Daemon(args) => daemon_cmd::run_daemon(args),
+        Command::Submit(args) => client::finish(client::submit(args)),
+        Command::Result(args) => client::finish(client::result(args)),
+        Command::Cancel(args) => client::finish(client::cancel(args)),
+        Command::Status(args) => client::finish(client::status(args)),
+        Command::Function(cmd) => client::finish(client::function(cmd)),
+        Command::Token(cmd) => daemon_cmd::token(cmd),
+        Command::Config(cmd) => daemon_cmd::config(cmd),
     };
     ExitCode::from(code)
 }

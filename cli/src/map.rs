@@ -1,10 +1,10 @@
 //! `fnx map` and `fnx run`: embedded mode.
 
-use crate::embedded::{Embedded, PoolOptions};
 use crate::input::{self, LineKind};
 use crate::output::{self, Progress, ResultWriter, Tally};
 use crate::{logging, EXIT_INTERRUPTED, EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE};
 use clap::{Args, ValueEnum};
+use fnx_daemon::local::{LocalPool, PoolOptions};
 use fnx_interchange::{Event, NewTask, Notice};
 use fnx_protocol::{
     ErrorKind, FunctionBody, FunctionDef, FunctionId, Outcome, Payload, TaskError, TaskId,
@@ -347,7 +347,7 @@ impl Accounting<'_> {
             Event::Notice(Notice::Lost { uid, reason, .. }) => {
                 tracing::warn!("manager {uid} lost: {reason}")
             }
-            Event::Notice(_) => {}
+            Event::Notice(_) | Event::Dispatched(_) => {}
         }
         Ok(())
     }
@@ -372,7 +372,7 @@ fn execute(
         .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
     let run_id = format!("{}-{:x}", std::process::id(), rand_seed());
     let secs = Duration::from_secs_f64;
-    let mut pool = Embedded::start(PoolOptions {
+    let mut pool = LocalPool::start(PoolOptions {
         managers: opts.managers,
         workers: opts.workers,
         prefetch: opts.prefetch,
@@ -383,7 +383,7 @@ fn execute(
         heartbeat_threshold: secs(opts.heartbeat_threshold),
         max_result_bytes: opts.max_result_bytes,
         kill_grace: secs(opts.kill_grace),
-        zero_work: false,
+        ..PoolOptions::new(run_dir.clone(), String::new())
     })?;
     tracing::info!("run directory {}", run_dir.display());
     let function = FunctionId(1);
@@ -433,6 +433,7 @@ fn execute(
                                     priority: 0,
                                     walltime_ms,
                                     retries: opts.retries,
+                                    attempt: fnx_protocol::Attempt(0),
                                 });
                             }
                         }

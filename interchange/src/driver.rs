@@ -11,7 +11,8 @@ use crate::state::{
     Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer,
 };
 use fnx_protocol::{
-    decode, encode, FunctionDef, InterchangeToManager, ManagerToInterchange, TaskId,
+    decode, encode, Attempt, FunctionDef, InterchangeToManager, ManagerId, ManagerToInterchange,
+    TaskId, TaskSpec,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -31,6 +32,9 @@ pub struct DriverConfig {
     pub max_frame_bytes: usize,
     /// How often expiry is checked.
     pub tick: Duration,
+    /// Send [`Event::Dispatched`] for every batch handed to a manager (off by default: only a
+    /// host that records task states needs it).
+    pub report_dispatch: bool,
 }
 
 impl DriverConfig {
@@ -41,6 +45,7 @@ impl DriverConfig {
             state: Config::default(),
             max_frame_bytes: fnx_protocol::DEFAULT_MAX_FRAME_BYTES,
             tick: Duration::from_millis(100),
+            report_dispatch: false,
         }
     }
 }
@@ -72,6 +77,9 @@ pub enum Event {
     Finished(Vec<Finished>),
     /// A manager event (registered, lost, refused, drained, ignored message).
     Notice(Notice),
+    /// Tasks handed to managers, with the attempt number of that dispatch; sent before any
+    /// later `Finished` of the same tasks.
+    Dispatched(Vec<(TaskId, Attempt)>),
 }
 
 enum Command {
@@ -88,7 +96,7 @@ pub struct Handle {
     commands: Sender<Command>,
     wake: Mutex<zmq::Socket>,
     endpoint: String,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 static NEXT_WAKE: AtomicU64 = AtomicU64::new(0);
@@ -134,6 +142,7 @@ pub fn start(
                 events: ev_tx,
                 max_frame: config.max_frame_bytes,
                 tick: config.tick,
+                report_dispatch: config.report_dispatch,
                 ignored: RateLimit::default(),
             };
             driver.run();
@@ -143,7 +152,7 @@ pub fn start(
         commands: cmd_tx,
         wake: Mutex::new(wake_tx),
         endpoint,
-        thread: Some(thread),
+        thread: Mutex::new(Some(thread)),
     };
     Ok((handle, ev_rx))
 }
@@ -190,13 +199,15 @@ impl Handle {
     }
 
     /// Tell every manager to exit, then stop the driver thread.
-    pub fn shutdown(mut self, reason: &str) {
+    pub fn shutdown(self, reason: &str) {
         self.stop(reason);
     }
 
-    /// Tell every manager to exit and stop the driver thread; later calls do nothing.
-    pub fn stop(&mut self, reason: &str) {
-        if let Some(thread) = self.thread.take() {
+    /// Tell every manager to exit and stop the driver thread; later calls do nothing. The
+    /// handle may be shared between threads (it is `Sync`).
+    pub fn stop(&self, reason: &str) {
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
             self.command(Command::Shutdown {
                 reason: reason.to_string(),
             });
@@ -219,6 +230,7 @@ struct Driver {
     events: Sender<Event>,
     max_frame: usize,
     tick: Duration,
+    report_dispatch: bool,
     ignored: RateLimit,
 }
 
@@ -228,6 +240,7 @@ struct Outbox<'a> {
     finished: Vec<Finished>,
     notices: Vec<Notice>,
     unreachable: Vec<Peer>,
+    dispatched: Option<Vec<(TaskId, Attempt)>>,
 }
 
 impl Comm for Outbox<'_> {
@@ -256,6 +269,12 @@ impl Comm for Outbox<'_> {
     fn notice(&mut self, notice: Notice) {
         self.notices.push(notice);
     }
+
+    fn dispatched(&mut self, _manager: ManagerId, tasks: &[TaskSpec]) {
+        if let Some(d) = &mut self.dispatched {
+            d.extend(tasks.iter().map(|t| (t.id, t.attempt)));
+        }
+    }
 }
 
 const MAX_MESSAGES_PER_ROUND: usize = 4096;
@@ -281,6 +300,7 @@ impl Driver {
                 finished: Vec::new(),
                 notices: Vec::new(),
                 unreachable: Vec::new(),
+                dispatched: self.report_dispatch.then(Vec::new),
             };
             let mut stop = None;
             if wake_ready {
@@ -332,8 +352,14 @@ impl Driver {
                 }
             }
             let Outbox {
-                finished, notices, ..
+                finished,
+                notices,
+                dispatched,
+                ..
             } = out;
+            if let Some(d) = dispatched.filter(|d| !d.is_empty()) {
+                let _ = self.events.send(Event::Dispatched(d));
+            }
             for notice in notices {
                 self.log_notice(&notice);
                 let _ = self.events.send(Event::Notice(notice));

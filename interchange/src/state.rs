@@ -130,7 +130,7 @@ impl Interchange {
                     priority: t.priority,
                     walltime_ms: t.walltime_ms,
                     retries_left: t.retries,
-                    attempt: Attempt(0),
+                    attempt: t.attempt,
                     state: TaskState::Queued,
                     cancel_requested: false,
                     crashes: 0,
@@ -638,6 +638,7 @@ impl Interchange {
                 m.in_ready = true;
                 self.ready.push_back(mid);
             }
+            comm.dispatched(mid, &tasks);
             comm.send(&m.peer, &InterchangeToManager::Tasks { functions, tasks });
         }
         self.maybe_reclaim(comm);

@@ -3,6 +3,7 @@
 
 use fnx_protocol::{
     Attempt, BlockId, FunctionId, InterchangeToManager, ManagerId, Outcome, Payload, TaskId,
+    TaskSpec,
 };
 use std::time::Duration;
 
@@ -51,6 +52,10 @@ pub struct NewTask {
     pub walltime_ms: Option<u64>,
     /// How many times it may be re-dispatched after an infrastructure failure.
     pub retries: u32,
+    /// Attempts already made (0 for a new task); the next dispatch is `attempt + 1`. A daemon
+    /// that restarts passes the last recorded attempt, so results of an attempt dispatched
+    /// before the restart can never be taken for the new one.
+    pub attempt: Attempt,
 }
 
 /// A task reached its terminal state.
@@ -72,6 +77,9 @@ pub trait Comm {
     fn finished(&mut self, done: Finished);
     /// Something an operator should know (registration, loss, refusals). Also logged.
     fn notice(&mut self, notice: Notice);
+    /// Tasks were handed to a manager (called just before the `Tasks` message is sent), so a
+    /// host that records task states can mark them running with their attempt numbers.
+    fn dispatched(&mut self, _manager: ManagerId, _tasks: &[TaskSpec]) {}
 }
 
 /// Events about managers, for logs, status and the embedded runner.

@@ -67,6 +67,7 @@ fn task(id: u64) -> NewTask {
         priority: 0,
         walltime_ms: None,
         retries: 1,
+        attempt: Attempt(0),
     }
 }
 

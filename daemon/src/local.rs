@@ -1,6 +1,7 @@
-//! Embedded mode: an in-process interchange plus local manager processes, for one run.
+//! A local pool: an in-process interchange plus manager processes on this host. LocalPool mode
+//! (`fnx map`) runs one for a single run; the daemon runs one per `provider = "local"` pool and
+//! restarts managers that end.
 
-use anyhow::{Context, Result};
 use fnx_interchange::driver::{self, DriverConfig};
 use fnx_interchange::{Event, Handle, Notice};
 use fnx_protocol::ManagerBootstrap;
@@ -8,11 +9,45 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use thiserror::Error;
 
-/// Settings of an embedded pool.
+/// A local pool could not start.
+#[derive(Debug, Error)]
+pub enum LocalError {
+    /// The interchange could not bind or start.
+    #[error("cannot start the interchange: {0}")]
+    Interchange(#[from] driver::DriverError),
+    /// A file, directory, thread or process could not be created.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was attempted.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Managers did not come up.
+    #[error("{0}")]
+    Managers(String),
+}
+
+type Result<T> = std::result::Result<T, LocalError>;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LocalError {
+    let what = what.into();
+    move |source| LocalError::Io { what, source }
+}
+
+/// Settings of a local pool.
 #[derive(Clone, Debug)]
 pub struct PoolOptions {
+    /// ZeroMQ endpoint the interchange binds (`tcp://127.0.0.1:0` for any free loopback port).
+    pub bind: String,
+    /// Send [`Event::Dispatched`] events (the daemon records task states).
+    pub report_dispatch: bool,
+    /// Largest task argument payload.
+    pub max_payload_bytes: usize,
     /// Manager processes.
     pub managers: u32,
     /// Worker slots per manager (None: the CPUs each may use).
@@ -37,6 +72,28 @@ pub struct PoolOptions {
     pub zero_work: bool,
 }
 
+impl PoolOptions {
+    /// Defaults: one manager on loopback with a slot per CPU, `python3`, 5 s heartbeats.
+    pub fn new(run_dir: PathBuf, run_id: String) -> PoolOptions {
+        PoolOptions {
+            bind: "tcp://127.0.0.1:0".into(),
+            report_dispatch: false,
+            max_payload_bytes: 10 << 20,
+            managers: 1,
+            workers: None,
+            prefetch: None,
+            python: "python3".into(),
+            run_dir,
+            run_id,
+            heartbeat_period: Duration::from_secs(5),
+            heartbeat_threshold: Duration::from_secs(30),
+            max_result_bytes: 10 << 20,
+            kill_grace: Duration::from_secs(2),
+            zero_work: false,
+        }
+    }
+}
+
 /// A manager process that ended.
 pub struct ManagerExit {
     /// Its uid.
@@ -54,41 +111,49 @@ struct Child {
     running: bool,
 }
 
-/// A running embedded pool.
-pub struct Embedded {
-    /// The interchange.
-    pub handle: Handle,
+/// A running local pool.
+pub struct LocalPool {
+    /// The interchange (shared with whoever submits and cancels).
+    pub handle: Arc<Handle>,
     /// Its events.
     pub events: Receiver<Event>,
     children: Vec<Child>,
     exits: Receiver<(String, std::io::Result<ExitStatus>)>,
+    exit_tx: Sender<(String, std::io::Result<ExitStatus>)>,
+    exe: PathBuf,
     opts: PoolOptions,
     stopped: bool,
+    launched: u32,
     _ctx: zmq::Context,
 }
 
-impl Embedded {
+impl LocalPool {
     /// Bind an interchange on loopback and start the manager processes.
-    pub fn start(opts: PoolOptions) -> Result<Embedded> {
+    pub fn start(opts: PoolOptions) -> Result<LocalPool> {
         let ctx = zmq::Context::new();
-        let mut cfg = DriverConfig::new("tcp://127.0.0.1:0");
+        let mut cfg = DriverConfig::new(opts.bind.clone());
         cfg.state.heartbeat_period = opts.heartbeat_period;
         cfg.state.heartbeat_threshold = opts.heartbeat_threshold;
-        let (handle, events) = driver::start(&ctx, cfg).context("cannot start the interchange")?;
+        cfg.state.max_payload_bytes = opts.max_payload_bytes;
+        cfg.report_dispatch = opts.report_dispatch;
+        let (handle, events) = driver::start(&ctx, cfg)?;
         tracing::info!("interchange listening on {}", handle.endpoint());
-        let exe = std::env::current_exe().context("cannot find the fnx executable")?;
-        let (tx, exits) = channel();
+        let exe = std::env::current_exe().map_err(io("cannot find the fnx executable"))?;
+        let (exit_tx, exits) = channel();
         let mut children = Vec::new();
         for i in 0..opts.managers {
             let uid = format!("manager-{i}");
-            let child = spawn_manager(&exe, &handle, &opts, &uid, tx.clone())?;
+            let child = spawn_manager(&exe, &handle, &opts, &uid, exit_tx.clone())?;
             children.push(child);
         }
-        let mut pool = Embedded {
-            handle,
+        let mut pool = LocalPool {
+            handle: Arc::new(handle),
             events,
             children,
             exits,
+            exit_tx,
+            exe,
+            launched: opts.managers,
             opts,
             stopped: false,
             _ctx: ctx,
@@ -107,15 +172,19 @@ impl Embedded {
                 Ok(Event::Notice(Notice::Registered { .. })) => registered += 1,
                 Ok(_) => {}
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                Err(e) => anyhow::bail!("the interchange stopped: {e}"),
+                Err(e) => {
+                    return Err(LocalError::Managers(format!(
+                        "the interchange stopped: {e}"
+                    )))
+                }
             }
             if let Some(exit) = self.poll_exits().into_iter().next() {
-                anyhow::bail!(
+                return Err(LocalError::Managers(format!(
                     "manager {} ended while starting ({}); its log: {}",
                     exit.uid,
                     exit.status,
                     exit.log.display()
-                );
+                )));
             }
             if Instant::now() > deadline {
                 let logs = self
@@ -123,12 +192,12 @@ impl Embedded {
                     .iter()
                     .map(|c| c.log.display().to_string())
                     .collect::<Vec<_>>();
-                anyhow::bail!(
+                return Err(LocalError::Managers(format!(
                     "only {registered} of {} managers registered within {}s; logs: {}",
                     self.children.len(),
                     timeout.as_secs(),
                     logs.join(", ")
-                );
+                )));
             }
         }
         Ok(())
@@ -168,14 +237,36 @@ impl Embedded {
         out
     }
 
+    /// Start a new manager in place of one that ended (the daemon keeps its pools at size).
+    /// Returns the new manager's uid.
+    pub fn replace_manager(&mut self) -> Result<String> {
+        let uid = format!("manager-{}", self.launched);
+        self.launched += 1;
+        let child = spawn_manager(
+            &self.exe,
+            &self.handle,
+            &self.opts,
+            &uid,
+            self.exit_tx.clone(),
+        )?;
+        self.children.retain(|c| c.running);
+        self.children.push(child);
+        Ok(uid)
+    }
+
+    /// The run directory (manager and worker logs).
+    pub fn run_dir(&self) -> &Path {
+        &self.opts.run_dir
+    }
+
     /// Stop everything: tell managers to exit, then terminate, kill and sweep what is left.
     pub fn stop(mut self, reason: &str) {
         self.stop_all(reason);
     }
 
-    /// [`Embedded::stop`] through a reference; also run when the pool is dropped (an early
+    /// [`LocalPool::stop`] through a reference; also run when the pool is dropped (an early
     /// return on an error), so no manager, worker or task outlives the run. Idempotent.
-    fn stop_all(&mut self, reason: &str) {
+    pub fn stop_all(&mut self, reason: &str) {
         if self.stopped {
             return;
         }
@@ -209,7 +300,7 @@ impl Embedded {
     }
 }
 
-impl Drop for Embedded {
+impl Drop for LocalPool {
     fn drop(&mut self) {
         self.stop_all("fnx is exiting");
     }
@@ -242,13 +333,13 @@ fn spawn_manager(
     b.kill_grace_ms = opts.kill_grace.as_millis() as u64;
     b.zero_work = opts.zero_work;
     let dir = fnx_manager::manager_dir(&b);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
     let log = dir.join("manager.log");
     let stderr = std::fs::File::options()
         .create(true)
         .append(true)
         .open(&log)
-        .with_context(|| format!("cannot open {}", log.display()))?;
+        .map_err(io(format!("cannot open {}", log.display())))?;
     let mut cmd = Command::new(exe);
     cmd.args(fnx_launcher::manager_args(&b))
         .env("FNX_RUN_ID", &opts.run_id)
@@ -263,7 +354,7 @@ fn spawn_manager(
     }
     let mut child = cmd
         .spawn()
-        .with_context(|| format!("cannot start {}", exe.display()))?;
+        .map_err(io(format!("cannot start {}", exe.display())))?;
     let pid = child.id();
     let name = uid.to_string();
     std::thread::Builder::new()
@@ -272,7 +363,7 @@ fn spawn_manager(
             let status = child.wait();
             let _ = exits.send((name, status));
         })
-        .context("cannot start a thread")?;
+        .map_err(io("cannot start a thread"))?;
     Ok(Child {
         uid: uid.to_string(),
         pid,

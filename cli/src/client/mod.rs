@@ -1,0 +1,430 @@
+//! The CLI as a client of `fnx daemon`: `submit`, `result`, `cancel`, `status`, `function`.
+
+pub mod http;
+
+use crate::{EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use http::Client;
+use serde_json::{json, Value};
+
+/// Exit status: the task has not finished yet.
+pub const EXIT_NOT_DONE: u8 = 3;
+
+/// How to print answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputMode {
+    /// For people.
+    Text,
+    /// The API's JSON documents, one per line.
+    Json,
+}
+
+/// Where the daemon is. Flags win over the environment, which wins over the file the daemon
+/// wrote on its first start (`$FNX_HOME/client.json`).
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// The daemon's URL, e.g. http://127.0.0.1:8470.
+    #[arg(long, env = "FNX_URL", global = true)]
+    pub url: Option<String>,
+    /// Your API token.
+    #[arg(long, env = "FNX_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    pub output: OutputMode,
+}
+
+impl Conn {
+    /// Connect (no request is made yet).
+    pub fn client(&self) -> Result<Client> {
+        let file = fnx_daemon::config::fnx_home().join("client.json");
+        let saved: Option<Value> = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let from_file = |k: &str| {
+            saved
+                .as_ref()
+                .and_then(|v| v[k].as_str())
+                .map(str::to_string)
+        };
+        let url = self.url.clone().or_else(|| from_file("url"));
+        let token = self.token.clone().or_else(|| from_file("token"));
+        match (url, token) {
+            (Some(u), Some(t)) => Client::new(&u, &t),
+            _ => bail!(
+                "no daemon URL or token: pass --url and --token, set FNX_URL and FNX_TOKEN, or start \
+                 `fnx daemon` once (it writes {})",
+                file.display()
+            ),
+        }
+    }
+}
+
+fn print(mode: OutputMode, v: &Value, text: impl FnOnce(&Value) -> String) {
+    match mode {
+        OutputMode::Json => println!("{v}"),
+        OutputMode::Text => {
+            let t = text(v);
+            if !t.is_empty() {
+                println!("{t}");
+            }
+        }
+    }
+}
+
+/// Run a client command and turn errors into exit status 1 (2 for usage problems).
+pub fn finish(r: Result<u8>) -> u8 {
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("fnx: {e:#}");
+            if format!("{e:#}").contains("no daemon URL") {
+                EXIT_USAGE
+            } else {
+                EXIT_TASK_FAILED
+            }
+        }
+    }
+}
+
+/// `fnx submit`.
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// Function id or registered name.
+    pub function: String,
+    /// Arguments: `name=value` is a keyword argument, anything else positional; values are
+    /// parsed as JSON when valid, else taken as strings.
+    pub args: Vec<String>,
+    /// Wait for the result and print it (as `fnx result --wait`).
+    #[arg(long)]
+    pub wait: bool,
+    /// Pool to run in (default: the daemon's first pool).
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// Priority (higher first).
+    #[arg(long)]
+    pub priority: Option<i32>,
+    /// Walltime in seconds.
+    #[arg(long)]
+    pub walltime: Option<f64>,
+    /// Re-runs after an infrastructure failure.
+    #[arg(long)]
+    pub retries: Option<u32>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+fn value_of(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+}
+
+/// Resolve a function given by id or name.
+fn function_id(c: &mut Client, f: &str) -> Result<u64> {
+    if let Ok(id) = f.parse::<u64>() {
+        return Ok(id);
+    }
+    let list = c.request("GET", "/v1/functions", None)?.ok()?;
+    let found: Vec<u64> = list["functions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["name"].as_str() == Some(f))
+        .filter_map(|r| r["id"].as_u64())
+        .collect();
+    match found.as_slice() {
+        [] => bail!("no function named {f:?} (see `fnx function list`)"),
+        [one] => Ok(*one),
+        many => Ok(*many.iter().max().expect("non-empty")),
+    }
+}
+
+/// `fnx submit`.
+pub fn submit(a: SubmitArgs) -> Result<u8> {
+    let mut c = a.conn.client()?;
+    let function = function_id(&mut c, &a.function)?;
+    let (mut pos, mut kw) = (Vec::new(), serde_json::Map::new());
+    for arg in &a.args {
+        match arg.split_once('=') {
+            Some((k, v))
+                if !k.is_empty() && k.chars().all(|ch| ch == '_' || ch.is_ascii_alphanumeric()) =>
+            {
+                kw.insert(k.to_string(), value_of(v));
+            }
+            _ => pos.push(value_of(arg)),
+        }
+    }
+    if !pos.is_empty() && !kw.is_empty() {
+        bail!("give either positional arguments or name=value arguments, not both");
+    }
+    let args = if kw.is_empty() {
+        Value::Array(pos)
+    } else {
+        Value::Object(kw)
+    };
+    let mut task = json!({"function": function, "args": args});
+    for (k, v) in [
+        ("pool", a.pool.map(Value::from)),
+        ("priority", a.priority.map(Value::from)),
+        ("walltime", a.walltime.map(Value::from)),
+        ("retries", a.retries.map(Value::from)),
+    ] {
+        if let Some(v) = v {
+            task[k] = v;
+        }
+    }
+    let r = c
+        .request("POST", "/v1/tasks", Some(&json!({"tasks": [task]})))?
+        .ok()?;
+    let id = r["ids"][0]
+        .as_u64()
+        .context("the daemon returned no task id")?;
+    if a.wait {
+        return show_result(&mut c, id, Some(0.0), a.conn.output);
+    }
+    print(a.conn.output, &json!({"id": id}), |_| id.to_string());
+    Ok(EXIT_OK)
+}
+
+/// `fnx result`.
+#[derive(Args, Debug)]
+pub struct ResultArgs {
+    /// Task id.
+    pub id: u64,
+    /// Wait until the task finishes (at most SECONDS; no value: as long as it takes).
+    #[arg(long, num_args = 0..=1, default_missing_value = "0")]
+    pub wait: Option<f64>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+fn show_result(c: &mut Client, id: u64, wait: Option<f64>, mode: OutputMode) -> Result<u8> {
+    let deadline = wait
+        .filter(|w| *w > 0.0)
+        .map(|w| std::time::Instant::now() + std::time::Duration::from_secs_f64(w));
+    let rec = loop {
+        let slice = match (wait, deadline) {
+            (None, _) => 0.0,
+            (Some(_), None) => 30.0,
+            (Some(_), Some(d)) => d
+                .saturating_duration_since(std::time::Instant::now())
+                .as_secs_f64()
+                .min(30.0),
+        };
+        let rec = c
+            .request("GET", &format!("/v1/tasks/{id}?wait={slice:.3}"), None)?
+            .ok()?;
+        let state = rec["state"].as_str().unwrap_or("");
+        let terminal = matches!(state, "success" | "failed" | "cancelled");
+        let expired = deadline.is_some_and(|d| std::time::Instant::now() >= d);
+        if terminal || wait.is_none() || expired {
+            break rec;
+        }
+    };
+    let state = rec["state"].as_str().unwrap_or("").to_string();
+    match mode {
+        OutputMode::Json => println!("{rec}"),
+        OutputMode::Text => match state.as_str() {
+            "success" => match rec["result"]["encoding"].as_str() {
+                Some("json") => println!("{}", rec["result"]["value"]),
+                _ => println!(
+                    "(pickled result, {} base64 characters)",
+                    rec["result"]["data_b64"].as_str().map_or(0, str::len)
+                ),
+            },
+            "failed" | "cancelled" => {
+                let e = &rec["error"];
+                eprintln!(
+                    "task {id} {state}: [{}] {}: {}",
+                    e["kind"].as_str().unwrap_or(""),
+                    e["type"].as_str().unwrap_or(""),
+                    e["message"].as_str().unwrap_or("")
+                );
+                if let Some(tb) = e["traceback"].as_str() {
+                    eprintln!("{tb}");
+                }
+            }
+            other => eprintln!("task {id} is {other}"),
+        },
+    }
+    Ok(match state.as_str() {
+        "success" => EXIT_OK,
+        "failed" | "cancelled" => EXIT_TASK_FAILED,
+        _ => EXIT_NOT_DONE,
+    })
+}
+
+/// `fnx result`.
+pub fn result(a: ResultArgs) -> Result<u8> {
+    let mut c = a.conn.client()?;
+    show_result(&mut c, a.id, a.wait, a.conn.output)
+}
+
+/// `fnx cancel`.
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    /// Task id.
+    pub id: u64,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `fnx cancel`.
+pub fn cancel(a: CancelArgs) -> Result<u8> {
+    let mut c = a.conn.client()?;
+    let rec = c
+        .request("DELETE", &format!("/v1/tasks/{}", a.id), None)?
+        .ok()?;
+    print(a.conn.output, &rec, |r| {
+        format!("task {} {}", a.id, r["state"].as_str().unwrap_or("?"))
+    });
+    Ok(EXIT_OK)
+}
+
+/// `fnx status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `fnx status`.
+pub fn status(a: StatusArgs) -> Result<u8> {
+    let mut c = a.conn.client()?;
+    let s = c.request("GET", "/v1/status", None)?.ok()?;
+    print(a.conn.output, &s, |s| {
+        let t = &s["tasks"];
+        let mut out = format!(
+            "fnx {} up {:.0} s; user {}{}\ntasks: {} queued, {} running, {} finished; {:.1} tasks/s",
+            s["version"].as_str().unwrap_or("?"),
+            s["uptime_s"].as_f64().unwrap_or(0.0),
+            s["user"].as_str().unwrap_or("?"),
+            if s["admin"].as_bool() == Some(true) { " (admin)" } else { "" },
+            t["queued"], t["running"], t["finished"],
+            s["tasks_per_s"].as_f64().unwrap_or(0.0)
+        );
+        for p in s["pools"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "\npool {}: {} queued, {} running, {} workers in {} managers",
+                p["name"].as_str().unwrap_or("?"),
+                p["queued"],
+                p["running"],
+                p["workers"],
+                p["managers_connected"]
+            ));
+            for m in p["managers"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "\n  {} on {}: {} workers, {} in flight, {} done, idle {:.1} s",
+                    m["uid"].as_str().unwrap_or("?"),
+                    m["host"].as_str().unwrap_or("?"),
+                    m["workers"],
+                    m["inflight"],
+                    m["completed"],
+                    m["idle_s"].as_f64().unwrap_or(0.0)
+                ));
+            }
+        }
+        out
+    });
+    Ok(EXIT_OK)
+}
+
+/// `fnx function ...`.
+#[derive(Subcommand, Debug)]
+pub enum FunctionCommand {
+    /// Register a function and print its id.
+    Register(RegisterArgs),
+    /// List your functions.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show one function (with its source).
+    Show {
+        /// Function id.
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `fnx function register`.
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("kind").required(true).args(["python", "reference", "shell", "mpi"])))]
+pub struct RegisterArgs {
+    /// A Python file defining the function (with --entry).
+    #[arg(long, value_name = "FILE", requires = "entry")]
+    pub python: Option<std::path::PathBuf>,
+    /// The function in --python FILE to call.
+    #[arg(long)]
+    pub entry: Option<String>,
+    /// An importable Python function, MODULE:QUALNAME.
+    #[arg(long = "ref", id = "reference", value_name = "MODULE:QUALNAME")]
+    pub reference: Option<String>,
+    /// A shell command template with {name} parameters.
+    #[arg(long, value_name = "COMMAND")]
+    pub shell: Option<String>,
+    /// An MPI command template (stored; run by a later version).
+    #[arg(long, value_name = "COMMAND")]
+    pub mpi: Option<String>,
+    /// A name to find it by.
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `fnx function ...`.
+pub fn function(cmd: FunctionCommand) -> Result<u8> {
+    match cmd {
+        FunctionCommand::Register(a) => {
+            let mut body = if let Some(file) = &a.python {
+                let source = std::fs::read_to_string(file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                json!({"kind": "python", "source": source, "entry": a.entry})
+            } else if let Some(r) = &a.reference {
+                json!({"kind": "python", "ref": r})
+            } else if let Some(s) = &a.shell {
+                json!({"kind": "shell", "command": s})
+            } else {
+                json!({"kind": "mpi", "command": a.mpi})
+            };
+            if let Some(n) = &a.name {
+                body["name"] = json!(n);
+            }
+            let mut c = a.conn.client()?;
+            let rec = c.request("POST", "/v1/functions", Some(&body))?.ok()?;
+            print(a.conn.output, &rec, |r| r["id"].to_string());
+        }
+        FunctionCommand::List { conn } => {
+            let mut c = conn.client()?;
+            let list = c.request("GET", "/v1/functions", None)?.ok()?;
+            print(conn.output, &list, |l| {
+                l["functions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|f| {
+                        format!(
+                            "{}\t{}\t{}",
+                            f["id"],
+                            f["kind"].as_str().unwrap_or(""),
+                            f["name"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        FunctionCommand::Show { id, conn } => {
+            let mut c = conn.client()?;
+            let rec = c
+                .request("GET", &format!("/v1/functions/{id}"), None)?
+                .ok()?;
+            print(conn.output, &rec, |r| {
+                serde_json::to_string_pretty(r).unwrap_or_default()
+            });
+        }
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,218 @@
+//! `fnx daemon`, `fnx config check` and `fnx token create`.
+
+use crate::client::OutputMode;
+use crate::{EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE};
+use clap::{Args, Subcommand};
+use fnx_daemon::config::SiteConfig;
+use std::path::PathBuf;
+
+/// `fnx daemon`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+With no options the daemon runs on embedded defaults: data directory $FNX_HOME (default ~/.fnx)
+holding the SQLite store fnx.db, one local pool (one manager, a worker per core), and the HTTP
+API on 127.0.0.1:8470. On its first start it creates an admin user for you and writes the URL
+and token to <data dir>/client.json (mode 0600), where `fnx submit` and the Python SDK find them.
+
+SIGTERM or Ctrl-C stops it gracefully: no new requests, everything accepted is committed.
+Logs go to stderr (journald under systemd) or to [daemon] log_file; manager and worker logs are
+under <data dir>/runs/<pool>/. FNX_LOG sets the log filter (default info).
+Exit status: 0 stopped cleanly, 1 failed while running, 2 bad configuration or cannot start.")]
+pub struct DaemonArgs {
+    /// Site configuration (TOML); see scripts/systemd/site.toml and docs/admin.md.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// HTTP API address (overrides [daemon] listen).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Data directory (overrides [daemon] data_dir).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+fn load(config: Option<&PathBuf>) -> Result<SiteConfig, String> {
+    match config {
+        Some(f) => SiteConfig::load(f).map_err(|e| e.to_string()),
+        None => Ok(SiteConfig::defaults()),
+    }
+}
+
+fn init_logging(file: Option<&PathBuf>) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("FNX_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_thread_names(true);
+    match file {
+        Some(path) => {
+            let f = std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("cannot open the log file {}: {e}", path.display()))?;
+            let _ = b
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(f))
+                .try_init();
+        }
+        None => {
+            use std::io::IsTerminal;
+            let ansi = std::io::stderr().is_terminal();
+            let _ = b.with_ansi(ansi).with_writer(std::io::stderr).try_init();
+        }
+    }
+    Ok(())
+}
+
+async fn signalled() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+    }
+}
+
+/// `fnx daemon`.
+pub fn run_daemon(a: DaemonArgs) -> u8 {
+    let mut cfg = match load(a.config.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fnx daemon: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    if let Some(l) = a.listen {
+        cfg.listen = l;
+    }
+    if let Some(d) = a.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Err(e) = init_logging(cfg.log_file.as_ref()) {
+        eprintln!("fnx daemon: {e}");
+        return EXIT_USAGE;
+    }
+    let listener = match std::net::TcpListener::bind(cfg.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "fnx daemon: cannot listen on {}: {e} (is another daemon running? see --listen)",
+                cfg.listen
+            );
+            return EXIT_USAGE;
+        }
+    };
+    match fnx_daemon::service::run(cfg, listener, signalled()) {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("fnx daemon: {e}");
+            EXIT_TASK_FAILED
+        }
+    }
+}
+
+/// `fnx config ...`.
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Validate a site configuration; every bad key is named with its path.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+/// `fnx config check`.
+pub fn config(cmd: ConfigCommand) -> u8 {
+    let ConfigCommand::Check { file } = cmd;
+    match SiteConfig::load(&file) {
+        Ok(c) => {
+            println!("{}: OK", file.display());
+            println!(
+                "  data dir {}; API on http://{}",
+                c.data_dir.display(),
+                c.listen
+            );
+            for p in &c.pools {
+                let workers = p
+                    .workers_per_manager
+                    .map_or("one per core".to_string(), |w| w.to_string());
+                println!(
+                    "  pool {}: local, {} manager(s), workers per manager: {workers}, python {}",
+                    p.name, p.managers, p.python
+                );
+            }
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("fnx config check: {e}");
+            EXIT_USAGE
+        }
+    }
+}
+
+/// `fnx token ...`.
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a user (if new) and a token for it; prints the token once (only its hash is kept).
+    Create(TokenArgs),
+}
+
+/// `fnx token create`.
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// The user.
+    #[arg(long)]
+    pub user: String,
+    /// Make the user an admin (sees everyone's tasks in status).
+    #[arg(long)]
+    pub admin: bool,
+    /// The daemon's site configuration (for its data directory).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The daemon's data directory (default: from --config, else $FNX_HOME).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputMode,
+}
+
+/// `fnx token create`.
+pub fn token(cmd: TokenCommand) -> u8 {
+    let TokenCommand::Create(a) = cmd;
+    let dir = match (&a.data_dir, load(a.config.as_ref())) {
+        (Some(d), _) => d.clone(),
+        (None, Ok(c)) => c.data_dir,
+        (None, Err(e)) => {
+            eprintln!("fnx token create: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    if a.user.is_empty() || a.user.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        eprintln!("fnx token create: --user must be a name without spaces");
+        return EXIT_USAGE;
+    }
+    match fnx_daemon::service::create_token(&dir, &a.user, a.admin) {
+        Ok(t) => {
+            match a.output {
+                OutputMode::Json => println!(
+                    "{}",
+                    serde_json::json!({"user": a.user, "admin": a.admin, "token": t})
+                ),
+                OutputMode::Text => println!("{t}"),
+            }
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("fnx token create: {e}");
+            EXIT_TASK_FAILED
+        }
+    }
+}

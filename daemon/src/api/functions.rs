@@ -1,0 +1,268 @@
+//! `/v1/functions`: register, list, show, delete.
+
+use super::{
+    auth, json_response, parse_id, parse_json, read_body, ApiError, ApiResult, App, Caller,
+};
+use crate::records::FunctionRow;
+use crate::signature::{self, Signature};
+use crate::store::writer::{Cmd, FunctionInput};
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use fnx_protocol::{FunctionBody, FunctionId};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+const MAX_FUNCTION_BYTES: usize = 4 << 20;
+
+fn string_field<'a>(m: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, ApiError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(ApiError::bad(format!(
+            "{key}: must be a string, got {}",
+            signature::json_type(other)
+        ))),
+    }
+}
+
+fn required<'a>(m: &'a Map<String, Value>, key: &str, why: &str) -> Result<&'a str, ApiError> {
+    string_field(m, key)?
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| ApiError::bad(format!("{key}: required {why}")))
+}
+
+struct Parsed {
+    name: Option<String>,
+    kind: &'static str,
+    spec: Map<String, Value>,
+    body: Option<FunctionBody>,
+}
+
+/// Validate a registration body into the stored record and what managers run.
+async fn parse(app: &App, v: Value) -> Result<Parsed, ApiError> {
+    let Value::Object(m) = v else {
+        return Err(ApiError::bad("the body must be a JSON object"));
+    };
+    const KNOWN: [&str; 9] = [
+        "kind",
+        "name",
+        "source",
+        "entry",
+        "ref",
+        "command",
+        "container",
+        "dependencies",
+        "description",
+    ];
+    if let Some(k) = m.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(ApiError::bad(format!(
+            "{k}: unknown field (known: {})",
+            KNOWN.join(", ")
+        )));
+    }
+    let name = string_field(&m, "name")?.map(str::to_string);
+    let mut spec = Map::new();
+    for k in ["container", "dependencies"] {
+        match m.get(k) {
+            None | Some(Value::Null) => {
+                spec.insert(k.into(), Value::Null);
+            }
+            Some(v @ Value::Object(_)) => {
+                spec.insert(k.into(), v.clone());
+            }
+            Some(other) => {
+                return Err(ApiError::bad(format!(
+                    "{k}: must be an object, got {}",
+                    signature::json_type(other)
+                )))
+            }
+        }
+    }
+    let kind = required(&m, "kind", "(\"python\", \"shell\" or \"mpi\")")?;
+    let (kind, body, sig, entry): (
+        &'static str,
+        Option<FunctionBody>,
+        Option<Signature>,
+        Option<String>,
+    ) = match kind {
+        "python" => match (string_field(&m, "source")?, string_field(&m, "ref")?) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad(
+                    "give either source (with entry) or ref, not both",
+                ))
+            }
+            (Some(source), None) => {
+                let entry = required(&m, "entry", "with source: the name of the function to call")?;
+                let (python, src, ent) =
+                    (app.python.clone(), source.to_string(), entry.to_string());
+                let sig = tokio::task::spawn_blocking(move || {
+                    signature::from_python_source(&python, &src, &ent)
+                })
+                .await
+                .map_err(|e| ApiError::bad(format!("cannot read the signature: {e}")))?
+                .map_err(|e| ApiError::bad(format!("source: {e}")))?;
+                spec.insert("source".into(), json!(source));
+                let body = FunctionBody::PythonSource {
+                    source: source.into(),
+                    name: entry.into(),
+                };
+                (("python"), Some(body), Some(sig), Some(entry.to_string()))
+            }
+            (None, Some(r)) => {
+                let (module, qualname) = r
+                    .split_once(':')
+                    .filter(|(m, q)| !m.is_empty() && !q.is_empty())
+                    .ok_or_else(|| {
+                        ApiError::bad(format!("ref: must be \"module:qualname\", got {r:?}"))
+                    })?;
+                spec.insert("ref".into(), json!(r));
+                let body = FunctionBody::PythonRef {
+                    module: module.into(),
+                    qualname: qualname.into(),
+                };
+                ("python", Some(body), None, None)
+            }
+            (None, None) => {
+                return Err(ApiError::bad(
+                    "python functions need source (with entry) or ref",
+                ))
+            }
+        },
+        "shell" => {
+            let command = required(&m, "command", "for shell functions: the command template")?;
+            let t = fnx_protocol::shell::parse(command)
+                .map_err(|e| ApiError::bad(format!("command: {e}")))?;
+            spec.insert("command".into(), json!(command));
+            (
+                "shell",
+                Some(FunctionBody::Shell {
+                    template: command.into(),
+                }),
+                Some(signature::of_shell(&t.params)),
+                None,
+            )
+        }
+        "mpi" => {
+            let command = required(&m, "command", "for mpi functions: the command template")?;
+            let t = fnx_protocol::shell::parse(command)
+                .map_err(|e| ApiError::bad(format!("command: {e}")))?;
+            spec.insert("command".into(), json!(command));
+            ("mpi", None, Some(signature::of_shell(&t.params)), None)
+        }
+        other => {
+            return Err(ApiError::bad(format!(
+                "kind: must be \"python\", \"shell\" or \"mpi\", got {other:?}"
+            )))
+        }
+    };
+    spec.insert("kind".into(), json!(kind));
+    spec.insert("entry".into(), json!(entry));
+    spec.entry("ref").or_insert(Value::Null);
+    spec.entry("command").or_insert(Value::Null);
+    spec.insert(
+        "signature".into(),
+        serde_json::to_value(&sig).unwrap_or(Value::Null),
+    );
+    if let Some(d) = string_field(&m, "description")? {
+        spec.insert("description".into(), json!(d));
+    }
+    Ok(Parsed {
+        name,
+        kind,
+        spec,
+        body,
+    })
+}
+
+pub(super) async fn register(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let caller = auth(&app, &headers)?;
+    let bytes = read_body(&headers, body, MAX_FUNCTION_BYTES).await?;
+    let p = parse(&app, parse_json(&bytes)?).await?;
+    let mut spec = p.spec;
+    let name = p.name.unwrap_or_else(|| {
+        spec.get("entry")
+            .and_then(Value::as_str)
+            .or_else(|| {
+                spec.get("ref")
+                    .and_then(Value::as_str)
+                    .and_then(|r| r.rsplit(':').next())
+            })
+            .unwrap_or(p.kind)
+            .to_string()
+    });
+    spec.insert("name".into(), json!(name));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let input = FunctionInput {
+        owner: caller.user.clone(),
+        name,
+        kind: p.kind.into(),
+        spec: Value::Object(spec.clone()),
+        body: p.body,
+    };
+    app.send(Cmd::Register(input, tx))?;
+    let id = rx
+        .await
+        .map_err(|_| ApiError::unavailable("the store is shutting down"))??;
+    let row = FunctionRow {
+        id,
+        owner: caller.user,
+        spec: Value::Object(spec),
+        created: crate::store::now(),
+        deleted: false,
+    };
+    Ok(json_response(StatusCode::CREATED, row.to_json(false)))
+}
+
+pub(super) async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
+    let caller = auth(&app, &headers)?;
+    let owner = (!caller.admin).then_some(caller.user.as_str());
+    let rows = app.reader.functions(owner)?;
+    let list: Vec<Value> = rows.iter().map(|r| r.to_json(false)).collect();
+    Ok(json_response(StatusCode::OK, json!({ "functions": list })))
+}
+
+/// A function the caller may use, or the error to answer with.
+pub(super) fn owned(app: &App, caller: &Caller, id: u64) -> Result<FunctionRow, ApiError> {
+    let row = app
+        .reader
+        .function(FunctionId(id))?
+        .ok_or_else(|| ApiError::not_found(format!("function {id} does not exist")))?;
+    if !caller.may_see(&row.owner) {
+        return Err(ApiError::forbidden(format!(
+            "function {id} belongs to another user"
+        )));
+    }
+    Ok(row)
+}
+
+pub(super) async fn show(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let caller = auth(&app, &headers)?;
+    let row = owned(&app, &caller, parse_id(&id, "the function id")?)?;
+    Ok(json_response(StatusCode::OK, row.to_json(true)))
+}
+
+pub(super) async fn delete(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let caller = auth(&app, &headers)?;
+    let row = owned(&app, &caller, parse_id(&id, "the function id")?)?;
+    if !row.deleted {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        app.send(Cmd::Delete(row.id, tx))?;
+        rx.await
+            .map_err(|_| ApiError::unavailable("the store is shutting down"))??;
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

@@ -1,0 +1,301 @@
+//! The HTTP API (docs/api.md): routing, authentication, errors and body reading. Handlers are
+//! in [`functions`], [`tasks`] and [`status`].
+
+mod functions;
+mod status;
+mod tasks;
+
+use crate::config::Limits;
+use crate::store::writer::{Cmd, Shared};
+use crate::store::{Reader, StoreError};
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use fnx_interchange::Handle;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// One pool as the API sees it.
+pub struct PoolRef {
+    /// Its name.
+    pub name: String,
+    /// Its interchange.
+    pub handle: Arc<Handle>,
+}
+
+/// Everything the handlers share.
+pub struct App {
+    /// Read connections.
+    pub reader: Reader,
+    /// The writer's queue.
+    pub writer: Mutex<Sender<Cmd>>,
+    /// Counters and the results sequence.
+    pub shared: Arc<Shared>,
+    /// Pools; the first is the default.
+    pub pools: Vec<PoolRef>,
+    /// Limits.
+    pub limits: Limits,
+    /// Interpreter used to read signatures of Python source.
+    pub python: String,
+    /// Start time.
+    pub started: Instant,
+    /// The store file.
+    pub store_path: PathBuf,
+    /// Cleared when the daemon stops: new work is refused with 503.
+    pub accepting: AtomicBool,
+    tokens: RwLock<HashMap<String, Caller>>,
+}
+
+impl App {
+    /// The shared state of the API.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        reader: Reader,
+        writer: Sender<Cmd>,
+        shared: Arc<Shared>,
+        pools: Vec<PoolRef>,
+        limits: Limits,
+        python: String,
+        store_path: PathBuf,
+    ) -> App {
+        App {
+            reader,
+            writer: Mutex::new(writer),
+            shared,
+            pools,
+            limits,
+            python,
+            started: Instant::now(),
+            store_path,
+            accepting: AtomicBool::new(true),
+            tokens: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn send(&self, cmd: Cmd) -> Result<(), ApiError> {
+        if !self.accepting.load(Ordering::Relaxed) {
+            return Err(ApiError::unavailable("the daemon is shutting down"));
+        }
+        self.writer
+            .lock()
+            .map_err(|_| ApiError::unavailable("the store is shutting down"))?
+            .send(cmd)
+            .map_err(|_| ApiError::unavailable("the store is shutting down"))
+    }
+
+    fn pool(&self, name: &str) -> Option<&PoolRef> {
+        self.pools.iter().find(|p| p.name == name)
+    }
+}
+
+/// The authenticated user of a request.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// User name.
+    pub user: String,
+    /// Sees everything.
+    pub admin: bool,
+}
+
+impl Caller {
+    fn may_see(&self, owner: &str) -> bool {
+        self.admin || self.user == owner
+    }
+}
+
+/// An error answer: `{"error": {"code", "message"}}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    fn forbidden(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+    fn too_large(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    }
+    fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            message,
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::QueueLimit { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_limit", e.to_string())
+            }
+            StoreError::Unavailable(m) => ApiError::unavailable(m),
+            other => {
+                tracing::error!("store: {other}");
+                ApiError::unavailable(format!("the task store failed: {other}"))
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn json_response(status: StatusCode, v: Value) -> Response {
+    (status, axum::Json(v)).into_response()
+}
+
+/// Authenticate a request by its bearer token.
+fn auth(app: &App, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
+        unauthorized("authentication failed: no Authorization header (expected 'Bearer <token>')")
+    })?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| {
+            unauthorized("authentication failed: the Authorization header must be 'Bearer <token>'")
+        })?;
+    let hash = crate::auth::hash_token(token);
+    if let Some(c) = app.tokens.read().ok().and_then(|t| t.get(&hash).cloned()) {
+        return Ok(c);
+    }
+    match app.reader.token_user(&hash)? {
+        Some((user, admin)) => {
+            let c = Caller { user, admin };
+            if let Ok(mut t) = app.tokens.write() {
+                t.insert(hash, c.clone());
+            }
+            Ok(c)
+        }
+        None => Err(unauthorized("authentication failed: unknown token")),
+    }
+}
+
+/// Read a request body, refusing more than `limit` bytes.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::too_large(format!(
+            "the request body exceeds the limit of {} MiB (limits.max_request_mb)",
+            limit >> 20
+        ))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut cause: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(c) = cause {
+            if c.to_string().contains("length limit") {
+                return too_large();
+            }
+            cause = c.source();
+        }
+        ApiError::bad(format!("cannot read the request body: {e}"))
+    })
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))
+}
+
+fn parse_id(text: &str, what: &str) -> Result<u64, ApiError> {
+    text.parse::<u64>()
+        .map_err(|_| ApiError::bad(format!("{what} must be a positive integer, got {text:?}")))
+}
+
+/// Wait until the committed results sequence passes `seen` or `until` comes.
+async fn wait_for_results(app: &App, seen: u64, until: Instant) {
+    let mut rx = app.shared.seq.subscribe();
+    if *rx.borrow_and_update() > seen {
+        return;
+    }
+    let left = until.saturating_duration_since(Instant::now());
+    let _ = tokio::time::timeout(left, rx.changed()).await;
+}
+
+fn wait_param(q: &HashMap<String, String>) -> Result<Duration, ApiError> {
+    match q.get("wait") {
+        None => Ok(Duration::ZERO),
+        Some(w) => w
+            .parse::<f64>()
+            .ok()
+            .filter(|w| w.is_finite() && *w >= 0.0)
+            .map(|w| Duration::from_secs_f64(w.min(60.0)))
+            .ok_or_else(|| ApiError::bad(format!("wait must be a number of seconds, got {w:?}"))),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see GET /v1/openapi.json")
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("../openapi.json"),
+    )
+        .into_response()
+}
+
+/// The API's routes.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/health", get(status::health))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/metrics", get(status::metrics))
+        .route("/v1/whoami", get(status::whoami))
+        .route("/v1/status", get(status::status))
+        .route(
+            "/v1/functions",
+            post(functions::register).get(functions::list),
+        )
+        .route(
+            "/v1/functions/{id}",
+            get(functions::show).delete(functions::delete),
+        )
+        .route("/v1/tasks", post(tasks::submit))
+        .route("/v1/tasks/status", post(tasks::status_many))
+        .route("/v1/tasks/{id}", get(tasks::show).delete(tasks::cancel))
+        .route("/v1/results", get(tasks::results))
+        .fallback(not_found)
+        .with_state(app)
+}

@@ -1,0 +1,196 @@
+//! `/v1/health`, `/v1/whoami`, `/v1/status` and `/metrics`.
+
+use super::{auth, json_response, ApiResult, App};
+use crate::store::writer::UserCounts;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use fnx_interchange::{Counts, ManagerStatus};
+use serde_json::{json, Value};
+use std::fmt::Write;
+use std::sync::Arc;
+
+pub(super) async fn health(State(app): State<Arc<App>>) -> Response {
+    let unavailable = app
+        .shared
+        .stats
+        .lock()
+        .ok()
+        .and_then(|s| s.unavailable.clone());
+    let (status, store) = match unavailable {
+        None => (StatusCode::OK, "ok".to_string()),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unavailable: {why}"),
+        ),
+    };
+    let state = if status == StatusCode::OK {
+        "ok"
+    } else {
+        "degraded"
+    };
+    json_response(
+        status,
+        json!({"status": state, "version": env!("CARGO_PKG_VERSION"), "store": store}),
+    )
+}
+
+pub(super) async fn whoami(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
+    let c = auth(&app, &headers)?;
+    Ok(json_response(
+        StatusCode::OK,
+        json!({"user": c.user, "admin": c.admin}),
+    ))
+}
+
+/// Each pool's interchange counts and managers (asked on a blocking thread).
+async fn pool_states(app: &Arc<App>) -> Vec<(String, Counts, Vec<ManagerStatus>)> {
+    let app = app.clone();
+    tokio::task::spawn_blocking(move || {
+        app.pools
+            .iter()
+            .map(|p| {
+                let (c, m) = p.handle.status().unwrap_or_default();
+                (p.name.clone(), c, m)
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+fn manager_json(m: &ManagerStatus) -> Value {
+    json!({"id": m.id.0, "uid": m.uid, "host": m.host, "block": m.block_id.map(|b| b.0),
+           "workers": m.slots, "inflight": m.inflight, "completed": m.completed,
+           "idle_s": m.idle_for.map(|d| d.as_secs_f64()).unwrap_or(0.0), "draining": m.draining})
+}
+
+pub(super) async fn status(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
+    let c = auth(&app, &headers)?;
+    let (users, rate) = {
+        let s = app.shared.stats.lock().expect("stats");
+        (s.users.clone(), s.rate())
+    };
+    let mine = users.get(&c.user).copied().unwrap_or_default();
+    let total = users
+        .values()
+        .fold(UserCounts::default(), |a, u| UserCounts {
+            queued: a.queued + u.queued,
+            running: a.running + u.running,
+            finished: a.finished + u.finished,
+        });
+    let pools: Vec<Value> = pool_states(&app)
+        .await
+        .iter()
+        .map(|(name, counts, managers)| {
+            let mut p = json!({"name": name, "provider": "local", "queued": counts.queued,
+                               "running": counts.running, "workers": counts.slots,
+                               "managers_connected": counts.managers});
+            if c.admin {
+                p["managers"] = managers.iter().map(manager_json).collect();
+            }
+            p
+        })
+        .collect();
+    let mut doc = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": app.started.elapsed().as_secs_f64(),
+        "user": c.user,
+        "admin": c.admin,
+        "tasks": if c.admin { total } else { mine },
+        "tasks_per_s": rate,
+        "pools": pools,
+    });
+    if c.admin {
+        doc["users"] = serde_json::to_value(&users).unwrap_or(Value::Null);
+        doc["store"] = json!({"path": app.store_path, "size_bytes": app.reader.size_bytes(),
+                              "healthy": app.shared.stats.lock().map(|s| s.unavailable.is_none()).unwrap_or(false)});
+    }
+    Ok(json_response(StatusCode::OK, doc))
+}
+
+pub(super) async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let pools = pool_states(&app).await;
+    let mut out = String::new();
+    let s = app.shared.stats.lock().expect("stats");
+    let mut metric = |name: &str, kind: &str, help: &str, lines: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in lines {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let one = |v: f64| vec![(String::new(), v)];
+    metric(
+        "fnx_tasks_submitted_total",
+        "counter",
+        "Tasks accepted since the daemon started.",
+        &one(s.submitted_total as f64),
+    );
+    let finished: Vec<(String, f64)> = ["success", "failed", "cancelled"]
+        .iter()
+        .zip(s.finished_total)
+        .map(|(st, n)| (format!("{{state=\"{st}\"}}"), n as f64))
+        .collect();
+    metric(
+        "fnx_tasks_finished_total",
+        "counter",
+        "Tasks that reached a terminal state since the daemon started.",
+        &finished,
+    );
+    let per_pool = |f: &dyn Fn(&Counts) -> f64| -> Vec<(String, f64)> {
+        pools
+            .iter()
+            .map(|(n, c, _)| (format!("{{pool=\"{n}\"}}"), f(c)))
+            .collect()
+    };
+    metric(
+        "fnx_tasks_queued",
+        "gauge",
+        "Tasks waiting for a worker.",
+        &per_pool(&|c| c.queued as f64),
+    );
+    metric(
+        "fnx_tasks_running",
+        "gauge",
+        "Tasks held by managers.",
+        &per_pool(&|c| c.running as f64),
+    );
+    metric(
+        "fnx_managers",
+        "gauge",
+        "Registered managers.",
+        &per_pool(&|c| c.managers as f64),
+    );
+    metric(
+        "fnx_workers",
+        "gauge",
+        "Worker slots of registered managers.",
+        &per_pool(&|c| c.slots as f64),
+    );
+    metric(
+        "fnx_store_commits_total",
+        "counter",
+        "Group commits of the task store.",
+        &one(s.commits as f64),
+    );
+    metric(
+        "fnx_store_commit_errors_total",
+        "counter",
+        "Failed group commits.",
+        &one(s.commit_errors as f64),
+    );
+    metric(
+        "fnx_store_size_bytes",
+        "gauge",
+        "Size of the task store and its log.",
+        &one(app.reader.size_bytes() as f64),
+    );
+    metric(
+        "fnx_tasks_per_second",
+        "gauge",
+        "Completions per second over the last 10 s.",
+        &one(s.rate()),
+    );
+    drop(s);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,642 @@
+//! `/v1/tasks` and `/v1/results`: submit, look up, cancel, stream results.
+
+use super::functions::owned;
+use super::{
+    auth, json_response, parse_id, parse_json, read_body, wait_for_results, wait_param, ApiError,
+    ApiResult, App, Caller,
+};
+use crate::records::{unb64, FunctionRow, TaskRow};
+use crate::signature::{self, Signature};
+use crate::store::writer::{Cmd, TaskInput};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use fnx_protocol::{Encoding, FunctionId, Outcome, Payload, TaskId};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MSGPACK: &str = "application/msgpack";
+
+/// A task as it arrives in a msgpack body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MsgpackTask {
+    function: u64,
+    #[serde(default)]
+    encoding: Option<String>,
+    #[serde(with = "serde_bytes", default)]
+    data: Option<Vec<u8>>,
+    #[serde(default)]
+    pool: Option<String>,
+    #[serde(default)]
+    priority: Option<i32>,
+    #[serde(default)]
+    walltime: Option<f64>,
+    #[serde(default)]
+    retries: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MsgpackSubmit {
+    tasks: Vec<MsgpackTask>,
+}
+
+/// What a function allows, looked up once per request.
+struct Target {
+    row: FunctionRow,
+    kind: String,
+    signature: Option<Signature>,
+    shell_params: Option<Vec<String>>,
+}
+
+struct Checker<'a> {
+    app: &'a App,
+    caller: &'a Caller,
+    functions: HashMap<u64, Target>,
+}
+
+/// A task's fields before its arguments are checked.
+struct Raw {
+    function: u64,
+    encoding: Encoding,
+    /// JSON arguments (json encoding from a JSON body).
+    args: Option<Value>,
+    /// Bytes (pickle, or anything from a msgpack body).
+    data: Option<Vec<u8>>,
+    pool: Option<String>,
+    priority: i32,
+    walltime: Option<f64>,
+    retries: u32,
+}
+
+impl Checker<'_> {
+    fn target(&mut self, id: u64) -> Result<&Target, ApiError> {
+        if !self.functions.contains_key(&id) {
+            let row = owned(self.app, self.caller, id).map_err(|e| {
+                if e.status == StatusCode::NOT_FOUND {
+                    ApiError::bad(format!("function {id} does not exist"))
+                } else {
+                    e
+                }
+            })?;
+            let kind = row
+                .spec
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let signature = row
+                .spec
+                .get("signature")
+                .and_then(|s| serde_json::from_value::<Signature>(s.clone()).ok());
+            let shell_params = (kind == "shell").then(|| {
+                signature
+                    .as_ref()
+                    .map(|s| s.params.iter().map(|p| p.name.clone()).collect())
+                    .unwrap_or_default()
+            });
+            self.functions.insert(
+                id,
+                Target {
+                    row,
+                    kind,
+                    signature,
+                    shell_params,
+                },
+            );
+        }
+        Ok(&self.functions[&id])
+    }
+
+    fn check(&mut self, i: usize, raw: Raw) -> Result<TaskInput, ApiError> {
+        let at = |m: String| ApiError::bad(format!("tasks[{i}]: {m}"));
+        let max_payload = self.app.limits.max_payload_bytes;
+        let pool = match raw.pool {
+            Some(p) => self.app.pool(&p).map(|p| p.name.clone()).ok_or_else(|| {
+                let names: Vec<_> = self.app.pools.iter().map(|p| p.name.as_str()).collect();
+                at(format!(
+                    "pool: unknown pool {p:?} (pools: {})",
+                    names.join(", ")
+                ))
+            })?,
+            None => self.app.pools[0].name.clone(),
+        };
+        let function = raw.function;
+        let t = self.target(function).map_err(|e| ApiError {
+            message: format!("tasks[{i}]: {}", e.message),
+            ..e
+        })?;
+        let name = t.row.spec.get("name").and_then(Value::as_str).unwrap_or("");
+        if t.row.deleted {
+            return Err(at(format!("function {function} ({name}) was deleted")));
+        }
+        if t.kind == "mpi" {
+            return Err(at(format!(
+                "function {function} ({name}) is an mpi function: it is stored, but this version cannot run mpi tasks yet"
+            )));
+        }
+        let data = match (raw.encoding, raw.args, raw.data) {
+            (Encoding::Pickle, _, _) if t.kind != "python" => {
+                return Err(at(format!(
+                    "encoding: {} functions take JSON arguments",
+                    t.kind
+                )))
+            }
+            (Encoding::Pickle, _, None) => {
+                return Err(at("data_b64: required with encoding \"pickle\"".into()))
+            }
+            (Encoding::Pickle, _, Some(d)) => d,
+            (Encoding::Json, args, data) => {
+                let args = match (args, data) {
+                    (Some(a), _) => a,
+                    (None, Some(d)) => serde_json::from_slice(&d)
+                        .map_err(|e| at(format!("data: not valid JSON: {e}")))?,
+                    (None, None) => Value::Array(Vec::new()),
+                };
+                let bind_err = |e: String| at(format!("args: function {function} ({name}) {e}"));
+                if let Some(params) = &t.shell_params {
+                    let values = signature::shell_values(params, &args).map_err(bind_err)?;
+                    serde_json::to_vec(&values).expect("strings serialise")
+                } else {
+                    if let Some(sig) = &t.signature {
+                        sig.check_binding(&args).map_err(bind_err)?;
+                    } else if !matches!(args, Value::Array(_) | Value::Object(_)) {
+                        return Err(at(format!(
+                            "args: must be an array or object, got {}",
+                            signature::json_type(&args)
+                        )));
+                    }
+                    serde_json::to_vec(&args).expect("values serialise")
+                }
+            }
+        };
+        if data.len() > max_payload {
+            return Err(ApiError::too_large(format!(
+                "tasks[{i}]: arguments of {} bytes exceed the limit of {} bytes (limits.max_payload_mb)",
+                data.len(),
+                max_payload
+            )));
+        }
+        let walltime_ms = match raw.walltime {
+            None => None,
+            Some(w) if w.is_finite() && w > 0.0 => Some((w * 1000.0).ceil() as u64),
+            Some(w) => {
+                return Err(at(format!(
+                    "walltime: must be a positive number of seconds, got {w}"
+                )))
+            }
+        };
+        if raw.retries > 100 {
+            return Err(at(format!("retries: at most 100, got {}", raw.retries)));
+        }
+        Ok(TaskInput {
+            function: FunctionId(function),
+            pool,
+            priority: raw.priority,
+            walltime_ms,
+            retries: raw.retries,
+            args: Payload {
+                encoding: raw.encoding,
+                data,
+            },
+        })
+    }
+}
+
+fn encoding_of(text: Option<&str>) -> Result<Encoding, String> {
+    match text {
+        None | Some("json") => Ok(Encoding::Json),
+        Some("pickle") => Ok(Encoding::Pickle),
+        Some(other) => Err(format!(
+            "encoding: must be \"json\" or \"pickle\", got {other:?}"
+        )),
+    }
+}
+
+fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
+    let at = |m: String| ApiError::bad(format!("tasks[{i}].{m}"));
+    let Value::Object(mut m) = v else {
+        return Err(ApiError::bad(format!("tasks[{i}]: must be an object")));
+    };
+    const KNOWN: [&str; 8] = [
+        "function", "args", "encoding", "data_b64", "pool", "priority", "walltime", "retries",
+    ];
+    if let Some(k) = m.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(at(format!(
+            "{k}: unknown field (known: {})",
+            KNOWN.join(", ")
+        )));
+    }
+    let function = match m.get("function") {
+        Some(f) => f
+            .as_u64()
+            .ok_or_else(|| at(format!("function: must be a function id, got {f}")))?,
+        None => return Err(at("function: required".into())),
+    };
+    let encoding = encoding_of(m.get("encoding").and_then(Value::as_str)).map_err(at)?;
+    let data = match m.get("data_b64") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            Some(unb64(s).map_err(|e| at(format!("data_b64: not base64: {e}")))?)
+        }
+        Some(other) => {
+            return Err(at(format!(
+                "data_b64: must be a string, got {}",
+                signature::json_type(other)
+            )))
+        }
+    };
+    let int = |m: &Map<String, Value>,
+               k: &str,
+               default: i64,
+               lo: i64,
+               hi: i64|
+     -> Result<i64, ApiError> {
+        match m.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_i64()
+                .filter(|n| (lo..=hi).contains(n))
+                .ok_or_else(|| at(format!("{k}: must be an integer in {lo}..={hi}, got {v}"))),
+        }
+    };
+    let priority = int(&m, "priority", 0, i32::MIN as i64, i32::MAX as i64)? as i32;
+    let retries = int(&m, "retries", 2, 0, 100)? as u32;
+    let walltime = match m.get("walltime") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_f64()
+                .ok_or_else(|| at(format!("walltime: must be a number of seconds, got {v}")))?,
+        ),
+    };
+    let pool = match m.get("pool") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            return Err(at(format!(
+                "pool: must be a string, got {}",
+                signature::json_type(other)
+            )))
+        }
+    };
+    Ok(Raw {
+        function,
+        encoding,
+        args: m.remove("args"),
+        data,
+        pool,
+        priority,
+        walltime,
+        retries,
+    })
+}
+
+fn parse_submit(headers: &HeaderMap, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
+    let is_msgpack = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(MSGPACK));
+    if is_msgpack {
+        let body: MsgpackSubmit = rmp_serde::from_slice(bytes).map_err(|e| {
+            ApiError::bad(format!(
+                "the msgpack body does not match {{tasks: [...]}}: {e}"
+            ))
+        })?;
+        return body
+            .tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                Ok(Raw {
+                    function: t.function,
+                    encoding: encoding_of(t.encoding.as_deref())
+                        .map_err(|m| ApiError::bad(format!("tasks[{i}].{m}")))?,
+                    args: None,
+                    data: t.data,
+                    pool: t.pool,
+                    priority: t.priority.unwrap_or(0),
+                    walltime: t.walltime,
+                    retries: t.retries.unwrap_or(2),
+                })
+            })
+            .collect();
+    }
+    let v = parse_json(bytes)?;
+    let tasks = match v {
+        Value::Object(mut m) => match m.remove("tasks") {
+            Some(Value::Array(t)) => t,
+            Some(other) => {
+                return Err(ApiError::bad(format!(
+                    "tasks: must be an array, got {}",
+                    signature::json_type(&other)
+                )))
+            }
+            None => return Err(ApiError::bad("tasks: required (an array of tasks)")),
+        },
+        _ => {
+            return Err(ApiError::bad(
+                "the body must be an object {\"tasks\": [...]}",
+            ))
+        }
+    };
+    tasks
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| raw_from_json(i, t))
+        .collect()
+}
+
+pub(super) async fn submit(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let caller = auth(&app, &headers)?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(k) => {
+            let k = k
+                .to_str()
+                .map_err(|_| ApiError::bad("Idempotency-Key: must be printable ASCII"))?;
+            if k.is_empty() || k.len() > 200 {
+                return Err(ApiError::bad("Idempotency-Key: must be 1 to 200 bytes"));
+            }
+            Some(k.to_string())
+        }
+    };
+    let bytes = read_body(&headers, body, app.limits.max_request_bytes).await?;
+    let raws = parse_submit(&headers, &bytes)?;
+    drop(bytes);
+    let max = app.limits.max_tasks_per_request;
+    if raws.len() > max {
+        return Err(ApiError::too_large(format!(
+            "{} tasks in one request; the limit is {max} (limits.max_tasks_per_request)",
+            raws.len()
+        )));
+    }
+    if raws.is_empty() {
+        return Err(ApiError::bad("tasks: must hold at least one task"));
+    }
+    let mut checker = Checker {
+        app: &app,
+        caller: &caller,
+        functions: HashMap::new(),
+    };
+    let tasks = raws
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| checker.check(i, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    app.send(Cmd::Submit {
+        owner: caller.user,
+        tasks,
+        key,
+        reply: tx,
+    })?;
+    let done = rx
+        .await
+        .map_err(|_| ApiError::unavailable("the store is shutting down"))??;
+    let ids: Vec<u64> = done.ids.iter().map(|t| t.0).collect();
+    let mut resp = json_response(StatusCode::CREATED, json!({ "ids": ids }));
+    if done.replayed {
+        resp.headers_mut().insert(
+            "idempotent-replayed",
+            header::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(resp)
+}
+
+fn visible(caller: &Caller, id: u64, row: Option<TaskRow>) -> Result<TaskRow, ApiError> {
+    let row = row.ok_or_else(|| ApiError::not_found(format!("task {id} does not exist")))?;
+    if !caller.may_see(&row.owner) {
+        return Err(ApiError::forbidden(format!(
+            "task {id} belongs to another user"
+        )));
+    }
+    Ok(row)
+}
+
+/// Read a task until it is terminal or `until` passes.
+async fn read_until_terminal(
+    app: &App,
+    caller: &Caller,
+    id: u64,
+    until: Instant,
+) -> Result<TaskRow, ApiError> {
+    loop {
+        let seen = *app.shared.seq.borrow();
+        let row = visible(caller, id, app.reader.task(TaskId(id))?)?;
+        if row.state.is_terminal() || Instant::now() >= until {
+            return Ok(row);
+        }
+        wait_for_results(app, seen, until).await;
+    }
+}
+
+pub(super) async fn show(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let caller = auth(&app, &headers)?;
+    let id = parse_id(&id, "the task id")?;
+    let until = Instant::now() + wait_param(&q)?;
+    let row = read_until_terminal(&app, &caller, id, until).await?;
+    if row.state.is_terminal() && row.owner == caller.user {
+        let _ = app.send(Cmd::FetchedIds(vec![row.id]));
+    }
+    Ok(json_response(StatusCode::OK, row.to_json(false)))
+}
+
+pub(super) async fn status_many(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let caller = auth(&app, &headers)?;
+    let bytes = read_body(&headers, body, 16 << 20).await?;
+    let v = parse_json(&bytes)?;
+    let ids: Vec<u64> = match v.get("ids") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                x.as_u64()
+                    .ok_or_else(|| ApiError::bad(format!("ids[{i}]: must be a task id, got {x}")))
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(ApiError::bad("ids: required (an array of task ids)")),
+    };
+    if ids.len() > 10_000 {
+        return Err(ApiError::too_large(format!(
+            "{} ids in one request; the limit is 10000",
+            ids.len()
+        )));
+    }
+    let rows = app
+        .reader
+        .tasks(&ids.iter().map(|&i| TaskId(i)).collect::<Vec<_>>())?;
+    let by_id: HashMap<u64, &TaskRow> = rows
+        .iter()
+        .filter(|r| caller.may_see(&r.owner))
+        .map(|r| (r.id.0, r))
+        .collect();
+    let mut fetched = Vec::new();
+    let out: Vec<Value> = ids
+        .iter()
+        .map(|id| match by_id.get(id) {
+            Some(r) => {
+                if r.state.is_terminal() && r.owner == caller.user {
+                    fetched.push(r.id);
+                }
+                r.to_json(false)
+            }
+            None => json!({"id": id, "state": "unknown"}),
+        })
+        .collect();
+    if !fetched.is_empty() {
+        let _ = app.send(Cmd::FetchedIds(fetched));
+    }
+    Ok(json_response(StatusCode::OK, json!({ "tasks": out })))
+}
+
+pub(super) async fn cancel(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let caller = auth(&app, &headers)?;
+    let id = parse_id(&id, "the task id")?;
+    let row = visible(&caller, id, app.reader.task(TaskId(id))?)?;
+    if row.state.is_terminal() {
+        return Ok(json_response(StatusCode::OK, row.to_json(false)));
+    }
+    if let Some(p) = app.pool(&row.pool) {
+        p.handle.cancel(vec![row.id]);
+    }
+    let row =
+        read_until_terminal(&app, &caller, id, Instant::now() + Duration::from_secs(5)).await?;
+    let status = if row.state.is_terminal() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok(json_response(status, row.to_json(false)))
+}
+
+/// A result in a msgpack answer: payload bytes stay bytes.
+#[derive(Serialize)]
+struct MsgpackResult<'a> {
+    id: u64,
+    function: u64,
+    pool: &'a str,
+    state: &'static str,
+    attempt: u32,
+    seq: Option<u64>,
+    submitted_at: f64,
+    finished_at: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<MsgpackPayload<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<Value>,
+}
+
+#[derive(Serialize)]
+struct MsgpackPayload<'a> {
+    encoding: &'static str,
+    #[serde(with = "serde_bytes")]
+    data: &'a [u8],
+}
+
+fn msgpack_results(rows: &[TaskRow], cursor: u64) -> Response {
+    let results: Vec<MsgpackResult<'_>> = rows
+        .iter()
+        .map(|r| {
+            let (result, error) = match &r.outcome {
+                Some(Outcome::Ok(p)) => (
+                    Some(MsgpackPayload {
+                        encoding: p.encoding.as_str(),
+                        data: &p.data,
+                    }),
+                    None,
+                ),
+                Some(Outcome::Err(_)) => (None, r.to_json(false).get("error").cloned()),
+                None => (None, None),
+            };
+            MsgpackResult {
+                id: r.id.0,
+                function: r.function.0,
+                pool: &r.pool,
+                state: r.state.as_str(),
+                attempt: r.attempt.0,
+                seq: r.seq,
+                submitted_at: r.submitted,
+                finished_at: r.finished,
+                result,
+                error,
+            }
+        })
+        .collect();
+    #[derive(Serialize)]
+    struct Page<'a> {
+        results: Vec<MsgpackResult<'a>>,
+        cursor: u64,
+    }
+    match rmp_serde::to_vec_named(&Page { results, cursor }) {
+        Ok(bytes) => ([(header::CONTENT_TYPE, MSGPACK)], bytes).into_response(),
+        Err(e) => ApiError::bad(format!("cannot encode msgpack: {e}")).into_response(),
+    }
+}
+
+pub(super) async fn results(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
+    let caller = auth(&app, &headers)?;
+    let num = |k: &str, default: u64| -> Result<u64, ApiError> {
+        q.get(k).map_or(Ok(default), |v| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::bad(format!("{k}: must be a non-negative integer, got {v:?}"))
+            })
+        })
+    };
+    let since = num("since", 0)?;
+    let limit = num("limit", 1000)?.clamp(1, 10_000) as usize;
+    let until = Instant::now() + wait_param(&q)?;
+    let rows = loop {
+        let seen = *app.shared.seq.borrow();
+        let rows = app.reader.results(&caller.user, since, limit)?;
+        if !rows.is_empty() || Instant::now() >= until {
+            break rows;
+        }
+        wait_for_results(&app, seen, until).await;
+    };
+    if since > 0 {
+        let _ = app.send(Cmd::Fetched {
+            owner: caller.user.clone(),
+            upto: since,
+        });
+    }
+    let cursor = rows.last().and_then(|r| r.seq).unwrap_or(since);
+    let wants_msgpack = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(MSGPACK));
+    if wants_msgpack {
+        return Ok(msgpack_results(&rows, cursor));
+    }
+    let list: Vec<Value> = rows.iter().map(|r| r.to_json(true)).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "results": list, "cursor": cursor }),
+    ))
+}

@@ -1,0 +1,458 @@
+//! The site configuration: TOML parsed strictly (every unknown key is reported with its path),
+//! then validated into [`SiteConfig`], the runtime form. With no file, [`SiteConfig::defaults`]
+//! gives the embedded defaults: data in `$FNX_HOME`, one local pool, API on `127.0.0.1:8470`.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thiserror::Error;
+
+/// The default HTTP API address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8470";
+
+/// A configuration that cannot be used; lists every problem found, each with its key path.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a value has the wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// Unknown keys or invalid values.
+    #[error("{path}: {}", problems.join("; "))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// One entry per problem, each starting with the key path.
+        problems: Vec<String>,
+    },
+}
+
+#[derive(Deserialize, Default)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    interchange: RawInterchange,
+    #[serde(default)]
+    pools: BTreeMap<String, RawPool>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawDaemon {
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    log_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawStore {
+    sync: Option<String>,
+    max_size_mb: Option<u64>,
+    result_retention_s: Option<f64>,
+    unfetched_retention_s: Option<f64>,
+    prune_interval_s: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawLimits {
+    max_tasks_per_request: Option<usize>,
+    max_request_mb: Option<u64>,
+    max_payload_mb: Option<f64>,
+    max_result_mb: Option<f64>,
+    max_queued_per_user: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawInterchange {
+    address: Option<String>,
+    port: Option<u16>,
+    heartbeat_period_s: Option<f64>,
+    heartbeat_threshold_s: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawPool {
+    provider: Option<String>,
+    managers: Option<u32>,
+    workers_per_manager: Option<u32>,
+    python: Option<String>,
+    kill_grace_s: Option<f64>,
+}
+
+/// How hard each commit is pushed to disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// fsync the write-ahead log at every group commit: an acknowledged task survives a power
+    /// loss.
+    Full,
+    /// fsync only at checkpoints: an acknowledged task survives a crash of the daemon, not of
+    /// the machine.
+    Normal,
+}
+
+/// Store settings.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Durability of each commit.
+    pub sync: SyncMode,
+    /// Size limit of the store in bytes (None: only the filesystem limits it).
+    pub max_size_bytes: Option<u64>,
+    /// How long a result is kept after it was fetched.
+    pub result_retention: Duration,
+    /// How long a result that was never fetched is kept.
+    pub unfetched_retention: Duration,
+    /// How often old results are pruned.
+    pub prune_interval: Duration,
+}
+
+/// Request and queue limits.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Most tasks in one submit request.
+    pub max_tasks_per_request: usize,
+    /// Largest request body.
+    pub max_request_bytes: usize,
+    /// Largest argument payload of one task.
+    pub max_payload_bytes: usize,
+    /// Largest result of one task.
+    pub max_result_bytes: u64,
+    /// Most unfinished tasks of one user.
+    pub max_queued_per_user: u64,
+}
+
+/// Interchange settings shared by every pool.
+#[derive(Clone, Debug)]
+pub struct InterchangeConfig {
+    /// Address managers connect to (and the interchange binds).
+    pub address: String,
+    /// Port of the first pool's interchange (0: any free port); pool N uses `port + N`.
+    pub port: u16,
+    /// Heartbeat period.
+    pub heartbeat_period: Duration,
+    /// Silence after which a manager is lost.
+    pub heartbeat_threshold: Duration,
+}
+
+/// One pool of workers.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Its name (the key in `[pools.NAME]`).
+    pub name: String,
+    /// Manager processes (local provider).
+    pub managers: u32,
+    /// Worker slots per manager (None: one per core).
+    pub workers_per_manager: Option<u32>,
+    /// Interpreter for Python workers.
+    pub python: String,
+    /// SIGTERM → SIGKILL grace when a task is killed.
+    pub kill_grace: Duration,
+}
+
+/// The validated configuration the daemon runs with.
+#[derive(Clone, Debug)]
+pub struct SiteConfig {
+    /// Data directory: store, run directories, `client.json`.
+    pub data_dir: PathBuf,
+    /// HTTP API address.
+    pub listen: SocketAddr,
+    /// Log file (None: stderr).
+    pub log_file: Option<PathBuf>,
+    /// Store settings.
+    pub store: StoreConfig,
+    /// Limits.
+    pub limits: Limits,
+    /// Interchange settings.
+    pub interchange: InterchangeConfig,
+    /// Pools, in file order of their names (sorted); tasks without a pool go to the first.
+    pub pools: Vec<PoolConfig>,
+}
+
+/// `$FNX_HOME`, else `~/.fnx`.
+pub fn fnx_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("FNX_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into());
+    PathBuf::from(home).join(".fnx")
+}
+
+impl SiteConfig {
+    /// The embedded defaults (what `fnx daemon` runs with when given no file).
+    pub fn defaults() -> SiteConfig {
+        validate(RawConfig::default(), Path::new("(defaults)")).expect("defaults are valid")
+    }
+
+    /// Read, parse and validate a file.
+    pub fn load(path: &Path) -> Result<SiteConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate TOML text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<SiteConfig, ConfigError> {
+        let de = toml::de::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        let mut unknown = Vec::new();
+        let raw: RawConfig = serde_ignored::deserialize(de, |p| {
+            unknown.push(format!("{p}: unknown key"));
+        })
+        .map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        if !unknown.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems: unknown,
+            });
+        }
+        validate(raw, path)
+    }
+}
+
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn secs(&mut self, key: &str, v: Option<f64>, default: f64, min: f64) -> Duration {
+        let v = v.unwrap_or(default);
+        if !v.is_finite() || v < min {
+            self.0.push(format!(
+                "{key}: must be a number of seconds ≥ {min}, got {v}"
+            ));
+            return Duration::from_secs_f64(default);
+        }
+        Duration::from_secs_f64(v)
+    }
+
+    fn mb(&mut self, key: &str, v: Option<f64>, default: f64) -> u64 {
+        let v = v.unwrap_or(default);
+        if !v.is_finite() || v <= 0.0 || v > 1e6 {
+            self.0
+                .push(format!("{key}: must be a size in MiB above 0, got {v}"));
+            return (default * 1048576.0) as u64;
+        }
+        (v * 1048576.0) as u64
+    }
+}
+
+fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
+    let mut p = Problems(Vec::new());
+    let listen_text = raw.daemon.listen.unwrap_or_else(|| DEFAULT_LISTEN.into());
+    let listen = listen_text.parse::<SocketAddr>().unwrap_or_else(|e| {
+        p.0.push(format!(
+            "daemon.listen: {listen_text:?} is not an address:port ({e})"
+        ));
+        DEFAULT_LISTEN.parse().expect("valid")
+    });
+    let sync = match raw.store.sync.as_deref().unwrap_or("full") {
+        "full" => SyncMode::Full,
+        "normal" => SyncMode::Normal,
+        other => {
+            p.0.push(format!(
+                "store.sync: must be \"full\" or \"normal\", got {other:?}"
+            ));
+            SyncMode::Full
+        }
+    };
+    let store = StoreConfig {
+        sync,
+        max_size_bytes: raw.store.max_size_mb.filter(|&m| m > 0).map(|m| m << 20),
+        result_retention: p.secs(
+            "store.result_retention_s",
+            raw.store.result_retention_s,
+            86400.0,
+            0.0,
+        ),
+        unfetched_retention: p.secs(
+            "store.unfetched_retention_s",
+            raw.store.unfetched_retention_s,
+            30.0 * 86400.0,
+            0.0,
+        ),
+        prune_interval: p.secs(
+            "store.prune_interval_s",
+            raw.store.prune_interval_s,
+            60.0,
+            0.1,
+        ),
+    };
+    let l = raw.limits;
+    let max_tasks_per_request = l.max_tasks_per_request.unwrap_or(10_000);
+    if max_tasks_per_request == 0 {
+        p.0.push("limits.max_tasks_per_request: must be at least 1".into());
+    }
+    let limits = Limits {
+        max_tasks_per_request: max_tasks_per_request.max(1),
+        max_request_bytes: p.mb(
+            "limits.max_request_mb",
+            l.max_request_mb.map(|m| m as f64),
+            256.0,
+        ) as usize,
+        max_payload_bytes: p.mb("limits.max_payload_mb", l.max_payload_mb, 10.0) as usize,
+        max_result_bytes: p.mb("limits.max_result_mb", l.max_result_mb, 10.0),
+        max_queued_per_user: l.max_queued_per_user.unwrap_or(2_000_000),
+    };
+    let i = raw.interchange;
+    let interchange = InterchangeConfig {
+        address: i.address.unwrap_or_else(|| "127.0.0.1".into()),
+        port: i.port.unwrap_or(0),
+        heartbeat_period: p.secs(
+            "interchange.heartbeat_period_s",
+            i.heartbeat_period_s,
+            5.0,
+            0.05,
+        ),
+        heartbeat_threshold: p.secs(
+            "interchange.heartbeat_threshold_s",
+            i.heartbeat_threshold_s,
+            30.0,
+            0.1,
+        ),
+    };
+    if interchange.heartbeat_threshold <= interchange.heartbeat_period {
+        p.0.push(
+            "interchange.heartbeat_threshold_s: must be longer than heartbeat_period_s".into(),
+        );
+    }
+    if interchange.address.parse::<std::net::IpAddr>().is_err() {
+        p.0.push(format!(
+            "interchange.address: {:?} is not an IP address",
+            interchange.address
+        ));
+    }
+    let mut raw_pools = raw.pools;
+    if raw_pools.is_empty() {
+        raw_pools.insert("local".into(), RawPool::default());
+    }
+    let mut pools = Vec::new();
+    for (name, rp) in raw_pools {
+        let key = |k: &str| format!("pools.{name}.{k}");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            p.0.push(format!(
+                "pools.{name:?}: a pool name may use letters, digits, '-' and '_'"
+            ));
+        }
+        match rp.provider.as_deref().unwrap_or("local") {
+            "local" => {}
+            other => p.0.push(format!(
+                "{}: {other:?} is not supported by this version (supported: \"local\")",
+                key("provider")
+            )),
+        }
+        let managers = rp.managers.unwrap_or(1);
+        if managers == 0 || managers > 1024 {
+            p.0.push(format!(
+                "{}: must be 1..=1024, got {managers}",
+                key("managers")
+            ));
+        }
+        let python = rp.python.unwrap_or_else(|| "python3".into());
+        if python.trim().is_empty() {
+            p.0.push(format!("{}: must not be empty", key("python")));
+        }
+        pools.push(PoolConfig {
+            managers: managers.clamp(1, 1024),
+            workers_per_manager: rp.workers_per_manager.filter(|&w| w > 0),
+            python,
+            kill_grace: p.secs(&key("kill_grace_s"), rp.kill_grace_s, 2.0, 0.0),
+            name,
+        });
+    }
+    if !p.0.is_empty() {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems: p.0,
+        });
+    }
+    Ok(SiteConfig {
+        data_dir: raw.daemon.data_dir.unwrap_or_else(fnx_home),
+        listen,
+        log_file: raw.daemon.log_file.filter(|f| !f.as_os_str().is_empty()),
+        store,
+        limits,
+        interchange,
+        pools,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<SiteConfig, ConfigError> {
+        SiteConfig::parse(text, Path::new("site.toml"))
+    }
+
+    #[test]
+    fn defaults_have_one_local_pool() {
+        let c = parse("").unwrap();
+        assert_eq!(c.pools.len(), 1);
+        assert_eq!(c.pools[0].name, "local");
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.limits.max_tasks_per_request, 10_000);
+        assert_eq!(c.store.sync, SyncMode::Full);
+    }
+
+    #[test]
+    fn every_unknown_key_is_named_with_its_path() {
+        let err = parse("[daemon]\nlisten_on = 1\n[pools.cpu]\nworkerz = 2\n[bogus]\nx = 1\n")
+            .unwrap_err()
+            .to_string();
+        for key in ["daemon.listen_on", "pools.cpu.workerz", "bogus"] {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn every_bad_value_is_named() {
+        let err = parse(
+            "[store]\nsync = \"sometimes\"\n[daemon]\nlisten = \"nowhere\"\n\
+             [pools.a]\nprovider = \"slurmish\"\nmanagers = 0\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "store.sync",
+            "daemon.listen",
+            "pools.a.provider",
+            "pools.a.managers",
+        ] {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_name_the_line() {
+        let err = parse("[limits]\nmax_tasks_per_request = \"many\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_tasks_per_request"), "{err}");
+    }
+}

@@ -1,0 +1,25 @@
+//! fnx's service: the long-running daemon that many users submit to (`fnx daemon`), as a
+//! library. The binary (`cli`) parses arguments, binds the listener and calls
+//! [`service::run`].
+//!
+//! # Layout
+//! - [`config`]: the site TOML, parsed strictly and validated into [`config::SiteConfig`].
+//! - [`store`]: the SQLite store (WAL): schema, read queries, and the writer thread with group
+//!   commit ([`store::writer`]).
+//! - [`api`]: the HTTP API (axum): routes, authentication, errors; documented in `docs/api.md`.
+//! - [`records`]: stored rows and their JSON form.
+//! - [`signature`]: Python signatures read from source, and argument binding checks.
+//! - [`auth`]: tokens and their hashes.
+//! - [`local`]: a local pool (interchange + manager processes on this host); embedded mode
+//!   (`fnx map`) uses it too.
+//! - [`service`]: wiring and the start/recover/stop sequence.
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod local;
+pub mod records;
+pub mod service;
+pub mod signature;
+pub mod store;

@@ -1,0 +1,445 @@
+//! Wiring: open the store, recover, start the pools, the writer and the HTTP API; stop them in
+//! order.
+
+use crate::api::{self, App, PoolRef};
+use crate::config::{PoolConfig, SiteConfig, SyncMode};
+use crate::local::{LocalError, LocalPool, PoolOptions};
+use crate::store::writer::{Cmd, Shared, Stats, UserCounts, Writer, WriterConfig};
+use crate::store::{self, Reader, State, StoreError};
+use fnx_interchange::{Event, Finished, NewTask};
+use fnx_protocol::{ErrorKind, FunctionBody, FunctionDef, Outcome, TaskError};
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// The daemon could not start or failed.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// A file or directory problem.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was attempted.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The store could not be opened or read.
+    #[error("the task store {path}: {source}")]
+    Store {
+        /// The store file.
+        path: PathBuf,
+        /// Why.
+        source: StoreError,
+    },
+    /// A pool could not start.
+    #[error("pool {pool}: {source}")]
+    Pool {
+        /// The pool.
+        pool: String,
+        /// Why.
+        source: LocalError,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+/// The store file inside a data directory.
+pub fn store_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("fnx.db")
+}
+
+/// Create a token for `user` in the store of `data_dir` (creating the store if needed).
+pub fn create_token(data_dir: &Path, user: &str, admin: bool) -> Result<String, DaemonError> {
+    let path = store_path(data_dir);
+    let serr = |source| DaemonError::Store {
+        path: path.clone(),
+        source,
+    };
+    prepare_dir(data_dir)?;
+    let conn = store::open_writer(&path, true).map_err(serr)?;
+    store::create_token(&conn, user, admin).map_err(serr)
+}
+
+fn prepare_dir(dir: &Path) -> Result<(), DaemonError> {
+    std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    Ok(())
+}
+
+/// On the first start (no users yet), create an admin user named after the account running the
+/// daemon and write its URL and token to `client.json` (mode 0600) in the data directory.
+fn first_start(
+    conn: &rusqlite::Connection,
+    cfg: &SiteConfig,
+    path: &Path,
+) -> Result<(), DaemonError> {
+    let serr = |source| DaemonError::Store {
+        path: path.to_path_buf(),
+        source,
+    };
+    if store::user_count(conn).map_err(serr)? > 0 {
+        return Ok(());
+    }
+    let user = crate::auth::current_user();
+    let token = store::create_token(conn, &user, true).map_err(serr)?;
+    let file = cfg.data_dir.join("client.json");
+    let body =
+        serde_json::json!({"url": format!("http://{}", cfg.listen), "token": token, "user": user});
+    let tmp = file.with_extension("json.tmp");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(format!("cannot write {}", tmp.display())))?;
+        writeln!(f, "{body}").map_err(io(format!("cannot write {}", tmp.display())))?;
+    }
+    std::fs::rename(&tmp, &file).map_err(io(format!("cannot write {}", file.display())))?;
+    eprintln!(
+        "fnx: first start: created admin user {user:?}; its URL and token are in {} (readable only by you)",
+        file.display()
+    );
+    Ok(())
+}
+
+fn start_pool(cfg: &SiteConfig, i: usize, p: &PoolConfig) -> Result<LocalPool, DaemonError> {
+    let port = if cfg.interchange.port == 0 {
+        0
+    } else {
+        cfg.interchange.port + i as u16
+    };
+    let run_dir = cfg.data_dir.join("runs").join(&p.name);
+    prepare_dir(&run_dir)?;
+    let opts = PoolOptions {
+        bind: format!("tcp://{}:{port}", cfg.interchange.address),
+        report_dispatch: true,
+        max_payload_bytes: cfg.limits.max_payload_bytes,
+        managers: p.managers,
+        workers: p.workers_per_manager,
+        python: p.python.clone(),
+        heartbeat_period: cfg.interchange.heartbeat_period,
+        heartbeat_threshold: cfg.interchange.heartbeat_threshold,
+        max_result_bytes: cfg.limits.max_result_bytes,
+        kill_grace: p.kill_grace,
+        ..PoolOptions::new(run_dir, format!("fnxd-{}-{}", std::process::id(), p.name))
+    };
+    LocalPool::start(opts).map_err(|source| DaemonError::Pool {
+        pool: p.name.clone(),
+        source,
+    })
+}
+
+/// Hand stored functions and unfinished tasks to the pools; returns per-user counts.
+fn recover(
+    conn: &rusqlite::Connection,
+    path: &Path,
+    pools: &[LocalPool],
+    names: &[String],
+    writer: &Sender<Cmd>,
+) -> Result<HashMap<String, UserCounts>, DaemonError> {
+    let serr = |source| DaemonError::Store {
+        path: path.to_path_buf(),
+        source,
+    };
+    let started = Instant::now();
+    for f in store::all_functions(conn).map_err(serr)? {
+        if let Some(body) = body_of(&f.spec) {
+            for p in pools {
+                p.handle.add_function(FunctionDef {
+                    id: f.id,
+                    body: body.clone(),
+                });
+            }
+        }
+    }
+    let mut counts: HashMap<String, UserCounts> = HashMap::new();
+    {
+        let mut st = conn
+            .prepare("SELECT owner, state, count(*) FROM tasks GROUP BY owner, state")
+            .map_err(|e| serr(e.into()))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(|e| serr(e.into()))?;
+        for row in rows {
+            let (owner, state, n) = row.map_err(|e| serr(e.into()))?;
+            let c = counts.entry(owner).or_default();
+            match State::from_i64(state) {
+                State::Queued => c.queued += n as u64,
+                State::Running => c.running += n as u64,
+                _ => c.finished += n as u64,
+            }
+        }
+    }
+    let unfinished = store::unfinished(conn).map_err(serr)?;
+    let (total, mut rerun) = (unfinished.len(), 0usize);
+    let mut per_pool: Vec<Vec<NewTask>> = pools.iter().map(|_| Vec::new()).collect();
+    let mut orphans = Vec::new();
+    for t in unfinished {
+        rerun += t.was_running as usize;
+        let task = NewTask {
+            id: t.id,
+            function: t.function,
+            args: t.args,
+            priority: t.priority,
+            walltime_ms: t.walltime_ms,
+            retries: t.retries,
+            attempt: t.attempt,
+        };
+        match names.iter().position(|n| *n == t.pool) {
+            Some(i) => per_pool[i].push(task),
+            None => orphans.push(Finished {
+                id: t.id,
+                attempt: t.attempt,
+                outcome: Outcome::Err(TaskError::new(
+                    ErrorKind::BadInput,
+                    "UnknownPool",
+                    format!("pool {:?} is no longer configured", t.pool),
+                )),
+            }),
+        }
+    }
+    for (p, tasks) in pools.iter().zip(per_pool) {
+        if !tasks.is_empty() {
+            p.handle.submit(tasks);
+        }
+    }
+    if !orphans.is_empty() {
+        tracing::warn!(
+            "{} unfinished tasks name a pool that is no longer configured; they fail",
+            orphans.len()
+        );
+        let _ = writer.send(Cmd::Finished(orphans));
+    }
+    if total > 0 {
+        tracing::info!(
+            "recovered {total} unfinished tasks ({rerun} were running and run again with a new attempt) in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(counts)
+}
+
+/// What managers run for a stored function record (None for kinds that cannot run yet).
+fn body_of(spec: &serde_json::Value) -> Option<FunctionBody> {
+    let s = |k: &str| spec.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    match spec.get("kind")?.as_str()? {
+        "python" => match (s("source"), s("entry"), s("ref")) {
+            (Some(source), Some(name), _) => Some(FunctionBody::PythonSource { source, name }),
+            (_, _, Some(r)) => {
+                let (module, qualname) = r.split_once(':')?;
+                Some(FunctionBody::PythonRef {
+                    module: module.into(),
+                    qualname: qualname.into(),
+                })
+            }
+            _ => None,
+        },
+        "shell" => Some(FunctionBody::Shell {
+            template: s("command")?,
+        }),
+        _ => None,
+    }
+}
+
+/// Forward a pool's events to the writer and keep its managers running, until `stop`.
+fn pump(mut pool: LocalPool, writer: Sender<Cmd>, stop: Arc<AtomicBool>, name: String) {
+    let mut restarts: Vec<Instant> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        match pool.events.recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::Finished(f)) => {
+                let _ = writer.send(Cmd::Finished(f));
+            }
+            Ok(Event::Dispatched(d)) => {
+                let _ = writer.send(Cmd::Dispatched(d));
+            }
+            Ok(Event::Notice(_)) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        for exit in pool.poll_exits() {
+            tracing::warn!(
+                "pool {name}: manager {} ended ({}); its log: {}",
+                exit.uid,
+                exit.status,
+                exit.log.display()
+            );
+            let now = Instant::now();
+            restarts.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
+            if restarts.len() >= 5 {
+                tracing::error!(
+                    "pool {name}: 5 managers ended within a minute; waiting 30 s before the next"
+                );
+                std::thread::sleep(Duration::from_secs(30));
+            }
+            restarts.push(Instant::now());
+            match pool.replace_manager() {
+                Ok(uid) => tracing::info!("pool {name}: started manager {uid}"),
+                Err(e) => tracing::error!("pool {name}: cannot start a manager: {e}"),
+            }
+        }
+    }
+    pool.stop_all("the daemon is stopping");
+    // Outcomes reported while stopping are still recorded.
+    while let Ok(ev) = pool.events.try_recv() {
+        if let Event::Finished(f) = ev {
+            let _ = writer.send(Cmd::Finished(f));
+        }
+    }
+}
+
+/// Run the daemon until `shutdown` completes: serve the API on `listener` (bound by the
+/// caller), run the pools, and commit everything before returning.
+pub fn run(
+    cfg: SiteConfig,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let started = Instant::now();
+    prepare_dir(&cfg.data_dir)?;
+    let path = store_path(&cfg.data_dir);
+    let serr = |source| DaemonError::Store {
+        path: path.clone(),
+        source,
+    };
+    let conn = store::open_writer(&path, cfg.store.sync == SyncMode::Full).map_err(serr)?;
+    if let Some(max) = cfg.store.max_size_bytes {
+        let page: i64 = conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .map_err(|e| serr(e.into()))?;
+        conn.pragma_update(None, "max_page_count", (max as i64 / page).max(16))
+            .map_err(|e| serr(e.into()))?;
+    }
+    first_start(&conn, &cfg, &path)?;
+    let mut pools = Vec::new();
+    for (i, p) in cfg.pools.iter().enumerate() {
+        pools.push(start_pool(&cfg, i, p)?);
+    }
+    let names: Vec<String> = cfg.pools.iter().map(|p| p.name.clone()).collect();
+    let (wtx, wrx) = channel();
+    let counts = recover(&conn, &path, &pools, &names, &wtx)?;
+    let (seq_tx, _) = tokio::sync::watch::channel(0u64);
+    let shared = Arc::new(Shared {
+        stats: Mutex::new(Stats {
+            users: counts,
+            ..Stats::default()
+        }),
+        seq: seq_tx,
+    });
+    let handles: HashMap<String, _> = names
+        .iter()
+        .cloned()
+        .zip(pools.iter().map(|p| p.handle.clone()))
+        .collect();
+    let refs: Vec<PoolRef> = names
+        .iter()
+        .cloned()
+        .zip(pools.iter())
+        .map(|(name, p)| PoolRef {
+            name,
+            handle: p.handle.clone(),
+        })
+        .collect();
+    let wcfg = WriterConfig {
+        max_queued_per_user: cfg.limits.max_queued_per_user,
+        max_size_bytes: cfg.store.max_size_bytes,
+        result_retention: cfg.store.result_retention,
+        unfetched_retention: cfg.store.unfetched_retention,
+        prune_interval: cfg.store.prune_interval,
+    };
+    let writer = Writer::new(conn, wcfg, shared.clone(), handles).map_err(serr)?;
+    let writer_thread = std::thread::Builder::new()
+        .name("store-writer".into())
+        .spawn(move || writer.run(wrx))
+        .map_err(io("cannot start the store writer"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut pumps = Vec::new();
+    for (pool, name) in pools.into_iter().zip(names.iter().cloned()) {
+        let (w, s) = (wtx.clone(), stop.clone());
+        pumps.push(
+            std::thread::Builder::new()
+                .name(format!("pool-{name}"))
+                .spawn(move || pump(pool, w, s, name))
+                .map_err(io("cannot start a pool thread"))?,
+        );
+    }
+    let python = cfg.pools[0].python.clone();
+    let app = Arc::new(App::new(
+        Reader::new(&path),
+        wtx,
+        shared,
+        refs,
+        cfg.limits.clone(),
+        python,
+        path.clone(),
+    ));
+    tracing::info!(
+        "fnx daemon ready in {:.2} s: API on http://{}, store {}",
+        started.elapsed().as_secs_f64(),
+        cfg.listen,
+        path.display()
+    );
+    serve(app.clone(), listener, shutdown)?;
+    // Stop in order: no new requests, pools (their last outcomes go to the writer), writer.
+    app.accepting.store(false, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    for p in pumps {
+        let _ = p.join();
+    }
+    drop(app);
+    let _ = writer_thread.join();
+    tracing::info!("fnx daemon stopped; everything is committed");
+    Ok(())
+}
+
+fn serve(
+    app: Arc<App>,
+    listener: std::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("http")
+        .enable_all()
+        .build()
+        .map_err(io("cannot start the HTTP runtime"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(io("cannot configure the listener"))?;
+    rt.block_on(async move {
+        let listener =
+            tokio::net::TcpListener::from_std(listener).map_err(io("cannot use the listener"))?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(listener, api::router(app)).with_graceful_shutdown(async move {
+            let _ = rx.await;
+        });
+        let mut server = std::pin::pin!(server.into_future());
+        tokio::select! {
+            r = &mut server => return r.map_err(io("the HTTP server failed")),
+            () = shutdown => {}
+        }
+        tracing::info!("stopping: no new requests; waiting up to 2 s for requests in progress");
+        let _ = tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        Ok(())
+    })?;
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}

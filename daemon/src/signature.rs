@@ -1,0 +1,327 @@
+//! Function signatures: read from Python source without running it (a short `ast` script run
+//! by the pool's interpreter), and checked against a task's JSON arguments at submit, so that a
+//! call that cannot bind is refused at once with the parameter's name instead of failing later
+//! on a node. Shell templates have one parameter per `{name}` field.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+/// How a parameter can be passed (Python's `inspect.Parameter.kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamKind {
+    /// Before `/`.
+    PositionalOnly,
+    /// The usual kind.
+    PositionalOrKeyword,
+    /// `*args`.
+    VarPositional,
+    /// After `*` or `*args`.
+    KeywordOnly,
+    /// `**kwargs`.
+    VarKeyword,
+}
+
+/// One parameter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Param {
+    /// Its name.
+    pub name: String,
+    /// How it is passed.
+    pub kind: ParamKind,
+    /// The source text of its default value, if it has one.
+    pub default: Option<String>,
+}
+
+/// A function's parameters.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signature {
+    /// In order.
+    pub params: Vec<Param>,
+}
+
+const READ_SIGNATURE: &str = r#"
+import ast, json, sys
+req = json.load(sys.stdin)
+try:
+    tree = ast.parse(req["source"])
+except SyntaxError as e:
+    print(json.dumps({"error": "line %s: %s" % (e.lineno, e.msg)})); sys.exit(0)
+defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+fn = [n for n in defs if n.name == req["entry"]]
+if not fn:
+    names = ", ".join(n.name for n in defs) or "none"
+    print(json.dumps({"error": "no top-level function %r in the source (functions found: %s)" % (req["entry"], names)}))
+    sys.exit(0)
+a = fn[0].args
+out = []
+def text(d):
+    return None if d is None else ast.unparse(d)
+pos = list(getattr(a, "posonlyargs", [])) + list(a.args)
+defaults = [None] * (len(pos) - len(a.defaults)) + list(a.defaults)
+for i, (p, d) in enumerate(zip(pos, defaults)):
+    kind = "positional_only" if i < len(getattr(a, "posonlyargs", [])) else "positional_or_keyword"
+    out.append({"name": p.arg, "kind": kind, "default": text(d)})
+if a.vararg:
+    out.append({"name": a.vararg.arg, "kind": "var_positional", "default": None})
+for p, d in zip(a.kwonlyargs, a.kw_defaults):
+    out.append({"name": p.arg, "kind": "keyword_only", "default": text(d)})
+if a.kwarg:
+    out.append({"name": a.kwarg.arg, "kind": "var_keyword", "default": None})
+print(json.dumps({"params": out}))
+"#;
+
+/// Read the signature of `entry` in `source` with `python`. `Err` is a message for the user
+/// (syntax error with its line, entry not found) or names the interpreter that failed.
+pub fn from_python_source(python: &str, source: &str, entry: &str) -> Result<Signature, String> {
+    let mut child = Command::new(python)
+        .args(["-I", "-c", READ_SIGNATURE])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {python} to read the function's signature: {e}"))?;
+    let req = serde_json::json!({"source": source, "entry": entry}).to_string();
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(req.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("cannot read the signature from {python}: {e}"))?;
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|_| {
+        format!(
+            "{python} could not read the function's signature: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })?;
+    if let Some(err) = v.get("error").and_then(Value::as_str) {
+        return Err(err.to_string());
+    }
+    serde_json::from_value(v).map_err(|e| format!("unexpected signature from {python}: {e}"))
+}
+
+/// The signature of a shell template: one parameter per field, in order.
+pub fn of_shell(params: &[String]) -> Signature {
+    Signature {
+        params: params
+            .iter()
+            .map(|p| Param {
+                name: p.clone(),
+                kind: ParamKind::PositionalOrKeyword,
+                default: None,
+            })
+            .collect(),
+    }
+}
+
+impl Signature {
+    /// Check that JSON arguments (an array: positional; an object: keywords) bind to the
+    /// parameters, as Python's call rules would. `Err` names the parameter.
+    pub fn check_binding(&self, args: &Value) -> Result<(), String> {
+        let (npos, keys): (usize, Vec<&str>) = match args {
+            Value::Array(a) => (a.len(), Vec::new()),
+            Value::Object(m) => (0, m.keys().map(String::as_str).collect()),
+            Value::Null => (0, Vec::new()),
+            other => {
+                return Err(format!(
+                    "arguments must be a JSON array (positional) or object (keywords), got {}",
+                    json_type(other)
+                ))
+            }
+        };
+        let positional: Vec<&Param> = self
+            .params
+            .iter()
+            .filter(|p| {
+                matches!(
+                    p.kind,
+                    ParamKind::PositionalOnly | ParamKind::PositionalOrKeyword
+                )
+            })
+            .collect();
+        let has = |k: ParamKind| self.params.iter().any(|p| p.kind == k);
+        if npos > positional.len() && !has(ParamKind::VarPositional) {
+            return Err(format!(
+                "takes {} positional argument{} but {npos} were given",
+                positional.len(),
+                if positional.len() == 1 { "" } else { "s" }
+            ));
+        }
+        let mut bound: Vec<&str> = positional
+            .iter()
+            .take(npos)
+            .map(|p| p.name.as_str())
+            .collect();
+        for k in keys {
+            match self.params.iter().find(|p| p.name == k) {
+                Some(p)
+                    if matches!(
+                        p.kind,
+                        ParamKind::PositionalOrKeyword | ParamKind::KeywordOnly
+                    ) =>
+                {
+                    if bound.contains(&k) {
+                        return Err(format!("got multiple values for parameter '{k}'"));
+                    }
+                    bound.push(k);
+                }
+                _ if has(ParamKind::VarKeyword) => {}
+                Some(_) => return Err(format!("parameter '{k}' is positional-only")),
+                None => return Err(format!("has no parameter '{k}'")),
+            }
+        }
+        for p in &self.params {
+            let required = p.default.is_none()
+                && !matches!(p.kind, ParamKind::VarPositional | ParamKind::VarKeyword);
+            if required && !bound.contains(&p.name.as_str()) {
+                return Err(format!("missing required parameter '{}'", p.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The name of a JSON value's type, for messages.
+pub fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Turn JSON arguments of a shell task into the values of the template's parameters, in order:
+/// an object `{param: value}` or an array in parameter order; values are strings, numbers or
+/// booleans.
+pub fn shell_values(params: &[String], args: &Value) -> Result<Vec<String>, String> {
+    let scalar = |name: &str, v: &Value| -> Result<String, String> {
+        match v {
+            Value::String(s) => Ok(s.clone()),
+            Value::Number(n) => Ok(n.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
+            other => Err(format!(
+                "the value of parameter '{name}' must be a string or number, got {}",
+                json_type(other)
+            )),
+        }
+    };
+    match args {
+        Value::Object(m) => {
+            if let Some(k) = m.keys().find(|k| !params.contains(k)) {
+                return Err(format!(
+                    "has no parameter '{k}' (the template's parameters: {})",
+                    params.join(", ")
+                ));
+            }
+            params
+                .iter()
+                .map(|p| match m.get(p) {
+                    Some(v) => scalar(p, v),
+                    None => Err(format!("missing required parameter '{p}'")),
+                })
+                .collect()
+        }
+        Value::Array(a) => {
+            if a.len() != params.len() {
+                return Err(format!(
+                    "the template takes {} parameters ({}), got {} values",
+                    params.len(),
+                    params.join(", "),
+                    a.len()
+                ));
+            }
+            params.iter().zip(a).map(|(p, v)| scalar(p, v)).collect()
+        }
+        Value::Null if params.is_empty() => Ok(Vec::new()),
+        other => Err(format!(
+            "shell arguments must be an object {{param: value}} or an array, got {}",
+            json_type(other)
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sig() -> Signature {
+        // def f(x, y=2, *, z)
+        from_python_source("python3", "def f(x, y=2, *, z):\n    pass\n", "f").unwrap()
+    }
+
+    #[test]
+    fn reads_kinds_and_defaults_from_source() {
+        let s = sig();
+        let kinds: Vec<_> = s
+            .params
+            .iter()
+            .map(|p| (p.name.as_str(), p.kind, p.default.as_deref()))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("x", ParamKind::PositionalOrKeyword, None),
+                ("y", ParamKind::PositionalOrKeyword, Some("2")),
+                ("z", ParamKind::KeywordOnly, None),
+            ]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_and_missing_entries_are_explained() {
+        let e = from_python_source("python3", "def f(:\n", "f").unwrap_err();
+        assert!(e.contains("line 1"), "{e}");
+        let e = from_python_source("python3", "def g():\n    pass\n", "f").unwrap_err();
+        assert!(e.contains("'f'") && e.contains("g"), "{e}");
+    }
+
+    #[test]
+    fn binding_follows_python_rules() {
+        let s = sig();
+        assert!(s.check_binding(&json!({"x": 1, "z": 3})).is_ok());
+        assert!(s.check_binding(&json!({"x": 1, "y": 1, "z": 3})).is_ok());
+        let e = s.check_binding(&json!({"x": 1})).unwrap_err();
+        assert!(e.contains("'z'"), "{e}");
+        let e = s
+            .check_binding(&json!({"x": 1, "z": 1, "w": 2}))
+            .unwrap_err();
+        assert!(e.contains("'w'"), "{e}");
+        let e = s.check_binding(&json!([1, 2, 3])).unwrap_err();
+        assert!(e.contains("2 positional"), "{e}");
+        let e = s.check_binding(&json!([1])).unwrap_err();
+        assert!(e.contains("'z'"), "{e}");
+        let e = s.check_binding(&json!("x")).unwrap_err();
+        assert!(e.contains("a string"), "{e}");
+        let var = from_python_source("python3", "def v(*a, **k):\n    pass\n", "v").unwrap();
+        assert!(var.check_binding(&json!([1, 2, 3])).is_ok());
+        assert!(var.check_binding(&json!({"q": 1})).is_ok());
+    }
+
+    #[test]
+    fn shell_values_come_in_template_order() {
+        let p = vec!["src".to_string(), "n".to_string()];
+        assert_eq!(
+            shell_values(&p, &json!({"n": 3, "src": "a b"})).unwrap(),
+            vec!["a b", "3"]
+        );
+        assert_eq!(
+            shell_values(&p, &json!(["x", "y"])).unwrap(),
+            vec!["x", "y"]
+        );
+        assert!(shell_values(&p, &json!({"src": "a"}))
+            .unwrap_err()
+            .contains("'n'"));
+        assert!(shell_values(&p, &json!({"src": "a", "n": 1, "k": 2}))
+            .unwrap_err()
+            .contains("'k'"));
+        assert!(shell_values(&p, &json!({"src": [1], "n": 1}))
+            .unwrap_err()
+            .contains("'src'"));
+    }
+}

@@ -1,0 +1,429 @@
+//! The durable store: one SQLite file in WAL mode.
+//!
+//! - [`writer`]: the only thread that writes. It takes commands from a channel, runs everything
+//!   that has arrived as one transaction (group commit), and answers submits only after the
+//!   commit; then hands the new tasks to the interchanges (persist, then dispatch).
+//! - [`Reader`]: a small pool of read connections for the API; WAL readers never block the
+//!   writer.
+//!
+//! Task states are small integers in the `state` column, see [`State`].
+
+pub mod writer;
+
+use crate::records::{FunctionRow, TaskRow};
+use fnx_protocol::{Attempt, Encoding, FunctionId, Outcome, Payload, TaskId};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+use thiserror::Error;
+
+/// The schema version this build writes; older stores are migrated on open.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS users(
+    name TEXT PRIMARY KEY, admin INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens(
+    hash TEXT PRIMARY KEY, user TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS functions(
+    id INTEGER PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
+    spec TEXT NOT NULL, created REAL NOT NULL, deleted INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS tasks(
+    id INTEGER PRIMARY KEY, owner TEXT NOT NULL, function INTEGER NOT NULL, pool TEXT NOT NULL,
+    priority INTEGER NOT NULL, walltime_ms INTEGER, retries INTEGER NOT NULL,
+    encoding INTEGER NOT NULL, args BLOB NOT NULL, state INTEGER NOT NULL,
+    attempt INTEGER NOT NULL, submitted REAL NOT NULL, seq INTEGER, outcome BLOB,
+    finished REAL, fetched REAL);
+CREATE INDEX IF NOT EXISTS tasks_live ON tasks(state) WHERE state < 2;
+CREATE INDEX IF NOT EXISTS tasks_done ON tasks(owner, seq) WHERE seq IS NOT NULL;
+CREATE TABLE IF NOT EXISTS idempotency(
+    owner TEXT NOT NULL, key TEXT NOT NULL, ids BLOB NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY(owner, key));
+";
+
+/// A task's state as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Waiting for dispatch.
+    Queued = 0,
+    /// Handed to a manager.
+    Running = 1,
+    /// Finished with a result.
+    Success = 2,
+    /// Finished with an error.
+    Failed = 3,
+    /// Cancelled.
+    Cancelled = 4,
+}
+
+impl State {
+    /// From the stored integer.
+    pub fn from_i64(v: i64) -> State {
+        match v {
+            0 => State::Queued,
+            1 => State::Running,
+            2 => State::Success,
+            3 => State::Failed,
+            _ => State::Cancelled,
+        }
+    }
+
+    /// The API's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Running => "running",
+            State::Success => "success",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+        }
+    }
+
+    /// The state an outcome puts a task in.
+    pub fn of(outcome: &Outcome) -> State {
+        match outcome {
+            Outcome::Ok(_) => State::Success,
+            Outcome::Err(e) if e.kind == fnx_protocol::ErrorKind::Cancelled => State::Cancelled,
+            Outcome::Err(_) => State::Failed,
+        }
+    }
+
+    /// Success, failed or cancelled.
+    pub fn is_terminal(self) -> bool {
+        self as i64 >= 2
+    }
+}
+
+/// A store operation failed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// SQLite reported an error (I/O, full disk, corruption, ...).
+    #[error("{0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The store file is from a newer fnx.
+    #[error(
+        "{path} has schema version {found}; this fnx handles up to {SCHEMA_VERSION}: upgrade fnx"
+    )]
+    TooNew {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: i64,
+    },
+    /// The store cannot commit (disk full, size limit, I/O error); nothing was accepted.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The user's unfinished tasks would exceed their limit.
+    #[error("{user} has {live} unfinished tasks; {more} more would exceed the limit of {limit} (limits.max_queued_per_user)")]
+    QueueLimit {
+        /// The user.
+        user: String,
+        /// Unfinished tasks now.
+        live: u64,
+        /// Tasks in the request.
+        more: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The writer thread is gone (the daemon is stopping).
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Open (creating if needed) the store at `path` for writing, and bring its schema up to date.
+pub fn open_writer(path: &Path, full_sync: bool) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        if full_sync { "FULL" } else { "NORMAL" },
+    )?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    conn.pragma_update(None, "cache_size", -65536)?; // 64 MiB
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    conn.execute_batch(SCHEMA)?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    Ok(conn)
+}
+
+/// Read connections for the API.
+pub struct Reader {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+/// A read connection borrowed from the [`Reader`]; returned when dropped.
+pub struct ReadConn<'a> {
+    conn: Option<Connection>,
+    reader: &'a Reader,
+}
+
+impl std::ops::Deref for ReadConn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for ReadConn<'_> {
+    fn drop(&mut self) {
+        if let (Some(c), Ok(mut idle)) = (self.conn.take(), self.reader.idle.lock()) {
+            if idle.len() < 8 {
+                idle.push(c);
+            }
+        }
+    }
+}
+
+fn row_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
+    let outcome: Option<Vec<u8>> = r.get(9)?;
+    Ok(TaskRow {
+        id: TaskId(r.get::<_, i64>(0)? as u64),
+        owner: r.get(1)?,
+        function: FunctionId(r.get::<_, i64>(2)? as u64),
+        pool: r.get(3)?,
+        state: State::from_i64(r.get(4)?),
+        attempt: Attempt(r.get::<_, i64>(5)? as u32),
+        submitted: r.get(6)?,
+        finished: r.get(7)?,
+        seq: r.get::<_, Option<i64>>(8)?.map(|s| s as u64),
+        outcome: outcome.and_then(|b| rmp_serde::from_slice::<Outcome>(&b).ok()),
+    })
+}
+
+const TASK_COLUMNS: &str =
+    "id, owner, function, pool, state, attempt, submitted, finished, seq, outcome";
+
+impl Reader {
+    /// Read connections to the store at `path` (which the writer has created).
+    pub fn new(path: &Path) -> Reader {
+        Reader {
+            path: path.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Borrow a connection.
+    pub fn get(&self) -> Result<ReadConn<'_>, StoreError> {
+        let pooled = self.idle.lock().ok().and_then(|mut v| v.pop());
+        let conn = match pooled {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                c.busy_timeout(Duration::from_secs(5))?;
+                c
+            }
+        };
+        Ok(ReadConn {
+            conn: Some(conn),
+            reader: self,
+        })
+    }
+
+    /// The user and admin flag of a token hash.
+    pub fn token_user(&self, hash: &str) -> Result<Option<(String, bool)>, StoreError> {
+        let c = self.get()?;
+        Ok(c.query_row(
+            "SELECT u.name, u.admin FROM tokens t JOIN users u ON u.name = t.user WHERE t.hash = ?1",
+            [hash],
+            |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)),
+        )
+        .optional()?)
+    }
+
+    /// One task.
+    pub fn task(&self, id: TaskId) -> Result<Option<TaskRow>, StoreError> {
+        let c = self.get()?;
+        let mut st =
+            c.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
+        Ok(st.query_row([id.0 as i64], row_task).optional()?)
+    }
+
+    /// Many tasks (missing ones are left out).
+    pub fn tasks(&self, ids: &[TaskId]) -> Result<Vec<TaskRow>, StoreError> {
+        let c = self.get()?;
+        let mut st =
+            c.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(t) = st.query_row([id.0 as i64], row_task).optional()? {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A user's finished tasks with `seq > since`, in completion order.
+    pub fn results(
+        &self,
+        owner: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        let c = self.get()?;
+        let mut st = c.prepare_cached(&format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE owner = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+        ))?;
+        let rows = st.query_map(params![owner, since as i64, limit as i64], row_task)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// One function.
+    pub fn function(&self, id: FunctionId) -> Result<Option<FunctionRow>, StoreError> {
+        let c = self.get()?;
+        Ok(c.query_row(
+            "SELECT id, owner, spec, created, deleted FROM functions WHERE id = ?1",
+            [id.0 as i64],
+            row_function,
+        )
+        .optional()?)
+    }
+
+    /// Functions of one owner (None: everyone's), not deleted.
+    pub fn functions(&self, owner: Option<&str>) -> Result<Vec<FunctionRow>, StoreError> {
+        let c = self.get()?;
+        let mut st = c.prepare(
+            "SELECT id, owner, spec, created, deleted FROM functions
+             WHERE deleted = 0 AND (?1 IS NULL OR owner = ?1) ORDER BY id",
+        )?;
+        let rows = st.query_map([owner], row_function)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The size of the store file and its write-ahead log, in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        let wal = PathBuf::from(format!("{}-wal", self.path.display()));
+        [&self.path, &wal]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
+fn row_function(r: &rusqlite::Row<'_>) -> rusqlite::Result<FunctionRow> {
+    let spec: String = r.get(2)?;
+    Ok(FunctionRow {
+        id: FunctionId(r.get::<_, i64>(0)? as u64),
+        owner: r.get(1)?,
+        spec: serde_json::from_str(&spec).unwrap_or(serde_json::Value::Null),
+        created: r.get(3)?,
+        deleted: r.get::<_, i64>(4)? != 0,
+    })
+}
+
+/// A task to hand to an interchange again after a restart.
+pub struct Recovered {
+    /// The task.
+    pub id: TaskId,
+    /// Its owner.
+    pub owner: String,
+    /// Its pool.
+    pub pool: String,
+    /// Its function.
+    pub function: FunctionId,
+    /// Its arguments.
+    pub args: Payload,
+    /// Priority.
+    pub priority: i32,
+    /// Walltime.
+    pub walltime_ms: Option<u64>,
+    /// Retries.
+    pub retries: u32,
+    /// The last recorded attempt (0 if never dispatched).
+    pub attempt: Attempt,
+    /// It was running when the daemon stopped.
+    pub was_running: bool,
+}
+
+/// Every unfinished task, in id order.
+pub fn unfinished(conn: &Connection) -> Result<Vec<Recovered>, StoreError> {
+    let mut st = conn.prepare(
+        "SELECT id, owner, pool, function, encoding, args, priority, walltime_ms, retries,
+                attempt, state FROM tasks WHERE state < 2 ORDER BY id",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok(Recovered {
+            id: TaskId(r.get::<_, i64>(0)? as u64),
+            owner: r.get(1)?,
+            pool: r.get(2)?,
+            function: FunctionId(r.get::<_, i64>(3)? as u64),
+            args: Payload {
+                encoding: encoding_from(r.get(4)?),
+                data: r.get(5)?,
+            },
+            priority: r.get(6)?,
+            walltime_ms: r.get::<_, Option<i64>>(7)?.map(|w| w as u64),
+            retries: r.get::<_, i64>(8)? as u32,
+            attempt: Attempt(r.get::<_, i64>(9)? as u32),
+            was_running: r.get::<_, i64>(10)? == 1,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Every function, deleted or not (tasks submitted before a delete still run).
+pub fn all_functions(conn: &Connection) -> Result<Vec<FunctionRow>, StoreError> {
+    let mut st = conn.prepare("SELECT id, owner, spec, created, deleted FROM functions")?;
+    let rows = st.query_map([], row_function)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The stored integer of an encoding.
+pub fn encoding_code(e: Encoding) -> i64 {
+    match e {
+        Encoding::Json => 0,
+        Encoding::Pickle => 1,
+    }
+}
+
+fn encoding_from(v: i64) -> Encoding {
+    if v == 1 {
+        Encoding::Pickle
+    } else {
+        Encoding::Json
+    }
+}
+
+/// Create a user (or update its admin flag) and a new token for it; returns the token. Used by
+/// the daemon on its first start and by `fnx token create` (which opens the store itself; SQLite
+/// serialises it with the daemon's writer).
+pub fn create_token(conn: &Connection, user: &str, admin: bool) -> Result<String, StoreError> {
+    let token = crate::auth::new_token();
+    let t = now();
+    conn.execute(
+        "INSERT INTO users(name, admin, created) VALUES (?1, ?2, ?3)
+         ON CONFLICT(name) DO UPDATE SET admin = max(admin, excluded.admin)",
+        params![user, admin as i64, t],
+    )?;
+    conn.execute(
+        "INSERT INTO tokens(hash, user, created) VALUES (?1, ?2, ?3)",
+        params![crate::auth::hash_token(&token), user, t],
+    )?;
+    Ok(token)
+}
+
+/// How many users exist.
+pub fn user_count(conn: &Connection) -> Result<u64, StoreError> {
+    Ok(conn.query_row("SELECT count(*) FROM users", [], |r| r.get::<_, i64>(0))? as u64)
+}

@@ -1,0 +1,803 @@
+//! The writer thread: group commit of everything that changes the store.
+//!
+//! Each round takes every command that has arrived (up to a bound), runs them in one
+//! transaction and commits once. Only after the commit are submits answered and their tasks
+//! handed to the interchanges; results and dispatch records that could not be committed (disk
+//! full, I/O error) are kept and retried, so nothing the interchange reported is lost while the
+//! store is unavailable. A task's outcome is written only if the task is not yet terminal, so
+//! each outcome is recorded exactly once.
+
+use super::{encoding_code, now, State, StoreError};
+use fnx_interchange::{Finished, Handle, NewTask};
+use fnx_protocol::{Attempt, FunctionBody, FunctionDef, FunctionId, Payload, TaskId};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+
+/// Most commands in one group commit.
+const MAX_COMMANDS: usize = 2048;
+/// How soon results that could not be committed are tried again.
+const RETRY: Duration = Duration::from_millis(250);
+
+/// A task as submitted, validated by the API.
+pub struct TaskInput {
+    /// Function.
+    pub function: FunctionId,
+    /// Pool (validated).
+    pub pool: String,
+    /// Priority.
+    pub priority: i32,
+    /// Walltime per attempt.
+    pub walltime_ms: Option<u64>,
+    /// Retries after infrastructure failures.
+    pub retries: u32,
+    /// Arguments.
+    pub args: Payload,
+}
+
+/// The answer to a submit.
+#[derive(Debug)]
+pub struct Submitted {
+    /// Task ids, in request order.
+    pub ids: Vec<TaskId>,
+    /// The request repeated an earlier one with the same idempotency key; nothing was created.
+    pub replayed: bool,
+}
+
+/// A function to register.
+pub struct FunctionInput {
+    /// Owner.
+    pub owner: String,
+    /// Name.
+    pub name: String,
+    /// Kind (`python`, `shell`, `mpi`).
+    pub kind: String,
+    /// The API record (without id, owner, created_at).
+    pub spec: serde_json::Value,
+    /// What managers run (None for kinds that cannot run yet).
+    pub body: Option<FunctionBody>,
+}
+
+/// Something for the writer to do.
+pub enum Cmd {
+    /// Persist a batch of tasks, then answer and hand them to the interchanges.
+    Submit {
+        /// Owner.
+        owner: String,
+        /// The tasks.
+        tasks: Vec<TaskInput>,
+        /// Idempotency key.
+        key: Option<String>,
+        /// The answer.
+        reply: oneshot::Sender<Result<Submitted, StoreError>>,
+    },
+    /// Tasks were handed to managers.
+    Dispatched(Vec<(TaskId, Attempt)>),
+    /// Tasks finished.
+    Finished(Vec<Finished>),
+    /// Register a function.
+    Register(
+        FunctionInput,
+        oneshot::Sender<Result<FunctionId, StoreError>>,
+    ),
+    /// Delete a function.
+    Delete(FunctionId, oneshot::Sender<Result<(), StoreError>>),
+    /// A user acknowledged results up to this completion sequence number.
+    Fetched {
+        /// The user.
+        owner: String,
+        /// Highest sequence number acknowledged.
+        upto: u64,
+    },
+    /// These finished tasks were read by their owner.
+    FetchedIds(Vec<TaskId>),
+}
+
+/// Per-user task counts.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct UserCounts {
+    /// Waiting.
+    pub queued: u64,
+    /// Handed to managers.
+    pub running: u64,
+    /// Terminal, still in the store.
+    pub finished: u64,
+}
+
+impl UserCounts {
+    fn slot(&mut self, s: State) -> &mut u64 {
+        match s {
+            State::Queued => &mut self.queued,
+            State::Running => &mut self.running,
+            _ => &mut self.finished,
+        }
+    }
+}
+
+/// Counters shared with the API (status, metrics, health).
+#[derive(Default)]
+pub struct Stats {
+    /// Per-user counts.
+    pub users: HashMap<String, UserCounts>,
+    /// Tasks accepted since start.
+    pub submitted_total: u64,
+    /// Tasks finished since start: success, failed, cancelled.
+    pub finished_total: [u64; 3],
+    /// Group commits.
+    pub commits: u64,
+    /// Failed commits.
+    pub commit_errors: u64,
+    /// Why the last commit failed, while the store is unavailable.
+    pub unavailable: Option<String>,
+    /// (time, finished_total sum) samples for the completion rate.
+    pub rate_samples: VecDeque<(Instant, u64)>,
+}
+
+impl Stats {
+    /// Completions per second over the last 10 s.
+    pub fn rate(&self) -> f64 {
+        match (self.rate_samples.front(), self.rate_samples.back()) {
+            (Some(a), Some(b)) if b.0 > a.0 => (b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64(),
+            _ => 0.0,
+        }
+    }
+}
+
+/// What the writer shares with the API.
+pub struct Shared {
+    /// Counters.
+    pub stats: Mutex<Stats>,
+    /// The highest committed completion sequence number (long-polls wait on it).
+    pub seq: watch::Sender<u64>,
+}
+
+/// Settings of the writer.
+pub struct WriterConfig {
+    /// Most unfinished tasks of one user.
+    pub max_queued_per_user: u64,
+    /// Store size limit, for the error message.
+    pub max_size_bytes: Option<u64>,
+    /// Results are pruned this long after they were fetched.
+    pub result_retention: Duration,
+    /// Results never fetched are pruned after this long.
+    pub unfetched_retention: Duration,
+    /// How often to prune.
+    pub prune_interval: Duration,
+}
+
+/// The writer's state.
+pub struct Writer {
+    conn: Connection,
+    cfg: WriterConfig,
+    shared: Arc<Shared>,
+    pools: HashMap<String, Arc<Handle>>,
+    next_task: u64,
+    next_seq: u64,
+    next_function: u64,
+    acked: HashMap<String, u64>,
+    pending_dispatched: Vec<(TaskId, Attempt)>,
+    pending_finished: Vec<Finished>,
+}
+
+#[derive(Default)]
+struct Effects {
+    replies: Vec<(oneshot::Sender<Result<Submitted, StoreError>>, Submitted)>,
+    rejected: Vec<(oneshot::Sender<Result<Submitted, StoreError>>, StoreError)>,
+    to_interchange: HashMap<String, Vec<NewTask>>,
+    registered: Vec<(
+        oneshot::Sender<Result<FunctionId, StoreError>>,
+        FunctionId,
+        Option<FunctionBody>,
+    )>,
+    deleted: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    moves: Vec<(String, Option<State>, State)>,
+    finished_states: [u64; 3],
+    submitted: u64,
+}
+
+fn max_id(conn: &Connection, sql: &str) -> Result<u64, StoreError> {
+    Ok(conn
+        .query_row(sql, [], |r| r.get::<_, Option<i64>>(0))?
+        .unwrap_or(0) as u64)
+}
+
+impl Writer {
+    /// A writer over an open store. `counts` are the per-user counts found at start.
+    pub fn new(
+        conn: Connection,
+        cfg: WriterConfig,
+        shared: Arc<Shared>,
+        pools: HashMap<String, Arc<Handle>>,
+    ) -> Result<Writer, StoreError> {
+        let next_task = max_id(&conn, "SELECT max(id) FROM tasks")? + 1;
+        let next_seq = max_id(&conn, "SELECT max(seq) FROM tasks")? + 1;
+        let next_function = max_id(&conn, "SELECT max(id) FROM functions")? + 1;
+        let _ = shared.seq.send(next_seq - 1);
+        Ok(Writer {
+            conn,
+            cfg,
+            shared,
+            pools,
+            next_task,
+            next_seq,
+            next_function,
+            acked: HashMap::new(),
+            pending_dispatched: Vec::new(),
+            pending_finished: Vec::new(),
+        })
+    }
+
+    /// Run until every sender of `rx` is gone, then commit what is pending and return.
+    pub fn run(mut self, rx: Receiver<Cmd>) {
+        let mut next_prune = Instant::now() + self.cfg.prune_interval;
+        loop {
+            let retrying = !self.pending_finished.is_empty() || !self.pending_dispatched.is_empty();
+            let wait = if retrying {
+                RETRY
+            } else {
+                next_prune.saturating_duration_since(Instant::now())
+            };
+            let mut cmds = Vec::new();
+            let closed = match rx.recv_timeout(wait) {
+                Ok(c) => {
+                    cmds.push(c);
+                    false
+                }
+                Err(RecvTimeoutError::Timeout) => false,
+                Err(RecvTimeoutError::Disconnected) => true,
+            };
+            while cmds.len() < MAX_COMMANDS {
+                match rx.try_recv() {
+                    Ok(c) => cmds.push(c),
+                    Err(_) => break,
+                }
+            }
+            if !cmds.is_empty() || retrying {
+                self.round(cmds);
+            }
+            if Instant::now() >= next_prune {
+                self.prune();
+                next_prune = Instant::now() + self.cfg.prune_interval;
+            }
+            if closed {
+                if !self.pending_finished.is_empty() {
+                    tracing::error!(
+                        "{} results could not be committed before shutdown; those tasks will run again after restart",
+                        self.pending_finished.len()
+                    );
+                }
+                return;
+            }
+        }
+    }
+
+    fn round(&mut self, cmds: Vec<Cmd>) {
+        let mut submits = Vec::new();
+        let mut registers = Vec::new();
+        let mut deletes = Vec::new();
+        let mut fetched = Vec::new();
+        let mut fetched_ids = Vec::new();
+        for c in cmds {
+            match c {
+                Cmd::Submit {
+                    owner,
+                    tasks,
+                    key,
+                    reply,
+                } => submits.push((owner, tasks, key, reply)),
+                Cmd::Dispatched(d) => self.pending_dispatched.extend(d),
+                Cmd::Finished(f) => self.pending_finished.extend(f),
+                Cmd::Register(f, reply) => registers.push((f, reply)),
+                Cmd::Delete(id, reply) => deletes.push((id, reply)),
+                Cmd::Fetched { owner, upto } => fetched.push((owner, upto)),
+                Cmd::FetchedIds(ids) => fetched_ids.extend(ids),
+            }
+        }
+        let saved = (self.next_task, self.next_seq, self.next_function);
+        let mut fx = Effects::default();
+        let started = Instant::now();
+        let result = self.transaction(
+            submits,
+            registers,
+            &mut deletes,
+            &fetched,
+            &fetched_ids,
+            &mut fx,
+        );
+        match result {
+            Ok(()) => {
+                self.pending_dispatched.clear();
+                self.pending_finished.clear();
+                for (owner, upto) in fetched {
+                    let a = self.acked.entry(owner).or_default();
+                    *a = (*a).max(upto);
+                }
+                self.apply(fx);
+                let took = started.elapsed();
+                if took > Duration::from_secs(1) {
+                    tracing::warn!("a group commit took {:.1} s", took.as_secs_f64());
+                }
+            }
+            Err((e, submits_back, registers_back)) => {
+                (self.next_task, self.next_seq, self.next_function) = saved;
+                let msg = self.describe(&e);
+                let first = {
+                    let mut s = self.shared.stats.lock().expect("stats");
+                    s.commit_errors += 1;
+                    s.unavailable.replace(msg.clone()).is_none()
+                };
+                if first {
+                    tracing::error!("the store cannot commit: {msg}; submits get 503 until it can");
+                }
+                for (_, _, _, reply) in submits_back {
+                    let _ = reply.send(Err(StoreError::Unavailable(msg.clone())));
+                }
+                for (_, reply) in registers_back {
+                    let _ = reply.send(Err(StoreError::Unavailable(msg.clone())));
+                }
+                for (_, reply) in deletes {
+                    let _ = reply.send(Err(StoreError::Unavailable(msg.clone())));
+                }
+                for (reply, err) in fx.rejected {
+                    let _ = reply.send(Err(err));
+                }
+            }
+        }
+    }
+
+    fn describe(&self, e: &StoreError) -> String {
+        let full = matches!(e, StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
+            if f.code == rusqlite::ErrorCode::DiskFull);
+        match (full, self.cfg.max_size_bytes) {
+            (true, Some(max)) if self.size_at_limit(max) => format!(
+                "the task store reached its size limit of {} MiB (store.max_size_mb); results are pruned after they are fetched",
+                max >> 20
+            ),
+            (true, _) => format!("the filesystem holding the task store is full: {e}"),
+            _ => format!("the task store cannot commit: {e}"),
+        }
+    }
+
+    fn size_at_limit(&self, max: u64) -> bool {
+        let pages: i64 = self
+            .conn
+            .pragma_query_value(None, "page_count", |r| r.get(0))
+            .unwrap_or(0);
+        let size: i64 = self
+            .conn
+            .pragma_query_value(None, "page_size", |r| r.get(0))
+            .unwrap_or(4096);
+        (pages * size) as u64 + (64 << 10) >= max
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn transaction(
+        &mut self,
+        submits: Vec<(
+            String,
+            Vec<TaskInput>,
+            Option<String>,
+            oneshot::Sender<Result<Submitted, StoreError>>,
+        )>,
+        registers: Vec<(
+            FunctionInput,
+            oneshot::Sender<Result<FunctionId, StoreError>>,
+        )>,
+        deletes: &mut Vec<(FunctionId, oneshot::Sender<Result<(), StoreError>>)>,
+        fetched: &[(String, u64)],
+        fetched_ids: &[TaskId],
+        fx: &mut Effects,
+    ) -> Result<
+        (),
+        (
+            StoreError,
+            Vec<(
+                String,
+                Vec<TaskInput>,
+                Option<String>,
+                oneshot::Sender<Result<Submitted, StoreError>>,
+            )>,
+            Vec<(
+                FunctionInput,
+                oneshot::Sender<Result<FunctionId, StoreError>>,
+            )>,
+        ),
+    > {
+        let tx = match self.conn.transaction() {
+            Ok(tx) => tx,
+            Err(e) => return Err((e.into(), submits, registers)),
+        };
+        let t = now();
+        let mut ctx = Ctx {
+            next_task: &mut self.next_task,
+            next_seq: &mut self.next_seq,
+            next_function: &mut self.next_function,
+            acked: &self.acked,
+            shared: &self.shared,
+            limit: self.cfg.max_queued_per_user,
+            t,
+        };
+        // Submits and registrations are consumed only when the whole transaction succeeds; on
+        // failure they are handed back so that their callers get the error.
+        let mut staged_submits = Vec::new();
+        let mut staged_registers = Vec::new();
+        let mut live_extra: HashMap<String, u64> = HashMap::new();
+        let body = (|| -> Result<(), StoreError> {
+            for (f, _) in &registers {
+                staged_registers.push(ctx.register(&tx, f)?);
+            }
+            for (id, _) in deletes.iter() {
+                tx.execute(
+                    "UPDATE functions SET deleted = 1 WHERE id = ?1",
+                    [id.0 as i64],
+                )?;
+            }
+            for (i, (owner, tasks, key, _)) in submits.iter().enumerate() {
+                staged_submits.push(ctx.submit(
+                    &tx,
+                    i,
+                    owner,
+                    tasks,
+                    key.as_deref(),
+                    &mut live_extra,
+                    fx,
+                )?);
+            }
+            ctx.dispatched(&tx, &self.pending_dispatched, fx)?;
+            ctx.finished(&tx, &self.pending_finished, fx)?;
+            ctx.fetched(&tx, fetched, fetched_ids)?;
+            Ok(())
+        })();
+        let committed = body.and_then(|()| tx.commit().map_err(StoreError::from));
+        if let Err(e) = committed {
+            return Err((e, submits, registers));
+        }
+        for ((f, reply), id) in registers.into_iter().zip(staged_registers) {
+            fx.registered.push((reply, id, f.body));
+        }
+        for (_, reply) in deletes.drain(..) {
+            fx.deleted.push(reply);
+        }
+        for ((owner, tasks, _, reply), staged) in submits.into_iter().zip(staged_submits) {
+            match staged {
+                Staged::Rejected(err) => fx.rejected.push((reply, err)),
+                Staged::Replayed(ids) => fx.replies.push((
+                    reply,
+                    Submitted {
+                        ids,
+                        replayed: true,
+                    },
+                )),
+                Staged::Created(first) => {
+                    let n = tasks.len() as u64;
+                    let ids: Vec<TaskId> = (first..first + n).map(TaskId).collect();
+                    fx.submitted += n;
+                    fx.moves.extend(std::iter::repeat_n(
+                        (owner.clone(), None, State::Queued),
+                        tasks.len(),
+                    ));
+                    for (task, id) in tasks.into_iter().zip(&ids) {
+                        fx.to_interchange
+                            .entry(task.pool.clone())
+                            .or_default()
+                            .push(NewTask {
+                                id: *id,
+                                function: task.function,
+                                args: task.args,
+                                priority: task.priority,
+                                walltime_ms: task.walltime_ms,
+                                retries: task.retries,
+                                attempt: Attempt(0),
+                            });
+                    }
+                    fx.replies.push((
+                        reply,
+                        Submitted {
+                            ids,
+                            replayed: false,
+                        },
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, fx: Effects) {
+        {
+            let mut s = self.shared.stats.lock().expect("stats");
+            if s.unavailable.take().is_some() {
+                tracing::info!("the store commits again");
+            }
+            s.commits += 1;
+            s.submitted_total += fx.submitted;
+            for (i, n) in fx.finished_states.iter().enumerate() {
+                s.finished_total[i] += n;
+            }
+            for (owner, from, to) in &fx.moves {
+                let c = s.users.entry(owner.clone()).or_default();
+                if let Some(from) = from {
+                    let slot = c.slot(*from);
+                    *slot = slot.saturating_sub(1);
+                }
+                *c.slot(*to) += 1;
+            }
+            let total: u64 = s.finished_total.iter().sum();
+            let now = Instant::now();
+            s.rate_samples.push_back((now, total));
+            while s.rate_samples.len() > 2
+                && now.duration_since(s.rate_samples[0].0) > Duration::from_secs(10)
+            {
+                s.rate_samples.pop_front();
+            }
+        }
+        // Functions first, so that tasks referring to them find them.
+        for (reply, id, body) in fx.registered {
+            if let Some(body) = body {
+                for h in self.pools.values() {
+                    h.add_function(FunctionDef {
+                        id,
+                        body: body.clone(),
+                    });
+                }
+            }
+            let _ = reply.send(Ok(id));
+        }
+        for reply in fx.deleted {
+            let _ = reply.send(Ok(()));
+        }
+        for (pool, tasks) in fx.to_interchange {
+            if let Some(h) = self.pools.get(&pool) {
+                h.submit(tasks);
+            }
+        }
+        for (reply, s) in fx.replies {
+            let _ = reply.send(Ok(s));
+        }
+        for (reply, err) in fx.rejected {
+            let _ = reply.send(Err(err));
+        }
+        let _ = self.shared.seq.send(self.next_seq - 1);
+    }
+
+    fn prune(&mut self) {
+        let t = now();
+        let fetched_before = t - self.cfg.result_retention.as_secs_f64();
+        let finished_before = t - self.cfg.unfetched_retention.as_secs_f64();
+        let res = (|| -> Result<Vec<String>, StoreError> {
+            let tx = self.conn.transaction()?;
+            let owners = {
+                let mut st = tx.prepare(
+                    "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE state >= 2 AND
+                     ((fetched IS NOT NULL AND fetched < ?1) OR finished < ?2) LIMIT 50000)
+                     RETURNING owner",
+                )?;
+                let rows = st.query_map(params![fetched_before, finished_before], |r| r.get(0))?;
+                rows.collect::<Result<Vec<String>, _>>()?
+            };
+            tx.execute("DELETE FROM idempotency WHERE created < ?1", [t - 86400.0])?;
+            tx.commit()?;
+            Ok(owners)
+        })();
+        match res {
+            Ok(owners) if !owners.is_empty() => {
+                tracing::info!("pruned {} old results", owners.len());
+                let mut s = self.shared.stats.lock().expect("stats");
+                for o in owners {
+                    let c = s.users.entry(o).or_default();
+                    c.finished = c.finished.saturating_sub(1);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pruning old results failed: {e}"),
+        }
+    }
+}
+
+enum Staged {
+    Created(u64),
+    Replayed(Vec<TaskId>),
+    Rejected(StoreError),
+}
+
+struct Ctx<'a> {
+    next_task: &'a mut u64,
+    next_seq: &'a mut u64,
+    next_function: &'a mut u64,
+    acked: &'a HashMap<String, u64>,
+    shared: &'a Shared,
+    limit: u64,
+    t: f64,
+}
+
+impl Ctx<'_> {
+    fn register(
+        &mut self,
+        tx: &Transaction<'_>,
+        f: &FunctionInput,
+    ) -> Result<FunctionId, StoreError> {
+        let id = *self.next_function;
+        tx.execute(
+            "INSERT INTO functions(id, owner, name, kind, spec, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id as i64, f.owner, f.name, f.kind, f.spec.to_string(), self.t],
+        )?;
+        *self.next_function += 1;
+        Ok(FunctionId(id))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        tx: &Transaction<'_>,
+        _index: usize,
+        owner: &str,
+        tasks: &[TaskInput],
+        key: Option<&str>,
+        live_extra: &mut HashMap<String, u64>,
+        _fx: &mut Effects,
+    ) -> Result<Staged, StoreError> {
+        if let Some(key) = key {
+            let found: Option<String> = tx
+                .query_row(
+                    "SELECT ids FROM idempotency WHERE owner = ?1 AND key = ?2",
+                    params![owner, key],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(ids) = found {
+                let (first, n) = ids.split_once(':').unwrap_or(("0", "0"));
+                let (first, n): (u64, u64) = (first.parse().unwrap_or(0), n.parse().unwrap_or(0));
+                return Ok(Staged::Replayed((first..first + n).map(TaskId).collect()));
+            }
+        }
+        let n = tasks.len() as u64;
+        let live = {
+            let s = self.shared.stats.lock().expect("stats");
+            s.users
+                .get(owner)
+                .map(|c| c.queued + c.running)
+                .unwrap_or(0)
+        } + live_extra.get(owner).copied().unwrap_or(0);
+        if live + n > self.limit {
+            return Ok(Staged::Rejected(StoreError::QueueLimit {
+                user: owner.to_string(),
+                live,
+                more: n,
+                limit: self.limit,
+            }));
+        }
+        let first = *self.next_task;
+        let mut st = tx.prepare_cached(
+            "INSERT INTO tasks(id, owner, function, pool, priority, walltime_ms, retries, encoding,
+                               args, state, attempt, submitted)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, 0, ?10)",
+        )?;
+        for (i, task) in tasks.iter().enumerate() {
+            st.execute(params![
+                (first + i as u64) as i64,
+                owner,
+                task.function.0 as i64,
+                task.pool,
+                task.priority,
+                task.walltime_ms.map(|w| w as i64),
+                task.retries,
+                encoding_code(task.args.encoding),
+                task.args.data,
+                self.t
+            ])?;
+        }
+        if let Some(key) = key {
+            tx.execute(
+                "INSERT INTO idempotency(owner, key, ids, created) VALUES (?1, ?2, ?3, ?4)",
+                params![owner, key, format!("{first}:{n}"), self.t],
+            )?;
+        }
+        *self.next_task += n;
+        *live_extra.entry(owner.to_string()).or_default() += n;
+        Ok(Staged::Created(first))
+    }
+
+    fn dispatched(
+        &mut self,
+        tx: &Transaction<'_>,
+        tasks: &[(TaskId, Attempt)],
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        let mut first = tx.prepare_cached(
+            "UPDATE tasks SET state = 1, attempt = ?2 WHERE id = ?1 AND state = 0 RETURNING owner",
+        )?;
+        let mut again =
+            tx.prepare_cached("UPDATE tasks SET attempt = ?2 WHERE id = ?1 AND state = 1")?;
+        for (id, attempt) in tasks {
+            let owner: Option<String> = first
+                .query_row(params![id.0 as i64, attempt.0], |r| r.get(0))
+                .optional()?;
+            match owner {
+                Some(o) => fx.moves.push((o, Some(State::Queued), State::Running)),
+                None => {
+                    again.execute(params![id.0 as i64, attempt.0])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finished(
+        &mut self,
+        tx: &Transaction<'_>,
+        done: &[Finished],
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        let mut st = tx.prepare_cached(
+            "UPDATE tasks SET state = ?2, attempt = max(attempt, ?3), seq = ?4, outcome = ?5,
+                              finished = ?6
+             WHERE id = ?1 AND state = ?7 RETURNING owner",
+        )?;
+        for f in done {
+            let state = State::of(&f.outcome);
+            let blob = rmp_serde::to_vec_named(&f.outcome).unwrap_or_default();
+            let mut owner = None;
+            for from in [State::Running, State::Queued] {
+                owner = st
+                    .query_row(
+                        params![
+                            f.id.0 as i64,
+                            state as i64,
+                            f.attempt.0,
+                            *self.next_seq as i64,
+                            blob,
+                            self.t,
+                            from as i64
+                        ],
+                        |r| r.get::<_, String>(0),
+                    )
+                    .optional()?
+                    .map(|o| (o, from));
+                if owner.is_some() {
+                    break;
+                }
+            }
+            match owner {
+                Some((o, from)) => {
+                    *self.next_seq += 1;
+                    fx.finished_states[(state as usize) - 2] += 1;
+                    fx.moves.push((o, Some(from), state));
+                }
+                None => tracing::warn!(
+                    "discarded an outcome of {} ({}): the task is already finished or unknown",
+                    f.id,
+                    f.attempt
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn fetched(
+        &mut self,
+        tx: &Transaction<'_>,
+        fetched: &[(String, u64)],
+        ids: &[TaskId],
+    ) -> Result<(), StoreError> {
+        let mut range = tx.prepare_cached(
+            "UPDATE tasks SET fetched = ?4 WHERE owner = ?1 AND seq > ?2 AND seq <= ?3
+             AND fetched IS NULL",
+        )?;
+        for (owner, upto) in fetched {
+            let from = self.acked.get(owner).copied().unwrap_or(0);
+            if *upto > from {
+                range.execute(params![owner, from as i64, *upto as i64, self.t])?;
+            }
+        }
+        let mut one = tx.prepare_cached(
+            "UPDATE tasks SET fetched = ?2 WHERE id = ?1 AND state >= 2 AND fetched IS NULL",
+        )?;
+        for id in ids {
+            one.execute(params![id.0 as i64, self.t])?;
+        }
+        Ok(())
+    }
+}
