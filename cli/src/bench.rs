@@ -26,6 +26,9 @@ pub enum BenchCommand {
     /// Bytes/s end to end through real managers and Python workers: each task takes and returns
     /// a bytes object (pickle encoding); prints JSON.
     Transfer(TransferArgs),
+    /// Tasks/s and round-trip latency of a running `fnx daemon` through its HTTP API (no-op
+    /// Python tasks; submits in batches while a second connection streams results); prints JSON.
+    Api(crate::bench_api::ApiArgs),
 }
 
 /// `fnx bench transfer`.
@@ -87,6 +90,7 @@ pub fn run(cmd: BenchCommand) -> u8 {
     let result = match cmd {
         BenchCommand::Dispatch(args) => dispatch(&args),
         BenchCommand::Transfer(args) => transfer(&args),
+        BenchCommand::Api(args) => crate::bench_api::run(&args),
     };
     match result {
         Ok(json) => {

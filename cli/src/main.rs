@@ -11,12 +11,14 @@ use std::process::ExitCode;
 static GLOBAL: MiMalloc = MiMalloc;
 
 mod bench;
+mod bench_api;
 mod client;
 mod daemon_cmd;
 mod input;
 mod logging;
 mod manager_cmd;
 mod map;
+mod map_daemon;
 mod output;
 
 /// Exit status: every task succeeded.

@@ -90,6 +90,14 @@ pub struct MapArgs {
     /// Progress bar on stderr
     #[arg(long, value_enum, default_value = "auto")]
     pub progress: ProgressMode,
+    /// Send the tasks to a running `fnx daemon` instead of starting workers here (URL optional:
+    /// default from FNX_URL or $FNX_HOME/client.json); --workers, --managers and --python are
+    /// then the daemon's business
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+    pub daemon: Option<String>,
+    /// API token for --daemon (default: FNX_TOKEN or $FNX_HOME/client.json)
+    #[arg(long, env = "FNX_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(flatten)]
     pub run: RunOptions,
 }
@@ -132,12 +140,12 @@ pub struct RunArgs {
     pub run: RunOptions,
 }
 
-fn fail_usage(msg: impl std::fmt::Display) -> u8 {
+pub(crate) fn fail_usage(msg: impl std::fmt::Display) -> u8 {
     eprintln!("fnx: {msg}");
     EXIT_USAGE
 }
 
-fn resolve(
+pub(crate) fn resolve(
     function: &Option<String>,
     shell: &Option<String>,
 ) -> Result<(FunctionBody, LineKind), String> {
@@ -182,7 +190,7 @@ fn timestamp(secs: i64) -> String {
     )
 }
 
-fn validate_options(o: &RunOptions) -> Result<(), String> {
+pub(crate) fn validate_options(o: &RunOptions) -> Result<(), String> {
     if let Some(w) = o.walltime {
         if !(w.is_finite() && w > 0.0) {
             return Err(format!(
@@ -205,16 +213,16 @@ fn validate_options(o: &RunOptions) -> Result<(), String> {
 }
 
 /// One parsed chunk of input.
-enum InputMsg {
+pub(crate) enum InputMsg {
     Lines(Vec<(u64, Result<Payload, String>)>),
     Done,
     Failed(String),
 }
 
 const CHUNK: usize = 1024;
-const WINDOW: usize = 200_000;
+pub(crate) const WINDOW: usize = 200_000;
 
-fn spawn_reader(source: Box<dyn BufRead + Send>, kind: LineKind) -> Receiver<InputMsg> {
+pub(crate) fn spawn_reader(source: Box<dyn BufRead + Send>, kind: LineKind) -> Receiver<InputMsg> {
     let (tx, rx) = sync_channel(8);
     std::thread::spawn(move || {
         let mut chunk = Vec::with_capacity(CHUNK);
@@ -290,25 +298,25 @@ impl Sink for ResultWriter {
 
 /// How a run ended.
 pub struct Report {
-    tally: Tally,
-    interrupted: bool,
-    input_error: Option<String>,
-    run_dir: PathBuf,
-    infra_failures: bool,
-    elapsed: Duration,
+    pub(crate) tally: Tally,
+    pub(crate) interrupted: bool,
+    pub(crate) input_error: Option<String>,
+    pub(crate) run_dir: PathBuf,
+    pub(crate) infra_failures: bool,
+    pub(crate) elapsed: Duration,
 }
 
-struct Accounting<'a> {
-    sink: &'a mut dyn Sink,
-    progress: &'a mut Progress,
-    tally: Tally,
-    infra: bool,
-    run_dir: PathBuf,
-    outstanding: HashSet<u64>,
+pub(crate) struct Accounting<'a> {
+    pub(crate) sink: &'a mut dyn Sink,
+    pub(crate) progress: &'a mut Progress,
+    pub(crate) tally: Tally,
+    pub(crate) infra: bool,
+    pub(crate) run_dir: PathBuf,
+    pub(crate) outstanding: HashSet<u64>,
 }
 
 impl Accounting<'_> {
-    fn finish(&mut self, index: u64, outcome: &Outcome) -> std::io::Result<()> {
+    pub(crate) fn finish(&mut self, index: u64, outcome: &Outcome) -> std::io::Result<()> {
         let kind = match outcome {
             Outcome::Ok(_) => None,
             Outcome::Err(e) => Some(e.kind),
@@ -325,7 +333,7 @@ impl Accounting<'_> {
         self.sink.outcome(index, outcome)
     }
 
-    fn fail(
+    pub(crate) fn fail(
         &mut self,
         index: u64,
         kind: ErrorKind,
@@ -518,14 +526,14 @@ fn execute(
     })
 }
 
-fn rand_seed() -> u128 {
+pub(crate) fn rand_seed() -> u128 {
     let mut x = 0u64;
     // SAFETY: getrandom fills the 8 bytes given.
     unsafe { libc::getrandom((&mut x as *mut u64).cast(), 8, 0) };
     u128::from(x)
 }
 
-fn open_input(path: &str) -> Result<Box<dyn BufRead + Send>, String> {
+pub(crate) fn open_input(path: &str) -> Result<Box<dyn BufRead + Send>, String> {
     if path == "-" {
         // SAFETY: isatty on a standard fd.
         if unsafe { libc::isatty(0) } == 1 {
@@ -540,7 +548,7 @@ fn open_input(path: &str) -> Result<Box<dyn BufRead + Send>, String> {
     Ok(Box::new(BufReader::with_capacity(1 << 20, file)))
 }
 
-fn open_output(path: &str) -> Result<Box<dyn Write>, String> {
+pub(crate) fn open_output(path: &str) -> Result<Box<dyn Write>, String> {
     if path == "-" {
         return Ok(Box::new(std::io::BufWriter::with_capacity(
             1 << 20,
@@ -552,7 +560,7 @@ fn open_output(path: &str) -> Result<Box<dyn Write>, String> {
     Ok(Box::new(std::io::BufWriter::with_capacity(1 << 20, file)))
 }
 
-fn stderr_is_tty() -> bool {
+pub(crate) fn stderr_is_tty() -> bool {
     // SAFETY: isatty on a standard fd.
     unsafe { libc::isatty(2) == 1 }
 }
@@ -581,14 +589,28 @@ pub fn run_map(args: MapArgs) -> u8 {
     };
     let mut progress = Progress::new(show);
     let mut writer = ResultWriter::new(out, args.ordered);
-    let mut result = execute(body, kind, source, &args.run, &mut writer, &mut progress);
+    let mut result = match &args.daemon {
+        Some(url) => crate::map_daemon::execute(
+            crate::map_daemon::Remote {
+                url: url.clone(),
+                token: args.token.clone(),
+            },
+            body,
+            kind,
+            source,
+            &args.run,
+            &mut writer,
+            &mut progress,
+        ),
+        None => execute(body, kind, source, &args.run, &mut writer, &mut progress),
+    };
     if let (Ok(_), Err(e)) = (&result, writer.flush()) {
         result = Err(anyhow::anyhow!("cannot write results: {e}"));
     }
     finish_report(result)
 }
 
-fn finish_report(result: anyhow::Result<Report>) -> u8 {
+pub(crate) fn finish_report(result: anyhow::Result<Report>) -> u8 {
     match result {
         Err(e) => {
             eprintln!("fnx: {e:#}");

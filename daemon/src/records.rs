@@ -3,7 +3,9 @@
 use crate::store::State;
 use base64::Engine;
 use fnx_protocol::{Attempt, Encoding, FunctionId, Outcome, Payload, TaskId};
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
 
 /// A task as stored.
 #[derive(Clone, Debug)]
@@ -58,45 +60,100 @@ pub fn unb64(text: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| e.to_string())
 }
 
-/// The API form of a payload: JSON inline, pickle as base64.
-pub fn payload_json(p: &Payload) -> Value {
-    match p.encoding {
-        Encoding::Json => match serde_json::from_slice::<Value>(&p.data) {
-            Ok(v) => json!({"encoding": "json", "value": v}),
-            Err(_) => json!({"encoding": "json", "text": String::from_utf8_lossy(&p.data)}),
-        },
-        Encoding::Pickle => json!({"encoding": "pickle", "data_b64": b64(&p.data)}),
-    }
+/// The API form of a task, serialised straight from the row (no intermediate JSON tree: the
+/// results stream writes thousands of these per request).
+#[derive(Serialize)]
+pub struct TaskJson<'a> {
+    id: u64,
+    function: u64,
+    pool: &'a str,
+    state: &'static str,
+    attempt: u32,
+    submitted_at: f64,
+    finished_at: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<ResultJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<ErrorJson<'a>>,
+}
+
+/// A successful result: JSON inline (the worker's text, not re-parsed), pickle as base64.
+#[derive(Serialize)]
+#[serde(tag = "encoding", rename_all = "snake_case")]
+enum ResultJson<'a> {
+    Json {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        value: Option<&'a RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        text: Option<std::borrow::Cow<'a, str>>,
+    },
+    Pickle {
+        data_b64: String,
+    },
+}
+
+#[derive(Serialize)]
+struct ErrorJson<'a> {
+    kind: &'static str,
+    #[serde(rename = "type")]
+    type_name: &'a str,
+    message: &'a str,
+    traceback: Option<&'a str>,
 }
 
 impl TaskRow {
     /// The task record of the API. `with_seq` adds the completion sequence number.
+    pub fn record(&self, with_seq: bool) -> TaskJson<'_> {
+        let (result, error) = match &self.outcome {
+            Some(Outcome::Ok(p)) => (Some(result_json(p)), None),
+            Some(Outcome::Err(e)) => (
+                None,
+                Some(ErrorJson {
+                    kind: e.kind.as_str(),
+                    type_name: &e.type_name,
+                    message: &e.message,
+                    traceback: e.traceback.as_deref(),
+                }),
+            ),
+            None => (None, None),
+        };
+        TaskJson {
+            id: self.id.0,
+            function: self.function.0,
+            pool: &self.pool,
+            state: self.state.as_str(),
+            attempt: self.attempt.0,
+            submitted_at: self.submitted,
+            finished_at: self.finished,
+            seq: if with_seq { self.seq } else { None },
+            result,
+            error,
+        }
+    }
+
+    /// The task record as a JSON value.
     pub fn to_json(&self, with_seq: bool) -> Value {
-        let mut m = Map::new();
-        m.insert("id".into(), json!(self.id.0));
-        m.insert("function".into(), json!(self.function.0));
-        m.insert("pool".into(), json!(self.pool));
-        m.insert("state".into(), json!(self.state.as_str()));
-        m.insert("attempt".into(), json!(self.attempt.0));
-        m.insert("submitted_at".into(), json!(self.submitted));
-        m.insert("finished_at".into(), json!(self.finished));
-        if with_seq {
-            m.insert("seq".into(), json!(self.seq));
-        }
-        match &self.outcome {
-            Some(Outcome::Ok(p)) => {
-                m.insert("result".into(), payload_json(p));
-            }
-            Some(Outcome::Err(e)) => {
-                m.insert(
-                    "error".into(),
-                    json!({"kind": e.kind.as_str(), "type": e.type_name,
-                           "message": e.message, "traceback": e.traceback}),
-                );
-            }
-            None => {}
-        }
-        Value::Object(m)
+        serde_json::to_value(self.record(with_seq)).unwrap_or(Value::Null)
+    }
+}
+
+fn result_json(p: &Payload) -> ResultJson<'_> {
+    match p.encoding {
+        Encoding::Json => match serde_json::from_slice::<&RawValue>(&p.data) {
+            Ok(v) => ResultJson::Json {
+                value: Some(v),
+                text: None,
+            },
+            Err(_) => ResultJson::Json {
+                value: None,
+                text: Some(String::from_utf8_lossy(&p.data)),
+            },
+        },
+        Encoding::Pickle => ResultJson::Pickle {
+            data_b64: b64(&p.data),
+        },
     }
 }
 

@@ -39,7 +39,8 @@ PANIC = "panicked at"
 
 
 def fnx_bin() -> Path:
-    path = Path(os.environ.get("FNX_BIN") or REPO / "target" / "debug" / "fnx")
+    # Absolute: commands run in the test's own directory.
+    path = Path(os.environ.get("FNX_BIN") or REPO / "target" / "debug" / "fnx").resolve()
     if not path.is_file() or not os.access(path, os.X_OK):
         pytest.fail(f"fnx binary not found at {path}: build it or set FNX_BIN", pytrace=False)
     return path
@@ -259,6 +260,8 @@ class FnxEnv:
         self._background: list[BackgroundMap] = []
         self._started: list[subprocess.Popen] = []
         self._panics: list[str] = []
+        # Further sources of panics (each returns descriptions), e.g. a daemon's logs.
+        self.crash_checks: list[Callable[[], list[str]]] = []
 
     # -- files --------------------------------------------------------------------------------
 
@@ -318,10 +321,14 @@ class FnxEnv:
         """Run `fnx map ARGS` to completion (failing the test after `timeout` seconds)."""
         return self.start_map(*args, inputs=inputs, input_bytes=input_bytes).wait(timeout)
 
-    def fnx(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-        """Run `fnx ARGS` to completion, capturing stdout and stderr as text."""
+    def fnx(
+        self, *args: str, timeout: float = 30, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run `fnx ARGS` to completion (in `env`, default the test's), capturing stdout and
+        stderr as text."""
         proc = subprocess.Popen(
-            [str(self.bin), *args], cwd=self.dir, env=self.env, stdin=subprocess.DEVNULL,
+            [str(self.bin), *args], cwd=self.dir, env=self.env if env is None else env,
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self._started.append(proc)
@@ -366,6 +373,8 @@ class FnxEnv:
             text = log.read_text(errors="replace")
             if PANIC in text:
                 found.append(f"{log}: {text[max(0, text.index(PANIC) - 20):][:400]}")
+        for check in self.crash_checks:
+            found += check()
         return found
 
     def teardown(self) -> list[str]:
@@ -420,3 +429,8 @@ def fnx_env(tmp_path: Path):
 def pytest_configure(config):
     if sys.platform != "linux":
         raise pytest.UsageError("the fnx system tests read /proc and need Linux")
+
+
+# Fixtures of the daemon tests (`daemon`, `make_daemon`); imported last: daemon_env imports
+# from this module.
+from daemon_env import daemon, make_daemon  # noqa: E402,F401

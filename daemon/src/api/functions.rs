@@ -185,6 +185,8 @@ pub(super) async fn register(
     let bytes = read_body(&headers, body, MAX_FUNCTION_BYTES).await?;
     let p = parse(&app, parse_json(&bytes)?).await?;
     let mut spec = p.spec;
+    // Default name: the entry, the ref's qualname, or (shell, mpi) `<kind>-<id>` once the id
+    // is known.
     let name = p.name.unwrap_or_else(|| {
         spec.get("entry")
             .and_then(Value::as_str)
@@ -193,14 +195,15 @@ pub(super) async fn register(
                     .and_then(Value::as_str)
                     .and_then(|r| r.rsplit(':').next())
             })
-            .unwrap_or(p.kind)
+            .unwrap_or("")
             .to_string()
     });
-    spec.insert("name".into(), json!(name));
+    let created = crate::store::now();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let input = FunctionInput {
         owner: caller.user.clone(),
-        name,
+        name: name.clone(),
+        created,
         kind: p.kind.into(),
         spec: Value::Object(spec.clone()),
         body: p.body,
@@ -209,11 +212,17 @@ pub(super) async fn register(
     let id = rx
         .await
         .map_err(|_| ApiError::unavailable("the store is shutting down"))??;
+    let name = if name.is_empty() {
+        format!("{}-{}", p.kind, id.0)
+    } else {
+        name
+    };
+    spec.insert("name".into(), json!(name));
     let row = FunctionRow {
         id,
         owner: caller.user,
         spec: Value::Object(spec),
-        created: crate::store::now(),
+        created,
         deleted: false,
     };
     Ok(json_response(StatusCode::CREATED, row.to_json(false)))

@@ -294,6 +294,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/v1/tasks", post(tasks::submit))
         .route("/v1/tasks/status", post(tasks::status_many))
+        .route("/v1/tasks/cancel", post(tasks::cancel_many))
         .route("/v1/tasks/{id}", get(tasks::show).delete(tasks::cancel))
         .route("/v1/results", get(tasks::results))
         .fallback(not_found)

@@ -114,7 +114,8 @@ impl Checker<'_> {
     }
 
     fn check(&mut self, i: usize, raw: Raw) -> Result<TaskInput, ApiError> {
-        let at = |m: String| ApiError::bad(format!("tasks[{i}]: {m}"));
+        // Every message starts with the field it is about: `tasks[3].args: ...`.
+        let at = |m: String| ApiError::bad(format!("tasks[{i}].{m}"));
         let max_payload = self.app.limits.max_payload_bytes;
         let pool = match raw.pool {
             Some(p) => self.app.pool(&p).map(|p| p.name.clone()).ok_or_else(|| {
@@ -133,11 +134,13 @@ impl Checker<'_> {
         })?;
         let name = t.row.spec.get("name").and_then(Value::as_str).unwrap_or("");
         if t.row.deleted {
-            return Err(at(format!("function {function} ({name}) was deleted")));
+            return Err(at(format!(
+                "function: function {function} ({name}) was deleted"
+            )));
         }
         if t.kind == "mpi" {
             return Err(at(format!(
-                "function {function} ({name}) is an mpi function: it is stored, but this version cannot run mpi tasks yet"
+                "function: function {function} ({name}) is an mpi function: it is stored, but this version cannot run mpi tasks yet"
             )));
         }
         let data = match (raw.encoding, raw.args, raw.data) {
@@ -177,7 +180,7 @@ impl Checker<'_> {
         };
         if data.len() > max_payload {
             return Err(ApiError::too_large(format!(
-                "tasks[{i}]: arguments of {} bytes exceed the limit of {} bytes (limits.max_payload_mb)",
+                "tasks[{i}].args: arguments of {} bytes exceed the limit of {} bytes (limits.max_payload_mb)",
                 data.len(),
                 max_payload
             )));
@@ -221,7 +224,10 @@ fn encoding_of(text: Option<&str>) -> Result<Encoding, String> {
 fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
     let at = |m: String| ApiError::bad(format!("tasks[{i}].{m}"));
     let Value::Object(mut m) = v else {
-        return Err(ApiError::bad(format!("tasks[{i}]: must be an object")));
+        return Err(ApiError::bad(format!(
+            "tasks[{i}]: must be an object, got {}",
+            signature::json_type(&v)
+        )));
     };
     const KNOWN: [&str; 8] = [
         "function", "args", "encoding", "data_b64", "pool", "priority", "walltime", "retries",
@@ -456,6 +462,28 @@ pub(super) async fn show(
     Ok(json_response(StatusCode::OK, row.to_json(false)))
 }
 
+/// The `ids` array of a request body (at most 10,000).
+fn ids_of(v: &Value) -> Result<Vec<u64>, ApiError> {
+    let ids: Vec<u64> = match v.get("ids") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .enumerate()
+            .map(|(i, x)| {
+                x.as_u64()
+                    .ok_or_else(|| ApiError::bad(format!("ids[{i}]: must be a task id, got {x}")))
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(ApiError::bad("ids: required (an array of task ids)")),
+    };
+    if ids.len() > 10_000 {
+        return Err(ApiError::too_large(format!(
+            "{} ids in one request; the limit is 10000",
+            ids.len()
+        )));
+    }
+    Ok(ids)
+}
+
 pub(super) async fn status_many(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -530,6 +558,37 @@ pub(super) async fn cancel(
         StatusCode::ACCEPTED
     };
     Ok(json_response(status, row.to_json(false)))
+}
+
+pub(super) async fn cancel_many(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let caller = auth(&app, &headers)?;
+    let bytes = read_body(&headers, body, 16 << 20).await?;
+    let ids = ids_of(&parse_json(&bytes)?)?;
+    let rows = app
+        .reader
+        .tasks(&ids.iter().map(|&i| TaskId(i)).collect::<Vec<_>>())?;
+    let mut per_pool: HashMap<&str, Vec<TaskId>> = HashMap::new();
+    for r in rows
+        .iter()
+        .filter(|r| caller.may_see(&r.owner) && !r.state.is_terminal())
+    {
+        per_pool.entry(r.pool.as_str()).or_default().push(r.id);
+    }
+    let mut n = 0;
+    for (pool, ids) in per_pool {
+        if let Some(p) = app.pool(pool) {
+            n += ids.len();
+            p.handle.cancel(ids);
+        }
+    }
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        json!({ "cancelling": n }),
+    ))
 }
 
 /// A result in a msgpack answer: payload bytes stay bytes.
@@ -609,6 +668,14 @@ pub(super) async fn results(
             })
         })
     };
+    if q.get("since").map(String::as_str) == Some("end") {
+        // Where the stream ends now, without acknowledging anything (a new consumer starts here).
+        let cursor = app.reader.last_seq(&caller.user)?;
+        return Ok(json_response(
+            StatusCode::OK,
+            json!({ "results": [], "cursor": cursor }),
+        ));
+    }
     let since = num("since", 0)?;
     let limit = num("limit", 1000)?.clamp(1, 10_000) as usize;
     let until = Instant::now() + wait_param(&q)?;

@@ -51,8 +51,10 @@ pub struct Submitted {
 pub struct FunctionInput {
     /// Owner.
     pub owner: String,
-    /// Name.
+    /// Name ("" for the default `<kind>-<id>`).
     pub name: String,
+    /// Registration time (the API answers with it, so it is stored as given).
+    pub created: f64,
     /// Kind (`python`, `shell`, `mpi`).
     pub kind: String,
     /// The API record (without id, owner, created_at).
@@ -60,6 +62,14 @@ pub struct FunctionInput {
     /// What managers run (None for kinds that cannot run yet).
     pub body: Option<FunctionBody>,
 }
+
+type SubmitReply = oneshot::Sender<Result<Submitted, StoreError>>;
+type RegisterReply = oneshot::Sender<Result<FunctionId, StoreError>>;
+type DeleteReply = oneshot::Sender<Result<(), StoreError>>;
+type SubmitReq = (String, Vec<TaskInput>, Option<String>, SubmitReply);
+type RegisterReq = (FunctionInput, RegisterReply);
+/// A failed transaction: the error, and the requests to answer with it.
+type Failed = (StoreError, Vec<SubmitReq>, Vec<RegisterReq>);
 
 /// Something for the writer to do.
 pub enum Cmd {
@@ -72,19 +82,16 @@ pub enum Cmd {
         /// Idempotency key.
         key: Option<String>,
         /// The answer.
-        reply: oneshot::Sender<Result<Submitted, StoreError>>,
+        reply: SubmitReply,
     },
     /// Tasks were handed to managers.
     Dispatched(Vec<(TaskId, Attempt)>),
     /// Tasks finished.
     Finished(Vec<Finished>),
     /// Register a function.
-    Register(
-        FunctionInput,
-        oneshot::Sender<Result<FunctionId, StoreError>>,
-    ),
+    Register(FunctionInput, RegisterReply),
     /// Delete a function.
-    Delete(FunctionId, oneshot::Sender<Result<(), StoreError>>),
+    Delete(FunctionId, DeleteReply),
     /// A user acknowledged results up to this completion sequence number.
     Fetched {
         /// The user.
@@ -184,15 +191,11 @@ pub struct Writer {
 
 #[derive(Default)]
 struct Effects {
-    replies: Vec<(oneshot::Sender<Result<Submitted, StoreError>>, Submitted)>,
-    rejected: Vec<(oneshot::Sender<Result<Submitted, StoreError>>, StoreError)>,
+    replies: Vec<(SubmitReply, Submitted)>,
+    rejected: Vec<(SubmitReply, StoreError)>,
     to_interchange: HashMap<String, Vec<NewTask>>,
-    registered: Vec<(
-        oneshot::Sender<Result<FunctionId, StoreError>>,
-        FunctionId,
-        Option<FunctionBody>,
-    )>,
-    deleted: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    registered: Vec<(RegisterReply, FunctionId, Option<FunctionBody>)>,
+    deleted: Vec<DeleteReply>,
     moves: Vec<(String, Option<State>, State)>,
     finished_states: [u64; 3],
     submitted: u64,
@@ -352,7 +355,7 @@ impl Writer {
         let full = matches!(e, StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
             if f.code == rusqlite::ErrorCode::DiskFull);
         match (full, self.cfg.max_size_bytes) {
-            (true, Some(max)) if self.size_at_limit(max) => format!(
+            (true, Some(max)) if !self.disk_nearly_full() => format!(
                 "the task store reached its size limit of {} MiB (store.max_size_mb); results are pruned after they are fetched",
                 max >> 20
             ),
@@ -361,51 +364,35 @@ impl Writer {
         }
     }
 
-    fn size_at_limit(&self, max: u64) -> bool {
-        let pages: i64 = self
-            .conn
-            .pragma_query_value(None, "page_count", |r| r.get(0))
-            .unwrap_or(0);
-        let size: i64 = self
-            .conn
-            .pragma_query_value(None, "page_size", |r| r.get(0))
-            .unwrap_or(4096);
-        (pages * size) as u64 + (64 << 10) >= max
+    /// The filesystem holding the store has less than 1 MiB free (so a "full" error is the
+    /// disk's, not the configured size limit's).
+    fn disk_nearly_full(&self) -> bool {
+        let Some(path) = self.conn.path() else {
+            return false;
+        };
+        let dir = std::path::Path::new(path)
+            .parent()
+            .unwrap_or(std::path::Path::new("/"));
+        let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        // SAFETY: statvfs writes only into the struct it is given; the path is NUL-terminated.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return false;
+        }
+        (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) < (1 << 20)
     }
 
-    #[allow(clippy::type_complexity)]
     fn transaction(
         &mut self,
-        submits: Vec<(
-            String,
-            Vec<TaskInput>,
-            Option<String>,
-            oneshot::Sender<Result<Submitted, StoreError>>,
-        )>,
-        registers: Vec<(
-            FunctionInput,
-            oneshot::Sender<Result<FunctionId, StoreError>>,
-        )>,
-        deletes: &mut Vec<(FunctionId, oneshot::Sender<Result<(), StoreError>>)>,
+        submits: Vec<SubmitReq>,
+        registers: Vec<RegisterReq>,
+        deletes: &mut Vec<(FunctionId, DeleteReply)>,
         fetched: &[(String, u64)],
         fetched_ids: &[TaskId],
         fx: &mut Effects,
-    ) -> Result<
-        (),
-        (
-            StoreError,
-            Vec<(
-                String,
-                Vec<TaskInput>,
-                Option<String>,
-                oneshot::Sender<Result<Submitted, StoreError>>,
-            )>,
-            Vec<(
-                FunctionInput,
-                oneshot::Sender<Result<FunctionId, StoreError>>,
-            )>,
-        ),
-    > {
+    ) -> Result<(), Failed> {
         let tx = match self.conn.transaction() {
             Ok(tx) => tx,
             Err(e) => return Err((e.into(), submits, registers)),
@@ -620,9 +607,16 @@ impl Ctx<'_> {
         f: &FunctionInput,
     ) -> Result<FunctionId, StoreError> {
         let id = *self.next_function;
+        let name = if f.name.is_empty() {
+            format!("{}-{id}", f.kind)
+        } else {
+            f.name.clone()
+        };
+        let mut spec = f.spec.clone();
+        spec["name"] = serde_json::Value::String(name.clone());
         tx.execute(
             "INSERT INTO functions(id, owner, name, kind, spec, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![id as i64, f.owner, f.name, f.kind, f.spec.to_string(), self.t],
+            params![id as i64, f.owner, name, f.kind, spec.to_string(), f.created],
         )?;
         *self.next_function += 1;
         Ok(FunctionId(id))

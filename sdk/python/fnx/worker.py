@@ -359,6 +359,27 @@ def _check_keys(obj):
                 _check_keys(value)
 
 
+def _check_pickle_meta(meta):
+    """Raise TypeError if pickled arguments come from a Python of another major.minor version.
+
+    ``meta`` is the third element of a pickled ``(args, kwargs, meta)`` tuple; the client
+    puts its ``"python": "X.Y"`` there. Pickles of one version may load in another and then
+    mean something else (or fail deep inside user code), so a mismatch fails the task early.
+    """
+    if not isinstance(meta, dict):
+        raise TypeError("pickled argument metadata must be a dict, not %s" % type(meta).__name__)
+    theirs = meta.get("python")
+    if theirs is None:
+        return
+    ours = "%d.%d" % sys.version_info[:2]
+    if not isinstance(theirs, str) or ".".join(theirs.split(".")[:2]) != ours:
+        raise TypeError(
+            "arguments were pickled by Python %s on the client but this worker runs Python %s "
+            "(%s); use the same Python major.minor version on both sides (the pool's `python` "
+            "setting) or submit JSON arguments" % (theirs, ours, sys.executable)
+        )
+
+
 def _run(fn, tid, enc, payload, max_result):
     """Run one task; returns ``(header, payload)`` of the reply."""
     # Arguments.
@@ -376,9 +397,13 @@ def _run(fn, tid, enc, payload, max_result):
                 )
         elif enc == "pickle":
             both = pickle.loads(payload)
-            if type(both) is not tuple or len(both) != 2:
-                raise TypeError("pickled arguments must be the tuple (args, kwargs)")
-            args, kwargs = both
+            if type(both) is not tuple or len(both) not in (2, 3):
+                raise TypeError(
+                    "pickled arguments must be the tuple (args, kwargs) or (args, kwargs, meta)"
+                )
+            if len(both) == 3:
+                _check_pickle_meta(both[2])
+            args, kwargs = both[0], both[1]
             if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict):
                 raise TypeError("pickled arguments must be (tuple or list, dict)")
         else:

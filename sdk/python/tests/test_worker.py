@@ -239,6 +239,35 @@ def test_pickle_call(worker):
     assert header["ok"] and pickle.loads(payload) == 9
 
 
+def test_pickle_call_with_client_meta(worker):
+    # The SDK sends (args, kwargs, {"python": "X.Y"}); the worker checks X.Y and ignores the rest.
+    here = "%d.%d" % sys.version_info[:2]
+    add = worker.ref("add")
+    for meta in ({"python": here}, {"python": platform.python_version()}, {}, {"other": 1}):
+        header, payload = worker.task(add, pickle.dumps(((2,), {"b": 3}, meta)), enc="pickle")
+        assert header["ok"] and pickle.loads(payload) == 5, (meta, header)
+
+
+def test_pickle_meta_python_version_mismatch(worker):
+    here = "%d.%d" % sys.version_info[:2]
+    add = worker.ref("add")
+    for theirs in ("2.7", "3.%d" % (sys.version_info[1] + 1)):
+        header, payload = worker.task(add, pickle.dumps(((1,), {}, {"python": theirs})),
+                                      enc="pickle")
+        assert header["ok"] is False and payload == b""
+        err = header["error"]
+        assert (err["kind"], err["type"]) == ("bad_input", "TypeError")
+        assert err["message"].startswith(
+            "arguments were pickled by Python %s on the client but this worker runs Python %s (%s);"
+            % (theirs, here, sys.executable)), err["message"]
+    header, _ = worker.task(add, pickle.dumps(((1,), {}, "3.11")), enc="pickle")
+    assert header["error"]["kind"] == "bad_input"
+    assert "metadata must be a dict, not str" in header["error"]["message"]
+    header, _ = worker.task(add, pickle.dumps(((1,), {}, {}, {})), enc="pickle")
+    assert "(args, kwargs) or (args, kwargs, meta)" in header["error"]["message"]
+    assert worker.call_pickle(add, 1, 2) == 3  # the same worker goes on
+
+
 def test_python_ref_resolves_against_cwd(worker):
     assert worker.call(worker.ref("sys_path0")) == str(worker.cwd)
     assert worker.call(worker.ref("Ops.triple"), 7) == 21

@@ -1,0 +1,973 @@
+"""Black-box tests of `fnx daemon` through its HTTP API (docs/api.md, authoritative) and the
+client commands of the `fnx` CLI (daemon contract). Requests go through `Daemon.api`, a plain
+http.client helper, not the Python SDK.
+
+Tasks that must stay running use a shell gate: they touch `d/started-I`, then wait for the file
+`d/release`, so a test waits on files, never on a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import stat
+import threading
+import time
+
+import msgpack
+
+from conftest import wait_for
+from daemon_env import error_of, free_port, pickled_args, result_value, short
+
+SQUARE = {"kind": "python", "name": "square", "entry": "square",
+          "source": "def square(x):\n    return x * x\n"}
+DIV = {"kind": "python", "entry": "div", "source": "def div(a, b):\n    return a / b\n"}
+NOOP = {"kind": "python", "entry": "noop", "source": "def noop(i=0):\n    return i\n"}
+GATE = ("touch {d}/started-{i}; while [ ! -e {d}/release ]; do sleep 0.02; done; "
+        "touch {d}/done-{i}")
+SIG_F = "def f(x, y=2, *, z):\n    return [x, y, z]\n"
+SIG_G = "def g(a, /, b, *args, c=None, **kw):\n    return [a, b, list(args), c, kw]\n"
+
+
+def gate(fnx_env, name="gate"):
+    d = fnx_env.dir / name
+    d.mkdir()
+    return d
+
+
+def wait_started(d, idxs, timeout=30):
+    wait_for(lambda: all((d / f"started-{i}").exists() for i in idxs), timeout,
+             lambda: f"gate tasks {list(idxs)} started (have {sorted(os.listdir(d))})")
+
+
+def in_thread(fn):
+    """Run fn() in a thread; returns (thread, box) where box gets "value" or "error"."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+class Metrics:
+    """Samples of a Prometheus text answer."""
+
+    def __init__(self, text: str):
+        self.samples: list[tuple[str, dict[str, str], float]] = []
+        for line in text.splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            m = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})?\s+(\S+)(\s+-?\d+)?$', line)
+            assert m, f"not a Prometheus sample line: {line!r}"
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(3) or ""))
+            self.samples.append((m.group(1), labels, float(m.group(4))))
+
+    def __call__(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` that carry `labels` (others labels summed over)."""
+        found = [v for n, lab, v in self.samples
+                 if n == name and all(lab.get(k) == w for k, w in labels.items())]
+        assert found, f"no sample {name} {labels} in {self.samples}"
+        return sum(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# Health, description, identity, status, metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_health_openapi_and_metrics_need_no_token_whoami_does(daemon):
+    r = daemon.api("GET", "/v1/health", token=None)
+    assert r.status == 200, r
+    assert r.body == {"status": "ok", "version": "0.1.0", "store": "ok"}, r.body
+
+    r = daemon.api("GET", "/v1/openapi.json", token=None)
+    assert r.status == 200, r
+    assert isinstance(r.body, dict), f"openapi.json is not a JSON object: {r.body!r:.300}"
+    assert str(r.body.get("openapi", "")).startswith("3."), r.body.get("openapi")
+    for path in ["/v1/tasks", "/v1/tasks/{id}", "/v1/results", "/v1/functions", "/v1/status"]:
+        assert path in r.body.get("paths", {}), f"{path} missing from openapi paths"
+
+    r = daemon.api("GET", "/metrics", token=None)
+    assert r.status == 200, r
+    assert "fnx_tasks_submitted_total" in r.body, r.body[:500]
+
+    r = daemon.api("GET", "/v1/whoami")
+    assert r.status == 200, r
+    assert r.body == {"user": daemon.user, "admin": True}, r.body
+    assert daemon.user, "client.json names no user"
+
+
+def test_client_json_written_on_first_start_mode_0600(daemon):
+    path = daemon.home / "client.json"
+    mode = stat.S_IMODE(path.stat().st_mode)
+    assert mode == 0o600, f"client.json has mode {mode:o}"
+    doc = json.loads(path.read_text())
+    assert doc["url"] == daemon.url, doc
+    assert doc["token"].startswith("fnx_"), doc
+    assert path.as_posix() in daemon.log_path.read_text(), "the daemon did not print the path"
+
+
+def test_status_document_and_metrics(daemon):
+    wait_for(lambda: daemon.status()["pools"][0]["workers"] == 2, 30,
+             lambda: f"2 workers in /v1/status: {daemon.status()}")
+    fid = daemon.register(SQUARE)
+    ids = daemon.submit([{"function": fid, "args": [i]} for i in range(5)])
+    daemon.wait_all(ids)
+
+    s = daemon.status()
+    assert s["version"] == "0.1.0" and s["user"] == daemon.user and s["admin"] is True, s
+    assert isinstance(s["uptime_s"], (int, float)) and s["uptime_s"] > 0, s
+    assert isinstance(s["tasks_per_s"], (int, float)) and s["tasks_per_s"] >= 0, s
+    assert s["tasks"]["queued"] == 0 and s["tasks"]["running"] == 0, s
+    assert s["tasks"]["finished"] == 5, s
+    # docs/api.md: admins get "users" with the task counts ("plus"; inside or beside "tasks").
+    users = s["tasks"].get("users") or s.get("users")
+    assert users and users[daemon.user]["finished"] == 5, s
+    [pool] = s["pools"]
+    assert pool["name"] == "local" and pool["provider"] == "local", pool
+    assert pool["workers"] == 2 and pool["queued"] == 0 and pool["running"] == 0, pool
+    [m] = pool["managers"]
+    assert m["workers"] == 2 and m["draining"] is False, m
+    for key in ["id", "uid", "host", "block", "inflight", "completed", "idle_s"]:
+        assert key in m, f"manager entry lacks {key}: {m}"
+    assert s["store"]["healthy"] is True and s["store"]["size_bytes"] > 0, s["store"]
+    assert s["store"]["path"].startswith(str(daemon.home)), s["store"]
+
+    bob = daemon.create_user("bob")
+    sb = daemon.status(token=bob)
+    assert sb["user"] == "bob" and sb["admin"] is False, sb
+    assert sb["tasks"] == {"queued": 0, "running": 0, "finished": 0}, sb["tasks"]
+    assert "store" not in sb, f"store shown to a non-admin: {sb}"
+    assert all("managers" not in p for p in sb["pools"]), f"managers shown to a non-admin: {sb}"
+
+    r = daemon.api("GET", "/metrics", token=None)
+    assert r.status == 200 and "text/plain" in r.headers.get("content-type", ""), r.headers
+    m = Metrics(r.body)
+    assert m("fnx_tasks_submitted_total") == 5
+    assert m("fnx_tasks_finished_total", state="success") == 5
+    assert m("fnx_tasks_finished_total", state="failed") == 0
+    assert m("fnx_tasks_finished_total", state="cancelled") == 0
+    assert m("fnx_tasks_queued") == 0 and m("fnx_tasks_running") == 0
+    assert m("fnx_managers") == 1 and m("fnx_workers") == 2
+    assert m("fnx_store_commits_total") >= 1 and m("fnx_store_commit_errors_total") == 0
+    assert m("fnx_store_size_bytes") > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Functions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_python_source_function_register_list_show_and_run(daemon):
+    t0 = time.time()
+    spec = dict(SQUARE, container={"type": "apptainer", "image": "/sw/x.sif"},
+                dependencies={"python": ["numpy>=1.26"], "system": ["libfftw3-dev"]})
+    r = daemon.api("POST", "/v1/functions", spec)
+    assert r.status == 201, r
+    rec = r.body
+    fid = rec["id"]
+    assert isinstance(fid, int) and fid > 0, rec
+    assert t0 - 1 <= rec["created_at"] <= time.time() + 1, rec
+    assert {k: rec[k] for k in ["name", "kind", "owner", "entry", "ref", "command"]} == {
+        "name": "square", "kind": "python", "owner": daemon.user, "entry": "square",
+        "ref": None, "command": None}, rec
+    assert rec["signature"] == {
+        "params": [{"name": "x", "kind": "positional_or_keyword", "default": None}]}, rec
+    assert rec["container"] == spec["container"], rec
+    assert rec["dependencies"] == spec["dependencies"], rec
+
+    shown = daemon.api("GET", f"/v1/functions/{fid}")
+    assert shown.status == 200, shown
+    assert shown.body["source"] == SQUARE["source"], shown.body
+    listed = daemon.api("GET", "/v1/functions")
+    assert listed.status == 200, listed
+
+    before = time.time()
+    ids = daemon.submit([{"function": fid, "args": [4]},
+                         {"function": fid, "args": {"x": 5}, "priority": 10, "walltime": 60,
+                          "retries": 1, "pool": "local"}])
+    assert len(set(ids)) == 2 and all(isinstance(i, int) and i > 0 for i in ids), ids
+    for tid, want in zip(ids, [16, 25]):
+        t = daemon.wait_task(tid)
+        assert t["id"] == tid and t["function"] == fid and t["pool"] == "local", t
+        assert t["state"] == "success" and t["attempt"] == 1, t
+        assert t["result"] == {"encoding": "json", "value": want}, t
+        assert "error" not in t or t["error"] is None, t
+        assert before - 1 <= t["submitted_at"] <= t["finished_at"] <= time.time() + 1, t
+
+    # One record: what the 201 answered is what GET and the list show.
+    assert {k: v for k, v in shown.body.items() if k != "source"} == rec, (shown.body, rec)
+    assert [f for f in listed.body["functions"] if f["id"] == fid] == [rec], listed.body
+
+
+def test_python_source_that_does_not_parse_or_lacks_its_entry_is_400(daemon):
+    r = daemon.api("POST", "/v1/functions",
+                   {"kind": "python", "entry": "f", "source": "def f(x:\n    return x\n"})
+    error_of(r, 400, "bad_request")
+    r = daemon.api("POST", "/v1/functions",
+                   {"kind": "python", "entry": "nothere", "source": "def f(x):\n    return x\n"})
+    msg = error_of(r, 400, "bad_request")
+    assert "nothere" in msg, msg
+    r = daemon.api("POST", "/v1/functions", {"kind": "python", "source": "def f():\n  pass\n"})
+    msg = error_of(r, 400, "bad_request")
+    assert "entry" in msg, msg
+
+
+def test_ref_shell_and_mpi_functions(daemon):
+    r = daemon.api("POST", "/v1/functions", {"kind": "python", "ref": "math:hypot"})
+    assert r.status == 201, r
+    ref = r.body
+    assert ref["name"] == "hypot" and ref["ref"] == "math:hypot" and ref["kind"] == "python", ref
+    assert ref["signature"] is None, f"a ref has no recorded signature: {ref}"
+
+    r = daemon.api("POST", "/v1/functions", {"kind": "shell", "command": "printf '[%s]' {x} {y}"})
+    assert r.status == 201, r
+    sh = r.body
+    assert sh["name"] == f"shell-{sh['id']}" and sh["command"] == "printf '[%s]' {x} {y}", sh
+    assert sh["signature"] == {"params": [
+        {"name": "x", "kind": "positional_or_keyword", "default": None},
+        {"name": "y", "kind": "positional_or_keyword", "default": None}]}, sh
+
+    r = daemon.api("POST", "/v1/functions",
+                   {"kind": "mpi", "command": "./simulate --steps {steps}", "name": "sim"})
+    assert r.status == 201, r
+    mpi = r.body
+    assert mpi["kind"] == "mpi" and mpi["name"] == "sim", mpi
+    assert mpi["command"] == "./simulate --steps {steps}", mpi
+
+    listed = daemon.api("GET", "/v1/functions").body["functions"]
+    assert {f["id"] for f in listed} >= {ref["id"], sh["id"], mpi["id"]}, listed
+
+    ids = daemon.submit([
+        {"function": ref["id"], "args": [3, 4]},
+        {"function": sh["id"], "args": {"x": "a b; touch PWNED", "y": 2}},
+        {"function": sh["id"], "args": ["p", 7.5]},
+        {"function": ref["id"], "args": {"nope": 1}},  # no signature: fails when it runs
+    ])
+    done = daemon.wait_all(ids)
+    assert result_value(done[ids[0]]) == 5.0, done[ids[0]]
+    assert result_value(done[ids[1]]) == {
+        "returncode": 0, "stdout": "[a b; touch PWNED][2]", "stderr": ""}, done[ids[1]]
+    assert result_value(done[ids[2]])["stdout"] == "[p][7.5]", done[ids[2]]
+    bad = done[ids[3]]
+    assert bad["state"] == "failed" and bad["error"]["kind"] == "exception", bad
+    assert bad["error"]["type"] == "TypeError", bad
+
+    r = daemon.api("POST", "/v1/tasks", {"tasks": [{"function": mpi["id"], "args": {"steps": 3}}]})
+    error_of(r, 400, "bad_request")
+
+
+def test_delete_function_tasks_already_submitted_still_run_new_submits_400(daemon, fnx_env):
+    d = gate(fnx_env)
+    fid = daemon.register({"kind": "shell", "command": GATE})
+    ids = daemon.submit([{"function": fid, "args": {"d": str(d), "i": i}} for i in range(4)])
+    wait_started(d, [0, 1])
+    r = daemon.api("DELETE", f"/v1/functions/{fid}")
+    assert r.status == 204 and r.body is None, r
+    r = daemon.api("POST", "/v1/tasks", {"tasks": [{"function": fid, "args": {"d": "x", "i": 9}}]})
+    error_of(r, 400, "bad_request")
+    (d / "release").touch()
+    done = daemon.wait_all(ids)
+    assert all(t["state"] == "success" for t in done.values()), done
+    assert sorted(p.name for p in d.glob("done-*")) == [f"done-{i}" for i in range(4)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pickle_args_and_msgpack_bodies(daemon):
+    fid = daemon.register(SQUARE)
+    [t1] = daemon.submit([{"function": fid, "encoding": "pickle", "data_b64": pickled_args(7)}])
+    [t2] = daemon.submit([{"function": fid, "encoding": "pickle",
+                           "data_b64": pickled_args(x=8)}])
+    body = msgpack.packb({"tasks": [
+        {"function": fid, "data": b"[6]"},
+        {"function": fid, "data": b'{"x": 9}', "priority": 1},
+        {"function": fid, "encoding": "pickle",
+         "data": pickle.dumps(((11,), {}), protocol=4)},
+    ]}, use_bin_type=True)
+    r = daemon.api("POST", "/v1/tasks", body, headers={"Content-Type": "application/msgpack"})
+    assert r.status == 201, r
+    mp = r.body["ids"]
+    assert len(mp) == 3, r.body
+    done = daemon.wait_all([t1, t2, *mp])
+    got = [result_value(done[i]) for i in [t1, t2, *mp]]
+    assert got == [49, 64, 36, 81, 121], done
+
+    # The results stream in msgpack carries the same records as in JSON.
+    rj = daemon.api("GET", "/v1/results?since=0")
+    rm = daemon.api("GET", "/v1/results?since=0", headers={"Accept": "application/msgpack"})
+    assert rm.status == 200 and "msgpack" in rm.headers.get("content-type", ""), rm.headers
+    assert rm.body["cursor"] == rj.body["cursor"], (rm.body, rj.body)
+    assert [t["id"] for t in rm.body["results"]] == [t["id"] for t in rj.body["results"]]
+    assert {t["id"] for t in rm.body["results"]} == {t1, t2, *mp}
+
+
+def test_task_failures_exception_and_walltime(daemon):
+    div = daemon.register(DIV)
+    sleeper = daemon.register({"kind": "shell", "command": "sleep {s}"})
+    failing = daemon.register({"kind": "shell", "command": "echo out; echo err >&2; exit {c}"})
+    t0 = time.monotonic()
+    ids = daemon.submit([
+        {"function": div, "args": [1, 0]},
+        {"function": sleeper, "args": {"s": 30}, "walltime": 1},
+        {"function": failing, "args": {"c": 3}},
+        {"function": div, "args": {"a": 1, "b": 4}},
+    ])
+    done = daemon.wait_all(ids, timeout=20)
+    assert time.monotonic() - t0 < 20
+    zero = done[ids[0]]
+    assert zero["state"] == "failed" and zero.get("result") is None, zero
+    e = zero["error"]
+    assert e["kind"] == "exception" and e["type"] == "ZeroDivisionError", zero
+    assert "division by zero" in e["message"] and "ZeroDivisionError" in e["traceback"], zero
+    wall = done[ids[1]]
+    assert wall["state"] == "failed" and wall["error"]["kind"] == "walltime", wall
+    ex = done[ids[2]]
+    assert ex["state"] == "failed" and ex["error"]["kind"] == "exception", ex
+    assert "3" in ex["error"]["message"], ex
+    assert result_value(done[ids[3]]) == 0.25
+
+
+def test_get_task_wait_returns_when_terminal_or_at_the_deadline(daemon, fnx_env):
+    d = gate(fnx_env)
+    g = daemon.register({"kind": "shell", "command": GATE})
+    [held] = daemon.submit([{"function": g, "args": {"d": str(d), "i": 0}}])
+    wait_started(d, [0])
+
+    t0 = time.monotonic()
+    r = daemon.api("GET", f"/v1/tasks/{held}?wait=1")
+    took = time.monotonic() - t0
+    assert r.status == 200 and r.body["state"] == "running", r
+    assert 0.8 <= took < 5, f"wait=1 on an unfinished task answered after {took:.2f}s"
+
+    t, box = in_thread(lambda: daemon.api("GET", f"/v1/tasks/{held}?wait=30"))
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    (d / "release").touch()
+    t.join(30)
+    took = time.monotonic() - t0
+    assert "value" in box, box
+    r = box["value"]
+    assert r.status == 200 and r.body["state"] == "success", r
+    assert took < 5, f"wait=30 answered {took:.2f}s after the task finished (not at once)"
+
+
+def test_status_of_many_tasks_in_request_order(daemon):
+    alice, bob = daemon.create_user("alice"), daemon.create_user("bob")
+    fid = daemon.register(NOOP, token=alice)
+    ids = daemon.submit([{"function": fid, "args": [i]} for i in range(50)], token=alice)
+    [bobs] = daemon.submit([{"function": daemon.register(NOOP, token=bob), "args": [1]}],
+                           token=bob)
+    daemon.wait_all(ids, token=alice)
+    ask = [ids[7], 999_999_999, *reversed(ids), bobs, ids[7]]
+    r = daemon.api("POST", "/v1/tasks/status", {"ids": ask}, token=alice)
+    assert r.status == 200, r
+    got = r.body["tasks"]
+    assert [t["id"] for t in got] == ask, got
+    assert got[1] == {"id": 999_999_999, "state": "unknown"}, got[1]
+    assert got[-2] == {"id": bobs, "state": "unknown"}, f"another user's task shown: {got[-2]}"
+    for t in got[2:-2]:
+        assert t["state"] == "success" and t["result"]["value"] == ids.index(t["id"]), t
+
+    r = daemon.api("POST", "/v1/tasks/status", {"ids": list(range(1, 10_002))}, token=alice)
+    assert r.status in (400, 413), f"10,001 ids in one status request: {r.status} {short(r.body)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Results stream
+# ---------------------------------------------------------------------------------------------
+
+
+def test_results_stream_cursor_seq_and_limit(daemon):
+    fid = daemon.register(SQUARE)
+    first = daemon.submit([{"function": fid, "args": [i]} for i in range(5)])
+    daemon.wait_all(first)
+    r = daemon.api("GET", "/v1/results?since=0")
+    assert r.status == 200, r
+    res, cursor = r.body["results"], r.body["cursor"]
+    assert sorted(t["id"] for t in res) == sorted(first), res
+    seqs = [t["seq"] for t in res]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 5, seqs
+    assert cursor >= seqs[-1], (cursor, seqs)
+    assert {t["id"]: result_value(t) for t in res} == {
+        tid: i * i for i, tid in enumerate(first)}, res
+
+    r = daemon.api("GET", f"/v1/results?since={cursor}")
+    assert r.status == 200 and r.body == {"results": [], "cursor": cursor}, r.body
+
+    second = daemon.submit([{"function": fid, "args": [i]} for i in range(5)])
+    daemon.wait_all(second)
+    seen, c, pages = [], cursor, []
+    for _ in range(5):
+        r = daemon.api("GET", f"/v1/results?since={c}&limit=2")
+        assert r.status == 200, r
+        pages.append(len(r.body["results"]))
+        seen += [t["id"] for t in r.body["results"]]
+        assert all(t["seq"] > c for t in r.body["results"]), (c, r.body)
+        c = r.body["cursor"]
+    assert pages == [2, 2, 1, 0, 0], pages
+    assert sorted(seen) == sorted(second), seen
+
+    r = daemon.api("GET", "/v1/results?since=0&limit=3")
+    assert [t["id"] for t in r.body["results"]] == [t["id"] for t in res[:3]], r.body
+
+
+def test_results_long_poll_returns_when_a_result_arrives(daemon):
+    fid = daemon.register(SQUARE)
+    [warm] = daemon.submit([{"function": fid, "args": [1]}])
+    daemon.wait_task(warm)
+    cursor = daemon.api("GET", "/v1/results?since=0").body["cursor"]
+
+    t0 = time.monotonic()
+    r = daemon.api("GET", f"/v1/results?since={cursor}&wait=1")
+    took = time.monotonic() - t0
+    assert r.status == 200 and r.body == {"results": [], "cursor": cursor}, r.body
+    assert 0.8 <= took < 5, f"wait=1 with nothing new answered after {took:.2f}s"
+
+    t, box = in_thread(lambda: daemon.api("GET", f"/v1/results?since={cursor}&wait=30"))
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    [tid] = daemon.submit([{"function": fid, "args": [12]}])
+    t.join(30)
+    took = time.monotonic() - t0
+    assert "value" in box, box
+    r = box["value"]
+    assert r.status == 200 and [x["id"] for x in r.body["results"]] == [tid], r.body
+    assert r.body["results"][0]["result"]["value"] == 144, r.body
+    assert r.body["cursor"] > cursor, r.body
+    assert took < 10, f"the long poll answered {took:.2f}s after the submit (wait=30)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cancel
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cancel_queued_and_running_tasks(daemon, fnx_env):
+    d = gate(fnx_env)
+    sleeper = daemon.register(
+        {"kind": "shell", "command": "touch {d}/started-{i}; sleep 300; touch {d}/done-{i}"})
+    marker = daemon.register({"kind": "shell", "command": "touch {d}/ran-{i}"})
+    running = daemon.submit([{"function": sleeper, "args": {"d": str(d), "i": i}}
+                             for i in range(2)])
+    wait_started(d, [0, 1])
+    wait_for(lambda: all(t["state"] == "running" for t in daemon.statuses(running)), 10,
+             "both sleepers running")
+    [queued] = daemon.submit([{"function": marker, "args": {"d": str(d), "i": 2}}])
+    # Both workers are busy: the task waits, either in the daemon's queue ("queued") or in the
+    # manager's local prefetch queue ("running": handed to a manager, docs/api.md).
+    assert daemon.task(queued)["state"] in ("queued", "running"), "not yet finished"
+
+    r = daemon.api("DELETE", f"/v1/tasks/{queued}")
+    assert r.status == 200, r
+    assert r.body["state"] == "cancelled" and r.body["error"]["kind"] == "cancelled", r.body
+
+    for tid in running:
+        t0 = time.monotonic()
+        r = daemon.api("DELETE", f"/v1/tasks/{tid}")
+        assert r.status in (200, 202), r
+        rec = r.body if r.status == 200 else daemon.wait_task(tid, timeout=15)
+        assert rec["state"] == "cancelled" and rec["error"]["kind"] == "cancelled", rec
+        assert time.monotonic() - t0 < 15
+    fnx_env.assert_no_processes(lambda p: p.cmdline.startswith("sleep 300"), grace=5)
+
+    # The workers are free again: a later task runs, the cancelled one never did.
+    [after] = daemon.submit([{"function": marker, "args": {"d": str(d), "i": 3}}])
+    assert daemon.wait_task(after)["state"] == "success"
+    assert (d / "ran-3").exists() and not (d / "ran-2").exists(), "a cancelled queued task ran"
+    assert not list(d.glob("done-*")), "a cancelled sleeper ran to its end"
+
+    # Cancelling a finished task answers with the state it reached first.
+    r = daemon.api("DELETE", f"/v1/tasks/{after}")
+    assert r.status == 200 and r.body["state"] == "success", r
+    assert daemon.task(queued)["state"] == "cancelled"
+
+
+# ---------------------------------------------------------------------------------------------
+# Idempotency, users
+# ---------------------------------------------------------------------------------------------
+
+
+def test_idempotency_key_replays_the_same_ids_and_creates_nothing(daemon):
+    fid = daemon.register(NOOP)
+    body = {"tasks": [{"function": fid, "args": [i]} for i in range(3)]}
+    key = {"Idempotency-Key": "submit-7f3a"}
+    r1 = daemon.api("POST", "/v1/tasks", body, headers=key)
+    assert r1.status == 201, r1
+    assert r1.headers.get("idempotent-replayed", "false") != "true", r1.headers
+    count = daemon.task_count()
+    assert count == 3
+
+    r2 = daemon.api("POST", "/v1/tasks", body, headers=key)
+    assert r2.status == 201, r2
+    assert r2.body["ids"] == r1.body["ids"], (r1.body, r2.body)
+    assert r2.headers.get("idempotent-replayed") == "true", r2.headers
+    assert daemon.task_count() == count, "a replayed request created tasks"
+    daemon.wait_all(r1.body["ids"])
+    r3 = daemon.api("POST", "/v1/tasks", body, headers=key)
+    assert r3.status == 201 and r3.body["ids"] == r1.body["ids"], r3
+    assert daemon.task_count() == count
+
+    r4 = daemon.api("POST", "/v1/tasks", body, headers={"Idempotency-Key": "another"})
+    assert r4.status == 201 and not set(r4.body["ids"]) & set(r1.body["ids"]), r4
+    assert daemon.task_count() == count + 3
+
+    # Keys belong to a user: bob's request with the same key is his own.
+    bob = daemon.create_user("bob")
+    bfid = daemon.register(NOOP, token=bob)
+    r5 = daemon.api("POST", "/v1/tasks", {"tasks": [{"function": bfid}]}, token=bob, headers=key)
+    assert r5.status == 201 and len(r5.body["ids"]) == 1, r5
+    assert not set(r5.body["ids"]) & set(r1.body["ids"]), r5
+    assert r5.headers.get("idempotent-replayed", "false") != "true", r5.headers
+
+
+def test_two_users_cannot_see_each_others_tasks_functions_or_results(daemon):
+    alice, bob = daemon.create_user("alice"), daemon.create_user("bob")
+    assert daemon.api("GET", "/v1/whoami", token=alice).body == {"user": "alice", "admin": False}
+    assert daemon.api("GET", "/v1/whoami", token=bob).body == {"user": "bob", "admin": False}
+    af = daemon.register(SQUARE, token=alice)
+    bf = daemon.register(NOOP, token=bob)
+    a_ids = daemon.submit([{"function": af, "args": [i]} for i in range(3)], token=alice)
+    b_ids = daemon.submit([{"function": bf, "args": [i]} for i in range(2)], token=bob)
+    daemon.wait_all(a_ids, token=alice)
+    daemon.wait_all(b_ids, token=bob)
+
+    for me, mine_f, mine_t, other_f, other_t in [
+        (bob, bf, b_ids, af, a_ids), (alice, af, a_ids, bf, b_ids)
+    ]:
+        fl = daemon.api("GET", "/v1/functions", token=me).body["functions"]
+        assert [f["id"] for f in fl] == [mine_f], fl
+        error_of(daemon.api("GET", f"/v1/functions/{other_f}", token=me), 403, "forbidden")
+        error_of(daemon.api("GET", f"/v1/tasks/{other_t[0]}", token=me), 403, "forbidden")
+        error_of(daemon.api("GET", f"/v1/tasks/{other_t[0]}?wait=1", token=me), 403, "forbidden")
+        error_of(daemon.api("DELETE", f"/v1/tasks/{other_t[0]}", token=me), 403, "forbidden")
+        r = daemon.api("POST", "/v1/tasks", {"tasks": [{"function": other_f, "args": [1]}]},
+                       token=me)
+        error_of(r, 403, "forbidden")
+        st = daemon.statuses(other_t, token=me)
+        assert st == [{"id": i, "state": "unknown"} for i in other_t], st
+        res = daemon.api("GET", "/v1/results?since=0", token=me).body["results"]
+        assert sorted(t["id"] for t in res) == sorted(mine_t), res
+        s = daemon.status(token=me)["tasks"]
+        assert s == {"queued": 0, "running": 0, "finished": len(mine_t)}, s
+    # Last, so that everything above ran with the function in place.
+    error_of(daemon.api("DELETE", f"/v1/functions/{af}", token=bob), 403, "forbidden")
+    assert daemon.api("GET", f"/v1/functions/{af}", token=alice).status == 200
+
+    # Admins see everyone's functions.
+    fl = daemon.api("GET", "/v1/functions").body["functions"]
+    assert {af, bf} <= {f["id"] for f in fl}, fl
+
+
+# ---------------------------------------------------------------------------------------------
+# Signature checks (400 naming the task and the parameter; nothing in the batch accepted)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_signature_recorded_and_arguments_bound_at_submit(daemon):
+    r = daemon.api("POST", "/v1/functions", {"kind": "python", "entry": "f", "source": SIG_F})
+    assert r.status == 201, r
+    f = r.body
+    assert f["signature"] == {"params": [
+        {"name": "x", "kind": "positional_or_keyword", "default": None},
+        {"name": "y", "kind": "positional_or_keyword", "default": "2"},
+        {"name": "z", "kind": "keyword_only", "default": None},
+    ]}, f
+    r = daemon.api("POST", "/v1/functions", {"kind": "python", "entry": "g", "source": SIG_G})
+    assert r.status == 201, r
+    g = r.body
+    assert [(p["name"], p["kind"], p["default"]) for p in g["signature"]["params"]] == [
+        ("a", "positional_only", None), ("b", "positional_or_keyword", None),
+        ("args", "var_positional", None), ("c", "keyword_only", "None"),
+        ("kw", "var_keyword", None)], g
+
+    good = {"function": f["id"], "args": {"x": 1, "z": 3}}
+    bad_cases = [
+        (f, [1], "z"),                          # a keyword-only parameter cannot be positional
+        (f, [1, 2], "z"),
+        (f, {"x": 1}, "z"),
+        (f, {"z": 3}, "x"),
+        (f, {}, "x"),
+        (f, {"x": 1, "z": 3, "w": 4}, "w"),     # unknown keyword
+        (f, {"x": 1, "y": 2, "z": 3, "q": 0}, "q"),
+        (f, [1, 2, 3], None),                   # too many positional arguments
+        (g, [1], "b"),
+        (g, {"a": 1, "b": 2}, "a"),             # a is positional-only: missing
+    ]
+    count = daemon.task_count()
+    for fn, args, param in bad_cases:
+        r = daemon.api("POST", "/v1/tasks",
+                       {"tasks": [good, good, {"function": fn["id"], "args": args}]})
+        msg = error_of(r, 400, "bad_request")
+        assert "tasks[2]" in msg, f"{args}: the message does not name the task: {msg}"
+        if param:
+            assert re.search(rf"\b{param}\b", msg), f"{args}: {param!r} not named: {msg}"
+    assert daemon.task_count() == count, "a rejected batch left tasks behind"
+
+    ids = daemon.submit([
+        good,
+        {"function": f["id"], "args": {"x": 1, "y": 5, "z": 3}},
+        {"function": f["id"], "args": {"z": "c", "x": "a"}},
+        {"function": f["id"], "encoding": "pickle", "data_b64": pickled_args(1, z=3)},
+        {"function": g["id"], "args": [1, 2, 3, 4]},
+        {"function": g["id"], "args": [1, 2]},
+    ])
+    done = daemon.wait_all(ids)
+    assert [result_value(done[i]) for i in ids] == [
+        [1, 2, 3], [1, 5, 3], ["a", 2, "c"], [1, 2, 3], [1, 2, [3, 4], None, {}],
+        [1, 2, [], None, {}]], done
+
+
+# ---------------------------------------------------------------------------------------------
+# Error statuses
+# ---------------------------------------------------------------------------------------------
+
+
+def test_400_malformed_missing_or_wrong_fields(daemon):
+    fid = daemon.register(SQUARE)
+    count = daemon.task_count()
+    ok = {"function": fid, "args": [1]}
+
+    r = daemon.api("POST", "/v1/tasks", b'{"tasks": [{"function": 1,')
+    error_of(r, 400, "bad_request")
+    r = daemon.api("POST", "/v1/tasks", b"\xc1\xff\x00",
+                   headers={"Content-Type": "application/msgpack"})
+    error_of(r, 400, "bad_request")
+    r = daemon.api("POST", "/v1/functions", b"not json")
+    error_of(r, 400, "bad_request")
+
+    cases = [
+        ({}, "tasks"),
+        ({"tasks": []}, "tasks"),
+        ({"tasks": [ok, {"args": [2]}]}, "tasks[1].function"),
+        ({"tasks": [ok, {"function": fid, "args": [1], "walltime": "soon"}]}, "tasks[1].walltime"),
+        ({"tasks": [{"function": fid, "args": "x"}]}, "tasks[0].args"),
+        ({"tasks": [{"function": fid, "priority": "high"}]}, "tasks[0].priority"),
+        ({"tasks": [{"function": fid, "retries": -1}]}, "tasks[0].retries"),
+        ({"tasks": [{"function": fid, "encoding": "yaml", "args": [1]}]}, "tasks[0].encoding"),
+        ({"tasks": [{"function": fid, "encoding": "pickle"}]}, "tasks[0].data_b64"),
+        ({"tasks": [{"function": fid, "encoding": "pickle", "data_b64": "%%%"}]},
+         "tasks[0].data_b64"),
+        ({"tasks": [ok, ok, {"function": fid, "args": [1], "pool": "nope"}]}, "pool"),
+    ]
+    unnamed = []
+    for body, name in cases:
+        msg = error_of(daemon.api("POST", "/v1/tasks", body), 400, "bad_request")
+        if name not in msg:
+            unnamed.append(f"{body}: {msg!r} does not name {name!r}")
+    assert daemon.task_count() == count, "a rejected batch left tasks behind"
+
+    for spec, name in [({"name": "x"}, "kind"), ({"kind": "fortran", "command": "x"}, "kind"),
+                       ({"kind": "shell"}, "command"), ({"kind": "mpi"}, "command"),
+                       ({"kind": "python", "ref": "no_colon_here"}, "ref")]:
+        msg = error_of(daemon.api("POST", "/v1/functions", spec), 400, "bad_request")
+        if name not in msg:
+            unnamed.append(f"{spec}: {msg!r} does not name {name!r}")
+    assert not unnamed, "messages that do not name the field:\n" + "\n".join(unnamed)
+
+    r = daemon.api("POST", "/v1/tasks", {"tasks": [{"function": 987_654, "args": [1]}]})
+    assert r.status in (400, 404), f"unknown function id: {r.status} {r.body}"
+    assert r.body["error"]["code"] == {400: "bad_request", 404: "not_found"}[r.status], r.body
+
+
+def test_401_without_or_with_an_unknown_token(daemon):
+    for method, path, body in [("GET", "/v1/whoami", None), ("GET", "/v1/functions", None),
+                               ("POST", "/v1/tasks", {"tasks": [{"function": 1}]}),
+                               ("GET", "/v1/tasks/1", None), ("GET", "/v1/results", None),
+                               ("GET", "/v1/status", None), ("DELETE", "/v1/tasks/1", None),
+                               ("POST", "/v1/tasks/status", {"ids": [1]})]:
+        for token in [None, "fnx_not_a_token", daemon.token + "x"]:
+            r = daemon.api(method, path, body, token=token)
+            error_of(r, 401, "unauthorized")
+    r = daemon.api("GET", "/v1/whoami", headers={"Authorization": "Basic dXNlcjpwYXNz"},
+                   token=None)
+    error_of(r, 401, "unauthorized")
+
+
+def test_404_unknown_ids_and_paths(daemon):
+    for method, path in [("GET", "/v1/tasks/999999999"), ("DELETE", "/v1/tasks/999999999"),
+                         ("GET", "/v1/tasks/999999999?wait=1"),
+                         ("GET", "/v1/functions/999999999"),
+                         ("DELETE", "/v1/functions/999999999"), ("GET", "/v1/nope"),
+                         ("GET", "/nope"), ("POST", "/v1/taskz")]:
+        error_of(daemon.api(method, path), 404, "not_found")
+
+
+def test_413_batch_over_10000_tasks_and_payload_and_request_limits(make_daemon):
+    d = make_daemon(limits={"max_payload_mb": 1, "max_request_mb": 2})
+    fid = d.register(NOOP)
+    count = d.task_count()
+
+    r = d.api("POST", "/v1/tasks", {"tasks": [{"function": fid, "args": [i]}
+                                              for i in range(10_001)]})
+    msg = error_of(r, 413, "payload_too_large")
+    assert re.search(r"10,?000", msg), f"the limit is not in the message: {msg}"
+
+    big = "x" * (1536 * 1024)
+    r = d.api("POST", "/v1/tasks", {"tasks": [{"function": fid, "args": [1]},
+                                              {"function": fid, "args": [big]}]})
+    msg = error_of(r, 413, "payload_too_large")
+    assert re.search(r"1048576|\b1(\.0)?\s*Mi?B\b", msg), f"the limit is not in the message: {msg}"
+    r = d.api("POST", "/v1/tasks", {"tasks": [{"function": fid, "encoding": "pickle",
+                                               "data_b64": pickled_args(big)}]})
+    error_of(r, 413, "payload_too_large")
+
+    under = "y" * (900 * 1024)
+    r = d.api("POST", "/v1/tasks", {"tasks": [{"function": fid, "args": [under]}] * 3})
+    msg = error_of(r, 413, "payload_too_large")
+    assert re.search(r"2097152|\b2(\.0)?\s*Mi?B\b", msg), f"the limit is not in the message: {msg}"
+    assert d.task_count() == count, "a rejected request left tasks behind"
+
+    # At the limits exactly: accepted.
+    ids = d.submit([{"function": fid, "args": [under]}])
+    ids += d.submit([{"function": fid, "args": [i]} for i in range(10_000)])
+    assert d.task_count() == count + 10_001
+    assert d.wait_task(ids[0])["result"]["value"] == under
+
+
+def test_429_over_max_queued_per_user(make_daemon, fnx_env):
+    d = make_daemon(limits={"max_queued_per_user": 5})
+    g = gate(fnx_env)
+    fid = d.register({"kind": "shell", "command": GATE})
+    ids = d.submit([{"function": fid, "args": {"d": str(g), "i": i}} for i in range(5)])
+
+    for n in (1, 3):
+        r = d.api("POST", "/v1/tasks",
+                  {"tasks": [{"function": fid, "args": {"d": str(g), "i": 10 + i}}
+                             for i in range(n)]})
+        error_of(r, 429, "queue_limit")
+    assert d.task_count() == 5, "a rejected batch left tasks behind"
+
+    bob = d.create_user("bob")
+    bf = d.register({"kind": "shell", "command": GATE}, token=bob)
+    bids = d.submit([{"function": bf, "args": {"d": str(g), "i": 20 + i}} for i in range(5)],
+                    token=bob)
+    error_of(d.api("POST", "/v1/tasks", {"tasks": [{"function": bf, "args": ["x", 1]}]},
+                   token=bob), 429, "queue_limit")
+
+    (g / "release").touch()
+    d.wait_all(ids)
+    d.wait_all(bids, token=bob)
+    again = d.submit([{"function": fid, "args": {"d": str(g), "i": 30 + i}} for i in range(5)])
+    assert all(t["state"] == "success" for t in d.wait_all(again).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Restart
+# ---------------------------------------------------------------------------------------------
+
+
+def test_graceful_restart_keeps_functions_tasks_results_and_tokens(make_daemon):
+    d = make_daemon()
+    bob = d.create_user("bob")
+    fid = d.register(SQUARE)
+    ids = d.submit([{"function": fid, "args": [i]} for i in range(4)])
+    d.wait_all(ids)
+    r = d.api("GET", "/v1/results?since=0")
+    cursor, token = r.body["cursor"], d.token
+    client_json = (d.home / "client.json").read_text()
+    d.stop()
+    d.start()
+    assert d.token == token and (d.home / "client.json").read_text() == client_json
+    assert d.api("GET", "/v1/whoami", token=bob).body == {"user": "bob", "admin": False}
+    assert d.api("GET", f"/v1/functions/{fid}").body["source"] == SQUARE["source"]
+    assert [result_value(t) for t in d.statuses(ids)] == [0, 1, 4, 9]
+    assert d.api("GET", f"/v1/results?since={cursor}").body == {"results": [],
+                                                                "cursor": cursor}
+    [new] = d.submit([{"function": fid, "args": [5]}])
+    assert result_value(d.wait_task(new)) == 25
+    assert new not in ids
+    r = d.api("GET", f"/v1/results?since={cursor}")
+    assert [t["id"] for t in r.body["results"]] == [new] and r.body["cursor"] > cursor, r.body
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI client commands against the daemon
+# ---------------------------------------------------------------------------------------------
+
+
+def ok(r):
+    assert r.returncode == 0, (
+        f"{r.args}: exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}")
+    return r.stdout
+
+
+def test_cli_function_register_list_show(daemon, fnx_env):
+    src = fnx_env.write("sq.py", SQUARE["source"])
+    fid = int(ok(daemon.fnx("function", "register", "--python", str(src), "--entry", "square")))
+    sid = int(ok(daemon.fnx("function", "register", "--shell", "printf '[%s]' {x}",
+                            "--name", "echoer")))
+    rid = int(ok(daemon.fnx("function", "register", "--ref", "math:hypot")))
+    mid = int(ok(daemon.fnx("function", "register", "--mpi", "./sim --steps {steps}")))
+    assert len({fid, sid, rid, mid}) == 4
+
+    text = ok(daemon.fnx("function", "list"))
+    for name in ["square", "echoer", "hypot"]:
+        assert name in text, text
+    listed = json.loads(ok(daemon.fnx("function", "list", "--output", "json")))
+    listed = listed["functions"] if isinstance(listed, dict) else listed
+    assert {f["id"] for f in listed} == {fid, sid, rid, mid}, listed
+
+    shown = json.loads(ok(daemon.fnx("function", "show", str(fid), "--output", "json")))
+    assert shown["id"] == fid and shown["source"] == SQUARE["source"], shown
+    assert shown["signature"]["params"][0]["name"] == "x", shown
+    assert "square" in ok(daemon.fnx("function", "show", str(fid)))
+    shown = json.loads(ok(daemon.fnx("function", "show", str(mid), "--output", "json")))
+    assert shown["kind"] == "mpi" and shown["command"] == "./sim --steps {steps}", shown
+
+
+def test_cli_submit_result_cancel_status(daemon, fnx_env):
+    daemon.register(SQUARE)
+    daemon.register(DIV)
+    daemon.register({"kind": "shell", "command": "printf '[%s]' {x}", "name": "echoer"})
+    daemon.register({"kind": "shell", "command": GATE, "name": "gated"})
+    daemon.register({"kind": "python", "ref": "math:hypot"})
+    g = gate(fnx_env)
+
+    assert ok(daemon.fnx("submit", "square", "4", "--wait")).strip() == "16"
+    assert ok(daemon.fnx("submit", "hypot", "3", "4", "--wait")).strip() == "5.0"
+    out = ok(daemon.fnx("submit", "echoer", "x=two words", "--wait"))
+    assert json.loads(out)["stdout"] == "[two words]", out
+    out = ok(daemon.fnx("submit", "echoer", "x=42", "--wait"))
+    assert json.loads(out)["stdout"] == "[42]", out
+
+    tid = int(ok(daemon.fnx("submit", "square", "x=5")))
+    assert ok(daemon.fnx("result", str(tid), "--wait")).strip() == "25"
+    rec = json.loads(ok(daemon.fnx("result", str(tid), "--wait", "10", "--output", "json")))
+    assert rec["id"] == tid and rec["state"] == "success" and rec["result"]["value"] == 25, rec
+    doc = json.loads(ok(daemon.fnx("submit", "--priority", "3", "--retries", "0",
+                                   "--output", "json", "square", "6")))
+    assert set(doc) == {"id"} and isinstance(doc["id"], int), doc
+    assert ok(daemon.fnx("result", str(doc["id"]), "--wait")).strip() == "36"
+
+    fid = int(ok(daemon.fnx("submit", "div", "1", "0")))
+    r = daemon.fnx("result", str(fid), "--wait")
+    assert r.returncode == 1 and "ZeroDivisionError" in r.stderr, r
+    r = daemon.fnx("submit", "div", "1", "0", "--wait")
+    assert r.returncode == 1 and "ZeroDivisionError" in r.stderr, r
+
+    held = int(ok(daemon.fnx("submit", "gated", f"d={g}", "i=0")))
+    wait_started(g, [0])
+    r = daemon.fnx("result", str(held))
+    assert r.returncode == 3 and "running" in r.stderr, r
+    assert "cancelled" in ok(daemon.fnx("cancel", str(held)))
+    assert daemon.task(held)["state"] == "cancelled"
+
+    r = daemon.fnx("submit", "--walltime", "1", "gated", f"d={g}", "i=1", "--wait")
+    assert r.returncode == 1 and "walltime" in r.stderr, r
+
+    assert ok(daemon.fnx("status")).strip()
+    s = json.loads(ok(daemon.fnx("status", "--output", "json")))
+    assert s["user"] == daemon.user and s["tasks"]["running"] == 0, s
+    assert s["tasks"]["finished"] >= 8, s
+
+
+def test_cli_finds_the_daemon_by_flags_env_or_client_json(daemon):
+    home_only = daemon.env_for(None)
+    home_only.pop("FNX_URL")
+    s = json.loads(ok(daemon.fnx("status", "--output", "json", env=home_only)))
+    assert s["user"] == daemon.user, s
+
+    bob = daemon.create_user("bob")
+    s = json.loads(ok(daemon.fnx("status", "--output", "json", env=daemon.env_for(bob))))
+    assert s["user"] == "bob", s
+
+    wrong = dict(daemon.env, FNX_URL=f"http://127.0.0.1:{free_port()}", FNX_TOKEN="fnx_wrong")
+    s = json.loads(ok(daemon.fnx("status", "--output", "json", "--url", daemon.url,
+                                 "--token", bob, env=wrong)))
+    assert s["user"] == "bob", s
+    r = daemon.fnx("status", env=wrong)
+    assert r.returncode == 1, r
+    r = daemon.fnx("status", "--token", "fnx_wrong")
+    assert r.returncode == 1 and re.search(r"unauthori[sz]ed|401", r.stderr, re.I), r
+
+
+def test_config_check_good_and_bad_files(fnx_env):
+    good = fnx_env.write("good.toml", f"""
+[daemon]
+data_dir = "{fnx_env.dir / 'data'}"
+listen = "127.0.0.1:8470"
+log_file = ""
+
+[store]
+sync = "normal"
+max_size_mb = 0
+result_retention_s = 86400
+unfetched_retention_s = 2592000
+prune_interval_s = 60
+
+[limits]
+max_tasks_per_request = 10000
+max_request_mb = 256
+max_payload_mb = 10
+max_result_mb = 10
+max_queued_per_user = 2000000
+
+[interchange]
+address = "127.0.0.1"
+port = 0
+heartbeat_period_s = 5
+heartbeat_threshold_s = 30
+
+[pools.local]
+provider = "local"
+managers = 1
+workers_per_manager = 0
+python = "python3"
+kill_grace_s = 2
+
+[pools.big]
+workers_per_manager = 8
+""")
+    r = fnx_env.fnx("config", "check", str(good))
+    assert r.returncode == 0, r
+    assert "local" in r.stdout and "big" in r.stdout, f"no summary of the pools: {r.stdout}"
+
+    unknown = fnx_env.write("unknown.toml", """
+[daemon]
+lisen = "127.0.0.1:1"
+[store]
+bogus = 1
+[pools.local]
+workerz = 2
+[nonsense]
+x = 1
+""")
+    bad_values = fnx_env.write("values.toml", """
+[store]
+sync = "sometimes"
+[interchange]
+address = "not-an-ip"
+[pools.local]
+managers = 0
+kill_grace_s = -1
+""")
+    wrong_type = fnx_env.write("type.toml", '[limits]\nmax_queued_per_user = "lots"\n')
+    for path, keys in [
+        (unknown, ["daemon.lisen", "store.bogus", "pools.local.workerz", "nonsense"]),
+        (bad_values, ["store.sync", "interchange.address", "pools.local.managers",
+                      "pools.local.kill_grace_s"]),
+        (wrong_type, ["max_queued_per_user"]),
+        (fnx_env.dir / "missing.toml", ["missing.toml"]),
+    ]:
+        r = fnx_env.fnx("config", "check", str(path))
+        assert r.returncode == 2, f"{path.name}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
+        out = r.stdout + r.stderr
+        for key in keys:
+            assert key in out, f"{path.name}: {key} not named in:\n{out}"
+
+    # The daemon refuses the same file, with the same message, before it starts anything.
+    r = fnx_env.fnx("daemon", "--config", str(unknown), timeout=20)
+    assert r.returncode == 2 and "pools.local.workerz" in r.stderr, r
+    assert not fnx_env.processes()

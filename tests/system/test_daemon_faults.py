@@ -1,0 +1,358 @@
+"""Faults from FAULTS.md injected into a running `fnx daemon` (1: kill -9 under load, 2: kill -9
+right after a submit's acknowledgement, 5: the store's disk is full).
+
+"Accounted" (FAULTS.md): every task acknowledged with a 201 ends in exactly one terminal
+record and none stays pending once the daemon is healthy. Executions are counted with marker
+files, one per execution (`mktemp` gives each its own name).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shlex
+import subprocess
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from conftest import wait_for
+from daemon_env import TERMINAL, error_of, result_value
+
+NOOP = {"kind": "python", "entry": "noop", "source": "def noop(i=0):\n    return i\n"}
+GATE = ("touch {d}/started-{i}; while [ ! -e {d}/release ]; do sleep 0.02; done; "
+        "touch {d}/done-{i}")
+
+
+def in_thread(fn):
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+def read_stream(d, cursor: int, wait: float = 0) -> tuple[list[dict], int]:
+    r = d.api("GET", f"/v1/results?since={cursor}&wait={wait}&limit=10000")
+    assert r.status == 200, f"GET /v1/results: {r.status} {r.body}"
+    for t in r.body["results"]:
+        assert t["state"] in TERMINAL, f"a result that is not terminal: {t}"
+    return r.body["results"], r.body["cursor"]
+
+
+def read_all_results(d) -> list[int]:
+    """Every result id from the start of the stream (since=0), paging by `limit`."""
+    ids, cursor = [], 0
+    while True:
+        res, cursor = read_stream(d, cursor)
+        if not res:
+            return ids
+        ids += [t["id"] for t in res]
+
+
+def duplicates(ids) -> dict[int, int]:
+    return {i: n for i, n in Counter(ids).items() if n > 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Daemon kill -9 with 10,000 tasks queued and hundreds running, then restart
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fault_01_daemon_kill9_recovers(make_daemon, fnx_env):
+    N, SLEEPERS = 10_000, 300
+    d = make_daemon(pools={"local": {"workers_per_manager": 300}})
+    marks = fnx_env.dir / "marks"
+    (marks / "start").mkdir(parents=True)
+    (marks / "end").mkdir()
+    q = shlex.quote(str(marks))
+    # One marker file per execution (start/I.XXXXXXXX); sleepers also mark their end.
+    sleeper = d.register({"kind": "shell", "name": "sleeper", "command":
+                          f"mktemp {q}/start/{{i}}.XXXXXXXX >/dev/null && sleep 3 && "
+                          f"touch {q}/end/{{i}}"})
+    toucher = d.register({"kind": "shell", "name": "toucher",
+                          "command": f"mktemp {q}/start/{{i}}.XXXXXXXX >/dev/null"})
+    tasks = [{"function": sleeper, "args": {"i": i}, "priority": 10} for i in range(SLEEPERS)]
+    tasks += [{"function": toucher, "args": {"i": i}} for i in range(SLEEPERS, N)]
+    ids = d.submit(tasks, timeout=300)
+    assert len(set(ids)) == N, "duplicate ids in one batch"
+    index = {tid: i for i, tid in enumerate(ids)}
+
+    delivered: list[int] = []
+    wait_for(lambda: d.status()["tasks"]["running"] >= 200, 120,
+             lambda: f"200 running tasks: {d.status()['tasks']}")
+    res, cursor = read_stream(d, 0)
+    delivered += [t["id"] for t in res]
+    snapshot = d.statuses(ids[:SLEEPERS])
+    d.kill9()  # asserts that every process under the daemon died with it
+    fnx_env.assert_no_processes(grace=5)
+
+    ended = {int(p.name) for p in (marks / "end").iterdir()}
+    running_at_kill = {t["id"] for t in snapshot
+                       if t["state"] == "running" and index[t["id"]] not in ended}
+    executed_before = len(list((marks / "start").iterdir()))
+    assert len(running_at_kill) >= 150, (
+        f"test setup: only {len(running_at_kill)} sleepers were running at the kill")
+
+    d.start(timeout=180)
+    restart_s = d.ready_s
+    t0 = time.monotonic()
+    deadline = t0 + 300
+    while len(set(delivered)) < N:
+        res, cursor = read_stream(d, cursor, wait=10)
+        delivered += [t["id"] for t in res]
+        if time.monotonic() > deadline:
+            states = Counter(t["state"] for t in d.statuses(ids))
+            pytest.fail(f"only {len(set(delivered))} of {N} results after 300 s; states "
+                        f"{dict(states)}\n{d.log_tail()}", pytrace=False)
+    drain_s = time.monotonic() - t0
+    res, cursor = read_stream(d, cursor, wait=2)
+    delivered += [t["id"] for t in res]
+
+    execs = Counter(int(p.name.split(".")[0]) for p in (marks / "start").iterdir())
+    records = {t["id"]: t for t in d.statuses(ids)}
+    reruns = sum(execs.values()) - len(execs)
+    print(f"\nfault 01: {N} tasks, {len(running_at_kill)} running at the kill, "
+          f"{executed_before} executions before it; restart to health {restart_s:.2f}s, "
+          f"drain {drain_s:.1f}s; {sum(execs.values())} executions, {reruns} re-executions "
+          f"({sum(1 for n in execs.values() if n > 1)} tasks ran more than once); attempts "
+          f"{dict(Counter(t.get('attempt') for t in records.values()))}")
+
+    # FAULTS.md 1: "Restart time is logged."
+    after_restart = d.log_path.read_text(errors="replace").rsplit("==== fnx-test: start #2", 1)[1]
+    recovery = [ln for ln in after_restart.splitlines()
+                if re.search(r"(?i)\brecover.*\b\d+(\.\d+)?\s*m?s\b", ln)]
+    print(f"fault 01: the daemon logged: {recovery}")
+    assert recovery, f"no log line gives the recovery time:\n{after_restart[:3000]}"
+
+    assert not duplicates(delivered), f"results delivered twice: {duplicates(delivered)}"
+    assert set(delivered) == set(ids), f"{len(set(ids) - set(delivered))} ids never delivered"
+    not_ok = {i: t for i, t in records.items() if t["state"] != "success"}
+    assert not not_ok, f"{len(not_ok)} tasks not successful, e.g. {list(not_ok.values())[:3]}"
+    everything = read_all_results(d)
+    assert not duplicates(everything), f"the stream from 0 repeats {duplicates(everything)}"
+    assert set(everything) == set(ids)
+    missing = [i for i in range(N) if execs[i] == 0]
+    assert not missing, f"{len(missing)} tasks recorded as success never ran: {missing[:10]}"
+    low = {i: records[i]["attempt"] for i in running_at_kill if records[i]["attempt"] < 2}
+    assert not low, (
+        f"tasks running at the kill finished with attempt < 2: {dict(list(low.items())[:10])}")
+    rerun_low = {ids[i]: (n, records[ids[i]]["attempt"]) for i, n in execs.items()
+                 if n > 1 and records[ids[i]]["attempt"] < 2}
+    assert not rerun_low, (
+        f"tasks executed more than once whose record says attempt 1 (executions, attempt): "
+        f"{dict(list(rerun_low.items())[:10])}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Daemon kill -9 right after (or before) a submit's acknowledgement
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fault_02_kill9_after_ack(make_daemon):
+    d = make_daemon()
+    fid = d.register(NOOP)
+    body = {"tasks": [{"function": fid, "args": [i]} for i in range(1000)]}
+    key = {"Idempotency-Key": "fault-02-after-ack"}
+    r = d.api("POST", "/v1/tasks", body, headers=key)
+    d.kill9()
+    assert r.status == 201, r
+    ids = r.body["ids"]
+
+    d.start()
+    done = d.wait_all(ids, timeout=120)
+    assert [result_value(done[t]) for t in ids] == list(range(1000))
+    count = d.task_count()
+    assert count == 1000, f"{count} tasks after the restart, 1000 were submitted"
+
+    again = d.api("POST", "/v1/tasks", body, headers=key)
+    assert again.status == 201, again
+    assert again.body["ids"] == ids, "an idempotent retry after the restart gave other ids"
+    assert again.headers.get("idempotent-replayed") == "true", again.headers
+    assert d.task_count() == count, "the retry after the restart created tasks"
+
+
+def test_fault_02_kill9_during_submit_retry_with_the_same_key_creates_no_duplicate(make_daemon):
+    d = make_daemon()
+    fid = d.register(NOOP)
+    n = 2000
+    body = json.dumps({"tasks": [{"function": fid, "args": [i]} for i in range(n)]}).encode()
+    headers = {"Idempotency-Key": "fault-02-in-flight", "Content-Type": "application/json",
+               "Authorization": f"Bearer {d.token}"}
+    before = d.task_count()
+    sent = threading.Event()
+
+    def post():
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+        try:
+            conn.request("POST", "/v1/tasks", body=body, headers=headers)
+        finally:
+            sent.set()
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"null")
+
+    t, box = in_thread(post)
+    assert sent.wait(30)
+    d.kill9()
+    t.join(30)
+    first = box.get("value")
+    print(f"\nfault 02: the in-flight submit got {first[0] if first else repr(box.get('error'))}")
+
+    d.start()
+    r = d.api("POST", "/v1/tasks", body, headers={k: v for k, v in headers.items()
+                                                  if k != "Authorization"})
+    assert r.status == 201, r
+    ids = r.body["ids"]
+    assert len(ids) == n and len(set(ids)) == n, r.body
+    if first is not None:
+        assert first[0] == 201, f"the in-flight submit was answered {first}"
+        assert ids == first[1]["ids"], "the retry gave other ids than the acknowledged submit"
+        assert r.headers.get("idempotent-replayed") == "true", r.headers
+    assert d.task_count() == before + n, (
+        f"{d.task_count() - before} tasks exist for one submit of {n} and its retry")
+    done = d.wait_all(ids, timeout=120)
+    assert all(t["state"] == "success" for t in done.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The store's disk is full, or the store reaches its configured size
+# ---------------------------------------------------------------------------------------------
+
+
+def fill(path, nbytes: int) -> None:
+    chunk = b"\0" * (1 << 20)
+    with open(path, "wb") as f:
+        while nbytes > 0:
+            k = min(nbytes, len(chunk))
+            f.write(chunk[:k])
+            nbytes -= k
+
+
+def submit_until_503(d, fid, marks, first_index: int, batches: int) -> tuple[list[int], str]:
+    """Submit batches of 20 tasks with 4 KiB arguments each until a 503; returns the
+    acknowledged ids and the 503's message."""
+    pad = "p" * 4096
+    acked: list[int] = []
+    for b in range(batches):
+        base = first_index + b * 20
+        tasks = [{"function": fid, "args": {"m": str(marks), "i": base + k, "x": pad}}
+                 for k in range(20)]
+        r = d.api("POST", "/v1/tasks", {"tasks": tasks})
+        if r.status == 201:
+            acked += r.body["ids"]
+            continue
+        return acked, error_of(r, 503, "store_unavailable")
+    pytest.fail(f"no 503 after {batches} batches ({len(acked)} tasks acknowledged)\n"
+                + d.log_tail(), pytrace=False)
+
+
+PAYLOAD = {"kind": "shell", "name": "payload", "command": ": {x}; touch {m}/{i}"}
+
+
+def test_fault_05_store_full(make_daemon, fnx_env):
+    mnt = fnx_env.dir / "store-tmpfs"
+    mnt.mkdir()
+    m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if m.returncode != 0:
+        pytest.skip(f"cannot mount a 16 MiB tmpfs for the store (needs root): {m.stderr.strip()}")
+    d = None
+    try:
+        d = make_daemon(data_dir=mnt)
+        g = fnx_env.dir / "gate"
+        marks = fnx_env.dir / "marks"
+        g.mkdir()
+        marks.mkdir()
+        gated = d.register({"kind": "shell", "command": GATE})
+        fid = d.register(PAYLOAD)
+        held = d.submit([{"function": gated, "args": {"d": str(g), "i": i}} for i in range(2)])
+        wait_for(lambda: all((g / f"started-{i}").exists() for i in range(2)), 30,
+                 "both gated tasks started")
+
+        st = os.statvfs(mnt)
+        fill(mnt / "filler", st.f_bavail * st.f_frsize - 384 * 1024)
+        acked, msg = submit_until_503(d, fid, marks, 0, batches=400)
+        print(f"\nfault 05: {len(acked)} tasks acknowledged before the store was full: {msg}")
+        # Nothing else commits now: both workers hold the gated tasks, the rest is queued.
+        r = d.api("GET", "/v1/health", token=None)
+        assert r.status == 503 and r.body["store"].startswith("unavailable"), r
+        s = d.status()
+        assert s["store"]["healthy"] is False, s["store"]
+        metrics = d.api("GET", "/metrics", token=None).body
+        errors = [ln for ln in metrics.splitlines()
+                  if re.match(r"fnx_store_commit_errors_total[{ ]", ln)]
+        assert errors and sum(float(ln.split()[-1]) for ln in errors) >= 1, errors
+        assert d.task_count() == 2 + len(acked), "a refused submit left tasks behind"
+
+        # Running tasks continue while the store is full.
+        (g / "release").touch()
+        wait_for(lambda: all((g / f"done-{i}").exists() for i in range(2)), 30,
+                 "the gated tasks finished their work while the store was full")
+        time.sleep(1)
+        ran_while_full = sum(1 for i in range(len(acked)) if (marks / str(i)).exists())
+        print(f"fault 05: {ran_while_full} of {len(acked)} queued tasks ran while it was full")
+
+        # Space comes back: submits succeed again within a few seconds.
+        (mnt / "filler").unlink()
+        t0 = time.monotonic()
+        later: list[int] = []
+        while True:
+            r = d.api("POST", "/v1/tasks", {"tasks": [
+                {"function": fid, "args": {"m": str(marks), "i": 100_000, "x": "after"}}]})
+            if r.status == 201:
+                later = r.body["ids"]
+                break
+            error_of(r, 503, "store_unavailable")
+            assert time.monotonic() - t0 < 10, "submits still refused 10 s after space was freed"
+            time.sleep(0.2)
+        print(f"fault 05: submits accepted {time.monotonic() - t0:.2f}s after space was freed")
+        everything = held + acked + later
+        done = d.wait_all(everything, timeout=60)
+        bad = [t for t in done.values() if t["state"] != "success"]
+        assert not bad, f"{len(bad)} acknowledged tasks did not succeed, e.g. {bad[:3]}"
+        missing = [i for i in [*range(len(acked)), 100_000] if not (marks / str(i)).exists()]
+        assert not missing, f"acknowledged tasks recorded as success never ran: {missing[:10]}"
+        wait_for(lambda: d.api("GET", "/v1/health", token=None).status == 200, 10,
+                 "health 200 once space is back")
+
+        # Everything acknowledged was persisted.
+        d.kill9()
+        d.start()
+        after = d.statuses(everything)
+        assert all(t["state"] == "success" for t in after), [
+            t for t in after if t["state"] != "success"][:3]
+        d.stop()
+    finally:
+        if d is not None:
+            d.crashes()  # read the logs on the tmpfs before it goes away
+            d.kill9(check=False)
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_fault_05_store_size_limit(make_daemon, fnx_env):
+    d = make_daemon(store={"max_size_mb": 1})
+    marks = fnx_env.dir / "marks"
+    marks.mkdir()
+    fid = d.register(PAYLOAD)
+    acked, msg = submit_until_503(d, fid, marks, 0, batches=200)
+    print(f"\nfault 05 (max_size_mb = 1): {len(acked)} tasks acknowledged: {msg}")
+    assert acked, "the first batch was refused already"
+    assert "max_size_mb" in msg or re.search(r"\b1(\.0)?\s*Mi?B\b|1048576", msg), (
+        f"the limit is not in the message: {msg}")
+    assert d.task_count() == len(acked), "a refused submit left tasks behind"
+    done = d.wait_all(acked, timeout=60)
+    bad = [t for t in done.values() if t["state"] != "success"]
+    assert not bad, f"{len(bad)} acknowledged tasks did not succeed, e.g. {bad[:3]}"
+    missing = [i for i in range(len(acked)) if not (marks / str(i)).exists()]
+    assert not missing, f"acknowledged tasks recorded as success never ran: {missing[:10]}"
