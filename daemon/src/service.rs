@@ -363,6 +363,7 @@ pub fn run(
         result_retention: cfg.store.result_retention,
         unfetched_retention: cfg.store.unfetched_retention,
         prune_interval: cfg.store.prune_interval,
+        full_sync: cfg.store.sync == SyncMode::Full,
     };
     let writer = Writer::new(conn, wcfg, shared.clone(), handles).map_err(serr)?;
     let writer_thread = std::thread::Builder::new()
@@ -427,6 +428,10 @@ fn serve(
         let listener =
             tokio::net::TcpListener::from_std(listener).map_err(io("cannot use the listener"))?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        // No Nagle delay on small answers (one request at a time per keep-alive connection).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = axum::serve(listener, api::router(app)).with_graceful_shutdown(async move {
             let _ = rx.await;
         });

@@ -173,6 +173,8 @@ pub struct WriterConfig {
     pub unfetched_retention: Duration,
     /// How often to prune.
     pub prune_interval: Duration,
+    /// fsync every commit that carries something acknowledged or an outcome (`store.sync`).
+    pub full_sync: bool,
 }
 
 /// The writer's state.
@@ -185,6 +187,7 @@ pub struct Writer {
     next_seq: u64,
     next_function: u64,
     acked: HashMap<String, u64>,
+    synced: bool,
     pending_dispatched: Vec<(TaskId, Attempt)>,
     pending_finished: Vec<Finished>,
 }
@@ -218,7 +221,7 @@ impl Writer {
         let next_task = max_id(&conn, "SELECT max(id) FROM tasks")? + 1;
         let next_seq = max_id(&conn, "SELECT max(seq) FROM tasks")? + 1;
         let next_function = max_id(&conn, "SELECT max(id) FROM functions")? + 1;
-        let _ = shared.seq.send(next_seq - 1);
+        let _ = shared.seq.send_replace(next_seq - 1);
         Ok(Writer {
             conn,
             cfg,
@@ -228,6 +231,7 @@ impl Writer {
             next_seq,
             next_function,
             acked: HashMap::new(),
+            synced: true,
             pending_dispatched: Vec::new(),
             pending_finished: Vec::new(),
         })
@@ -297,6 +301,19 @@ impl Writer {
                 Cmd::Delete(id, reply) => deletes.push((id, reply)),
                 Cmd::Fetched { owner, upto } => fetched.push((owner, upto)),
                 Cmd::FetchedIds(ids) => fetched_ids.extend(ids),
+            }
+        }
+        // A commit of dispatch records and fetch marks alone is not worth an fsync: losing it in a
+        // power failure only makes a task run again. Everything else is fsynced (store.sync).
+        let must_sync = self.cfg.full_sync
+            && !(submits.is_empty()
+                && registers.is_empty()
+                && deletes.is_empty()
+                && self.pending_finished.is_empty());
+        if must_sync != self.synced {
+            let mode = if must_sync { "FULL" } else { "NORMAL" };
+            if self.conn.pragma_update(None, "synchronous", mode).is_ok() {
+                self.synced = must_sync;
             }
         }
         let saved = (self.next_task, self.next_seq, self.next_function);
@@ -547,7 +564,7 @@ impl Writer {
         for (reply, err) in fx.rejected {
             let _ = reply.send(Err(err));
         }
-        let _ = self.shared.seq.send(self.next_seq - 1);
+        let _ = self.shared.seq.send_replace(self.next_seq - 1);
     }
 
     fn prune(&mut self) {
