@@ -65,6 +65,7 @@ fn tasks(n: u64) -> Vec<NewTask> {
             walltime_ms: None,
             retries: 1,
             attempt: fnx_protocol::Attempt(0),
+            files: Vec::new(),
         })
         .collect()
 }

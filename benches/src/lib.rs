@@ -27,6 +27,7 @@ pub fn task_batch(n: u64, payload: usize) -> InterchangeToManager {
         functions: vec![function()],
         tasks: (0..n)
             .map(|i| TaskSpec {
+                files: Vec::new(),
                 id: TaskId(i),
                 attempt: Attempt(1),
                 function: FunctionId(1),

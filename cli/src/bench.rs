@@ -152,6 +152,7 @@ fn new_task(i: u64, payload_bytes: usize) -> NewTask {
         walltime_ms: None,
         retries: 0,
         attempt: fnx_protocol::Attempt(0),
+        files: Vec::new(),
     }
 }
 
@@ -359,6 +360,7 @@ fn transfer(args: &TransferArgs) -> Result<serde_json::Value> {
                     walltime_ms: None,
                     retries: 0,
                     attempt: fnx_protocol::Attempt(0),
+                    files: Vec::new(),
                 })
                 .collect();
             pool.handle.submit(batch);

@@ -442,6 +442,7 @@ fn execute(
                                     walltime_ms,
                                     retries: opts.retries,
                                     attempt: fnx_protocol::Attempt(0),
+                                    files: Vec::new(),
                                 });
                             }
                         }

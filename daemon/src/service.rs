@@ -203,6 +203,7 @@ fn recover(
             walltime_ms: t.walltime_ms,
             retries: t.retries,
             attempt: t.attempt,
+            files: t.files,
         };
         match names.iter().position(|n| *n == t.pool) {
             Some(i) => per_pool[i].push(task),
@@ -429,9 +430,10 @@ fn serve(
             tokio::net::TcpListener::from_std(listener).map_err(io("cannot use the listener"))?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         // No Nagle delay on small answers (one request at a time per keep-alive connection).
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-            let _ = tcp.set_nodelay(true);
-        });
+        let listener =
+            axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+                let _ = tcp.set_nodelay(true);
+            });
         let server = axum::serve(listener, api::router(app)).with_graceful_shutdown(async move {
             let _ = rx.await;
         });

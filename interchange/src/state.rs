@@ -8,8 +8,8 @@ use crate::queue::PendingQueue;
 pub use crate::types::{Comm, Config, Counts, Finished, ManagerStatus, NewTask, Notice, Peer};
 use fnx_protocol::{
     Attempt, BlockId, ErrorKind, FrameError, FunctionDef, FunctionId, InterchangeToManager,
-    ManagerId, ManagerToInterchange, Outcome, Payload, Register, TaskError, TaskId, TaskResult,
-    TaskSpec, PROTOCOL_VERSION,
+    ManagerId, ManagerToInterchange, Outcome, Payload, Register, TaskError, TaskFile, TaskId,
+    TaskResult, TaskSpec, PROTOCOL_VERSION,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -32,6 +32,8 @@ struct TaskRec {
     cancel_requested: bool,
     /// Workers this task's attempts killed (worker_lost outcomes): a poison task shows here.
     crashes: u32,
+    /// Input files (a boxed slice: no allocation, 16 bytes, when there are none).
+    files: Box<[TaskFile]>,
 }
 
 #[derive(Debug)]
@@ -134,6 +136,7 @@ impl Interchange {
                     state: TaskState::Queued,
                     cancel_requested: false,
                     crashes: 0,
+                    files: t.files.into_boxed_slice(),
                 },
             );
         }
@@ -628,6 +631,7 @@ impl Interchange {
                     function: rec.function,
                     args: rec.args.clone(),
                     walltime_ms: rec.walltime_ms,
+                    files: rec.files.to_vec(),
                 });
             }
             if tasks.is_empty() {

@@ -2,8 +2,8 @@
 //! (finished tasks, notices, the `Comm` trait), and status snapshots.
 
 use fnx_protocol::{
-    Attempt, BlockId, FunctionId, InterchangeToManager, ManagerId, Outcome, Payload, TaskId,
-    TaskSpec,
+    Attempt, BlockId, FunctionId, InterchangeToManager, ManagerId, Outcome, Payload, TaskFile,
+    TaskId, TaskSpec,
 };
 use std::time::Duration;
 
@@ -56,6 +56,8 @@ pub struct NewTask {
     /// that restarts passes the last recorded attempt, so results of an attempt dispatched
     /// before the restart can never be taken for the new one.
     pub attempt: Attempt,
+    /// Input files placed in the task's working directory on the node.
+    pub files: Vec<TaskFile>,
 }
 
 /// A task reached its terminal state.

@@ -68,11 +68,13 @@ fn task(id: u64) -> NewTask {
         walltime_ms: None,
         retries: 1,
         attempt: Attempt(0),
+        files: Vec::new(),
     }
 }
 
 fn spec(id: u64, attempt: u32) -> TaskSpec {
     TaskSpec {
+        files: Vec::new(),
         id: TaskId(id),
         attempt: Attempt(attempt),
         function: F,

@@ -10,6 +10,7 @@
 //! - [`procs`]: starting and reading worker and shell processes (process groups, death signal,
 //!   markers).
 //! - [`wire`]: frames between the manager and its Python workers.
+//! - [`sandbox`]: a task's own working directory with its input files.
 //!
 //! The Python worker runtime (`sdk/python/fnx/worker.py`) is embedded as [`WORKER_PY`].
 #![deny(missing_docs)]
@@ -17,6 +18,7 @@
 pub mod link;
 pub mod pool;
 pub mod procs;
+pub mod sandbox;
 pub mod wire;
 
 use fnx_protocol::{ManagerBootstrap, Register};

@@ -146,7 +146,12 @@ impl PythonWorker {
     }
 
     /// Send a task (and the function's definition the first time this worker sees it).
-    pub fn send_task(&mut self, spec: &TaskSpec, body: &FunctionBody) -> io::Result<()> {
+    pub fn send_task(
+        &mut self,
+        spec: &TaskSpec,
+        body: &FunctionBody,
+        cwd: Option<&std::path::Path>,
+    ) -> io::Result<()> {
         if self.defined.insert(spec.function) {
             self.stdin.write_all(&def_frame(spec.function, body))?;
         }
@@ -155,6 +160,7 @@ impl PythonWorker {
             spec.function,
             spec.args.encoding,
             spec.args.data.len(),
+            cwd,
         );
         if spec.args.data.len() < 64 * 1024 {
             let mut frame = head;
@@ -238,6 +244,7 @@ impl ShellProc {
         markers: &Markers,
         serial: u64,
         task: &str,
+        cwd: Option<&std::path::Path>,
     ) -> io::Result<ShellProc> {
         let marker = format!("{}.s{serial}", markers.manager);
         let mut cmd = Command::new("/bin/sh");
@@ -249,6 +256,9 @@ impl ShellProc {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir).env("FNX_TASK_DIR", dir);
+        }
         prepare(&mut cmd, markers, &marker);
         let mut child = cmd.spawn()?;
         let pid = child.id();

@@ -51,9 +51,22 @@ pub fn def_frame(fid: FunctionId, body: &FunctionBody) -> Vec<u8> {
 }
 
 /// The head of a task frame; the argument bytes follow it on the pipe.
-pub fn task_frame_head(tid: TaskId, fid: FunctionId, enc: Encoding, args_len: usize) -> Vec<u8> {
+pub fn task_frame_head(
+    tid: TaskId,
+    fid: FunctionId,
+    enc: Encoding,
+    args_len: usize,
+    cwd: Option<&std::path::Path>,
+) -> Vec<u8> {
+    // `cwd`: the task's own directory holding its input files; the worker runs the call there.
+    let cwd = cwd.map_or(String::new(), |d| {
+        format!(
+            r#","cwd":{}"#,
+            serde_json::Value::String(d.display().to_string())
+        )
+    });
     let header = format!(
-        r#"{{"op":"task","tid":{},"fid":{},"enc":"{}"}}"#,
+        r#"{{"op":"task","tid":{},"fid":{},"enc":"{}"{cwd}}}"#,
         tid.0,
         fid.0,
         enc.as_str()

@@ -24,6 +24,6 @@ pub use frame::{decode, encode, FrameError, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VE
 pub use ids::{Attempt, BlockId, FunctionId, ManagerId, TaskId, WorkerId};
 pub use messages::{InterchangeToManager, ManagerToInterchange, Register};
 pub use task::{
-    Encoding, ErrorKind, FunctionBody, FunctionDef, Outcome, Payload, TaskError, TaskResult,
-    TaskSpec,
+    Encoding, ErrorKind, FileSource, FunctionBody, FunctionDef, Outcome, Payload, TaskError,
+    TaskFile, TaskResult, TaskSpec,
 };

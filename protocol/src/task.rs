@@ -107,6 +107,50 @@ pub struct TaskSpec {
     pub args: Payload,
     /// Wall-clock limit for this attempt in milliseconds, if any.
     pub walltime_ms: Option<u64>,
+    /// Input files placed in the task's own working directory before it starts.
+    #[serde(default)]
+    pub files: Vec<TaskFile>,
+}
+
+/// An input file of a task. The manager places it in the task's working directory under
+/// `name` (a plain file name), so the function opens it by that name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFile {
+    /// File name in the task's working directory (no `/`, not `.` or `..`).
+    pub name: String,
+    /// Where its bytes come from.
+    pub source: FileSource,
+}
+
+/// Where an input file's bytes come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileSource {
+    /// Small files travel with the task.
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Large files stay where they are (a shared filesystem); the working directory gets a
+    /// symbolic link to this absolute path.
+    Path(String),
+}
+
+impl TaskFile {
+    /// Check a file name: a plain name, no directory part. `Err` says what is wrong.
+    pub fn check_name(name: &str) -> Result<(), String> {
+        if name.is_empty()
+            || name == "."
+            || name == ".."
+            || name.contains('/')
+            || name.contains('\0')
+        {
+            return Err(format!(
+                "{name:?} is not a plain file name (no '/', not '.' or '..')"
+            ));
+        }
+        if name.len() > 255 {
+            return Err("a file name may have at most 255 bytes".into());
+        }
+        Ok(())
+    }
 }
 
 /// Why a task failed. Every failure carries exactly one kind.

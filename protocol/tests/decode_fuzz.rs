@@ -23,7 +23,7 @@ proptest! {
     fn random_bytes_after_a_valid_envelope_never_panic(
         bytes in proptest::collection::vec(any::<u8>(), 0..512)
     ) {
-        let mut frame = vec![0x92, 0x01];
+        let mut frame = vec![0x92, PROTOCOL_VERSION as u8];
         frame.extend_from_slice(&bytes);
         any_frame_decodes_or_errors(&frame);
     }
@@ -61,8 +61,9 @@ fn truncated_frames_are_errors() {
 
 #[test]
 fn a_length_claiming_four_gib_is_an_error_not_an_allocation() {
-    // envelope, version 1, {"results": [[id, attempt, {"ok": ["json", bin32 len 0xffffffff]}]]}
-    let mut frame = vec![0x92, 0x01, 0x81, 0xa7];
+    // envelope, this version, {"results": [[id, attempt, {"ok": ["json", bin32 len 0xffffffff]}]]}
+    let v = PROTOCOL_VERSION as u8;
+    let mut frame = vec![0x92, v, 0x81, 0xa7];
     frame.extend_from_slice(b"results");
     frame.extend_from_slice(&[0x91, 0x93, 0x01, 0x01, 0x81, 0xa2, b'o', b'k', 0x92, 0xa4]);
     frame.extend_from_slice(b"json");
@@ -71,8 +72,7 @@ fn a_length_claiming_four_gib_is_an_error_not_an_allocation() {
     assert!(matches!(err, FrameError::Malformed { .. }), "{err:?}");
     // An array header claiming 2^32-1 elements.
     let frame = [
-        0x92, 0x01, 0x81, 0xa7, b'r', b'e', b's', b'u', b'l', b't', b's', 0xdd, 0xff, 0xff, 0xff,
-        0xff,
+        0x92, v, 0x81, 0xa7, b'r', b'e', b's', b'u', b'l', b't', b's', 0xdd, 0xff, 0xff, 0xff, 0xff,
     ];
     assert!(decode::<ManagerToInterchange>(&frame, MAX).is_err());
 }
@@ -95,22 +95,22 @@ fn oversized_frames_are_refused_before_decoding() {
 
 #[test]
 fn another_version_is_named_in_the_error() {
-    // [2, "heartbeat"]
-    let mut frame = vec![0x92, 0x02, 0xa9];
+    // [1, "heartbeat"]: the version before this one
+    let mut frame = vec![0x92, 0x01, 0xa9];
     frame.extend_from_slice(b"heartbeat");
     assert_eq!(
         decode::<ManagerToInterchange>(&frame, MAX),
         Err(FrameError::VersionMismatch {
-            peer: 2,
+            peer: 1,
             ours: PROTOCOL_VERSION
         })
     );
-    assert_eq!(peek_version(&frame), Ok(2));
+    assert_eq!(peek_version(&frame), Ok(1));
     let text = decode::<ManagerToInterchange>(&frame, MAX)
         .unwrap_err()
         .to_string();
     assert!(
-        text.contains("version 2") && text.contains(&format!("version {PROTOCOL_VERSION}")),
+        text.contains("version 1") && text.contains(&format!("version {PROTOCOL_VERSION}")),
         "{text}"
     );
 }

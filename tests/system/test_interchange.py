@@ -11,7 +11,7 @@ import zmq
 
 from conftest import wait_for
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 GATED = """
     import os, time
@@ -96,7 +96,7 @@ def test_fault_19_21_garbage_and_wrong_version_on_manager_port_run_unaffected(fn
             PROTOCOL_VERSION,
             {"rejected": [
                 "protocol version mismatch: manager speaks version 99, "
-                "interchange speaks version 1"
+                "interchange speaks version 2"
             ]},
         ]
         junk.close()

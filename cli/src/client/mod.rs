@@ -111,8 +111,43 @@ pub struct SubmitArgs {
     /// Re-runs after an infrastructure failure.
     #[arg(long)]
     pub retries: Option<u32>,
+    /// An input file for the task's working directory, as PATH or NAME=PATH (repeatable):
+    /// files up to 1 MiB are uploaded, larger ones passed by absolute path (shared filesystem)
+    #[arg(long = "file", value_name = "[NAME=]PATH")]
+    pub files: Vec<String>,
     #[command(flatten)]
     conn: Conn,
+}
+
+/// The `files` of a task from `--file [NAME=]PATH` options.
+fn file_entries(specs: &[String]) -> Result<Vec<Value>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let (name, path) = match spec.split_once('=') {
+                Some((n, p)) if !n.is_empty() && !n.contains('/') => (n.to_string(), p),
+                _ => {
+                    let name = std::path::Path::new(spec)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned());
+                    (
+                        name.with_context(|| format!("--file {spec}: not a file path"))?,
+                        spec.as_str(),
+                    )
+                }
+            };
+            let abs = std::fs::canonicalize(path)
+                .with_context(|| format!("--file {spec}: cannot read {path}"))?;
+            let len = std::fs::metadata(&abs)?.len();
+            if len <= 1 << 20 {
+                let bytes = std::fs::read(&abs)
+                    .with_context(|| format!("cannot read {}", abs.display()))?;
+                Ok(json!({"name": name, "data_b64": fnx_daemon::records::b64(&bytes)}))
+            } else {
+                Ok(json!({"name": name, "path": abs}))
+            }
+        })
+        .collect()
 }
 
 fn value_of(text: &str) -> Value {
@@ -163,6 +198,9 @@ pub fn submit(a: SubmitArgs) -> Result<u8> {
         Value::Object(kw)
     };
     let mut task = json!({"function": function, "args": args});
+    if !a.files.is_empty() {
+        task["files"] = Value::Array(file_entries(&a.files)?);
+    }
     for (k, v) in [
         ("pool", a.pool.map(Value::from)),
         ("priority", a.priority.map(Value::from)),

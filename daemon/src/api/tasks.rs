@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use fnx_protocol::{Encoding, FunctionId, Outcome, Payload, TaskId};
+use fnx_protocol::{Encoding, FileSource, FunctionId, Outcome, Payload, TaskFile, TaskId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
@@ -38,6 +38,18 @@ struct MsgpackTask {
     walltime: Option<f64>,
     #[serde(default)]
     retries: Option<u32>,
+    #[serde(default)]
+    files: Vec<MsgpackFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MsgpackFile {
+    name: String,
+    #[serde(with = "serde_bytes", default)]
+    data: Option<Vec<u8>>,
+    #[serde(default)]
+    path: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +84,43 @@ struct Raw {
     priority: i32,
     walltime: Option<f64>,
     retries: u32,
+    /// Input files: (name, inline bytes or else an absolute path).
+    files: Vec<(String, Result<Vec<u8>, String>)>,
+}
+
+type RawFile = (String, Result<Vec<u8>, String>);
+
+/// Check input files: plain unique names, absolute paths, and the inline bytes within what is
+/// left of the payload limit.
+fn check_files(files: Vec<RawFile>, room: usize) -> Result<Vec<TaskFile>, String> {
+    let mut out: Vec<TaskFile> = Vec::with_capacity(files.len());
+    let mut inline = 0usize;
+    for (j, (name, source)) in files.into_iter().enumerate() {
+        TaskFile::check_name(&name).map_err(|e| format!("files[{j}].name: {e}"))?;
+        if out.iter().any(|f| f.name == name) {
+            return Err(format!("files[{j}].name: {name:?} appears twice"));
+        }
+        let source = match source {
+            Ok(bytes) => {
+                inline += bytes.len();
+                FileSource::Inline(bytes)
+            }
+            Err(path) if path.starts_with('/') => FileSource::Path(path),
+            Err(path) => {
+                return Err(format!(
+                    "files[{j}].path: must be an absolute path, got {path:?}"
+                ))
+            }
+        };
+        out.push(TaskFile { name, source });
+    }
+    if inline > room {
+        return Err(format!(
+            "files: {inline} bytes of inline files exceed what the payload limit leaves ({room} \
+             bytes, limits.max_payload_mb); pass large files by \"path\" on a shared filesystem"
+        ));
+    }
+    Ok(out)
 }
 
 impl Checker<'_> {
@@ -197,7 +246,15 @@ impl Checker<'_> {
         if raw.retries > 100 {
             return Err(at(format!("retries: at most 100, got {}", raw.retries)));
         }
+        let files = check_files(raw.files, max_payload - data.len()).map_err(|m| {
+            if m.starts_with("files: ") {
+                ApiError::too_large(format!("tasks[{i}].{m}"))
+            } else {
+                at(m)
+            }
+        })?;
         Ok(TaskInput {
+            files,
             function: FunctionId(function),
             pool,
             priority: raw.priority,
@@ -229,8 +286,9 @@ fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
             signature::json_type(&v)
         )));
     };
-    const KNOWN: [&str; 8] = [
+    const KNOWN: [&str; 9] = [
         "function", "args", "encoding", "data_b64", "pool", "priority", "walltime", "retries",
+        "files",
     ];
     if let Some(k) = m.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(at(format!(
@@ -290,6 +348,20 @@ fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
             )))
         }
     };
+    let files = match m.remove("files") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .enumerate()
+            .map(|(j, f)| file_from_json(j, f).map_err(&at))
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(at(format!(
+                "files: must be an array, got {}",
+                signature::json_type(&other)
+            )))
+        }
+    };
     Ok(Raw {
         function,
         encoding,
@@ -299,7 +371,42 @@ fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
         priority,
         walltime,
         retries,
+        files,
     })
+}
+
+/// `{"name": ..., "data_b64": ...}` or `{"name": ..., "path": ...}`.
+fn file_from_json(j: usize, f: Value) -> Result<RawFile, String> {
+    let Value::Object(m) = f else {
+        return Err(format!(
+            "files[{j}]: must be an object {{\"name\", \"data_b64\" or \"path\"}}"
+        ));
+    };
+    if let Some(k) = m
+        .keys()
+        .find(|k| !["name", "data_b64", "path"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "files[{j}].{k}: unknown field (known: name, data_b64, path)"
+        ));
+    }
+    let name = m
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("files[{j}].name: required (a string)"))?;
+    let data = m.get("data_b64").and_then(Value::as_str);
+    let source = match (data, m.get("path").and_then(Value::as_str)) {
+        (Some(d), None) => {
+            Ok(unb64(d).map_err(|e| format!("files[{j}].data_b64: not base64: {e}"))?)
+        }
+        (None, Some(p)) => Err(p.to_string()),
+        _ => {
+            return Err(format!(
+                "files[{j}]: give exactly one of data_b64 and path (strings)"
+            ))
+        }
+    };
+    Ok((name.to_string(), source))
 }
 
 fn parse_submit(headers: &HeaderMap, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
@@ -328,6 +435,11 @@ fn parse_submit(headers: &HeaderMap, bytes: &[u8]) -> Result<Vec<Raw>, ApiError>
                     priority: t.priority.unwrap_or(0),
                     walltime: t.walltime,
                     retries: t.retries.unwrap_or(2),
+                    files: t
+                        .files
+                        .into_iter()
+                        .map(|f| (f.name, f.data.ok_or(f.path.unwrap_or_default())))
+                        .collect(),
                 })
             })
             .collect();

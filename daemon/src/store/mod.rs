@@ -19,7 +19,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// The schema version this build writes; older stores are migrated on open.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users(
@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS tasks(
     priority INTEGER NOT NULL, walltime_ms INTEGER, retries INTEGER NOT NULL,
     encoding INTEGER NOT NULL, args BLOB NOT NULL, state INTEGER NOT NULL,
     attempt INTEGER NOT NULL, submitted REAL NOT NULL, seq INTEGER, outcome BLOB,
-    finished REAL, fetched REAL);
+    finished REAL, fetched REAL, files BLOB);
 CREATE INDEX IF NOT EXISTS tasks_live ON tasks(state) WHERE state < 2;
 CREATE INDEX IF NOT EXISTS tasks_done ON tasks(owner, seq) WHERE seq IS NOT NULL;
 CREATE TABLE IF NOT EXISTS idempotency(
@@ -157,6 +157,19 @@ pub fn open_writer(path: &Path, full_sync: bool) -> Result<Connection, StoreErro
             path: path.to_path_buf(),
             found: version,
         });
+    }
+    let existed: bool = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'tasks'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )? > 0;
+    if existed && version < 2 {
+        // Version 1 (before input files): one new column.
+        tracing::info!(
+            "migrating the task store {} to schema version 2",
+            path.display()
+        );
+        conn.execute_batch("ALTER TABLE tasks ADD COLUMN files BLOB")?;
     }
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -365,13 +378,15 @@ pub struct Recovered {
     pub attempt: Attempt,
     /// It was running when the daemon stopped.
     pub was_running: bool,
+    /// Input files.
+    pub files: Vec<fnx_protocol::TaskFile>,
 }
 
 /// Every unfinished task, in id order.
 pub fn unfinished(conn: &Connection) -> Result<Vec<Recovered>, StoreError> {
     let mut st = conn.prepare(
         "SELECT id, owner, pool, function, encoding, args, priority, walltime_ms, retries,
-                attempt, state FROM tasks WHERE state < 2 ORDER BY id",
+                attempt, state, files FROM tasks WHERE state < 2 ORDER BY id",
     )?;
     let rows = st.query_map([], |r| {
         Ok(Recovered {
@@ -388,6 +403,10 @@ pub fn unfinished(conn: &Connection) -> Result<Vec<Recovered>, StoreError> {
             retries: r.get::<_, i64>(8)? as u32,
             attempt: Attempt(r.get::<_, i64>(9)? as u32),
             was_running: r.get::<_, i64>(10)? == 1,
+            files: r
+                .get::<_, Option<Vec<u8>>>(11)?
+                .and_then(|b| rmp_serde::from_slice(&b).ok())
+                .unwrap_or_default(),
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -437,4 +456,47 @@ pub fn create_token(conn: &Connection, user: &str, admin: bool) -> Result<String
 /// How many users exist.
 pub fn user_count(conn: &Connection) -> Result<u64, StoreError> {
     Ok(conn.query_row("SELECT count(*) FROM users", [], |r| r.get::<_, i64>(0))? as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_store_is_migrated_and_keeps_its_tasks() {
+        let dir = std::env::temp_dir().join(format!("fnx-store-migrate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("fnx.db");
+        let _ = std::fs::remove_file(&path);
+        {
+            // The version-1 tasks table: no `files` column.
+            let c = Connection::open(&path).unwrap();
+            let v1 = SCHEMA.replace(", files BLOB);", ");");
+            c.execute_batch(&v1).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO tasks(id, owner, function, pool, priority, retries, encoding, args,
+                                   state, attempt, submitted) VALUES (1, 'u', 1, 'local', 0, 2, 0, x'5b5d', 1, 3, 0)",
+                [],
+            )
+            .unwrap();
+        }
+        let c = open_writer(&path, false).unwrap();
+        let version: i64 = c
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let t = unfinished(&c).unwrap();
+        assert_eq!(t.len(), 1);
+        assert!(t[0].was_running && t[0].attempt == Attempt(3) && t[0].files.is_empty());
+        drop(c);
+        // A store from a newer fnx is refused with both versions named.
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = open_writer(&path, false).unwrap_err().to_string();
+        assert!(err.contains("99") && err.contains("upgrade"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

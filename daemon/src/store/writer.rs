@@ -36,6 +36,8 @@ pub struct TaskInput {
     pub retries: u32,
     /// Arguments.
     pub args: Payload,
+    /// Input files.
+    pub files: Vec<fnx_protocol::TaskFile>,
 }
 
 /// The answer to a submit.
@@ -495,6 +497,7 @@ impl Writer {
                                 walltime_ms: task.walltime_ms,
                                 retries: task.retries,
                                 attempt: Attempt(0),
+                                files: task.files,
                             });
                     }
                     fx.replies.push((
@@ -683,8 +686,8 @@ impl Ctx<'_> {
         let first = *self.next_task;
         let mut st = tx.prepare_cached(
             "INSERT INTO tasks(id, owner, function, pool, priority, walltime_ms, retries, encoding,
-                               args, state, attempt, submitted)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, 0, ?10)",
+                               args, state, attempt, submitted, files)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, 0, ?10, ?11)",
         )?;
         for (i, task) in tasks.iter().enumerate() {
             st.execute(params![
@@ -697,7 +700,9 @@ impl Ctx<'_> {
                 task.retries,
                 encoding_code(task.args.encoding),
                 task.args.data,
-                self.t
+                self.t,
+                (!task.files.is_empty())
+                    .then(|| rmp_serde::to_vec(&task.files).unwrap_or_default())
             ])?;
         }
         if let Some(key) = key {

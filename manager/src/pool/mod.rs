@@ -83,6 +83,10 @@ struct Running {
     deadline: Option<Instant>,
     forced: Option<TaskError>,
     kill_at: Option<Instant>,
+    /// Its working directory with its input files, if it has any; held only for its `Drop`,
+    /// which removes the directory when the task ends.
+    #[allow(dead_code)]
+    sandbox: Option<crate::sandbox::Sandbox>,
 }
 
 impl Running {
@@ -95,6 +99,7 @@ impl Running {
             deadline: spec.walltime_ms.map(|ms| now + Duration::from_millis(ms)),
             forced: None,
             kill_at: None,
+            sandbox: None,
         }
     }
 }

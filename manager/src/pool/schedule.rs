@@ -2,6 +2,7 @@
 //! pipelining one small task behind each running one.
 
 use super::*;
+use crate::sandbox::Sandbox;
 
 impl Pool<'_> {
     pub(super) fn busy(&self) -> usize {
@@ -68,13 +69,14 @@ impl Pool<'_> {
                 continue;
             };
             if !func.body.is_python()
+                || !spec.files.is_empty()
                 || spec.args.data.len() > PIPELINE_MAX_ARGS
                 || !worker.knows(spec.function)
             {
                 return;
             }
             let spec = self.queue.pop_front().expect("front exists");
-            if let Err(e) = worker.send_task(&spec, &func.body) {
+            if let Err(e) = worker.send_task(&spec, &func.body, None) {
                 tracing::warn!("cannot send a task to worker {pid}: {e}");
                 let _ = kill_group(pid, libc::SIGKILL);
             }
@@ -98,13 +100,24 @@ impl Pool<'_> {
             return false;
         };
         let spec = self.queue.pop_front().expect("front exists");
+        let sandbox = match Sandbox::prepare(&self.cfg.log_dir.join("tasks"), &spec) {
+            Ok(s) => s,
+            Err(e) => {
+                self.push_result(spec.id, spec.attempt, Outcome::Err(e));
+                return true;
+            }
+        };
         let body = &self.functions[&spec.function].body;
         let proc = self.procs.get_mut(&pid).expect("found above");
         let Kind::Python(worker) = &mut proc.kind else {
             unreachable!("found as python")
         };
-        proc.task = Some(Running::start(&spec));
-        if let Err(e) = worker.send_task(&spec, body) {
+        let cwd = sandbox.as_ref().map(|s| s.dir().to_path_buf());
+        proc.task = Some(Running {
+            sandbox,
+            ..Running::start(&spec)
+        });
+        if let Err(e) = worker.send_task(&spec, body, cwd.as_deref()) {
             tracing::warn!("cannot send a task to worker {pid}: {e}");
             // The worker is gone or broken; its exit is reported as worker_lost.
             let _ = kill_group(pid, libc::SIGKILL);
@@ -197,6 +210,11 @@ impl Pool<'_> {
 
     pub(super) fn start_shell_task(&mut self) {
         let spec = self.queue.pop_front().expect("front exists");
+        let sandbox = match Sandbox::prepare(&self.cfg.log_dir.join("tasks"), &spec) {
+            Ok(s) => s,
+            Err(e) => return self.push_result(spec.id, spec.attempt, Outcome::Err(e)),
+        };
+        let cwd = sandbox.as_ref().map(|s| s.dir().to_path_buf());
         let func = &self.functions[&spec.function];
         let outcome = match &func.shell {
             None => Err(TaskError::new(
@@ -212,6 +230,7 @@ impl Pool<'_> {
                     &self.cfg.markers,
                     self.serial,
                     &spec.id.0.to_string(),
+                    cwd.as_deref(),
                 )
                 .map_err(|e| {
                     TaskError::new(
@@ -225,7 +244,10 @@ impl Pool<'_> {
         match outcome {
             Ok(proc) => {
                 let pid = proc.pid;
-                let running = Running::start(&spec);
+                let running = Running {
+                    sandbox,
+                    ..Running::start(&spec)
+                };
                 self.procs
                     .insert(pid, Proc::new(Kind::Shell(proc), Some(running), None));
             }

@@ -175,10 +175,35 @@ def encode_pickle(args, kwargs):
     return base64.b64encode(data).decode("ascii")
 
 
-def make_task(function_id, args=(), kwargs=None, encoding="pickle", **options):
+# Input files up to this size are uploaded with the task; larger ones are passed by path (they
+# must be on a filesystem the nodes share).
+INLINE_FILE_MAX = 1 << 20
+
+
+def file_entries(files):
+    """``files`` of a task from ``{name: bytes | local path}``: bytes and small files are
+    uploaded, larger files are passed by their absolute path."""
+    out = []
+    for name, value in files.items():
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            out.append({"name": name, "data_b64": base64.b64encode(bytes(value)).decode("ascii")})
+            continue
+        path = os.path.abspath(os.fspath(value))
+        if os.path.getsize(path) <= INLINE_FILE_MAX:
+            with open(path, "rb") as f:
+                data = f.read()
+            out.append({"name": name, "data_b64": base64.b64encode(data).decode("ascii")})
+        else:
+            out.append({"name": name, "path": path})
+    return out
+
+
+def make_task(function_id, args=(), kwargs=None, encoding="pickle", files=None, **options):
     """One element of ``POST /v1/tasks``' ``tasks``; ``options``: pool, priority, walltime,
-    retries."""
+    retries; ``files``: ``{name: bytes | local path}`` placed in the task's working directory."""
     task = {"function": int(function_id)}
+    if files:
+        task["files"] = file_entries(files)
     kwargs = kwargs or {}
     if encoding == "pickle":
         task["encoding"] = "pickle"
@@ -405,6 +430,15 @@ class Client:
         returns the task id. ``function`` is an id or a callable."""
         fid = self.function_id(function)
         return self.submit_tasks([make_task(fid, args, kwargs, self._encoding(fid))])[0]
+
+    def run_with_files(self, function, files, /, *args, **kwargs):
+        """Like ``run``, with input files: ``files`` maps a file name to bytes or to a local
+        path. The task runs in its own directory on the node holding them, so the function
+        opens them by name (pass the names as arguments). Files up to 1 MiB are uploaded with
+        the task; larger ones are passed by their absolute path, which must be on a
+        filesystem the nodes share."""
+        fid = self.function_id(function)
+        return self.submit_tasks([make_task(fid, args, kwargs, self._encoding(fid), files=files)])[0]
 
     def run_json(self, function, /, *args, **kwargs):
         """Like ``run`` with JSON arguments (checked against the signature by the daemon)."""

@@ -380,6 +380,24 @@ def _check_pickle_meta(meta):
         )
 
 
+def _run_in(cwd, fn, tid, enc, payload, max_result):
+    """Run a task that has input files in its own directory `cwd` (the manager placed them
+    there and removes the directory afterwards): the call runs with `cwd` as the working
+    directory and FNX_TASK_DIR naming it, and both are restored afterwards."""
+    before = os.getcwd()
+    try:
+        os.chdir(cwd)
+    except OSError as exc:
+        return _error_frame(tid, "bad_input", "InputFileError",
+                            "cannot enter the task directory %s: %s" % (cwd, exc)), b""
+    os.environ["FNX_TASK_DIR"] = cwd
+    try:
+        return _run(fn, tid, enc, payload, max_result)
+    finally:
+        os.environ.pop("FNX_TASK_DIR", None)
+        os.chdir(before)
+
+
 def _run(fn, tid, enc, payload, max_result):
     """Run one task; returns ``(header, payload)`` of the reply."""
     # Arguments.
@@ -483,10 +501,13 @@ def _serve(proto_in, proto_out, max_result):
             fn = funcs.get(fid)
             if fn is None:
                 fn = funcs[fid] = _load(fid, defs.get(fid))
+            cwd = header.get("cwd")
             if type(fn) is _Failed:
                 reply = _error_frame(tid, *fn.error), b""
-            else:
+            elif cwd is None:
                 reply = _run(fn, tid, enc, payload, max_result)
+            else:
+                reply = _run_in(cwd, fn, tid, enc, payload, max_result)
             _send(proto_out, *reply)
         elif op == "def":
             try:
