@@ -156,7 +156,9 @@ pub struct InterchangeConfig {
 pub struct PoolConfig {
     /// Its name (the key in `[pools.NAME]`).
     pub name: String,
-    /// Manager processes (local provider).
+    /// Manager processes the daemon starts on this host (local provider). 0: none; managers
+    /// started elsewhere (`fnx manager --interchange ...`, e.g. in a batch job) connect to the
+    /// pool's interchange port.
     pub managers: u32,
     /// Worker slots per manager (None: one per core).
     pub workers_per_manager: Option<u32>,
@@ -367,9 +369,9 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
             )),
         }
         let managers = rp.managers.unwrap_or(1);
-        if managers == 0 || managers > 1024 {
+        if managers > 1024 {
             p.0.push(format!(
-                "{}: must be 1..=1024, got {managers}",
+                "{}: must be 0..=1024, got {managers}",
                 key("managers")
             ));
         }
@@ -378,7 +380,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
             p.0.push(format!("{}: must not be empty", key("python")));
         }
         pools.push(PoolConfig {
-            managers: managers.clamp(1, 1024),
+            managers: managers.min(1024),
             workers_per_manager: rp.workers_per_manager.filter(|&w| w > 0),
             python,
             kill_grace: p.secs(&key("kill_grace_s"), rp.kill_grace_s, 2.0, 0.0),
@@ -434,7 +436,7 @@ mod tests {
     fn every_bad_value_is_named() {
         let err = parse(
             "[store]\nsync = \"sometimes\"\n[daemon]\nlisten = \"nowhere\"\n\
-             [pools.a]\nprovider = \"slurmish\"\nmanagers = 0\n",
+             [pools.a]\nprovider = \"slurmish\"\nmanagers = 2000\n",
         )
         .unwrap_err()
         .to_string();

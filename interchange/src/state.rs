@@ -79,6 +79,11 @@ pub struct Interchange {
     queue: PendingQueue,
     managers: HashMap<ManagerId, ManagerRec>,
     peers: HashMap<Peer, ManagerId>,
+    /// Connections of managers declared lost (bounded, oldest forgotten first): a message from
+    /// one of them is answered `Shutdown`; a message from a connection never seen is answered
+    /// `Reregister` (this interchange restarted since that manager registered).
+    expired: HashSet<Peer>,
+    expired_order: VecDeque<Peer>,
     ready: VecDeque<ManagerId>,
     next_manager: u64,
     queued: usize,
@@ -94,6 +99,8 @@ impl Interchange {
             queue: PendingQueue::default(),
             managers: HashMap::new(),
             peers: HashMap::new(),
+            expired: HashSet::new(),
+            expired_order: VecDeque::new(),
             ready: VecDeque::new(),
             next_manager: 1,
             queued: 0,
@@ -216,18 +223,35 @@ impl Interchange {
             return;
         }
         let Some(&mid) = self.peers.get(peer) else {
-            comm.notice(Notice::Ignored {
-                reason: format!(
-                    "{} from an unknown or expired manager; told it to exit",
-                    kind_name(&msg)
-                ),
-            });
-            comm.send(
-                peer,
-                &InterchangeToManager::Shutdown {
-                    reason: "not registered with this interchange (unknown or expired)".into(),
-                },
-            );
+            if self.expired.contains(peer) {
+                comm.notice(Notice::Ignored {
+                    reason: format!(
+                        "{} from an expired manager; told it to exit",
+                        kind_name(&msg)
+                    ),
+                });
+                comm.send(
+                    peer,
+                    &InterchangeToManager::Shutdown {
+                        reason: "not registered with this interchange (unknown or expired)".into(),
+                    },
+                );
+            } else {
+                comm.notice(Notice::Ignored {
+                    reason: format!(
+                        "{} from a manager this interchange does not know (registered before \
+                         a restart?); told it to register again",
+                        kind_name(&msg)
+                    ),
+                });
+                comm.send(
+                    peer,
+                    &InterchangeToManager::Reregister {
+                        reason: "this interchange does not know this manager (it restarted?)"
+                            .into(),
+                    },
+                );
+            }
             return;
         };
         if let Some(m) = self.managers.get_mut(&mid) {
@@ -489,11 +513,24 @@ impl Interchange {
         }
     }
 
+    fn remember_expired(&mut self, peer: Peer) {
+        const MAX_EXPIRED: usize = 65_536;
+        if self.expired.insert(peer.clone()) {
+            self.expired_order.push_back(peer);
+            if self.expired_order.len() > MAX_EXPIRED {
+                if let Some(old) = self.expired_order.pop_front() {
+                    self.expired.remove(&old);
+                }
+            }
+        }
+    }
+
     fn lose_manager(&mut self, mid: ManagerId, reason: &str, comm: &mut impl Comm) {
         let Some(m) = self.managers.remove(&mid) else {
             return;
         };
         self.peers.remove(&m.peer);
+        self.remember_expired(m.peer.clone());
         let (mut requeued, mut failed) = (0, 0);
         let mut held: Vec<TaskId> = m.inflight.into_iter().collect();
         held.sort_unstable_by(|a, b| b.cmp(a)); // pushed to the front: oldest ends up first

@@ -691,3 +691,33 @@ fn a_short_queue_goes_to_idle_slots_only() {
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(sent[0].0, peer(1));
 }
+
+#[test]
+fn a_manager_unknown_to_a_restarted_interchange_is_asked_to_register_again() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    // Peer 5 registered with an earlier incarnation of this interchange: its heartbeat and its
+    // result arrive first on the new one.
+    ic.on_message(now, &peer(5), ManagerToInterchange::Heartbeat, &mut c);
+    ic.on_message(
+        now,
+        &peer(5),
+        ManagerToInterchange::Results(vec![ok(1, 1)]),
+        &mut c,
+    );
+    let again = InterchangeToManager::Reregister {
+        reason: "this interchange does not know this manager (it restarted?)".into(),
+    };
+    assert_eq!(c.take(), vec![(peer(5), again.clone()), (peer(5), again)]);
+    assert!(
+        c.finished.is_empty(),
+        "a result from an unknown manager is never recorded"
+    );
+    // It registers again and gets work; a manager that was declared lost is still told to exit
+    // (fault 7), see a_silent_manager_expires_its_tasks_requeue_and_late_messages_are_refused.
+    ic.on_message(now, &peer(5), reg("a", 1, 0), &mut c);
+    assert!(matches!(
+        c.take().as_slice(),
+        [(_, InterchangeToManager::Registered { .. })]
+    ));
+}

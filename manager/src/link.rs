@@ -47,6 +47,8 @@ pub fn run(ctx: &zmq::Context, cfg: LinkConfig, register: Register, pair: zmq::S
 struct Link {
     dealer: zmq::Socket,
     cfg: LinkConfig,
+    /// The registration, sent again when a restarted interchange asks for it.
+    register: Register,
     registered: bool,
     last_contact: Instant,
     next_heartbeat: Instant,
@@ -66,7 +68,7 @@ impl Link {
         dealer.set_maxmsgsize(cfg.max_frame_bytes as i64)?;
         dealer.connect(&cfg.interchange)?;
         let frame = encode(
-            &ManagerToInterchange::Register(register),
+            &ManagerToInterchange::Register(register.clone()),
             cfg.max_frame_bytes,
         )
         .map_err(|_| zmq::Error::EMSGSIZE)?;
@@ -75,6 +77,7 @@ impl Link {
         Ok(Link {
             dealer,
             cfg: cfg.clone(),
+            register,
             registered: false,
             last_contact: now,
             next_heartbeat: now + cfg.heartbeat_period,
@@ -188,6 +191,21 @@ impl Link {
                 Some(format!("the interchange refused this manager: {reason}"))
             }
             InterchangeToManager::Heartbeat => None,
+            InterchangeToManager::Reregister { reason } => {
+                // Once per restart: more may come (for frames queued while the interchange
+                // was away) until the new registration is answered.
+                if self.registered {
+                    tracing::warn!("{reason}; registering again (running tasks go on)");
+                    self.registered = false;
+                    self.send(&ManagerToInterchange::Register(self.register.clone()));
+                    // The pool drops the tasks it has not started: the restarted interchange
+                    // dispatches them again.
+                    let _ = pair
+                        .send(tag::FRAME, zmq::SNDMORE)
+                        .and_then(|()| pair.send(frame, 0));
+                }
+                None
+            }
             _ => {
                 // Forward the received message itself (no copy of large task batches).
                 let _ = pair

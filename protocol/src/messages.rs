@@ -102,4 +102,11 @@ pub enum InterchangeToManager {
         /// Why.
         reason: String,
     },
+    /// This interchange does not know the manager (it restarted since the manager registered):
+    /// register again. Running tasks go on; their results, from attempts the restarted
+    /// interchange has superseded, are discarded there.
+    Reregister {
+        /// Why.
+        reason: String,
+    },
 }

@@ -137,6 +137,12 @@ fn i2m_samples() -> Vec<(&'static str, InterchangeToManager)> {
                 reason: "bye".into(),
             },
         ),
+        (
+            "reregister",
+            InterchangeToManager::Reregister {
+                reason: "who".into(),
+            },
+        ),
     ]
 }
 
@@ -159,6 +165,7 @@ const I2M_GOLDEN: &[(&str, &str)] = &[
     ("drain", "9202a5647261696e"),
     ("drained", "9202a7647261696e6564"),
     ("shutdown", "920281a873687574646f776e91a3627965"),
+    ("reregister", "920281aa7265726567697374657291a377686f"),
 ];
 
 #[test]

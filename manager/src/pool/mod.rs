@@ -356,6 +356,13 @@ impl<'a> Pool<'a> {
                 tracing::info!("interchange asked this manager to exit: {reason}");
                 self.end = Some(PoolEnd::Shutdown(reason));
             }
+            InterchangeToManager::Reregister { .. } => {
+                // Tasks not started yet are dispatched again by the restarted interchange
+                // (with a new attempt); running ones go on, their results are discarded there.
+                let dropped = self.queue.len();
+                self.queue.clear();
+                tracing::info!("registering again; dropped {dropped} tasks not yet started");
+            }
             other => tracing::debug!("unexpected message for the pool: {other:?}"),
         }
     }

@@ -1,0 +1,83 @@
+"""Managers that outlive the daemon (started outside it, as batch jobs will start them) register
+again with the restarted daemon; results of the attempts it superseded are discarded, and each
+task's outcome is recorded once (issue 3, "Store"; FAULTS.md 1)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+from conftest import wait_for
+
+
+def start_external_manager(fnx_env, daemon, uid: str, slots: int) -> subprocess.Popen:
+    log = open(daemon.dir / f"{uid}.stderr", "wb")
+    return subprocess.Popen(
+        [str(fnx_env.bin), "manager", "--interchange",
+         f"tcp://127.0.0.1:{daemon.interchange_port}", "--uid", uid,
+         "--run-dir", str(daemon.dir / "external"), "--run-id", f"ext-{uid}",
+         "--slots", str(slots), "--heartbeat-period-ms", "500"],
+        cwd=fnx_env.dir, env=fnx_env.env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=log,
+    )
+
+
+def managers_connected(daemon) -> int:
+    return sum(p["managers_connected"] for p in daemon.status()["pools"])
+
+
+def test_fault_01_external_manager_reregisters_after_daemon_kill9(make_daemon, fnx_env, tmp_path):
+    d = make_daemon(pools={"local": {"managers": 0}})
+    manager = start_external_manager(fnx_env, d, "ext-0", slots=4)
+    try:
+        wait_for(lambda: managers_connected(d) == 1, 20, "the external manager registers")
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        sid = d.register({"kind": "shell",
+                          "command": "sleep {s}; echo run >> " + str(marks) + "/{i}"})
+        slow = d.submit([{"function": sid, "args": {"s": "3", "i": f"slow{i}"}}
+                         for i in range(2)])
+        wait_for(lambda: all(t["state"] == "running" for t in d.statuses(slow)), 20,
+                 "the slow tasks are running")
+        time.sleep(0.5)
+        d.kill9(check=False)
+        assert manager.poll() is None, "a manager started outside the daemon outlives it"
+        d.start()
+        wait_for(lambda: managers_connected(d) == 1, 20, "the manager registers again")
+        mlog = d.dir / "external" / "ext-0" / "manager.log"
+        wait_for(lambda: "registering again" in mlog.read_text(errors="replace"), 10,
+                 f"'registering again' in {mlog}")
+
+        quick = d.submit([{"function": sid, "args": {"s": "0", "i": f"q{i}"}} for i in range(20)])
+        records = [d.wait_task(t, timeout=60) for t in slow + quick]
+        assert all(r["state"] == "success" for r in records), records
+        # The slow tasks were running at the kill: they ran again with a higher attempt, and
+        # the results of the first attempts (finishing on the re-registered manager) were
+        # discarded, not recorded a second time.
+        for r in records[:2]:
+            assert r["attempt"] >= 2, r
+        time.sleep(3.5)  # let the first attempts finish and report
+        for r, t in zip(records[:2], slow):
+            again = d.task(t)
+            assert (again["state"], again["finished_at"], again["attempt"]) == \
+                (r["state"], r["finished_at"], r["attempt"]), "an outcome was recorded twice"
+        ran = {p.name: len(p.read_text().split()) for p in marks.iterdir()}
+        assert all(ran[f"slow{i}"] >= 1 for i in range(2)), ran
+        assert all(ran[f"q{i}"] == 1 for i in range(20)), ran
+        results = d.api("GET", "/v1/results?since=0&limit=1000").body["results"]
+        ids = [r["id"] for r in results]
+        assert sorted(ids) == sorted(slow + quick), "each task delivered exactly once"
+        daemon_log = d.log_since_start()
+        print(f"\nslow tasks ran {[ran[f'slow{i}'] for i in range(2)]} times; "
+              f"attempts {[r['attempt'] for r in records[:2]]}")
+        assert "discarded" in daemon_log or all(ran[f"slow{i}"] == 1 for i in range(2)), \
+            "a superseded attempt's result must be discarded and logged"
+    finally:
+        if manager.poll() is None:
+            manager.send_signal(signal.SIGTERM)
+            try:
+                manager.wait(15)
+            except subprocess.TimeoutExpired:
+                manager.kill()
+                manager.wait(5)
