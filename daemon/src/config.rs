@@ -3,7 +3,6 @@
 //! gives the embedded defaults: data in `$FNX_HOME`, one local pool, API on `127.0.0.1:8470`.
 
 use serde::Deserialize;
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -52,7 +51,31 @@ struct RawConfig {
     #[serde(default)]
     interchange: RawInterchange,
     #[serde(default)]
-    pools: BTreeMap<String, RawPool>,
+    pools: Pools,
+}
+
+/// `[pools.NAME]` tables in the order the file gives them (the first is the default pool).
+#[derive(Default)]
+struct Pools(Vec<(String, RawPool)>);
+
+impl<'de> Deserialize<'de> for Pools {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Pools;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("tables [pools.NAME]")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Pools, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = m.next_entry::<String, RawPool>()? {
+                    out.push((k, v));
+                }
+                Ok(Pools(out))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -183,7 +206,7 @@ pub struct SiteConfig {
     pub limits: Limits,
     /// Interchange settings.
     pub interchange: InterchangeConfig,
-    /// Pools, in file order of their names (sorted); tasks without a pool go to the first.
+    /// Pools, in the order of the file; tasks that name no pool go to the first.
     pub pools: Vec<PoolConfig>,
 }
 
@@ -345,9 +368,9 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
             interchange.address
         ));
     }
-    let mut raw_pools = raw.pools;
+    let mut raw_pools = raw.pools.0;
     if raw_pools.is_empty() {
-        raw_pools.insert("local".into(), RawPool::default());
+        raw_pools.push(("local".into(), RawPool::default()));
     }
     let mut pools = Vec::new();
     for (name, rp) in raw_pools {
@@ -448,6 +471,13 @@ mod tests {
         ] {
             assert!(err.contains(key), "{key} missing from: {err}");
         }
+    }
+
+    #[test]
+    fn pools_keep_the_order_of_the_file() {
+        let c = parse("[pools.zeta]\nmanagers = 2\n[pools.alpha]\nmanagers = 0\n").unwrap();
+        let names: Vec<_> = c.pools.iter().map(|p| (p.name.as_str(), p.managers)).collect();
+        assert_eq!(names, vec![("zeta", 2), ("alpha", 0)]);
     }
 
     #[test]
