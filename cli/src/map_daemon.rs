@@ -10,6 +10,8 @@ use crate::map::{spawn_reader, Accounting, InputMsg, Report, RunOptions, Sink, W
 use crate::output::{Progress, Tally};
 use anyhow::{bail, Context, Result};
 use fnx_protocol::{ErrorKind, FunctionBody, Outcome, Payload, TaskError};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
@@ -62,31 +64,72 @@ fn register(c: &mut Client, body: &FunctionBody) -> Result<u64> {
         .context("the daemon returned no function id")
 }
 
-/// A task record of the API back into an outcome.
-fn outcome_of(rec: &Value) -> Outcome {
-    match rec["state"].as_str() {
-        Some("success") => {
-            let r = &rec["result"];
-            match r["encoding"].as_str() {
-                Some("json") => Outcome::Ok(Payload::json(r["value"].to_string())),
-                _ => Outcome::Ok(Payload::json(
-                    json!({"pickle_b64": r["data_b64"]}).to_string(),
+/// A task record of the API, as far as an outcome needs it; a JSON result keeps its own text
+/// (every digit of its numbers, the order of its keys).
+#[derive(Deserialize)]
+pub(crate) struct Record {
+    pub(crate) id: u64,
+    pub(crate) state: String,
+    #[serde(default)]
+    pub(crate) result: Option<ResultRecord>,
+    #[serde(default)]
+    pub(crate) error: Option<ErrorRecord>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ResultRecord {
+    pub(crate) encoding: String,
+    #[serde(default)]
+    pub(crate) value: Option<Box<RawValue>>,
+    #[serde(default)]
+    pub(crate) data_b64: Option<String>,
+    #[serde(default)]
+    pub(crate) text: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ErrorRecord {
+    #[serde(default)]
+    kind: Option<ErrorKind>,
+    #[serde(default, rename = "type")]
+    type_name: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    traceback: Option<String>,
+}
+
+impl Record {
+    /// The outcome this record reports.
+    pub(crate) fn outcome(&self) -> Outcome {
+        match (&self.result, &self.error) {
+            (Some(r), _) if self.state == "success" => match (r.encoding.as_str(), &r.value) {
+                ("json", Some(v)) => Outcome::Ok(Payload::json(v.get())),
+                ("json", None) => Outcome::Ok(Payload::json(
+                    serde_json::to_string(&r.text).unwrap_or_else(|_| "null".into()),
                 )),
+                _ => Outcome::Ok(Payload::json(
+                    json!({ "pickle_b64": r.data_b64 }).to_string(),
+                )),
+            },
+            (_, e) => {
+                let e = e.as_ref();
+                let mut err = TaskError::new(
+                    e.and_then(|e| e.kind).unwrap_or(ErrorKind::Exception),
+                    e.and_then(|e| e.type_name.as_deref()).unwrap_or("Error"),
+                    e.and_then(|e| e.message.clone()).unwrap_or_default(),
+                );
+                err.traceback = e.and_then(|e| e.traceback.clone());
+                Outcome::Err(err)
             }
         }
-        _ => {
-            let e = &rec["error"];
-            let kind = serde_json::from_value::<ErrorKind>(e["kind"].clone())
-                .unwrap_or(ErrorKind::Exception);
-            let mut err = TaskError::new(
-                kind,
-                e["type"].as_str().unwrap_or("Error"),
-                e["message"].as_str().unwrap_or("").to_string(),
-            );
-            err.traceback = e["traceback"].as_str().map(str::to_string);
-            Outcome::Err(err)
-        }
     }
+}
+
+#[derive(Deserialize)]
+struct Page {
+    results: Vec<Record>,
+    cursor: u64,
 }
 
 /// Stream results from `cursor` until `stop`; sends (task id, outcome) batches.
@@ -105,17 +148,13 @@ fn stream(
                     &format!("/v1/results?since={cursor}&wait=1&limit=10000"),
                     None,
                 )
-                .and_then(|r| r.ok());
+                .and_then(|r| r.typed::<Page>());
             match page {
                 Ok(page) => {
                     failing_since = None;
-                    cursor = page["cursor"].as_u64().unwrap_or(cursor);
-                    let batch: Vec<(u64, Outcome)> = page["results"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|r| Some((r["id"].as_u64()?, outcome_of(r))))
-                        .collect();
+                    cursor = page.cursor;
+                    let batch: Vec<(u64, Outcome)> =
+                        page.results.iter().map(|r| (r.id, r.outcome())).collect();
                     if !batch.is_empty() && tx.send(Ok(batch)).is_err() {
                         return;
                     }

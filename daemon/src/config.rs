@@ -476,7 +476,11 @@ mod tests {
     #[test]
     fn pools_keep_the_order_of_the_file() {
         let c = parse("[pools.zeta]\nmanagers = 2\n[pools.alpha]\nmanagers = 0\n").unwrap();
-        let names: Vec<_> = c.pools.iter().map(|p| (p.name.as_str(), p.managers)).collect();
+        let names: Vec<_> = c
+            .pools
+            .iter()
+            .map(|p| (p.name.as_str(), p.managers))
+            .collect();
         assert_eq!(names, vec![("zeta", 2), ("alpha", 0)]);
     }
 

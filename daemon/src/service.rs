@@ -142,29 +142,27 @@ fn start_pool(cfg: &SiteConfig, i: usize, p: &PoolConfig) -> Result<LocalPool, D
     })
 }
 
-/// Hand stored functions and unfinished tasks to the pools; returns per-user counts.
-fn recover(
-    conn: &rusqlite::Connection,
-    path: &Path,
-    pools: &[LocalPool],
-    names: &[String],
-    writer: &Sender<Cmd>,
-) -> Result<HashMap<String, UserCounts>, DaemonError> {
+/// What the store holds for a start: read in full before any pool starts, so that a damaged
+/// store stops the daemon before it has started anything.
+struct Loaded {
+    functions: Vec<FunctionDef>,
+    tasks: Vec<store::Recovered>,
+    counts: HashMap<String, UserCounts>,
+    started: Instant,
+}
+
+/// Read stored functions, unfinished tasks and per-user counts.
+fn load(conn: &rusqlite::Connection, path: &Path) -> Result<Loaded, DaemonError> {
     let serr = |source| DaemonError::Store {
         path: path.to_path_buf(),
         source,
     };
     let started = Instant::now();
-    for f in store::all_functions(conn).map_err(serr)? {
-        if let Some(body) = body_of(&f.spec) {
-            for p in pools {
-                p.handle.add_function(FunctionDef {
-                    id: f.id,
-                    body: body.clone(),
-                });
-            }
-        }
-    }
+    let functions = store::all_functions(conn)
+        .map_err(serr)?
+        .into_iter()
+        .filter_map(|f| body_of(&f.spec).map(|body| FunctionDef { id: f.id, body }))
+        .collect();
     let mut counts: HashMap<String, UserCounts> = HashMap::new();
     {
         let mut st = conn
@@ -189,11 +187,31 @@ fn recover(
             }
         }
     }
-    let unfinished = store::unfinished(conn).map_err(serr)?;
-    let (total, mut rerun) = (unfinished.len(), 0usize);
+    let tasks = store::unfinished(conn).map_err(serr)?;
+    Ok(Loaded {
+        functions,
+        tasks,
+        counts,
+        started,
+    })
+}
+
+/// Hand stored functions and unfinished tasks to the pools; returns per-user counts.
+fn recover(
+    loaded: Loaded,
+    pools: &[LocalPool],
+    names: &[String],
+    writer: &Sender<Cmd>,
+) -> HashMap<String, UserCounts> {
+    for def in &loaded.functions {
+        for p in pools {
+            p.handle.add_function(def.clone());
+        }
+    }
+    let (total, mut rerun) = (loaded.tasks.len(), 0usize);
     let mut per_pool: Vec<Vec<NewTask>> = pools.iter().map(|_| Vec::new()).collect();
     let mut orphans = Vec::new();
-    for t in unfinished {
+    for t in loaded.tasks {
         rerun += t.was_running as usize;
         let task = NewTask {
             id: t.id,
@@ -233,10 +251,10 @@ fn recover(
     if total > 0 {
         tracing::info!(
             "recovered {total} unfinished tasks ({rerun} were running and run again with a new attempt) in {:.2} s",
-            started.elapsed().as_secs_f64()
+            loaded.started.elapsed().as_secs_f64()
         );
     }
-    Ok(counts)
+    loaded.counts
 }
 
 /// What managers run for a stored function record (None for kinds that cannot run yet).
@@ -320,6 +338,10 @@ pub fn run(
         path: path.clone(),
         source,
     };
+    let damage = store::wal_damage(&path);
+    if let Some(d) = &damage {
+        tracing::warn!("{d}; task, function and result numbers skip ahead so that none is reused");
+    }
     let conn = store::open_writer(&path, cfg.store.sync == SyncMode::Full).map_err(serr)?;
     if let Some(max) = cfg.store.max_size_bytes {
         let page: i64 = conn
@@ -329,13 +351,14 @@ pub fn run(
             .map_err(|e| serr(e.into()))?;
     }
     first_start(&conn, &cfg, &path)?;
+    let loaded = load(&conn, &path)?;
     let mut pools = Vec::new();
     for (i, p) in cfg.pools.iter().enumerate() {
         pools.push(start_pool(&cfg, i, p)?);
     }
     let names: Vec<String> = cfg.pools.iter().map(|p| p.name.clone()).collect();
     let (wtx, wrx) = channel();
-    let counts = recover(&conn, &path, &pools, &names, &wtx)?;
+    let counts = recover(loaded, &pools, &names, &wtx);
     let (seq_tx, _) = tokio::sync::watch::channel(0u64);
     let shared = Arc::new(Shared {
         stats: Mutex::new(Stats {
@@ -366,7 +389,8 @@ pub fn run(
         prune_interval: cfg.store.prune_interval,
         full_sync: cfg.store.sync == SyncMode::Full,
     };
-    let writer = Writer::new(conn, wcfg, shared.clone(), handles).map_err(serr)?;
+    let writer =
+        Writer::new(conn, wcfg, shared.clone(), handles, damage.is_some()).map_err(serr)?;
     let writer_thread = std::thread::Builder::new()
         .name("store-writer".into())
         .spawn(move || writer.run(wrx))

@@ -195,22 +195,26 @@ pub fn json_type(v: &Value) -> &'static str {
     }
 }
 
-/// Turn JSON arguments of a shell task into the values of the template's parameters, in order:
-/// an object `{param: value}` or an array in parameter order; values are strings, numbers or
-/// booleans.
-pub fn shell_values(params: &[String], args: &Value) -> Result<Vec<String>, String> {
-    let scalar = |name: &str, v: &Value| -> Result<String, String> {
-        match v {
-            Value::String(s) => Ok(s.clone()),
-            Value::Number(n) => Ok(n.to_string()),
-            Value::Bool(b) => Ok(b.to_string()),
-            other => Err(format!(
+/// Turn JSON arguments of a shell task (their text) into the values of the template's
+/// parameters, in order: an object `{param: value}` or an array in parameter order; values are
+/// strings, numbers (passed as written: `1e3` stays `1e3`, every digit kept) or booleans.
+pub fn shell_values(params: &[String], text: &[u8]) -> Result<Vec<String>, String> {
+    use serde_json::value::RawValue;
+    let scalar = |name: &str, raw: &RawValue| -> Result<String, String> {
+        match serde_json::from_str::<Value>(raw.get()) {
+            Ok(Value::String(s)) => Ok(s),
+            Ok(Value::Number(_) | Value::Bool(_)) => Ok(raw.get().trim().to_string()),
+            Ok(other) => Err(format!(
                 "the value of parameter '{name}' must be a string or number, got {}",
-                json_type(other)
+                json_type(&other)
+            )),
+            Err(e) => Err(format!(
+                "the value of parameter '{name}' is not valid JSON: {e}"
             )),
         }
     };
-    match args {
+    let shape: Value = serde_json::from_slice(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    match shape {
         Value::Object(m) => {
             if let Some(k) = m.keys().find(|k| !params.contains(k)) {
                 return Err(format!(
@@ -218,9 +222,11 @@ pub fn shell_values(params: &[String], args: &Value) -> Result<Vec<String>, Stri
                     params.join(", ")
                 ));
             }
+            let raw: std::collections::HashMap<String, Box<RawValue>> =
+                serde_json::from_slice(text).map_err(|e| e.to_string())?;
             params
                 .iter()
-                .map(|p| match m.get(p) {
+                .map(|p| match raw.get(p) {
                     Some(v) => scalar(p, v),
                     None => Err(format!("missing required parameter '{p}'")),
                 })
@@ -235,12 +241,14 @@ pub fn shell_values(params: &[String], args: &Value) -> Result<Vec<String>, Stri
                     a.len()
                 ));
             }
-            params.iter().zip(a).map(|(p, v)| scalar(p, v)).collect()
+            let raw: Vec<Box<RawValue>> =
+                serde_json::from_slice(text).map_err(|e| e.to_string())?;
+            params.iter().zip(&raw).map(|(p, v)| scalar(p, v)).collect()
         }
         Value::Null if params.is_empty() => Ok(Vec::new()),
         other => Err(format!(
             "shell arguments must be an object {{param: value}} or an array, got {}",
-            json_type(other)
+            json_type(&other)
         )),
     }
 }
@@ -306,22 +314,18 @@ mod tests {
     #[test]
     fn shell_values_come_in_template_order() {
         let p = vec!["src".to_string(), "n".to_string()];
+        let v = |j: &str| shell_values(&p, j.as_bytes());
+        assert_eq!(v(r#"{"n": 3, "src": "a b"}"#).unwrap(), vec!["a b", "3"]);
+        assert_eq!(v(r#"["x", "y"]"#).unwrap(), vec!["x", "y"]);
+        // Numbers are passed as written, every digit kept.
         assert_eq!(
-            shell_values(&p, &json!({"n": 3, "src": "a b"})).unwrap(),
-            vec!["a b", "3"]
+            v(r#"[1180591620717411303424, 3.7416573867739413e0]"#).unwrap(),
+            vec!["1180591620717411303424", "3.7416573867739413e0"]
         );
-        assert_eq!(
-            shell_values(&p, &json!(["x", "y"])).unwrap(),
-            vec!["x", "y"]
-        );
-        assert!(shell_values(&p, &json!({"src": "a"}))
-            .unwrap_err()
-            .contains("'n'"));
-        assert!(shell_values(&p, &json!({"src": "a", "n": 1, "k": 2}))
+        assert!(v(r#"{"src": "a"}"#).unwrap_err().contains("'n'"));
+        assert!(v(r#"{"src": "a", "n": 1, "k": 2}"#)
             .unwrap_err()
             .contains("'k'"));
-        assert!(shell_values(&p, &json!({"src": [1], "n": 1}))
-            .unwrap_err()
-            .contains("'src'"));
+        assert!(v(r#"{"src": [1], "n": 1}"#).unwrap_err().contains("'src'"));
     }
 }

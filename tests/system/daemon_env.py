@@ -18,7 +18,9 @@ the env then kills and reports anything left, and the daemon's log plus every lo
 data directory are scanned for Rust panics.
 
 Requests go through `Daemon.api(method, path, body)`, a small http.client helper (the tests of
-the daemon do not depend on the Python SDK, which is written in parallel).
+the daemon do not depend on the Python SDK, which is written in parallel). `Daemon.map(...)` and
+`Daemon.start_map(...)` run `fnx map --daemon` in the daemon's client environment; the
+functions and helpers the daemon tests share (SQUARE, NOOP, GATE, `gate`, ...) are here too.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import pickle
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,7 +43,9 @@ from typing import Any, NamedTuple
 import msgpack
 import pytest
 
-from conftest import PANIC, REPO, FnxEnv, Proc, descendants_of, read_proc
+from conftest import (
+    PANIC, REPO, BackgroundMap, FnxEnv, MapResult, Proc, descendants_of, read_proc, wait_for,
+)
 
 TERMINAL = ("success", "failed", "cancelled")
 # How long processes of a stopped or killed daemon may take to disappear.
@@ -99,6 +105,52 @@ def short(x: Any, n: int = 1000) -> str:
     """repr(x), cut to n characters (for assertion messages)."""
     text = x if isinstance(x, str) else repr(x)
     return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
+
+
+# Functions and helpers shared by the daemon tests. Tasks that must stay running use a shell
+# gate: they touch `d/started-I`, then wait for the file `d/release`, so a test waits on files,
+# never on a fixed sleep.
+
+SQUARE = {"kind": "python", "name": "square", "entry": "square",
+          "source": "def square(x):\n    return x * x\n"}
+DIV = {"kind": "python", "entry": "div", "source": "def div(a, b):\n    return a / b\n"}
+NOOP = {"kind": "python", "entry": "noop", "source": "def noop(i=0):\n    return i\n"}
+GATE = ("touch {d}/started-{i}; while [ ! -e {d}/release ]; do sleep 0.02; done; "
+        "touch {d}/done-{i}")
+
+
+def gate(fnx_env, name="gate") -> Path:
+    """A fresh directory for GATE tasks."""
+    d = fnx_env.dir / name
+    d.mkdir()
+    return d
+
+
+def wait_started(d, idxs, timeout=30) -> None:
+    wait_for(lambda: all((d / f"started-{i}").exists() for i in idxs), timeout,
+             lambda: f"gate tasks {list(idxs)} started (have {sorted(os.listdir(d))})")
+
+
+def in_thread(fn):
+    """Run fn() in a thread; returns (thread, box) where box gets "value" or "error"."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    """The stdout of a CLI command that must have exited 0."""
+    assert r.returncode == 0, (
+        f"{r.args}: exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}")
+    return r.stdout
 
 
 class Response(NamedTuple):
@@ -195,6 +247,15 @@ class Daemon:
 
     def start(self, timeout: float = 60.0) -> "Daemon":
         """Start (or restart) the daemon on its config and wait for health 200."""
+        rc = self.try_start(timeout)
+        if rc is not None:
+            pytest.fail(f"fnx daemon exited with {rc} before it was ready\n" + self.log_tail(),
+                        pytrace=False)
+        return self
+
+    def try_start(self, timeout: float = 60.0) -> int | None:
+        """Start (or restart) the daemon; None once health answers 200, or its exit status if
+        it exits first. Fails the test if it does neither within `timeout` seconds."""
         assert not self.running, "the daemon is already running"
         self.starts += 1
         with open(self.log_path, "ab") as log:
@@ -208,10 +269,7 @@ class Daemon:
         t0 = time.monotonic()
         while True:
             if self.proc.poll() is not None:
-                pytest.fail(
-                    f"fnx daemon exited with {self.proc.returncode} before it was ready\n"
-                    + self.log_tail(), pytrace=False,
-                )
+                return self.proc.returncode
             try:
                 if self.api("GET", "/v1/health", token=None, timeout=5).status == 200:
                     break
@@ -226,7 +284,12 @@ class Daemon:
         client = self.home / "client.json"
         doc = json.loads(client.read_text())
         self.token, self.user = doc["token"], doc.get("user")
-        return self
+        return None
+
+    def log_since_start(self) -> str:
+        """The daemon's log from its last start on."""
+        text = self.log_path.read_text(errors="replace")
+        return text.rsplit(f"==== fnx-test: start #{self.starts} ", 1)[-1]
 
     def _descendants(self) -> list[Proc]:
         return descendants_of(self.pid) if self.running else []
@@ -310,6 +373,34 @@ class Daemon:
             ) -> subprocess.CompletedProcess:
         """Run `fnx ARGS` with the daemon's client environment (or `env`)."""
         return self.fnx_env.fnx(*args, env=self.env if env is None else env, timeout=timeout)
+
+    def start_map(self, *args: str, inputs, env: dict | None = None) -> BackgroundMap:
+        """Start `fnx map ARGS --daemon -i <inputs> -o <file>` in the background, in the
+        daemon's client environment (or `env`). `--daemon` is added unless ARGS has it. Owned
+        by the test's FnxEnv like its own `start_map` (interrupted at teardown, stderr scanned
+        for panics)."""
+        fe = self.fnx_env
+        n = fe._next()
+        input_path = fe.write_inputs(inputs, f"input-{n}.jsonl")
+        output = fe.dir / f"output-{n}.jsonl"
+        stderr_path = fe.dir / f"map-{n}.stderr"
+        argv = [str(fe.bin), "map", *args]
+        if "--daemon" not in args:
+            argv.append("--daemon")
+        argv += ["-i", str(input_path), "-o", str(output), "--progress", "never"]
+        with open(stderr_path, "wb") as err:
+            proc = subprocess.Popen(
+                argv, cwd=fe.dir, env=self.env if env is None else env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            )
+        bg = BackgroundMap(proc, output, stderr_path, fe.dir / f"run-{n}", time.monotonic())
+        fe._background.append(bg)
+        return bg
+
+    def map(self, *args: str, inputs, env: dict | None = None, timeout: float = 120
+            ) -> MapResult:
+        """Run `fnx map ARGS --daemon` to completion (see `start_map`)."""
+        return self.start_map(*args, inputs=inputs, env=env).wait(timeout)
 
     def client(self):
         """The Python SDK's client for this daemon (admin token)."""

@@ -1,60 +1,31 @@
-"""Black-box tests of `fnx daemon` through its HTTP API (docs/api.md, authoritative) and the
-client commands of the `fnx` CLI (daemon contract). Requests go through `Daemon.api`, a plain
-http.client helper, not the Python SDK.
+"""Black-box tests of `fnx daemon` through its HTTP API (docs/api.md, authoritative).
+Requests go through `Daemon.api`, a plain http.client helper, not the Python SDK. The results
+stream is tested in test_daemon_results.py, the CLI client commands in test_daemon_cli.py.
 
-Tasks that must stay running use a shell gate: they touch `d/started-I`, then wait for the file
-`d/release`, so a test waits on files, never on a fixed sleep.
+Tasks that must stay running use a shell gate (daemon_env.GATE): they touch `d/started-I`, then
+wait for the file `d/release`, so a test waits on files, never on a fixed sleep.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
 import stat
-import threading
 import time
 
 import msgpack
 
 from conftest import wait_for
-from daemon_env import error_of, free_port, pickled_args, result_value, short
+from daemon_env import (
+    DIV, GATE, NOOP, SQUARE, error_of, gate, in_thread, pickled_args, result_value, short,
+    wait_started,
+)
 
-SQUARE = {"kind": "python", "name": "square", "entry": "square",
-          "source": "def square(x):\n    return x * x\n"}
-DIV = {"kind": "python", "entry": "div", "source": "def div(a, b):\n    return a / b\n"}
-NOOP = {"kind": "python", "entry": "noop", "source": "def noop(i=0):\n    return i\n"}
-GATE = ("touch {d}/started-{i}; while [ ! -e {d}/release ]; do sleep 0.02; done; "
-        "touch {d}/done-{i}")
 SIG_F = "def f(x, y=2, *, z):\n    return [x, y, z]\n"
 SIG_G = "def g(a, /, b, *args, c=None, **kw):\n    return [a, b, list(args), c, kw]\n"
-
-
-def gate(fnx_env, name="gate"):
-    d = fnx_env.dir / name
-    d.mkdir()
-    return d
-
-
-def wait_started(d, idxs, timeout=30):
-    wait_for(lambda: all((d / f"started-{i}").exists() for i in idxs), timeout,
-             lambda: f"gate tasks {list(idxs)} started (have {sorted(os.listdir(d))})")
-
-
-def in_thread(fn):
-    """Run fn() in a thread; returns (thread, box) where box gets "value" or "error"."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, box
 
 
 class Metrics:
@@ -339,6 +310,22 @@ def test_task_failures_exception_and_walltime(daemon):
     assert result_value(done[ids[3]]) == 0.25
 
 
+def test_json_numbers_in_arguments_and_results_arrive_exactly(daemon):
+    """JSON arguments reach the function, and its JSON result comes back, number for number:
+    integers beyond 64 bits stay integers, floats keep every bit."""
+    fid = daemon.register({"kind": "python", "entry": "echo", "source":
+                           "import math\n\n\ndef echo(*a):\n"
+                           "    return {'seen': repr(a), 'back': list(a), 'sqrt14': math.sqrt(14),"
+                           " 'big': 2**70, 'third': 1 / 3}\n"})
+    args = [2**70, -2**64, 123456789.12345679, 3.7416573867739413, 0.1, 5e-324, 1e300]
+    [tid] = daemon.submit([{"function": fid, "args": args}])
+    got = result_value(daemon.wait_task(tid))
+    assert got["seen"] == repr(tuple(args)), f"the function saw {got['seen']}"
+    assert got["back"] == args and [type(x) for x in got["back"]] == [type(x) for x in args], (
+        f"sent {args}, got back {got['back']}")
+    assert (got["sqrt14"], got["big"], got["third"]) == (math.sqrt(14), 2**70, 1 / 3), got
+
+
 def test_get_task_wait_returns_when_terminal_or_at_the_deadline(daemon, fnx_env):
     d = gate(fnx_env)
     g = daemon.register({"kind": "shell", "command": GATE})
@@ -385,71 +372,6 @@ def test_status_of_many_tasks_in_request_order(daemon):
 
 
 # ---------------------------------------------------------------------------------------------
-# Results stream
-# ---------------------------------------------------------------------------------------------
-
-
-def test_results_stream_cursor_seq_and_limit(daemon):
-    fid = daemon.register(SQUARE)
-    first = daemon.submit([{"function": fid, "args": [i]} for i in range(5)])
-    daemon.wait_all(first)
-    r = daemon.api("GET", "/v1/results?since=0")
-    assert r.status == 200, r
-    res, cursor = r.body["results"], r.body["cursor"]
-    assert sorted(t["id"] for t in res) == sorted(first), res
-    seqs = [t["seq"] for t in res]
-    assert seqs == sorted(seqs) and len(set(seqs)) == 5, seqs
-    assert cursor >= seqs[-1], (cursor, seqs)
-    assert {t["id"]: result_value(t) for t in res} == {
-        tid: i * i for i, tid in enumerate(first)}, res
-
-    r = daemon.api("GET", f"/v1/results?since={cursor}")
-    assert r.status == 200 and r.body == {"results": [], "cursor": cursor}, r.body
-
-    second = daemon.submit([{"function": fid, "args": [i]} for i in range(5)])
-    daemon.wait_all(second)
-    seen, c, pages = [], cursor, []
-    for _ in range(5):
-        r = daemon.api("GET", f"/v1/results?since={c}&limit=2")
-        assert r.status == 200, r
-        pages.append(len(r.body["results"]))
-        seen += [t["id"] for t in r.body["results"]]
-        assert all(t["seq"] > c for t in r.body["results"]), (c, r.body)
-        c = r.body["cursor"]
-    assert pages == [2, 2, 1, 0, 0], pages
-    assert sorted(seen) == sorted(second), seen
-
-    r = daemon.api("GET", "/v1/results?since=0&limit=3")
-    assert [t["id"] for t in r.body["results"]] == [t["id"] for t in res[:3]], r.body
-
-
-def test_results_long_poll_returns_when_a_result_arrives(daemon):
-    fid = daemon.register(SQUARE)
-    [warm] = daemon.submit([{"function": fid, "args": [1]}])
-    daemon.wait_task(warm)
-    cursor = daemon.api("GET", "/v1/results?since=0").body["cursor"]
-
-    t0 = time.monotonic()
-    r = daemon.api("GET", f"/v1/results?since={cursor}&wait=1")
-    took = time.monotonic() - t0
-    assert r.status == 200 and r.body == {"results": [], "cursor": cursor}, r.body
-    assert 0.8 <= took < 5, f"wait=1 with nothing new answered after {took:.2f}s"
-
-    t, box = in_thread(lambda: daemon.api("GET", f"/v1/results?since={cursor}&wait=30"))
-    time.sleep(0.5)
-    t0 = time.monotonic()
-    [tid] = daemon.submit([{"function": fid, "args": [12]}])
-    t.join(30)
-    took = time.monotonic() - t0
-    assert "value" in box, box
-    r = box["value"]
-    assert r.status == 200 and [x["id"] for x in r.body["results"]] == [tid], r.body
-    assert r.body["results"][0]["result"]["value"] == 144, r.body
-    assert r.body["cursor"] > cursor, r.body
-    assert took < 10, f"the long poll answered {took:.2f}s after the submit (wait=30)"
-
-
-# ---------------------------------------------------------------------------------------------
 # Cancel
 # ---------------------------------------------------------------------------------------------
 
@@ -492,6 +414,33 @@ def test_cancel_queued_and_running_tasks(daemon, fnx_env):
     r = daemon.api("DELETE", f"/v1/tasks/{after}")
     assert r.status == 200 and r.body["state"] == "success", r
     assert daemon.task(queued)["state"] == "cancelled"
+
+
+def test_bulk_cancel_counts_only_own_unfinished_tasks(daemon, fnx_env):
+    alice, bob = daemon.create_user("alice"), daemon.create_user("bob")
+    d = gate(fnx_env)
+    af = daemon.register({"kind": "shell", "command": GATE}, token=alice)
+    bf = daemon.register({"kind": "shell", "command": GATE}, token=bob)
+    [done] = daemon.submit([{"function": daemon.register(NOOP, token=alice), "args": [1]}],
+                           token=alice)
+    assert daemon.wait_task(done, token=alice)["state"] == "success"
+    [running] = daemon.submit([{"function": af, "args": {"d": str(d), "i": 0}}], token=alice)
+    [bobs] = daemon.submit([{"function": bf, "args": {"d": str(d), "i": 1}}], token=bob)
+    wait_started(d, [0, 1])
+
+    r = daemon.api("POST", "/v1/tasks/cancel",
+                   {"ids": [running, done, bobs, 999_999_999]}, token=alice)
+    assert r.status == 202 and r.body == {"cancelling": 1}, r
+    rec = daemon.wait_task(running, timeout=15, token=alice)
+    assert rec["state"] == "cancelled" and rec["error"]["kind"] == "cancelled", rec
+    assert daemon.task(done, token=alice)["state"] == "success"
+    assert daemon.task(bobs, token=bob)["state"] == "running", "another user's task cancelled"
+    (d / "release").touch()
+    assert daemon.wait_task(bobs, token=bob)["state"] == "success"
+    assert (d / "done-1").exists() and not (d / "done-0").exists(), sorted(os.listdir(d))
+
+    r = daemon.api("POST", "/v1/tasks/cancel", {"ids": [running, done]}, token=alice)
+    assert r.status == 202 and r.body == {"cancelling": 0}, r
 
 
 # ---------------------------------------------------------------------------------------------
@@ -790,184 +739,3 @@ def test_graceful_restart_keeps_functions_tasks_results_and_tokens(make_daemon):
     assert new not in ids
     r = d.api("GET", f"/v1/results?since={cursor}")
     assert [t["id"] for t in r.body["results"]] == [new] and r.body["cursor"] > cursor, r.body
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI client commands against the daemon
-# ---------------------------------------------------------------------------------------------
-
-
-def ok(r):
-    assert r.returncode == 0, (
-        f"{r.args}: exit {r.returncode}\nstdout: {r.stdout}\nstderr: {r.stderr}")
-    return r.stdout
-
-
-def test_cli_function_register_list_show(daemon, fnx_env):
-    src = fnx_env.write("sq.py", SQUARE["source"])
-    fid = int(ok(daemon.fnx("function", "register", "--python", str(src), "--entry", "square")))
-    sid = int(ok(daemon.fnx("function", "register", "--shell", "printf '[%s]' {x}",
-                            "--name", "echoer")))
-    rid = int(ok(daemon.fnx("function", "register", "--ref", "math:hypot")))
-    mid = int(ok(daemon.fnx("function", "register", "--mpi", "./sim --steps {steps}")))
-    assert len({fid, sid, rid, mid}) == 4
-
-    text = ok(daemon.fnx("function", "list"))
-    for name in ["square", "echoer", "hypot"]:
-        assert name in text, text
-    listed = json.loads(ok(daemon.fnx("function", "list", "--output", "json")))
-    listed = listed["functions"] if isinstance(listed, dict) else listed
-    assert {f["id"] for f in listed} == {fid, sid, rid, mid}, listed
-
-    shown = json.loads(ok(daemon.fnx("function", "show", str(fid), "--output", "json")))
-    assert shown["id"] == fid and shown["source"] == SQUARE["source"], shown
-    assert shown["signature"]["params"][0]["name"] == "x", shown
-    assert "square" in ok(daemon.fnx("function", "show", str(fid)))
-    shown = json.loads(ok(daemon.fnx("function", "show", str(mid), "--output", "json")))
-    assert shown["kind"] == "mpi" and shown["command"] == "./sim --steps {steps}", shown
-
-
-def test_cli_submit_result_cancel_status(daemon, fnx_env):
-    daemon.register(SQUARE)
-    daemon.register(DIV)
-    daemon.register({"kind": "shell", "command": "printf '[%s]' {x}", "name": "echoer"})
-    daemon.register({"kind": "shell", "command": GATE, "name": "gated"})
-    daemon.register({"kind": "python", "ref": "math:hypot"})
-    g = gate(fnx_env)
-
-    assert ok(daemon.fnx("submit", "square", "4", "--wait")).strip() == "16"
-    assert ok(daemon.fnx("submit", "hypot", "3", "4", "--wait")).strip() == "5.0"
-    out = ok(daemon.fnx("submit", "echoer", "x=two words", "--wait"))
-    assert json.loads(out)["stdout"] == "[two words]", out
-    out = ok(daemon.fnx("submit", "echoer", "x=42", "--wait"))
-    assert json.loads(out)["stdout"] == "[42]", out
-
-    tid = int(ok(daemon.fnx("submit", "square", "x=5")))
-    assert ok(daemon.fnx("result", str(tid), "--wait")).strip() == "25"
-    rec = json.loads(ok(daemon.fnx("result", str(tid), "--wait", "10", "--output", "json")))
-    assert rec["id"] == tid and rec["state"] == "success" and rec["result"]["value"] == 25, rec
-    doc = json.loads(ok(daemon.fnx("submit", "--priority", "3", "--retries", "0",
-                                   "--output", "json", "square", "6")))
-    assert set(doc) == {"id"} and isinstance(doc["id"], int), doc
-    assert ok(daemon.fnx("result", str(doc["id"]), "--wait")).strip() == "36"
-
-    fid = int(ok(daemon.fnx("submit", "div", "1", "0")))
-    r = daemon.fnx("result", str(fid), "--wait")
-    assert r.returncode == 1 and "ZeroDivisionError" in r.stderr, r
-    r = daemon.fnx("submit", "div", "1", "0", "--wait")
-    assert r.returncode == 1 and "ZeroDivisionError" in r.stderr, r
-
-    held = int(ok(daemon.fnx("submit", "gated", f"d={g}", "i=0")))
-    wait_started(g, [0])
-    r = daemon.fnx("result", str(held))
-    assert r.returncode == 3 and "running" in r.stderr, r
-    assert "cancelled" in ok(daemon.fnx("cancel", str(held)))
-    assert daemon.task(held)["state"] == "cancelled"
-
-    r = daemon.fnx("submit", "--walltime", "1", "gated", f"d={g}", "i=1", "--wait")
-    assert r.returncode == 1 and "walltime" in r.stderr, r
-
-    assert ok(daemon.fnx("status")).strip()
-    s = json.loads(ok(daemon.fnx("status", "--output", "json")))
-    assert s["user"] == daemon.user and s["tasks"]["running"] == 0, s
-    assert s["tasks"]["finished"] >= 8, s
-
-
-def test_cli_finds_the_daemon_by_flags_env_or_client_json(daemon):
-    home_only = daemon.env_for(None)
-    home_only.pop("FNX_URL")
-    s = json.loads(ok(daemon.fnx("status", "--output", "json", env=home_only)))
-    assert s["user"] == daemon.user, s
-
-    bob = daemon.create_user("bob")
-    s = json.loads(ok(daemon.fnx("status", "--output", "json", env=daemon.env_for(bob))))
-    assert s["user"] == "bob", s
-
-    wrong = dict(daemon.env, FNX_URL=f"http://127.0.0.1:{free_port()}", FNX_TOKEN="fnx_wrong")
-    s = json.loads(ok(daemon.fnx("status", "--output", "json", "--url", daemon.url,
-                                 "--token", bob, env=wrong)))
-    assert s["user"] == "bob", s
-    r = daemon.fnx("status", env=wrong)
-    assert r.returncode == 1, r
-    r = daemon.fnx("status", "--token", "fnx_wrong")
-    assert r.returncode == 1 and re.search(r"unauthori[sz]ed|401", r.stderr, re.I), r
-
-
-def test_config_check_good_and_bad_files(fnx_env):
-    good = fnx_env.write("good.toml", f"""
-[daemon]
-data_dir = "{fnx_env.dir / 'data'}"
-listen = "127.0.0.1:8470"
-log_file = ""
-
-[store]
-sync = "normal"
-max_size_mb = 0
-result_retention_s = 86400
-unfetched_retention_s = 2592000
-prune_interval_s = 60
-
-[limits]
-max_tasks_per_request = 10000
-max_request_mb = 256
-max_payload_mb = 10
-max_result_mb = 10
-max_queued_per_user = 2000000
-
-[interchange]
-address = "127.0.0.1"
-port = 0
-heartbeat_period_s = 5
-heartbeat_threshold_s = 30
-
-[pools.local]
-provider = "local"
-managers = 1
-workers_per_manager = 0
-python = "python3"
-kill_grace_s = 2
-
-[pools.big]
-workers_per_manager = 8
-""")
-    r = fnx_env.fnx("config", "check", str(good))
-    assert r.returncode == 0, r
-    assert "local" in r.stdout and "big" in r.stdout, f"no summary of the pools: {r.stdout}"
-
-    unknown = fnx_env.write("unknown.toml", """
-[daemon]
-lisen = "127.0.0.1:1"
-[store]
-bogus = 1
-[pools.local]
-workerz = 2
-[nonsense]
-x = 1
-""")
-    bad_values = fnx_env.write("values.toml", """
-[store]
-sync = "sometimes"
-[interchange]
-address = "not-an-ip"
-[pools.local]
-managers = 0
-kill_grace_s = -1
-""")
-    wrong_type = fnx_env.write("type.toml", '[limits]\nmax_queued_per_user = "lots"\n')
-    for path, keys in [
-        (unknown, ["daemon.lisen", "store.bogus", "pools.local.workerz", "nonsense"]),
-        (bad_values, ["store.sync", "interchange.address", "pools.local.managers",
-                      "pools.local.kill_grace_s"]),
-        (wrong_type, ["max_queued_per_user"]),
-        (fnx_env.dir / "missing.toml", ["missing.toml"]),
-    ]:
-        r = fnx_env.fnx("config", "check", str(path))
-        assert r.returncode == 2, f"{path.name}: exit {r.returncode}\n{r.stdout}\n{r.stderr}"
-        out = r.stdout + r.stderr
-        for key in keys:
-            assert key in out, f"{path.name}: {key} not named in:\n{out}"
-
-    # The daemon refuses the same file, with the same message, before it starts anything.
-    r = fnx_env.fnx("daemon", "--config", str(unknown), timeout=20)
-    assert r.returncode == 2 and "pools.local.workerz" in r.stderr, r
-    assert not fnx_env.processes()

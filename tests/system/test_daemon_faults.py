@@ -1,5 +1,6 @@
 """Faults from FAULTS.md injected into a running `fnx daemon` (1: kill -9 under load, 2: kill -9
-right after a submit's acknowledgement, 5: the store's disk is full).
+right after a submit's acknowledgement, 3: a torn tail of the store's write-ahead log, 4: a block
+of zeros in the middle of the store, 5: the store's disk is full).
 
 "Accounted" (FAULTS.md): every task acknowledged with a 201 ends in exactly one terminal
 record and none stays pending once the daemon is healthy. Executions are counted with marker
@@ -11,6 +12,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import re
 import shlex
 import subprocess
@@ -21,25 +23,7 @@ from collections import Counter
 import pytest
 
 from conftest import wait_for
-from daemon_env import TERMINAL, error_of, result_value
-
-NOOP = {"kind": "python", "entry": "noop", "source": "def noop(i=0):\n    return i\n"}
-GATE = ("touch {d}/started-{i}; while [ ! -e {d}/release ]; do sleep 0.02; done; "
-        "touch {d}/done-{i}")
-
-
-def in_thread(fn):
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t, box
+from daemon_env import GATE, NOOP, TERMINAL, error_of, in_thread, result_value
 
 
 def read_stream(d, cursor: int, wait: float = 0) -> tuple[list[dict], int]:
@@ -222,6 +206,113 @@ def test_fault_02_kill9_during_submit_retry_with_the_same_key_creates_no_duplica
         f"{d.task_count() - before} tasks exist for one submit of {n} and its retry")
     done = d.wait_all(ids, timeout=120)
     assert all(t["state"] == "success" for t in done.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. A torn tail of the store's write-ahead log (truncated by a few bytes, or garbage appended)
+# ---------------------------------------------------------------------------------------------
+
+
+def store_log(d) -> list[str]:
+    """Lines of the daemon's log since its last start that speak of the store or recovery."""
+    return [ln for ln in d.log_since_start().splitlines()
+            if re.search(r"(?i)wal|fnx\.db|store|recover|corrupt|malformed|warn|offset", ln)]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_fault_03_torn_wal_tail(make_daemon, damage):
+    d = make_daemon()
+    fid = d.register(NOOP)
+    batches = [d.submit([{"function": fid, "args": [b * 100 + k]} for k in range(100)])
+               for b in range(20)]
+    d.kill9()
+    wal = d.home / "fnx.db-wal"
+    size = wal.stat().st_size if wal.exists() else 0
+    assert size > 32, f"test setup: no write-ahead log to damage ({wal}: {size} bytes)"
+    if damage == "truncate":
+        os.truncate(wal, size - 7)
+    else:
+        with open(wal, "ab") as f:
+            f.write(random.Random(3).randbytes(1000))
+
+    d.start()
+    present = {t["id"] for t in d.statuses([i for b in batches for i in b])
+               if t["state"] != "unknown"}
+    lost = [k for k, b in enumerate(batches) if not set(b) <= present]
+    partly = [k for k in lost if set(batches[k]) & present]
+    print(f"\nfault 03 ({damage}): WAL of {size} bytes; restart to health {d.ready_s:.2f}s; "
+          f"batches lost: {lost} (of {len(batches)}); the daemon logged: {store_log(d)}")
+    assert not partly, f"batches {partly} were half kept: a commit is all or nothing"
+    if damage == "truncate":
+        assert set(lost) <= {len(batches) - 1}, (
+            f"acknowledged batches {lost} lost; only the last commit may go with a torn tail")
+    else:
+        assert not lost, f"garbage after the last commit lost acknowledged batches {lost}"
+
+    kept = [i for b in batches for i in b if i in present]
+    done = d.wait_all(kept, timeout=120)
+    assert all(t["state"] == "success" for t in done.values()), [
+        t for t in done.values() if t["state"] != "success"][:3]
+    [new] = d.submit([{"function": fid, "args": [7]}])
+    assert result_value(d.wait_task(new)) == 7
+    acked = {i for b in batches for i in b}
+    print(f"fault 03 ({damage}): a task submitted after the restart got id {new}")
+    assert new not in acked, "an id acknowledged before the kill was handed out again"
+    log = d.log_since_start()
+    assert "not a whole log frame" in log and "offset" in log, (
+        f"the torn tail must be logged with its byte offset:\n{log[-2000:]}")
+    r = d.api("GET", "/v1/health", token=None)
+    assert r.status == 200 and r.body["store"] == "ok", r
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A block of zeros in the middle of the store
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fault_04_corrupt_store(make_daemon, fnx_env):
+    d = make_daemon()
+    fid = d.register(NOOP)
+    pad = "z" * 1000
+    ids = []
+    for b in range(4):
+        ids += d.submit([{"function": fid, "args": [f"{b}-{k}-{pad}"]} for k in range(1000)])
+    d.wait_all(ids, timeout=120)
+    d.stop()  # SIGTERM: a clean stop checkpoints the write-ahead log into fnx.db
+    db, wal = d.home / "fnx.db", d.home / "fnx.db-wal"
+    wal_size = wal.stat().st_size if wal.exists() else None
+    size = db.stat().st_size
+    offset = size // 2 // 4096 * 4096
+    with open(db, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0" * 8192)
+
+    t0 = time.monotonic()
+    rc = d.try_start(timeout=30)  # fails the test if the daemon neither serves nor exits
+    took = time.monotonic() - t0
+    log = d.log_since_start()
+    if rc is not None:
+        print(f"\nfault 04: {size}-byte store (WAL after the stop: {wal_size}), zeros at "
+              f"{offset}: the daemon exited with {rc} after {took:.2f}s:\n{log.strip()[-2000:]}")
+        assert rc != 0, f"the daemon exited 0 on a corrupt store:\n{log}"
+        assert took < 10, f"the daemon took {took:.1f}s to give up on a corrupt store"
+        assert "fnx.db" in log, f"the error does not name the store file:\n{log}"
+        fnx_env.assert_no_processes(grace=5)
+        return
+
+    states: Counter = Counter()
+    for k in range(0, len(ids), 500):
+        r = d.api("POST", "/v1/tasks/status", {"ids": ids[k:k + 500]})
+        if r.status != 200:
+            states[f"HTTP {r.status}"] += 1
+        else:
+            states.update(t["state"] for t in r.body["tasks"])
+    print(f"\nfault 04: {size}-byte store (WAL after the stop: {wal_size}), zeros at {offset}: "
+          f"the daemon came up in {took:.2f}s; old tasks: {dict(states)}; it logged: "
+          f"{store_log(d)}")
+    assert d.api("GET", "/v1/status").status == 200
+    [new] = d.submit([{"function": fid, "args": ["after"]}])
+    assert result_value(d.wait_task(new)) == "after"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,19 @@ impl Response {
         })
     }
 
+    /// The body as `T` if the status is 2xx, else an error with the daemon's message.
+    pub fn typed<T: serde::de::DeserializeOwned>(self) -> Result<T> {
+        if (200..300).contains(&self.status) {
+            return serde_json::from_slice(&self.body).with_context(|| {
+                format!(
+                    "the daemon answered {} with an unexpected body",
+                    self.status
+                )
+            });
+        }
+        self.ok().map(|_| unreachable!("not a success status"))
+    }
+
     /// The body as JSON if the status is 2xx, else an error with the daemon's message.
     pub fn ok(self) -> Result<serde_json::Value> {
         if (200..300).contains(&self.status) {

@@ -249,22 +249,33 @@ fn show_result(c: &mut Client, id: u64, wait: Option<f64>, mode: OutputMode) -> 
                 .as_secs_f64()
                 .min(30.0),
         };
-        let rec = c
-            .request("GET", &format!("/v1/tasks/{id}?wait={slice:.3}"), None)?
-            .ok()?;
+        let resp = c.request("GET", &format!("/v1/tasks/{id}?wait={slice:.3}"), None)?;
+        // Kept as text: a JSON result is printed exactly as the function returned it.
+        let body = String::from_utf8_lossy(&resp.body).into_owned();
+        let rec = resp.ok()?;
         let state = rec["state"].as_str().unwrap_or("");
         let terminal = matches!(state, "success" | "failed" | "cancelled");
         let expired = deadline.is_some_and(|d| std::time::Instant::now() >= d);
         if terminal || wait.is_none() || expired {
-            break rec;
+            break (rec, body);
         }
     };
+    let (rec, body) = rec;
     let state = rec["state"].as_str().unwrap_or("").to_string();
     match mode {
-        OutputMode::Json => println!("{rec}"),
+        OutputMode::Json => println!("{}", body.trim_end()),
         OutputMode::Text => match state.as_str() {
             "success" => match rec["result"]["encoding"].as_str() {
-                Some("json") => println!("{}", rec["result"]["value"]),
+                Some("json") => {
+                    let raw = serde_json::from_str::<crate::map_daemon::Record>(&body)
+                        .ok()
+                        .and_then(|r| r.result)
+                        .and_then(|r| r.value);
+                    match raw {
+                        Some(v) => println!("{}", v.get()),
+                        None => println!("{}", rec["result"]["value"]),
+                    }
+                }
                 _ => println!(
                     "(pickled result, {} base64 characters)",
                     rec["result"]["data_b64"].as_str().map_or(0, str::len)

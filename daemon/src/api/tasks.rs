@@ -14,6 +14,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fnx_protocol::{Encoding, FileSource, FunctionId, Outcome, Payload, TaskFile, TaskId};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -77,7 +78,7 @@ struct Raw {
     function: u64,
     encoding: Encoding,
     /// JSON arguments (json encoding from a JSON body).
-    args: Option<Value>,
+    args: Option<Box<RawValue>>,
     /// Bytes (pickle, or anything from a msgpack body).
     data: Option<Vec<u8>>,
     pool: Option<String>,
@@ -204,15 +205,18 @@ impl Checker<'_> {
             }
             (Encoding::Pickle, _, Some(d)) => d,
             (Encoding::Json, args, data) => {
-                let args = match (args, data) {
-                    (Some(a), _) => a,
-                    (None, Some(d)) => serde_json::from_slice(&d)
-                        .map_err(|e| at(format!("data: not valid JSON: {e}")))?,
-                    (None, None) => Value::Array(Vec::new()),
+                // The arguments' own text goes to the worker unchanged (numbers keep every
+                // digit, objects their key order); a parsed copy serves only the checks.
+                let text: Vec<u8> = match (args, data) {
+                    (Some(a), _) => a.get().as_bytes().to_vec(),
+                    (None, Some(d)) => d,
+                    (None, None) => b"[]".to_vec(),
                 };
+                let args: Value = serde_json::from_slice(&text)
+                    .map_err(|e| at(format!("args: not valid JSON: {e}")))?;
                 let bind_err = |e: String| at(format!("args: function {function} ({name}) {e}"));
                 if let Some(params) = &t.shell_params {
-                    let values = signature::shell_values(params, &args).map_err(bind_err)?;
+                    let values = signature::shell_values(params, &text).map_err(bind_err)?;
                     serde_json::to_vec(&values).expect("strings serialise")
                 } else {
                     if let Some(sig) = &t.signature {
@@ -223,7 +227,7 @@ impl Checker<'_> {
                             signature::json_type(&args)
                         )));
                     }
-                    serde_json::to_vec(&args).expect("values serialise")
+                    text
                 }
             }
         };
@@ -287,8 +291,8 @@ fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
         )));
     };
     const KNOWN: [&str; 9] = [
-        "function", "args", "encoding", "data_b64", "pool", "priority", "walltime", "retries",
-        "files",
+        "function", "encoding", "data_b64", "pool", "priority", "walltime", "retries", "files",
+        "args",
     ];
     if let Some(k) = m.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(at(format!(
@@ -365,7 +369,7 @@ fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
     Ok(Raw {
         function,
         encoding,
-        args: m.remove("args"),
+        args: None,
         data,
         pool,
         priority,
@@ -444,29 +448,50 @@ fn parse_submit(headers: &HeaderMap, bytes: &[u8]) -> Result<Vec<Raw>, ApiError>
             })
             .collect();
     }
-    let v = parse_json(bytes)?;
-    let tasks = match v {
-        Value::Object(mut m) => match m.remove("tasks") {
-            Some(Value::Array(t)) => t,
-            Some(other) => {
-                return Err(ApiError::bad(format!(
-                    "tasks: must be an array, got {}",
-                    signature::json_type(&other)
-                )))
-            }
-            None => return Err(ApiError::bad("tasks: required (an array of tasks)")),
-        },
-        _ => {
-            return Err(ApiError::bad(
-                "the body must be an object {\"tasks\": [...]}",
-            ))
-        }
+    // Parsed in layers so that each task's `args` keeps its own text (see `Checker::check`).
+    let type_of = |raw: &RawValue| {
+        serde_json::from_str::<Value>(raw.get())
+            .map_or("invalid JSON", |v| signature::json_type(&v))
     };
+    let v = parse_json_raw(bytes)?;
+    let body: std::collections::BTreeMap<String, Box<RawValue>> = serde_json::from_str(v.get())
+        .map_err(|_| ApiError::bad("the body must be an object {\"tasks\": [...]}"))?;
+    let tasks_raw = body
+        .get("tasks")
+        .ok_or_else(|| ApiError::bad("tasks: required (an array of tasks)"))?;
+    let tasks: Vec<Box<RawValue>> = serde_json::from_str(tasks_raw.get()).map_err(|_| {
+        ApiError::bad(format!(
+            "tasks: must be an array, got {}",
+            type_of(tasks_raw)
+        ))
+    })?;
     tasks
         .into_iter()
         .enumerate()
-        .map(|(i, t)| raw_from_json(i, t))
+        .map(|(i, t)| {
+            let mut m: std::collections::BTreeMap<String, Box<RawValue>> =
+                serde_json::from_str(t.get()).map_err(|_| {
+                    ApiError::bad(format!(
+                        "tasks[{i}]: must be an object, got {}",
+                        type_of(&t)
+                    ))
+                })?;
+            let args = m.remove("args").filter(|a| a.get().trim() != "null");
+            let rest: Map<String, Value> = m
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::from_str(v.get()).unwrap_or(Value::Null)))
+                .collect();
+            let mut raw = raw_from_json(i, Value::Object(rest))?;
+            raw.args = args;
+            Ok(raw)
+        })
         .collect()
+}
+
+/// The body as JSON text checked to be valid.
+fn parse_json_raw(bytes: &[u8]) -> Result<Box<RawValue>, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))
 }
 
 pub(super) async fn submit(
@@ -571,7 +596,7 @@ pub(super) async fn show(
     if row.state.is_terminal() && row.owner == caller.user {
         let _ = app.send(Cmd::FetchedIds(vec![row.id]));
     }
-    Ok(json_response(StatusCode::OK, row.to_json(false)))
+    Ok(record_response(StatusCode::OK, &row.record(false)))
 }
 
 /// The `ids` array of a request body (at most 10,000).
@@ -629,23 +654,36 @@ pub(super) async fn status_many(
         .filter(|r| caller.may_see(&r.owner))
         .map(|r| (r.id.0, r))
         .collect();
+    #[derive(Serialize)]
+    #[serde(untagged)]
+    enum Item<'a> {
+        Known(crate::records::TaskJson<'a>),
+        Unknown { id: u64, state: &'static str },
+    }
     let mut fetched = Vec::new();
-    let out: Vec<Value> = ids
+    let out: Vec<Item<'_>> = ids
         .iter()
-        .map(|id| match by_id.get(id) {
+        .map(|&id| match by_id.get(&id) {
             Some(r) => {
                 if r.state.is_terminal() && r.owner == caller.user {
                     fetched.push(r.id);
                 }
-                r.to_json(false)
+                Item::Known(r.record(false))
             }
-            None => json!({"id": id, "state": "unknown"}),
+            None => Item::Unknown {
+                id,
+                state: "unknown",
+            },
         })
         .collect();
     if !fetched.is_empty() {
         let _ = app.send(Cmd::FetchedIds(fetched));
     }
-    Ok(json_response(StatusCode::OK, json!({ "tasks": out })))
+    #[derive(Serialize)]
+    struct Tasks<'a> {
+        tasks: Vec<Item<'a>>,
+    }
+    Ok(record_response(StatusCode::OK, &Tasks { tasks: out }))
 }
 
 pub(super) async fn cancel(
@@ -657,7 +695,7 @@ pub(super) async fn cancel(
     let id = parse_id(&id, "the task id")?;
     let row = visible(&caller, id, app.reader.task(TaskId(id))?)?;
     if row.state.is_terminal() {
-        return Ok(json_response(StatusCode::OK, row.to_json(false)));
+        return Ok(record_response(StatusCode::OK, &row.record(false)));
     }
     if let Some(p) = app.pool(&row.pool) {
         p.handle.cancel(vec![row.id]);
@@ -669,7 +707,7 @@ pub(super) async fn cancel(
     } else {
         StatusCode::ACCEPTED
     };
-    Ok(json_response(status, row.to_json(false)))
+    Ok(record_response(status, &row.record(false)))
 }
 
 pub(super) async fn cancel_many(
@@ -701,6 +739,15 @@ pub(super) async fn cancel_many(
         StatusCode::ACCEPTED,
         json!({ "cancelling": n }),
     ))
+}
+
+/// A JSON answer serialised straight from records (no intermediate tree, which would re-parse
+/// results and lose digits of numbers).
+fn record_response(status: StatusCode, v: &impl Serialize) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(body) => (status, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => ApiError::bad(format!("cannot encode the answer: {e}")).into_response(),
+    }
 }
 
 /// A result in a msgpack answer: payload bytes stay bytes.
@@ -813,9 +860,14 @@ pub(super) async fn results(
     if wants_msgpack {
         return Ok(msgpack_results(&rows, cursor));
     }
-    let list: Vec<Value> = rows.iter().map(|r| r.to_json(true)).collect();
-    Ok(json_response(
-        StatusCode::OK,
-        json!({ "results": list, "cursor": cursor }),
-    ))
+    #[derive(Serialize)]
+    struct Page<'a> {
+        results: Vec<crate::records::TaskJson<'a>>,
+        cursor: u64,
+    }
+    let page = Page {
+        results: rows.iter().map(|r| r.record(true)).collect(),
+        cursor,
+    };
+    Ok(record_response(StatusCode::OK, &page))
 }

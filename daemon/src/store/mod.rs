@@ -176,6 +176,45 @@ pub fn open_writer(path: &Path, full_sync: bool) -> Result<Connection, StoreErro
     Ok(conn)
 }
 
+/// Look at the write-ahead log before SQLite opens it: a log whose length is not a whole number
+/// of frames ends in a torn or foreign tail, which SQLite drops silently (with the last commit
+/// in it, if that commit was torn). `Some` describes it with its byte offset.
+pub fn wal_damage(db: &Path) -> Option<String> {
+    let wal = PathBuf::from(format!("{}-wal", db.display()));
+    let len = std::fs::metadata(&wal).ok()?.len();
+    if len == 0 {
+        return None;
+    }
+    let mut head = [0u8; 32];
+    let read = std::fs::File::open(&wal).and_then(|mut f| {
+        use std::io::Read;
+        f.read_exact(&mut head)
+    });
+    if read.is_err() {
+        return Some(format!(
+            "{}: {len} bytes, shorter than a log header; ignored from offset 0",
+            wal.display()
+        ));
+    }
+    let page = u32::from_be_bytes([head[8], head[9], head[10], head[11]]) as u64;
+    let frame = 24 + if page == 1 { 65536 } else { page };
+    if !(512..=65536).contains(&page) && page != 1 {
+        return Some(format!(
+            "{}: not a log header (page size {page})",
+            wal.display()
+        ));
+    }
+    let tail = (len - 32) % frame;
+    (tail != 0).then(|| {
+        format!(
+            "{}: {tail} bytes at offset {} are not a whole log frame (a torn or foreign tail); \
+             the last commit in the log may be lost",
+            wal.display(),
+            len - tail
+        )
+    })
+}
+
 /// Read connections for the API.
 pub struct Reader {
     path: PathBuf,

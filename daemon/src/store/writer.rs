@@ -213,16 +213,20 @@ fn max_id(conn: &Connection, sql: &str) -> Result<u64, StoreError> {
 }
 
 impl Writer {
-    /// A writer over an open store. `counts` are the per-user counts found at start.
+    /// A writer over an open store. After a commit may have been lost (`after_loss`: a torn log
+    /// tail), task and function ids and result numbers skip far ahead, so that an id a client
+    /// was given for a lost task never names another task, and no cursor passes new results.
     pub fn new(
         conn: Connection,
         cfg: WriterConfig,
         shared: Arc<Shared>,
         pools: HashMap<String, Arc<Handle>>,
+        after_loss: bool,
     ) -> Result<Writer, StoreError> {
-        let next_task = max_id(&conn, "SELECT max(id) FROM tasks")? + 1;
-        let next_seq = max_id(&conn, "SELECT max(seq) FROM tasks")? + 1;
-        let next_function = max_id(&conn, "SELECT max(id) FROM functions")? + 1;
+        let gap = if after_loss { 1 << 32 } else { 0 };
+        let next_task = max_id(&conn, "SELECT max(id) FROM tasks")? + 1 + gap;
+        let next_seq = max_id(&conn, "SELECT max(seq) FROM tasks")? + 1 + gap;
+        let next_function = max_id(&conn, "SELECT max(id) FROM functions")? + 1 + (gap >> 12);
         let _ = shared.seq.send_replace(next_seq - 1);
         Ok(Writer {
             conn,
