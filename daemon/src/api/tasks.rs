@@ -621,34 +621,27 @@ fn ids_of(v: &Value) -> Result<Vec<u64>, ApiError> {
     Ok(ids)
 }
 
+/// The caller, the `ids` of a request body, and those of the tasks that exist.
+async fn tasks_of_request(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Caller, Vec<u64>, Vec<TaskRow>), ApiError> {
+    let caller = auth(app, headers)?;
+    let bytes = read_body(headers, body, 16 << 20).await?;
+    let ids = ids_of(&parse_json(&bytes)?)?;
+    let rows = app
+        .reader
+        .tasks(&ids.iter().map(|&i| TaskId(i)).collect::<Vec<_>>())?;
+    Ok((caller, ids, rows))
+}
+
 pub(super) async fn status_many(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let caller = auth(&app, &headers)?;
-    let bytes = read_body(&headers, body, 16 << 20).await?;
-    let v = parse_json(&bytes)?;
-    let ids: Vec<u64> = match v.get("ids") {
-        Some(Value::Array(a)) => a
-            .iter()
-            .enumerate()
-            .map(|(i, x)| {
-                x.as_u64()
-                    .ok_or_else(|| ApiError::bad(format!("ids[{i}]: must be a task id, got {x}")))
-            })
-            .collect::<Result<_, _>>()?,
-        _ => return Err(ApiError::bad("ids: required (an array of task ids)")),
-    };
-    if ids.len() > 10_000 {
-        return Err(ApiError::too_large(format!(
-            "{} ids in one request; the limit is 10000",
-            ids.len()
-        )));
-    }
-    let rows = app
-        .reader
-        .tasks(&ids.iter().map(|&i| TaskId(i)).collect::<Vec<_>>())?;
+    let (caller, ids, rows) = tasks_of_request(&app, &headers, body).await?;
     let by_id: HashMap<u64, &TaskRow> = rows
         .iter()
         .filter(|r| caller.may_see(&r.owner))
@@ -715,12 +708,7 @@ pub(super) async fn cancel_many(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let caller = auth(&app, &headers)?;
-    let bytes = read_body(&headers, body, 16 << 20).await?;
-    let ids = ids_of(&parse_json(&bytes)?)?;
-    let rows = app
-        .reader
-        .tasks(&ids.iter().map(|&i| TaskId(i)).collect::<Vec<_>>())?;
+    let (caller, _, rows) = tasks_of_request(&app, &headers, body).await?;
     let mut per_pool: HashMap<&str, Vec<TaskId>> = HashMap::new();
     for r in rows
         .iter()
