@@ -1,9 +1,13 @@
 //! The HTTP API (docs/api.md): routing, authentication, errors and body reading. Handlers are
-//! in [`functions`], [`tasks`] and [`status`].
+//! in [`functions`], [`submit`], [`tasks`] and [`status`].
 
 mod functions;
 mod status;
+mod submit;
 mod tasks;
+
+/// The msgpack media type (submit bodies, results answers).
+const MSGPACK: &str = "application/msgpack";
 
 use crate::config::Limits;
 use crate::store::writer::{Cmd, Shared};
@@ -292,7 +296,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/functions/{id}",
             get(functions::show).delete(functions::delete),
         )
-        .route("/v1/tasks", post(tasks::submit))
+        .route("/v1/tasks", post(submit::submit))
         .route("/v1/tasks/status", post(tasks::status_many))
         .route("/v1/tasks/cancel", post(tasks::cancel_many))
         .route("/v1/tasks/{id}", get(tasks::show).delete(tasks::cancel))

@@ -8,6 +8,7 @@
 //!
 //! Task states are small integers in the `state` column, see [`State`].
 
+mod txn;
 pub mod writer;
 
 use crate::records::{FunctionRow, TaskRow};

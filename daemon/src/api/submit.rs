@@ -1,0 +1,551 @@
+//! `POST /v1/tasks`: parse a batch (JSON or msgpack), check every task against its function
+//! (signature, kind, pool, payload and file limits), persist it, answer with the ids.
+
+use super::functions::owned;
+use super::{auth, json_response, read_body, ApiError, ApiResult, App, Caller, MSGPACK};
+use crate::records::{unb64, FunctionRow};
+use crate::signature::{self, Signature};
+use crate::store::writer::{Cmd, TaskInput};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use fnx_protocol::{Encoding, FileSource, FunctionId, Payload, TaskFile};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A task as it arrives in a msgpack body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MsgpackTask {
+    function: u64,
+    #[serde(default)]
+    encoding: Option<String>,
+    #[serde(with = "serde_bytes", default)]
+    data: Option<Vec<u8>>,
+    #[serde(default)]
+    pool: Option<String>,
+    #[serde(default)]
+    priority: Option<i32>,
+    #[serde(default)]
+    walltime: Option<f64>,
+    #[serde(default)]
+    retries: Option<u32>,
+    #[serde(default)]
+    files: Vec<MsgpackFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MsgpackFile {
+    name: String,
+    #[serde(with = "serde_bytes", default)]
+    data: Option<Vec<u8>>,
+    #[serde(default)]
+    path: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MsgpackSubmit {
+    tasks: Vec<MsgpackTask>,
+}
+
+/// What a function allows, looked up once per request.
+struct Target {
+    row: FunctionRow,
+    kind: String,
+    signature: Option<Signature>,
+    shell_params: Option<Vec<String>>,
+}
+
+struct Checker<'a> {
+    app: &'a App,
+    caller: &'a Caller,
+    functions: HashMap<u64, Target>,
+}
+
+/// A task's fields before its arguments are checked.
+struct Raw {
+    function: u64,
+    encoding: Encoding,
+    /// JSON arguments (json encoding from a JSON body).
+    args: Option<Box<RawValue>>,
+    /// Bytes (pickle, or anything from a msgpack body).
+    data: Option<Vec<u8>>,
+    pool: Option<String>,
+    priority: i32,
+    walltime: Option<f64>,
+    retries: u32,
+    /// Input files: (name, inline bytes or else an absolute path).
+    files: Vec<(String, Result<Vec<u8>, String>)>,
+}
+
+type RawFile = (String, Result<Vec<u8>, String>);
+
+/// Check input files: plain unique names, absolute paths, and the inline bytes within what is
+/// left of the payload limit.
+fn check_files(files: Vec<RawFile>, room: usize) -> Result<Vec<TaskFile>, String> {
+    let mut out: Vec<TaskFile> = Vec::with_capacity(files.len());
+    let mut inline = 0usize;
+    for (j, (name, source)) in files.into_iter().enumerate() {
+        TaskFile::check_name(&name).map_err(|e| format!("files[{j}].name: {e}"))?;
+        if out.iter().any(|f| f.name == name) {
+            return Err(format!("files[{j}].name: {name:?} appears twice"));
+        }
+        let source = match source {
+            Ok(bytes) => {
+                inline += bytes.len();
+                FileSource::Inline(bytes)
+            }
+            Err(path) if path.starts_with('/') => FileSource::Path(path),
+            Err(path) => {
+                return Err(format!(
+                    "files[{j}].path: must be an absolute path, got {path:?}"
+                ))
+            }
+        };
+        out.push(TaskFile { name, source });
+    }
+    if inline > room {
+        return Err(format!(
+            "files: {inline} bytes of inline files exceed what the payload limit leaves ({room} \
+             bytes, limits.max_payload_mb); pass large files by \"path\" on a shared filesystem"
+        ));
+    }
+    Ok(out)
+}
+
+impl Checker<'_> {
+    fn target(&mut self, id: u64) -> Result<&Target, ApiError> {
+        if !self.functions.contains_key(&id) {
+            let row = owned(self.app, self.caller, id).map_err(|e| {
+                if e.status == StatusCode::NOT_FOUND {
+                    ApiError::bad(format!("function {id} does not exist"))
+                } else {
+                    e
+                }
+            })?;
+            let kind = row
+                .spec
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let signature = row
+                .spec
+                .get("signature")
+                .and_then(|s| serde_json::from_value::<Signature>(s.clone()).ok());
+            let shell_params = (kind == "shell").then(|| {
+                signature
+                    .as_ref()
+                    .map(|s| s.params.iter().map(|p| p.name.clone()).collect())
+                    .unwrap_or_default()
+            });
+            self.functions.insert(
+                id,
+                Target {
+                    row,
+                    kind,
+                    signature,
+                    shell_params,
+                },
+            );
+        }
+        Ok(&self.functions[&id])
+    }
+
+    fn check(&mut self, i: usize, raw: Raw) -> Result<TaskInput, ApiError> {
+        // Every message starts with the field it is about: `tasks[3].args: ...`.
+        let at = |m: String| ApiError::bad(format!("tasks[{i}].{m}"));
+        let max_payload = self.app.limits.max_payload_bytes;
+        let pool = match raw.pool {
+            Some(p) => self.app.pool(&p).map(|p| p.name.clone()).ok_or_else(|| {
+                let names: Vec<_> = self.app.pools.iter().map(|p| p.name.as_str()).collect();
+                at(format!(
+                    "pool: unknown pool {p:?} (pools: {})",
+                    names.join(", ")
+                ))
+            })?,
+            None => self.app.pools[0].name.clone(),
+        };
+        let function = raw.function;
+        let t = self.target(function).map_err(|e| ApiError {
+            message: format!("tasks[{i}]: {}", e.message),
+            ..e
+        })?;
+        let name = t.row.spec.get("name").and_then(Value::as_str).unwrap_or("");
+        if t.row.deleted {
+            return Err(at(format!(
+                "function: function {function} ({name}) was deleted"
+            )));
+        }
+        if t.kind == "mpi" {
+            return Err(at(format!(
+                "function: function {function} ({name}) is an mpi function: it is stored, but this version cannot run mpi tasks yet"
+            )));
+        }
+        let data = match (raw.encoding, raw.args, raw.data) {
+            (Encoding::Pickle, _, _) if t.kind != "python" => {
+                return Err(at(format!(
+                    "encoding: {} functions take JSON arguments",
+                    t.kind
+                )))
+            }
+            (Encoding::Pickle, _, None) => {
+                return Err(at("data_b64: required with encoding \"pickle\"".into()))
+            }
+            (Encoding::Pickle, _, Some(d)) => d,
+            (Encoding::Json, args, data) => {
+                // The arguments' own text goes to the worker unchanged (numbers keep every
+                // digit, objects their key order); a parsed copy serves only the checks.
+                let text: Vec<u8> = match (args, data) {
+                    (Some(a), _) => a.get().as_bytes().to_vec(),
+                    (None, Some(d)) => d,
+                    (None, None) => b"[]".to_vec(),
+                };
+                let args: Value = serde_json::from_slice(&text)
+                    .map_err(|e| at(format!("args: not valid JSON: {e}")))?;
+                let bind_err = |e: String| at(format!("args: function {function} ({name}) {e}"));
+                if let Some(params) = &t.shell_params {
+                    let values = signature::shell_values(params, &text).map_err(bind_err)?;
+                    serde_json::to_vec(&values).expect("strings serialise")
+                } else {
+                    if let Some(sig) = &t.signature {
+                        sig.check_binding(&args).map_err(bind_err)?;
+                    } else if !matches!(args, Value::Array(_) | Value::Object(_)) {
+                        return Err(at(format!(
+                            "args: must be an array or object, got {}",
+                            signature::json_type(&args)
+                        )));
+                    }
+                    text
+                }
+            }
+        };
+        if data.len() > max_payload {
+            return Err(ApiError::too_large(format!(
+                "tasks[{i}].args: arguments of {} bytes exceed the limit of {} bytes (limits.max_payload_mb)",
+                data.len(),
+                max_payload
+            )));
+        }
+        let walltime_ms = match raw.walltime {
+            None => None,
+            Some(w) if w.is_finite() && w > 0.0 => Some((w * 1000.0).ceil() as u64),
+            Some(w) => {
+                return Err(at(format!(
+                    "walltime: must be a positive number of seconds, got {w}"
+                )))
+            }
+        };
+        if raw.retries > 100 {
+            return Err(at(format!("retries: at most 100, got {}", raw.retries)));
+        }
+        let files = check_files(raw.files, max_payload - data.len()).map_err(|m| {
+            if m.starts_with("files: ") {
+                ApiError::too_large(format!("tasks[{i}].{m}"))
+            } else {
+                at(m)
+            }
+        })?;
+        Ok(TaskInput {
+            files,
+            function: FunctionId(function),
+            pool,
+            priority: raw.priority,
+            walltime_ms,
+            retries: raw.retries,
+            args: Payload {
+                encoding: raw.encoding,
+                data,
+            },
+        })
+    }
+}
+
+fn encoding_of(text: Option<&str>) -> Result<Encoding, String> {
+    match text {
+        None | Some("json") => Ok(Encoding::Json),
+        Some("pickle") => Ok(Encoding::Pickle),
+        Some(other) => Err(format!(
+            "encoding: must be \"json\" or \"pickle\", got {other:?}"
+        )),
+    }
+}
+
+fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
+    let at = |m: String| ApiError::bad(format!("tasks[{i}].{m}"));
+    let Value::Object(mut m) = v else {
+        return Err(ApiError::bad(format!(
+            "tasks[{i}]: must be an object, got {}",
+            signature::json_type(&v)
+        )));
+    };
+    const KNOWN: [&str; 9] = [
+        "function", "encoding", "data_b64", "pool", "priority", "walltime", "retries", "files",
+        "args",
+    ];
+    if let Some(k) = m.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(at(format!(
+            "{k}: unknown field (known: {})",
+            KNOWN.join(", ")
+        )));
+    }
+    let function = match m.get("function") {
+        Some(f) => f
+            .as_u64()
+            .ok_or_else(|| at(format!("function: must be a function id, got {f}")))?,
+        None => return Err(at("function: required".into())),
+    };
+    let encoding = encoding_of(m.get("encoding").and_then(Value::as_str)).map_err(at)?;
+    let data = match m.get("data_b64") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            Some(unb64(s).map_err(|e| at(format!("data_b64: not base64: {e}")))?)
+        }
+        Some(other) => {
+            return Err(at(format!(
+                "data_b64: must be a string, got {}",
+                signature::json_type(other)
+            )))
+        }
+    };
+    let int = |m: &Map<String, Value>,
+               k: &str,
+               default: i64,
+               lo: i64,
+               hi: i64|
+     -> Result<i64, ApiError> {
+        match m.get(k) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v
+                .as_i64()
+                .filter(|n| (lo..=hi).contains(n))
+                .ok_or_else(|| at(format!("{k}: must be an integer in {lo}..={hi}, got {v}"))),
+        }
+    };
+    let priority = int(&m, "priority", 0, i32::MIN as i64, i32::MAX as i64)? as i32;
+    let retries = int(&m, "retries", 2, 0, 100)? as u32;
+    let walltime = match m.get("walltime") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_f64()
+                .ok_or_else(|| at(format!("walltime: must be a number of seconds, got {v}")))?,
+        ),
+    };
+    let pool = match m.get("pool") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            return Err(at(format!(
+                "pool: must be a string, got {}",
+                signature::json_type(other)
+            )))
+        }
+    };
+    let files = match m.remove("files") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .enumerate()
+            .map(|(j, f)| file_from_json(j, f).map_err(&at))
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(at(format!(
+                "files: must be an array, got {}",
+                signature::json_type(&other)
+            )))
+        }
+    };
+    Ok(Raw {
+        function,
+        encoding,
+        args: None,
+        data,
+        pool,
+        priority,
+        walltime,
+        retries,
+        files,
+    })
+}
+
+/// `{"name": ..., "data_b64": ...}` or `{"name": ..., "path": ...}`.
+fn file_from_json(j: usize, f: Value) -> Result<RawFile, String> {
+    let Value::Object(m) = f else {
+        return Err(format!(
+            "files[{j}]: must be an object {{\"name\", \"data_b64\" or \"path\"}}"
+        ));
+    };
+    if let Some(k) = m
+        .keys()
+        .find(|k| !["name", "data_b64", "path"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "files[{j}].{k}: unknown field (known: name, data_b64, path)"
+        ));
+    }
+    let name = m
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("files[{j}].name: required (a string)"))?;
+    let data = m.get("data_b64").and_then(Value::as_str);
+    let source = match (data, m.get("path").and_then(Value::as_str)) {
+        (Some(d), None) => {
+            Ok(unb64(d).map_err(|e| format!("files[{j}].data_b64: not base64: {e}"))?)
+        }
+        (None, Some(p)) => Err(p.to_string()),
+        _ => {
+            return Err(format!(
+                "files[{j}]: give exactly one of data_b64 and path (strings)"
+            ))
+        }
+    };
+    Ok((name.to_string(), source))
+}
+
+fn parse_submit(headers: &HeaderMap, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
+    let is_msgpack = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(MSGPACK));
+    if is_msgpack {
+        let body: MsgpackSubmit = rmp_serde::from_slice(bytes).map_err(|e| {
+            ApiError::bad(format!(
+                "the msgpack body does not match {{tasks: [...]}}: {e}"
+            ))
+        })?;
+        return body
+            .tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                Ok(Raw {
+                    function: t.function,
+                    encoding: encoding_of(t.encoding.as_deref())
+                        .map_err(|m| ApiError::bad(format!("tasks[{i}].{m}")))?,
+                    args: None,
+                    data: t.data,
+                    pool: t.pool,
+                    priority: t.priority.unwrap_or(0),
+                    walltime: t.walltime,
+                    retries: t.retries.unwrap_or(2),
+                    files: t
+                        .files
+                        .into_iter()
+                        .map(|f| (f.name, f.data.ok_or(f.path.unwrap_or_default())))
+                        .collect(),
+                })
+            })
+            .collect();
+    }
+    // Parsed in layers so that each task's `args` keeps its own text (see `Checker::check`).
+    let type_of = |raw: &RawValue| {
+        serde_json::from_str::<Value>(raw.get())
+            .map_or("invalid JSON", |v| signature::json_type(&v))
+    };
+    let v = parse_json_raw(bytes)?;
+    let body: std::collections::BTreeMap<String, Box<RawValue>> = serde_json::from_str(v.get())
+        .map_err(|_| ApiError::bad("the body must be an object {\"tasks\": [...]}"))?;
+    let tasks_raw = body
+        .get("tasks")
+        .ok_or_else(|| ApiError::bad("tasks: required (an array of tasks)"))?;
+    let tasks: Vec<Box<RawValue>> = serde_json::from_str(tasks_raw.get()).map_err(|_| {
+        ApiError::bad(format!(
+            "tasks: must be an array, got {}",
+            type_of(tasks_raw)
+        ))
+    })?;
+    tasks
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut m: std::collections::BTreeMap<String, Box<RawValue>> =
+                serde_json::from_str(t.get()).map_err(|_| {
+                    ApiError::bad(format!(
+                        "tasks[{i}]: must be an object, got {}",
+                        type_of(&t)
+                    ))
+                })?;
+            let args = m.remove("args").filter(|a| a.get().trim() != "null");
+            let rest: Map<String, Value> = m
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::from_str(v.get()).unwrap_or(Value::Null)))
+                .collect();
+            let mut raw = raw_from_json(i, Value::Object(rest))?;
+            raw.args = args;
+            Ok(raw)
+        })
+        .collect()
+}
+
+/// The body as JSON text checked to be valid.
+fn parse_json_raw(bytes: &[u8]) -> Result<Box<RawValue>, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))
+}
+
+pub(super) async fn submit(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let caller = auth(&app, &headers)?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(k) => {
+            let k = k
+                .to_str()
+                .map_err(|_| ApiError::bad("Idempotency-Key: must be printable ASCII"))?;
+            if k.is_empty() || k.len() > 200 {
+                return Err(ApiError::bad("Idempotency-Key: must be 1 to 200 bytes"));
+            }
+            Some(k.to_string())
+        }
+    };
+    let bytes = read_body(&headers, body, app.limits.max_request_bytes).await?;
+    let raws = parse_submit(&headers, &bytes)?;
+    drop(bytes);
+    let max = app.limits.max_tasks_per_request;
+    if raws.len() > max {
+        return Err(ApiError::too_large(format!(
+            "{} tasks in one request; the limit is {max} (limits.max_tasks_per_request)",
+            raws.len()
+        )));
+    }
+    if raws.is_empty() {
+        return Err(ApiError::bad("tasks: must hold at least one task"));
+    }
+    let mut checker = Checker {
+        app: &app,
+        caller: &caller,
+        functions: HashMap::new(),
+    };
+    let tasks = raws
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| checker.check(i, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    app.send(Cmd::Submit {
+        owner: caller.user,
+        tasks,
+        key,
+        reply: tx,
+    })?;
+    let done = rx
+        .await
+        .map_err(|_| ApiError::unavailable("the store is shutting down"))??;
+    let ids: Vec<u64> = done.ids.iter().map(|t| t.0).collect();
+    let mut resp = json_response(StatusCode::CREATED, json!({ "ids": ids }));
+    if done.replayed {
+        resp.headers_mut().insert(
+            "idempotent-replayed",
+            header::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(resp)
+}

@@ -1,0 +1,227 @@
+//! The SQL of one group commit: insert submitted tasks (with idempotency keys and the per-user
+//! limit), register and delete functions, record dispatches, outcomes (only for tasks not yet
+//! terminal: each outcome once) and fetch marks. Used by [`super::writer`] inside its
+//! transaction; nothing here commits.
+
+use super::writer::{Effects, FunctionInput, Shared, TaskInput};
+use super::{encoding_code, State, StoreError};
+use fnx_interchange::Finished;
+use fnx_protocol::{Attempt, FunctionId, TaskId};
+use rusqlite::{params, OptionalExtension, Transaction};
+use std::collections::HashMap;
+
+/// What became of one submit in the round.
+pub(super) enum Staged {
+    Created(u64),
+    Replayed(Vec<TaskId>),
+    Rejected(StoreError),
+}
+
+/// The state one round's statements share.
+pub(super) struct Ctx<'a> {
+    pub(super) next_task: &'a mut u64,
+    pub(super) next_seq: &'a mut u64,
+    pub(super) next_function: &'a mut u64,
+    pub(super) acked: &'a HashMap<String, u64>,
+    pub(super) shared: &'a Shared,
+    pub(super) limit: u64,
+    pub(super) t: f64,
+}
+
+impl Ctx<'_> {
+    pub(super) fn register(
+        &mut self,
+        tx: &Transaction<'_>,
+        f: &FunctionInput,
+    ) -> Result<FunctionId, StoreError> {
+        let id = *self.next_function;
+        let name = if f.name.is_empty() {
+            format!("{}-{id}", f.kind)
+        } else {
+            f.name.clone()
+        };
+        let mut spec = f.spec.clone();
+        spec["name"] = serde_json::Value::String(name.clone());
+        tx.execute(
+            "INSERT INTO functions(id, owner, name, kind, spec, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id as i64, f.owner, name, f.kind, spec.to_string(), f.created],
+        )?;
+        *self.next_function += 1;
+        Ok(FunctionId(id))
+    }
+
+    /// Insert one submit's tasks, unless its idempotency key was seen (the earlier ids) or it
+    /// would exceed the user's limit; `live_extra` counts what earlier submits of this round
+    /// added.
+    pub(super) fn submit(
+        &mut self,
+        tx: &Transaction<'_>,
+        owner: &str,
+        tasks: &[TaskInput],
+        key: Option<&str>,
+        live_extra: &mut HashMap<String, u64>,
+    ) -> Result<Staged, StoreError> {
+        if let Some(key) = key {
+            let found: Option<String> = tx
+                .query_row(
+                    "SELECT ids FROM idempotency WHERE owner = ?1 AND key = ?2",
+                    params![owner, key],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(ids) = found {
+                let (first, n) = ids.split_once(':').unwrap_or(("0", "0"));
+                let (first, n): (u64, u64) = (first.parse().unwrap_or(0), n.parse().unwrap_or(0));
+                return Ok(Staged::Replayed((first..first + n).map(TaskId).collect()));
+            }
+        }
+        let n = tasks.len() as u64;
+        let live = {
+            let s = self.shared.stats.lock().expect("stats");
+            s.users
+                .get(owner)
+                .map(|c| c.queued + c.running)
+                .unwrap_or(0)
+        } + live_extra.get(owner).copied().unwrap_or(0);
+        if live + n > self.limit {
+            return Ok(Staged::Rejected(StoreError::QueueLimit {
+                user: owner.to_string(),
+                live,
+                more: n,
+                limit: self.limit,
+            }));
+        }
+        let first = *self.next_task;
+        let mut st = tx.prepare_cached(
+            "INSERT INTO tasks(id, owner, function, pool, priority, walltime_ms, retries, encoding,
+                               args, state, attempt, submitted, files)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, 0, ?10, ?11)",
+        )?;
+        for (i, task) in tasks.iter().enumerate() {
+            st.execute(params![
+                (first + i as u64) as i64,
+                owner,
+                task.function.0 as i64,
+                task.pool,
+                task.priority,
+                task.walltime_ms.map(|w| w as i64),
+                task.retries,
+                encoding_code(task.args.encoding),
+                task.args.data,
+                self.t,
+                (!task.files.is_empty())
+                    .then(|| rmp_serde::to_vec(&task.files).unwrap_or_default())
+            ])?;
+        }
+        if let Some(key) = key {
+            tx.execute(
+                "INSERT INTO idempotency(owner, key, ids, created) VALUES (?1, ?2, ?3, ?4)",
+                params![owner, key, format!("{first}:{n}"), self.t],
+            )?;
+        }
+        *self.next_task += n;
+        *live_extra.entry(owner.to_string()).or_default() += n;
+        Ok(Staged::Created(first))
+    }
+
+    pub(super) fn dispatched(
+        &mut self,
+        tx: &Transaction<'_>,
+        tasks: &[(TaskId, Attempt)],
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        let mut first = tx.prepare_cached(
+            "UPDATE tasks SET state = 1, attempt = ?2 WHERE id = ?1 AND state = 0 RETURNING owner",
+        )?;
+        let mut again =
+            tx.prepare_cached("UPDATE tasks SET attempt = ?2 WHERE id = ?1 AND state = 1")?;
+        for (id, attempt) in tasks {
+            let owner: Option<String> = first
+                .query_row(params![id.0 as i64, attempt.0], |r| r.get(0))
+                .optional()?;
+            match owner {
+                Some(o) => fx.moves.push((o, Some(State::Queued), State::Running)),
+                None => {
+                    again.execute(params![id.0 as i64, attempt.0])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn finished(
+        &mut self,
+        tx: &Transaction<'_>,
+        done: &[Finished],
+        fx: &mut Effects,
+    ) -> Result<(), StoreError> {
+        let mut st = tx.prepare_cached(
+            "UPDATE tasks SET state = ?2, attempt = max(attempt, ?3), seq = ?4, outcome = ?5,
+                              finished = ?6
+             WHERE id = ?1 AND state = ?7 RETURNING owner",
+        )?;
+        for f in done {
+            let state = State::of(&f.outcome);
+            let blob = rmp_serde::to_vec_named(&f.outcome).unwrap_or_default();
+            let mut owner = None;
+            for from in [State::Running, State::Queued] {
+                owner = st
+                    .query_row(
+                        params![
+                            f.id.0 as i64,
+                            state as i64,
+                            f.attempt.0,
+                            *self.next_seq as i64,
+                            blob,
+                            self.t,
+                            from as i64
+                        ],
+                        |r| r.get::<_, String>(0),
+                    )
+                    .optional()?
+                    .map(|o| (o, from));
+                if owner.is_some() {
+                    break;
+                }
+            }
+            match owner {
+                Some((o, from)) => {
+                    *self.next_seq += 1;
+                    fx.finished_states[(state as usize) - 2] += 1;
+                    fx.moves.push((o, Some(from), state));
+                }
+                None => tracing::warn!(
+                    "discarded an outcome of {} ({}): the task is already finished or unknown",
+                    f.id,
+                    f.attempt
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn fetched(
+        &mut self,
+        tx: &Transaction<'_>,
+        fetched: &[(String, u64)],
+        ids: &[TaskId],
+    ) -> Result<(), StoreError> {
+        let mut range = tx.prepare_cached(
+            "UPDATE tasks SET fetched = ?4 WHERE owner = ?1 AND seq > ?2 AND seq <= ?3
+             AND fetched IS NULL",
+        )?;
+        for (owner, upto) in fetched {
+            let from = self.acked.get(owner).copied().unwrap_or(0);
+            if *upto > from {
+                range.execute(params![owner, from as i64, *upto as i64, self.t])?;
+            }
+        }
+        let mut one = tx.prepare_cached(
+            "UPDATE tasks SET fetched = ?2 WHERE id = ?1 AND state >= 2 AND fetched IS NULL",
+        )?;
+        for id in ids {
+            one.execute(params![id.0 as i64, self.t])?;
+        }
+        Ok(())
+    }
+}
