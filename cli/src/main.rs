@@ -94,6 +94,21 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if matches!(
+        cli.command,
+        Command::Submit(_)
+            | Command::Result(_)
+            | Command::Cancel(_)
+            | Command::Status(_)
+            | Command::Function(_)
+            | Command::Token(_)
+            | Command::Config(_)
+    ) {
+        // Commands that only print: `fnx status | head` ends quietly when the reader goes away,
+        // like other Unix tools (the runners keep SIGPIPE ignored and handle EPIPE themselves).
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let code = match cli.command {
         Command::Map(args) => map::run_map(args),
         Command::Run(args) => map::run_once(args),

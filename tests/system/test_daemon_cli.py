@@ -335,3 +335,18 @@ def test_map_daemon_explicit_url_and_token(daemon, fnx_env):
     none = daemon.map("sq.py:square", "--daemon", daemon.url, inputs=[[1]], env=bare,
                       timeout=30)
     assert none.returncode in (1, 2) and "token" in none.stderr, none.explain()
+
+
+def test_regression_client_output_into_a_closed_pipe_ends_quietly(daemon, fnx_env):
+    # `fnx status | head -1` used to panic ("failed printing to stdout: Broken pipe").
+    import subprocess
+
+    for cmd in ("status", "function list"):
+        p = subprocess.run(
+            f"'{fnx_env.bin}' {cmd} | head -0; echo \"rc=${{PIPESTATUS[0]}}\"",
+            shell=True, executable="/bin/bash", cwd=fnx_env.dir, env=daemon.env,
+            capture_output=True, text=True, timeout=30,
+        )
+        assert "panicked" not in p.stderr, p.stderr
+        rc = int(p.stdout.strip().rsplit("rc=", 1)[1])
+        assert rc in (0, 141), (cmd, rc, p.stderr)  # 141: ended by SIGPIPE, like other tools
