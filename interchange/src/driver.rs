@@ -143,6 +143,7 @@ pub fn start(
                 max_frame: config.max_frame_bytes,
                 tick: config.tick,
                 report_dispatch: config.report_dispatch,
+                discarded: RateLimit::default(),
                 ignored: RateLimit::default(),
             };
             driver.run();
@@ -232,6 +233,7 @@ struct Driver {
     tick: Duration,
     report_dispatch: bool,
     ignored: RateLimit,
+    discarded: RateLimit,
 }
 
 struct Outbox<'a> {
@@ -385,6 +387,17 @@ impl Driver {
                 "manager {uid} ({id}) on {host} lost: {reason}; {requeued} tasks requeued, {failed} failed"
             ),
             Notice::Drained { id, uid } => tracing::info!("manager {uid} ({id}) drained and released"),
+            Notice::Discarded { id, attempt, manager } => {
+                if let Some(suppressed) = self.discarded.allow(Instant::now()) {
+                    if suppressed > 0 {
+                        tracing::warn!("{suppressed} more discarded results were not logged");
+                    }
+                    tracing::warn!(
+                        "discarded the result of {id} {attempt} from {manager}: that attempt was \
+                         superseded (the task was dispatched again) or is not assigned to it"
+                    );
+                }
+            }
             Notice::Ignored { reason } => {
                 if let Some(suppressed) = self.ignored.allow(Instant::now()) {
                     if suppressed > 0 {

@@ -240,7 +240,8 @@ impl Interchange {
                 comm.notice(Notice::Ignored {
                     reason: format!(
                         "{} from a manager this interchange does not know (registered before \
-                         a restart?); told it to register again",
+                         a restart?): discarded (results of its tasks' earlier attempts are \
+                         superseded); told it to register again",
                         kind_name(&msg)
                     ),
                 });
@@ -398,8 +399,10 @@ impl Interchange {
         for r in results {
             let assigned = matches!(self.tasks.get(&r.id), Some(t) if t.state == TaskState::Running(mid) && t.attempt == r.attempt);
             if !assigned {
-                comm.notice(Notice::Ignored {
-                    reason: format!("result of {} {} from {mid}: not assigned to it (superseded or unknown); discarded", r.id, r.attempt),
+                comm.notice(Notice::Discarded {
+                    id: r.id,
+                    attempt: r.attempt,
+                    manager: mid,
                 });
                 continue;
             }

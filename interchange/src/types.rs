@@ -127,7 +127,18 @@ pub enum Notice {
         /// The name its launcher gave it.
         uid: String,
     },
-    /// A message was ignored (unknown or expired sender, unassigned result, malformed bytes).
+    /// A result was discarded: its attempt was superseded (the task was dispatched again, e.g.
+    /// after its manager was declared lost or the interchange restarted) or the task is not
+    /// assigned to that manager. Each task's outcome is recorded once.
+    Discarded {
+        /// The task.
+        id: TaskId,
+        /// The attempt the result came from.
+        attempt: Attempt,
+        /// The manager that sent it.
+        manager: ManagerId,
+    },
+    /// A message was ignored (unknown or expired sender, malformed bytes).
     Ignored {
         /// What and why.
         reason: String,

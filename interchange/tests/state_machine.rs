@@ -419,13 +419,15 @@ fn a_result_for_a_task_held_by_another_manager_is_ignored() {
         &mut c,
     );
     assert!(c.finished.is_empty());
-    assert_eq!(
-        c.notices
-            .iter()
-            .filter(|n| matches!(n, Notice::Ignored { .. }))
-            .count(),
-        2
-    );
+    let discarded: Vec<_> = c
+        .notices
+        .iter()
+        .filter_map(|n| match n {
+            Notice::Discarded { id, attempt, .. } => Some((id.0, attempt.0)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(discarded, vec![(1, 1), (77, 1)]);
     ic.on_message(
         now,
         &peer(1),
