@@ -281,7 +281,10 @@ fn body_of(spec: &serde_json::Value) -> Option<FunctionBody> {
 
 /// Forward a pool's events to the writer and keep its managers running, until `stop`.
 fn pump(mut pool: LocalPool, writer: Sender<Cmd>, stop: Arc<AtomicBool>, name: String) {
+    // Managers that ended are replaced at once, but at most 5 a minute: a crash loop backs off
+    // for 30 s (without ever holding up the events of the managers that still run).
     let mut restarts: Vec<Instant> = Vec::new();
+    let (mut owed, mut not_before) = (0u32, Instant::now());
     while !stop.load(Ordering::Relaxed) {
         match pool.events.recv_timeout(Duration::from_millis(100)) {
             Ok(Event::Finished(f)) => {
@@ -300,19 +303,26 @@ fn pump(mut pool: LocalPool, writer: Sender<Cmd>, stop: Arc<AtomicBool>, name: S
                 exit.status,
                 exit.log.display()
             );
-            let now = Instant::now();
-            restarts.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
-            if restarts.len() >= 5 {
-                tracing::error!(
-                    "pool {name}: 5 managers ended within a minute; waiting 30 s before the next"
-                );
-                std::thread::sleep(Duration::from_secs(30));
-            }
-            restarts.push(Instant::now());
-            match pool.replace_manager() {
-                Ok(uid) => tracing::info!("pool {name}: started manager {uid}"),
-                Err(e) => tracing::error!("pool {name}: cannot start a manager: {e}"),
-            }
+            owed += 1;
+        }
+        let now = Instant::now();
+        if owed == 0 || now < not_before {
+            continue;
+        }
+        restarts.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
+        if restarts.len() >= 5 {
+            tracing::error!(
+                "pool {name}: 5 managers ended within a minute; the next starts in 30 s"
+            );
+            not_before = now + Duration::from_secs(30);
+            restarts.clear();
+            continue;
+        }
+        restarts.push(now);
+        owed -= 1;
+        match pool.replace_manager() {
+            Ok(uid) => tracing::info!("pool {name}: started manager {uid}"),
+            Err(e) => tracing::error!("pool {name}: cannot start a manager: {e}"),
         }
     }
     pool.stop_all("the daemon is stopping");

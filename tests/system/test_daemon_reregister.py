@@ -4,6 +4,7 @@ task's outcome is recorded once (issue 3, "Store"; FAULTS.md 1)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -84,3 +85,21 @@ def test_fault_01_external_manager_reregisters_after_daemon_kill9(make_daemon, f
             except subprocess.TimeoutExpired:
                 manager.kill()
                 manager.wait(5)
+
+
+def test_fault_06_a_killed_local_manager_is_replaced_and_its_tasks_retried(daemon):
+    from conftest import children_of
+
+    sid = daemon.register({"kind": "shell", "command": "sleep {s}"})
+    ids = daemon.submit([{"function": sid, "args": {"s": "2"}} for _ in range(2)])
+    wait_for(lambda: all(t["state"] == "running" for t in daemon.statuses(ids)), 20,
+             "the tasks are running")
+    [manager] = [p for p in children_of(daemon.pid) if " manager " in f" {p.cmdline} "]
+    os.kill(manager.pid, signal.SIGKILL)
+    wait_for(lambda: any(p.pid != manager.pid and " manager " in f" {p.cmdline} "
+                         for p in children_of(daemon.pid)), 15, "a replacement manager")
+    records = [daemon.wait_task(t, timeout=60) for t in ids]
+    assert [r["state"] for r in records] == ["success", "success"], records
+    assert all(r["attempt"] == 2 for r in records), records
+    wait_for(lambda: managers_connected(daemon) == 1, 15, "the pool has one manager again")
+    assert "started manager manager-1" in daemon.log_since_start()
