@@ -246,6 +246,19 @@ fn parse_id(text: &str, what: &str) -> Result<u64, ApiError> {
         .map_err(|_| ApiError::bad(format!("{what} must be a positive integer, got {text:?}")))
 }
 
+/// Run a store read that may take milliseconds (thousands of rows) on a blocking thread, so
+/// that the two HTTP worker threads keep serving short requests meanwhile.
+async fn blocking<T: Send + 'static>(
+    app: &Arc<App>,
+    read: impl FnOnce(&App) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let app = app.clone();
+    tokio::task::spawn_blocking(move || read(&app))
+        .await
+        .map_err(|e| ApiError::unavailable(format!("a store read failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
 /// Wait until the committed results sequence passes `seen` or `until` comes.
 async fn wait_for_results(app: &App, seen: u64, until: Instant) {
     let mut rx = app.shared.seq.subscribe();

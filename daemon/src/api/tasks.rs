@@ -2,8 +2,8 @@
 //! cancel, stream results.
 
 use super::{
-    auth, json_response, parse_id, parse_json, read_body, wait_for_results, wait_param, ApiError,
-    ApiResult, App, Caller, MSGPACK,
+    auth, blocking, json_response, parse_id, parse_json, read_body, wait_for_results, wait_param,
+    ApiError, ApiResult, App, Caller, MSGPACK,
 };
 use crate::records::TaskRow;
 use crate::store::writer::Cmd;
@@ -85,16 +85,15 @@ fn ids_of(v: &Value) -> Result<Vec<u64>, ApiError> {
 
 /// The caller, the `ids` of a request body, and those of the tasks that exist.
 async fn tasks_of_request(
-    app: &App,
+    app: &Arc<App>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Caller, Vec<u64>, Vec<TaskRow>), ApiError> {
     let caller = auth(app, headers)?;
     let bytes = read_body(headers, body, 16 << 20).await?;
     let ids = ids_of(&parse_json(&bytes)?)?;
-    let rows = app
-        .reader
-        .tasks(&ids.iter().map(|&i| TaskId(i)).collect::<Vec<_>>())?;
+    let keys: Vec<TaskId> = ids.iter().map(|&i| TaskId(i)).collect();
+    let rows = blocking(app, move |a| a.reader.tasks(&keys)).await?;
     Ok((caller, ids, rows))
 }
 
@@ -290,7 +289,8 @@ pub(super) async fn results(
     let until = Instant::now() + wait_param(&q)?;
     let rows = loop {
         let seen = *app.shared.seq.borrow();
-        let rows = app.reader.results(&caller.user, since, limit)?;
+        let user = caller.user.clone();
+        let rows = blocking(&app, move |a| a.reader.results(&user, since, limit)).await?;
         if !rows.is_empty() || Instant::now() >= until {
             break rows;
         }
