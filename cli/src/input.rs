@@ -1,5 +1,6 @@
 //! What `fnx map` runs and on what: the function reference and the input lines.
 
+use fnx_daemon::signature::json_type;
 use fnx_protocol::shell::{self, ShellTemplate};
 use fnx_protocol::{FunctionBody, Payload};
 use serde_json::Value;
@@ -85,23 +86,12 @@ pub fn parse_line(kind: &LineKind, line: &str) -> Option<Result<Payload, String>
     })
 }
 
-fn describe(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 fn python_args(text: &str) -> Result<Payload, String> {
     // Check the JSON without converting numbers, so integers of any size travel exactly as written.
     let first = text.as_bytes()[0];
     if first != b'[' && first != b'{' {
         let what = serde_json::from_str::<Value>(text)
-            .map(|v| describe(&v))
+            .map(|v| json_type(&v))
             .unwrap_or("not valid JSON");
         return Err(format!(
             "expected a JSON array (positional arguments) or object (keyword arguments), got {what}"
@@ -122,7 +112,7 @@ fn shell_value(name: &str, v: &Value) -> Result<String, String> {
         Value::Bool(b) => Ok(b.to_string()),
         other => Err(format!(
             "parameter '{name}' must be a string, number or boolean, got {}",
-            describe(other)
+            json_type(other)
         )),
     }
 }
@@ -163,7 +153,7 @@ fn shell_args(t: &ShellTemplate, text: &str) -> Result<Payload, String> {
         other => {
             return Err(format!(
                 "expected a JSON object (parameters by name) or array, got {}",
-                describe(other)
+                json_type(other)
             ))
         }
     };

@@ -361,6 +361,54 @@ impl Accounting<'_> {
     }
 }
 
+/// Where the input stands.
+#[derive(Default)]
+pub(crate) struct InputState {
+    /// No more lines will come.
+    pub(crate) done: bool,
+    /// Lines read (blank ones excluded).
+    pub(crate) total: u64,
+    /// Why reading stopped early.
+    pub(crate) error: Option<String>,
+}
+
+/// Take input while the in-flight window has room: every line is expected by the sink, a line
+/// that could not be parsed fails at once as `bad_input`, and the good ones (index, arguments)
+/// go to `submit` chunk by chunk. The caller's thread submits, so every task is outstanding
+/// before any of its results can arrive.
+pub(crate) fn take_input(
+    input: &Receiver<InputMsg>,
+    acc: &mut Accounting<'_>,
+    state: &mut InputState,
+    mut submit: impl FnMut(&mut Accounting<'_>, Vec<(u64, Payload)>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    while !state.done && acc.outstanding.len() + acc.sink.held() < WINDOW {
+        match input.try_recv() {
+            Ok(InputMsg::Lines(lines)) => {
+                let mut good = Vec::with_capacity(lines.len());
+                for (index, parsed) in lines {
+                    state.total += 1;
+                    acc.sink.expect(index);
+                    match parsed {
+                        Err(msg) => acc.fail(index, ErrorKind::BadInput, "BadInputLine", msg)?,
+                        Ok(args) => good.push((index, args)),
+                    }
+                }
+                if !good.is_empty() {
+                    submit(acc, good)?;
+                }
+            }
+            Ok(InputMsg::Done) | Err(TryRecvError::Disconnected) => state.done = true,
+            Ok(InputMsg::Failed(msg)) => {
+                state.error = Some(msg);
+                state.done = true;
+            }
+            Err(TryRecvError::Empty) => break,
+        }
+    }
+    Ok(())
+}
+
 /// Run every input line through the function; `sink` gets each task's outcome.
 fn execute(
     body: FunctionBody,
@@ -406,59 +454,37 @@ fn execute(
         run_dir: run_dir.clone(),
         outstanding: HashSet::new(),
     };
-    let (mut input_done, mut total, mut interrupted, mut input_error) = (false, 0u64, false, None);
+    let (mut inp, mut interrupted) = (InputState::default(), false);
     let mut all_lost: Option<String> = None;
     loop {
         if !signals.drain().is_empty() {
             interrupted = true;
             break;
         }
-        // Take input while the window has room. This thread submits, so every task is in
-        // `outstanding` before any of its results can arrive.
-        while !input_done && acc.outstanding.len() + acc.sink.held() < WINDOW {
-            match input.try_recv() {
-                Ok(InputMsg::Lines(lines)) => {
-                    let mut tasks = Vec::with_capacity(lines.len());
-                    for (index, parsed) in lines {
-                        total += 1;
-                        acc.sink.expect(index);
-                        match (parsed, &all_lost) {
-                            (Err(msg), _) => {
-                                acc.fail(index, ErrorKind::BadInput, "BadInputLine", msg)?
-                            }
-                            (Ok(_), Some(lost)) => acc.fail(
-                                index,
-                                ErrorKind::ManagerLost,
-                                "ManagerLost",
-                                lost.clone(),
-                            )?,
-                            (Ok(args), None) => {
-                                acc.outstanding.insert(index);
-                                tasks.push(NewTask {
-                                    id: TaskId(index),
-                                    function,
-                                    args,
-                                    priority: 0,
-                                    walltime_ms,
-                                    retries: opts.retries,
-                                    attempt: fnx_protocol::Attempt(0),
-                                    files: Vec::new(),
-                                });
-                            }
-                        }
-                    }
-                    if !tasks.is_empty() {
-                        pool.handle.submit(tasks);
-                    }
+        take_input(&input, &mut acc, &mut inp, |acc, lines| {
+            let mut tasks = Vec::with_capacity(lines.len());
+            for (index, args) in lines {
+                if let Some(lost) = &all_lost {
+                    acc.fail(index, ErrorKind::ManagerLost, "ManagerLost", lost.clone())?;
+                    continue;
                 }
-                Ok(InputMsg::Done) | Err(TryRecvError::Disconnected) => input_done = true,
-                Ok(InputMsg::Failed(msg)) => {
-                    input_error = Some(msg);
-                    input_done = true;
-                }
-                Err(TryRecvError::Empty) => break,
+                acc.outstanding.insert(index);
+                tasks.push(NewTask {
+                    id: TaskId(index),
+                    function,
+                    args,
+                    priority: 0,
+                    walltime_ms,
+                    retries: opts.retries,
+                    attempt: fnx_protocol::Attempt(0),
+                    files: Vec::new(),
+                });
             }
-        }
+            if !tasks.is_empty() {
+                pool.handle.submit(tasks);
+            }
+            Ok(())
+        })?;
         for exit in pool.poll_exits() {
             tracing::warn!("manager {} ended: {}", exit.uid, exit.status);
             acc.progress.clear();
@@ -481,7 +507,7 @@ fn execute(
                 acc.fail(index, ErrorKind::ManagerLost, "ManagerLost", msg.clone())?;
             }
         }
-        if input_done && acc.outstanding.is_empty() {
+        if inp.done && acc.outstanding.is_empty() {
             break;
         }
         match pool.events.recv_timeout(Duration::from_millis(20)) {
@@ -498,7 +524,7 @@ fn execute(
         }
         acc.sink.tick()?;
         acc.progress
-            .draw(&acc.tally, input_done.then_some(total), false);
+            .draw(&acc.tally, inp.done.then_some(inp.total), false);
     }
     if interrupted {
         // Every task that was handed out gets its line: none is left silent.
@@ -510,7 +536,7 @@ fn execute(
         }
     }
     acc.progress
-        .draw(&acc.tally, input_done.then_some(total), true);
+        .draw(&acc.tally, inp.done.then_some(inp.total), true);
     acc.progress.clear();
     pool.stop(if interrupted {
         "interrupted"
@@ -520,7 +546,7 @@ fn execute(
     Ok(Report {
         tally: acc.tally,
         interrupted,
-        input_error,
+        input_error: inp.error,
         run_dir,
         infra_failures: acc.infra,
         elapsed: started.elapsed(),

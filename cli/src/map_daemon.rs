@@ -6,7 +6,7 @@
 use crate::client::http::Client;
 use crate::client::Conn;
 use crate::input::LineKind;
-use crate::map::{spawn_reader, Accounting, InputMsg, Report, RunOptions, Sink, WINDOW};
+use crate::map::{spawn_reader, take_input, Accounting, InputState, Report, RunOptions, Sink};
 use crate::output::{Progress, Tally};
 use anyhow::{bail, Context, Result};
 use fnx_protocol::{ErrorKind, FunctionBody, Outcome, Payload, TaskError};
@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, TryRecvError};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -293,81 +293,55 @@ pub fn execute(
     };
     let mut by_task: HashMap<u64, u64> = HashMap::new();
     let mut early: HashMap<u64, Outcome> = HashMap::new();
-    let (mut input_done, mut total, mut interrupted, mut input_error, mut batches) =
-        (false, 0u64, false, None, 0u64);
+    let (mut inp, mut interrupted, mut batches) = (InputState::default(), false, 0u64);
     loop {
         if !signals.drain().is_empty() {
             interrupted = true;
             break;
         }
-        while !input_done && acc.outstanding.len() + acc.sink.held() < WINDOW {
-            match input.try_recv() {
-                Ok(InputMsg::Lines(lines)) => {
-                    let mut good = Vec::with_capacity(lines.len());
-                    for (index, parsed) in lines {
-                        total += 1;
-                        acc.sink.expect(index);
-                        match parsed {
-                            Err(msg) => {
-                                acc.fail(index, ErrorKind::BadInput, "BadInputLine", msg)?
-                            }
-                            Ok(args) => good.push((index, args)),
-                        }
+        take_input(&input, &mut acc, &mut inp, |acc, good| {
+            for chunk in good.chunks(BATCH) {
+                let mut chunk = chunk.to_vec();
+                let ids = loop {
+                    if chunk.is_empty() {
+                        break Vec::new();
                     }
-                    for chunk in good.chunks(BATCH) {
-                        let mut chunk = chunk.to_vec();
-                        let ids = loop {
-                            if chunk.is_empty() {
-                                break Vec::new();
-                            }
-                            let body = batch_body(function, &chunk, &extra);
-                            batches += 1;
-                            match submit(&mut c, body.as_bytes(), &format!("{run_key}-{batches}"))?
-                            {
-                                Submitted::Ids(ids) => break ids,
-                                Submitted::Refused(i, msg) if i < chunk.len() => {
-                                    let (index, _) = chunk.remove(i);
-                                    let msg = msg
-                                        .split_once(": ")
-                                        .map_or(msg.as_str(), |(_, m)| m)
-                                        .to_string();
-                                    acc.fail(index, ErrorKind::BadInput, "BadArguments", msg)?;
-                                }
-                                Submitted::Refused(_, msg) => {
-                                    bail!("the daemon refused the tasks: {msg}")
-                                }
-                            }
-                        };
-                        if ids.len() != chunk.len() {
-                            bail!(
-                                "the daemon acknowledged {} of {} tasks",
-                                ids.len(),
-                                chunk.len()
-                            );
+                    let body = batch_body(function, &chunk, &extra);
+                    batches += 1;
+                    match submit(&mut c, body.as_bytes(), &format!("{run_key}-{batches}"))? {
+                        Submitted::Ids(ids) => break ids,
+                        Submitted::Refused(i, msg) if i < chunk.len() => {
+                            // The daemon names the task and the problem: that line fails alone.
+                            let (index, _) = chunk.remove(i);
+                            let msg = msg.split_once(": ").map_or(msg.as_str(), |(_, m)| m);
+                            acc.fail(index, ErrorKind::BadInput, "BadArguments", msg.to_string())?;
                         }
-                        for ((index, _), id) in chunk.iter().zip(ids) {
-                            acc.outstanding.insert(*index);
-                            match early.remove(&id) {
-                                Some(outcome) => {
-                                    acc.outstanding.remove(index);
-                                    acc.finish(*index, &outcome)?;
-                                }
-                                None => {
-                                    by_task.insert(id, *index);
-                                }
-                            }
+                        Submitted::Refused(_, msg) => bail!("the daemon refused the tasks: {msg}"),
+                    }
+                };
+                if ids.len() != chunk.len() {
+                    bail!(
+                        "the daemon acknowledged {} of {} tasks",
+                        ids.len(),
+                        chunk.len()
+                    );
+                }
+                for ((index, _), id) in chunk.iter().zip(ids) {
+                    acc.outstanding.insert(*index);
+                    match early.remove(&id) {
+                        Some(outcome) => {
+                            acc.outstanding.remove(index);
+                            acc.finish(*index, &outcome)?;
+                        }
+                        None => {
+                            by_task.insert(id, *index);
                         }
                     }
                 }
-                Ok(InputMsg::Done) | Err(TryRecvError::Disconnected) => input_done = true,
-                Ok(InputMsg::Failed(msg)) => {
-                    input_error = Some(msg);
-                    input_done = true;
-                }
-                Err(TryRecvError::Empty) => break,
             }
-        }
-        if input_done && acc.outstanding.is_empty() {
+            Ok(())
+        })?;
+        if inp.done && acc.outstanding.is_empty() {
             break;
         }
         match results.recv_timeout(Duration::from_millis(20)) {
@@ -393,7 +367,7 @@ pub fn execute(
         }
         acc.sink.tick()?;
         acc.progress
-            .draw(&acc.tally, input_done.then_some(total), false);
+            .draw(&acc.tally, inp.done.then_some(inp.total), false);
     }
     stop.store(true, Ordering::Relaxed);
     if interrupted {
@@ -411,12 +385,12 @@ pub fn execute(
         }
     }
     acc.progress
-        .draw(&acc.tally, input_done.then_some(total), true);
+        .draw(&acc.tally, inp.done.then_some(inp.total), true);
     acc.progress.clear();
     Ok(Report {
         tally: acc.tally,
         interrupted,
-        input_error,
+        input_error: inp.error,
         run_dir: acc.run_dir,
         infra_failures: acc.infra,
         elapsed: started.elapsed(),
