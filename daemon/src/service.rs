@@ -213,21 +213,11 @@ fn recover(
     let mut orphans = Vec::new();
     for t in loaded.tasks {
         rerun += t.was_running as usize;
-        let task = NewTask {
-            id: t.id,
-            function: t.function,
-            args: t.args,
-            priority: t.priority,
-            walltime_ms: t.walltime_ms,
-            retries: t.retries,
-            attempt: t.attempt,
-            files: t.files,
-        };
         match names.iter().position(|n| *n == t.pool) {
-            Some(i) => per_pool[i].push(task),
+            Some(i) => per_pool[i].push(t.task),
             None => orphans.push(Finished {
-                id: t.id,
-                attempt: t.attempt,
+                id: t.task.id,
+                attempt: t.task.attempt,
                 outcome: Outcome::Err(TaskError::new(
                     ErrorKind::BadInput,
                     "UnknownPool",

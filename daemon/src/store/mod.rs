@@ -12,6 +12,7 @@ mod txn;
 pub mod writer;
 
 use crate::records::{FunctionRow, TaskRow};
+use fnx_interchange::NewTask;
 use fnx_protocol::{Attempt, Encoding, FunctionId, Outcome, Payload, TaskId};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use std::path::{Path, PathBuf};
@@ -398,28 +399,15 @@ fn row_function(r: &rusqlite::Row<'_>) -> rusqlite::Result<FunctionRow> {
 
 /// A task to hand to an interchange again after a restart.
 pub struct Recovered {
-    /// The task.
-    pub id: TaskId,
+    /// The task, as the interchange takes it (with its last recorded attempt: 0 if never
+    /// dispatched).
+    pub task: NewTask,
     /// Its owner.
     pub owner: String,
     /// Its pool.
     pub pool: String,
-    /// Its function.
-    pub function: FunctionId,
-    /// Its arguments.
-    pub args: Payload,
-    /// Priority.
-    pub priority: i32,
-    /// Walltime.
-    pub walltime_ms: Option<u64>,
-    /// Retries.
-    pub retries: u32,
-    /// The last recorded attempt (0 if never dispatched).
-    pub attempt: Attempt,
     /// It was running when the daemon stopped.
     pub was_running: bool,
-    /// Input files.
-    pub files: Vec<fnx_protocol::TaskFile>,
 }
 
 /// Every unfinished task, in id order.
@@ -430,23 +418,25 @@ pub fn unfinished(conn: &Connection) -> Result<Vec<Recovered>, StoreError> {
     )?;
     let rows = st.query_map([], |r| {
         Ok(Recovered {
-            id: TaskId(r.get::<_, i64>(0)? as u64),
+            task: NewTask {
+                id: TaskId(r.get::<_, i64>(0)? as u64),
+                function: FunctionId(r.get::<_, i64>(3)? as u64),
+                args: Payload {
+                    encoding: encoding_from(r.get(4)?),
+                    data: r.get(5)?,
+                },
+                priority: r.get(6)?,
+                walltime_ms: r.get::<_, Option<i64>>(7)?.map(|w| w as u64),
+                retries: r.get::<_, i64>(8)? as u32,
+                attempt: Attempt(r.get::<_, i64>(9)? as u32),
+                files: r
+                    .get::<_, Option<Vec<u8>>>(11)?
+                    .and_then(|b| rmp_serde::from_slice(&b).ok())
+                    .unwrap_or_default(),
+            },
             owner: r.get(1)?,
             pool: r.get(2)?,
-            function: FunctionId(r.get::<_, i64>(3)? as u64),
-            args: Payload {
-                encoding: encoding_from(r.get(4)?),
-                data: r.get(5)?,
-            },
-            priority: r.get(6)?,
-            walltime_ms: r.get::<_, Option<i64>>(7)?.map(|w| w as u64),
-            retries: r.get::<_, i64>(8)? as u32,
-            attempt: Attempt(r.get::<_, i64>(9)? as u32),
             was_running: r.get::<_, i64>(10)? == 1,
-            files: r
-                .get::<_, Option<Vec<u8>>>(11)?
-                .and_then(|b| rmp_serde::from_slice(&b).ok())
-                .unwrap_or_default(),
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -528,7 +518,7 @@ mod tests {
         assert_eq!(version, SCHEMA_VERSION);
         let t = unfinished(&c).unwrap();
         assert_eq!(t.len(), 1);
-        assert!(t[0].was_running && t[0].attempt == Attempt(3) && t[0].files.is_empty());
+        assert!(t[0].was_running && t[0].task.attempt == Attempt(3) && t[0].task.files.is_empty());
         drop(c);
         // A store from a newer fnx is refused with both versions named.
         Connection::open(&path)
