@@ -49,6 +49,10 @@ pub struct ManagerArgs {
     /// Complete tasks without running them (overhead measurement).
     #[arg(long)]
     pub zero_work: bool,
+    /// Key file of an encrypted link to the interchange (CurveZMQ; written by the daemon into
+    /// its key directory, readable only by its owner)
+    #[arg(long, value_name = "FILE")]
+    pub curve_keys: Option<PathBuf>,
 }
 
 impl From<ManagerArgs> for ManagerBootstrap {
@@ -67,6 +71,7 @@ impl From<ManagerArgs> for ManagerBootstrap {
             heartbeat_threshold_ms: a.heartbeat_threshold_ms,
             max_result_bytes: a.max_result_bytes,
             kill_grace_ms: a.kill_grace_ms,
+            curve_keys: a.curve_keys,
         }
     }
 }
@@ -128,6 +133,7 @@ mod tests {
         b.zero_work = true;
         b.python = "/opt/py/bin/python3".into();
         b.kill_grace_ms = 250;
+        b.curve_keys = Some("/shared/keys/gpu.manager".into());
         let mut argv = vec!["fnx".to_string()];
         argv.extend(fnx_launcher::manager_args(&b));
         let Sub::Manager(args) = Wrapper::try_parse_from(argv).expect("parses").cmd;

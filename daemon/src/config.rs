@@ -106,6 +106,7 @@ struct RawLimits {
 #[derive(Deserialize, Default)]
 struct RawInterchange {
     address: Option<String>,
+    encrypt: Option<String>,
     port: Option<u16>,
     heartbeat_period_s: Option<f64>,
     heartbeat_threshold_s: Option<f64>,
@@ -172,6 +173,8 @@ pub struct InterchangeConfig {
     pub heartbeat_period: Duration,
     /// Silence after which a manager is lost.
     pub heartbeat_threshold: Duration,
+    /// Encrypt and authenticate manager links with CurveZMQ.
+    pub encrypt: bool,
 }
 
 /// One pool of workers.
@@ -341,7 +344,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
         max_queued_per_user: l.max_queued_per_user.unwrap_or(2_000_000),
     };
     let i = raw.interchange;
-    let interchange = InterchangeConfig {
+    let mut interchange = InterchangeConfig {
         address: i.address.unwrap_or_else(|| "127.0.0.1".into()),
         port: i.port.unwrap_or(0),
         heartbeat_period: p.secs(
@@ -356,6 +359,22 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
             30.0,
             0.1,
         ),
+        encrypt: false,
+    };
+    let loopback = interchange
+        .address
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|a| a.is_loopback());
+    interchange.encrypt = match i.encrypt.as_deref().unwrap_or("auto") {
+        "auto" => !loopback,
+        "always" => true,
+        "never" => false,
+        other => {
+            p.0.push(format!(
+                "interchange.encrypt: must be \"auto\", \"always\" or \"never\", got {other:?}"
+            ));
+            false
+        }
     };
     if interchange.heartbeat_threshold <= interchange.heartbeat_period {
         p.0.push(

@@ -10,6 +10,7 @@
 //! - [`records`]: stored rows and their JSON form.
 //! - [`signature`]: Python signatures read from source, and argument binding checks.
 //! - [`auth`]: tokens and their hashes.
+//! - [`keys`]: CurveZMQ keys of the interchange and of each pool's managers.
 //! - [`local`]: a local pool (interchange + manager processes on this host); embedded mode
 //!   (`fnx map`) uses it too.
 //! - [`service`]: wiring and the start/recover/stop sequence.
@@ -18,6 +19,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod keys;
 pub mod local;
 pub mod records;
 pub mod service;

@@ -48,6 +48,9 @@ pub struct PoolOptions {
     pub report_dispatch: bool,
     /// Largest task argument payload.
     pub max_payload_bytes: usize,
+    /// Encrypted manager links: the interchange's CURVE settings and the key file the managers
+    /// get (`None`: plain links).
+    pub curve: Option<(fnx_interchange::CurveServer, PathBuf)>,
     /// Manager processes.
     pub managers: u32,
     /// Worker slots per manager (None: the CPUs each may use).
@@ -79,6 +82,7 @@ impl PoolOptions {
             bind: "tcp://127.0.0.1:0".into(),
             report_dispatch: false,
             max_payload_bytes: 10 << 20,
+            curve: None,
             managers: 1,
             workers: None,
             prefetch: None,
@@ -136,6 +140,7 @@ impl LocalPool {
         cfg.state.heartbeat_threshold = opts.heartbeat_threshold;
         cfg.state.max_payload_bytes = opts.max_payload_bytes;
         cfg.report_dispatch = opts.report_dispatch;
+        cfg.curve = opts.curve.as_ref().map(|(server, _)| server.clone());
         let (handle, events) = driver::start(&ctx, cfg)?;
         tracing::info!("interchange listening on {}", handle.endpoint());
         let exe = std::env::current_exe().map_err(io("cannot find the fnx executable"))?;
@@ -332,6 +337,7 @@ fn spawn_manager(
     b.max_result_bytes = opts.max_result_bytes;
     b.kill_grace_ms = opts.kill_grace.as_millis() as u64;
     b.zero_work = opts.zero_work;
+    b.curve_keys = opts.curve.as_ref().map(|(_, file)| file.clone());
     let dir = fnx_manager::manager_dir(&b);
     std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
     let log = dir.join("manager.log");

@@ -3,10 +3,11 @@
 
 use crate::api::{self, App, PoolRef};
 use crate::config::{PoolConfig, SiteConfig, SyncMode};
+use crate::keys::Keys;
 use crate::local::{LocalError, LocalPool, PoolOptions};
 use crate::store::writer::{Cmd, Shared, Stats, UserCounts, Writer, WriterConfig};
 use crate::store::{self, Reader, State, StoreError};
-use fnx_interchange::{Event, Finished, NewTask};
+use fnx_interchange::{CurveServer, Event, Finished, NewTask};
 use fnx_protocol::{ErrorKind, FunctionBody, FunctionDef, Outcome, TaskError};
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
@@ -37,6 +38,9 @@ pub enum DaemonError {
         /// Why.
         source: StoreError,
     },
+    /// The CurveZMQ key directory cannot be used.
+    #[error("{0}")]
+    Keys(#[from] crate::keys::KeyError),
     /// A pool could not start.
     #[error("pool {pool}: {source}")]
     Pool {
@@ -115,7 +119,12 @@ fn first_start(
     Ok(())
 }
 
-fn start_pool(cfg: &SiteConfig, i: usize, p: &PoolConfig) -> Result<LocalPool, DaemonError> {
+fn start_pool(
+    cfg: &SiteConfig,
+    i: usize,
+    p: &PoolConfig,
+    curve: Option<(CurveServer, PathBuf)>,
+) -> Result<LocalPool, DaemonError> {
     let port = if cfg.interchange.port == 0 {
         0
     } else {
@@ -134,12 +143,34 @@ fn start_pool(cfg: &SiteConfig, i: usize, p: &PoolConfig) -> Result<LocalPool, D
         heartbeat_threshold: cfg.interchange.heartbeat_threshold,
         max_result_bytes: cfg.limits.max_result_bytes,
         kill_grace: p.kill_grace,
+        curve,
         ..PoolOptions::new(run_dir, format!("fnxd-{}-{}", std::process::id(), p.name))
     };
     LocalPool::start(opts).map_err(|source| DaemonError::Pool {
         pool: p.name.clone(),
         source,
     })
+}
+
+/// With `interchange.encrypt`: the interchange's CURVE settings and each pool's manager key
+/// file (issued on first use), in pool order.
+fn encryption(cfg: &SiteConfig) -> Result<Option<(CurveServer, Vec<PathBuf>)>, DaemonError> {
+    if !cfg.interchange.encrypt {
+        return Ok(None);
+    }
+    let keys = Keys::open(&cfg.data_dir.join("keys"))?;
+    let mut files = Vec::new();
+    for p in &cfg.pools {
+        let file = keys.manager_file(&p.name)?;
+        tracing::info!(
+            "pool {}: manager links are encrypted (CurveZMQ); managers started outside the \
+             daemon need --curve-keys {}",
+            p.name,
+            file.display()
+        );
+        files.push(file);
+    }
+    Ok(Some((keys.server()?, files)))
 }
 
 /// What the store holds for a start: read in full before any pool starts, so that a damaged
@@ -353,8 +384,12 @@ pub fn run(
     first_start(&conn, &cfg, &path)?;
     let loaded = load(&conn, &path)?;
     let mut pools = Vec::new();
+    let curve = encryption(&cfg)?;
     for (i, p) in cfg.pools.iter().enumerate() {
-        pools.push(start_pool(&cfg, i, p)?);
+        let keys = curve
+            .as_ref()
+            .map(|(server, files)| (server.clone(), files[i].clone()));
+        pools.push(start_pool(&cfg, i, p, keys)?);
     }
     let names: Vec<String> = cfg.pools.iter().map(|p| p.name.clone()).collect();
     let (wtx, wrx) = channel();

@@ -7,6 +7,7 @@
 //! make us buffer. The host talks to the thread through [`Handle`] (commands, woken through an
 //! inproc socket) and receives [`Event`]s on a channel, finished tasks in batches.
 
+use crate::guard::{CurveServer, Guard};
 use crate::state::{
     Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer,
 };
@@ -35,6 +36,9 @@ pub struct DriverConfig {
     /// Send [`Event::Dispatched`] for every batch handed to a manager (off by default: only a
     /// host that records task states needs it).
     pub report_dispatch: bool,
+    /// Encrypt and authenticate manager links with CurveZMQ (`None`: plain links, for
+    /// loopback).
+    pub curve: Option<CurveServer>,
 }
 
 impl DriverConfig {
@@ -46,6 +50,7 @@ impl DriverConfig {
             max_frame_bytes: fnx_protocol::DEFAULT_MAX_FRAME_BYTES,
             tick: Duration::from_millis(100),
             report_dispatch: false,
+            curve: None,
         }
     }
 }
@@ -116,6 +121,10 @@ pub fn start(
         .set_maxmsgsize(config.max_frame_bytes as i64)
         .map_err(zerr("MAXMSGSIZE"))?;
     router.set_linger(2000).map_err(zerr("LINGER"))?;
+    let guard = match &config.curve {
+        Some(curve) => Some(Guard::install(ctx, &router, curve)?),
+        None => None,
+    };
     router.bind(&config.bind).map_err(zerr("bind"))?;
     let endpoint = router
         .get_last_endpoint()
@@ -143,6 +152,7 @@ pub fn start(
                 max_frame: config.max_frame_bytes,
                 tick: config.tick,
                 report_dispatch: config.report_dispatch,
+                guard,
                 discarded: RateLimit::default(),
                 ignored: RateLimit::default(),
             };
@@ -232,6 +242,7 @@ struct Driver {
     max_frame: usize,
     tick: Duration,
     report_dispatch: bool,
+    guard: Option<Guard>,
     ignored: RateLimit,
     discarded: RateLimit,
 }
@@ -287,15 +298,23 @@ impl Driver {
         loop {
             let timeout = next_tick.saturating_duration_since(Instant::now());
             let (router_ready, wake_ready) = {
-                let mut items = [
+                let mut items = vec![
                     self.router.as_poll_item(zmq::POLLIN),
                     self.wake.as_poll_item(zmq::POLLIN),
                 ];
+                if let Some(g) = &self.guard {
+                    items.push(g.zap.as_poll_item(zmq::POLLIN));
+                    items.push(g.monitor.as_poll_item(zmq::POLLIN));
+                }
                 if let Err(e) = zmq::poll(&mut items, timeout.as_millis().max(1) as i64) {
                     tracing::error!("poll failed: {e}");
                 }
                 (items[0].is_readable(), items[1].is_readable())
             };
+            if let Some(g) = &mut self.guard {
+                g.serve_zap();
+                g.drain_monitor();
+            }
             let mut out = Outbox {
                 router: &self.router,
                 max_frame: self.max_frame,
@@ -434,7 +453,7 @@ fn handle_parts(
 
 /// Lets through a few warnings per window and counts the rest.
 #[derive(Default)]
-struct RateLimit {
+pub(crate) struct RateLimit {
     window_start: Option<Instant>,
     in_window: u32,
     suppressed: u64,
@@ -445,7 +464,7 @@ impl RateLimit {
     const PER_WINDOW: u32 = 10;
 
     /// `Some(suppressed since last allowed)` if this one may be logged.
-    fn allow(&mut self, now: Instant) -> Option<u64> {
+    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
         match self.window_start {
             Some(start) if now.duration_since(start) < Self::WINDOW => {}
             _ => {

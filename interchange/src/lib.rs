@@ -8,16 +8,20 @@
 //! - [`queue`]: the priority-then-FIFO pending queue.
 //! - [`driver`]: one thread that owns a ZeroMQ ROUTER socket (one socket for every manager),
 //!   feeds the state machine and hands finished tasks to the host over a channel.
+//! - [`guard`]: CurveZMQ for manager links: the server key, a ZAP handler that accepts only
+//!   issued client keys, and a monitor that logs failed handshakes.
 //!
 //! The interchange knows nothing about how managers are started.
 #![deny(missing_docs)]
 
 pub mod driver;
+pub mod guard;
 pub mod queue;
 pub mod state;
 pub mod types;
 
 pub use driver::{DriverConfig, Event, Handle};
+pub use guard::CurveServer;
 pub use state::{
     Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer,
 };

@@ -42,6 +42,10 @@ pub fn manager_args(b: &ManagerBootstrap) -> Vec<String> {
     if b.zero_work {
         args.push("--zero-work".into());
     }
+    if let Some(keys) = &b.curve_keys {
+        // The path only: the keys stay in the (private) file, out of `ps`.
+        args.extend(["--curve-keys".into(), keys.display().to_string()]);
+    }
     args
 }
 

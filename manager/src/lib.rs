@@ -55,6 +55,43 @@ pub enum ManagerError {
         /// The error.
         source: zmq::Error,
     },
+    /// The key file of an encrypted link cannot be used.
+    #[error("key file {path}: {what}")]
+    Keys {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// Read an encrypted link's key file; refuse one that others may read.
+fn read_keys(path: &std::path::Path) -> Result<link::ClientKeys, ManagerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |what: String| ManagerError::Keys {
+        path: path.to_path_buf(),
+        what,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(err(format!(
+            "has mode {mode:03o}; a key file must be readable only by its owner (chmod 600)"
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+    let keys = fnx_protocol::KeyFile::parse(&text).map_err(|e| err(e.to_string()))?;
+    let decode = |name: &str, z85: &str| {
+        zmq::z85_decode(z85)
+            .ok()
+            .filter(|k| k.len() == 32)
+            .ok_or_else(|| err(format!("{name} is not a Z85 key")))
+    };
+    Ok(link::ClientKeys {
+        server_public: decode("server_public", &keys.server_public)?,
+        public: decode("public", &keys.public)?,
+        secret: decode("secret", &keys.secret)?,
+    })
 }
 
 /// The directory a manager writes its logs and worker runtime into.
@@ -111,7 +148,12 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
     link_side
         .connect("inproc://fnx-manager-link")
         .map_err(zerr("connect inproc"))?;
+    let curve = match &b.curve_keys {
+        Some(path) => Some(read_keys(path)?),
+        None => None,
+    };
     let link_cfg = link::LinkConfig {
+        curve,
         interchange: b.interchange.clone(),
         heartbeat_period: Duration::from_millis(b.heartbeat_period_ms),
         heartbeat_threshold: Duration::from_millis(b.heartbeat_threshold_ms),

@@ -19,6 +19,25 @@ pub struct LinkConfig {
     pub heartbeat_threshold: Duration,
     /// Largest frame accepted.
     pub max_frame_bytes: usize,
+    /// Keys of an encrypted link (CurveZMQ); `None`: plain.
+    pub curve: Option<ClientKeys>,
+}
+
+/// A manager's side of CurveZMQ (32-byte keys).
+#[derive(Clone)]
+pub struct ClientKeys {
+    /// The interchange's public key.
+    pub server_public: Vec<u8>,
+    /// This manager's public key.
+    pub public: Vec<u8>,
+    /// This manager's secret key.
+    pub secret: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientKeys { .. }") // never print a secret key
+    }
 }
 
 /// Run the link until the pool says quit or the link fails. `pair` is connected to the pool.
@@ -46,6 +65,8 @@ pub fn run(ctx: &zmq::Context, cfg: LinkConfig, register: Register, pair: zmq::S
 
 struct Link {
     dealer: zmq::Socket,
+    /// Failed encryption handshakes of the dealer (with `curve`).
+    monitor: Option<zmq::Socket>,
     cfg: LinkConfig,
     /// The registration, sent again when a restarted interchange asks for it.
     register: Register,
@@ -66,6 +87,24 @@ impl Link {
         dealer.set_rcvhwm(0)?;
         dealer.set_linger(1000)?;
         dealer.set_maxmsgsize(cfg.max_frame_bytes as i64)?;
+        // A send never blocks for long: with no usable connection (the interchange gone, or a
+        // handshake that keeps failing) a blocking send would hang the manager, even its exit.
+        dealer.set_sndtimeo(2000)?;
+        let monitor = match &cfg.curve {
+            Some(keys) => {
+                dealer.set_curve_serverkey(&keys.server_public)?;
+                dealer.set_curve_publickey(&keys.public)?;
+                dealer.set_curve_secretkey(&keys.secret)?;
+                let events = zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32
+                    | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32
+                    | zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32;
+                dealer.monitor("inproc://fnx-manager-link-monitor", events)?;
+                let m = ctx.socket(zmq::PAIR)?;
+                m.connect("inproc://fnx-manager-link-monitor")?;
+                Some(m)
+            }
+            None => None,
+        };
         dealer.connect(&cfg.interchange)?;
         let frame = encode(
             &ManagerToInterchange::Register(register.clone()),
@@ -76,6 +115,7 @@ impl Link {
         let now = Instant::now();
         Ok(Link {
             dealer,
+            monitor,
             cfg: cfg.clone(),
             register,
             registered: false,
@@ -106,8 +146,19 @@ impl Link {
                 } else {
                     "did not answer the registration"
                 };
+                let hint = match (self.registered, &self.cfg.curve) {
+                    (true, _) => "",
+                    (false, Some(_)) => {
+                        " (the link is encrypted: does the key file belong to this interchange's \
+                         daemon? its log names failed handshakes)"
+                    }
+                    (false, None) => {
+                        " (if the interchange is encrypted, this manager needs its key file: \
+                         --curve-keys)"
+                    }
+                };
                 return Some(format!(
-                    "the interchange at {} {what} for {:.1}s; exiting",
+                    "the interchange at {} {what} for {:.1}s{hint}; exiting",
                     self.cfg.interchange,
                     now.duration_since(self.last_contact).as_secs_f64()
                 ));
@@ -122,16 +173,25 @@ impl Link {
                 silence_deadline
             };
             let timeout = wake.saturating_duration_since(now).as_millis().max(1) as i64;
-            let (from_ic, from_pool) = {
-                let mut items = [
+            let (from_ic, from_pool, from_monitor) = {
+                let mut items = vec![
                     self.dealer.as_poll_item(zmq::POLLIN),
                     pair.as_poll_item(zmq::POLLIN),
                 ];
+                if let Some(m) = &self.monitor {
+                    items.push(m.as_poll_item(zmq::POLLIN));
+                }
                 if zmq::poll(&mut items, timeout).is_err() {
                     continue;
                 }
-                (items[0].is_readable(), items[1].is_readable())
+                let monitor = items.get(2).is_some_and(|i| i.is_readable());
+                (items[0].is_readable(), items[1].is_readable(), monitor)
             };
+            if from_monitor {
+                if let Some(reason) = self.handshake_failure() {
+                    return Some(reason);
+                }
+            }
             if from_pool {
                 while let Ok(parts) = pair.recv_multipart(zmq::DONTWAIT) {
                     let (Some(t), Some(body)) = (parts.first(), parts.get(1)) else {
@@ -159,6 +219,27 @@ impl Link {
                 }
             }
         }
+    }
+
+    /// A failed encryption handshake ends the link at once with an explicit error (libzmq
+    /// would otherwise retry silently forever).
+    fn handshake_failure(&self) -> Option<String> {
+        let parts = self.monitor.as_ref()?.recv_multipart(zmq::DONTWAIT).ok()?;
+        let head = parts.first().filter(|p| p.len() >= 6)?;
+        let event = zmq::SocketEvent::from_raw(u16::from_le_bytes([head[0], head[1]]));
+        let why = match event {
+            zmq::SocketEvent::HANDSHAKE_FAILED_AUTH => {
+                "the interchange refused this manager's key (not issued by that daemon)"
+            }
+            zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL => {
+                "the encrypted handshake failed (a plaintext interchange, or another protocol)"
+            }
+            _ => "the encrypted handshake failed (the key file may belong to another daemon)",
+        };
+        Some(format!(
+            "cannot connect to the interchange at {}: {why}; check --curve-keys",
+            self.cfg.interchange
+        ))
     }
 
     fn on_frame(&mut self, frame: zmq::Message, pair: &zmq::Socket) -> Option<String> {

@@ -39,6 +39,8 @@ pub struct ManagerBootstrap {
     pub max_result_bytes: u64,
     /// Time between SIGTERM and SIGKILL when a task is killed, in milliseconds.
     pub kill_grace_ms: u64,
+    /// The key file of an encrypted link ([`crate::curve::KeyFile`]); `None`: plain link.
+    pub curve_keys: Option<PathBuf>,
 }
 
 impl ManagerBootstrap {
@@ -58,6 +60,7 @@ impl ManagerBootstrap {
             heartbeat_threshold_ms: 30_000,
             max_result_bytes: 10 << 20,
             kill_grace_ms: 2_000,
+            curve_keys: None,
         }
     }
 }

@@ -1,0 +1,184 @@
+//! The daemon's CurveZMQ keys: a key directory only its owner may enter, the interchange's key
+//! pair, and one key file per pool issued to that pool's managers.
+//!
+//! ```text
+//! <data dir>/keys/             mode 0700 (a looser mode stops the daemon)
+//!     interchange.key          the interchange's own key pair (server_public = public)
+//!     <pool>.manager           what a pool's managers need: the interchange's public key and
+//!                              the key pair issued to them (pass its path: --curve-keys)
+//! ```
+//!
+//! The interchange accepts exactly the public keys of the `*.manager` files in the directory.
+
+use fnx_interchange::CurveServer;
+use fnx_protocol::KeyFile;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// The key directory cannot be used.
+#[derive(Debug, Error)]
+pub enum KeyError {
+    /// Others may read or enter it.
+    #[error("the key directory {dir} has mode {mode:03o}; it must be accessible only by its owner (chmod 700 {dir})")]
+    Loose {
+        /// The directory.
+        dir: PathBuf,
+        /// Its mode.
+        mode: u32,
+    },
+    /// A file could not be read, written or parsed.
+    #[error("{path}: {what}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        what: String,
+    },
+}
+
+fn file_err(path: &Path) -> impl Fn(String) -> KeyError + '_ {
+    move |what| KeyError::File {
+        path: path.to_path_buf(),
+        what,
+    }
+}
+
+fn new_pair() -> Result<(String, String), String> {
+    let pair =
+        zmq::CurveKeyPair::new().map_err(|e| format!("cannot make a CurveZMQ key pair: {e}"))?;
+    let z = |k: &[u8]| zmq::z85_encode(k).map_err(|e| e.to_string());
+    Ok((z(&pair.public_key)?, z(&pair.secret_key)?))
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), KeyError> {
+    use std::io::Write;
+    let err = file_err(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| err(format!("cannot create: {e}")))?;
+    f.write_all(text.as_bytes())
+        .map_err(|e| err(format!("cannot write: {e}")))
+}
+
+fn read(path: &Path) -> Result<KeyFile, KeyError> {
+    let err = file_err(path);
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    KeyFile::parse(&text).map_err(|e| err(e.to_string()))
+}
+
+fn decode(path: &Path, z85: &str) -> Result<Vec<u8>, KeyError> {
+    zmq::z85_decode(z85)
+        .ok()
+        .filter(|k| k.len() == 32)
+        .ok_or_else(|| file_err(path)("not a Z85 key".into()))
+}
+
+/// The keys of one daemon.
+pub struct Keys {
+    dir: PathBuf,
+    server: KeyFile,
+}
+
+impl Keys {
+    /// Open (creating if needed) the key directory and the interchange's key pair.
+    pub fn open(dir: &Path) -> Result<Keys, KeyError> {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| file_err(dir)(format!("cannot create: {e}")))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| file_err(dir)(format!("cannot set its mode: {e}")))?;
+        }
+        let mode = std::fs::metadata(dir)
+            .map_err(|e| file_err(dir)(format!("cannot read: {e}")))?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Loose {
+                dir: dir.to_path_buf(),
+                mode,
+            });
+        }
+        let path = dir.join("interchange.key");
+        if !path.exists() {
+            let (public, secret) = new_pair().map_err(file_err(&path))?;
+            let k = KeyFile {
+                server_public: public.clone(),
+                public,
+                secret,
+            };
+            write_private(
+                &path,
+                &k.render("the interchange's own key pair (keep private)"),
+            )?;
+        }
+        Ok(Keys {
+            dir: dir.to_path_buf(),
+            server: read(&path)?,
+        })
+    }
+
+    /// The key file of `pool`'s managers, issued now if it does not exist yet.
+    pub fn manager_file(&self, pool: &str) -> Result<PathBuf, KeyError> {
+        let path = self.dir.join(format!("{pool}.manager"));
+        if !path.exists() {
+            let (public, secret) = new_pair().map_err(file_err(&path))?;
+            let k = KeyFile {
+                server_public: self.server.public.clone(),
+                public,
+                secret,
+            };
+            let note =
+                format!("fnx manager keys for pool {pool} (issued by the daemon; keep private)");
+            write_private(&path, &k.render(&note))?;
+        }
+        Ok(path)
+    }
+
+    /// The interchange's CURVE settings: its secret key, and every issued manager key.
+    pub fn server(&self) -> Result<CurveServer, KeyError> {
+        let mut clients = Vec::new();
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| file_err(&self.dir)(format!("cannot list: {e}")))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "manager") {
+                let k = read(&path)?;
+                clients.push(decode(&path, &k.public)?);
+            }
+        }
+        let path = self.dir.join("interchange.key");
+        Ok(CurveServer {
+            secret: decode(&path, &self.server.secret)?,
+            clients,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_issued_once_and_a_loose_directory_is_refused() {
+        let dir = std::env::temp_dir().join(format!("fnx-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let keys = Keys::open(&dir).unwrap();
+        let f = keys.manager_file("gpu").unwrap();
+        assert_eq!(keys.manager_file("gpu").unwrap(), f, "issued once");
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let server = keys.server().unwrap();
+        assert_eq!(server.clients.len(), 1);
+        let issued = read(&f).unwrap();
+        assert_eq!(issued.server_public, keys.server.public);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = Keys::open(&dir).err().expect("refused").to_string();
+        assert!(err.contains("755") && err.contains("chmod 700"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,147 @@
+//! Encrypted, authenticated manager links (CurveZMQ).
+//!
+//! With a [`CurveServer`] the ROUTER is a CURVE server: every connection is encrypted with the
+//! interchange's key pair, and a ZAP handler (a REP socket at `inproc://zeromq.zap.01` in the
+//! driver's ZeroMQ context, answered on the driver thread) accepts only the client public keys
+//! the daemon issued. A socket monitor reports failed handshakes (a wrong key, a plaintext
+//! manager, a manager holding another server's key), which are logged with the peer's address
+//! and a rate limit. Nothing from a connection that failed its handshake reaches the state
+//! machine.
+
+use crate::driver::{DriverError, RateLimit};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// The interchange's side of CurveZMQ.
+#[derive(Clone)]
+pub struct CurveServer {
+    /// The interchange's secret key (32 bytes).
+    pub secret: Vec<u8>,
+    /// Public keys (32 bytes each) of the managers allowed to connect.
+    pub clients: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for CurveServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret key.
+        write!(f, "CurveServer {{ clients: {} }}", self.clients.len())
+    }
+}
+
+/// The ZAP handler and handshake monitor of a CURVE server socket.
+pub(crate) struct Guard {
+    pub(crate) zap: zmq::Socket,
+    pub(crate) monitor: zmq::Socket,
+    allowed: HashSet<Vec<u8>>,
+    log: RateLimit,
+}
+
+static NEXT_MONITOR: AtomicU64 = AtomicU64::new(0);
+
+fn zerr(what: &'static str) -> impl FnOnce(zmq::Error) -> DriverError {
+    move |source| DriverError::Zmq { what, source }
+}
+
+impl Guard {
+    /// Make `router` a CURVE server (before it binds) and start authenticating.
+    pub(crate) fn install(
+        ctx: &zmq::Context,
+        router: &zmq::Socket,
+        cfg: &CurveServer,
+    ) -> Result<Guard, DriverError> {
+        let zap = ctx.socket(zmq::REP).map_err(zerr("ZAP socket"))?;
+        zap.bind("inproc://zeromq.zap.01")
+            .map_err(zerr("bind ZAP"))?;
+        router
+            .set_curve_server(true)
+            .map_err(zerr("CURVE_SERVER"))?;
+        router
+            .set_curve_secretkey(&cfg.secret)
+            .map_err(zerr("CURVE_SECRETKEY"))?;
+        router.set_zap_domain("fnx").map_err(zerr("ZAP_DOMAIN"))?;
+        let addr = format!(
+            "inproc://fnx-interchange-monitor-{}",
+            NEXT_MONITOR.fetch_add(1, Ordering::Relaxed)
+        );
+        let events = zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32
+            | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32
+            | zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32;
+        router.monitor(&addr, events).map_err(zerr("monitor"))?;
+        let monitor = ctx.socket(zmq::PAIR).map_err(zerr("monitor socket"))?;
+        monitor.connect(&addr).map_err(zerr("connect monitor"))?;
+        Ok(Guard {
+            zap,
+            monitor,
+            allowed: cfg.clients.iter().cloned().collect(),
+            log: RateLimit::default(),
+        })
+    }
+
+    /// Answer waiting ZAP requests: 200 for an issued key, 400 otherwise.
+    pub(crate) fn serve_zap(&mut self) {
+        while let Ok(req) = self.zap.recv_multipart(zmq::DONTWAIT) {
+            // version, request id, domain, address, identity, mechanism, credentials...
+            let field = |i: usize| req.get(i).cloned().unwrap_or_default();
+            let (address, mechanism, key) = (field(3), field(5), field(6));
+            let ok = mechanism == b"CURVE" && self.allowed.contains(&key);
+            if !ok {
+                let who = String::from_utf8_lossy(&address).into_owned();
+                let key = zmq::z85_encode(&key).unwrap_or_else(|_| "(none)".into());
+                if let Some(suppressed) = self.log.allow(Instant::now()) {
+                    if suppressed > 0 {
+                        tracing::warn!(
+                            "{suppressed} more refused manager connections were not logged"
+                        );
+                    }
+                    tracing::warn!(
+                        "refused a manager connection from {who}: its key {key} was not issued by \
+                         this daemon (HANDSHAKE_FAILED_AUTH)"
+                    );
+                }
+            }
+            let (code, text): (&[u8], &[u8]) = if ok {
+                (b"200", b"OK")
+            } else {
+                (b"400", b"key not issued by this daemon")
+            };
+            let reply: [&[u8]; 6] = [b"1.0", &field(1), code, text, b"", b""];
+            if let Err(e) = self.zap.send_multipart(reply, 0) {
+                tracing::error!("cannot answer an authentication request: {e}");
+            }
+        }
+    }
+
+    /// Log failed handshakes the monitor reported.
+    pub(crate) fn drain_monitor(&mut self) {
+        while let Ok(parts) = self.monitor.recv_multipart(zmq::DONTWAIT) {
+            let event = parts.first().filter(|p| p.len() >= 6).map(|p| {
+                (
+                    u16::from_le_bytes([p[0], p[1]]),
+                    u32::from_le_bytes([p[2], p[3], p[4], p[5]]),
+                )
+            });
+            let peer = parts
+                .get(1)
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .unwrap_or_default();
+            let Some((event, value)) = event else {
+                continue;
+            };
+            let what = match zmq::SocketEvent::from_raw(event) {
+                zmq::SocketEvent::HANDSHAKE_FAILED_AUTH => continue, // logged by the ZAP handler
+                zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL => "protocol error",
+                _ => "no details",
+            };
+            if let Some(suppressed) = self.log.allow(Instant::now()) {
+                if suppressed > 0 {
+                    tracing::warn!("{suppressed} more failed manager handshakes were not logged");
+                }
+                tracing::warn!(
+                    "an encrypted handshake with a manager failed on {peer} ({what}, code {value}): \
+                     a plaintext manager, or one holding another daemon's key?"
+                );
+            }
+        }
+    }
+}
