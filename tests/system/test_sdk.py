@@ -270,3 +270,43 @@ def test_worker_of_another_python_rejects_pickled_arguments(make_daemon):
     assert f"arguments were pickled by Python {PY} on the client but this worker runs Python" \
         in text and python in text, text
     assert c.get_result(c.run_json(square, 3), timeout=TIMEOUT) == 9  # JSON is fine
+
+
+def _finishes(fn, timeout: float) -> bool:
+    """Run `fn` on a thread; True if it returned within `timeout` (False: it hung)."""
+    import threading
+
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    t.join(timeout)
+    return not t.is_alive()
+
+
+def test_regression_callback_cancelling_a_sibling_of_a_failed_batch_does_not_deadlock(daemon):
+    ex = fnx.Executor(daemon.client(), batch_interval=0.2)
+    a, b = ex.submit(999_999), ex.submit(999_999)  # no such function: the batch gets a 400
+    a.add_done_callback(lambda f: b.cancel())
+    assert _finishes(lambda: concurrent.futures.wait([a, b], timeout=30), 30)
+    assert a.done() and b.done()
+    assert _finishes(lambda: ex.shutdown(), 30), "shutdown hung"
+
+
+def test_regression_shutdown_from_a_done_callback_does_not_deadlock(daemon):
+    ex = fnx.Executor(daemon.client())
+    first = ex.submit(square, 2)
+    first.add_done_callback(lambda f: ex.shutdown())
+    assert first.result(timeout=TIMEOUT) == 4
+    assert _finishes(lambda: ex.shutdown(), 30)
+
+
+def test_regression_shell_function_registered_elsewhere_gets_json_arguments(daemon):
+    sid = daemon.register({"kind": "shell", "command": "echo {x}"})
+    c = daemon.client()  # knows nothing of `sid`
+    assert c.get_result(c.run(sid, x="7"), timeout=TIMEOUT)["stdout"] == "7\n"
+    with fnx.Executor(daemon.client()) as ex:
+        assert ex.submit(sid, x="8").result(timeout=TIMEOUT)["stdout"] == "8\n"
+
+
+def test_regression_client_without_timeout_works(daemon):
+    c = fnx.Client(daemon.url, daemon.token, timeout=None)
+    assert c.get_result(c.run(c.register_function(square), 3), timeout=TIMEOUT) == 9

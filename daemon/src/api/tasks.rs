@@ -296,13 +296,15 @@ pub(super) async fn results(
         }
         wait_for_results(&app, seen, until).await;
     };
-    if since > 0 {
+    let cursor = rows.last().and_then(|r| r.seq).unwrap_or(since);
+    if cursor > since {
+        // What a page delivers counts as fetched (kept for store.result_retention_s more).
         let _ = app.send(Cmd::Fetched {
             owner: caller.user.clone(),
-            upto: since,
+            after: since,
+            upto: cursor,
         });
     }
-    let cursor = rows.last().and_then(|r| r.seq).unwrap_or(since);
     let wants_msgpack = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

@@ -22,7 +22,6 @@ pub(super) struct Ctx<'a> {
     pub(super) next_task: &'a mut u64,
     pub(super) next_seq: &'a mut u64,
     pub(super) next_function: &'a mut u64,
-    pub(super) acked: &'a HashMap<String, u64>,
     pub(super) shared: &'a Shared,
     pub(super) limit: u64,
     pub(super) t: f64,
@@ -203,18 +202,15 @@ impl Ctx<'_> {
     pub(super) fn fetched(
         &mut self,
         tx: &Transaction<'_>,
-        fetched: &[(String, u64)],
+        fetched: &[(String, u64, u64)],
         ids: &[TaskId],
     ) -> Result<(), StoreError> {
         let mut range = tx.prepare_cached(
             "UPDATE tasks SET fetched = ?4 WHERE owner = ?1 AND seq > ?2 AND seq <= ?3
              AND fetched IS NULL",
         )?;
-        for (owner, upto) in fetched {
-            let from = self.acked.get(owner).copied().unwrap_or(0);
-            if *upto > from {
-                range.execute(params![owner, from as i64, *upto as i64, self.t])?;
-            }
+        for (owner, after, upto) in fetched {
+            range.execute(params![owner, *after as i64, *upto as i64, self.t])?;
         }
         let mut one = tx.prepare_cached(
             "UPDATE tasks SET fetched = ?2 WHERE id = ?1 AND state >= 2 AND fetched IS NULL",

@@ -95,11 +95,13 @@ pub enum Cmd {
     Register(FunctionInput, RegisterReply),
     /// Delete a function.
     Delete(FunctionId, DeleteReply),
-    /// A user acknowledged results up to this completion sequence number.
+    /// A user was sent their results with completion sequence numbers in `(after, upto]`.
     Fetched {
         /// The user.
         owner: String,
-        /// Highest sequence number acknowledged.
+        /// The page starts after this sequence number.
+        after: u64,
+        /// The page ends with this sequence number.
         upto: u64,
     },
     /// These finished tasks were read by their owner.
@@ -189,7 +191,6 @@ pub struct Writer {
     next_task: u64,
     next_seq: u64,
     next_function: u64,
-    acked: HashMap<String, u64>,
     synced: bool,
     pending_dispatched: Vec<(TaskId, Attempt)>,
     pending_finished: Vec<Finished>,
@@ -239,7 +240,6 @@ impl Writer {
             next_task,
             next_seq,
             next_function,
-            acked: HashMap::new(),
             synced: true,
             pending_dispatched: Vec::new(),
             pending_finished: Vec::new(),
@@ -308,7 +308,7 @@ impl Writer {
                 Cmd::Finished(f) => self.pending_finished.extend(f),
                 Cmd::Register(f, reply) => registers.push((f, reply)),
                 Cmd::Delete(id, reply) => deletes.push((id, reply)),
-                Cmd::Fetched { owner, upto } => fetched.push((owner, upto)),
+                Cmd::Fetched { owner, after, upto } => fetched.push((owner, after, upto)),
                 Cmd::FetchedIds(ids) => fetched_ids.extend(ids),
             }
         }
@@ -340,10 +340,6 @@ impl Writer {
             Ok(()) => {
                 self.pending_dispatched.clear();
                 self.pending_finished.clear();
-                for (owner, upto) in fetched {
-                    let a = self.acked.entry(owner).or_default();
-                    *a = (*a).max(upto);
-                }
                 self.apply(fx);
                 let took = started.elapsed();
                 if took > Duration::from_secs(1) {
@@ -415,7 +411,7 @@ impl Writer {
         submits: Vec<SubmitReq>,
         registers: Vec<RegisterReq>,
         deletes: &mut Vec<(FunctionId, DeleteReply)>,
-        fetched: &[(String, u64)],
+        fetched: &[(String, u64, u64)],
         fetched_ids: &[TaskId],
         fx: &mut Effects,
     ) -> Result<(), Failed> {
@@ -428,7 +424,6 @@ impl Writer {
             next_task: &mut self.next_task,
             next_seq: &mut self.next_seq,
             next_function: &mut self.next_function,
-            acked: &self.acked,
             shared: &self.shared,
             limit: self.cfg.max_queued_per_user,
             t,

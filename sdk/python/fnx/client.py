@@ -121,7 +121,7 @@ class _Transport:
         if data is not None:
             hdrs["Content-Type"] = "application/json"
         hdrs.update(headers or {})
-        timeout = self.timeout + wait
+        timeout = None if self.timeout is None else self.timeout + wait
         for attempt in (1, 2):
             conn = self._connection()
             reused = conn.sock is not None
@@ -423,7 +423,16 @@ class Client:
             time.sleep(SUBMIT_BACKOFF_S[min(attempt, len(SUBMIT_BACKOFF_S) - 1)])
 
     def _encoding(self, function_id):
-        return "json" if self._kinds.get(function_id) in ("shell", "mpi") else "pickle"
+        kind = self._kinds.get(function_id)
+        if kind is None:
+            # Registered elsewhere (another client, the CLI): ask once.
+            try:
+                kind = self.get_function(function_id).get("kind")
+            except FnxError:
+                kind = None  # the submit reports an unknown function itself
+            if kind is not None:
+                self._kinds[function_id] = kind
+        return "json" if kind in ("shell", "mpi") else "pickle"
 
     def run(self, function, /, *args, **kwargs):
         """Submit one call (pickled arguments; JSON for shell functions registered here);

@@ -20,6 +20,7 @@ callbacks may submit), never the reverse; futures are resolved outside the condi
 import collections
 import concurrent.futures
 import itertools
+import os
 import threading
 import time
 
@@ -114,6 +115,10 @@ class Executor(concurrent.futures.Executor):
         self._submitter_done = False
         self._broken = None
         self._recheck_at = 0
+        self._pid = os.getpid()
+        # Where the results stream ends now: taken before anything is submitted, so that no
+        # result of this executor's tasks can fall before it (nothing is acknowledged).
+        self._start_cursor = self.client.results_end()
         self._submitter = threading.Thread(target=self._guard, args=(self._submit_loop,),
                                            name="fnx-submitter", daemon=True)
         self._results = threading.Thread(target=self._guard, args=(self._results_loop,),
@@ -137,6 +142,8 @@ class Executor(concurrent.futures.Executor):
         return future
 
     def _check_open(self):
+        if os.getpid() != self._pid:
+            raise RuntimeError("an fnx Executor cannot be used in a forked child; create a new one")
         if self._broken is not None:
             raise concurrent.futures.BrokenExecutor(
                 "the fnx executor is broken: %s" % self._broken) from self._broken
@@ -154,6 +161,8 @@ class Executor(concurrent.futures.Executor):
         if cancel_futures:
             for future in unfinished:
                 future.cancel()
+        if wait and threading.current_thread() in (self._submitter, self._results):
+            wait = False  # called from a done-callback: waiting here would wait for ourselves
         if wait:
             concurrent.futures.wait(unfinished)
             self._submitter.join()
@@ -172,9 +181,14 @@ class Executor(concurrent.futures.Executor):
                 future._fnx_dropped = True  # the submitter will skip it
                 sent = False
             else:
-                while future.task_id is None and not future.done():
-                    self._cond.wait()  # its batch is in flight
-                sent = not future.done()
+                # Its batch is in flight: wait for the answer (ids, or the batch failed). Never
+                # wait on the submitter's own thread, which resolves the batch (a done-callback
+                # cancelling a sibling).
+                on_submitter = threading.current_thread() is self._submitter
+                while (future in self._in_flight and future.task_id is None
+                       and not future.done() and not on_submitter):
+                    self._cond.wait()
+                sent = future.task_id is not None and not future.done()
         if not sent:
             return future._fnx_cancel_local()
         tid = future.task_id
@@ -275,9 +289,9 @@ class Executor(concurrent.futures.Executor):
             self._check_status(early)
 
     def _results_loop(self):
-        # catching_up: the stream's current end is not known yet; it is asked for first (without
-        # acknowledging anything), so older results of the user are neither read nor consumed.
-        cursor, catching_up = 0, True
+        # The stream starts where it ended when this executor was made (`results_end`), so
+        # older results of the user are neither read nor marked fetched.
+        cursor = self._start_cursor
         failing_since, delay = None, 0.1
         last_reconcile = time.monotonic()
         while True:
@@ -285,16 +299,10 @@ class Executor(concurrent.futures.Executor):
                 while not (self._by_id or self._in_flight or self._pending):
                     if self._broken is not None or (self._submitter_done and self._shutdown):
                         return
-                    if catching_up:
-                        break
                     self._cond.wait()
                 if self._broken is not None:
                     return
             try:
-                if catching_up:
-                    cursor = self.client.results_end()
-                    catching_up = False
-                    continue
                 records, cursor = self.client.results_page(cursor, self.LONG_POLL_S, MAX_BATCH)
                 failing_since, delay = None, 0.1
             except Exception as exc:
@@ -306,7 +314,7 @@ class Executor(concurrent.futures.Executor):
                 delay = min(delay * 2, 5.0)
                 continue
             self._take(records)
-            if not catching_up and time.monotonic() - last_reconcile >= self.RECONCILE_S:
+            if time.monotonic() - last_reconcile >= self.RECONCILE_S:
                 last_reconcile = time.monotonic()
                 self._reconcile()
 

@@ -367,18 +367,21 @@ def test_unreachable_daemon():
 def test_submit_retried_with_same_idempotency_key(peer, no_backoff):
     answers = iter([(503, {"error": {"code": "store_unavailable", "message": "disk full"}}),
                     None, (201, {"ids": [1, 2]})])
-    peer.handle = lambda req: next(answers)
+    # The client asks once what kind function 3 is (registered elsewhere): a Python function.
+    kind = (200, {"id": 3, "kind": "python"})
+    peer.handle = lambda req: kind if req.path == "/v1/functions/3" else next(answers)
     c = peer.client()
     assert c.batch_run([(3, (1,), {}), (3, (2,), {"z": 1})]) == [1, 2]
-    keys = [r.headers["Idempotency-Key"] for r in peer.requests]
+    posts = [r for r in peer.requests if r.path == "/v1/tasks"]
+    keys = [r.headers["Idempotency-Key"] for r in posts]
     assert len(keys) == 3 and len(set(keys)) == 1 and len(keys[0]) >= 16
-    payload = pickle.loads(base64.b64decode(peer.requests[0].body["tasks"][1]["data_b64"]))
+    payload = pickle.loads(base64.b64decode(posts[0].body["tasks"][1]["data_b64"]))
     assert payload == ((2,), {"z": 1}, {"python": PY})
     peer.handle = lambda req: (201, {"ids": list(range(len(req.body["tasks"])))})
     assert len(c.batch_run((3, (i,), {}) for i in range(10_001))) == 10_001
-    assert [len(r.body["tasks"]) for r in peer.requests[3:]] == [10_000, 1]
-    assert peer.requests[3].headers["Idempotency-Key"] != peer.requests[4].headers[
-        "Idempotency-Key"]
+    posts = [r for r in peer.requests if r.path == "/v1/tasks"]
+    assert [len(r.body["tasks"]) for r in posts[3:]] == [10_000, 1]
+    assert posts[3].headers["Idempotency-Key"] != posts[4].headers["Idempotency-Key"]
 
 
 def test_get_result_long_polls_and_times_out(peer):
