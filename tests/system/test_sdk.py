@@ -310,3 +310,15 @@ def test_regression_shell_function_registered_elsewhere_gets_json_arguments(daem
 def test_regression_client_without_timeout_works(daemon):
     c = fnx.Client(daemon.url, daemon.token, timeout=None)
     assert c.get_result(c.run(c.register_function(square), 3), timeout=TIMEOUT) == 9
+
+
+def test_regression_one_refused_call_fails_alone_in_an_executor_batch(daemon):
+    sid = daemon.register({"kind": "shell", "command": "echo {x}"})
+    with fnx.Executor(daemon.client(), batch_interval=0.2) as ex:
+        good = [ex.submit(sid, x=str(i)) for i in range(5)]
+        bad = ex.submit(sid, y="no such parameter")
+        more = [ex.submit(sid, x=str(i)) for i in range(5, 10)]
+        with pytest.raises(fnx.BadRequest, match="no parameter 'y'"):
+            bad.result(timeout=TIMEOUT)
+        outs = [f.result(timeout=TIMEOUT)["stdout"] for f in good + more]
+    assert outs == [f"{i}\n" for i in range(10)]

@@ -25,7 +25,7 @@ import threading
 import time
 
 from .client import MAX_BATCH, Client, make_task
-from .errors import (TERMINAL, AuthError, BadRequest, FnxError, Forbidden, NotFound,
+from .errors import (TERMINAL, AuthError, BadRequest, FnxError, Forbidden, HTTPError, NotFound,
                      decode_record)
 
 _Future = concurrent.futures.Future
@@ -159,8 +159,20 @@ class Executor(concurrent.futures.Executor):
             unfinished = [*self._pending, *self._in_flight, *self._by_id.values()]
             self._cond.notify_all()
         if cancel_futures:
+            # Submitted tasks are cancelled on the daemon in bulk (their records reach this
+            # executor through the results stream); the others locally.
+            submitted = [f.task_id for f in unfinished if f.task_id is not None]
             for future in unfinished:
-                future.cancel()
+                if future.task_id is None:
+                    future.cancel()
+            for start in range(0, len(submitted), MAX_BATCH):
+                try:
+                    self.client.request("POST", "/v1/tasks/cancel",
+                                        {"ids": submitted[start:start + MAX_BATCH]})
+                except FnxError:
+                    for future in unfinished:
+                        if future.task_id in submitted[start:start + MAX_BATCH]:
+                            future.cancel()
         if wait and threading.current_thread() in (self._submitter, self._results):
             wait = False  # called from a done-callback: waiting here would wait for ourselves
         if wait:
@@ -264,7 +276,21 @@ class Executor(concurrent.futures.Executor):
 
     def _send(self, batch):
         try:
-            ids = self.client.submit_tasks([f._fnx_task for f in batch])
+            while True:
+                try:
+                    ids = self.client.submit_tasks([f._fnx_task for f in batch])
+                    break
+                except HTTPError as exc:
+                    # The daemon names the one task it refuses (`tasks[3].args: ...`): that
+                    # future fails alone and the others are sent again.
+                    bad = _refused_task(exc, len(batch))
+                    if bad is None:
+                        raise
+                    batch[bad]._fnx_resolve(exc=exc)
+                    del batch[bad]
+                    if not batch:
+                        ids = []
+                        break
             if len(ids) != len(batch):
                 raise FnxError("the daemon answered %d ids for %d tasks" % (len(ids), len(batch)))
         except Exception as exc:
@@ -360,3 +386,14 @@ def _fatal(exc):
     """Errors that retrying cannot fix."""
     return isinstance(exc, (AuthError, Forbidden, NotFound, BadRequest)) or \
         not isinstance(exc, FnxError)
+
+
+def _refused_task(exc, n):
+    """The index of the task a 400 or 413 names (``tasks[3]...``), if it is one of ``n``."""
+    if exc.status not in (400, 413) or not exc.message.startswith("tasks["):
+        return None
+    try:
+        i = int(exc.message[len("tasks["):exc.message.index("]")])
+    except ValueError:
+        return None
+    return i if 0 <= i < n else None
