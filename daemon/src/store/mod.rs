@@ -342,17 +342,6 @@ impl Reader {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// The completion sequence number of a user's newest result (0 if none).
-    pub fn last_seq(&self, owner: &str) -> Result<u64, StoreError> {
-        let c = self.get()?;
-        let v: Option<i64> = c.query_row(
-            "SELECT max(seq) FROM tasks WHERE owner = ?1",
-            [owner],
-            |r| r.get(0),
-        )?;
-        Ok(v.unwrap_or(0) as u64)
-    }
-
     /// One function.
     pub fn function(&self, id: FunctionId) -> Result<Option<FunctionRow>, StoreError> {
         let c = self.get()?;
