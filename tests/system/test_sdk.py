@@ -322,3 +322,20 @@ def test_regression_one_refused_call_fails_alone_in_an_executor_batch(daemon):
             bad.result(timeout=TIMEOUT)
         outs = [f.result(timeout=TIMEOUT)["stdout"] for f in good + more]
     assert outs == [f"{i}\n" for i in range(10)]
+
+
+def byte_count(data):
+    return len(data)
+
+
+def test_regression_large_batches_are_split_by_size(make_daemon):
+    # The daemon takes request bodies of at most 4 MiB here: 24 calls of 1 MiB go in several
+    # requests (every future failed with 413 before batches were split).
+    d = make_daemon(limits={"max_request_mb": 4})
+    blob = b"x" * (1 << 20)
+    with fnx.Executor(d.client(), batch_interval=0.5) as ex:
+        futures = [ex.submit(byte_count, blob) for _ in range(24)]
+        assert [f.result(timeout=TIMEOUT) for f in futures] == [1 << 20] * 24
+    c = d.client()
+    ids = c.batch_run([(byte_count, (blob,), {}) for _ in range(12)])
+    assert c.get_results(ids, timeout=TIMEOUT) == [1 << 20] * 12

@@ -30,6 +30,32 @@ from .errors import (  # noqa: F401 (re-exported)
 
 PYTHON = "%d.%d" % sys.version_info[:2]
 MAX_BATCH = 10_000  # tasks per POST /v1/tasks and ids per POST /v1/tasks/status
+MAX_BATCH_BYTES = 64 << 20  # request body per POST /v1/tasks (the daemon's default limit: 256 MiB)
+
+
+def task_size(task):
+    """About how many bytes ``task`` adds to a submit's JSON body."""
+    size = 64 + len(task.get("data_b64") or "")
+    if "args" in task:
+        size += len(json.dumps(task["args"]))
+    for f in task.get("files") or ():
+        size += 32 + len(f.get("data_b64") or "") + len(f.get("path") or "")
+    return size
+
+
+def chunks(tasks):
+    """Split task dicts into submit requests: at most MAX_BATCH tasks and about
+    MAX_BATCH_BYTES each (a single larger task goes alone)."""
+    chunk, size = [], 0
+    for task in tasks:
+        n = task_size(task)
+        if chunk and (len(chunk) == MAX_BATCH or size + n > MAX_BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(task)
+        size += n
+    if chunk:
+        yield chunk
 POLL_SLICE_S = 30  # the longest single long-poll the client asks for
 SUBMIT_ATTEMPTS = 7  # connection errors and 503s: retried with the same Idempotency-Key
 SUBMIT_BACKOFF_S = (0.2, 0.5, 1, 2, 4, 8)
@@ -403,13 +429,12 @@ class Client:
     def submit_tasks(self, tasks):
         """Low-level: ``POST /v1/tasks`` with task dicts (see ``make_task``); returns ids.
 
-        Batches over 10,000 tasks are split. Each request carries an ``Idempotency-Key`` and
+        Batches over 10,000 tasks or about 64 MiB are split. Each request carries an ``Idempotency-Key`` and
         is retried with the same key after connection errors and 503 answers.
         """
-        tasks = list(tasks)
         ids = []
-        for start in range(0, len(tasks), MAX_BATCH):
-            ids.extend(self._submit_chunk(tasks[start:start + MAX_BATCH]))
+        for chunk in chunks(tasks):
+            ids.extend(self._submit_chunk(chunk))
         return ids
 
     def _submit_chunk(self, tasks):
@@ -420,6 +445,13 @@ class Client:
             except (ConnectionFailed, StoreUnavailable):
                 if attempt + 1 == SUBMIT_ATTEMPTS:
                     raise
+            except PayloadTooLarge as exc:
+                # The request as a whole is over the daemon's limits (not one task: that
+                # message names `tasks[i]`): send it in two halves, each with its own key.
+                if len(tasks) < 2 or exc.message.startswith("tasks["):
+                    raise
+                half = len(tasks) // 2
+                return self._submit_chunk(tasks[:half]) + self._submit_chunk(tasks[half:])
             time.sleep(SUBMIT_BACKOFF_S[min(attempt, len(SUBMIT_BACKOFF_S) - 1)])
 
     def _encoding(self, function_id):

@@ -24,7 +24,7 @@ import os
 import threading
 import time
 
-from .client import MAX_BATCH, Client, make_task
+from .client import MAX_BATCH, MAX_BATCH_BYTES, Client, make_task, task_size
 from .errors import (TERMINAL, AuthError, BadRequest, FnxError, Forbidden, HTTPError, NotFound,
                      decode_record)
 
@@ -256,12 +256,16 @@ class Executor(concurrent.futures.Executor):
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            batch = []
+            batch, size = [], 0
             while self._pending and len(batch) < self.batch_size:
+                n = task_size(self._pending[0]._fnx_task)
+                if batch and size + n > MAX_BATCH_BYTES:
+                    break  # a request body stays within the daemon's limit
                 future = self._pending.popleft()
                 if not future._fnx_dropped and not future.done():
                     future._fnx_sent = True
                     batch.append(future)
+                    size += n
             self._in_flight = batch
             self._cond.notify_all()  # the results thread listens while a batch is in flight
             return batch
