@@ -339,3 +339,15 @@ def test_regression_large_batches_are_split_by_size(make_daemon):
     c = d.client()
     ids = c.batch_run([(byte_count, (blob,), {}) for _ in range(12)])
     assert c.get_results(ids, timeout=TIMEOUT) == [1 << 20] * 12
+
+
+def test_regression_a_function_defined_anew_is_registered_once(daemon):
+    c = daemon.client()
+    ids = set()
+    for i in range(5):
+        def triple(x):
+            return 3 * x
+        ids.add(c.function_id(triple))
+    assert len(ids) == 1, ids
+    assert len([f for f in c.list_functions() if f["name"] == "triple"]) == 1
+    assert c.get_result(c.run(ids.pop(), 2), timeout=TIMEOUT) == 6

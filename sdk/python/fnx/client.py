@@ -341,7 +341,12 @@ class Client:
         self.url = url
         self._http = _Transport(url, token, timeout)
         self._lock = threading.Lock()
-        self._registered = {}  # callable -> function id
+        # function object -> id (weak: a function that goes away leaves no entry), and
+        # (source, entry) -> id, so that a function defined anew with the same code (a nested
+        # def, a re-run cell) is not registered again.
+        self._registered = weakref.WeakKeyDictionary()
+        self._by_source = {}
+        self._refs = {}  # "module:qualname" -> id
         self._kinds = {}  # function id -> kind, for functions registered through this client
 
     def close(self):
@@ -404,12 +409,22 @@ class Client:
             return fn
         if not (inspect.isfunction(fn) or isinstance(fn, str)):
             return self.register_function(fn)  # raises the reason it cannot be sent
+        cache = self._refs if isinstance(fn, str) else self._registered
         with self._lock:
-            fid = self._registered.get(fn)
+            fid = cache.get(fn)
+        if fid is not None:
+            return fid
+        key = None
+        if not isinstance(fn, str):
+            key = source_of(fn)  # (source, entry); raises the reason it cannot be sent
+            with self._lock:
+                fid = self._by_source.get(key)
         if fid is None:
             fid = self.register_function(fn)
-            with self._lock:
-                fid = self._registered.setdefault(fn, fid)
+        with self._lock:
+            fid = cache.setdefault(fn, fid)
+            if key is not None:
+                self._by_source.setdefault(key, fid)
         return fid
 
     def get_function(self, function_id):
