@@ -8,12 +8,14 @@ use fnx_protocol::{BlockId, ManagerBootstrap};
 use std::path::PathBuf;
 
 /// Flags of `fnx manager`.
-#[derive(Args, Debug, Clone, PartialEq, Eq)]
+#[derive(Args, Debug, Clone, PartialEq)]
 pub struct ManagerArgs {
     /// ZeroMQ endpoint of the interchange (tcp://HOST:PORT).
     #[arg(long)]
     pub interchange: String,
-    /// Unique name of this manager launch.
+    /// Unique name of this manager launch; `{rank}` is replaced by the launcher's rank of this
+    /// process (SLURM_PROCID, PMI_RANK, OMPI_COMM_WORLD_RANK, PMIX_RANK, PALS_RANKID or
+    /// ALPS_APP_PE), so one command line started on every node gives every manager its own name
     #[arg(long)]
     pub uid: String,
     /// Directory for logs (the manager writes into RUN_DIR/UID/).
@@ -43,6 +45,16 @@ pub struct ManagerArgs {
     /// Worker slots (default: the CPUs this process may use).
     #[arg(long)]
     pub slots: Option<u32>,
+    /// Cores each worker needs (slots are at most cores / this)
+    #[arg(long)]
+    pub cores_per_worker: Option<f64>,
+    /// Memory each worker needs in MiB (slots are at most node memory / this)
+    #[arg(long)]
+    pub mem_per_worker_mb: Option<u64>,
+    /// Drain this many milliseconds after start: take no new tasks, finish the held ones, exit
+    /// (batch jobs set it to end before their walltime)
+    #[arg(long)]
+    pub drain_after_ms: Option<u64>,
     /// Tasks accepted beyond the slots (default: as many as slots, at least 64).
     #[arg(long)]
     pub prefetch: Option<u32>,
@@ -62,6 +74,9 @@ impl From<ManagerArgs> for ManagerBootstrap {
             uid: a.uid,
             block_id: a.block_id.map(BlockId),
             slots: a.slots,
+            cores_per_worker: a.cores_per_worker,
+            mem_per_worker_mb: a.mem_per_worker_mb,
+            drain_after_ms: a.drain_after_ms,
             prefetch: a.prefetch,
             zero_work: a.zero_work,
             python: a.python,
@@ -78,7 +93,8 @@ impl From<ManagerArgs> for ManagerBootstrap {
 
 /// Run a manager; the exit status tells its launcher how it ended.
 pub fn run(args: ManagerArgs) -> u8 {
-    let b = ManagerBootstrap::from(args);
+    let mut b = ManagerBootstrap::from(args);
+    b.uid = fnx_manager::expand_uid(&b.uid, |k| std::env::var(k).ok());
     let dir = fnx_manager::manager_dir(&b);
     if let Err(e) =
         std::fs::create_dir_all(&dir).and_then(|()| logging::to_file(&dir.join("manager.log")))
@@ -134,6 +150,9 @@ mod tests {
         b.python = "/opt/py/bin/python3".into();
         b.kill_grace_ms = 250;
         b.curve_keys = Some("/shared/keys/gpu.manager".into());
+        b.cores_per_worker = Some(1.5);
+        b.mem_per_worker_mb = Some(2048);
+        b.drain_after_ms = Some(3_300_000);
         let mut argv = vec!["fnx".to_string()];
         argv.extend(fnx_launcher::manager_args(&b));
         let Sub::Manager(args) = Wrapper::try_parse_from(argv).expect("parses").cmd;

@@ -12,8 +12,8 @@ use crate::state::{
     Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer,
 };
 use fnx_protocol::{
-    decode, encode, Attempt, FunctionDef, InterchangeToManager, ManagerId, ManagerToInterchange,
-    TaskId, TaskSpec,
+    decode, encode, Attempt, BlockId, FunctionDef, InterchangeToManager, ManagerId,
+    ManagerToInterchange, TaskId, TaskSpec,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -92,6 +92,7 @@ enum Command {
     Submit(Vec<NewTask>),
     Cancel(Vec<TaskId>),
     ManagerGone { uid: String, reason: String },
+    DrainBlock(BlockId),
     Status(Sender<(Counts, Vec<ManagerStatus>)>),
     Shutdown { reason: String },
 }
@@ -200,6 +201,12 @@ impl Handle {
     /// Tell the interchange that the manager launched as `uid` has ended.
     pub fn manager_gone(&self, uid: String, reason: String) {
         self.command(Command::ManagerGone { uid, reason });
+    }
+
+    /// Drain every manager of a block: they get no new tasks and are released (and exit) once
+    /// they hold none.
+    pub fn drain_block(&self, block: BlockId) {
+        self.command(Command::DrainBlock(block));
     }
 
     /// Counts and managers, as the driver sees them now.
@@ -335,6 +342,7 @@ impl Driver {
                     Command::ManagerGone { uid, reason } => {
                         self.ic.manager_gone(&uid, &reason, &mut out)
                     }
+                    Command::DrainBlock(block) => self.ic.drain_block(block, &mut out),
                     Command::Status(reply) => {
                         let _ = reply.send((self.ic.counts(), self.ic.managers(Instant::now())));
                     }

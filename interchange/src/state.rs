@@ -588,6 +588,19 @@ impl Interchange {
         }
     }
 
+    /// Drain every manager of `block` (see [`Interchange::drain_manager`]).
+    pub fn drain_block(&mut self, block: BlockId, comm: &mut impl Comm) {
+        let ids: Vec<ManagerId> = self
+            .managers
+            .iter()
+            .filter(|(_, m)| m.block_id == Some(block) && !m.draining)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.drain_manager(id, comm);
+        }
+    }
+
     /// Tell every manager to exit now.
     pub fn shutdown_all(&mut self, reason: &str, comm: &mut impl Comm) {
         for m in self.managers.values() {

@@ -723,3 +723,36 @@ fn a_manager_unknown_to_a_restarted_interchange_is_asked_to_register_again() {
         [(_, InterchangeToManager::Registered { .. })]
     ));
 }
+
+#[test]
+fn drain_block_drains_only_that_blocks_managers() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    for (n, block) in [(1u8, 7u64), (2, 7), (3, 8)] {
+        let ManagerToInterchange::Register(mut r) = reg(&format!("m{n}"), 1, 0) else {
+            unreachable!()
+        };
+        r.block_id = Some(BlockId(block));
+        ic.on_message(now, &peer(n), ManagerToInterchange::Register(r), &mut c);
+    }
+    c.take();
+    ic.drain_block(BlockId(7), &mut c);
+    // Idle managers of block 7 are told to drain and released at once; block 8 is untouched.
+    let sent = c.take();
+    for n in [1u8, 2] {
+        assert!(
+            sent.contains(&(peer(n), InterchangeToManager::Drain)),
+            "{sent:?}"
+        );
+        assert!(
+            sent.contains(&(peer(n), InterchangeToManager::Drained)),
+            "{sent:?}"
+        );
+    }
+    assert!(sent.iter().all(|(p, _)| *p != peer(3)), "{sent:?}");
+    ic.submit(vec![task(1)], &mut c);
+    ic.dispatch(&mut c);
+    let sent = c.take();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].0, peer(3), "only block 8's manager gets work");
+}

@@ -36,6 +36,15 @@ pub fn manager_args(b: &ManagerBootstrap) -> Vec<String> {
     if let Some(slots) = b.slots {
         args.extend(["--slots".into(), slots.to_string()]);
     }
+    if let Some(c) = b.cores_per_worker {
+        args.extend(["--cores-per-worker".into(), c.to_string()]);
+    }
+    if let Some(m) = b.mem_per_worker_mb {
+        args.extend(["--mem-per-worker-mb".into(), m.to_string()]);
+    }
+    if let Some(d) = b.drain_after_ms {
+        args.extend(["--drain-after-ms".into(), d.to_string()]);
+    }
     if let Some(prefetch) = b.prefetch {
         args.extend(["--prefetch".into(), prefetch.to_string()]);
     }

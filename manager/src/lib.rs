@@ -94,6 +94,50 @@ fn read_keys(path: &std::path::Path) -> Result<link::ClientKeys, ManagerError> {
     })
 }
 
+/// The environment variables in which launchers give a process its rank, in the order tried.
+const RANK_VARS: [&str; 6] = [
+    "SLURM_PROCID",
+    "PMI_RANK",
+    "OMPI_COMM_WORLD_RANK",
+    "PMIX_RANK",
+    "PALS_RANKID",
+    "ALPS_APP_PE",
+];
+
+/// Replace `{rank}` in the uid with this process's launcher rank (0 when no launcher set one),
+/// so that one command line started on every node names every manager differently.
+pub fn expand_uid(uid: &str, env: impl Fn(&str) -> Option<String>) -> String {
+    if !uid.contains("{rank}") {
+        return uid.to_string();
+    }
+    let rank = RANK_VARS
+        .iter()
+        .find_map(|v| env(v).filter(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit())))
+        .unwrap_or_else(|| "0".to_string());
+    uid.replace("{rank}", &rank)
+}
+
+/// The node's name as the batch system knows it (`SLURMD_NODENAME`), else the host name.
+pub fn node_name() -> String {
+    std::env::var("SLURMD_NODENAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(fnx_sys::node::hostname)
+}
+
+/// Worker slots: the configured count (default: one per usable core), at most
+/// `cores / cores_per_worker` and `memory / mem_per_worker`, and at least one.
+pub fn slot_count(b: &ManagerBootstrap, cores: u32, mem_bytes: u64) -> u32 {
+    let mut slots = b.slots.unwrap_or(cores);
+    if let Some(c) = b.cores_per_worker.filter(|c| *c > 0.0) {
+        slots = slots.min((cores as f64 / c).floor() as u32);
+    }
+    if let Some(m) = b.mem_per_worker_mb.filter(|m| *m > 0) {
+        slots = slots.min((mem_bytes / (m << 20)) as u32);
+    }
+    slots.max(1)
+}
+
 /// The directory a manager writes its logs and worker runtime into.
 pub fn manager_dir(bootstrap: &ManagerBootstrap) -> PathBuf {
     bootstrap.run_dir.join(&bootstrap.uid)
@@ -118,11 +162,12 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
     }
     let signals = fnx_sys::signals::install(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])
         .map_err(io("cannot install signal handlers"))?;
+    let started = std::time::Instant::now();
     let cores = fnx_sys::node::usable_cpus();
-    let slots = b.slots.unwrap_or(cores).max(1);
+    let slots = slot_count(b, cores, fnx_sys::node::total_memory_bytes());
     let register = Register {
         uid: b.uid.clone(),
-        host: fnx_sys::node::hostname(),
+        host: node_name(),
         pid: std::process::id(),
         cores,
         slots,
@@ -177,9 +222,55 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
         kill_grace: Duration::from_millis(b.kill_grace_ms),
         zero_work: b.zero_work,
         max_frame_bytes: fnx_protocol::DEFAULT_MAX_FRAME_BYTES,
+        drain_at: b
+            .drain_after_ms
+            .map(|ms| started + Duration::from_millis(ms)),
     };
     let end = pool::Pool::new(pool_cfg, &pool_side, &signals).run();
     let _ = link_thread.join();
     tracing::info!("manager {} stopped: {end:?}", b.uid);
     Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_placeholders_use_the_launchers_variables() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(expand_uid("b3.{rank}", env(&[("PMI_RANK", "2")])), "b3.2");
+        assert_eq!(
+            expand_uid(
+                "b3.{rank}",
+                env(&[("SLURM_PROCID", "1"), ("PMI_RANK", "5")])
+            ),
+            "b3.1"
+        );
+        assert_eq!(
+            expand_uid("b3.{rank}", env(&[("ALPS_APP_PE", "x")])),
+            "b3.0"
+        );
+        assert_eq!(expand_uid("plain", env(&[("PMI_RANK", "2")])), "plain");
+    }
+
+    #[test]
+    fn slots_respect_cores_and_memory_per_worker() {
+        let mut b = ManagerBootstrap::new("tcp://h:1".into(), "u".into(), "/r".into(), "r".into());
+        assert_eq!(slot_count(&b, 64, 1 << 40), 64);
+        b.cores_per_worker = Some(4.0);
+        assert_eq!(slot_count(&b, 64, 1 << 40), 16);
+        b.mem_per_worker_mb = Some(16 << 10);
+        assert_eq!(slot_count(&b, 64, 128 << 30), 8);
+        b.slots = Some(2);
+        assert_eq!(slot_count(&b, 64, 128 << 30), 2);
+        b.cores_per_worker = Some(128.0);
+        assert_eq!(slot_count(&b, 64, 128 << 30), 1);
+    }
 }

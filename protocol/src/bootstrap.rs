@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Everything a manager needs to know to start.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ManagerBootstrap {
     /// ZeroMQ endpoint of the interchange, e.g. `tcp://10.0.0.1:54321`.
     pub interchange: String,
@@ -19,6 +19,13 @@ pub struct ManagerBootstrap {
     pub block_id: Option<BlockId>,
     /// Worker slots; `None` means one per CPU the process may use.
     pub slots: Option<u32>,
+    /// Cores each worker needs: slots are at most `cores / cores_per_worker`.
+    pub cores_per_worker: Option<f64>,
+    /// Memory each worker needs, in MiB: slots are at most `node memory / mem_per_worker`.
+    pub mem_per_worker_mb: Option<u64>,
+    /// Stop taking tasks this many milliseconds after start (before the batch job's walltime
+    /// ends): the manager asks the interchange to drain it, finishes what it holds and exits.
+    pub drain_after_ms: Option<u64>,
     /// Tasks accepted beyond the slots, queued locally; `None` means as many as slots, at
     /// least 64.
     pub prefetch: Option<u32>,
@@ -51,6 +58,9 @@ impl ManagerBootstrap {
             uid,
             block_id: None,
             slots: None,
+            cores_per_worker: None,
+            mem_per_worker_mb: None,
+            drain_after_ms: None,
             prefetch: None,
             zero_work: false,
             python: "python3".to_string(),

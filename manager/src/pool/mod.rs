@@ -45,6 +45,8 @@ pub struct PoolConfig {
     pub zero_work: bool,
     /// Largest frame to the interchange.
     pub max_frame_bytes: usize,
+    /// When to ask the interchange to drain this manager (before the batch job's walltime).
+    pub drain_at: Option<Instant>,
 }
 
 /// Why the pool stopped.
@@ -181,6 +183,7 @@ pub struct Pool<'a> {
     batch_bytes: usize,
     batch_since: Option<Instant>,
     end: Option<PoolEnd>,
+    drain_sent: bool,
 }
 
 impl<'a> Pool<'a> {
@@ -203,6 +206,7 @@ impl<'a> Pool<'a> {
             batch_bytes: 0,
             batch_since: None,
             end: None,
+            drain_sent: false,
         }
     }
 
@@ -277,7 +281,15 @@ impl<'a> Pool<'a> {
         if exited {
             self.reap();
         }
-        self.check_deadlines(Instant::now());
+        let now = Instant::now();
+        self.check_deadlines(now);
+        if !self.drain_sent && self.cfg.drain_at.is_some_and(|at| now >= at) {
+            tracing::warn!(
+                "the batch job's walltime ends soon: draining (no new tasks; the held ones finish)"
+            );
+            self.drain_sent = true;
+            self.send(&ManagerToInterchange::Drain);
+        }
         self.schedule();
         self.flush(false);
     }
@@ -285,6 +297,9 @@ impl<'a> Pool<'a> {
     fn poll_timeout(&self) -> i64 {
         let now = Instant::now();
         let mut next = now + Duration::from_secs(1);
+        if let Some(at) = self.cfg.drain_at.filter(|_| !self.drain_sent) {
+            next = next.min(at);
+        }
         if let Some(since) = self.batch_since {
             next = next.min(since + FLUSH_AFTER);
         }

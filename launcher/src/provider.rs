@@ -1,0 +1,367 @@
+//! The batch-system commands of each provider (submit, status, cancel), what their output
+//! means, and running them with a timeout.
+
+use crate::block::{BlockFiles, BlockSpec, Provider};
+use std::collections::HashMap;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The state of a batch job, as far as fnx cares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting in the queue (or held, or being configured).
+    Pending,
+    /// Running.
+    Running,
+    /// Ended; the scheduler's word for how (COMPLETED, FAILED, CANCELLED, TIMEOUT, ...).
+    Ended(String),
+    /// The scheduler does not know the job (any more).
+    Unknown,
+}
+
+/// A batch command failed, timed out or printed something unexpected.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct CommandError(pub String);
+
+/// The command that submits a block's script.
+pub fn submit_argv(spec: &BlockSpec, files: &BlockFiles) -> Vec<String> {
+    let script = files.script.display().to_string();
+    match spec.provider {
+        Provider::Slurm => vec!["sbatch".into(), "--parsable".into(), script],
+        // The output paths are also directives in the script; on the command line as well they
+        // hold for qsub front ends that ignore `#PBS -o/-e` (Slurm's Torque wrapper).
+        Provider::Pbs => vec![
+            "qsub".into(),
+            "-o".into(),
+            files.stdout.display().to_string(),
+            "-e".into(),
+            files.stderr.display().to_string(),
+            script,
+        ],
+        Provider::Cobalt => {
+            let minutes = spec.walltime.as_secs().div_ceil(60).max(1);
+            let mut a = vec![
+                "qsub".to_string(),
+                "-n".into(),
+                spec.nodes.to_string(),
+                "-t".into(),
+                minutes.to_string(),
+            ];
+            if let Some(q) = &spec.queue {
+                a.extend(["-q".into(), q.clone()]);
+            }
+            if let Some(acc) = &spec.account {
+                a.extend(["-A".into(), acc.clone()]);
+            }
+            let prefix = files.dir.join("job").display().to_string();
+            a.extend([
+                "-O".into(),
+                prefix,
+                "--mode".into(),
+                "script".into(),
+                script,
+            ]);
+            a
+        }
+        Provider::Local => vec!["/bin/bash".into(), script],
+    }
+}
+
+/// The job id in a submit command's output.
+pub fn parse_submit(provider: Provider, stdout: &str) -> Result<String, CommandError> {
+    let line = stdout
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("");
+    let id = match provider {
+        // `--parsable`: `ID` or `ID;CLUSTER`.
+        Provider::Slurm => line.split(';').next().unwrap_or(""),
+        // `123.server` (PBS Pro, Torque) or `123` (Slurm's Torque wrapper).
+        Provider::Pbs => line,
+        // Cobalt prints the numeric id last.
+        Provider::Cobalt => line,
+        Provider::Local => line,
+    };
+    let ok = !id.is_empty()
+        && id.len() < 200
+        && id.bytes().next().is_some_and(|b| b.is_ascii_digit())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-[]".contains(&b));
+    if !ok {
+        return Err(CommandError(format!(
+            "cannot find a job id in the submit command's output {:?}",
+            truncate(stdout, 300)
+        )));
+    }
+    Ok(id.to_string())
+}
+
+/// The command that reports the states of `ids` (one call for all of a pool's blocks).
+pub fn status_argv(provider: Provider, ids: &[String]) -> Vec<String> {
+    let mut a: Vec<String> = match provider {
+        Provider::Slurm => vec![
+            "squeue".into(),
+            "--noheader".into(),
+            "--states=all".into(),
+            "--format=%i %T".into(),
+            format!("--jobs={}", ids.join(",")),
+        ],
+        Provider::Pbs => vec!["qstat".into(), "-f".into()],
+        Provider::Cobalt => vec!["qstat".into(), "--header".into(), "JobId:State".into()],
+        Provider::Local => vec![],
+    };
+    if provider != Provider::Slurm {
+        a.extend(ids.iter().cloned());
+    }
+    a
+}
+
+/// States of the jobs in a status command's output; jobs it does not mention are
+/// [`JobState::Unknown`].
+pub fn parse_status(provider: Provider, stdout: &str, ids: &[String]) -> HashMap<String, JobState> {
+    let mut out: HashMap<String, JobState> =
+        ids.iter().map(|i| (i.clone(), JobState::Unknown)).collect();
+    let mut set = |id: &str, state: JobState| {
+        // PBS may print `123.server` for a job submitted as `123`, or the other way round.
+        let short = id.split('.').next().unwrap_or(id);
+        for (k, v) in out.iter_mut() {
+            if k == id || k.split('.').next() == Some(short) {
+                *v = state.clone();
+            }
+        }
+    };
+    match provider {
+        Provider::Slurm => {
+            for line in stdout.lines() {
+                let mut it = line.split_whitespace();
+                if let (Some(id), Some(state)) = (it.next(), it.next()) {
+                    set(id, slurm_state(state));
+                }
+            }
+        }
+        Provider::Pbs => {
+            let mut current: Option<String> = None;
+            for line in stdout.lines() {
+                let t = line.trim();
+                if let Some(id) = t.strip_prefix("Job Id:") {
+                    current = Some(id.trim().to_string());
+                } else if let Some(v) = t.strip_prefix("job_state =") {
+                    if let Some(id) = &current {
+                        set(id, pbs_state(v.trim()));
+                    }
+                }
+            }
+        }
+        Provider::Cobalt => {
+            for line in stdout.lines() {
+                let mut it = line.split_whitespace();
+                if let (Some(id), Some(state)) = (it.next(), it.next()) {
+                    if id.bytes().all(|b| b.is_ascii_digit()) {
+                        set(id, cobalt_state(state));
+                    }
+                }
+            }
+        }
+        Provider::Local => {}
+    }
+    out
+}
+
+fn slurm_state(s: &str) -> JobState {
+    match s {
+        "PENDING" | "CONFIGURING" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED"
+        | "RESV_DEL_HOLD" | "SUSPENDED" | "STOPPED" | "RESIZING" => JobState::Pending,
+        "RUNNING" | "SIGNALING" | "STAGE_OUT" => JobState::Running,
+        other => JobState::Ended(other.to_string()),
+    }
+}
+
+fn pbs_state(s: &str) -> JobState {
+    match s {
+        "Q" | "H" | "W" | "T" | "S" | "U" | "B" => JobState::Pending,
+        "R" | "E" => JobState::Running,
+        "C" => JobState::Ended("COMPLETED".into()),
+        "F" | "X" => JobState::Ended("FINISHED".into()),
+        other => JobState::Ended(other.to_string()),
+    }
+}
+
+fn cobalt_state(s: &str) -> JobState {
+    match s.to_ascii_lowercase().as_str() {
+        "queued" | "user_hold" | "admin_hold" | "dep_hold" | "starting" => JobState::Pending,
+        "running" => JobState::Running,
+        other => JobState::Ended(other.to_string()),
+    }
+}
+
+/// The command that cancels jobs.
+pub fn cancel_argv(provider: Provider, ids: &[String]) -> Vec<String> {
+    let mut a = match provider {
+        Provider::Slurm => vec!["scancel".to_string()],
+        _ => vec!["qdel".to_string()],
+    };
+    a.extend(ids.iter().cloned());
+    a
+}
+
+/// Run `argv` in `cwd` with a timeout; its stdout on success. A command that is missing, fails
+/// or runs over `timeout` (then killed) is an error quoting its stderr.
+pub fn run_command(
+    argv: &[String],
+    cwd: &std::path::Path,
+    timeout: Duration,
+) -> Result<String, CommandError> {
+    let shown = argv.join(" ");
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| CommandError(format!("cannot run `{shown}`: {e}")))?;
+    // Read both pipes on threads so a chatty command cannot fill one and block.
+    let mut out_pipe = child.stdout.take().expect("piped");
+    let mut err_pipe = child.stderr.take().expect("piped");
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = out_pipe.read_to_end(&mut b);
+        b
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = err_pipe.read_to_end(&mut b);
+        b
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(CommandError(format!("cannot wait for `{shown}`: {e}"))),
+        }
+    };
+    let out = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
+    let err = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
+    match status {
+        None => Err(CommandError(format!(
+            "`{shown}` did not finish within {}s and was killed",
+            timeout.as_secs_f64()
+        ))),
+        Some(s) if s.success() => Ok(out),
+        Some(s) => Err(CommandError(format!(
+            "`{shown}` failed ({s}): {}",
+            truncate(err.trim(), 2000)
+        ))),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::Launcher;
+    use std::path::Path;
+
+    fn ids(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn submit_outputs_give_job_ids() {
+        assert_eq!(parse_submit(Provider::Slurm, "1234\n").unwrap(), "1234");
+        assert_eq!(
+            parse_submit(Provider::Slurm, "1234;perlmutter\n").unwrap(),
+            "1234"
+        );
+        assert_eq!(
+            parse_submit(
+                Provider::Pbs,
+                "5678.polaris-pbs-01.hsn.cm.polaris.alcf.anl.gov\n"
+            )
+            .unwrap(),
+            "5678.polaris-pbs-01.hsn.cm.polaris.alcf.anl.gov"
+        );
+        assert_eq!(
+            parse_submit(Provider::Cobalt, "Job routed to queue \"debug\".\n42\n").unwrap(),
+            "42"
+        );
+        let err = parse_submit(Provider::Slurm, "sbatch: error: invalid account\n").unwrap_err();
+        assert!(err.0.contains("invalid account"), "{err}");
+    }
+
+    #[test]
+    fn slurm_states() {
+        let out = "11 RUNNING\n12 PENDING\n13 CANCELLED\n14 COMPLETED\n";
+        let s = parse_status(Provider::Slurm, out, &ids(&["11", "12", "13", "14", "15"]));
+        assert_eq!(s["11"], JobState::Running);
+        assert_eq!(s["12"], JobState::Pending);
+        assert_eq!(s["13"], JobState::Ended("CANCELLED".into()));
+        assert_eq!(s["14"], JobState::Ended("COMPLETED".into()));
+        assert_eq!(s["15"], JobState::Unknown);
+        let argv = status_argv(Provider::Slurm, &ids(&["11", "12"]));
+        assert_eq!(argv.last().unwrap(), "--jobs=11,12");
+    }
+
+    #[test]
+    fn pbs_and_cobalt_states() {
+        let out = "Job Id: 7.server\n    Job_Name = x\n    job_state = R\n\nJob Id: 8.server\n    job_state = F\n";
+        let s = parse_status(Provider::Pbs, out, &ids(&["7.server", "8", "9.server"]));
+        assert_eq!(s["7.server"], JobState::Running);
+        assert_eq!(s["8"], JobState::Ended("FINISHED".into()));
+        assert_eq!(s["9.server"], JobState::Unknown);
+        let out = "JobId  State\n-----------\n42     queued\n43     running\n";
+        let s = parse_status(Provider::Cobalt, out, &ids(&["42", "43", "44"]));
+        assert_eq!(s["42"], JobState::Pending);
+        assert_eq!(s["43"], JobState::Running);
+        assert_eq!(s["44"], JobState::Unknown);
+    }
+
+    #[test]
+    fn cobalt_submit_takes_settings_as_arguments() {
+        let mut spec = BlockSpec::new("knl", Provider::Cobalt, Launcher::Aprun);
+        spec.nodes = 8;
+        spec.walltime = Duration::from_secs(3601);
+        spec.queue = Some("debug-cache-quad".into());
+        spec.account = Some("proj".into());
+        let files = BlockFiles::new(Provider::Cobalt, Path::new("/d/knl"), 2);
+        assert_eq!(
+            submit_argv(&spec, &files).join(" "),
+            "qsub -n 8 -t 61 -q debug-cache-quad -A proj -O /d/knl/block-2/job --mode script \
+             /d/knl/block-2/submit.sh"
+        );
+    }
+
+    #[test]
+    fn commands_report_failure_and_timeout() {
+        let dir = Path::new("/");
+        let ok = run_command(&ids(&["sh", "-c", "echo 12"]), dir, Duration::from_secs(5));
+        assert_eq!(ok.unwrap().trim(), "12");
+        let err = run_command(
+            &ids(&["sh", "-c", "echo nope >&2; exit 3"]),
+            dir,
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(err.0.contains("nope"), "{err}");
+        let err = run_command(&ids(&["sleep", "5"]), dir, Duration::from_millis(200)).unwrap_err();
+        assert!(err.0.contains("did not finish"), "{err}");
+        let err = run_command(&ids(&["/no/such/sbatch"]), dir, Duration::from_secs(1)).unwrap_err();
+        assert!(err.0.contains("cannot run"), "{err}");
+    }
+}
