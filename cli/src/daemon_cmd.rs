@@ -121,40 +121,95 @@ pub fn run_daemon(a: DaemonArgs) -> u8 {
 /// `fnx config ...`.
 #[derive(Subcommand, Debug)]
 pub enum ConfigCommand {
-    /// Validate a site configuration; every bad key is named with its path.
+    /// Validate a site configuration (every bad key is named with its path) and show, for each
+    /// batch pool, the batch script its blocks would be submitted with and the manager launch
+    /// line: a dry run that submits nothing
     Check {
         /// The file.
         file: PathBuf,
+        /// Print only the summary, not the batch scripts.
+        #[arg(long)]
+        quiet: bool,
     },
 }
 
 /// `fnx config check`.
 pub fn config(cmd: ConfigCommand) -> u8 {
-    let ConfigCommand::Check { file } = cmd;
-    match SiteConfig::load(&file) {
-        Ok(c) => {
-            println!("{}: OK", file.display());
-            println!(
-                "  data dir {}; API on http://{}",
-                c.data_dir.display(),
-                c.listen
-            );
-            for p in &c.pools {
-                let workers = p
-                    .workers_per_manager
-                    .map_or("one per core".to_string(), |w| w.to_string());
-                println!(
-                    "  pool {}: local, {} manager(s), workers per manager: {workers}, python {}",
-                    p.name, p.managers, p.python
-                );
-            }
-            EXIT_OK
-        }
+    let ConfigCommand::Check { file, quiet } = cmd;
+    let c = match SiteConfig::load(&file) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("fnx config check: {e}");
-            EXIT_USAGE
+            return EXIT_USAGE;
+        }
+    };
+    println!("{}: OK", file.display());
+    println!(
+        "  data dir {}; API on http://{}; interchange on {} (port {}), manager links {}",
+        c.data_dir.display(),
+        c.listen,
+        c.interchange.address,
+        if c.interchange.port == 0 {
+            "any free".to_string()
+        } else {
+            format!("{} + pool index", c.interchange.port)
+        },
+        if c.interchange.encrypt {
+            "encrypted (CurveZMQ)"
+        } else {
+            "plain"
+        }
+    );
+    let mut code = EXIT_OK;
+    for (i, p) in c.pools.iter().enumerate() {
+        let workers = p
+            .workers_per_manager
+            .map_or("one per core".to_string(), |w| w.to_string());
+        let Some(b) = &p.blocks else {
+            println!(
+                "  pool {}: local, {} manager(s), workers per manager: {workers}, python {}",
+                p.name, p.managers, p.python
+            );
+            continue;
+        };
+        println!(
+            "  pool {}: {} blocks of {} node(s) started with {}, {}..{} blocks (init {}), \
+             walltime {}, workers per node: {workers}",
+            p.name,
+            b.spec.provider.name(),
+            b.spec.nodes,
+            b.spec.launcher.name(),
+            b.min_blocks,
+            b.max_blocks,
+            b.init_blocks,
+            fnx_launcher::block::format_walltime(b.spec.walltime),
+        );
+        match fnx_daemon::service::dry_run(&c, i) {
+            Some(Ok((files, r, warning))) => {
+                if let Some(w) = warning {
+                    eprintln!("fnx config check: pool {}: warning: {w}", p.name);
+                }
+                if !quiet {
+                    println!(
+                        "\n--- pool {}: batch script of block 0 ({}) ---",
+                        p.name,
+                        files.script.display()
+                    );
+                    print!("{}", r.script);
+                    println!(
+                        "--- pool {}: manager launch line ---\n{}\n",
+                        p.name, r.launch_line
+                    );
+                }
+            }
+            Some(Err(e)) => {
+                eprintln!("fnx config check: pool {}: {e}", p.name);
+                code = EXIT_USAGE;
+            }
+            None => {}
         }
     }
+    code
 }
 
 /// `fnx token ...`.

@@ -13,15 +13,20 @@
 //! - [`keys`]: CurveZMQ keys of the interchange and of each pool's managers.
 //! - [`local`]: a local pool (interchange + manager processes on this host); embedded mode
 //!   (`fnx map`) uses it too.
+//! - [`scaler`]: the scaling rules of a batch pool (pure: reports in, actions out).
+//! - [`blocks`]: a batch pool's block thread: renders and submits batch scripts, polls job
+//!   states, drains and cancels blocks as the scaler decides.
 //! - [`service`]: wiring and the start/recover/stop sequence.
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod auth;
+pub mod blocks;
 pub mod config;
 pub mod keys;
 pub mod local;
 pub mod records;
+pub mod scaler;
 pub mod service;
 pub mod signature;
 pub mod store;

@@ -55,6 +55,10 @@ pub struct PoolOptions {
     pub managers: u32,
     /// Worker slots per manager (None: the CPUs each may use).
     pub workers: Option<u32>,
+    /// Cores each worker needs (limits the slots).
+    pub cores_per_worker: Option<f64>,
+    /// Memory each worker needs in MiB (limits the slots).
+    pub mem_per_worker_mb: Option<u64>,
     /// Prefetch per manager (None: as many as slots).
     pub prefetch: Option<u32>,
     /// Python interpreter.
@@ -73,6 +77,23 @@ pub struct PoolOptions {
     pub kill_grace: Duration,
     /// Managers complete tasks without running them.
     pub zero_work: bool,
+    /// Start the managers through a parallel launcher (one per node of an allocation) instead
+    /// of as `managers` local processes.
+    pub launch: Option<Launch>,
+}
+
+/// Managers started by `srun`, `mpiexec` or `aprun` from inside an allocation (`fnx map
+/// --launcher`): one launcher process starts a manager on every node.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// The launcher and its options (provider and batch settings are unused).
+    pub spec: fnx_launcher::BlockSpec,
+    /// Where the mpiexec hostfile is written.
+    pub files: fnx_launcher::BlockFiles,
+    /// Managers expected to register (nodes).
+    pub nodes: u32,
+    /// Extra environment of the launcher process.
+    pub env: Vec<(String, String)>,
 }
 
 impl PoolOptions {
@@ -85,6 +106,8 @@ impl PoolOptions {
             curve: None,
             managers: 1,
             workers: None,
+            cores_per_worker: None,
+            mem_per_worker_mb: None,
             prefetch: None,
             python: "python3".into(),
             run_dir,
@@ -94,6 +117,7 @@ impl PoolOptions {
             max_result_bytes: 10 << 20,
             kill_grace: Duration::from_secs(2),
             zero_work: false,
+            launch: None,
         }
     }
 }
@@ -110,6 +134,8 @@ pub struct ManagerExit {
 
 struct Child {
     uid: String,
+    /// The managers this process runs (itself, or every manager a launcher started).
+    managers: Vec<String>,
     pid: u32,
     log: PathBuf,
     running: bool,
@@ -146,10 +172,20 @@ impl LocalPool {
         let exe = std::env::current_exe().map_err(io("cannot find the fnx executable"))?;
         let (exit_tx, exits) = channel();
         let mut children = Vec::new();
-        for i in 0..opts.managers {
-            let uid = format!("manager-{i}");
-            let child = spawn_manager(&exe, &handle, &opts, &uid, exit_tx.clone())?;
-            children.push(child);
+        if let Some(launch) = &opts.launch {
+            children.push(spawn_launcher(
+                &exe,
+                &handle,
+                &opts,
+                launch,
+                exit_tx.clone(),
+            )?);
+        } else {
+            for i in 0..opts.managers {
+                let uid = format!("manager-{i}");
+                let child = spawn_manager(&exe, &handle, &opts, &uid, exit_tx.clone())?;
+                children.push(child);
+            }
         }
         let mut pool = LocalPool {
             handle: Arc::new(handle),
@@ -172,7 +208,8 @@ impl LocalPool {
     fn wait_registered(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut registered = 0;
-        while registered < self.children.len() {
+        let expected: usize = self.children.iter().map(|c| c.managers.len()).sum();
+        while registered < expected {
             match self.events.recv_timeout(Duration::from_millis(20)) {
                 Ok(Event::Notice(Notice::Registered { .. })) => registered += 1,
                 Ok(_) => {}
@@ -198,8 +235,7 @@ impl LocalPool {
                     .map(|c| c.log.display().to_string())
                     .collect::<Vec<_>>();
                 return Err(LocalError::Managers(format!(
-                    "only {registered} of {} managers registered within {}s; logs: {}",
-                    self.children.len(),
+                    "only {registered} of {expected} managers registered within {}s; logs: {}",
                     timeout.as_secs(),
                     logs.join(", ")
                 )));
@@ -230,8 +266,10 @@ impl LocalPool {
                     &format!("{}.{}", self.opts.run_id, uid),
                     20,
                 );
-                self.handle
-                    .manager_gone(uid.clone(), format!("its process ended ({status})"));
+                for m in &c.managers {
+                    self.handle
+                        .manager_gone(m.clone(), format!("its process ended ({status})"));
+                }
                 out.push(ManagerExit {
                     uid,
                     status,
@@ -316,13 +354,7 @@ fn describe(s: ExitStatus) -> String {
     fnx_sys::process::describe_wait_status(s.into_raw())
 }
 
-fn spawn_manager(
-    exe: &Path,
-    handle: &Handle,
-    opts: &PoolOptions,
-    uid: &str,
-    exits: Sender<(String, std::io::Result<ExitStatus>)>,
-) -> Result<Child> {
+fn bootstrap(handle: &Handle, opts: &PoolOptions, uid: &str) -> ManagerBootstrap {
     let mut b = ManagerBootstrap::new(
         handle.endpoint().to_string(),
         uid.to_string(),
@@ -338,17 +370,78 @@ fn spawn_manager(
     b.kill_grace_ms = opts.kill_grace.as_millis() as u64;
     b.zero_work = opts.zero_work;
     b.curve_keys = opts.curve.as_ref().map(|(_, file)| file.clone());
+    b.cores_per_worker = opts.cores_per_worker;
+    b.mem_per_worker_mb = opts.mem_per_worker_mb;
+    b
+}
+
+fn spawn_manager(
+    exe: &Path,
+    handle: &Handle,
+    opts: &PoolOptions,
+    uid: &str,
+    exits: Sender<(String, std::io::Result<ExitStatus>)>,
+) -> Result<Child> {
+    let b = bootstrap(handle, opts, uid);
     let dir = fnx_manager::manager_dir(&b);
     std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
-    let log = dir.join("manager.log");
+    let mut cmd = Command::new(exe);
+    cmd.args(fnx_launcher::manager_args(&b));
+    spawn(
+        cmd,
+        opts,
+        uid,
+        vec![uid.to_string()],
+        dir.join("manager.log"),
+        exits,
+    )
+}
+
+/// One launcher process (`srun`/`mpiexec`/`aprun` through bash) that starts a manager named
+/// `manager-<rank>` on every node.
+fn spawn_launcher(
+    exe: &Path,
+    handle: &Handle,
+    opts: &PoolOptions,
+    launch: &Launch,
+    exits: Sender<(String, std::io::Result<ExitStatus>)>,
+) -> Result<Child> {
+    let b = bootstrap(handle, opts, "manager-{rank}");
+    let mut argv = vec![exe.display().to_string()];
+    argv.extend(fnx_launcher::manager_args(&b));
+    let mut text = String::new();
+    if launch.spec.launcher == fnx_launcher::Launcher::Mpiexec {
+        std::fs::create_dir_all(&launch.files.dir)
+            .map_err(io(format!("cannot create {}", launch.files.dir.display())))?;
+        text.push_str(&fnx_launcher::script::hostfile_prelude(
+            &launch.spec,
+            &launch.files,
+        ));
+    }
+    let line = fnx_launcher::script::launch_line(&launch.spec, &launch.files, &argv);
+    text.push_str(&line);
+    tracing::info!("starting {} managers: {line}", launch.nodes);
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c").arg(text).envs(launch.env.iter().cloned());
+    let managers = (0..launch.nodes).map(|r| format!("manager-{r}")).collect();
+    let log = opts.run_dir.join("launcher.log");
+    spawn(cmd, opts, "launcher", managers, log, exits)
+}
+
+fn spawn(
+    mut cmd: Command,
+    opts: &PoolOptions,
+    uid: &str,
+    managers: Vec<String>,
+    log: PathBuf,
+    exits: Sender<(String, std::io::Result<ExitStatus>)>,
+) -> Result<Child> {
     let stderr = std::fs::File::options()
         .create(true)
         .append(true)
         .open(&log)
         .map_err(io(format!("cannot open {}", log.display())))?;
-    let mut cmd = Command::new(exe);
-    cmd.args(fnx_launcher::manager_args(&b))
-        .env("FNX_RUN_ID", &opts.run_id)
+    cmd.env("FNX_RUN_ID", &opts.run_id)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(stderr));
@@ -360,7 +453,7 @@ fn spawn_manager(
     }
     let mut child = cmd
         .spawn()
-        .map_err(io(format!("cannot start {}", exe.display())))?;
+        .map_err(io(format!("cannot start {:?}", cmd.get_program())))?;
     let pid = child.id();
     let name = uid.to_string();
     std::thread::Builder::new()
@@ -372,6 +465,7 @@ fn spawn_manager(
         .map_err(io("cannot start a thread"))?;
     Ok(Child {
         uid: uid.to_string(),
+        managers,
         pid,
         log,
         running: true,

@@ -77,6 +77,19 @@ pub struct TaskJson<'a> {
     result: Option<ResultJson<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<ErrorJson<'a>>,
+    /// Why a queued task waits (its pool is marked failed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    waiting: Option<String>,
+}
+
+impl TaskJson<'_> {
+    /// Say why the task waits, if it is queued and `why` is known.
+    pub fn waiting(mut self, why: Option<String>) -> Self {
+        if self.state == State::Queued.as_str() {
+            self.waiting = why;
+        }
+        self
+    }
 }
 
 /// A successful result: JSON inline (the worker's text, not re-parsed), pickle as base64.
@@ -130,6 +143,7 @@ impl TaskRow {
             seq: if with_seq { self.seq } else { None },
             result,
             error,
+            waiting: None,
         }
     }
 

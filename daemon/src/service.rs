@@ -2,12 +2,15 @@
 //! order.
 
 use crate::api::{self, App, PoolRef};
-use crate::config::{PoolConfig, SiteConfig, SyncMode};
+use crate::blocks::{self, BlockPool, PoolReport};
+use crate::config::{BlocksConfig, PoolConfig, SiteConfig, SyncMode};
 use crate::keys::Keys;
 use crate::local::{LocalError, LocalPool, PoolOptions};
 use crate::store::writer::{Cmd, Shared, Stats, UserCounts, Writer, WriterConfig};
 use crate::store::{self, Reader, State, StoreError};
 use fnx_interchange::{CurveServer, Event, Finished, NewTask};
+use fnx_launcher::script::Rendered;
+use fnx_launcher::{BlockFiles, ManagerBootstrap};
 use fnx_protocol::{ErrorKind, FunctionBody, FunctionDef, Outcome, TaskError};
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
@@ -119,36 +122,183 @@ fn first_start(
     Ok(())
 }
 
+/// The run directory of a pool: `<data_dir>/runs/<pool>`.
+pub fn pool_run_dir(data_dir: &Path, pool: &str) -> PathBuf {
+    data_dir.join("runs").join(pool)
+}
+
+fn pool_port(cfg: &SiteConfig, i: usize) -> u16 {
+    if cfg.interchange.port == 0 {
+        0
+    } else {
+        cfg.interchange.port + i as u16
+    }
+}
+
+fn run_id(pool: &str) -> String {
+    format!("fnxd-{}-{pool}", std::process::id())
+}
+
+/// The settings every manager of pool `p` starts with (uid, block and run directory are set
+/// per manager).
+pub fn manager_template(
+    cfg: &SiteConfig,
+    p: &PoolConfig,
+    endpoint: String,
+    curve_keys: Option<PathBuf>,
+) -> ManagerBootstrap {
+    let mut b = ManagerBootstrap::new(
+        endpoint,
+        String::new(),
+        pool_run_dir(&cfg.data_dir, &p.name),
+        run_id(&p.name),
+    );
+    b.slots = p.workers_per_manager;
+    b.cores_per_worker = p.cores_per_worker;
+    b.mem_per_worker_mb = p.mem_per_worker_mb;
+    b.python = p.python.clone();
+    b.heartbeat_period_ms = cfg.interchange.heartbeat_period.as_millis() as u64;
+    b.heartbeat_threshold_ms = cfg.interchange.heartbeat_threshold.as_millis() as u64;
+    b.max_result_bytes = cfg.limits.max_result_bytes;
+    b.kill_grace_ms = p.kill_grace.as_millis() as u64;
+    b.curve_keys = curve_keys;
+    b
+}
+
+/// What `fnx config check` shows of a batch pool: its first block's files, batch script and
+/// launch line, rendered without starting or submitting anything, and a warning when the
+/// managers' address cannot be known on this host (an interface it does not have).
+pub type DryRun = (BlockFiles, Rendered, Option<String>);
+
+/// Render pool `i`'s first block as [`DryRun`] (None: not a batch pool).
+pub fn dry_run(cfg: &SiteConfig, i: usize) -> Option<Result<DryRun, String>> {
+    let p = &cfg.pools[i];
+    let bc = p.blocks.as_ref()?;
+    Some((|| {
+        let port = pool_port(cfg, i);
+        let bound = if port == 0 {
+            "tcp://x:PORT".to_string()
+        } else {
+            format!("tcp://x:{port}")
+        };
+        let (endpoint, warning) =
+            match blocks::manager_endpoint(&bound, &cfg.interchange.address, &bc.connect) {
+                Ok(e) => (e, None),
+                Err(e) => match &bc.connect {
+                    crate::config::Connect::Interface(name) => (
+                        format!(
+                            "tcp://ADDRESS-OF-{name}:{}",
+                            bound.rsplit(':').next().unwrap_or("")
+                        ),
+                        Some(format!("{e}; the daemon resolves it where it runs")),
+                    ),
+                    _ => return Err(e),
+                },
+            };
+        let keys = cfg.interchange.encrypt.then(|| {
+            cfg.data_dir
+                .join("keys")
+                .join(format!("{}.manager", p.name))
+        });
+        let template = manager_template(cfg, p, endpoint, keys);
+        let fnx = fnx_path(bc).map_err(|e| e.to_string())?;
+        let (files, rendered) = blocks::render_block(
+            bc,
+            &pool_run_dir(&cfg.data_dir, &p.name),
+            &template,
+            &fnx,
+            0,
+        )?;
+        Ok((files, rendered, warning))
+    })())
+}
+
+fn fnx_path(bc: &BlocksConfig) -> std::io::Result<PathBuf> {
+    match &bc.fnx_path {
+        Some(p) => Ok(p.clone()),
+        None => std::env::current_exe(),
+    }
+}
+
+/// A started pool: its interchange (and local managers), and for batch pools the block thread.
+struct Started {
+    pool: LocalPool,
+    blocks: Option<BlockPool>,
+    report: Arc<Mutex<PoolReport>>,
+}
+
 fn start_pool(
     cfg: &SiteConfig,
     i: usize,
     p: &PoolConfig,
     curve: Option<(CurveServer, PathBuf)>,
-) -> Result<LocalPool, DaemonError> {
-    let port = if cfg.interchange.port == 0 {
-        0
-    } else {
-        cfg.interchange.port + i as u16
-    };
-    let run_dir = cfg.data_dir.join("runs").join(&p.name);
+) -> Result<Started, DaemonError> {
+    let run_dir = pool_run_dir(&cfg.data_dir, &p.name);
     prepare_dir(&run_dir)?;
+    let keys = curve.as_ref().map(|(_, f)| f.clone());
     let opts = PoolOptions {
-        bind: format!("tcp://{}:{port}", cfg.interchange.address),
+        bind: format!("tcp://{}:{}", cfg.interchange.address, pool_port(cfg, i)),
         report_dispatch: true,
         max_payload_bytes: cfg.limits.max_payload_bytes,
         managers: p.managers,
         workers: p.workers_per_manager,
+        cores_per_worker: p.cores_per_worker,
+        mem_per_worker_mb: p.mem_per_worker_mb,
         python: p.python.clone(),
         heartbeat_period: cfg.interchange.heartbeat_period,
         heartbeat_threshold: cfg.interchange.heartbeat_threshold,
         max_result_bytes: cfg.limits.max_result_bytes,
         kill_grace: p.kill_grace,
         curve,
-        ..PoolOptions::new(run_dir, format!("fnxd-{}-{}", std::process::id(), p.name))
+        ..PoolOptions::new(run_dir.clone(), run_id(&p.name))
     };
-    LocalPool::start(opts).map_err(|source| DaemonError::Pool {
+    let pool_err = |msg: String| DaemonError::Pool {
+        pool: p.name.clone(),
+        source: crate::local::LocalError::Managers(msg),
+    };
+    let pool = LocalPool::start(opts).map_err(|source| DaemonError::Pool {
         pool: p.name.clone(),
         source,
+    })?;
+    let report = Arc::new(Mutex::new(PoolReport {
+        provider: "local",
+        launcher: "single",
+        run_dir: run_dir.clone(),
+        ..PoolReport::default()
+    }));
+    let blocks = match &p.blocks {
+        None => None,
+        Some(bc) => {
+            let endpoint = blocks::manager_endpoint(
+                pool.handle.endpoint(),
+                &cfg.interchange.address,
+                &bc.connect,
+            )
+            .map_err(pool_err)?;
+            let fnx = fnx_path(bc).map_err(|e| pool_err(format!("cannot find fnx: {e}")))?;
+            tracing::info!(
+                "pool {}: {} blocks of {} nodes ({} launcher), managers connect to {endpoint}",
+                p.name,
+                bc.spec.provider.name(),
+                bc.spec.nodes,
+                bc.spec.launcher.name()
+            );
+            let template = manager_template(cfg, p, endpoint, keys);
+            Some(BlockPool::new(
+                &p.name,
+                bc.clone(),
+                p.workers_per_manager,
+                pool.handle.clone(),
+                report.clone(),
+                template,
+                fnx,
+            ))
+        }
+    };
+    Ok(Started {
+        pool,
+        blocks,
+        report,
     })
 }
 
@@ -391,6 +541,15 @@ pub fn run(
             .map(|(server, files)| (server.clone(), files[i].clone()));
         pools.push(start_pool(&cfg, i, p, keys)?);
     }
+    let reports: Vec<_> = pools.iter().map(|s| s.report.clone()).collect();
+    let mut block_pools = Vec::new();
+    let pools: Vec<LocalPool> = pools
+        .into_iter()
+        .map(|s| {
+            block_pools.extend(s.blocks);
+            s.pool
+        })
+        .collect();
     let names: Vec<String> = cfg.pools.iter().map(|p| p.name.clone()).collect();
     let (wtx, wrx) = channel();
     let counts = recover(loaded, &pools, &names, &wtx);
@@ -410,10 +569,11 @@ pub fn run(
     let refs: Vec<PoolRef> = names
         .iter()
         .cloned()
-        .zip(pools.iter())
-        .map(|(name, p)| PoolRef {
+        .zip(pools.iter().zip(reports))
+        .map(|(name, (p, report))| PoolRef {
             name,
             handle: p.handle.clone(),
+            report,
         })
         .collect();
     let wcfg = WriterConfig {
@@ -439,6 +599,20 @@ pub fn run(
                 .name(format!("pool-{name}"))
                 .spawn(move || pump(pool, w, s, name))
                 .map_err(io("cannot start a pool thread"))?,
+        );
+    }
+    for (bp, name) in block_pools.into_iter().zip(
+        cfg.pools
+            .iter()
+            .filter(|p| p.blocks.is_some())
+            .map(|p| p.name.clone()),
+    ) {
+        let s = stop.clone();
+        pumps.push(
+            std::thread::Builder::new()
+                .name(format!("blocks-{name}"))
+                .spawn(move || bp.run(s))
+                .map_err(io("cannot start a block thread"))?,
         );
     }
     let python = cfg.pools[0].python.clone();

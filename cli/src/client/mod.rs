@@ -354,13 +354,30 @@ pub fn status(a: StatusArgs) -> Result<u8> {
         );
         for p in s["pools"].as_array().into_iter().flatten() {
             out.push_str(&format!(
-                "\npool {}: {} queued, {} running, {} workers in {} managers",
+                "\npool {} ({}, {}): {} queued, {} running, {} workers in {} managers; runs in {}",
                 p["name"].as_str().unwrap_or("?"),
+                p["provider"].as_str().unwrap_or("local"),
+                p["launcher"].as_str().unwrap_or("single"),
                 p["queued"],
                 p["running"],
                 p["workers"],
-                p["managers_connected"]
+                p["managers_connected"],
+                p["run_dir"].as_str().unwrap_or("?"),
             ));
+            if let Some(why) = p["failed"].as_str() {
+                out.push_str(&format!("\n  FAILED: {why}"));
+            }
+            for b in p["blocks"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "\n  block {} (job {}): {}, job {}, {} managers; files in {}",
+                    b["id"],
+                    b["job"].as_str().unwrap_or("?"),
+                    b["phase"].as_str().unwrap_or("?"),
+                    b["job_state"].as_str().unwrap_or("?"),
+                    b["managers"],
+                    b["dir"].as_str().unwrap_or("?"),
+                ));
+            }
             for m in p["managers"].as_array().into_iter().flatten() {
                 out.push_str(&format!(
                     "\n  {} on {}: {} workers, {} in flight, {} done, idle {:.1} s",

@@ -32,6 +32,8 @@ pub struct PoolRef {
     pub name: String,
     /// Its interchange.
     pub handle: Arc<Handle>,
+    /// Its provider, blocks and failure, published by its block thread.
+    pub report: Arc<Mutex<crate::blocks::PoolReport>>,
 }
 
 /// Everything the handlers share.
@@ -96,6 +98,11 @@ impl App {
 
     fn pool(&self, name: &str) -> Option<&PoolRef> {
         self.pools.iter().find(|p| p.name == name)
+    }
+
+    /// Why tasks of `pool` wait: the pool is marked failed (its blocks never connect).
+    fn waiting(&self, pool: &str) -> Option<String> {
+        self.pool(pool)?.report.lock().ok()?.failed.clone()
     }
 }
 

@@ -79,13 +79,18 @@ pub(super) async fn status(State(app): State<Arc<App>>, headers: HeaderMap) -> A
             running: a.running + u.running,
             finished: a.finished + u.finished,
         });
-    let pools: Vec<Value> = pool_states(&app)
-        .await
+    let states = pool_states(&app).await;
+    let pools: Vec<Value> = states
         .iter()
-        .map(|(name, counts, managers)| {
-            let mut p = json!({"name": name, "provider": "local", "queued": counts.queued,
+        .zip(&app.pools)
+        .map(|((name, counts, managers), pref)| {
+            let r = pref.report.lock().map(|r| r.clone()).unwrap_or_default();
+            let mut p = json!({"name": name, "provider": r.provider, "launcher": r.launcher,
+                               "queued": counts.queued,
                                "running": counts.running, "workers": counts.slots,
-                               "managers_connected": counts.managers});
+                               "managers_connected": counts.managers,
+                               "run_dir": r.run_dir, "failed": r.failed,
+                               "blocks": r.blocks});
             if c.admin {
                 p["managers"] = managers.iter().map(manager_json).collect();
             }

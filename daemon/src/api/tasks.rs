@@ -58,7 +58,11 @@ pub(super) async fn show(
     if row.state.is_terminal() && row.owner == caller.user {
         let _ = app.send(Cmd::FetchedIds(vec![row.id]));
     }
-    Ok(record_response(StatusCode::OK, &row.record(false)))
+    let why = app.waiting(&row.pool);
+    Ok(record_response(
+        StatusCode::OK,
+        &row.record(false).waiting(why),
+    ))
 }
 
 /// The `ids` array of a request body (at most 10,000).
@@ -122,7 +126,7 @@ pub(super) async fn status_many(
                 if r.state.is_terminal() && r.owner == caller.user {
                     fetched.push(r.id);
                 }
-                Item::Known(r.record(false))
+                Item::Known(r.record(false).waiting(app.waiting(&r.pool)))
             }
             None => Item::Unknown {
                 id,

@@ -8,6 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use thiserror::Error;
 
+mod pool;
+
+use pool::RawPool;
+pub use pool::{BlocksConfig, Connect, PoolConfig};
+
 /// The default HTTP API address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8470";
 
@@ -112,15 +117,6 @@ struct RawInterchange {
     heartbeat_threshold_s: Option<f64>,
 }
 
-#[derive(Deserialize, Default)]
-struct RawPool {
-    provider: Option<String>,
-    managers: Option<u32>,
-    workers_per_manager: Option<u32>,
-    python: Option<String>,
-    kill_grace_s: Option<f64>,
-}
-
 /// How hard each commit is pushed to disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncMode {
@@ -175,23 +171,6 @@ pub struct InterchangeConfig {
     pub heartbeat_threshold: Duration,
     /// Encrypt and authenticate manager links with CurveZMQ.
     pub encrypt: bool,
-}
-
-/// One pool of workers.
-#[derive(Clone, Debug)]
-pub struct PoolConfig {
-    /// Its name (the key in `[pools.NAME]`).
-    pub name: String,
-    /// Manager processes the daemon starts on this host (local provider). 0: none; managers
-    /// started elsewhere (`fnx manager --interchange ...`, e.g. in a batch job) connect to the
-    /// pool's interchange port.
-    pub managers: u32,
-    /// Worker slots per manager (None: one per core).
-    pub workers_per_manager: Option<u32>,
-    /// Interpreter for Python workers.
-    pub python: String,
-    /// SIGTERM → SIGKILL grace when a task is killed.
-    pub kill_grace: Duration,
 }
 
 /// The validated configuration the daemon runs with.
@@ -261,10 +240,10 @@ impl SiteConfig {
     }
 }
 
-struct Problems(Vec<String>);
+pub(crate) struct Problems(pub(crate) Vec<String>);
 
 impl Problems {
-    fn secs(&mut self, key: &str, v: Option<f64>, default: f64, min: f64) -> Duration {
+    pub(crate) fn secs(&mut self, key: &str, v: Option<f64>, default: f64, min: f64) -> Duration {
         let v = v.unwrap_or(default);
         if !v.is_finite() || v < min {
             self.0.push(format!(
@@ -393,7 +372,6 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
     }
     let mut pools = Vec::new();
     for (name, rp) in raw_pools {
-        let key = |k: &str| format!("pools.{name}.{k}");
         if name.is_empty()
             || !name
                 .chars()
@@ -403,31 +381,22 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
                 "pools.{name:?}: a pool name may use letters, digits, '-' and '_'"
             ));
         }
-        match rp.provider.as_deref().unwrap_or("local") {
-            "local" => {}
-            other => p.0.push(format!(
-                "{}: {other:?} is not supported by this version (supported: \"local\")",
-                key("provider")
-            )),
+        pools.push(pool::validate(name, rp, &mut p));
+    }
+    let unspecified = interchange
+        .address
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|a| a.is_unspecified());
+    for pool in &pools {
+        if let Some(b) = &pool.blocks {
+            if unspecified && b.connect == Connect::Interchange {
+                p.0.push(format!(
+                    "pools.{}.address: the interchange listens on every interface ({}); say \
+                     which address (or interface) the managers on compute nodes connect to",
+                    pool.name, interchange.address
+                ));
+            }
         }
-        let managers = rp.managers.unwrap_or(1);
-        if managers > 1024 {
-            p.0.push(format!(
-                "{}: must be 0..=1024, got {managers}",
-                key("managers")
-            ));
-        }
-        let python = rp.python.unwrap_or_else(|| "python3".into());
-        if python.trim().is_empty() {
-            p.0.push(format!("{}: must not be empty", key("python")));
-        }
-        pools.push(PoolConfig {
-            managers: managers.min(1024),
-            workers_per_manager: rp.workers_per_manager.filter(|&w| w > 0),
-            python,
-            kill_grace: p.secs(&key("kill_grace_s"), rp.kill_grace_s, 2.0, 0.0),
-            name,
-        });
     }
     if !p.0.is_empty() {
         return Err(ConfigError::Invalid {

@@ -1,0 +1,324 @@
+//! A batch pool's block thread: carries out the [`Scaler`]'s decisions with the provider's
+//! commands (render and submit batch scripts, poll job states in one call, cancel), and
+//! publishes the pool's blocks for `/v1/status`.
+
+use crate::config::{BlocksConfig, Connect};
+use crate::scaler::{Action, Block, Scaler};
+use fnx_interchange::Handle;
+use fnx_launcher::provider::{self, run_command};
+use fnx_launcher::{script, BlockFiles, ManagerBootstrap, Provider};
+use fnx_protocol::BlockId;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What `/v1/status` shows of a pool's blocks.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PoolReport {
+    /// The provider (`local`, `slurm`, `pbs`, `cobalt`).
+    pub provider: &'static str,
+    /// The launcher.
+    pub launcher: &'static str,
+    /// The pool's run directory (`<data_dir>/runs/<pool>`).
+    pub run_dir: PathBuf,
+    /// Why the pool cannot get managers, when it is marked failed.
+    pub failed: Option<String>,
+    /// Live blocks, then recently ended ones.
+    pub blocks: Vec<Block>,
+}
+
+/// A batch pool's blocks.
+pub struct BlockPool {
+    name: String,
+    cfg: BlocksConfig,
+    handle: Arc<Handle>,
+    report: Arc<Mutex<PoolReport>>,
+    run_dir: PathBuf,
+    /// Every manager's settings but uid, block, run directory and drain time.
+    template: ManagerBootstrap,
+    fnx: PathBuf,
+    next_block: u64,
+    scaler: Scaler,
+}
+
+impl BlockPool {
+    /// Blocks of pool `name`; managers start from `template` (whose run directory is the
+    /// pool's) with `fnx` on the compute nodes.
+    pub fn new(
+        name: &str,
+        cfg: BlocksConfig,
+        slots: Option<u32>,
+        handle: Arc<Handle>,
+        report: Arc<Mutex<PoolReport>>,
+        template: ManagerBootstrap,
+        fnx: PathBuf,
+    ) -> BlockPool {
+        let run_dir = template.run_dir.clone();
+        let next_block = next_block_number(&run_dir);
+        if let Ok(mut r) = report.lock() {
+            r.provider = cfg.spec.provider.name();
+            r.launcher = cfg.spec.launcher.name();
+            r.run_dir = run_dir.clone();
+        }
+        BlockPool {
+            name: name.to_string(),
+            scaler: Scaler::new(name, cfg.clone(), slots),
+            cfg,
+            handle,
+            report,
+            run_dir,
+            template,
+            fnx,
+            next_block,
+        }
+    }
+
+    /// The batch script and launch line of block `block` (also `fnx config check`'s dry run).
+    pub fn render(&self, block: u64) -> Result<(BlockFiles, script::Rendered), String> {
+        render_block(&self.cfg, &self.run_dir, &self.template, &self.fnx, block)
+    }
+
+    /// Scale until `stop`; then cancel every live block.
+    pub fn run(mut self, stop: Arc<AtomicBool>) {
+        let mut next_scale = Instant::now();
+        let mut next_poll = Instant::now() + self.cfg.poll_interval;
+        let mut poll_errors = 0u32;
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now >= next_scale {
+                next_scale = now + self.cfg.scaling_interval;
+                if let Some((counts, managers)) = self.handle.status() {
+                    let acts = self
+                        .scaler
+                        .tick(now, counts.queued, counts.running, &managers);
+                    self.execute(acts);
+                }
+                self.publish();
+            }
+            if now >= next_poll {
+                next_poll = now + self.cfg.poll_interval;
+                let jobs = self.scaler.live_jobs();
+                if !jobs.is_empty() {
+                    let argv = provider::status_argv(self.cfg.spec.provider, &jobs);
+                    match run_command(&argv, &self.run_dir, self.cfg.submit_timeout) {
+                        Ok(out) => {
+                            poll_errors = 0;
+                            let states =
+                                provider::parse_status(self.cfg.spec.provider, &out, &jobs);
+                            let acts = self.scaler.job_states(Instant::now(), &states, last_line);
+                            self.execute(acts);
+                            self.publish();
+                        }
+                        Err(e) => {
+                            poll_errors += 1;
+                            // A scheduler hiccup is common; say so once, then every 20th time.
+                            if poll_errors == 1 || poll_errors.is_multiple_of(20) {
+                                tracing::warn!(
+                                    "pool {}: cannot read job states ({poll_errors} times in a \
+                                     row): {e}",
+                                    self.name
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let live = self.scaler.cancel_all();
+        if !live.is_empty() {
+            tracing::info!("pool {}: cancelling {} blocks", self.name, live.len());
+            self.cancel(live);
+        }
+    }
+
+    fn publish(&self) {
+        if let Ok(mut r) = self.report.lock() {
+            r.failed = self.scaler.failed().map(str::to_string);
+            r.blocks = self.scaler.blocks();
+        }
+    }
+
+    fn execute(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Submit(n) => {
+                    for _ in 0..n {
+                        if !self.submit() {
+                            break;
+                        }
+                    }
+                }
+                Action::Drain(block) => {
+                    tracing::info!("pool {}: block {block} is idle; draining it", self.name);
+                    self.handle.drain_block(BlockId(block));
+                }
+                Action::Cancel(list) => self.cancel(list),
+                Action::ManagersGone(uids, reason) => {
+                    tracing::warn!(
+                        "pool {}: {} managers are gone: {reason}",
+                        self.name,
+                        uids.len()
+                    );
+                    for uid in uids {
+                        self.handle.manager_gone(uid, reason.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Submit one block; false when it failed (the rest of a scale-out waits for the backoff).
+    fn submit(&mut self) -> bool {
+        let id = self.next_block;
+        self.next_block += 1;
+        let result = self.render(id).and_then(|(files, rendered)| {
+            write_script(&files.script, &rendered.script)?;
+            let argv = provider::submit_argv(&self.cfg.spec, &files);
+            let out = run_command(&argv, &files.dir, self.cfg.submit_timeout)
+                .map_err(|e| e.to_string())?;
+            let job =
+                provider::parse_submit(self.cfg.spec.provider, &out).map_err(|e| e.to_string())?;
+            let _ = std::fs::write(&files.job_id, format!("{job}\n"));
+            Ok((files, job))
+        });
+        let now = Instant::now();
+        match result {
+            Ok((files, job)) => {
+                tracing::info!(
+                    "pool {}: submitted block {id} as job {job} ({} nodes); its files: {}",
+                    self.name,
+                    self.cfg.spec.nodes,
+                    files.dir.display()
+                );
+                self.scaler
+                    .submitted(now, id, job, &files.dir, &files.stderr);
+                true
+            }
+            Err(e) => {
+                tracing::error!("pool {}: cannot submit block {id}: {e}", self.name);
+                let dir = self.run_dir.join(format!("block-{id}"));
+                let _ = std::fs::write(dir.join("submit.error"), format!("{e}\n"));
+                self.scaler.submit_failed(now, &e);
+                self.publish();
+                false
+            }
+        }
+    }
+
+    fn cancel(&self, list: Vec<(u64, String)>) {
+        if list.is_empty() || self.cfg.spec.provider == Provider::Local {
+            return;
+        }
+        let jobs: Vec<String> = list.iter().map(|(_, j)| j.clone()).collect();
+        tracing::info!(
+            "pool {}: cancelling jobs {} (blocks {})",
+            self.name,
+            jobs.join(" "),
+            list.iter()
+                .map(|(b, _)| b.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let argv = provider::cancel_argv(self.cfg.spec.provider, &jobs);
+        if let Err(e) = run_command(&argv, &self.run_dir, self.cfg.submit_timeout) {
+            tracing::warn!("pool {}: {e}", self.name);
+        }
+    }
+}
+
+/// The endpoint managers of a batch pool connect to: the interchange's port (from `bound`, its
+/// bound endpoint) at the pool's `address`, the address of its `interface`, or the
+/// interchange's own address.
+pub fn manager_endpoint(
+    bound: &str,
+    interchange_address: &str,
+    connect: &Connect,
+) -> Result<String, String> {
+    let port = bound.rsplit(':').next().unwrap_or("0");
+    let host = match connect {
+        Connect::Interchange => interchange_address.to_string(),
+        Connect::Address(a) => a.clone(),
+        Connect::Interface(i) => fnx_sys::node::interface_ipv4(i)
+            .ok_or_else(|| {
+                format!(
+                    "network interface {i:?} has no IPv4 address on this host (see `ip -br addr`)"
+                )
+            })?
+            .to_string(),
+    };
+    Ok(if host.contains(':') {
+        format!("tcp://[{host}]:{port}")
+    } else {
+        format!("tcp://{host}:{port}")
+    })
+}
+
+/// Render block `block`'s files and script: managers named `block-N.{rank}`, logging into the
+/// block directory, draining `drain_margin` before the walltime.
+pub fn render_block(
+    cfg: &BlocksConfig,
+    run_dir: &Path,
+    template: &ManagerBootstrap,
+    fnx: &Path,
+    block: u64,
+) -> Result<(BlockFiles, script::Rendered), String> {
+    let files = BlockFiles::new(cfg.spec.provider, run_dir, block);
+    let mut b = template.clone();
+    b.uid = format!("block-{block}.{{rank}}");
+    b.block_id = Some(BlockId(block));
+    b.run_dir = files.dir.clone();
+    // Block numbers are never reused in a pool's run directory, so this marks the block's
+    // processes uniquely (and keeps rendered scripts reproducible).
+    b.run_id = format!("fnx-{}-block-{block}", cfg.spec.pool);
+    b.drain_after_ms = Some(
+        cfg.spec
+            .walltime
+            .saturating_sub(cfg.drain_margin)
+            .as_millis() as u64,
+    );
+    let mut argv = vec![fnx.display().to_string()];
+    argv.extend(fnx_launcher::manager_args(&b));
+    let rendered = script::render(&cfg.spec, block, &files, &argv).map_err(|e| e.to_string())?;
+    Ok((files, rendered))
+}
+
+fn write_script(path: &Path, text: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = path.parent().expect("a block file has a directory");
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| format!("cannot make {} executable: {e}", path.display()))
+}
+
+/// One more than the highest `block-N` in the pool's run directory, so block numbers (and their
+/// directories) are never reused across restarts.
+fn next_block_number(run_dir: &Path) -> u64 {
+    std::fs::read_dir(run_dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_prefix("block-"))
+                        .and_then(|n| n.parse::<u64>().ok())
+                })
+                .map(|n| n + 1)
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+/// The last non-empty line of a file (a job's stderr), at most 300 characters.
+fn last_line(path: &Path) -> Option<String> {
+    let text = std::fs::read(path).ok()?;
+    let start = text.len().saturating_sub(64 << 10);
+    let text = String::from_utf8_lossy(&text[start..]);
+    let line = text.lines().map(str::trim).rfind(|l| !l.is_empty())?;
+    Some(line.chars().take(300).collect())
+}
