@@ -19,6 +19,7 @@ mod logging;
 mod manager_cmd;
 mod map;
 mod map_daemon;
+mod map_launch;
 mod output;
 
 /// Exit status: every task succeeded.

@@ -100,6 +100,8 @@ pub struct MapArgs {
     pub token: Option<String>,
     #[command(flatten)]
     pub run: RunOptions,
+    #[command(flatten)]
+    pub launch: crate::map_launch::LaunchArgs,
 }
 
 const MAP_HELP: &str = "\
@@ -415,6 +417,7 @@ fn execute(
     kind: LineKind,
     source: Box<dyn BufRead + Send>,
     opts: &RunOptions,
+    launch: Option<&crate::map_launch::LaunchArgs>,
     sink: &mut dyn Sink,
     progress: &mut Progress,
 ) -> anyhow::Result<Report> {
@@ -428,7 +431,7 @@ fn execute(
         .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
     let run_id = format!("{}-{:x}", std::process::id(), rand_seed());
     let secs = Duration::from_secs_f64;
-    let mut pool = LocalPool::start(PoolOptions {
+    let mut pool_opts = PoolOptions {
         managers: opts.managers,
         workers: opts.workers,
         prefetch: opts.prefetch,
@@ -440,7 +443,11 @@ fn execute(
         max_result_bytes: opts.max_result_bytes,
         kill_grace: secs(opts.kill_grace),
         ..PoolOptions::new(run_dir.clone(), String::new())
-    })?;
+    };
+    if let Some(l) = launch {
+        crate::map_launch::configure(l, &run_dir, &mut pool_opts)?;
+    }
+    let mut pool = LocalPool::start(pool_opts)?;
     tracing::info!("run directory {}", run_dir.display());
     let function = FunctionId(1);
     pool.handle.add_function(FunctionDef { id: function, body });
@@ -629,7 +636,15 @@ pub fn run_map(args: MapArgs) -> u8 {
             &mut writer,
             &mut progress,
         ),
-        None => execute(body, kind, source, &args.run, &mut writer, &mut progress),
+        None => execute(
+            body,
+            kind,
+            source,
+            &args.run,
+            Some(&args.launch),
+            &mut writer,
+            &mut progress,
+        ),
     };
     if let (Ok(_), Err(e)) = (&result, writer.flush()) {
         result = Err(anyhow::anyhow!("cannot write results: {e}"));
@@ -719,6 +734,7 @@ pub fn run_once(args: RunArgs) -> u8 {
         kind,
         Box::new(std::io::Cursor::new(line.into_bytes())),
         &opts,
+        None,
         &mut capture,
         &mut progress,
     );
