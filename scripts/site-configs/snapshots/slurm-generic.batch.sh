@@ -1,0 +1,20 @@
+#!/bin/bash
+#SBATCH --job-name=fnx.batch.block-0
+#SBATCH --output=/project/CHANGEME/fnx/runs/batch/block-0/job.out
+#SBATCH --error=/project/CHANGEME/fnx/runs/batch/block-0/job.err
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --time=02:00:00
+#SBATCH --exclusive
+#SBATCH --account=CHANGEME
+#SBATCH --partition=CHANGEME
+
+# fnx 0.1.0 block 0 of pool batch: one manager per node (srun launcher)
+cd /project/CHANGEME/fnx/runs/batch/block-0
+export FNX_POOL=batch FNX_BLOCK=0
+
+# worker_init
+module load python
+source /project/CHANGEME/venvs/fnx/bin/activate
+
+srun --nodes=1 --ntasks=1 --ntasks-per-node=1 --cpu-bind=none --kill-on-bad-exit=0 /project/CHANGEME/fnx/bin/fnx manager --interchange tcp://ADDRESS-OF-ib0:54000 --uid 'block-0.{rank}' --run-dir /project/CHANGEME/fnx/runs/batch/block-0 --run-id fnx-batch-block-0 --python python3 --heartbeat-period-ms 5000 --heartbeat-threshold-ms 30000 --max-result-bytes 10485760 --kill-grace-ms 2000 --block-id 0 --slots 32 --drain-after-ms 6900000 --curve-keys /project/CHANGEME/fnx/keys/batch.manager
