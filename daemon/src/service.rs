@@ -122,9 +122,10 @@ fn first_start(
     Ok(())
 }
 
-/// The run directory of a pool: `<data_dir>/runs/<pool>`.
-pub fn pool_run_dir(data_dir: &Path, pool: &str) -> PathBuf {
-    data_dir.join("runs").join(pool)
+/// The run directory of a pool: `<shared dir>/runs/<pool>` (the shared dir is the data dir
+/// unless `[daemon] shared_dir` says otherwise).
+pub fn pool_run_dir(shared: &Path, pool: &str) -> PathBuf {
+    shared.join("runs").join(pool)
 }
 
 fn pool_port(cfg: &SiteConfig, i: usize) -> u16 {
@@ -150,7 +151,7 @@ pub fn manager_template(
     let mut b = ManagerBootstrap::new(
         endpoint,
         String::new(),
-        pool_run_dir(&cfg.data_dir, &p.name),
+        pool_run_dir(cfg.shared(), &p.name),
         run_id(&p.name),
     );
     b.slots = p.workers_per_manager;
@@ -196,19 +197,14 @@ pub fn dry_run(cfg: &SiteConfig, i: usize) -> Option<Result<DryRun, String>> {
                 },
             };
         let keys = cfg.interchange.encrypt.then(|| {
-            cfg.data_dir
+            cfg.shared()
                 .join("keys")
                 .join(format!("{}.manager", p.name))
         });
         let template = manager_template(cfg, p, endpoint, keys);
         let fnx = fnx_path(bc).map_err(|e| e.to_string())?;
-        let (files, rendered) = blocks::render_block(
-            bc,
-            &pool_run_dir(&cfg.data_dir, &p.name),
-            &template,
-            &fnx,
-            0,
-        )?;
+        let (files, rendered) =
+            blocks::render_block(bc, &pool_run_dir(cfg.shared(), &p.name), &template, &fnx, 0)?;
         Ok((files, rendered, warning))
     })())
 }
@@ -233,7 +229,7 @@ fn start_pool(
     p: &PoolConfig,
     curve: Option<(CurveServer, PathBuf)>,
 ) -> Result<Started, DaemonError> {
-    let run_dir = pool_run_dir(&cfg.data_dir, &p.name);
+    let run_dir = pool_run_dir(cfg.shared(), &p.name);
     prepare_dir(&run_dir)?;
     let keys = curve.as_ref().map(|(_, f)| f.clone());
     let opts = PoolOptions {
@@ -308,7 +304,7 @@ fn encryption(cfg: &SiteConfig) -> Result<Option<(CurveServer, Vec<PathBuf>)>, D
     if !cfg.interchange.encrypt {
         return Ok(None);
     }
-    let keys = Keys::open(&cfg.data_dir.join("keys"))?;
+    let keys = Keys::open(&cfg.shared().join("keys"))?;
     let mut files = Vec::new();
     for p in &cfg.pools {
         let file = keys.manager_file(&p.name)?;

@@ -86,6 +86,7 @@ impl<'de> Deserialize<'de> for Pools {
 #[derive(Deserialize, Default)]
 struct RawDaemon {
     data_dir: Option<PathBuf>,
+    shared_dir: Option<PathBuf>,
     listen: Option<String>,
     log_file: Option<PathBuf>,
 }
@@ -178,6 +179,10 @@ pub struct InterchangeConfig {
 pub struct SiteConfig {
     /// Data directory: store, run directories, `client.json`.
     pub data_dir: PathBuf,
+    /// Where batch jobs' run directories (`runs/`) and the CurveZMQ keys (`keys/`) go: a
+    /// filesystem the compute nodes share (None: the data directory). The store stays in
+    /// `data_dir`, which may then be a local disk.
+    pub shared_dir: Option<PathBuf>,
     /// HTTP API address.
     pub listen: SocketAddr,
     /// Log file (None: stderr).
@@ -202,6 +207,11 @@ pub fn fnx_home() -> PathBuf {
 }
 
 impl SiteConfig {
+    /// The directory shared with compute nodes: `shared_dir`, else `data_dir`.
+    pub fn shared(&self) -> &Path {
+        self.shared_dir.as_deref().unwrap_or(&self.data_dir)
+    }
+
     /// The embedded defaults (what `fnx daemon` runs with when given no file).
     pub fn defaults() -> SiteConfig {
         validate(RawConfig::default(), Path::new("(defaults)")).expect("defaults are valid")
@@ -406,6 +416,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
     }
     Ok(SiteConfig {
         data_dir: raw.daemon.data_dir.unwrap_or_else(fnx_home),
+        shared_dir: raw.daemon.shared_dir.filter(|d| !d.as_os_str().is_empty()),
         listen,
         log_file: raw.daemon.log_file.filter(|f| !f.as_os_str().is_empty()),
         store,
