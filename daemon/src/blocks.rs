@@ -5,7 +5,7 @@
 use crate::config::{BlocksConfig, Connect};
 use crate::scaler::{Action, Block, Scaler};
 use fnx_interchange::Handle;
-use fnx_launcher::provider::{self, run_command};
+use fnx_launcher::provider::{self, run_command, JobState};
 use fnx_launcher::{script, BlockFiles, ManagerBootstrap, Provider};
 use fnx_protocol::BlockId;
 use serde::Serialize;
@@ -80,8 +80,56 @@ impl BlockPool {
         render_block(&self.cfg, &self.run_dir, &self.template, &self.fnx, block)
     }
 
+    /// Blocks of an earlier run of the daemon (a `job_id` file and no `ended` marker in their
+    /// directory) whose jobs are still queued or running are adopted; the others are marked
+    /// ended.
+    fn adopt(&mut self) {
+        let mut found: Vec<(u64, String)> = Vec::new();
+        for id in 0..self.next_block {
+            let files = BlockFiles::new(self.cfg.spec.provider, &self.run_dir, id);
+            if files.dir.join(ENDED).exists() {
+                continue;
+            }
+            if let Ok(job) = std::fs::read_to_string(&files.job_id) {
+                found.push((id, job.trim().to_string()));
+            }
+        }
+        if found.is_empty() {
+            return;
+        }
+        let jobs: Vec<String> = found.iter().map(|(_, j)| j.clone()).collect();
+        let p = self.cfg.spec.provider;
+        let states = match provider::query_status(p, &jobs, &self.run_dir, self.cfg.submit_timeout)
+        {
+            Ok(states) => states,
+            Err(e) => {
+                tracing::warn!(
+                    "pool {}: cannot ask about {} blocks of an earlier run: {e}",
+                    self.name,
+                    jobs.len()
+                );
+                return;
+            }
+        };
+        let now = Instant::now();
+        for (id, job) in found {
+            let files = BlockFiles::new(self.cfg.spec.provider, &self.run_dir, id);
+            match states.get(&job) {
+                Some(JobState::Pending | JobState::Running) => {
+                    tracing::info!(
+                        "pool {}: adopting block {id} (job {job}) of an earlier run",
+                        self.name
+                    );
+                    self.scaler.adopt(now, id, job, &files.dir, &files.stderr);
+                }
+                _ => mark_ended(&files.dir),
+            }
+        }
+    }
+
     /// Scale until `stop`; then cancel every live block.
     pub fn run(mut self, stop: Arc<AtomicBool>) {
+        self.adopt();
         let mut next_scale = Instant::now();
         let mut next_poll = Instant::now() + self.cfg.poll_interval;
         let mut poll_errors = 0u32;
@@ -108,6 +156,12 @@ impl BlockPool {
                             let states =
                                 provider::parse_status(self.cfg.spec.provider, &out, &jobs);
                             let acts = self.scaler.job_states(Instant::now(), &states, last_line);
+                            let live = self.scaler.live_jobs();
+                            for b in self.scaler.blocks() {
+                                if !live.contains(&b.job) {
+                                    mark_ended(&b.dir);
+                                }
+                            }
                             self.execute(acts);
                             self.publish();
                         }
@@ -292,6 +346,16 @@ fn write_script(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
         .map_err(|e| format!("cannot make {} executable: {e}", path.display()))
+}
+
+/// The marker of a block whose job has ended (not adopted after a restart).
+const ENDED: &str = "ended";
+
+fn mark_ended(dir: &Path) {
+    let marker = dir.join(ENDED);
+    if !marker.exists() {
+        let _ = std::fs::write(marker, b"");
+    }
 }
 
 /// One more than the highest `block-N` in the pool's run directory, so block numbers (and their

@@ -168,6 +168,16 @@ impl Scaler {
         );
     }
 
+    /// A block submitted before a restart whose job the scheduler still lists: it is counted
+    /// again, and its managers (which register again) are scaled like any other.
+    pub fn adopt(&mut self, now: Instant, id: u64, job: String, dir: &Path, stderr: &Path) {
+        self.submitted(now, id, job, dir, stderr);
+        if let Some(b) = self.blocks.get_mut(&id) {
+            b.seen = true;
+            b.job_state = "ADOPTED".into();
+        }
+    }
+
     /// A submission failed.
     pub fn submit_failed(&mut self, now: Instant, error: &str) {
         self.failures_in_row += 1;

@@ -208,13 +208,70 @@ pub fn cancel_argv(provider: Provider, ids: &[String]) -> Vec<String> {
     a
 }
 
+/// Ask the scheduler about `ids` in one call. Schedulers fail the whole query when one id is
+/// unknown to them (`squeue` with a single purged id, PBS `qstat` with exit 153): then the jobs
+/// it still printed keep their state and the rest are [`JobState::Unknown`].
+pub fn query_status(
+    provider: Provider,
+    ids: &[String],
+    cwd: &std::path::Path,
+    timeout: Duration,
+) -> Result<HashMap<String, JobState>, CommandError> {
+    let argv = status_argv(provider, ids);
+    let out = run(&argv, cwd, timeout)?;
+    let unknown_ids = |text: &str| {
+        let t = text.to_ascii_lowercase();
+        t.contains("invalid job id") || t.contains("unknown job id") || t.contains("unknown job")
+    };
+    if out.success || unknown_ids(&out.stderr) || unknown_ids(&out.stdout) || out.code == Some(153)
+    {
+        return Ok(parse_status(provider, &out.stdout, ids));
+    }
+    Err(out.failure(&argv))
+}
+
+/// What a finished command printed.
+struct Output {
+    success: bool,
+    code: Option<i32>,
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Output {
+    fn failure(&self, argv: &[String]) -> CommandError {
+        let said = if self.stderr.trim().is_empty() {
+            self.stdout.trim()
+        } else {
+            self.stderr.trim()
+        };
+        CommandError(format!(
+            "`{}` failed ({}): {}",
+            argv.join(" "),
+            self.status,
+            truncate(said, 2000)
+        ))
+    }
+}
+
 /// Run `argv` in `cwd` with a timeout; its stdout on success. A command that is missing, fails
-/// or runs over `timeout` (then killed) is an error quoting its stderr.
+/// or runs over `timeout` (then killed) is an error quoting what it printed (qsub wrappers
+/// print errors on stdout).
 pub fn run_command(
     argv: &[String],
     cwd: &std::path::Path,
     timeout: Duration,
 ) -> Result<String, CommandError> {
+    let out = run(argv, cwd, timeout)?;
+    if out.success {
+        Ok(out.stdout)
+    } else {
+        Err(out.failure(argv))
+    }
+}
+
+fn run(argv: &[String], cwd: &std::path::Path, timeout: Duration) -> Result<Output, CommandError> {
     let shown = argv.join(" ");
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
@@ -240,29 +297,26 @@ pub fn run_command(
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
+            Ok(Some(s)) => break s,
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
                 let _ = child.wait();
-                break None;
+                return Err(CommandError(format!(
+                    "`{shown}` did not finish within {}s and was killed",
+                    timeout.as_secs_f64()
+                )));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(10)),
             Err(e) => return Err(CommandError(format!("cannot wait for `{shown}`: {e}"))),
         }
     };
-    let out = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
-    let err = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
-    match status {
-        None => Err(CommandError(format!(
-            "`{shown}` did not finish within {}s and was killed",
-            timeout.as_secs_f64()
-        ))),
-        Some(s) if s.success() => Ok(out),
-        Some(s) => Err(CommandError(format!(
-            "`{shown}` failed ({s}): {}",
-            truncate(err.trim(), 2000)
-        ))),
-    }
+    Ok(Output {
+        success: status.success(),
+        code: status.code(),
+        status,
+        stdout: String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned(),
+        stderr: String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned(),
+    })
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -363,5 +417,13 @@ mod tests {
         assert!(err.0.contains("did not finish"), "{err}");
         let err = run_command(&ids(&["/no/such/sbatch"]), dir, Duration::from_secs(1)).unwrap_err();
         assert!(err.0.contains("cannot run"), "{err}");
+        // A qsub wrapper that explains itself on stdout.
+        let err = run_command(
+            &ids(&["sh", "-c", "echo bad account; exit 1"]),
+            dir,
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(err.0.contains("bad account"), "{err}");
     }
 }
