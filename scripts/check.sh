@@ -29,6 +29,11 @@ export FNX_BIN="$PWD/target/debug/fnx"
 step "Python SDK tests"
 .venv/bin/python -m pytest -q -p no:cacheprovider sdk/python/tests
 
+step "test cluster: Slurm (4 simulated nodes), PBS wrappers, MPICH and Open MPI"
+scripts/test-cluster.sh start
+# Open MPI refuses root and more ranks than cores without these (CI runs as root on 2 cores).
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+
 step "system tests"
 .venv/bin/python -m pytest -q -p no:cacheprovider tests/system
 
