@@ -158,6 +158,15 @@ impl BlockPool {
                             let acts = self.scaler.job_states(Instant::now(), &states, last_line);
                             let live = self.scaler.live_jobs();
                             for b in self.scaler.blocks() {
+                                if jobs.contains(&b.job) && !live.contains(&b.job) {
+                                    tracing::info!(
+                                        "pool {}: block {} (job {}) ended: {}",
+                                        self.name,
+                                        b.id,
+                                        b.job,
+                                        b.job_state
+                                    );
+                                }
                                 if !live.contains(&b.job) {
                                     mark_ended(&b.dir);
                                 }

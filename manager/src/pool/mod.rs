@@ -184,7 +184,15 @@ pub struct Pool<'a> {
     batch_since: Option<Instant>,
     end: Option<PoolEnd>,
     drain_sent: bool,
+    /// Outcomes of tasks killed by a termination signal this manager did not send, held for
+    /// [`HOLD_KILLED`]: when the batch system ends the job (scancel, walltime, preemption) its
+    /// SIGTERM reaches the tasks and this manager in either order, and such tasks must be
+    /// retried elsewhere, not reported as failed.
+    held: Vec<(Instant, TaskId, fnx_protocol::Attempt, Outcome)>,
 }
+
+/// How long the outcome of a task killed from outside is held (see `Pool::held`).
+const HOLD_KILLED: Duration = Duration::from_secs(1);
 
 impl<'a> Pool<'a> {
     /// A pool that talks to the link over `link` and watches `signals`.
@@ -207,6 +215,7 @@ impl<'a> Pool<'a> {
             batch_since: None,
             end: None,
             drain_sent: false,
+            held: Vec::new(),
         }
     }
 
@@ -217,6 +226,7 @@ impl<'a> Pool<'a> {
             self.step();
         }
         let end = self.end.clone().expect("loop ended");
+        self.release_held(None);
         self.flush(true);
         self.stop_all();
         let bye = match &end {
@@ -254,8 +264,9 @@ impl<'a> Pool<'a> {
                 .map(|&fd| zmq::PollItem::from_fd(fd, zmq::POLLIN)),
         );
         let timeout = self.poll_timeout();
-        if let Err(e) = zmq::poll(&mut items, timeout) {
-            tracing::error!("poll failed: {e}");
+        match zmq::poll(&mut items, timeout) {
+            Ok(_) | Err(zmq::Error::EINTR) => {}
+            Err(e) => tracing::error!("poll failed: {e}"),
         }
         let ready: Vec<Source> = items
             .iter()
@@ -282,6 +293,7 @@ impl<'a> Pool<'a> {
             self.reap();
         }
         let now = Instant::now();
+        self.release_held(Some(now));
         self.check_deadlines(now);
         if !self.drain_sent && self.cfg.drain_at.is_some_and(|at| now >= at) {
             tracing::warn!(
@@ -298,6 +310,9 @@ impl<'a> Pool<'a> {
         let now = Instant::now();
         let mut next = now + Duration::from_secs(1);
         if let Some(at) = self.cfg.drain_at.filter(|_| !self.drain_sent) {
+            next = next.min(at);
+        }
+        if let Some(at) = self.held.iter().map(|h| h.0).min() {
             next = next.min(at);
         }
         if let Some(since) = self.batch_since {
@@ -463,6 +478,30 @@ impl<'a> Pool<'a> {
                 r.kill_at = None;
                 let _ = kill_group(pid, libc::SIGKILL);
             }
+        }
+    }
+
+    /// Report held outcomes whose time is up (all of them with `now == None`), unless this
+    /// manager is stopping on a signal: then the tasks died with its allocation, and the
+    /// interchange retries them when the manager says goodbye.
+    fn release_held(&mut self, now: Option<Instant>) {
+        if self.held.is_empty() {
+            return;
+        }
+        if matches!(self.end, Some(PoolEnd::Signal(_))) {
+            tracing::warn!(
+                "{} tasks were killed along with this manager; the interchange retries them",
+                self.held.len()
+            );
+            self.held.clear();
+            return;
+        }
+        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| now.is_none_or(|n| h.0 <= n));
+        self.held = keep;
+        for (_, id, attempt, outcome) in due {
+            self.push_result(id, attempt, outcome);
         }
     }
 

@@ -185,6 +185,12 @@ impl Pool<'_> {
             }
             return;
         };
+        // Killed by a termination signal this manager did not send, or a shell reporting that
+        // its command was (exit 128 + signal).
+        let term = |sig: i32| matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGHUP);
+        let from_outside = r.forced.is_none()
+            && ((libc::WIFSIGNALED(status) && term(libc::WTERMSIG(status)))
+                || (libc::WIFEXITED(status) && term(libc::WEXITSTATUS(status) - 128)));
         let outcome = match (r.forced, &mut proc.kind) {
             (Some(e), _) => Outcome::Err(e),
             (None, Kind::Python(_)) => {
@@ -204,6 +210,22 @@ impl Pool<'_> {
             }
             (None, Kind::Shell(s)) => shell_outcome(status, s, self.cfg.max_result_bytes),
         };
+        if from_outside {
+            tracing::info!(
+                "task {} was killed by {} from outside; its outcome waits {}s in case this \
+                 manager's allocation is ending",
+                r.id,
+                describe_wait_status(status),
+                super::HOLD_KILLED.as_secs_f64()
+            );
+            self.held.push((
+                Instant::now() + super::HOLD_KILLED,
+                r.id,
+                r.attempt,
+                outcome,
+            ));
+            return;
+        }
         self.push_result(r.id, r.attempt, outcome);
     }
 }
