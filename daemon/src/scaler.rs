@@ -252,7 +252,12 @@ impl Scaler {
         let mut want = 0u32;
         if !self.started {
             self.started = true;
-            want = self.cfg.init_blocks.max(self.cfg.min_blocks);
+            // Blocks adopted from an earlier run count towards the initial ones.
+            want = self
+                .cfg
+                .init_blocks
+                .max(self.cfg.min_blocks)
+                .saturating_sub(active);
         }
         want = want.max(self.cfg.min_blocks.saturating_sub(active));
         let needed = tasks as f64 * self.cfg.parallelism;
@@ -597,6 +602,22 @@ mod tests {
             b.job_state
         );
         assert_eq!(s.failures_in_row, 1);
+    }
+
+    #[test]
+    fn adopted_blocks_count_towards_init_and_min_blocks() {
+        let t0 = Instant::now();
+        let mut c = cfg(1, 3);
+        c.init_blocks = 2;
+        let mut s = Scaler::new("p", c, Some(2));
+        s.adopt(
+            t0,
+            5,
+            "105".into(),
+            Path::new("/b"),
+            Path::new("/b/job.err"),
+        );
+        assert_eq!(s.tick(t0, 0, 0, &[]), vec![Action::Submit(1)]);
     }
 
     #[test]

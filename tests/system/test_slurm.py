@@ -119,12 +119,12 @@ class SlurmDaemons:
         self.daemons = []
         self.extra_jobs: list[str] = []  # jobs submitted by the test itself
 
-    def start(self, **pool):
+    def start(self, interchange: dict | None = None, **pool):
         require_slurm()
         d = self.make_daemon(
             start=False,
             interchange={"address": "127.0.0.1", "heartbeat_period_s": 1,
-                         "heartbeat_threshold_s": 5},
+                         "heartbeat_threshold_s": 5, **(interchange or {})},
         )
         cfg = {"provider": "slurm", "nodes_per_block": 2, "walltime": "00:10:00",
                "workers_per_node": 2, "poll_interval_s": 0.5, "scaling_interval_s": 0.5}
@@ -434,10 +434,11 @@ def test_scancel_of_a_busy_block_retries_its_tasks_elsewhere(slurm, fnx_env, tmp
             "min_blocks = 2: two blocks running with 2 managers each")
     marks = tmp_path / "marks"
     marks.mkdir()
-    # Each execution appends "start NODE" and, if it is not killed, "done NODE" to marks/I.
+    # Each execution appends "start NODE" and, if it is not killed, "done NODE" to marks/I; a
+    # killed sleep fails the whole command (exit 143), as a careful batch script would.
     sid = d.register({"kind": "shell", "command":
                       'echo "start $SLURMD_NODENAME" >> {m}/{i}; sleep {t} && '
-                      'echo "done $SLURMD_NODENAME" >> {m}/{i}; echo "$SLURMD_NODENAME"'})
+                      'echo "done $SLURMD_NODENAME" >> {m}/{i} && echo "$SLURMD_NODENAME"'})
     n = 12  # more than the 8 slots of both blocks
     ids = d.submit([{"function": sid, "args": {"m": str(marks), "i": str(i), "t": "8"}}
                     for i in range(n)])
@@ -603,3 +604,59 @@ exec {fnx_env.bin} map --launcher srun --shell 'echo "$SLURMD_NODENAME"; sleep {
         f"{sorted(allocation)}\n{diag()}"
     counts = {h: seen.count(h) for h in sorted(set(seen))}
     print(f"\ntasks per node: {counts}")
+
+
+def test_encrypted_blocks_get_their_keys_from_the_shared_key_file(slurm, fnx_env, tmp_path):
+    """`encrypt = "always"`: block managers read the pool's key file (0600, in the key directory
+    on the filesystem the nodes share) named by path on their command line; the secret never
+    appears on any command line; tasks run over the encrypted links."""
+    d = slurm.start(interchange={"encrypt": "always"}, min_blocks=1, max_blocks=1)
+    w = Watcher(d)
+    w.until(lambda p: [b["managers"] for b in p["blocks"]] == [2], 40,
+            "one encrypted block with 2 managers")
+    key_file = d.home / "keys" / f"{POOL}.manager"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert (d.home / "keys").stat().st_mode & 0o777 == 0o700
+    script = (run_dir(d) / "block-0" / "submit.sh").read_text()
+    assert f"--curve-keys {key_file}" in script, script
+    secret = next(line.split("=", 1)[1].strip() for line in key_file.read_text().splitlines()
+                  if line.startswith("secret"))
+    managers = [p for p in fnx_env.processes() if " manager " in f" {p.cmdline} "]
+    assert len(managers) >= 2, [p.cmdline for p in fnx_env.processes()]
+    for p in managers:
+        assert secret not in p.cmdline, "a key on a command line is visible to ps"
+        assert str(key_file) in p.cmdline, p.cmdline
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    sid = d.register({"kind": "shell", "command": NODE_TASK})
+    ids = d.submit([{"function": sid, "args": {"m": str(marks), "i": str(i), "t": "0.2"}}
+                    for i in range(8)])
+    recs = node_results(d, ids, 30)
+    assert {node_of(r) for r in recs.values()} == set(job_nodes(slurm.jobs_of(d)[0])), recs
+    assert "encrypted (CurveZMQ)" in d.log_since_start()
+
+
+def test_a_restarted_daemon_adopts_the_blocks_that_survived_it(slurm, fnx_env, tmp_path):
+    """After `kill -9` of the daemon its blocks keep running; the restarted daemon finds their
+    jobs (job_id files without an `ended` marker), counts them instead of submitting new ones,
+    its managers register again, and they run the recovered and the new tasks."""
+    d = slurm.start(min_blocks=1, max_blocks=2, max_idletime=60)
+    w = Watcher(d)
+    w.until(lambda p: [b["managers"] for b in p["blocks"]] == [2], 40,
+            "min_blocks = 1: one block with 2 managers")
+    [job] = slurm.jobs_of(d)
+    d.kill9(check=False)
+    assert job_states([job]).get(job) == "RUNNING", "the block outlives the daemon"
+    d.start()
+    w = Watcher(d)
+    w.until(lambda p: [(b["id"], b["job"], b["managers"]) for b in p["blocks"]]
+            == [(0, job, 2)], 30, f"block 0 (job {job}) adopted with its 2 managers")
+    assert f"adopting block 0 (job {job})" in d.log_since_start()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    sid = d.register({"kind": "shell", "command": NODE_TASK})
+    ids = d.submit([{"function": sid, "args": {"m": str(marks), "i": str(i), "t": "0.2"}}
+                    for i in range(4)])
+    recs = node_results(d, ids, 30)
+    assert all(r["state"] == "success" for r in recs.values()), recs
+    assert slurm.jobs_of(d) == [job], "no block was submitted in place of the adopted one"
