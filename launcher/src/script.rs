@@ -149,10 +149,11 @@ fn directives(spec: &BlockSpec, block: u64, files: &BlockFiles, s: &mut String) 
 /// batch system's node list.
 pub fn hostfile_prelude(spec: &BlockSpec, files: &BlockFiles) -> String {
     let hosts = shell_quote(&files.hostfile.display().to_string());
+    let clean = "sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' -e '/^$/d'";
     let mut s = format!(
-        "# one line per node of the allocation\n\
-         if [ -n \"${{PBS_NODEFILE:-}}\" ]; then sort -u \"$PBS_NODEFILE\" > {hosts}\n\
-         elif [ -n \"${{COBALT_NODEFILE:-}}\" ]; then sort -u \"$COBALT_NODEFILE\" > {hosts}\n\
+        "# one line per node of the allocation (blank lines and spaces are not hosts)\n\
+         if [ -n \"${{PBS_NODEFILE:-}}\" ]; then {clean} \"$PBS_NODEFILE\" | sort -u > {hosts}\n\
+         elif [ -n \"${{COBALT_NODEFILE:-}}\" ]; then {clean} \"$COBALT_NODEFILE\" | sort -u > {hosts}\n\
          elif [ -n \"${{SLURM_JOB_NODELIST:-}}\" ]; then scontrol show hostnames \"$SLURM_JOB_NODELIST\" > {hosts}\n\
          else hostname > {hosts}\n\
          fi\n\
@@ -266,7 +267,7 @@ mod tests {
         let files = BlockFiles::new(Provider::Pbs, Path::new("/d/runs/gpu"), 0);
         let r = render(&spec, 0, &files, &manager()).unwrap();
         assert!(r.script.contains("#PBS -l select=4:ncpus=32:ngpus=4\n"));
-        assert!(r.script.contains("sort -u \"$PBS_NODEFILE\""));
+        assert!(r.script.contains("'/^$/d' \"$PBS_NODEFILE\" | sort -u > "));
         assert!(r.launch_line.starts_with(
             "mpiexec -n \"$FNX_NODES\" --ppn 1 --hostfile /d/runs/gpu/block-0/hosts "
         ));

@@ -240,13 +240,23 @@ impl SiteConfig {
             path: path.to_path_buf(),
             message: e.to_string().trim().to_string(),
         })?;
-        if !unknown.is_empty() {
-            return Err(ConfigError::Invalid {
+        // Unknown keys and bad values are reported together, so one fix-and-check round
+        // sees every problem.
+        match validate(raw, path) {
+            Ok(cfg) if unknown.is_empty() => Ok(cfg),
+            Ok(_) => Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
                 problems: unknown,
-            });
+            }),
+            Err(ConfigError::Invalid { problems, .. }) => {
+                unknown.extend(problems);
+                Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    problems: unknown,
+                })
+            }
+            Err(e) => Err(e),
         }
-        validate(raw, path)
     }
 }
 
@@ -470,6 +480,48 @@ mod tests {
         ] {
             assert!(err.contains(key), "{key} missing from: {err}");
         }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_reported_together() {
+        let err =
+            parse("[pools.p]\nprovider = \"slurm\"\nworker_inits = \"x\"\nparallelism = 2.0\n")
+                .unwrap_err()
+                .to_string();
+        for key in ["pools.p.worker_inits", "pools.p.parallelism"] {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn batch_pool_keys_are_checked() {
+        let err = parse(
+            "[interchange]\naddress = \"0.0.0.0\"\n[pools.b]\nprovider = \"pbs\"\n\
+             partition = \"x\"\nwalltime = \"1h\"\nnodes_per_block = 2\nlauncher = \"single\"\n\
+             account = \"a b\"\nmin_blocks = 3\nmax_blocks = 2\nscheduler_options = \"-l x\"\n\
+             [pools.l]\nnodes_per_block = 2\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "pools.b.partition",
+            "pools.b.walltime",
+            "pools.b.launcher",
+            "pools.b.account",
+            "pools.b.max_blocks",
+            "pools.b.scheduler_options",
+            "pools.b.address",
+            "pools.l.nodes_per_block",
+        ] {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
+        let c =
+            parse("[pools.s]\nprovider = \"slurm\"\nnodes_per_block = 4\nwalltime = \"2:00:00\"\n")
+                .unwrap();
+        let b = c.pools[0].blocks.as_ref().unwrap();
+        assert_eq!(b.spec.launcher, fnx_launcher::Launcher::Srun);
+        assert_eq!(b.drain_margin, Duration::from_secs(300));
+        assert_eq!(c.pools[0].managers, 0);
     }
 
     #[test]

@@ -18,9 +18,9 @@ module use /soft/modulefiles
 module load conda
 conda activate /lus/eagle/projects/CHANGEME/envs/fnx
 
-# one line per node of the allocation
-if [ -n "${PBS_NODEFILE:-}" ]; then sort -u "$PBS_NODEFILE" > /lus/eagle/projects/CHANGEME/fnx/runs/gpu/block-0/hosts
-elif [ -n "${COBALT_NODEFILE:-}" ]; then sort -u "$COBALT_NODEFILE" > /lus/eagle/projects/CHANGEME/fnx/runs/gpu/block-0/hosts
+# one line per node of the allocation (blank lines and spaces are not hosts)
+if [ -n "${PBS_NODEFILE:-}" ]; then sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' -e '/^$/d' "$PBS_NODEFILE" | sort -u > /lus/eagle/projects/CHANGEME/fnx/runs/gpu/block-0/hosts
+elif [ -n "${COBALT_NODEFILE:-}" ]; then sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' -e '/^$/d' "$COBALT_NODEFILE" | sort -u > /lus/eagle/projects/CHANGEME/fnx/runs/gpu/block-0/hosts
 elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then scontrol show hostnames "$SLURM_JOB_NODELIST" > /lus/eagle/projects/CHANGEME/fnx/runs/gpu/block-0/hosts
 else hostname > /lus/eagle/projects/CHANGEME/fnx/runs/gpu/block-0/hosts
 fi
