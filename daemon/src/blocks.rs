@@ -5,7 +5,7 @@
 use crate::config::{BlocksConfig, Connect};
 use crate::scaler::{Action, Block, Scaler};
 use fnx_interchange::Handle;
-use fnx_launcher::provider::{self, run_command, JobState};
+use fnx_launcher::provider::{self, run_command};
 use fnx_launcher::{script, BlockFiles, ManagerBootstrap, Provider};
 use fnx_protocol::BlockId;
 use serde::Serialize;
@@ -81,49 +81,42 @@ impl BlockPool {
     }
 
     /// Blocks of an earlier run of the daemon (a `job_id` file and no `ended` marker in their
-    /// directory) whose jobs are still queued or running are adopted; the others are marked
-    /// ended.
+    /// directory) are adopted when their managers can still reach this interchange (the same
+    /// endpoint in their batch script); the polls that follow drop the ones whose jobs have
+    /// ended. Blocks rendered for another endpoint are cancelled: their managers could never
+    /// connect.
     fn adopt(&mut self) {
-        let mut found: Vec<(u64, String)> = Vec::new();
+        let now = Instant::now();
+        let endpoint = format!("--interchange {} ", self.template.interchange);
+        let mut stale = Vec::new();
         for id in 0..self.next_block {
             let files = BlockFiles::new(self.cfg.spec.provider, &self.run_dir, id);
             if files.dir.join(ENDED).exists() {
                 continue;
             }
-            if let Ok(job) = std::fs::read_to_string(&files.job_id) {
-                found.push((id, job.trim().to_string()));
-            }
-        }
-        if found.is_empty() {
-            return;
-        }
-        let jobs: Vec<String> = found.iter().map(|(_, j)| j.clone()).collect();
-        let p = self.cfg.spec.provider;
-        let states = match provider::query_status(p, &jobs, &self.run_dir, self.cfg.submit_timeout)
-        {
-            Ok(states) => states,
-            Err(e) => {
-                tracing::warn!(
-                    "pool {}: cannot ask about {} blocks of an earlier run: {e}",
-                    self.name,
-                    jobs.len()
+            let Ok(job) = std::fs::read_to_string(&files.job_id) else {
+                continue;
+            };
+            let job = job.trim().to_string();
+            let script = std::fs::read_to_string(&files.script).unwrap_or_default();
+            if script.contains(&endpoint) {
+                tracing::info!(
+                    "pool {}: adopting block {id} (job {job}) of an earlier run, if it still lives",
+                    self.name
                 );
-                return;
+                self.scaler.adopt(now, id, job, &files.dir, &files.stderr);
+            } else {
+                stale.push((id, job));
             }
-        };
-        let now = Instant::now();
-        for (id, job) in found {
-            let files = BlockFiles::new(self.cfg.spec.provider, &self.run_dir, id);
-            match states.get(&job) {
-                Some(JobState::Pending | JobState::Running) => {
-                    tracing::info!(
-                        "pool {}: adopting block {id} (job {job}) of an earlier run",
-                        self.name
-                    );
-                    self.scaler.adopt(now, id, job, &files.dir, &files.stderr);
-                }
-                _ => mark_ended(&files.dir),
-            }
+        }
+        if !stale.is_empty() {
+            tracing::info!(
+                "pool {}: {} blocks of an earlier run were started for another interchange \
+                 address; cancelling them if they still live",
+                self.name,
+                stale.len()
+            );
+            self.cancel(stale);
         }
     }
 
@@ -149,12 +142,10 @@ impl BlockPool {
                 next_poll = now + self.cfg.poll_interval;
                 let jobs = self.scaler.live_jobs();
                 if !jobs.is_empty() {
-                    let argv = provider::status_argv(self.cfg.spec.provider, &jobs);
-                    match run_command(&argv, &self.run_dir, self.cfg.submit_timeout) {
-                        Ok(out) => {
+                    let p = self.cfg.spec.provider;
+                    match provider::query_status(p, &jobs, &self.run_dir, self.cfg.submit_timeout) {
+                        Ok(states) => {
                             poll_errors = 0;
-                            let states =
-                                provider::parse_status(self.cfg.spec.provider, &out, &jobs);
                             let acts = self.scaler.job_states(Instant::now(), &states, last_line);
                             let live = self.scaler.live_jobs();
                             for b in self.scaler.blocks() {
@@ -263,6 +254,7 @@ impl BlockPool {
             Err(e) => {
                 tracing::error!("pool {}: cannot submit block {id}: {e}", self.name);
                 let dir = self.run_dir.join(format!("block-{id}"));
+                let _ = std::fs::create_dir_all(&dir);
                 let _ = std::fs::write(dir.join("submit.error"), format!("{e}\n"));
                 self.scaler.submit_failed(now, &e);
                 self.publish();
@@ -271,7 +263,9 @@ impl BlockPool {
         }
     }
 
-    fn cancel(&self, list: Vec<(u64, String)>) {
+    /// Cancel jobs; their blocks are marked ended once the scheduler took the request. A
+    /// failed cancel is retried by the scaler (the blocks stay counted until their jobs end).
+    fn cancel(&mut self, list: Vec<(u64, String)>) {
         if list.is_empty() || self.cfg.spec.provider == Provider::Local {
             return;
         }
@@ -286,8 +280,18 @@ impl BlockPool {
                 .join(" ")
         );
         let argv = provider::cancel_argv(self.cfg.spec.provider, &jobs);
-        if let Err(e) = run_command(&argv, &self.run_dir, self.cfg.submit_timeout) {
-            tracing::warn!("pool {}: {e}", self.name);
+        match run_command(&argv, &self.run_dir, self.cfg.submit_timeout) {
+            Ok(_) => {
+                for (id, _) in &list {
+                    if !self.scaler.is_live(*id) {
+                        mark_ended(&self.run_dir.join(format!("block-{id}")));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("pool {}: {e}; the cancel is retried", self.name);
+                self.scaler.cancel_failed(&list);
+            }
         }
     }
 }

@@ -77,6 +77,8 @@ pub struct Block {
     running_since: Option<Instant>,
     #[serde(skip)]
     timed_out: bool,
+    #[serde(skip)]
+    adopted: bool,
 }
 
 /// What the scaler wants done.
@@ -164,6 +166,7 @@ impl Scaler {
                 seen: false,
                 running_since: None,
                 timed_out: false,
+                adopted: false,
             },
         );
     }
@@ -174,6 +177,7 @@ impl Scaler {
         self.submitted(now, id, job, dir, stderr);
         if let Some(b) = self.blocks.get_mut(&id) {
             b.seen = true;
+            b.adopted = true;
             b.job_state = "ADOPTED".into();
         }
     }
@@ -184,7 +188,8 @@ impl Scaler {
         self.back_off(now);
         if self.failures_in_row >= self.cfg.max_failed_blocks {
             self.failed = Some(format!(
-                "pool {}: {} block submissions in a row failed; the last: {error}",
+                "pool {}: {} blocks in a row failed to start; the last could not be submitted: \
+                 {error}",
                 self.pool, self.failures_in_row
             ));
         }
@@ -205,6 +210,7 @@ impl Scaler {
     ) -> Vec<Action> {
         let tasks = queued + running;
         let mut actions = Vec::new();
+        let mut redrain = Vec::new();
         for b in self.blocks.values_mut() {
             let mine: Vec<&ManagerStatus> = managers
                 .iter()
@@ -231,6 +237,17 @@ impl Scaler {
                     b.drain_since = Some(now);
                 }
             }
+            if mine.is_empty() && b.connected && b.phase == Phase::Running {
+                // Its managers left (drained themselves, or exited): the block is on its way
+                // out and no longer counts as capacity.
+                b.phase = Phase::Draining;
+                b.drain_since = Some(now);
+            }
+            if b.phase == Phase::Draining && mine.iter().any(|m| !m.draining) {
+                // Managers that registered after the drain (a cancelled job that started
+                // anyway, a late node) are drained too.
+                redrain.push(b.id);
+            }
             if mine.iter().any(|m| m.inflight > 0) {
                 b.busy_at = now;
             }
@@ -238,6 +255,7 @@ impl Scaler {
                 self.slots_per_manager = self.slots_per_manager.max(m.slots);
             }
         }
+        actions.extend(redrain.into_iter().map(Action::Drain));
         if tasks == 0 {
             self.idle_since.get_or_insert(now);
         } else {
@@ -367,7 +385,8 @@ impl Scaler {
         }
         for id in ended {
             let mut b = self.blocks.remove(&id).expect("listed above");
-            let expected = (b.phase == Phase::Draining || b.cancelled) && !b.timed_out;
+            let expected = ((b.phase == Phase::Draining || b.cancelled) && !b.timed_out)
+                || b.adopted && !b.connected;
             if b.timed_out {
                 b.job_state = format!(
                     "{}, cancelled: no manager connected within {}s of its start",
@@ -375,16 +394,16 @@ impl Scaler {
                     self.cfg.connect_timeout.as_secs()
                 );
             }
+            if b.managers > 0 {
+                actions.push(Action::ManagersGone(
+                    b.uids.clone(),
+                    format!(
+                        "its batch job {} (block {}) ended ({})",
+                        b.job, b.id, b.job_state
+                    ),
+                ));
+            }
             if !expected {
-                if b.managers > 0 {
-                    actions.push(Action::ManagersGone(
-                        b.uids.clone(),
-                        format!(
-                            "its batch job {} (block {}) ended ({})",
-                            b.job, b.id, b.job_state
-                        ),
-                    ));
-                }
                 self.back_off(now);
                 if !b.connected {
                     self.failures_in_row += 1;
@@ -394,13 +413,16 @@ impl Scaler {
                             .unwrap_or_default();
                         self.failed = Some(format!(
                             "pool {}: {} blocks in a row ended without any manager connecting; \
-                             the last, block {} (job {}, {}), wrote its errors to {}{tail}",
+                             the last, block {} (job {}, {}), wrote its errors to {}{tail} \
+                             (manager logs, if any: {}/block-{}.*/manager.log)",
                             self.pool,
                             self.failures_in_row,
                             b.id,
                             b.job,
                             b.job_state,
-                            b.stderr.display()
+                            b.stderr.display(),
+                            b.dir.display(),
+                            b.id
                         ));
                     }
                 }
@@ -415,15 +437,32 @@ impl Scaler {
         actions
     }
 
-    /// Every live block (for the daemon's stop: their jobs are cancelled).
+    /// Every live block, now ended (for the daemon's stop: their jobs are cancelled).
     pub fn cancel_all(&mut self) -> Vec<(u64, String)> {
-        self.blocks
-            .values_mut()
-            .map(|b| {
+        let all = std::mem::take(&mut self.blocks);
+        all.into_values()
+            .map(|mut b| {
+                let out = (b.id, b.job.clone());
                 b.cancelled = true;
-                (b.id, b.job.clone())
+                b.phase = Phase::Ended;
+                self.ended.push(b);
+                out
             })
             .collect()
+    }
+
+    /// Whether block `id`'s job is still tracked (not ended).
+    pub fn is_live(&self, id: u64) -> bool {
+        self.blocks.contains_key(&id)
+    }
+
+    /// A cancel request failed: the blocks are cancelled again at the next chance.
+    pub fn cancel_failed(&mut self, list: &[(u64, String)]) {
+        for (id, _) in list {
+            if let Some(b) = self.blocks.get_mut(id) {
+                b.cancelled = false;
+            }
+        }
     }
 }
 
@@ -518,11 +557,32 @@ mod tests {
         let acts = s.tick(later, 0, 1, &ms);
         // Blocks 0 and 2 are idle; block 1 runs a task. Both idle ones may go (3 active, min 1).
         assert_eq!(acts, vec![Action::Drain(0), Action::Drain(2)]);
+        // Block 0's managers are released; block 2's still finish (draining).
+        let mut draining = manager(2, 0, 1);
+        draining.draining = true;
+        let ms = vec![manager(1, 0, 1), draining];
+        assert_eq!(s.tick(later, 0, 2, &ms), vec![]);
         // A drained job that ends is expected: no managers lost, no backoff.
         let states: HashMap<String, JobState> =
             [("100".to_string(), JobState::Ended("COMPLETED".into()))].into();
         assert_eq!(s.job_states(later, &states, |_| None), vec![]);
         assert!(s.failed().is_none());
+        assert_eq!(
+            s.tick(later, 5, 2, &ms),
+            vec![Action::Submit(1)],
+            "no backoff"
+        );
+        // A draining block's job that ends under a busy manager (its walltime) reports it gone,
+        // so its task is retried at once.
+        let states: HashMap<String, JobState> =
+            [("102".to_string(), JobState::Ended("TIMEOUT".into()))].into();
+        assert_eq!(
+            s.job_states(later, &states, |_| None),
+            vec![Action::ManagersGone(
+                vec!["block-2.0".into()],
+                "its batch job 102 (block 2) ended (TIMEOUT)".into()
+            )]
+        );
     }
 
     #[test]

@@ -341,6 +341,20 @@ impl Interchange {
             comm.send(peer, &InterchangeToManager::Rejected { reason });
             return;
         }
+        if let Some(other) = self.managers.values().find(|m| m.uid == reg.uid) {
+            let reason = format!(
+                "a manager named {} is already connected (on {}); every manager needs its own \
+                 --uid (with '{{rank}}' in it, a launcher that sets no rank variable gives every \
+                 process rank 0)",
+                reg.uid, other.host
+            );
+            comm.notice(Notice::Refused {
+                uid: Some(reg.uid),
+                reason: reason.clone(),
+            });
+            comm.send(peer, &InterchangeToManager::Rejected { reason });
+            return;
+        }
         if reg.slots == 0 {
             let reason = format!("manager {} on {} offers 0 worker slots", reg.uid, reg.host);
             comm.notice(Notice::Refused {

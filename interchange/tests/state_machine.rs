@@ -756,3 +756,19 @@ fn drain_block_drains_only_that_blocks_managers() {
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].0, peer(3), "only block 8's manager gets work");
 }
+
+#[test]
+fn a_second_manager_with_the_same_uid_is_rejected() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    ic.on_message(now, &peer(1), reg("same", 1, 0), &mut c);
+    c.take();
+    ic.on_message(now, &peer(2), reg("same", 1, 0), &mut c);
+    let sent = c.take();
+    assert_eq!(sent.len(), 1);
+    let InterchangeToManager::Rejected { reason } = &sent[0].1 else {
+        panic!("{sent:?}")
+    };
+    assert!(reason.contains("already connected"), "{reason}");
+    assert_eq!(ic.counts().managers, 1);
+}

@@ -135,6 +135,9 @@ pub struct BlockSpec {
     pub nodes: u32,
     /// Batch job walltime.
     pub walltime: Duration,
+    /// Managers drain this long before the walltime ends (the script exports the deadline as
+    /// `FNX_DRAIN_AT`, Unix seconds, counted from the job's start; zero: no deadline).
+    pub drain_margin: Duration,
     /// Account / project to charge.
     pub account: Option<String>,
     /// Slurm partition.
@@ -172,6 +175,7 @@ impl BlockSpec {
             launcher,
             nodes: 1,
             walltime: Duration::from_secs(1800),
+            drain_margin: Duration::ZERO,
             account: None,
             partition: None,
             queue: None,

@@ -182,19 +182,22 @@ fn slurm_state(s: &str) -> JobState {
 
 fn pbs_state(s: &str) -> JobState {
     match s {
-        "Q" | "H" | "W" | "T" | "S" | "U" | "B" => JobState::Pending,
         "R" | "E" => JobState::Running,
         "C" => JobState::Ended("COMPLETED".into()),
         "F" | "X" => JobState::Ended("FINISHED".into()),
-        other => JobState::Ended(other.to_string()),
+        // Q, H, W, T, S, U, B and anything new: the job still waits (it leaves qstat or shows
+        // F when it ends).
+        _ => JobState::Pending,
     }
 }
 
 fn cobalt_state(s: &str) -> JobState {
-    match s.to_ascii_lowercase().as_str() {
-        "queued" | "user_hold" | "admin_hold" | "dep_hold" | "starting" => JobState::Pending,
-        "running" => JobState::Running,
-        other => JobState::Ended(other.to_string()),
+    let s = s.to_ascii_lowercase();
+    match s.as_str() {
+        "running" | "exiting" | "killing" | "cleanup" => JobState::Running,
+        "done" | "finished" | "failed" | "terminated" => JobState::Ended(s),
+        // queued, starting and every kind of hold: Cobalt drops a finished job from qstat.
+        _ => JobState::Pending,
     }
 }
 
@@ -223,7 +226,13 @@ pub fn query_status(
         let t = text.to_ascii_lowercase();
         t.contains("invalid job id") || t.contains("unknown job id") || t.contains("unknown job")
     };
-    if out.success || unknown_ids(&out.stderr) || unknown_ids(&out.stdout) || out.code == Some(153)
+    // 153: PBS "Unknown Job Id"; 35: PBS Pro "Job has finished" (without -x).
+    let finished = |text: &str| text.to_ascii_lowercase().contains("has finished");
+    if out.success
+        || unknown_ids(&out.stderr)
+        || unknown_ids(&out.stdout)
+        || finished(&out.stderr)
+        || matches!(out.code, Some(153 | 35))
     {
         return Ok(parse_status(provider, &out.stdout, ids));
     }
@@ -273,36 +282,49 @@ pub fn run_command(
 
 fn run(argv: &[String], cwd: &std::path::Path, timeout: Duration) -> Result<Output, CommandError> {
     let shown = argv.join(" ");
+    use std::os::unix::process::CommandExt;
+    // Its own process group, so a timeout kills whatever it started too (a wrapper's sbatch).
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
         .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .map_err(|e| CommandError(format!("cannot run `{shown}`: {e}")))?;
-    // Read both pipes on threads so a chatty command cannot fill one and block.
-    let mut out_pipe = child.stdout.take().expect("piped");
-    let mut err_pipe = child.stderr.take().expect("piped");
-    let out_t = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = out_pipe.read_to_end(&mut b);
-        b
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = err_pipe.read_to_end(&mut b);
-        b
-    });
+    // Read both pipes on threads so a chatty command cannot fill one and block; a descendant
+    // that keeps a pipe open cannot hold the caller past the deadline either.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (which, pipe) in [
+        (
+            0,
+            Box::new(child.stdout.take().expect("piped")) as Box<dyn Read + Send>,
+        ),
+        (1, Box::new(child.stderr.take().expect("piped"))),
+    ] {
+        let tx = tx.clone();
+        let mut pipe = pipe;
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = pipe.read_to_end(&mut b);
+            let _ = tx.send((which, b));
+        });
+    }
     let deadline = Instant::now() + timeout;
+    let kill_group = |child: &mut std::process::Child| {
+        // SAFETY: kill(2) with a negative pid signals the group the child leads.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        let _ = child.wait();
+    };
     let status = loop {
         match child.try_wait() {
             Ok(Some(s)) => break s,
             Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
+                kill_group(&mut child);
                 return Err(CommandError(format!(
-                    "`{shown}` did not finish within {}s and was killed",
+                    "`{shown}` did not finish within {}s and was killed (with everything it \
+                     started)",
                     timeout.as_secs_f64()
                 )));
             }
@@ -310,12 +332,21 @@ fn run(argv: &[String], cwd: &std::path::Path, timeout: Duration) -> Result<Outp
             Err(e) => return Err(CommandError(format!("cannot wait for `{shown}`: {e}"))),
         }
     };
+    let mut texts = [String::new(), String::new()];
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+        match rx.recv_timeout(left) {
+            Ok((which, b)) => texts[which] = String::from_utf8_lossy(&b).into_owned(),
+            Err(_) => break,
+        }
+    }
+    let [stdout, stderr] = texts;
     Ok(Output {
         success: status.success(),
         code: status.code(),
         status,
-        stdout: String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned(),
-        stderr: String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned(),
+        stdout,
+        stderr,
     })
 }
 
@@ -379,8 +410,9 @@ mod tests {
         assert_eq!(s["7.server"], JobState::Running);
         assert_eq!(s["8"], JobState::Ended("FINISHED".into()));
         assert_eq!(s["9.server"], JobState::Unknown);
-        let out = "JobId  State\n-----------\n42     queued\n43     running\n";
-        let s = parse_status(Provider::Cobalt, out, &ids(&["42", "43", "44"]));
+        let out = "JobId  State\n-----------\n42     queued\n43     running\n45     maxrun_hold\n";
+        let s = parse_status(Provider::Cobalt, out, &ids(&["42", "43", "44", "45"]));
+        assert_eq!(s["45"], JobState::Pending, "an unknown hold still waits");
         assert_eq!(s["42"], JobState::Pending);
         assert_eq!(s["43"], JobState::Running);
         assert_eq!(s["44"], JobState::Unknown);
@@ -415,6 +447,19 @@ mod tests {
         assert!(err.0.contains("nope"), "{err}");
         let err = run_command(&ids(&["sleep", "5"]), dir, Duration::from_millis(200)).unwrap_err();
         assert!(err.0.contains("did not finish"), "{err}");
+        // A descendant that keeps the output pipe open does not hold the caller.
+        let t0 = Instant::now();
+        let out = run_command(
+            &ids(&["sh", "-c", "sleep 30 & echo 7"]),
+            dir,
+            Duration::from_millis(300),
+        );
+        assert_eq!(
+            out.unwrap().trim(),
+            "",
+            "output still unread when the deadline passed"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(5));
         let err = run_command(&ids(&["/no/such/sbatch"]), dir, Duration::from_secs(1)).unwrap_err();
         assert!(err.0.contains("cannot run"), "{err}");
         // A qsub wrapper that explains itself on stdout.

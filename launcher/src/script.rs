@@ -31,11 +31,12 @@ pub fn render(
     let dir = files.dir.display().to_string();
     if dir
         .chars()
-        .any(|c| c.is_whitespace() || c == '"' || c == '\'')
+        .any(|c| c.is_whitespace() || c == '"' || c == '\'' || c == '%')
     {
         return Err(RenderError(format!(
-            "the block directory {dir:?} contains whitespace or quotes, which batch directives \
-             cannot carry; choose a data_dir without them"
+            "the block directory {dir:?} contains whitespace, quotes or '%', which batch \
+             directives cannot carry (Slurm expands %j and the like in file names); choose a \
+             data_dir or shared_dir without them"
         )));
     }
     let mut s = String::from("#!/bin/bash\n");
@@ -61,6 +62,15 @@ pub fn render(
         "export FNX_POOL={} FNX_BLOCK={block}",
         shell_quote(&spec.pool)
     );
+    if !spec.drain_margin.is_zero() {
+        // Counted from the job's start, before worker_init and the launcher take their time.
+        let _ = writeln!(
+            s,
+            "# managers drain {}s before the walltime ends\nexport FNX_DRAIN_AT=$(( $(date +%s) + {} ))",
+            spec.drain_margin.as_secs(),
+            spec.walltime.saturating_sub(spec.drain_margin).as_secs()
+        );
+    }
     if !spec.worker_init.trim().is_empty() {
         s.push_str("\n# worker_init\n");
         for line in spec.worker_init.trim_end().lines() {
@@ -97,6 +107,13 @@ fn directives(spec: &BlockSpec, block: u64, files: &BlockFiles, s: &mut String) 
             if spec.exclusive {
                 d("--exclusive".into());
             }
+            if let Some(c) = spec.cores_per_node {
+                // The allocation must hold the CPUs the manager's step asks for.
+                d(format!("--cpus-per-task={c}"));
+            }
+            // A requeued job would come back as a block fnx already counted as ended; fnx
+            // replaces failed blocks itself.
+            d("--no-requeue".into());
             for (flag, v) in [
                 ("account", &spec.account),
                 ("partition", &spec.partition),
@@ -127,6 +144,7 @@ fn directives(spec: &BlockSpec, block: u64, files: &BlockFiles, s: &mut String) 
             }
             d(format!("-l {select}"));
             d(format!("-l walltime={wall}"));
+            d("-r n".into());
             if let Some(q) = &spec.queue {
                 d(format!("-q {q}"));
             }

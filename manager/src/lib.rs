@@ -95,13 +95,15 @@ fn read_keys(path: &std::path::Path) -> Result<link::ClientKeys, ManagerError> {
 }
 
 /// The environment variables in which launchers give a process its rank, in the order tried.
+/// The MPI launchers' variables come first: a batch script under Slurm carries
+/// `SLURM_PROCID=0`, which mpiexec passes on to every rank.
 const RANK_VARS: [&str; 6] = [
-    "SLURM_PROCID",
     "PMI_RANK",
     "OMPI_COMM_WORLD_RANK",
     "PMIX_RANK",
     "PALS_RANKID",
     "ALPS_APP_PE",
+    "SLURM_PROCID",
 ];
 
 /// Replace `{rank}` in the uid with this process's launcher rank (0 when no launcher set one),
@@ -115,6 +117,30 @@ pub fn expand_uid(uid: &str, env: impl Fn(&str) -> Option<String>) -> String {
         .find_map(|v| env(v).filter(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit())))
         .unwrap_or_else(|| "0".to_string());
     uid.replace("{rank}", &rank)
+}
+
+/// When to drain: `drain_after_ms` after the manager started, or earlier at `FNX_DRAIN_AT`
+/// (Unix seconds, exported by a block's batch script at the job's start, so the time its
+/// `worker_init` and launcher took counts too).
+pub fn drain_deadline(
+    started: std::time::Instant,
+    after_ms: Option<u64>,
+    at_epoch: Option<&str>,
+) -> Option<std::time::Instant> {
+    let relative = after_ms.map(|ms| started + Duration::from_millis(ms));
+    let absolute = at_epoch
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .map(|at| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            std::time::Instant::now() + Duration::from_secs(at.saturating_sub(now))
+        });
+    match (relative, absolute) {
+        (Some(r), Some(a)) => Some(r.min(a)),
+        (r, a) => r.or(a),
+    }
 }
 
 /// The node's name as the batch system knows it (`SLURMD_NODENAME`), else the host name.
@@ -222,9 +248,11 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
         kill_grace: Duration::from_millis(b.kill_grace_ms),
         zero_work: b.zero_work,
         max_frame_bytes: fnx_protocol::DEFAULT_MAX_FRAME_BYTES,
-        drain_at: b
-            .drain_after_ms
-            .map(|ms| started + Duration::from_millis(ms)),
+        drain_at: drain_deadline(
+            started,
+            b.drain_after_ms,
+            std::env::var("FNX_DRAIN_AT").ok().as_deref(),
+        ),
     };
     let end = pool::Pool::new(pool_cfg, &pool_side, &signals).run();
     let _ = link_thread.join();
@@ -249,8 +277,13 @@ mod tests {
         assert_eq!(
             expand_uid(
                 "b3.{rank}",
-                env(&[("SLURM_PROCID", "1"), ("PMI_RANK", "5")])
+                env(&[("SLURM_PROCID", "0"), ("PMI_RANK", "5")])
             ),
+            "b3.5",
+            "mpiexec's rank wins over the batch script's SLURM_PROCID"
+        );
+        assert_eq!(
+            expand_uid("b3.{rank}", env(&[("SLURM_PROCID", "1")])),
             "b3.1"
         );
         assert_eq!(
@@ -258,6 +291,21 @@ mod tests {
             "b3.0"
         );
         assert_eq!(expand_uid("plain", env(&[("PMI_RANK", "2")])), "plain");
+    }
+
+    #[test]
+    fn the_drain_deadline_is_the_earlier_of_relative_and_absolute() {
+        let t0 = std::time::Instant::now();
+        let d = drain_deadline(t0, Some(60_000), None).unwrap();
+        assert_eq!(d, t0 + Duration::from_secs(60));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let d = drain_deadline(t0, Some(600_000), Some(&(now + 10).to_string())).unwrap();
+        assert!(d <= std::time::Instant::now() + Duration::from_secs(11));
+        assert!(drain_deadline(t0, None, Some("garbage")).is_none());
+        assert!(drain_deadline(t0, None, None).is_none());
     }
 
     #[test]

@@ -5,29 +5,14 @@ FAULTS.md 30)."""
 
 from __future__ import annotations
 
-import subprocess
-import time
-
 from conftest import wait_for
-from test_daemon_reregister import managers_connected
-
-
-def start_manager(fnx_env, daemon, uid: str, *extra: str) -> subprocess.Popen:
-    log = open(daemon.dir / f"{uid}.stderr", "wb")
-    return subprocess.Popen(
-        [str(fnx_env.bin), "manager", "--interchange",
-         f"tcp://127.0.0.1:{daemon.interchange_port}", "--uid", uid,
-         "--run-dir", str(daemon.dir / "external"), "--run-id", f"ext-{uid}",
-         "--heartbeat-period-ms", "500", *extra],
-        cwd=fnx_env.dir, env=fnx_env.env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=log,
-    )
+from test_daemon_reregister import managers_connected, start_external_manager
 
 
 def test_a_manager_drains_at_its_deadline_finishing_what_it_holds(make_daemon, fnx_env, tmp_path):
     d = make_daemon(pools={"local": {"managers": 0}})
-    early = start_manager(fnx_env, d, "early", "--slots", "2", "--prefetch", "0",
-                          "--drain-after-ms", "2500")
+    early = start_external_manager(fnx_env, d, "early", 2, "--prefetch", "0",
+                                   "--drain-after-ms", "2500")
     late = None
     try:
         wait_for(lambda: managers_connected(d) == 1, 20, "the first manager registers")
@@ -48,7 +33,7 @@ def test_a_manager_drains_at_its_deadline_finishing_what_it_holds(make_daemon, f
         assert states.count("success") == 2, states
         assert states.count("queued") == 4, f"the other tasks wait, none is lost: {states}"
         # A manager of the next block picks up the rest.
-        late = start_manager(fnx_env, d, "late", "--slots", "4")
+        late = start_external_manager(fnx_env, d, "late", 4)
         records = [d.wait_task(t, timeout=30) for t in ids]
         assert all(r["state"] == "success" for r in records), records
         assert all(r["attempt"] == 1 for r in records), \

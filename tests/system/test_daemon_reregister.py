@@ -12,13 +12,14 @@ import time
 from conftest import wait_for
 
 
-def start_external_manager(fnx_env, daemon, uid: str, slots: int) -> subprocess.Popen:
+def start_external_manager(fnx_env, daemon, uid: str, slots: int, *extra: str
+                           ) -> subprocess.Popen:
     log = open(daemon.dir / f"{uid}.stderr", "wb")
     return subprocess.Popen(
         [str(fnx_env.bin), "manager", "--interchange",
          f"tcp://127.0.0.1:{daemon.interchange_port}", "--uid", uid,
          "--run-dir", str(daemon.dir / "external"), "--run-id", f"ext-{uid}",
-         "--slots", str(slots), "--heartbeat-period-ms", "500"],
+         "--slots", str(slots), "--heartbeat-period-ms", "500", *extra],
         cwd=fnx_env.dir, env=fnx_env.env, stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=log,
     )

@@ -93,23 +93,22 @@ def show_log(path: Path, n: int = 40) -> str:
     return f"--- {path} (last {n} calls):\n" + "\n".join(x[:400] for x in lines)
 
 
-def slurm_state(job: str) -> str | None:
-    """Slurm's state of `job`, None once Slurm has forgotten it."""
-    r = run(["squeue", "--noheader", "--states=all", "--format=%i %T", f"--jobs={job}"])
+def squeue_field(job: str, field: str) -> str | None:
+    """One squeue field (`%T` state, `%j` name) of `job`, None once Slurm has forgotten it."""
+    r = run(["squeue", "--noheader", "--states=all", f"--format=%i {field}", f"--jobs={job}"])
     for line in r.stdout.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0] == job:
             return parts[1]
     return None
+
+
+def slurm_state(job: str) -> str | None:
+    return squeue_field(job, "%T")
 
 
 def slurm_job_name(job: str) -> str | None:
-    r = run(["squeue", "--noheader", "--states=all", "--format=%i %j", f"--jobs={job}"])
-    for line in r.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0] == job:
-            return parts[1]
-    return None
+    return squeue_field(job, "%j")
 
 
 def squeue_all() -> str:

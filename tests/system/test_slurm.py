@@ -606,6 +606,16 @@ exec {fnx_env.bin} map --launcher srun --shell 'echo "$SLURMD_NODENAME"; sleep {
     print(f"\ntasks per node: {counts}")
 
 
+def run_node_tasks(d, tmp_path, n: int) -> dict[int, dict]:
+    """Run `n` short NODE_TASKs; their terminal records."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    sid = d.register({"kind": "shell", "command": NODE_TASK})
+    ids = d.submit([{"function": sid, "args": {"m": str(marks), "i": str(i), "t": "0.2"}}
+                    for i in range(n)])
+    return node_results(d, ids, 30)
+
+
 def test_encrypted_blocks_get_their_keys_from_the_shared_key_file(slurm, fnx_env, tmp_path):
     """`encrypt = "always"`: block managers read the pool's key file (0600, in the key directory
     on the filesystem the nodes share) named by path on their command line; the secret never
@@ -626,12 +636,7 @@ def test_encrypted_blocks_get_their_keys_from_the_shared_key_file(slurm, fnx_env
     for p in managers:
         assert secret not in p.cmdline, "a key on a command line is visible to ps"
         assert str(key_file) in p.cmdline, p.cmdline
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    sid = d.register({"kind": "shell", "command": NODE_TASK})
-    ids = d.submit([{"function": sid, "args": {"m": str(marks), "i": str(i), "t": "0.2"}}
-                    for i in range(8)])
-    recs = node_results(d, ids, 30)
+    recs = run_node_tasks(d, tmp_path, 8)
     assert {node_of(r) for r in recs.values()} == set(job_nodes(slurm.jobs_of(d)[0])), recs
     assert "encrypted (CurveZMQ)" in d.log_since_start()
 
@@ -652,11 +657,6 @@ def test_a_restarted_daemon_adopts_the_blocks_that_survived_it(slurm, fnx_env, t
     w.until(lambda p: [(b["id"], b["job"], b["managers"]) for b in p["blocks"]]
             == [(0, job, 2)], 30, f"block 0 (job {job}) adopted with its 2 managers")
     assert f"adopting block 0 (job {job})" in d.log_since_start()
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    sid = d.register({"kind": "shell", "command": NODE_TASK})
-    ids = d.submit([{"function": sid, "args": {"m": str(marks), "i": str(i), "t": "0.2"}}
-                    for i in range(4)])
-    recs = node_results(d, ids, 30)
+    recs = run_node_tasks(d, tmp_path, 4)
     assert all(r["state"] == "success" for r in recs.values()), recs
     assert slurm.jobs_of(d) == [job], "no block was submitted in place of the adopted one"

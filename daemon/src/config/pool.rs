@@ -337,6 +337,7 @@ pub(super) fn validate(name: String, rp: RawPool, p: &mut Problems) -> PoolConfi
             default_margin,
             0.0,
         );
+        spec.drain_margin = drain_margin;
         if drain_margin >= spec.walltime {
             p.0.push(format!(
                 "{}: must be shorter than the walltime",

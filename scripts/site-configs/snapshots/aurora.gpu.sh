@@ -4,6 +4,7 @@
 #PBS -e /lus/flare/projects/CHANGEME/fnx/runs/gpu/block-0/job.err
 #PBS -l select=2
 #PBS -l walltime=12:00:00
+#PBS -r n
 #PBS -q capacity
 #PBS -A CHANGEME
 #PBS -l filesystems=home:flare
@@ -12,6 +13,8 @@
 # fnx 0.1.0 block 0 of pool gpu: one manager per node (mpiexec launcher)
 cd /lus/flare/projects/CHANGEME/fnx/runs/gpu/block-0
 export FNX_POOL=gpu FNX_BLOCK=0
+# managers drain 1800s before the walltime ends
+export FNX_DRAIN_AT=$(( $(date +%s) + 41400 ))
 
 # worker_init
 module load python

@@ -6,6 +6,8 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --time=04:00:00
 #SBATCH --exclusive
+#SBATCH --cpus-per-task=256
+#SBATCH --no-requeue
 #SBATCH --account=CHANGEME
 #SBATCH --qos=regular
 #SBATCH --constraint=cpu
@@ -13,6 +15,8 @@
 # fnx 0.1.0 block 0 of pool cpu: one manager per node (srun launcher)
 cd /global/cfs/cdirs/CHANGEME/fnx/runs/cpu/block-0
 export FNX_POOL=cpu FNX_BLOCK=0
+# managers drain 300s before the walltime ends
+export FNX_DRAIN_AT=$(( $(date +%s) + 14100 ))
 
 # worker_init
 module load python

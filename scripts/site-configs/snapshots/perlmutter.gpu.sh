@@ -6,6 +6,8 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --time=02:00:00
 #SBATCH --exclusive
+#SBATCH --cpus-per-task=128
+#SBATCH --no-requeue
 #SBATCH --account=CHANGEME
 #SBATCH --qos=regular
 #SBATCH --constraint=gpu
@@ -14,6 +16,8 @@
 # fnx 0.1.0 block 0 of pool gpu: one manager per node (srun launcher)
 cd /global/cfs/cdirs/CHANGEME/fnx/runs/gpu/block-0
 export FNX_POOL=gpu FNX_BLOCK=0
+# managers drain 300s before the walltime ends
+export FNX_DRAIN_AT=$(( $(date +%s) + 6900 ))
 
 # worker_init
 module load python

@@ -4,6 +4,7 @@
 #PBS -e /lus/eagle/projects/CHANGEME/fnx/runs/gpu/block-0/job.err
 #PBS -l select=2:ncpus=32:ngpus=4
 #PBS -l walltime=06:00:00
+#PBS -r n
 #PBS -q preemptable
 #PBS -A CHANGEME
 #PBS -l filesystems=home:eagle
@@ -12,6 +13,8 @@
 # fnx 0.1.0 block 0 of pool gpu: one manager per node (mpiexec launcher)
 cd /lus/eagle/projects/CHANGEME/fnx/runs/gpu/block-0
 export FNX_POOL=gpu FNX_BLOCK=0
+# managers drain 300s before the walltime ends
+export FNX_DRAIN_AT=$(( $(date +%s) + 21300 ))
 
 # worker_init
 module use /soft/modulefiles

@@ -6,12 +6,15 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --time=02:00:00
 #SBATCH --exclusive
+#SBATCH --no-requeue
 #SBATCH --account=CHANGEME
 #SBATCH --partition=CHANGEME
 
 # fnx 0.1.0 block 0 of pool batch: one manager per node (srun launcher)
 cd /project/CHANGEME/fnx/runs/batch/block-0
 export FNX_POOL=batch FNX_BLOCK=0
+# managers drain 300s before the walltime ends
+export FNX_DRAIN_AT=$(( $(date +%s) + 6900 ))
 
 # worker_init
 module load python

@@ -5,6 +5,8 @@
 # fnx 0.1.0 block 0 of pool knl: one manager per node (aprun launcher)
 cd /lus/grand/projects/CHANGEME/fnx/runs/knl/block-0
 export FNX_POOL=knl FNX_BLOCK=0
+# managers drain 300s before the walltime ends
+export FNX_DRAIN_AT=$(( $(date +%s) + 3300 ))
 
 # worker_init
 module load conda
