@@ -72,6 +72,9 @@ enum Command {
     Cancel(client::CancelArgs),
     /// Show the daemon's pools, managers and task counts.
     Status(client::StatusArgs),
+    /// Drain or cancel a batch pool's block (admins).
+    #[command(subcommand)]
+    Block(client::BlockCommand),
     /// Register, list and show functions.
     #[command(subcommand)]
     Function(client::FunctionCommand),
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
             | Command::Result(_)
             | Command::Cancel(_)
             | Command::Status(_)
+            | Command::Block(_)
             | Command::Function(_)
             | Command::Token(_)
             | Command::Config(_)
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
         Command::Result(args) => client::finish(client::result(args)),
         Command::Cancel(args) => client::finish(client::cancel(args)),
         Command::Status(args) => client::finish(client::status(args)),
+        Command::Block(cmd) => client::finish(client::block(cmd)),
         Command::Function(cmd) => client::finish(client::function(cmd)),
         Command::Token(cmd) => daemon_cmd::token(cmd),
         Command::Config(cmd) => daemon_cmd::config(cmd),

@@ -27,6 +27,18 @@ pub struct PoolReport {
     pub failed: Option<String>,
     /// Live blocks, then recently ended ones.
     pub blocks: Vec<Block>,
+    /// Admin requests for the block thread (`POST /v1/pools/{pool}/blocks/{id}/drain|cancel`).
+    #[serde(skip)]
+    pub requests: Vec<BlockRequest>,
+}
+
+/// What an admin asks of one block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockRequest {
+    /// Drain it now: its managers finish what they hold, take nothing new, and exit.
+    Drain(u64),
+    /// Cancel its job now, running tasks or not (they are retried elsewhere).
+    Cancel(u64),
 }
 
 /// A batch pool's blocks.
@@ -179,6 +191,7 @@ impl BlockPool {
                     }
                 }
             }
+            self.serve_requests();
             std::thread::sleep(Duration::from_millis(50));
         }
         let live = self.scaler.cancel_all();
@@ -186,6 +199,35 @@ impl BlockPool {
             tracing::info!("pool {}: cancelling {} blocks", self.name, live.len());
             self.cancel(live);
         }
+    }
+
+    /// Carry out admins' requests.
+    fn serve_requests(&mut self) {
+        let requests = match self.report.lock() {
+            Ok(mut r) if !r.requests.is_empty() => std::mem::take(&mut r.requests),
+            _ => return,
+        };
+        for req in requests {
+            match req {
+                BlockRequest::Drain(id) => {
+                    if self.scaler.force_drain(id, Instant::now()) {
+                        tracing::info!("pool {}: draining block {id} (admin request)", self.name);
+                        self.handle.drain_block(BlockId(id));
+                    }
+                }
+                BlockRequest::Cancel(id) => {
+                    if let Some(job) = self.scaler.force_cancel(id) {
+                        tracing::warn!(
+                            "pool {}: cancelling block {id} (job {job}) on an admin's request; \
+                             its running tasks are retried elsewhere",
+                            self.name
+                        );
+                        self.cancel(vec![(id, job)]);
+                    }
+                }
+            }
+        }
+        self.publish();
     }
 
     fn publish(&self) {

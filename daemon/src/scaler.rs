@@ -451,6 +451,30 @@ impl Scaler {
             .collect()
     }
 
+    /// An admin drains block `id` (false: no such live block).
+    pub fn force_drain(&mut self, id: u64, now: Instant) -> bool {
+        match self.blocks.get_mut(&id) {
+            Some(b) => {
+                if b.phase != Phase::Draining {
+                    b.phase = Phase::Draining;
+                    b.drain_since = Some(now);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// An admin cancels block `id`: its job id (None: no such live block). Its end is expected
+    /// (no backoff, no failure); managers still connected then are reported gone.
+    pub fn force_cancel(&mut self, id: u64) -> Option<String> {
+        let b = self.blocks.get_mut(&id)?;
+        b.cancelled = true;
+        b.phase = Phase::Draining;
+        b.drain_since.get_or_insert_with(Instant::now);
+        Some(b.job.clone())
+    }
+
     /// Whether block `id`'s job is still tracked (not ended).
     pub fn is_live(&self, id: u64) -> bool {
         self.blocks.contains_key(&id)

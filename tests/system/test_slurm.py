@@ -660,3 +660,43 @@ def test_a_restarted_daemon_adopts_the_blocks_that_survived_it(slurm, fnx_env, t
     recs = run_node_tasks(d, tmp_path, 4)
     assert all(r["state"] == "success" for r in recs.values()), recs
     assert slurm.jobs_of(d) == [job], "no block was submitted in place of the adopted one"
+
+
+def test_admins_force_a_busy_block_out_and_drain_another(slurm, fnx_env, tmp_path):
+    """`fnx block cancel POOL N` cancels a block's job even while it runs tasks (they are
+    retried, nothing is lost, no backoff); `fnx block drain POOL N` drains one now; both are
+    for admins only and name unknown blocks."""
+    d = slurm.start(min_blocks=2, max_blocks=3, max_idletime=60)
+    w = Watcher(d)
+    w.until(lambda p: [b["managers"] for b in p["blocks"]] == [2, 2], 40,
+            "min_blocks = 2: two blocks with 2 managers each")
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    sid = d.register({"kind": "shell", "command":
+                      'echo "$SLURMD_NODENAME" >> {m}/{i}; sleep {t} && echo "$SLURMD_NODENAME"'})
+    ids = d.submit([{"function": sid, "args": {"m": str(marks), "i": str(i), "t": "4"}}
+                    for i in range(8)])
+    w.until(lambda p: all(m["inflight"] > 0 for m in p["managers"]), 30,
+            "every manager of both blocks runs a task")
+    user = d.create_user("someone")
+    refused = d.fnx("block", "cancel", POOL, "0", env=d.env_for(user))
+    assert refused.returncode != 0 and "admin" in refused.stderr, refused
+    missing = d.fnx("block", "drain", POOL, "99")
+    assert missing.returncode != 0 and "no live block 99" in missing.stderr, missing
+    [job0] = [b["job"] for b in pool_status(d)["blocks"] if b["id"] == 0]
+    r = d.fnx("block", "cancel", POOL, "0")
+    assert r.returncode == 0, r
+    slurm.wait_jobs_gone([job0], 20, lambda: diagnostics(d))
+    recs = node_results(d, ids, 60)
+    assert all(t["state"] == "success" for t in recs.values()), recs
+    runs = {int(f.name): f.read_text().split() for f in marks.iterdir()}
+    assert any(len(v) == 2 for v in runs.values()), f"tasks of block 0 ran again: {runs}"
+    assert f"cancelling block 0 (job {job0}) on an admin's request" in d.log_since_start()
+    # min_blocks = 2 brings a new block at once (an admin's cancel is not a failure: no backoff).
+    p = w.until(lambda p: sum(b["phase"] == "running" for b in p["blocks"]) == 2, 30,
+                "a replacement block runs")
+    assert p["failed"] is None, p
+    r = d.fnx("block", "drain", POOL, "1")
+    assert r.returncode == 0, r
+    w.until(lambda p: any(b["id"] == 1 and b["phase"] == "ended" for b in p["blocks"]), 30,
+            "block 1 is drained and its job ends")

@@ -330,6 +330,47 @@ pub fn cancel(a: CancelArgs) -> Result<u8> {
     Ok(EXIT_OK)
 }
 
+/// `fnx block ...` (admins).
+#[derive(Subcommand, Debug)]
+pub enum BlockCommand {
+    /// Drain a block now: its managers finish the tasks they hold, take no new ones and exit;
+    /// then its job ends
+    Drain(BlockArgs),
+    /// Cancel a block's job now, even while it runs tasks (they are retried elsewhere)
+    Cancel(BlockArgs),
+}
+
+/// A pool's block.
+#[derive(Args, Debug)]
+pub struct BlockArgs {
+    /// The pool.
+    pub pool: String,
+    /// The block number (`fnx status` lists them).
+    pub id: u64,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `fnx block drain|cancel`.
+pub fn block(cmd: BlockCommand) -> Result<u8> {
+    let (action, a) = match cmd {
+        BlockCommand::Drain(a) => ("drain", a),
+        BlockCommand::Cancel(a) => ("cancel", a),
+    };
+    let mut c = a.conn.client()?;
+    let path = format!("/v1/pools/{}/blocks/{}/{action}", a.pool, a.id);
+    let v = c
+        .request("POST", &path, Some(&serde_json::json!({})))?
+        .ok()?;
+    print(a.conn.output, &v, |_| {
+        format!(
+            "pool {} block {}: {action} requested (see fnx status)",
+            a.pool, a.id
+        )
+    });
+    Ok(EXIT_OK)
+}
+
 /// `fnx status`.
 #[derive(Args, Debug)]
 pub struct StatusArgs {

@@ -321,6 +321,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/tasks/cancel", post(tasks::cancel_many))
         .route("/v1/tasks/{id}", get(tasks::show).delete(tasks::cancel))
         .route("/v1/results", get(tasks::results))
+        .route(
+            "/v1/pools/{pool}/blocks/{id}/{action}",
+            post(status::block_action),
+        )
         .fallback(not_found)
         .with_state(app)
 }

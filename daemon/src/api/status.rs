@@ -2,7 +2,7 @@
 
 use super::{auth, json_response, ApiResult, App};
 use crate::store::writer::UserCounts;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fnx_interchange::{Counts, ManagerStatus};
@@ -198,4 +198,48 @@ pub(super) async fn metrics(State(app): State<Arc<App>>) -> Response {
     );
     drop(s);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// `POST /v1/pools/{pool}/blocks/{id}/drain` and `.../cancel` (admins): drain a block now, or
+/// cancel its job even while it runs tasks (they are retried elsewhere).
+pub(super) async fn block_action(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path((pool, id, action)): Path<(String, String, String)>,
+) -> ApiResult {
+    use crate::blocks::BlockRequest;
+    let c = auth(&app, &headers)?;
+    if !c.admin {
+        return Err(super::ApiError::forbidden(
+            "only admins may drain or cancel blocks",
+        ));
+    }
+    let id = super::parse_id(&id, "the block id")?;
+    let request = match action.as_str() {
+        "drain" => BlockRequest::Drain(id),
+        "cancel" => BlockRequest::Cancel(id),
+        other => {
+            return Err(super::ApiError::not_found(format!(
+                "no block action {other:?} (drain or cancel)"
+            )))
+        }
+    };
+    let p = app
+        .pool(&pool)
+        .ok_or_else(|| super::ApiError::not_found(format!("no pool named {pool:?}")))?;
+    let mut r = p.report.lock().expect("pool report");
+    let live = r
+        .blocks
+        .iter()
+        .any(|b| b.id == id && !matches!(b.phase, crate::scaler::Phase::Ended));
+    if !live {
+        return Err(super::ApiError::not_found(format!(
+            "pool {pool} has no live block {id}"
+        )));
+    }
+    r.requests.push(request);
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        json!({"pool": pool, "block": id, "action": action}),
+    ))
 }
