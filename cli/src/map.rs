@@ -445,6 +445,13 @@ fn execute(
         ..PoolOptions::new(run_dir.clone(), String::new())
     };
     if let Some(l) = launch {
+        if l.launcher != crate::map_launch::LauncherArg::Local && opts.managers != 1 {
+            anyhow::bail!(
+                "--managers is for --launcher local; --launcher {} starts one manager per \
+                 node (choose how many with --nodes or --hostfile)",
+                format!("{:?}", l.launcher).to_lowercase()
+            );
+        }
         crate::map_launch::configure(l, &run_dir, &mut pool_opts)?;
     }
     let mut pool = LocalPool::start(pool_opts)?;
