@@ -440,11 +440,10 @@ def test_mpiexec_launches_one_manager_per_host(fnx_env, flavor):
     assert f"starting 2 managers: {MPI[flavor][0]} " in log_text, log_text
 
 
-def test_mpiexec_hostfile_duplicates_give_one_manager_per_host(fnx_env):
-    """A hostfile with one line per slot (as PBS_NODEFILE has) gives one manager per distinct
-    host: 5 lines over 2 hosts start 2 managers (and ssh twice), 3 lines of one host start 1."""
-    hf = fnx_env.write("hostfile-slots", "fnx-host-b\nfnx-host-a\nfnx-host-b\nfnx-host-a\n"
-                                         "fnx-host-b\n")
+def map_two_hosts(fnx_env, name: str, hostfile: str) -> Path:
+    """`fnx map --launcher mpiexec` (MPICH) from `hostfile`, which names fnx-host-a and
+    fnx-host-b in some form: exactly one manager per host runs; returns the fake ssh's log."""
+    hf = fnx_env.write(name, hostfile)
     log = fnx_env.dir / "ssh-calls.jsonl"
     d = fnx_env.dir / "barrier"
     d.mkdir()
@@ -453,6 +452,14 @@ def test_mpiexec_hostfile_duplicates_give_one_manager_per_host(fnx_env):
     assert r.returncode == 0 and len(r.lines) == 2, diag
     assert (r.run_dir / "hosts").read_text() == "fnx-host-a\nfnx-host-b\n", diag
     assert sorted(manager_hosts(r).values()) == HOSTS, diag
+    return log
+
+
+def test_mpiexec_hostfile_duplicates_give_one_manager_per_host(fnx_env):
+    """A hostfile with one line per slot (as PBS_NODEFILE has) gives one manager per distinct
+    host: 5 lines over 2 hosts start 2 managers (and ssh twice), 3 lines of one host start 1."""
+    log = map_two_hosts(fnx_env, "hostfile-slots",
+                        "fnx-host-b\nfnx-host-a\nfnx-host-b\nfnx-host-a\nfnx-host-b\n")
     assert len(calls(log, "ssh")) == 2, show_log(log)
 
     one = fnx_env.write("hostfile-one", "localhost\nlocalhost\nlocalhost\n")
@@ -474,15 +481,7 @@ def test_mpiexec_hostfile_blank_lines_and_spaces_are_not_hosts(fnx_env):
     """`--hostfile`: a blank line or trailing blanks do not make another host. fnx counts the
     distinct trimmed non-empty lines (here 2), so the hostfile it hands to mpiexec must list
     exactly those hosts, or mpiexec starts more ranks than fnx expects managers."""
-    hf = fnx_env.write("hostfile-blanks", "fnx-host-a\n\nfnx-host-b \nfnx-host-b\n")
-    log = fnx_env.dir / "ssh-calls.jsonl"
-    d = fnx_env.dir / "barrier"
-    d.mkdir()
-    r = map_mpi(fnx_env, "mpich", hf, d, 2, log)
-    diag = r.explain() + "\n" + tail(r.run_dir / "launcher.log") + "\n" + show_log(log)
-    assert r.returncode == 0 and len(r.lines) == 2, diag
-    assert (r.run_dir / "hosts").read_text() == "fnx-host-a\nfnx-host-b\n", diag
-    assert sorted(manager_hosts(r).values()) == HOSTS, diag
+    map_two_hosts(fnx_env, "hostfile-blanks", "fnx-host-a\n\nfnx-host-b \nfnx-host-b\n")
 
 
 # ---------------------------------------------------------------------------------------------

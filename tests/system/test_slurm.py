@@ -427,11 +427,17 @@ def test_idle_scale_in_keeps_min_blocks(slurm, fnx_env, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_scancel_of_a_busy_block_retries_its_tasks_elsewhere(slurm, fnx_env, tmp_path):
-    d = slurm.start(min_blocks=2, max_blocks=2, max_idletime=30)
+def two_running_blocks(slurm, **pool):
+    """A daemon with min_blocks = 2, once both blocks run with 2 managers each."""
+    d = slurm.start(min_blocks=2, **pool)
     w = Watcher(d)
     w.until(lambda p: [b["managers"] for b in p["blocks"]] == [2, 2], 40,
             "min_blocks = 2: two blocks running with 2 managers each")
+    return d, w
+
+
+def test_scancel_of_a_busy_block_retries_its_tasks_elsewhere(slurm, fnx_env, tmp_path):
+    d, w = two_running_blocks(slurm, max_blocks=2, max_idletime=30)
     marks = tmp_path / "marks"
     marks.mkdir()
     # Each execution appends "start NODE" and, if it is not killed, "done NODE" to marks/I; a
@@ -666,10 +672,7 @@ def test_admins_force_a_busy_block_out_and_drain_another(slurm, fnx_env, tmp_pat
     """`fnx block cancel POOL N` cancels a block's job even while it runs tasks (they are
     retried, nothing is lost, no backoff); `fnx block drain POOL N` drains one now; both are
     for admins only and name unknown blocks."""
-    d = slurm.start(min_blocks=2, max_blocks=3, max_idletime=60)
-    w = Watcher(d)
-    w.until(lambda p: [b["managers"] for b in p["blocks"]] == [2, 2], 40,
-            "min_blocks = 2: two blocks with 2 managers each")
+    d, w = two_running_blocks(slurm, max_blocks=3, max_idletime=60)
     marks = tmp_path / "marks"
     marks.mkdir()
     sid = d.register({"kind": "shell", "command":

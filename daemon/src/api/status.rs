@@ -227,7 +227,10 @@ pub(super) async fn block_action(
     let p = app
         .pool(&pool)
         .ok_or_else(|| super::ApiError::not_found(format!("no pool named {pool:?}")))?;
-    let mut r = p.report.lock().expect("pool report");
+    let mut r = p
+        .report
+        .lock()
+        .map_err(|_| super::ApiError::unavailable("the pool's block thread failed"))?;
     let live = r
         .blocks
         .iter()
