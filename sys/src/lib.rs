@@ -9,10 +9,12 @@
 //!   so event loops can poll for them.
 //! - [`node`]: host name and the number of CPUs this process may use.
 //!
-//! Placement (hwloc topology, pinning plans) joins this crate when pinning is built.
+//! - [`placement`]: the node's topology (sysfs, or an hwloc XML export) and pinning plans: pure
+//!   data computed from topology + policy, applied in one place before exec.
 #![deny(missing_docs)]
 
 pub mod node;
+pub mod placement;
 pub mod process;
 pub mod signals;
 pub mod sweep;
