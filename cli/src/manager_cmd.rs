@@ -11,19 +11,19 @@ use std::path::PathBuf;
 #[derive(Args, Debug, Clone, PartialEq)]
 pub struct ManagerArgs {
     /// ZeroMQ endpoint of the interchange (tcp://HOST:PORT).
-    #[arg(long)]
-    pub interchange: String,
+    #[arg(long, required_unless_present = "print_plan")]
+    pub interchange: Option<String>,
     /// Unique name of this manager launch; `{rank}` is replaced by the launcher's rank of this
     /// process (SLURM_PROCID, PMI_RANK, OMPI_COMM_WORLD_RANK, PMIX_RANK, PALS_RANKID or
     /// ALPS_APP_PE), so one command line started on every node gives every manager its own name
-    #[arg(long)]
-    pub uid: String,
+    #[arg(long, required_unless_present = "print_plan")]
+    pub uid: Option<String>,
     /// Directory for logs (the manager writes into RUN_DIR/UID/).
-    #[arg(long)]
-    pub run_dir: PathBuf,
+    #[arg(long, required_unless_present = "print_plan")]
+    pub run_dir: Option<PathBuf>,
     /// Marker put into the environment of every process the manager starts.
-    #[arg(long)]
-    pub run_id: String,
+    #[arg(long, required_unless_present = "print_plan")]
+    pub run_id: Option<String>,
     /// Python interpreter for workers.
     #[arg(long, default_value = "python3")]
     pub python: String,
@@ -55,6 +55,23 @@ pub struct ManagerArgs {
     /// (batch jobs set it to end before their walltime)
     #[arg(long)]
     pub drain_after_ms: Option<u64>,
+    /// How workers are pinned to this node's cores: none, block, block-reverse, alternating,
+    /// numa, or list:CPUS:CPUS... (one CPU list per worker, e.g. list:0-3:4-7)
+    #[arg(long, value_name = "POLICY")]
+    pub cpu_affinity: Option<String>,
+    /// Accelerators (GPU ids) shared out over the workers, e.g. 0,1,2,3 (several workers may
+    /// share one; each sees its own through CUDA_VISIBLE_DEVICES, ROCR_VISIBLE_DEVICES and
+    /// ZE_AFFINITY_MASK)
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    pub accelerators: Vec<String>,
+    /// Print the worker placement this manager would use on this node (CPUs, accelerators and
+    /// environment of each worker slot) and exit
+    #[arg(long)]
+    pub print_plan: bool,
+    /// With --print-plan: plan for the topology in this hwloc XML file (`lstopo --of xml`)
+    /// instead of this node's, with all its CPUs allowed
+    #[arg(long, value_name = "FILE", requires = "print_plan")]
+    pub topology: Option<PathBuf>,
     /// Tasks accepted beyond the slots (default: as many as slots, at least 64).
     #[arg(long)]
     pub prefetch: Option<u32>,
@@ -70,18 +87,20 @@ pub struct ManagerArgs {
 impl From<ManagerArgs> for ManagerBootstrap {
     fn from(a: ManagerArgs) -> Self {
         ManagerBootstrap {
-            interchange: a.interchange,
-            uid: a.uid,
+            interchange: a.interchange.unwrap_or_default(),
+            uid: a.uid.unwrap_or_default(),
             block_id: a.block_id.map(BlockId),
             slots: a.slots,
             cores_per_worker: a.cores_per_worker,
             mem_per_worker_mb: a.mem_per_worker_mb,
             drain_after_ms: a.drain_after_ms,
+            cpu_affinity: a.cpu_affinity,
+            accelerators: a.accelerators,
             prefetch: a.prefetch,
             zero_work: a.zero_work,
             python: a.python,
-            run_dir: a.run_dir,
-            run_id: a.run_id,
+            run_dir: a.run_dir.unwrap_or_default(),
+            run_id: a.run_id.unwrap_or_default(),
             heartbeat_period_ms: a.heartbeat_period_ms,
             heartbeat_threshold_ms: a.heartbeat_threshold_ms,
             max_result_bytes: a.max_result_bytes,
@@ -91,8 +110,61 @@ impl From<ManagerArgs> for ManagerBootstrap {
     }
 }
 
+/// `fnx manager --print-plan`: the placement of this node's (or a topology file's) worker
+/// slots.
+fn print_plan(args: ManagerArgs) -> u8 {
+    use fnx_sys::placement::{allowed_cpus, PlanReport, Topology};
+    let topo_file = args.topology.clone();
+    let b = ManagerBootstrap::from(args);
+    let (topo, allowed) = match &topo_file {
+        Some(f) => match std::fs::read_to_string(f)
+            .map_err(|e| e.to_string())
+            .and_then(|t| Topology::from_hwloc_xml(&t))
+        {
+            Ok(t) => {
+                let all = t.pus.iter().map(|p| p.os).collect();
+                (t, all)
+            }
+            Err(e) => {
+                eprintln!("fnx manager: cannot read the topology {}: {e}", f.display());
+                return EXIT_USAGE;
+            }
+        },
+        None => (Topology::discover(), allowed_cpus()),
+    };
+    let cores = allowed.len() as u32;
+    let slots = fnx_manager::slot_count(&b, cores, fnx_sys::node::total_memory_bytes());
+    match fnx_manager::placement_plan(&b, slots, &topo, &allowed) {
+        Ok(plan) => {
+            let affinity = b
+                .cpu_affinity
+                .as_deref()
+                .unwrap_or("none")
+                .parse()
+                .expect("parsed by placement_plan");
+            print!(
+                "{}",
+                PlanReport {
+                    topo: &topo,
+                    allowed: &allowed,
+                    affinity: &affinity,
+                    plan: &plan,
+                }
+            );
+            EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("fnx manager: {e}");
+            EXIT_USAGE
+        }
+    }
+}
+
 /// Run a manager; the exit status tells its launcher how it ended.
 pub fn run(args: ManagerArgs) -> u8 {
+    if args.print_plan {
+        return print_plan(args);
+    }
     let mut b = ManagerBootstrap::from(args);
     b.uid = fnx_manager::expand_uid(&b.uid, |k| std::env::var(k).ok());
     let dir = fnx_manager::manager_dir(&b);
@@ -153,6 +225,8 @@ mod tests {
         b.cores_per_worker = Some(1.5);
         b.mem_per_worker_mb = Some(2048);
         b.drain_after_ms = Some(3_300_000);
+        b.cpu_affinity = Some("list:0-3:4-7".into());
+        b.accelerators = vec!["0".into(), "1".into()];
         let mut argv = vec!["fnx".to_string()];
         argv.extend(fnx_launcher::manager_args(&b));
         let Sub::Manager(args) = Wrapper::try_parse_from(argv).expect("parses").cmd;

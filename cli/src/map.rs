@@ -47,6 +47,13 @@ pub struct RunOptions {
     /// Seconds between SIGTERM and SIGKILL when a task is killed
     #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
     pub kill_grace: f64,
+    /// Pin workers to cores: none, block, block-reverse, alternating, numa, or
+    /// list:CPUS:CPUS... (one list per worker); `fnx manager --print-plan` shows the result
+    #[arg(long, value_name = "POLICY")]
+    pub cpu_affinity: Option<String>,
+    /// Accelerators (GPU ids, e.g. 0,1,2,3) shared out over each manager's workers
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    pub accelerators: Vec<String>,
     /// Heartbeat period in seconds
     #[arg(long, default_value_t = 5.0, hide = true)]
     pub heartbeat_period: f64,
@@ -210,6 +217,10 @@ pub(crate) fn validate_options(o: &RunOptions) -> Result<(), String> {
                 "{name} must be a non-negative number of seconds, got {v}"
             ));
         }
+    }
+    if let Some(a) = &o.cpu_affinity {
+        a.parse::<fnx_sys::placement::CpuAffinity>()
+            .map_err(|e| format!("--cpu-affinity: {e}"))?;
     }
     Ok(())
 }
@@ -442,6 +453,8 @@ fn execute(
         heartbeat_threshold: secs(opts.heartbeat_threshold),
         max_result_bytes: opts.max_result_bytes,
         kill_grace: secs(opts.kill_grace),
+        cpu_affinity: opts.cpu_affinity.clone(),
+        accelerators: opts.accelerators.clone(),
         ..PoolOptions::new(run_dir.clone(), String::new())
     };
     if let Some(l) = launch {

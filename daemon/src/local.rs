@@ -59,6 +59,10 @@ pub struct PoolOptions {
     pub cores_per_worker: Option<f64>,
     /// Memory each worker needs in MiB (limits the slots).
     pub mem_per_worker_mb: Option<u64>,
+    /// How workers are pinned (`none`, `block`, ...; None: not pinned).
+    pub cpu_affinity: Option<String>,
+    /// Accelerators shared out over each manager's workers.
+    pub accelerators: Vec<String>,
     /// Prefetch per manager (None: as many as slots).
     pub prefetch: Option<u32>,
     /// Python interpreter.
@@ -108,6 +112,8 @@ impl PoolOptions {
             workers: None,
             cores_per_worker: None,
             mem_per_worker_mb: None,
+            cpu_affinity: None,
+            accelerators: Vec::new(),
             prefetch: None,
             python: "python3".into(),
             run_dir,
@@ -372,6 +378,8 @@ fn bootstrap(handle: &Handle, opts: &PoolOptions, uid: &str) -> ManagerBootstrap
     b.curve_keys = opts.curve.as_ref().map(|(_, file)| file.clone());
     b.cores_per_worker = opts.cores_per_worker;
     b.mem_per_worker_mb = opts.mem_per_worker_mb;
+    b.cpu_affinity = opts.cpu_affinity.clone();
+    b.accelerators = opts.accelerators.clone();
     b
 }
 

@@ -157,6 +157,8 @@ pub fn manager_template(
     b.slots = p.workers_per_manager;
     b.cores_per_worker = p.cores_per_worker;
     b.mem_per_worker_mb = p.mem_per_worker_mb;
+    b.cpu_affinity = p.cpu_affinity.clone();
+    b.accelerators = p.accelerators.clone();
     b.python = p.python.clone();
     b.heartbeat_period_ms = cfg.interchange.heartbeat_period.as_millis() as u64;
     b.heartbeat_threshold_ms = cfg.interchange.heartbeat_threshold.as_millis() as u64;
@@ -240,6 +242,8 @@ fn start_pool(
         workers: p.workers_per_manager,
         cores_per_worker: p.cores_per_worker,
         mem_per_worker_mb: p.mem_per_worker_mb,
+        cpu_affinity: p.cpu_affinity.clone(),
+        accelerators: p.accelerators.clone(),
         python: p.python.clone(),
         heartbeat_period: cfg.interchange.heartbeat_period,
         heartbeat_threshold: cfg.interchange.heartbeat_threshold,

@@ -42,6 +42,12 @@ pub fn manager_args(b: &ManagerBootstrap) -> Vec<String> {
     if let Some(m) = b.mem_per_worker_mb {
         args.extend(["--mem-per-worker-mb".into(), m.to_string()]);
     }
+    if let Some(a) = &b.cpu_affinity {
+        args.extend(["--cpu-affinity".into(), a.clone()]);
+    }
+    if !b.accelerators.is_empty() {
+        args.extend(["--accelerators".into(), b.accelerators.join(",")]);
+    }
     if let Some(d) = b.drain_after_ms {
         args.extend(["--drain-after-ms".into(), d.to_string()]);
     }

@@ -55,6 +55,9 @@ pub enum ManagerError {
         /// The error.
         source: zmq::Error,
     },
+    /// The placement policy cannot be carried out on this node.
+    #[error("worker placement: {0}")]
+    Placement(String),
     /// The key file of an encrypted link cannot be used.
     #[error("key file {path}: {what}")]
     Keys {
@@ -164,6 +167,23 @@ pub fn slot_count(b: &ManagerBootstrap, cores: u32, mem_bytes: u64) -> u32 {
     slots.max(1)
 }
 
+/// The placement of `slots` worker slots on `topo` within `allowed` CPUs, as `b` asks for.
+pub fn placement_plan(
+    b: &ManagerBootstrap,
+    slots: u32,
+    topo: &fnx_sys::placement::Topology,
+    allowed: &[u32],
+) -> Result<Vec<fnx_sys::placement::SlotPlan>, ManagerError> {
+    let affinity: fnx_sys::placement::CpuAffinity = b
+        .cpu_affinity
+        .as_deref()
+        .unwrap_or("none")
+        .parse()
+        .map_err(ManagerError::Placement)?;
+    fnx_sys::placement::plan(topo, allowed, &affinity, slots as usize, &b.accelerators)
+        .map_err(ManagerError::Placement)
+}
+
 /// The directory a manager writes its logs and worker runtime into.
 pub fn manager_dir(bootstrap: &ManagerBootstrap) -> PathBuf {
     bootstrap.run_dir.join(&bootstrap.uid)
@@ -191,6 +211,12 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
     let started = std::time::Instant::now();
     let cores = fnx_sys::node::usable_cpus();
     let slots = slot_count(b, cores, fnx_sys::node::total_memory_bytes());
+    let placement = placement_plan(
+        b,
+        slots,
+        &fnx_sys::placement::Topology::discover(),
+        &fnx_sys::placement::allowed_cpus(),
+    )?;
     let register = Register {
         uid: b.uid.clone(),
         host: node_name(),
@@ -248,6 +274,7 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
         kill_grace: Duration::from_millis(b.kill_grace_ms),
         zero_work: b.zero_work,
         max_frame_bytes: fnx_protocol::DEFAULT_MAX_FRAME_BYTES,
+        placement,
         drain_at: drain_deadline(
             started,
             b.drain_after_ms,

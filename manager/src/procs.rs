@@ -7,6 +7,7 @@
 
 use crate::wire::{def_frame, task_frame_head, FrameReader, WireError, WorkerHeader};
 use fnx_protocol::{FunctionBody, FunctionId, TaskSpec};
+use fnx_sys::placement::SlotPlan;
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Write};
@@ -59,13 +60,21 @@ fn read_available(fd: RawFd, mut sink: impl FnMut(&[u8])) -> io::Result<bool> {
     }
 }
 
-fn prepare(cmd: &mut Command, markers: &Markers, proc_marker: &str) {
+/// Markers, the slot's environment, and (between fork and exec) its own process group, death
+/// signal and CPU binding: the one place where a placement plan is applied.
+fn prepare(cmd: &mut Command, markers: &Markers, proc_marker: &str, slot: &SlotPlan) {
     cmd.env("FNX_RUN_ID", &markers.run_id)
         .env("FNX_MANAGER", &markers.manager)
-        .env("FNX_PROC", proc_marker);
-    // SAFETY: child_setup only makes async-signal-safe calls.
+        .env("FNX_PROC", proc_marker)
+        .envs(slot.env.iter().map(|(k, v)| (k, v)));
+    let cpus = slot.cpus.clone();
+    // SAFETY: child_setup and apply_affinity only make async-signal-safe calls (no allocation:
+    // `cpus` was allocated before the fork).
     unsafe {
-        cmd.pre_exec(|| fnx_sys::process::child_setup(libc::SIGKILL));
+        cmd.pre_exec(move || {
+            fnx_sys::process::child_setup(libc::SIGKILL)?;
+            fnx_sys::placement::apply_affinity(&cpus)
+        });
     }
 }
 
@@ -96,6 +105,7 @@ impl PythonWorker {
         markers: &Markers,
         serial: u64,
         max_result_bytes: u64,
+        slot: &SlotPlan,
     ) -> io::Result<PythonWorker> {
         let log_file = File::options().create(true).append(true).open(log)?;
         let marker = format!("{}.w{serial}", markers.manager);
@@ -108,7 +118,7 @@ impl PythonWorker {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file));
-        prepare(&mut cmd, markers, &marker);
+        prepare(&mut cmd, markers, &marker, slot);
         let mut child = cmd
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start {python}: {e}")))?;
@@ -245,6 +255,7 @@ impl ShellProc {
         serial: u64,
         task: &str,
         cwd: Option<&std::path::Path>,
+        slot: &SlotPlan,
     ) -> io::Result<ShellProc> {
         let marker = format!("{}.s{serial}", markers.manager);
         let mut cmd = Command::new("/bin/sh");
@@ -259,7 +270,7 @@ impl ShellProc {
         if let Some(dir) = cwd {
             cmd.current_dir(dir).env("FNX_TASK_DIR", dir);
         }
-        prepare(&mut cmd, markers, &marker);
+        prepare(&mut cmd, markers, &marker, slot);
         let mut child = cmd.spawn()?;
         let pid = child.id();
         let pidfd = fnx_sys::process::pidfd_open(pid)?;

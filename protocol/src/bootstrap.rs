@@ -23,6 +23,11 @@ pub struct ManagerBootstrap {
     pub cores_per_worker: Option<f64>,
     /// Memory each worker needs, in MiB: slots are at most `node memory / mem_per_worker`.
     pub mem_per_worker_mb: Option<u64>,
+    /// How workers are pinned: `none`, `block`, `block-reverse`, `alternating`, `numa` or
+    /// `list:CPUS:CPUS...` (`None`: not pinned).
+    pub cpu_affinity: Option<String>,
+    /// Accelerators (GPU ids) shared out over the worker slots.
+    pub accelerators: Vec<String>,
     /// Stop taking tasks this many milliseconds after start (before the batch job's walltime
     /// ends): the manager asks the interchange to drain it, finishes what it holds and exits.
     pub drain_after_ms: Option<u64>,
@@ -61,6 +66,8 @@ impl ManagerBootstrap {
             cores_per_worker: None,
             mem_per_worker_mb: None,
             drain_after_ms: None,
+            cpu_affinity: None,
+            accelerators: Vec::new(),
             prefetch: None,
             zero_work: false,
             python: "python3".to_string(),

@@ -254,6 +254,22 @@ pub enum CpuAffinity {
     List(Vec<Vec<u32>>),
 }
 
+impl fmt::Display for CpuAffinity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CpuAffinity::None => f.write_str("none"),
+            CpuAffinity::Block => f.write_str("block"),
+            CpuAffinity::BlockReverse => f.write_str("block-reverse"),
+            CpuAffinity::Alternating => f.write_str("alternating"),
+            CpuAffinity::Numa => f.write_str("numa"),
+            CpuAffinity::List(lists) => {
+                let l: Vec<String> = lists.iter().map(|c| cpu_list(c)).collect();
+                write!(f, "list:{}", l.join(":"))
+            }
+        }
+    }
+}
+
 impl FromStr for CpuAffinity {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -529,7 +545,7 @@ impl fmt::Display for PlanReport<'_> {
         )?;
         writeln!(
             f,
-            "cpu_affinity: {:?}; {} worker slots",
+            "cpu_affinity: {}; {} worker slots",
             self.affinity,
             self.plan.len()
         )?;

@@ -525,6 +525,22 @@ mod tests {
     }
 
     #[test]
+    fn placement_keys() {
+        let c = parse(
+            "[pools.g]\ncpu_affinity = \"block\"\navailable_accelerators = 4\n\
+             [pools.h]\navailable_accelerators = [\"GPU-a\", \"GPU-b\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.pools[0].cpu_affinity.as_deref(), Some("block"));
+        assert_eq!(c.pools[0].accelerators, ["0", "1", "2", "3"]);
+        assert_eq!(c.pools[1].accelerators, ["GPU-a", "GPU-b"]);
+        let err = parse("[pools.g]\ncpu_affinity = \"diagonal\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pools.g.cpu_affinity"), "{err}");
+    }
+
+    #[test]
     fn pools_keep_the_order_of_the_file() {
         let c = parse("[pools.zeta]\nmanagers = 2\n[pools.alpha]\nmanagers = 0\n").unwrap();
         let names: Vec<_> = c

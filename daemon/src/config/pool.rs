@@ -19,6 +19,8 @@ pub(super) struct RawPool {
     mem_per_worker: Option<f64>,
     python: Option<String>,
     kill_grace_s: Option<f64>,
+    cpu_affinity: Option<String>,
+    available_accelerators: Option<Accelerators>,
     nodes_per_block: Option<u32>,
     init_blocks: Option<u32>,
     min_blocks: Option<u32>,
@@ -50,6 +52,14 @@ pub(super) struct RawPool {
     connect_timeout_s: Option<f64>,
 }
 
+/// `available_accelerators`: a count (`4` = "0".."3") or explicit ids.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Accelerators {
+    Count(u32),
+    Ids(Vec<String>),
+}
+
 /// One pool of workers.
 #[derive(Clone, Debug)]
 pub struct PoolConfig {
@@ -64,6 +74,11 @@ pub struct PoolConfig {
     pub cores_per_worker: Option<f64>,
     /// Memory each worker needs, in MiB.
     pub mem_per_worker_mb: Option<u64>,
+    /// How workers are pinned (`none`, `block`, `block-reverse`, `alternating`, `numa`,
+    /// `list:...`; None: not pinned).
+    pub cpu_affinity: Option<String>,
+    /// Accelerators (GPU ids) shared out over each manager's workers.
+    pub accelerators: Vec<String>,
     /// Interpreter for Python workers.
     pub python: String,
     /// SIGTERM → SIGKILL grace when a task is killed.
@@ -190,6 +205,29 @@ pub(super) fn validate(name: String, rp: RawPool, p: &mut Problems) -> PoolConfi
     let mem_per_worker_mb =
         positive(p, "mem_per_worker", rp.mem_per_worker).map(|gb| (gb * 1024.0).ceil() as u64);
     let kill_grace = p.secs(&key("kill_grace_s"), rp.kill_grace_s, 2.0, 0.0);
+    let cpu_affinity = rp.cpu_affinity.filter(|a| {
+        let ok = a.parse::<fnx_sys::placement::CpuAffinity>();
+        if let Err(e) = &ok {
+            p.0.push(format!("{}: {e}", key("cpu_affinity")));
+        }
+        ok.is_ok()
+    });
+    let accelerators = match rp.available_accelerators {
+        None => Vec::new(),
+        Some(Accelerators::Count(n)) => (0..n).map(|i| i.to_string()).collect(),
+        Some(Accelerators::Ids(ids)) => {
+            if let Some(bad) = ids
+                .iter()
+                .find(|i| i.is_empty() || i.contains([',', ' ', '\n']))
+            {
+                p.0.push(format!(
+                    "{}: {bad:?} is not an accelerator id",
+                    key("available_accelerators")
+                ));
+            }
+            ids
+        }
+    };
 
     let batch_keys = [
         ("nodes_per_block", rp.nodes_per_block.is_some()),
@@ -391,6 +429,8 @@ pub(super) fn validate(name: String, rp: RawPool, p: &mut Problems) -> PoolConfi
         workers_per_manager: workers,
         cores_per_worker,
         mem_per_worker_mb,
+        cpu_affinity,
+        accelerators,
         python,
         kill_grace,
         blocks,

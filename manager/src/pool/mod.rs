@@ -47,6 +47,8 @@ pub struct PoolConfig {
     pub max_frame_bytes: usize,
     /// When to ask the interchange to drain this manager (before the batch job's walltime).
     pub drain_at: Option<Instant>,
+    /// Placement of each worker slot (`slots` entries).
+    pub placement: Vec<fnx_sys::placement::SlotPlan>,
 }
 
 /// Why the pool stopped.
@@ -121,6 +123,8 @@ struct Proc {
     next: Option<Pipelined>,
     exit: Option<i32>,
     log: Option<PathBuf>,
+    /// The worker slot whose placement (CPUs, accelerators, environment) it started with.
+    slot: usize,
 }
 
 struct Pipelined {
@@ -133,13 +137,14 @@ struct Pipelined {
 const PIPELINE_MAX_ARGS: usize = 16 * 1024;
 
 impl Proc {
-    fn new(kind: Kind, task: Option<Running>, log: Option<PathBuf>) -> Proc {
+    fn new(kind: Kind, task: Option<Running>, log: Option<PathBuf>, slot: usize) -> Proc {
         Proc {
             kind,
             task,
             next: None,
             exit: None,
             log,
+            slot,
         }
     }
 

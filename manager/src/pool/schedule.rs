@@ -9,6 +9,33 @@ impl Pool<'_> {
         self.procs.values().filter(|p| p.task.is_some()).count()
     }
 
+    /// The slot a new process starts in. A Python worker keeps its slot for life (at most
+    /// `slots` of them exist); a shell task takes a slot no running task uses, preferring one
+    /// no idle Python worker holds either. Starting happens only below `slots` busy processes,
+    /// so such a slot exists.
+    fn pick_slot(&self, python: bool) -> usize {
+        let held = |f: &dyn Fn(&Proc) -> bool| -> Vec<usize> {
+            self.procs
+                .values()
+                .filter(|p| f(p))
+                .map(|p| p.slot)
+                .collect()
+        };
+        let python_slots = held(&|p| matches!(p.kind, Kind::Python(_)));
+        let busy_slots = held(&|p| p.task.is_some());
+        let free = |taken: &[usize]| (0..self.cfg.slots).find(|s| !taken.contains(s));
+        if python {
+            return free(&python_slots).unwrap_or(0);
+        }
+        let mut either = python_slots;
+        either.extend(&busy_slots);
+        free(&either).or_else(|| free(&busy_slots)).unwrap_or(0)
+    }
+
+    fn slot_plan(&self, slot: usize) -> fnx_sys::placement::SlotPlan {
+        self.cfg.placement.get(slot).cloned().unwrap_or_default()
+    }
+
     pub(super) fn schedule(&mut self) {
         while let Some(spec) = self.queue.front() {
             if self.busy() >= self.cfg.slots {
@@ -155,6 +182,7 @@ impl Pool<'_> {
         for _ in 0..want.min(room) {
             self.serial += 1;
             let log = self.cfg.log_dir.join(format!("worker-{}.log", self.serial));
+            let slot = self.pick_slot(true);
             match PythonWorker::spawn(
                 &self.cfg.python,
                 &self.cfg.worker_script,
@@ -162,11 +190,12 @@ impl Pool<'_> {
                 &self.cfg.markers,
                 self.serial,
                 self.cfg.max_result_bytes,
+                &self.slot_plan(slot),
             ) {
                 Ok(w) => {
                     let pid = w.pid;
                     self.procs
-                        .insert(pid, Proc::new(Kind::Python(w), None, Some(log)));
+                        .insert(pid, Proc::new(Kind::Python(w), None, Some(log), slot));
                 }
                 Err(e) => {
                     tracing::error!("cannot start a Python worker: {e}");
@@ -215,6 +244,8 @@ impl Pool<'_> {
             Err(e) => return self.push_result(spec.id, spec.attempt, Outcome::Err(e)),
         };
         let cwd = sandbox.as_ref().map(|s| s.dir().to_path_buf());
+        let slot = self.pick_slot(false);
+        let placement = self.slot_plan(slot);
         let func = &self.functions[&spec.function];
         let outcome = match &func.shell {
             None => Err(TaskError::new(
@@ -231,6 +262,7 @@ impl Pool<'_> {
                     self.serial,
                     &spec.id.0.to_string(),
                     cwd.as_deref(),
+                    &placement,
                 )
                 .map_err(|e| {
                     TaskError::new(
@@ -249,7 +281,7 @@ impl Pool<'_> {
                     ..Running::start(&spec)
                 };
                 self.procs
-                    .insert(pid, Proc::new(Kind::Shell(proc), Some(running), None));
+                    .insert(pid, Proc::new(Kind::Shell(proc), Some(running), None, slot));
             }
             Err(e) => self.push_result(spec.id, spec.attempt, Outcome::Err(e)),
         }
