@@ -114,6 +114,9 @@ impl From<ManagerArgs> for ManagerBootstrap {
 /// slots.
 fn print_plan(args: ManagerArgs) -> u8 {
     use fnx_sys::placement::{allowed_cpus, PlanReport, Topology};
+    // Only prints: `fnx manager --print-plan | head` ends quietly, like other Unix tools.
+    // SAFETY: setting a signal disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let topo_file = args.topology.clone();
     let b = ManagerBootstrap::from(args);
     let (topo, allowed) = match &topo_file {

@@ -561,7 +561,12 @@ impl fmt::Display for PlanReport<'_> {
                     .collect();
                 cores.sort_unstable();
                 cores.dedup();
-                format!("CPUs {} ({} cores)", cpu_list(&s.cpus), cores.len())
+                let n = cores.len();
+                format!(
+                    "CPUs {} ({n} core{})",
+                    cpu_list(&s.cpus),
+                    if n == 1 { "" } else { "s" }
+                )
             };
             let acc = if s.accelerators.is_empty() {
                 String::new()
