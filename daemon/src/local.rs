@@ -187,9 +187,11 @@ impl LocalPool {
                 exit_tx.clone(),
             )?);
         } else {
+            let shares = manager_shares(&opts);
             for i in 0..opts.managers {
                 let uid = format!("manager-{i}");
-                let child = spawn_manager(&exe, &handle, &opts, &uid, exit_tx.clone())?;
+                let share = shares.get(i as usize).cloned().unwrap_or_default();
+                let child = spawn_manager(&exe, &handle, &opts, &uid, share, exit_tx.clone())?;
                 children.push(child);
             }
         }
@@ -290,12 +292,19 @@ impl LocalPool {
     /// Returns the new manager's uid.
     pub fn replace_manager(&mut self) -> Result<String> {
         let uid = format!("manager-{}", self.launched);
+        let shares = manager_shares(&self.opts);
+        let share = if shares.is_empty() {
+            Vec::new()
+        } else {
+            shares[self.launched as usize % shares.len()].clone()
+        };
         self.launched += 1;
         let child = spawn_manager(
             &self.exe,
             &self.handle,
             &self.opts,
             &uid,
+            share,
             self.exit_tx.clone(),
         )?;
         self.children.retain(|c| c.running);
@@ -383,11 +392,37 @@ fn bootstrap(handle: &Handle, opts: &PoolOptions, uid: &str) -> ManagerBootstrap
     b
 }
 
+/// With pinning and several managers on this host, each manager gets its own block of cores
+/// (its affinity, within which it plans its workers), so managers never pin workers to the
+/// same CPUs. Empty when there is nothing to split.
+fn manager_shares(opts: &PoolOptions) -> Vec<Vec<u32>> {
+    use fnx_sys::placement::{allowed_cpus, plan, CpuAffinity, Topology};
+    let pinned = opts.cpu_affinity.as_deref().is_some_and(|a| a != "none");
+    if !pinned || opts.managers < 2 {
+        return Vec::new();
+    }
+    let topo = Topology::discover();
+    match plan(
+        &topo,
+        &allowed_cpus(),
+        &CpuAffinity::Block,
+        opts.managers as usize,
+        &[],
+    ) {
+        Ok(p) => p.into_iter().map(|s| s.cpus).collect(),
+        Err(e) => {
+            tracing::warn!("cannot give each local manager its own CPUs: {e}");
+            Vec::new()
+        }
+    }
+}
+
 fn spawn_manager(
     exe: &Path,
     handle: &Handle,
     opts: &PoolOptions,
     uid: &str,
+    cpus: Vec<u32>,
     exits: Sender<(String, std::io::Result<ExitStatus>)>,
 ) -> Result<Child> {
     let b = bootstrap(handle, opts, uid);
@@ -401,6 +436,7 @@ fn spawn_manager(
         uid,
         vec![uid.to_string()],
         dir.join("manager.log"),
+        cpus,
         exits,
     )
 }
@@ -433,7 +469,7 @@ fn spawn_launcher(
     cmd.arg("-c").arg(text).envs(launch.env.iter().cloned());
     let managers = (0..launch.nodes).map(|r| format!("manager-{r}")).collect();
     let log = opts.run_dir.join("launcher.log");
-    spawn(cmd, opts, "launcher", managers, log, exits)
+    spawn(cmd, opts, "launcher", managers, log, Vec::new(), exits)
 }
 
 fn spawn(
@@ -442,6 +478,7 @@ fn spawn(
     uid: &str,
     managers: Vec<String>,
     log: PathBuf,
+    cpus: Vec<u32>,
     exits: Sender<(String, std::io::Result<ExitStatus>)>,
 ) -> Result<Child> {
     let stderr = std::fs::File::options()
@@ -455,9 +492,13 @@ fn spawn(
         .stderr(Stdio::from(stderr));
     // Own process group (a terminal's Ctrl-C reaches only `fnx map`, which stops everything in
     // order), and SIGTERM if `fnx map` dies.
-    // SAFETY: child_setup only makes async-signal-safe calls.
+    // SAFETY: child_setup and apply_affinity only make async-signal-safe calls (`cpus` was
+    // allocated before the fork).
     unsafe {
-        cmd.pre_exec(|| fnx_sys::process::child_setup(libc::SIGTERM));
+        cmd.pre_exec(move || {
+            fnx_sys::process::child_setup(libc::SIGTERM)?;
+            fnx_sys::placement::apply_affinity(&cpus)
+        });
     }
     let mut child = cmd
         .spawn()

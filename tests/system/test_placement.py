@@ -127,3 +127,20 @@ def test_print_plan_and_bad_policies(fnx_env):
     assert r.returncode == 2 and "999 workers" in r.stderr, r.stderr
     r = fnx_env.map("--shell", "true", "--cpu-affinity", "sideways", inputs=[{}])
     assert r.returncode == 2 and "sideways" in r.stderr, r.explain()
+
+
+def test_local_managers_split_the_cores_between_them(fnx_env, tmp_path):
+    """Two managers on one host with pinning: each gets its own block of cores, so their
+    slot-0 workers are not pinned to the same CPU."""
+    if len(ALLOWED) < 2:
+        pytest.fail(f"this test needs 2 CPUs, the test process may use {ALLOWED}")
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    r = fnx_env.map(f"{probe}:probe", "--managers", "2", "--workers", "1", "--prefetch", "0",
+                    "--cpu-affinity", "block", inputs=[[str(marks), i] for i in range(2)],
+                    timeout=60)
+    assert r.returncode == 0, r.explain()
+    got = [cpus(line["result"]["allowed"]) for line in r.lines]
+    assert len(got) == 2 and set(got[0]).isdisjoint(got[1]), got
