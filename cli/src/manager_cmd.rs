@@ -4,7 +4,14 @@
 use crate::{logging, EXIT_LINK, EXIT_OK, EXIT_USAGE};
 use clap::Args;
 use fnx_manager::PoolEnd;
-use fnx_protocol::{BlockId, ManagerBootstrap};
+use fnx_protocol::{BlockId, Container, ManagerBootstrap, Runtime};
+
+/// A container runtime's name.
+pub fn parse_runtime(s: &str) -> Result<Runtime, String> {
+    Runtime::parse(s).ok_or_else(|| {
+        format!("{s:?} is not a container runtime (apptainer, singularity, docker, podman, shifter, custom)")
+    })
+}
 use std::path::PathBuf;
 
 /// Flags of `fnx manager`.
@@ -64,6 +71,17 @@ pub struct ManagerArgs {
     /// ZE_AFFINITY_MASK)
     #[arg(long, value_delimiter = ',', value_name = "IDS")]
     pub accelerators: Vec<String>,
+    /// Start workers and shell tasks inside a container: apptainer, singularity, docker,
+    /// podman, shifter, or custom (with --container-template)
+    #[arg(long, value_parser = parse_runtime, value_name = "RUNTIME")]
+    pub container_runtime: Option<Runtime>,
+    /// The container image (a .sif file, a registry reference, ...)
+    #[arg(long, value_name = "IMAGE", requires = "container_runtime")]
+    pub container_image: Option<String>,
+    /// Command template of a custom runtime: words, with {image}, {rundir} and a {cmd} word
+    /// (e.g. "bwrap --ro-bind / / --bind {rundir} {rundir} {cmd}"); no shell is involved
+    #[arg(long, value_name = "TEMPLATE", requires = "container_runtime")]
+    pub container_template: Option<String>,
     /// Print the worker placement this manager would use on this node (CPUs, accelerators and
     /// environment of each worker slot) and exit
     #[arg(long)]
@@ -96,6 +114,11 @@ impl From<ManagerArgs> for ManagerBootstrap {
             drain_after_ms: a.drain_after_ms,
             cpu_affinity: a.cpu_affinity,
             accelerators: a.accelerators,
+            container: a.container_runtime.map(|runtime| Container {
+                runtime,
+                image: a.container_image.unwrap_or_default(),
+                template: a.container_template,
+            }),
             prefetch: a.prefetch,
             zero_work: a.zero_work,
             python: a.python,
@@ -230,6 +253,11 @@ mod tests {
         b.drain_after_ms = Some(3_300_000);
         b.cpu_affinity = Some("list:0-3:4-7".into());
         b.accelerators = vec!["0".into(), "1".into()];
+        b.container = Some(Container {
+            runtime: Runtime::Custom,
+            image: "img".into(),
+            template: Some("bwrap --bind {rundir} {rundir} {cmd}".into()),
+        });
         let mut argv = vec!["fnx".to_string()];
         argv.extend(fnx_launcher::manager_args(&b));
         let Sub::Manager(args) = Wrapper::try_parse_from(argv).expect("parses").cmd;

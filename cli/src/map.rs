@@ -54,6 +54,17 @@ pub struct RunOptions {
     /// Accelerators (GPU ids, e.g. 0,1,2,3) shared out over each manager's workers
     #[arg(long, value_delimiter = ',', value_name = "IDS")]
     pub accelerators: Vec<String>,
+    /// Start workers and shell tasks in a container: apptainer, singularity, docker, podman,
+    /// shifter, or custom (with --container-template)
+    #[arg(long, value_parser = crate::manager_cmd::parse_runtime, value_name = "RUNTIME")]
+    pub container_runtime: Option<fnx_protocol::Runtime>,
+    /// The container image
+    #[arg(long, value_name = "IMAGE", requires = "container_runtime")]
+    pub container_image: Option<String>,
+    /// Template of a custom runtime: words with {image}, {rundir} and a {cmd} word, e.g.
+    /// "bwrap --ro-bind / / --bind {rundir} {rundir} {cmd}" (no shell is involved)
+    #[arg(long, value_name = "TEMPLATE", requires = "container_runtime")]
+    pub container_template: Option<String>,
     /// Heartbeat period in seconds
     #[arg(long, default_value_t = 5.0, hide = true)]
     pub heartbeat_period: f64,
@@ -217,6 +228,15 @@ pub(crate) fn validate_options(o: &RunOptions) -> Result<(), String> {
                 "{name} must be a non-negative number of seconds, got {v}"
             ));
         }
+    }
+    if let Some(runtime) = o.container_runtime {
+        fnx_protocol::Container {
+            runtime,
+            image: o.container_image.clone().unwrap_or_default(),
+            template: o.container_template.clone(),
+        }
+        .validate()
+        .map_err(|e| format!("--container-runtime: {e}"))?;
     }
     if let Some(a) = &o.cpu_affinity {
         a.parse::<fnx_sys::placement::CpuAffinity>()
@@ -455,6 +475,13 @@ fn execute(
         kill_grace: secs(opts.kill_grace),
         cpu_affinity: opts.cpu_affinity.clone(),
         accelerators: opts.accelerators.clone(),
+        container: opts
+            .container_runtime
+            .map(|runtime| fnx_protocol::Container {
+                runtime,
+                image: opts.container_image.clone().unwrap_or_default(),
+                template: opts.container_template.clone(),
+            }),
         ..PoolOptions::new(run_dir.clone(), String::new())
     };
     if let Some(l) = launch {

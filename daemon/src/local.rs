@@ -63,6 +63,8 @@ pub struct PoolOptions {
     pub cpu_affinity: Option<String>,
     /// Accelerators shared out over each manager's workers.
     pub accelerators: Vec<String>,
+    /// The container workers start in.
+    pub container: Option<fnx_protocol::Container>,
     /// Prefetch per manager (None: as many as slots).
     pub prefetch: Option<u32>,
     /// Python interpreter.
@@ -114,6 +116,7 @@ impl PoolOptions {
             mem_per_worker_mb: None,
             cpu_affinity: None,
             accelerators: Vec::new(),
+            container: None,
             prefetch: None,
             python: "python3".into(),
             run_dir,
@@ -389,6 +392,7 @@ fn bootstrap(handle: &Handle, opts: &PoolOptions, uid: &str) -> ManagerBootstrap
     b.mem_per_worker_mb = opts.mem_per_worker_mb;
     b.cpu_affinity = opts.cpu_affinity.clone();
     b.accelerators = opts.accelerators.clone();
+    b.container = opts.container.clone();
     b
 }
 

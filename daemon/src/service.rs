@@ -159,6 +159,7 @@ pub fn manager_template(
     b.mem_per_worker_mb = p.mem_per_worker_mb;
     b.cpu_affinity = p.cpu_affinity.clone();
     b.accelerators = p.accelerators.clone();
+    b.container = p.container.clone();
     b.python = p.python.clone();
     b.heartbeat_period_ms = cfg.interchange.heartbeat_period.as_millis() as u64;
     b.heartbeat_threshold_ms = cfg.interchange.heartbeat_threshold.as_millis() as u64;
@@ -244,6 +245,7 @@ fn start_pool(
         mem_per_worker_mb: p.mem_per_worker_mb,
         cpu_affinity: p.cpu_affinity.clone(),
         accelerators: p.accelerators.clone(),
+        container: p.container.clone(),
         python: p.python.clone(),
         heartbeat_period: cfg.interchange.heartbeat_period,
         heartbeat_threshold: cfg.interchange.heartbeat_threshold,

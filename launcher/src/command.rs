@@ -48,6 +48,15 @@ pub fn manager_args(b: &ManagerBootstrap) -> Vec<String> {
     if !b.accelerators.is_empty() {
         args.extend(["--accelerators".into(), b.accelerators.join(",")]);
     }
+    if let Some(c) = &b.container {
+        args.extend(["--container-runtime".into(), c.runtime.name().into()]);
+        if !c.image.is_empty() {
+            args.extend(["--container-image".into(), c.image.clone()]);
+        }
+        if let Some(t) = &c.template {
+            args.extend(["--container-template".into(), t.clone()]);
+        }
+    }
     if let Some(d) = b.drain_after_ms {
         args.extend(["--drain-after-ms".into(), d.to_string()]);
     }

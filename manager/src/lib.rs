@@ -58,6 +58,9 @@ pub enum ManagerError {
     /// The placement policy cannot be carried out on this node.
     #[error("worker placement: {0}")]
     Placement(String),
+    /// The container cannot be used.
+    #[error("container: {0}")]
+    Container(String),
     /// The key file of an encrypted link cannot be used.
     #[error("key file {path}: {what}")]
     Keys {
@@ -211,6 +214,9 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
     let started = std::time::Instant::now();
     let cores = fnx_sys::node::usable_cpus();
     let slots = slot_count(b, cores, fnx_sys::node::total_memory_bytes());
+    if let Some(c) = &b.container {
+        c.validate().map_err(ManagerError::Container)?;
+    }
     let placement = placement_plan(
         b,
         slots,
@@ -275,6 +281,10 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
         zero_work: b.zero_work,
         max_frame_bytes: fnx_protocol::DEFAULT_MAX_FRAME_BYTES,
         placement,
+        container: b.container.clone().map(|container| procs::Wrap {
+            container,
+            rundir: b.run_dir.clone(),
+        }),
         drain_at: drain_deadline(
             started,
             b.drain_after_ms,

@@ -60,9 +60,36 @@ fn read_available(fd: RawFd, mut sink: impl FnMut(&[u8])) -> io::Result<bool> {
     }
 }
 
+/// A container to start processes in, with the directory bound into it.
+#[derive(Clone, Debug)]
+pub struct Wrap {
+    /// The container.
+    pub container: fnx_protocol::Container,
+    /// The manager's run directory (bound inside at the same path).
+    pub rundir: std::path::PathBuf,
+}
+
+/// How a process starts: the manager's markers, its slot's placement, its container.
+pub struct Start<'a> {
+    /// Environment markers.
+    pub markers: &'a Markers,
+    /// The slot's CPUs and environment.
+    pub slot: &'a SlotPlan,
+    /// The container, if any.
+    pub container: Option<&'a Wrap>,
+}
+
+fn wrap(container: Option<&Wrap>, cmd: Vec<String>) -> Vec<String> {
+    match container {
+        Some(w) => w.container.wrap(&w.rundir, &cmd),
+        None => cmd,
+    }
+}
+
 /// Markers, the slot's environment, and (between fork and exec) its own process group, death
 /// signal and CPU binding: the one place where a placement plan is applied.
-fn prepare(cmd: &mut Command, markers: &Markers, proc_marker: &str, slot: &SlotPlan) {
+fn prepare(cmd: &mut Command, start: &Start, proc_marker: &str) {
+    let (markers, slot) = (start.markers, start.slot);
     cmd.env("FNX_RUN_ID", &markers.run_id)
         .env("FNX_MANAGER", &markers.manager)
         .env("FNX_PROC", proc_marker)
@@ -102,26 +129,32 @@ impl PythonWorker {
         python: &str,
         script: &Path,
         log: &Path,
-        markers: &Markers,
+        start: &Start,
         serial: u64,
         max_result_bytes: u64,
-        slot: &SlotPlan,
     ) -> io::Result<PythonWorker> {
         let log_file = File::options().create(true).append(true).open(log)?;
-        let marker = format!("{}.w{serial}", markers.manager);
-        let mut cmd = Command::new(python);
-        cmd.arg("-u")
-            .arg("-B")
-            .arg(script)
+        let marker = format!("{}.w{serial}", start.markers.manager);
+        let argv = wrap(
+            start.container,
+            vec![
+                python.to_string(),
+                "-u".into(),
+                "-B".into(),
+                script.display().to_string(),
+            ],
+        );
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
             .env("FNX_WORKER_ID", serial.to_string())
             .env("FNX_MAX_RESULT_BYTES", max_result_bytes.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file));
-        prepare(&mut cmd, markers, &marker, slot);
+        prepare(&mut cmd, start, &marker);
         let mut child = cmd
             .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {python}: {e}")))?;
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {}: {e}", argv[0])))?;
         let pid = child.id();
         let pidfd = fnx_sys::process::pidfd_open(pid)?;
         let stdin = child.stdin.take().expect("stdin is piped");
@@ -251,18 +284,22 @@ impl ShellProc {
     pub fn spawn(
         script: &str,
         args: &[String],
-        markers: &Markers,
+        start: &Start,
         serial: u64,
         task: &str,
         cwd: Option<&std::path::Path>,
-        slot: &SlotPlan,
     ) -> io::Result<ShellProc> {
-        let marker = format!("{}.s{serial}", markers.manager);
-        let mut cmd = Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(script)
-            .arg("fnx-sh")
-            .args(args)
+        let marker = format!("{}.s{serial}", start.markers.manager);
+        let mut sh = vec![
+            "/bin/sh".to_string(),
+            "-c".into(),
+            script.to_string(),
+            "fnx-sh".into(),
+        ];
+        sh.extend(args.iter().cloned());
+        let argv = wrap(start.container, sh);
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
             .env("FNX_TASK_ID", task)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -270,8 +307,10 @@ impl ShellProc {
         if let Some(dir) = cwd {
             cmd.current_dir(dir).env("FNX_TASK_DIR", dir);
         }
-        prepare(&mut cmd, markers, &marker, slot);
-        let mut child = cmd.spawn()?;
+        prepare(&mut cmd, start, &marker);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {}: {e}", argv[0])))?;
         let pid = child.id();
         let pidfd = fnx_sys::process::pidfd_open(pid)?;
         let stdout = child.stdout.take().expect("piped");

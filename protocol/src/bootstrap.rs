@@ -28,6 +28,8 @@ pub struct ManagerBootstrap {
     pub cpu_affinity: Option<String>,
     /// Accelerators (GPU ids) shared out over the worker slots.
     pub accelerators: Vec<String>,
+    /// The container workers and shell tasks start in (`None`: on the host).
+    pub container: Option<crate::container::Container>,
     /// Stop taking tasks this many milliseconds after start (before the batch job's walltime
     /// ends): the manager asks the interchange to drain it, finishes what it holds and exits.
     pub drain_after_ms: Option<u64>,
@@ -68,6 +70,7 @@ impl ManagerBootstrap {
             drain_after_ms: None,
             cpu_affinity: None,
             accelerators: Vec::new(),
+            container: None,
             prefetch: None,
             zero_work: false,
             python: "python3".to_string(),

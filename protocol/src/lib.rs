@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 pub mod bootstrap;
+pub mod container;
 pub mod curve;
 pub mod frame;
 pub mod ids;
@@ -21,6 +22,7 @@ pub mod shell;
 pub mod task;
 
 pub use bootstrap::ManagerBootstrap;
+pub use container::{Container, Runtime};
 pub use curve::{KeyFile, KeyFileError};
 pub use frame::{decode, encode, FrameError, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
 pub use ids::{Attempt, BlockId, FunctionId, ManagerId, TaskId, WorkerId};

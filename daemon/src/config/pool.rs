@@ -21,6 +21,9 @@ pub(super) struct RawPool {
     kill_grace_s: Option<f64>,
     cpu_affinity: Option<String>,
     available_accelerators: Option<Accelerators>,
+    container_runtime: Option<String>,
+    container_image: Option<String>,
+    container_template: Option<String>,
     nodes_per_block: Option<u32>,
     init_blocks: Option<u32>,
     min_blocks: Option<u32>,
@@ -79,6 +82,8 @@ pub struct PoolConfig {
     pub cpu_affinity: Option<String>,
     /// Accelerators (GPU ids) shared out over each manager's workers.
     pub accelerators: Vec<String>,
+    /// The container workers and shell tasks start in.
+    pub container: Option<fnx_protocol::Container>,
     /// Interpreter for Python workers.
     pub python: String,
     /// SIGTERM → SIGKILL grace when a task is killed.
@@ -212,6 +217,37 @@ pub(super) fn validate(name: String, rp: RawPool, p: &mut Problems) -> PoolConfi
         }
         ok.is_ok()
     });
+    let container = match rp.container_runtime.as_deref() {
+        None => {
+            if rp.container_image.is_some() || rp.container_template.is_some() {
+                p.0.push(format!(
+                    "{}: container_image and container_template need container_runtime",
+                    key("container_runtime")
+                ));
+            }
+            None
+        }
+        Some(r) => match fnx_protocol::Runtime::parse(r) {
+            None => {
+                p.0.push(format!(
+                    "{}: {r:?} is not apptainer, singularity, docker, podman, shifter or custom",
+                    key("container_runtime")
+                ));
+                None
+            }
+            Some(runtime) => {
+                let c = fnx_protocol::Container {
+                    runtime,
+                    image: rp.container_image.unwrap_or_default(),
+                    template: rp.container_template,
+                };
+                if let Err(e) = c.validate() {
+                    p.0.push(format!("{}: {e}", key("container_runtime")));
+                }
+                Some(c)
+            }
+        },
+    };
     let accelerators = match rp.available_accelerators {
         None => Vec::new(),
         Some(Accelerators::Count(n)) => (0..n).map(|i| i.to_string()).collect(),
@@ -431,6 +467,7 @@ pub(super) fn validate(name: String, rp: RawPool, p: &mut Problems) -> PoolConfi
         mem_per_worker_mb,
         cpu_affinity,
         accelerators,
+        container,
         python,
         kill_grace,
         blocks,

@@ -49,6 +49,8 @@ pub struct PoolConfig {
     pub drain_at: Option<Instant>,
     /// Placement of each worker slot (`slots` entries).
     pub placement: Vec<fnx_sys::placement::SlotPlan>,
+    /// The container workers and shell tasks start in.
+    pub container: Option<crate::procs::Wrap>,
 }
 
 /// Why the pool stopped.

@@ -2,6 +2,7 @@
 //! pipelining one small task behind each running one.
 
 use super::*;
+use crate::procs::Start;
 use crate::sandbox::Sandbox;
 
 impl Pool<'_> {
@@ -183,14 +184,19 @@ impl Pool<'_> {
             self.serial += 1;
             let log = self.cfg.log_dir.join(format!("worker-{}.log", self.serial));
             let slot = self.pick_slot(true);
+            let placement = self.slot_plan(slot);
+            let start = Start {
+                markers: &self.cfg.markers,
+                slot: &placement,
+                container: self.cfg.container.as_ref(),
+            };
             match PythonWorker::spawn(
                 &self.cfg.python,
                 &self.cfg.worker_script,
                 &log,
-                &self.cfg.markers,
+                &start,
                 self.serial,
                 self.cfg.max_result_bytes,
-                &self.slot_plan(slot),
             ) {
                 Ok(w) => {
                     let pid = w.pid;
@@ -255,20 +261,24 @@ impl Pool<'_> {
             )),
             Some(t) => shell_args(t, &spec.args).and_then(|args| {
                 self.serial += 1;
+                let start = Start {
+                    markers: &self.cfg.markers,
+                    slot: &placement,
+                    container: self.cfg.container.as_ref(),
+                };
                 ShellProc::spawn(
                     &t.script,
                     &args,
-                    &self.cfg.markers,
+                    &start,
                     self.serial,
                     &spec.id.0.to_string(),
                     cwd.as_deref(),
-                    &placement,
                 )
                 .map_err(|e| {
                     TaskError::new(
                         ErrorKind::WorkerLost,
                         "SpawnFailed",
-                        format!("cannot start /bin/sh: {e}"),
+                        format!("cannot start the command: {e}"),
                     )
                 })
             }),
