@@ -2,14 +2,21 @@
 # Install what building and testing fnx needs, on a fresh Debian/Ubuntu machine. Idempotent:
 # packages already present are not touched; nothing is downloaded when everything is there.
 #   scripts/install-deps.sh          system packages to build fnx
-#   scripts/install-deps.sh --test   also the Python test environment (.venv)
+#   scripts/install-deps.sh --test   also what the tests need: bubblewrap and the Python test
+#                                    environment (.venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUILD_PACKAGES=(build-essential pkg-config libzmq3-dev libsodium-dev)
+# The tests also run workers inside bubblewrap (the container tests' real sandbox).
+TEST_PACKAGES=(bubblewrap)
 
+packages=("${BUILD_PACKAGES[@]}")
+if [ "${1:-}" = "--test" ]; then
+  packages+=("${TEST_PACKAGES[@]}")
+fi
 missing=()
-for p in "${BUILD_PACKAGES[@]}"; do
+for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
