@@ -175,7 +175,9 @@ fn slurm_state(s: &str) -> JobState {
     match s {
         "PENDING" | "CONFIGURING" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED"
         | "RESV_DEL_HOLD" | "SUSPENDED" | "STOPPED" | "RESIZING" => JobState::Pending,
-        "RUNNING" | "SIGNALING" | "STAGE_OUT" => JobState::Running,
+        // COMPLETING: the job is over but Slurm still cleans up its nodes (KillWait, epilog);
+        // its final state (COMPLETED, FAILED, CANCELLED, ...) follows.
+        "RUNNING" | "SIGNALING" | "STAGE_OUT" | "COMPLETING" => JobState::Running,
         other => JobState::Ended(other.to_string()),
     }
 }
@@ -392,8 +394,13 @@ mod tests {
 
     #[test]
     fn slurm_states() {
-        let out = "11 RUNNING\n12 PENDING\n13 CANCELLED\n14 COMPLETED\n";
-        let s = parse_status(Provider::Slurm, out, &ids(&["11", "12", "13", "14", "15"]));
+        let out = "11 RUNNING\n12 PENDING\n13 CANCELLED\n14 COMPLETED\n16 COMPLETING\n";
+        let s = parse_status(
+            Provider::Slurm,
+            out,
+            &ids(&["11", "12", "13", "14", "15", "16"]),
+        );
+        assert_eq!(s["16"], JobState::Running, "COMPLETING is not final yet");
         assert_eq!(s["11"], JobState::Running);
         assert_eq!(s["12"], JobState::Pending);
         assert_eq!(s["13"], JobState::Ended("CANCELLED".into()));
