@@ -21,6 +21,7 @@ mod map;
 mod map_daemon;
 mod map_launch;
 mod output;
+mod run_options;
 
 /// Exit status: every task succeeded.
 pub const EXIT_OK: u8 = 0;
