@@ -12,13 +12,13 @@ use fnx_protocol::{
 
 /// The function every benchmark task calls.
 pub fn function() -> FunctionDef {
-    FunctionDef {
-        id: FunctionId(1),
-        body: FunctionBody::PythonRef {
+    FunctionDef::new(
+        FunctionId(1),
+        FunctionBody::PythonRef {
             module: "m".into(),
             qualname: "f".into(),
         },
-    }
+    )
 }
 
 /// A `Tasks` message of `n` tasks with `payload` argument bytes each.

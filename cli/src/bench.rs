@@ -122,13 +122,13 @@ fn queue_memory(tasks: u64, payload_bytes: usize) -> f64 {
         fn notice(&mut self, _: Notice) {}
     }
     let mut ic = fnx_interchange::Interchange::new(fnx_interchange::Config::default());
-    ic.add_function(FunctionDef {
-        id: FunctionId(1),
-        body: FunctionBody::PythonRef {
+    ic.add_function(FunctionDef::new(
+        FunctionId(1),
+        FunctionBody::PythonRef {
             module: "m".into(),
             qualname: "f".into(),
         },
-    });
+    ));
     let before = rss_bytes();
     let mut batch = Vec::with_capacity(10_000);
     for i in 0..tasks {
@@ -203,13 +203,13 @@ fn dispatch(args: &DispatchArgs) -> Result<serde_json::Value> {
             own_events.as_ref().expect("set"),
         ),
     };
-    handle.add_function(FunctionDef {
-        id: FunctionId(1),
-        body: FunctionBody::PythonRef {
+    handle.add_function(FunctionDef::new(
+        FunctionId(1),
+        FunctionBody::PythonRef {
             module: "m".into(),
             qualname: "f".into(),
         },
-    });
+    ));
     // Wait for every manager to register.
     // An embedded pool has waited for its managers already.
     let mut registered = if pool.is_some() { args.managers } else { 0 };
@@ -335,10 +335,8 @@ fn transfer(args: &TransferArgs) -> Result<serde_json::Value> {
         source: "def echo(data):\n    return data\n".into(),
         name: "echo".into(),
     };
-    pool.handle.add_function(FunctionDef {
-        id: FunctionId(1),
-        body: echo,
-    });
+    pool.handle
+        .add_function(FunctionDef::new(FunctionId(1), echo));
     let arg = pickled_bytes_arg(args.bytes);
     // Keep a bounded window of tasks in flight, as a streaming client would; building each
     // task's argument (a copy of `arg`) is part of the measured time.

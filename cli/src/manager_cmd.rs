@@ -82,6 +82,9 @@ pub struct ManagerArgs {
     /// (e.g. "bwrap --ro-bind / / --bind {rundir} {rundir} {cmd}"); no shell is involved
     #[arg(long, value_name = "TEMPLATE", requires = "container_runtime")]
     pub container_template: Option<String>,
+    /// Idle workers of a function's own container exit after this many seconds [default: 300]
+    #[arg(long, value_name = "SECONDS")]
+    pub container_idle_s: Option<u64>,
     /// Print the worker placement this manager would use on this node (CPUs, accelerators and
     /// environment of each worker slot) and exit
     #[arg(long)]
@@ -119,6 +122,7 @@ impl From<ManagerArgs> for ManagerBootstrap {
                 image: a.container_image.unwrap_or_default(),
                 template: a.container_template,
             }),
+            container_idle_s: a.container_idle_s,
             prefetch: a.prefetch,
             zero_work: a.zero_work,
             python: a.python,

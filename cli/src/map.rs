@@ -383,7 +383,7 @@ fn execute(
     let mut pool = LocalPool::start(pool_opts)?;
     tracing::info!("run directory {}", run_dir.display());
     let function = FunctionId(1);
-    pool.handle.add_function(FunctionDef { id: function, body });
+    pool.handle.add_function(FunctionDef::new(function, body));
     let walltime_ms = opts.walltime.map(|s| (s * 1000.0).ceil() as u64);
     let input = spawn_reader(source, kind);
     let mut acc = Accounting {

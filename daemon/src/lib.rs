@@ -16,13 +16,19 @@
 //! - [`scaler`]: the scaling rules of a batch pool (pure: reports in, actions out).
 //! - [`blocks`]: a batch pool's block thread: renders and submits batch scripts, polls job
 //!   states, drains and cancels blocks as the scaler decides.
+//! - [`builds`]: container images built from functions' dependencies (a content-addressed
+//!   cache, one build per key).
+//! - [`images`]: functions' containers at registration, and holding their tasks until their
+//!   image is built.
 //! - [`service`]: wiring and the start/recover/stop sequence.
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod auth;
 pub mod blocks;
+pub mod builds;
 pub mod config;
+pub mod images;
 pub mod keys;
 pub mod local;
 pub mod records;

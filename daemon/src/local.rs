@@ -65,6 +65,9 @@ pub struct PoolOptions {
     pub accelerators: Vec<String>,
     /// The container workers start in.
     pub container: Option<fnx_protocol::Container>,
+    /// Idle workers of a function's own container exit after this long (None: the manager's
+    /// default).
+    pub container_idle: Option<Duration>,
     /// Prefetch per manager (None: as many as slots).
     pub prefetch: Option<u32>,
     /// Python interpreter.
@@ -77,6 +80,8 @@ pub struct PoolOptions {
     pub heartbeat_period: Duration,
     /// Heartbeat threshold.
     pub heartbeat_threshold: Duration,
+    /// Warm routing window (see `fnx_interchange::routing`).
+    pub warm_window: u64,
     /// Largest result.
     pub max_result_bytes: u64,
     /// SIGTERM → SIGKILL grace for tasks.
@@ -117,12 +122,14 @@ impl PoolOptions {
             cpu_affinity: None,
             accelerators: Vec::new(),
             container: None,
+            container_idle: None,
             prefetch: None,
             python: "python3".into(),
             run_dir,
             run_id,
             heartbeat_period: Duration::from_secs(5),
             heartbeat_threshold: Duration::from_secs(30),
+            warm_window: fnx_interchange::Config::default().warm_window,
             max_result_bytes: 10 << 20,
             kill_grace: Duration::from_secs(2),
             zero_work: false,
@@ -174,6 +181,7 @@ impl LocalPool {
         cfg.state.heartbeat_period = opts.heartbeat_period;
         cfg.state.heartbeat_threshold = opts.heartbeat_threshold;
         cfg.state.max_payload_bytes = opts.max_payload_bytes;
+        cfg.state.warm_window = opts.warm_window;
         cfg.report_dispatch = opts.report_dispatch;
         cfg.curve = opts.curve.as_ref().map(|(server, _)| server.clone());
         let (handle, events) = driver::start(&ctx, cfg)?;
@@ -393,6 +401,7 @@ fn bootstrap(handle: &Handle, opts: &PoolOptions, uid: &str) -> ManagerBootstrap
     b.cpu_affinity = opts.cpu_affinity.clone();
     b.accelerators = opts.accelerators.clone();
     b.container = opts.container.clone();
+    b.container_idle_s = opts.container_idle.map(|d| d.as_secs().max(1));
     b
 }
 

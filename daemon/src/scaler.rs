@@ -530,6 +530,7 @@ mod tests {
             completed: 0,
             draining: false,
             idle_for: None,
+            workers: Vec::new(),
         }
     }
 

@@ -160,6 +160,7 @@ pub fn manager_template(
     b.cpu_affinity = p.cpu_affinity.clone();
     b.accelerators = p.accelerators.clone();
     b.container = p.container.clone();
+    b.container_idle_s = p.container_idle.map(|d| d.as_secs().max(1));
     b.python = p.python.clone();
     b.heartbeat_period_ms = cfg.interchange.heartbeat_period.as_millis() as u64;
     b.heartbeat_threshold_ms = cfg.interchange.heartbeat_threshold.as_millis() as u64;
@@ -246,9 +247,11 @@ fn start_pool(
         cpu_affinity: p.cpu_affinity.clone(),
         accelerators: p.accelerators.clone(),
         container: p.container.clone(),
+        container_idle: p.container_idle,
         python: p.python.clone(),
         heartbeat_period: cfg.interchange.heartbeat_period,
         heartbeat_threshold: cfg.interchange.heartbeat_threshold,
+        warm_window: cfg.interchange.warm_window,
         max_result_bytes: cfg.limits.max_result_bytes,
         kill_grace: p.kill_grace,
         curve,
@@ -328,7 +331,8 @@ fn encryption(cfg: &SiteConfig) -> Result<Option<(CurveServer, Vec<PathBuf>)>, D
 /// What the store holds for a start: read in full before any pool starts, so that a damaged
 /// store stops the daemon before it has started anything.
 struct Loaded {
-    functions: Vec<FunctionDef>,
+    /// Functions, with the key of the image build each one waits for.
+    functions: Vec<(FunctionDef, Option<String>)>,
     tasks: Vec<store::Recovered>,
     counts: HashMap<String, UserCounts>,
     started: Instant,
@@ -344,7 +348,15 @@ fn load(conn: &rusqlite::Connection, path: &Path) -> Result<Loaded, DaemonError>
     let functions = store::all_functions(conn)
         .map_err(serr)?
         .into_iter()
-        .filter_map(|f| body_of(&f.spec).map(|body| FunctionDef { id: f.id, body }))
+        .filter_map(|f| {
+            let body = body_of(&f.spec)?;
+            let def = FunctionDef {
+                id: f.id,
+                body,
+                container: crate::images::container_of(&f.spec),
+            };
+            Some((def, crate::images::build_of(&f.spec)))
+        })
         .collect();
     let mut counts: HashMap<String, UserCounts> = HashMap::new();
     {
@@ -385,10 +397,16 @@ fn recover(
     pools: &[LocalPool],
     names: &[String],
     writer: &Sender<Cmd>,
+    builds: &crate::builds::Builds,
 ) -> HashMap<String, UserCounts> {
-    for def in &loaded.functions {
+    for (def, build) in &loaded.functions {
         for p in pools {
             p.handle.add_function(def.clone());
+        }
+        if let Some(key) = build {
+            // Its tasks wait until the image exists; an interrupted build starts again.
+            let handles = pools.iter().map(|p| p.handle.clone()).collect();
+            crate::images::hold_until_built(builds, key, def.id, handles);
         }
     }
     let (total, mut rerun) = (loaded.tasks.len(), 0usize);
@@ -554,7 +572,17 @@ pub fn run(
         .collect();
     let names: Vec<String> = cfg.pools.iter().map(|p| p.name.clone()).collect();
     let (wtx, wrx) = channel();
-    let counts = recover(loaded, &pools, &names, &wtx);
+    let builds = crate::builds::Builds::new(crate::builds::BuildConfig {
+        dir: cfg
+            .builds
+            .dir
+            .clone()
+            .unwrap_or_else(|| cfg.shared().join("images")),
+        command: cfg.builds.command.clone(),
+        base: cfg.builds.base_image.clone(),
+        timeout: cfg.builds.timeout,
+    });
+    let counts = recover(loaded, &pools, &names, &wtx, &builds);
     let (seq_tx, _) = tokio::sync::watch::channel(0u64);
     let shared = Arc::new(Shared {
         stats: Mutex::new(Stats {
@@ -626,6 +654,7 @@ pub fn run(
         cfg.limits.clone(),
         python,
         path.clone(),
+        builds,
     ));
     tracing::info!(
         "fnx daemon ready in {:.2} s: API on http://{}, store {}",
@@ -636,6 +665,7 @@ pub fn run(
     serve(app.clone(), listener, shutdown)?;
     // Stop in order: no new requests, pools (their last outcomes go to the writer), writer.
     app.accepting.store(false, Ordering::Relaxed);
+    app.builds.stop_all();
     stop.store(true, Ordering::Relaxed);
     for p in pumps {
         let _ = p.join();

@@ -12,8 +12,8 @@ use crate::state::{
     Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer,
 };
 use fnx_protocol::{
-    decode, encode, Attempt, BlockId, FunctionDef, InterchangeToManager, ManagerId,
-    ManagerToInterchange, TaskId, TaskSpec,
+    decode, encode, Attempt, BlockId, FunctionDef, FunctionId, InterchangeToManager, ManagerId,
+    ManagerToInterchange, TaskError, TaskId, TaskSpec,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -89,6 +89,9 @@ pub enum Event {
 
 enum Command {
     AddFunction(FunctionDef),
+    HoldFunction(FunctionId),
+    ReleaseFunction(FunctionId),
+    FailFunction(FunctionId, TaskError),
     Submit(Vec<NewTask>),
     Cancel(Vec<TaskId>),
     ManagerGone { uid: String, reason: String },
@@ -186,6 +189,22 @@ impl Handle {
     /// Make a function known to the interchange.
     pub fn add_function(&self, def: FunctionDef) {
         self.command(Command::AddFunction(def));
+    }
+
+    /// Keep the tasks of a function queued, undispatched, until it is released or failed (its
+    /// container image is being built).
+    pub fn hold_function(&self, id: FunctionId) {
+        self.command(Command::HoldFunction(id));
+    }
+
+    /// Dispatch the held tasks of a function, and its future ones.
+    pub fn release_function(&self, id: FunctionId) {
+        self.command(Command::ReleaseFunction(id));
+    }
+
+    /// Finish the held tasks of a function with `error`.
+    pub fn fail_function(&self, id: FunctionId, error: TaskError) {
+        self.command(Command::FailFunction(id, error));
     }
 
     /// Hand tasks to the interchange.
@@ -337,6 +356,9 @@ impl Driver {
             while let Ok(cmd) = self.commands.try_recv() {
                 match cmd {
                     Command::AddFunction(def) => self.ic.add_function(def),
+                    Command::HoldFunction(id) => self.ic.hold_function(id),
+                    Command::ReleaseFunction(id) => self.ic.release_function(id),
+                    Command::FailFunction(id, e) => self.ic.fail_function(id, e, &mut out),
                     Command::Submit(tasks) => self.ic.submit(tasks, &mut out),
                     Command::Cancel(ids) => self.ic.cancel(&ids, &mut out),
                     Command::ManagerGone { uid, reason } => {

@@ -6,6 +6,7 @@
 //!   cancel. Events in, messages out through the [`Comm`] trait; no I/O.
 //! - [`types`]: the public data types: configuration, tasks in, finished tasks and notices out.
 //! - [`queue`]: the priority-then-FIFO pending queue.
+//! - [`routing`]: one queue per worker environment (container) and warm routing between them.
 //! - [`driver`]: one thread that owns a ZeroMQ ROUTER socket (one socket for every manager),
 //!   feeds the state machine and hands finished tasks to the host over a channel.
 //! - [`guard`]: CurveZMQ for manager links: the server key, a ZAP handler that accepts only
@@ -17,6 +18,7 @@
 pub mod driver;
 pub mod guard;
 pub mod queue;
+pub mod routing;
 pub mod state;
 pub mod types;
 

@@ -4,25 +4,31 @@
 //! every event and receives every effect through the [`Comm`] trait, so unit tests feed events
 //! and assert the exact messages emitted.
 
-use crate::queue::PendingQueue;
+use crate::routing::{EnvIx, EnvQueues};
 pub use crate::types::{Comm, Config, Counts, Finished, ManagerStatus, NewTask, Notice, Peer};
 use fnx_protocol::{
     Attempt, BlockId, ErrorKind, FrameError, FunctionDef, FunctionId, InterchangeToManager,
     ManagerId, ManagerToInterchange, Outcome, Payload, Register, TaskError, TaskFile, TaskId,
-    TaskResult, TaskSpec, PROTOCOL_VERSION,
+    TaskResult, WarmWorkers, PROTOCOL_VERSION,
 };
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
+mod dispatch;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TaskState {
     Queued,
+    /// Waiting for its function to be released (its container image is being built).
+    Held,
     Running(ManagerId),
 }
 
 #[derive(Debug)]
 struct TaskRec {
     function: FunctionId,
+    /// Its function's worker environment.
+    env: EnvIx,
     args: Payload,
     priority: i32,
     walltime_ms: Option<u64>,
@@ -53,6 +59,12 @@ struct ManagerRec {
     completed: u64,
     /// A `Reclaim` was sent and its `Returned` has not come back yet.
     reclaim_pending: bool,
+    /// Live workers per environment, as last reported.
+    warm: Vec<u32>,
+    /// Tasks held per environment.
+    env_held: Vec<u32>,
+    /// The last report of its workers, for status displays.
+    workers: Vec<WarmWorkers>,
 }
 
 impl ManagerRec {
@@ -68,6 +80,31 @@ impl ManagerRec {
     fn excess(&self) -> usize {
         self.inflight.len().saturating_sub(self.slots as usize)
     }
+
+    /// Whether it has workers of `env`, or holds tasks that will start some.
+    fn is_warm(&self, env: EnvIx) -> bool {
+        self.warm.get(env).is_some_and(|&n| n > 0) || self.env_held.get(env).is_some_and(|&n| n > 0)
+    }
+
+    /// It took a task of `env`.
+    fn hold(&mut self, id: TaskId, env: EnvIx) {
+        self.inflight.insert(id);
+        if self.env_held.len() <= env {
+            self.env_held.resize(env + 1, 0);
+        }
+        self.env_held[env] += 1;
+    }
+
+    /// A task of `env` left it (finished, given back); false if it did not hold it.
+    fn release(&mut self, id: TaskId, env: EnvIx) -> bool {
+        if !self.inflight.remove(&id) {
+            return false;
+        }
+        if let Some(n) = self.env_held.get_mut(env) {
+            *n = n.saturating_sub(1);
+        }
+        true
+    }
 }
 
 /// The dispatcher state.
@@ -75,8 +112,11 @@ impl ManagerRec {
 pub struct Interchange {
     config: Config,
     functions: HashMap<FunctionId, FunctionDef>,
+    /// Functions whose tasks wait for [`Interchange::release_function`], with those tasks.
+    holds: HashMap<FunctionId, Vec<TaskId>>,
+    held: usize,
     tasks: HashMap<TaskId, TaskRec>,
-    queue: PendingQueue,
+    queues: EnvQueues,
     managers: HashMap<ManagerId, ManagerRec>,
     peers: HashMap<Peer, ManagerId>,
     /// Connections of managers declared lost (bounded, oldest forgotten first): a message from
@@ -93,10 +133,12 @@ impl Interchange {
     /// An empty interchange.
     pub fn new(config: Config) -> Self {
         Interchange {
+            queues: EnvQueues::new(config.warm_window),
             config,
             functions: HashMap::new(),
+            holds: HashMap::new(),
+            held: 0,
             tasks: HashMap::new(),
-            queue: PendingQueue::default(),
             managers: HashMap::new(),
             peers: HashMap::new(),
             expired: HashSet::new(),
@@ -114,7 +156,50 @@ impl Interchange {
 
     /// Make a function known; tasks may refer to it from now on.
     pub fn add_function(&mut self, def: FunctionDef) {
+        self.queues.env(&def.env());
         self.functions.insert(def.id, def);
+    }
+
+    /// Keep the tasks of `function` queued but undispatched until it is released or failed
+    /// (its container image is being built).
+    pub fn hold_function(&mut self, function: FunctionId) {
+        self.holds.entry(function).or_default();
+    }
+
+    /// Let the held tasks of `function` (and its future ones) be dispatched.
+    pub fn release_function(&mut self, function: FunctionId) {
+        for id in self.holds.remove(&function).unwrap_or_default() {
+            if let Some(rec) = self
+                .tasks
+                .get_mut(&id)
+                .filter(|r| r.state == TaskState::Held)
+            {
+                rec.state = TaskState::Queued;
+                self.queues.push_back(rec.env, rec.priority, id);
+                self.held -= 1;
+                self.queued += 1;
+            }
+        }
+    }
+
+    /// Finish the held tasks of `function` with `error` (its image build failed). Later tasks
+    /// are accepted and dispatched: whatever made the build fail is reported by the run.
+    pub fn fail_function(&mut self, function: FunctionId, error: TaskError, comm: &mut impl Comm) {
+        for id in self.holds.remove(&function).unwrap_or_default() {
+            if self
+                .tasks
+                .get(&id)
+                .is_some_and(|r| r.state == TaskState::Held)
+            {
+                let rec = self.tasks.remove(&id).expect("checked");
+                self.held -= 1;
+                comm.finished(Finished {
+                    id,
+                    attempt: rec.attempt,
+                    outcome: Outcome::Err(error.clone()),
+                });
+            }
+        }
     }
 
     /// Accept tasks. Invalid ones (unknown function, payload over the limit, duplicate id)
@@ -129,18 +214,34 @@ impl Interchange {
                 });
                 continue;
             }
-            self.queue.push_back(t.priority, t.id);
-            self.queued += 1;
+            let env = self
+                .functions
+                .get(&t.function)
+                .and_then(|f| self.queues.lookup(&f.env()))
+                .unwrap_or(0);
+            let state = match self.holds.get_mut(&t.function) {
+                Some(held) => {
+                    held.push(t.id);
+                    self.held += 1;
+                    TaskState::Held
+                }
+                None => {
+                    self.queues.push_back(env, t.priority, t.id);
+                    self.queued += 1;
+                    TaskState::Queued
+                }
+            };
             self.tasks.insert(
                 t.id,
                 TaskRec {
                     function: t.function,
+                    env,
                     args: t.args,
                     priority: t.priority,
                     walltime_ms: t.walltime_ms,
                     retries_left: t.retries,
                     attempt: t.attempt,
-                    state: TaskState::Queued,
+                    state,
                     cancel_requested: false,
                     crashes: 0,
                     files: t.files.into_boxed_slice(),
@@ -187,10 +288,13 @@ impl Interchange {
                 continue;
             };
             match rec.state {
-                TaskState::Queued => {
+                TaskState::Queued | TaskState::Held => {
                     let attempt = rec.attempt;
+                    match rec.state {
+                        TaskState::Held => self.held -= 1,
+                        _ => self.queued -= 1,
+                    }
                     self.tasks.remove(&id);
-                    self.queued -= 1;
                     comm.finished(Finished {
                         id,
                         attempt,
@@ -272,6 +376,7 @@ impl Interchange {
                 self.lose_manager(mid, &format!("it exited: {reason}"), comm)
             }
             ManagerToInterchange::Returned(tasks) => self.on_returned(mid, &tasks),
+            ManagerToInterchange::Warm(workers) => self.on_warm(mid, workers),
         }
     }
 
@@ -283,8 +388,14 @@ impl Interchange {
         m.reclaim_pending = false;
         let mut returned: Vec<TaskId> = Vec::with_capacity(tasks.len());
         for &(id, attempt) in tasks {
-            let held = matches!(self.tasks.get(&id), Some(t) if t.state == TaskState::Running(mid) && t.attempt == attempt);
-            if held && m.inflight.remove(&id) {
+            let Some(t) = self
+                .tasks
+                .get(&id)
+                .filter(|t| t.state == TaskState::Running(mid) && t.attempt == attempt)
+            else {
+                continue;
+            };
+            if m.release(id, t.env) {
                 returned.push(id);
             }
         }
@@ -296,10 +407,26 @@ impl Interchange {
         for &id in returned.iter().rev() {
             if let Some(rec) = self.tasks.get_mut(&id) {
                 rec.state = TaskState::Queued;
-                self.queue.push_front(rec.priority, id);
+                self.queues.push_front(rec.env, rec.priority, id);
                 self.queued += 1;
             }
         }
+    }
+
+    /// A manager reported its workers per environment.
+    fn on_warm(&mut self, mid: ManagerId, workers: Vec<WarmWorkers>) {
+        let Some(m) = self.managers.get_mut(&mid) else {
+            return;
+        };
+        m.warm.clear();
+        for w in &workers {
+            let env = self.queues.env(&w.env);
+            if m.warm.len() <= env {
+                m.warm.resize(env + 1, 0);
+            }
+            m.warm[env] = w.workers;
+        }
+        m.workers = workers;
     }
 
     /// Bytes from `peer` could not be decoded.
@@ -397,6 +524,9 @@ impl Interchange {
                 in_ready: true,
                 completed: 0,
                 reclaim_pending: false,
+                warm: Vec::new(),
+                env_held: Vec::new(),
+                workers: Vec::new(),
             },
         );
         self.peers.insert(peer.clone(), id);
@@ -411,19 +541,23 @@ impl Interchange {
         comm: &mut impl Comm,
     ) {
         for r in results {
-            let assigned = matches!(self.tasks.get(&r.id), Some(t) if t.state == TaskState::Running(mid) && t.attempt == r.attempt);
-            if !assigned {
+            let assigned = self
+                .tasks
+                .get(&r.id)
+                .filter(|t| t.state == TaskState::Running(mid) && t.attempt == r.attempt)
+                .map(|t| t.env);
+            let Some(env) = assigned else {
                 comm.notice(Notice::Discarded {
                     id: r.id,
                     attempt: r.attempt,
                     manager: mid,
                 });
                 continue;
-            }
+            };
             let Some(m) = self.managers.get_mut(&mid) else {
                 return;
             };
-            m.inflight.remove(&r.id);
+            m.release(r.id, env);
             m.completed += 1;
             if m.inflight.is_empty() {
                 m.idle_since = Some(now);
@@ -450,7 +584,7 @@ impl Interchange {
             if e.kind.is_infrastructure() && rec.retries_left > 0 && !rec.cancel_requested {
                 rec.retries_left -= 1;
                 rec.state = TaskState::Queued;
-                self.queue.push_front(rec.priority, id);
+                self.queues.push_front(rec.env, rec.priority, id);
                 self.queued += 1;
                 return;
             }
@@ -627,122 +761,12 @@ impl Interchange {
         }
     }
 
-    /// Hand queued tasks to managers with free capacity, in batches, round-robin.
-    ///
-    /// Each visit gives a manager at most an even share of the queue (`queued / ready
-    /// managers`, rounded up), so a short queue is spread over all managers instead of filling
-    /// the first one's prefetch. Tasks go beyond a manager's slots (prefetch) only while there
-    /// are more queued tasks than idle slots. When the queue is empty while workers idle and
-    /// another manager holds prefetched tasks, that manager is asked to give some back
-    /// ([`InterchangeToManager::Reclaim`]).
-    pub fn dispatch(&mut self, comm: &mut impl Comm) {
-        let mut share = 0;
-        let mut visits_left = 0;
-        let mut prefetch = true;
-        while self.queued > 0 {
-            if visits_left == 0 {
-                // A new round: recompute the even share over the managers that can take work.
-                visits_left = self.ready.len().max(1);
-                share = self.queued.div_ceil(visits_left);
-                let idle: usize = self
-                    .ready
-                    .iter()
-                    .filter_map(|id| self.managers.get(id))
-                    .map(ManagerRec::idle_slots)
-                    .sum();
-                prefetch = self.queued > idle;
-            }
-            visits_left -= 1;
-            let Some(mid) = self.ready.pop_front() else {
-                return;
-            };
-            let Some(m) = self.managers.get_mut(&mid) else {
-                continue;
-            };
-            m.in_ready = false;
-            let free = m.capacity.saturating_sub(m.inflight.len());
-            if free == 0 || m.draining {
-                continue;
-            }
-            let mut limit = free.min(self.config.max_batch_tasks).min(share);
-            if !prefetch {
-                limit = limit.min(m.idle_slots());
-            }
-            let mut tasks = Vec::with_capacity(limit.min(self.queued));
-            let mut functions = Vec::new();
-            let mut bytes = 0usize;
-            while tasks.len() < limit && self.queued > 0 {
-                if !tasks.is_empty() && bytes >= self.config.max_batch_bytes {
-                    break;
-                }
-                let Some(id) = self.queue.pop() else { break };
-                let Some(rec) = self.tasks.get_mut(&id) else {
-                    continue;
-                }; // cancelled while queued
-                if rec.state != TaskState::Queued {
-                    continue;
-                }
-                self.queued -= 1;
-                rec.attempt = rec.attempt.next();
-                rec.state = TaskState::Running(mid);
-                if m.functions_sent.insert(rec.function) {
-                    if let Some(def) = self.functions.get(&rec.function) {
-                        functions.push(def.clone());
-                    }
-                }
-                bytes += rec.args.data.len();
-                m.inflight.insert(id);
-                tasks.push(TaskSpec {
-                    id,
-                    attempt: rec.attempt,
-                    function: rec.function,
-                    args: rec.args.clone(),
-                    walltime_ms: rec.walltime_ms,
-                    files: rec.files.to_vec(),
-                });
-            }
-            if tasks.is_empty() {
-                continue;
-            }
-            m.idle_since = None;
-            if m.inflight.len() < m.capacity {
-                m.in_ready = true;
-                self.ready.push_back(mid);
-            }
-            comm.dispatched(mid, &tasks);
-            comm.send(&m.peer, &InterchangeToManager::Tasks { functions, tasks });
-        }
-        self.maybe_reclaim(comm);
-    }
-
-    /// Nothing queued, some worker idle, and some manager holds tasks beyond its slots: ask the
-    /// manager with the most to give back as many as there are idle slots (one request at a time
-    /// per manager).
-    fn maybe_reclaim(&mut self, comm: &mut impl Comm) {
-        if self.queued > 0 {
-            return;
-        }
-        let idle: usize = self.managers.values().map(ManagerRec::idle_slots).sum();
-        if idle == 0 {
-            return;
-        }
-        let donor = self
-            .managers
-            .iter_mut()
-            .filter(|(_, m)| !m.draining && !m.reclaim_pending && m.excess() > 0)
-            .max_by_key(|(_, m)| m.excess());
-        if let Some((_, m)) = donor {
-            m.reclaim_pending = true;
-            let max = m.excess().min(idle) as u32;
-            comm.send(&m.peer, &InterchangeToManager::Reclaim { max });
-        }
-    }
-
     /// Queue, running and manager counts.
     pub fn counts(&self) -> Counts {
         Counts {
             queued: self.queued,
-            running: self.tasks.len() - self.queued,
+            held: self.held,
+            running: self.tasks.len() - self.queued - self.held,
             managers: self.managers.len(),
             slots: self.managers.values().map(|m| u64::from(m.slots)).sum(),
         }
@@ -768,6 +792,7 @@ impl Interchange {
                 completed: m.completed,
                 draining: m.draining,
                 idle_for: m.idle_since.map(|t| now.saturating_duration_since(t)),
+                workers: m.workers.clone(),
             })
             .collect();
         out.sort_by_key(|m| m.id);
@@ -787,5 +812,6 @@ fn kind_name(msg: &ManagerToInterchange) -> &'static str {
         ManagerToInterchange::Drain => "drain",
         ManagerToInterchange::Bye { .. } => "bye",
         ManagerToInterchange::Returned(_) => "returned",
+        ManagerToInterchange::Warm(_) => "warm",
     }
 }

@@ -23,6 +23,10 @@ pub struct Config {
     pub max_batch_bytes: usize,
     /// Largest accepted argument payload of one task.
     pub max_payload_bytes: usize,
+    /// Warm routing: a task of an environment a manager has warm may be dispatched before a
+    /// queued task of another environment that is at most this many places older (see
+    /// [`crate::routing`]).
+    pub warm_window: u64,
 }
 
 impl Default for Config {
@@ -33,6 +37,7 @@ impl Default for Config {
             max_batch_tasks: 4096,
             max_batch_bytes: 8 << 20,
             max_payload_bytes: 10 << 20,
+            warm_window: 4096,
         }
     }
 }
@@ -166,6 +171,8 @@ pub struct ManagerStatus {
     pub draining: bool,
     /// How long it has held no task.
     pub idle_for: Option<Duration>,
+    /// Its Python workers per environment, as it last reported them.
+    pub workers: Vec<fnx_protocol::WarmWorkers>,
 }
 
 /// Counts for status displays.
@@ -173,6 +180,8 @@ pub struct ManagerStatus {
 pub struct Counts {
     /// Tasks waiting for dispatch.
     pub queued: usize,
+    /// Tasks waiting for their function's container image to be built.
+    pub held: usize,
     /// Tasks held by managers.
     pub running: usize,
     /// Registered managers.

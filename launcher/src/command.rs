@@ -57,6 +57,9 @@ pub fn manager_args(b: &ManagerBootstrap) -> Vec<String> {
             args.extend(["--container-template".into(), t.clone()]);
         }
     }
+    if let Some(s) = b.container_idle_s {
+        args.extend(["--container-idle-s".into(), s.to_string()]);
+    }
     if let Some(d) = b.drain_after_ms {
         args.extend(["--drain-after-ms".into(), d.to_string()]);
     }

@@ -280,11 +280,13 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
         kill_grace: Duration::from_millis(b.kill_grace_ms),
         zero_work: b.zero_work,
         max_frame_bytes: fnx_protocol::DEFAULT_MAX_FRAME_BYTES,
+        run_dir: b.run_dir.clone(),
         placement,
         container: b.container.clone().map(|container| procs::Wrap {
             container,
             rundir: b.run_dir.clone(),
         }),
+        container_idle: Duration::from_secs(b.container_idle_s.unwrap_or(300)),
         drain_at: drain_deadline(
             started,
             b.drain_after_ms,

@@ -28,8 +28,11 @@ pub struct ManagerBootstrap {
     pub cpu_affinity: Option<String>,
     /// Accelerators (GPU ids) shared out over the worker slots.
     pub accelerators: Vec<String>,
-    /// The container workers and shell tasks start in (`None`: on the host).
+    /// The container workers and shell tasks start in (`None`: on the host); without an image,
+    /// only the runtime that functions' own container images use.
     pub container: Option<crate::container::Container>,
+    /// Idle workers of a function's container exit after this many seconds (`None`: 300).
+    pub container_idle_s: Option<u64>,
     /// Stop taking tasks this many milliseconds after start (before the batch job's walltime
     /// ends): the manager asks the interchange to drain it, finishes what it holds and exits.
     pub drain_after_ms: Option<u64>,
@@ -71,6 +74,7 @@ impl ManagerBootstrap {
             cpu_affinity: None,
             accelerators: Vec::new(),
             container: None,
+            container_idle_s: None,
             prefetch: None,
             zero_work: false,
             python: "python3".to_string(),

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// A container runtime.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Runtime {
     /// `apptainer exec --bind RUNDIR IMAGE CMD`.
@@ -82,7 +82,8 @@ pub struct Container {
 
 impl Container {
     /// Check that the container can wrap commands: a `custom` runtime needs a template with
-    /// `{cmd}`; the others need an image.
+    /// `{cmd}`. (Without an image, a pool's container only names the runtime that functions
+    /// with their own image use; see [`Container::is_for_all`].)
     pub fn validate(&self) -> Result<(), String> {
         let template = self.template_text();
         match template {
@@ -90,11 +91,16 @@ impl Container {
             Some(t) if !t.split_whitespace().any(|w| w == "{cmd}") => Err(format!(
                 "the container template {t:?} has no {{cmd}} word (where the command goes)"
             )),
-            Some(_) if self.runtime != Runtime::Custom && self.image.trim().is_empty() => {
-                Err("the container needs an image".into())
-            }
             Some(_) => Ok(()),
         }
+    }
+
+    /// Whether a pool's container wraps the tasks of every function that names no container of
+    /// its own: it has an image, or it is a `custom` template that needs none.
+    pub fn is_for_all(&self) -> bool {
+        !self.image.trim().is_empty()
+            || (self.runtime == Runtime::Custom
+                && !self.template_text().unwrap_or("").contains("{image}"))
     }
 
     fn template_text(&self) -> Option<&str> {
@@ -120,6 +126,69 @@ impl Container {
             }
         }
         out
+    }
+}
+
+/// The container a function asks for: an image, and the runtime to start it with (`None`: the
+/// pool's runtime). A function cannot bring its own template; a `custom` runtime's template is
+/// the pool's (its `{image}` becomes the function's image).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FunctionContainer {
+    /// The runtime, if the function names one.
+    pub runtime: Option<Runtime>,
+    /// The image (a `.sif` path, a registry reference, ...).
+    pub image: String,
+}
+
+impl FunctionContainer {
+    /// The worker environment this container is: workers started in it serve every function
+    /// with the same key.
+    pub fn key(&self) -> String {
+        let runtime = self.runtime.map_or("pool", Runtime::name);
+        format!("{runtime}:{}", self.image)
+    }
+
+    /// The container to start on a node whose pool runs its workers in `pool` (`None`: on the
+    /// host): the function's runtime, else the pool's; a runtime equal to the pool's uses the
+    /// pool's template. An error says why it cannot run there (no runtime known, a `custom`
+    /// runtime without the pool's template).
+    pub fn resolve(&self, pool: Option<&Container>) -> Result<Container, String> {
+        if self.image.trim().is_empty() {
+            return Err(
+                "the function's container names no image (a record of an older fnx?): register \
+                 the function again"
+                    .into(),
+            );
+        }
+        let runtime = match (self.runtime, pool) {
+            (Some(r), _) => r,
+            (None, Some(p)) => p.runtime,
+            (None, None) => {
+                return Err(format!(
+                    "the function's container image {:?} names no runtime and this pool runs \
+                     its workers on the host: name a runtime in the function's container or \
+                     set the pool's container_runtime",
+                    self.image
+                ))
+            }
+        };
+        let template = pool
+            .filter(|p| p.runtime == runtime)
+            .and_then(|p| p.template.clone());
+        if runtime == Runtime::Custom && template.is_none() {
+            return Err(
+                "the function asks for the custom runtime, but this pool has no custom \
+                 container_template"
+                    .into(),
+            );
+        }
+        let c = Container {
+            runtime,
+            image: self.image.clone(),
+            template,
+        };
+        c.validate()?;
+        Ok(c)
     }
 }
 
@@ -170,11 +239,60 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("no {cmd} word"));
         c.template = None;
         assert!(c.validate().is_err());
+        // Without an image, a pool's container only names the runtime for functions' images.
         let no_image = Container {
             runtime: Runtime::Apptainer,
             image: " ".into(),
             template: None,
         };
-        assert!(no_image.validate().unwrap_err().contains("image"));
+        no_image.validate().unwrap();
+        assert!(!no_image.is_for_all());
+        c.template = Some("bwrap {cmd}".into());
+        assert!(c.is_for_all());
+        c.template = Some("rec {image} {cmd}".into());
+        assert!(!c.is_for_all());
+    }
+
+    #[test]
+    fn function_containers_resolve_against_the_pool() {
+        let bwrap = Container {
+            runtime: Runtime::Custom,
+            image: String::new(),
+            template: Some("rec {image} bwrap {cmd}".into()),
+        };
+        let f = FunctionContainer {
+            runtime: None,
+            image: "alpha".into(),
+        };
+        assert_eq!(f.key(), "pool:alpha");
+        let c = f.resolve(Some(&bwrap)).unwrap();
+        assert_eq!(
+            c.wrap(Path::new("/r"), &cmd())[..3],
+            ["rec", "alpha", "bwrap"]
+        );
+        assert!(f.resolve(None).unwrap_err().contains("names no runtime"));
+        let a = FunctionContainer {
+            runtime: Some(Runtime::Apptainer),
+            image: "/img.sif".into(),
+        };
+        assert_eq!(a.key(), "apptainer:/img.sif");
+        let c = a.resolve(Some(&bwrap)).unwrap();
+        assert_eq!(c.wrap(Path::new("/r"), &cmd())[0], "apptainer");
+        assert!(a.resolve(None).is_ok());
+        let custom = FunctionContainer {
+            runtime: Some(Runtime::Custom),
+            image: "x".into(),
+        };
+        assert!(custom
+            .resolve(None)
+            .unwrap_err()
+            .contains("container_template"));
+        assert!(FunctionContainer {
+            runtime: Some(Runtime::Docker),
+            image: " ".into()
+        }
+        .resolve(None)
+        .unwrap_err()
+        .contains("image"));
     }
 }

@@ -22,11 +22,11 @@ pub mod shell;
 pub mod task;
 
 pub use bootstrap::ManagerBootstrap;
-pub use container::{Container, Runtime};
+pub use container::{Container, FunctionContainer, Runtime};
 pub use curve::{KeyFile, KeyFileError};
 pub use frame::{decode, encode, FrameError, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
 pub use ids::{Attempt, BlockId, FunctionId, ManagerId, TaskId, WorkerId};
-pub use messages::{InterchangeToManager, ManagerToInterchange, Register};
+pub use messages::{InterchangeToManager, ManagerToInterchange, Register, WarmWorkers};
 pub use task::{
     Encoding, ErrorKind, FileSource, FunctionBody, FunctionDef, Outcome, Payload, TaskError,
     TaskFile, TaskResult, TaskSpec,

@@ -53,6 +53,21 @@ pub enum ManagerToInterchange {
     /// Answer to [`InterchangeToManager::Reclaim`]: these attempts were queued on the manager,
     /// never started, and are given back (the list may be empty).
     Returned(Vec<(TaskId, Attempt)>),
+    /// The manager's Python workers per environment (container), sent when they change: the
+    /// interchange routes tasks to managers that have warm workers of their environment.
+    Warm(Vec<WarmWorkers>),
+}
+
+/// A manager's Python workers of one environment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmWorkers {
+    /// The environment: a function container's key ([`crate::FunctionDef::env`]), `""` for
+    /// the pool's own workers.
+    pub env: String,
+    /// Live workers (idle or busy) of this environment now.
+    pub workers: u32,
+    /// Workers of this environment started so far (container starts, for a container).
+    pub starts: u64,
 }
 
 /// Messages from the interchange to a manager.

@@ -92,6 +92,28 @@ pub struct FunctionDef {
     pub id: FunctionId,
     /// What to run.
     pub body: FunctionBody,
+    /// The container its tasks run in (`None`: the pool's container, or the host).
+    pub container: Option<crate::container::FunctionContainer>,
+}
+
+impl FunctionDef {
+    /// A function that runs wherever the pool runs its workers.
+    pub fn new(id: FunctionId, body: FunctionBody) -> FunctionDef {
+        FunctionDef {
+            id,
+            body,
+            container: None,
+        }
+    }
+
+    /// The worker environment its tasks need: the container's key, or `""` for the pool's own
+    /// workers. Workers are kept warm, counted and routed to by this key.
+    pub fn env(&self) -> String {
+        self.container
+            .as_ref()
+            .map(crate::container::FunctionContainer::key)
+            .unwrap_or_default()
+    }
 }
 
 /// One attempt of one task, as sent to a manager.

@@ -62,6 +62,14 @@ fn m2i_samples() -> Vec<(&'static str, ManagerToInterchange)> {
             "returned",
             ManagerToInterchange::Returned(vec![(TaskId(9), Attempt(1))]),
         ),
+        (
+            "warm",
+            ManagerToInterchange::Warm(vec![WarmWorkers {
+                env: "pool:a".into(),
+                workers: 2,
+                starts: 3,
+            }]),
+        ),
     ]
 }
 
@@ -91,12 +99,17 @@ fn i2m_samples() -> Vec<(&'static str, InterchangeToManager)> {
                             module: "m".into(),
                             qualname: "f".into(),
                         },
+                        container: None,
                     },
                     FunctionDef {
                         id: FunctionId(2),
                         body: FunctionBody::Shell {
                             template: "echo {x}".into(),
                         },
+                        container: Some(FunctionContainer {
+                            runtime: Some(Runtime::Apptainer),
+                            image: "/i.sif".into(),
+                        }),
                     },
                 ],
                 tasks: vec![TaskSpec {
@@ -147,25 +160,26 @@ fn i2m_samples() -> Vec<(&'static str, InterchangeToManager)> {
 }
 
 const M2I_GOLDEN: &[(&str, &str)] = &[
-    ("register", "920281a8726567697374657299a26d30a66e6964303031cd109240400803c2a5302e312e30"),
-    ("heartbeat", "9202a9686561727462656174"),
-    ("results", "920281a7726573756c74739293070281a26f6b92a46a736f6ec402343293080181a365727294ab776f726b65725f6c6f7374aa576f726b65724c6f7374a87369676e616c2039c0"),
-    ("drain", "9202a5647261696e"),
-    ("bye", "920281a362796591a77369677465726d"),
-    ("returned", "920281a872657475726e656491920901"),
+    ("register", "920381a8726567697374657299a26d30a66e6964303031cd109240400803c2a5302e312e30"),
+    ("heartbeat", "9203a9686561727462656174"),
+    ("results", "920381a7726573756c74739293070281a26f6b92a46a736f6ec402343293080181a365727294ab776f726b65725f6c6f7374aa576f726b65724c6f7374a87369676e616c2039c0"),
+    ("drain", "9203a5647261696e"),
+    ("bye", "920381a362796591a77369677465726d"),
+    ("returned", "920381a872657475726e656491920901"),
+    ("warm", "920381a47761726d9193a6706f6f6c3a610203"),
 ];
 
 const I2M_GOLDEN: &[(&str, &str)] = &[
-    ("registered", "920281aa726567697374657265649305cd1388cd7530"),
-    ("rejected", "920281a872656a656374656491a26e6f"),
-    ("tasks", "920281a57461736b739292920181aa707974686f6e5f72656692a16da166920281a57368656c6c91a86563686f207b787d919609010192a67069636b6c65c4028005cd05dc9292a6696e2e74787481a6696e6c696e65c402686992a66269672e683581a470617468ab2f6c75732f6269672e6835"),
-    ("heartbeat", "9202a9686561727462656174"),
-    ("cancel", "920281a663616e63656c9191920901"),
-    ("reclaim", "920281a77265636c61696d9103"),
-    ("drain", "9202a5647261696e"),
-    ("drained", "9202a7647261696e6564"),
-    ("shutdown", "920281a873687574646f776e91a3627965"),
-    ("reregister", "920281aa7265726567697374657291a377686f"),
+    ("registered", "920381aa726567697374657265649305cd1388cd7530"),
+    ("rejected", "920381a872656a656374656491a26e6f"),
+    ("tasks", "920381a57461736b739292930181aa707974686f6e5f72656692a16da166c0930281a57368656c6c91a86563686f207b787d92a96170707461696e6572a62f692e736966919609010192a67069636b6c65c4028005cd05dc9292a6696e2e74787481a6696e6c696e65c402686992a66269672e683581a470617468ab2f6c75732f6269672e6835"),
+    ("heartbeat", "9203a9686561727462656174"),
+    ("cancel", "920381a663616e63656c9191920901"),
+    ("reclaim", "920381a77265636c61696d9103"),
+    ("drain", "9203a5647261696e"),
+    ("drained", "9203a7647261696e6564"),
+    ("shutdown", "920381a873687574646f776e91a3627965"),
+    ("reregister", "920381aa7265726567697374657291a377686f"),
 ];
 
 #[test]

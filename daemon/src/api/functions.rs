@@ -3,6 +3,8 @@
 use super::{
     auth, json_response, parse_id, parse_json, read_body, ApiError, ApiResult, App, Caller,
 };
+use crate::builds::recipe;
+use crate::images;
 use crate::records::FunctionRow;
 use crate::signature::{self, Signature};
 use crate::store::writer::{Cmd, FunctionInput};
@@ -10,7 +12,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use fnx_protocol::{FunctionBody, FunctionId};
+use fnx_protocol::{FunctionBody, FunctionContainer, FunctionId};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
@@ -38,6 +40,62 @@ struct Parsed {
     kind: &'static str,
     spec: Map<String, Value>,
     body: Option<FunctionBody>,
+    container: Option<FunctionContainer>,
+    build: Option<String>,
+}
+
+/// The function's container: the one it names, or the image built from its dependencies
+/// (requested here; the build runs in the background and its tasks wait for it).
+async fn container(
+    app: &App,
+    m: &Map<String, Value>,
+    spec: &mut Map<String, Value>,
+) -> Result<(Option<FunctionContainer>, Option<String>), ApiError> {
+    let named = match m.get("container") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(images::parse_container(v).map_err(ApiError::bad)?),
+    };
+    let deps = match m.get("dependencies") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(recipe::parse(v).map_err(ApiError::bad)?),
+    };
+    spec.insert(
+        "container".into(),
+        named.as_ref().map_or(Value::Null, images::container_json),
+    );
+    spec.insert("dependencies".into(), Value::Null);
+    let Some(deps) = deps else {
+        return Ok((named, None));
+    };
+    if named.is_some() {
+        return Err(ApiError::bad(
+            "give container (an existing image) or dependencies (an image built from them), \
+             not both",
+        ));
+    }
+    app.builds.can_build().map_err(|e| {
+        ApiError::bad(format!(
+            "dependencies: this daemon cannot build container images: {e} (see [builds] in \
+             the site configuration)"
+        ))
+    })?;
+    let builds = app.builds.clone();
+    let wanted = deps.clone();
+    let info = tokio::task::spawn_blocking(move || builds.request(&wanted))
+        .await
+        .map_err(|e| ApiError::bad(format!("cannot start the image build: {e}")))?
+        .map_err(|e| ApiError::unavailable(format!("cannot start the image build: {e}")))?;
+    let c = FunctionContainer {
+        runtime: images::runtime_of_builds(app.builds.command()),
+        image: info.image.display().to_string(),
+    };
+    spec.insert("container".into(), images::container_json(&c));
+    spec.insert(
+        "dependencies".into(),
+        json!({"python": deps.python, "system": deps.system}),
+    );
+    spec.insert("build".into(), json!({"key": info.key}));
+    Ok((Some(c), Some(info.key)))
 }
 
 /// Validate a registration body into the stored record and what managers run.
@@ -64,22 +122,6 @@ async fn parse(app: &App, v: Value) -> Result<Parsed, ApiError> {
     }
     let name = string_field(&m, "name")?.map(str::to_string);
     let mut spec = Map::new();
-    for k in ["container", "dependencies"] {
-        match m.get(k) {
-            None | Some(Value::Null) => {
-                spec.insert(k.into(), Value::Null);
-            }
-            Some(v @ Value::Object(_)) => {
-                spec.insert(k.into(), v.clone());
-            }
-            Some(other) => {
-                return Err(ApiError::bad(format!(
-                    "{k}: must be an object, got {}",
-                    signature::json_type(other)
-                )))
-            }
-        }
-    }
     let kind = required(&m, "kind", "(\"python\", \"shell\" or \"mpi\")")?;
     let (kind, body, sig, entry): (
         &'static str,
@@ -168,11 +210,14 @@ async fn parse(app: &App, v: Value) -> Result<Parsed, ApiError> {
     if let Some(d) = string_field(&m, "description")? {
         spec.insert("description".into(), json!(d));
     }
+    let (container, build) = container(app, &m, &mut spec).await?;
     Ok(Parsed {
         name,
         kind,
         spec,
         body,
+        container,
+        build,
     })
 }
 
@@ -207,11 +252,32 @@ pub(super) async fn register(
         kind: p.kind.into(),
         spec: Value::Object(spec.clone()),
         body: p.body,
+        container: p.container,
+        build: p.build.clone(),
     };
     app.send(Cmd::Register(input, tx))?;
     let id = rx
         .await
         .map_err(|_| ApiError::unavailable("the store is shutting down"))??;
+    if let Some(key) = &p.build {
+        // The store writer added the function to every pool as held.
+        let pools: Vec<_> = app.pools.iter().map(|p| p.handle.clone()).collect();
+        images::release_when_built(&app.builds, key, id, pools.clone());
+        if app
+            .builds
+            .info(key)
+            .is_some_and(|i| i.state == crate::builds::BuildState::Building)
+        {
+            // Functions registered earlier with the same dependencies (their build failed,
+            // or their image was removed) wait for this build too.
+            for r in app.reader.functions(None)? {
+                if r.id != id && images::build_of(&r.spec).as_deref() == Some(key.as_str()) {
+                    images::hold_until_built(&app.builds, key, r.id, pools.clone());
+                }
+            }
+        }
+    }
+    let row_json = |row: &FunctionRow| with_build(&app, row.to_json(false), &row.spec);
     let name = if name.is_empty() {
         format!("{}-{}", p.kind, id.0)
     } else {
@@ -225,7 +291,17 @@ pub(super) async fn register(
         created,
         deleted: false,
     };
-    Ok(json_response(StatusCode::CREATED, row.to_json(false)))
+    Ok(json_response(StatusCode::CREATED, row_json(&row)))
+}
+
+/// A function's record with the current state of its image build, if it has one.
+fn with_build(app: &App, mut record: Value, spec: &Value) -> Value {
+    if let (Some(key), Value::Object(m)) = (images::build_of(spec), &mut record) {
+        if let Some(info) = app.builds.info(&key) {
+            m.insert("build".into(), images::build_json(&info));
+        }
+    }
+    record
 }
 
 pub(super) async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
@@ -257,7 +333,10 @@ pub(super) async fn show(
 ) -> ApiResult {
     let caller = auth(&app, &headers)?;
     let row = owned(&app, &caller, parse_id(&id, "the function id")?)?;
-    Ok(json_response(StatusCode::OK, row.to_json(true)))
+    Ok(json_response(
+        StatusCode::OK,
+        with_build(&app, row.to_json(true), &row.spec),
+    ))
 }
 
 pub(super) async fn delete(

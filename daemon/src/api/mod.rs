@@ -56,6 +56,8 @@ pub struct App {
     pub store_path: PathBuf,
     /// Cleared when the daemon stops: new work is refused with 503.
     pub accepting: AtomicBool,
+    /// Container images built from functions' dependencies.
+    pub builds: crate::builds::Builds,
     tokens: RwLock<HashMap<String, Caller>>,
 }
 
@@ -70,6 +72,7 @@ impl App {
         limits: Limits,
         python: String,
         store_path: PathBuf,
+        builds: crate::builds::Builds,
     ) -> App {
         App {
             reader,
@@ -81,6 +84,7 @@ impl App {
             started: Instant::now(),
             store_path,
             accepting: AtomicBool::new(true),
+            builds,
             tokens: RwLock::new(HashMap::new()),
         }
     }

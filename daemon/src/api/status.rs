@@ -62,7 +62,9 @@ async fn pool_states(app: &Arc<App>) -> Vec<(String, Counts, Vec<ManagerStatus>)
 fn manager_json(m: &ManagerStatus) -> Value {
     json!({"id": m.id.0, "uid": m.uid, "host": m.host, "block": m.block_id.map(|b| b.0),
            "workers": m.slots, "inflight": m.inflight, "completed": m.completed,
-           "idle_s": m.idle_for.map(|d| d.as_secs_f64()).unwrap_or(0.0), "draining": m.draining})
+           "idle_s": m.idle_for.map(|d| d.as_secs_f64()).unwrap_or(0.0), "draining": m.draining,
+           "environments": m.workers.iter().map(|w| json!({
+               "container": w.env, "workers": w.workers, "starts": w.starts})).collect::<Vec<_>>()})
 }
 
 pub(super) async fn status(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
@@ -86,7 +88,7 @@ pub(super) async fn status(State(app): State<Arc<App>>, headers: HeaderMap) -> A
         .map(|((name, counts, managers), pref)| {
             let r = pref.report.lock().map(|r| r.clone()).unwrap_or_default();
             let mut p = json!({"name": name, "provider": r.provider, "launcher": r.launcher,
-                               "queued": counts.queued,
+                               "queued": counts.queued, "held_for_images": counts.held,
                                "running": counts.running, "workers": counts.slots,
                                "managers_connected": counts.managers,
                                "run_dir": r.run_dir, "failed": r.failed,

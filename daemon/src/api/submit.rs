@@ -128,6 +128,15 @@ impl Checker<'_> {
                     e
                 }
             })?;
+            if let Some(info) = crate::images::build_of(&row.spec)
+                .and_then(|key| self.app.builds.info(&key))
+                .filter(|i| i.state == crate::builds::BuildState::Failed)
+            {
+                return Err(ApiError::bad(format!(
+                    "function {id}: {} (register it again to retry the build)",
+                    crate::images::build_error(row.id, &info).message
+                )));
+            }
             let kind = row
                 .spec
                 .get("kind")

@@ -57,6 +57,29 @@ struct RawConfig {
     interchange: RawInterchange,
     #[serde(default)]
     pools: Pools,
+    #[serde(default)]
+    builds: RawBuilds,
+}
+
+#[derive(Deserialize, Default)]
+struct RawBuilds {
+    dir: Option<PathBuf>,
+    command: Option<String>,
+    base_image: Option<String>,
+    timeout_s: Option<f64>,
+}
+
+/// `[builds]`: container images built from functions' dependencies.
+#[derive(Clone, Debug)]
+pub struct BuildsConfig {
+    /// The image cache (None: `images/` in the shared directory, where compute nodes read it).
+    pub dir: Option<PathBuf>,
+    /// The build command's words before the output and definition paths.
+    pub command: Vec<String>,
+    /// The Docker image the definitions start from.
+    pub base_image: String,
+    /// Longest a build may run.
+    pub timeout: Duration,
 }
 
 /// `[pools.NAME]` tables in the order the file gives them (the first is the default pool).
@@ -116,6 +139,7 @@ struct RawInterchange {
     port: Option<u16>,
     heartbeat_period_s: Option<f64>,
     heartbeat_threshold_s: Option<f64>,
+    warm_window: Option<u64>,
 }
 
 /// How hard each commit is pushed to disk.
@@ -172,6 +196,9 @@ pub struct InterchangeConfig {
     pub heartbeat_threshold: Duration,
     /// Encrypt and authenticate manager links with CurveZMQ.
     pub encrypt: bool,
+    /// Warm routing: how many places older a queued task of another container may be before
+    /// it goes ahead of the tasks a manager has warm workers for (0: strict arrival order).
+    pub warm_window: u64,
 }
 
 /// The validated configuration the daemon runs with.
@@ -195,6 +222,8 @@ pub struct SiteConfig {
     pub interchange: InterchangeConfig,
     /// Pools, in the order of the file; tasks that name no pool go to the first.
     pub pools: Vec<PoolConfig>,
+    /// Image builds.
+    pub builds: BuildsConfig,
 }
 
 /// `$FNX_HOME`, else `~/.fnx`.
@@ -359,6 +388,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
             0.1,
         ),
         encrypt: false,
+        warm_window: i.warm_window.unwrap_or(4096),
     };
     let loopback = interchange
         .address
@@ -418,6 +448,32 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
             }
         }
     }
+    let command: Vec<String> = raw
+        .builds
+        .command
+        .as_deref()
+        .unwrap_or("apptainer build --fakeroot")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    if command.is_empty() {
+        p.0.push(
+            "builds.command: must name a program (e.g. \"apptainer build --fakeroot\")".into(),
+        );
+    }
+    let base_image = raw
+        .builds
+        .base_image
+        .unwrap_or_else(|| "python:3.11-slim".into());
+    if let Err(e) = crate::builds::recipe::check_base(&base_image) {
+        p.0.push(format!("builds.base_image: {e}"));
+    }
+    let builds = BuildsConfig {
+        dir: raw.builds.dir.filter(|d| !d.as_os_str().is_empty()),
+        command,
+        base_image,
+        timeout: p.secs("builds.timeout_s", raw.builds.timeout_s, 3600.0, 1.0),
+    };
     if !p.0.is_empty() {
         return Err(ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -433,6 +489,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
         limits,
         interchange,
         pools,
+        builds,
     })
 }
 

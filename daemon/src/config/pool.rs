@@ -24,6 +24,7 @@ pub(super) struct RawPool {
     container_runtime: Option<String>,
     container_image: Option<String>,
     container_template: Option<String>,
+    container_idle_s: Option<f64>,
     nodes_per_block: Option<u32>,
     init_blocks: Option<u32>,
     min_blocks: Option<u32>,
@@ -82,8 +83,12 @@ pub struct PoolConfig {
     pub cpu_affinity: Option<String>,
     /// Accelerators (GPU ids) shared out over each manager's workers.
     pub accelerators: Vec<String>,
-    /// The container workers and shell tasks start in.
+    /// The container workers and shell tasks start in; without an image, only the runtime
+    /// that functions with their own container image use.
     pub container: Option<fnx_protocol::Container>,
+    /// Idle workers of a function's own container exit after this long (None: the manager's
+    /// default, 300 s).
+    pub container_idle: Option<Duration>,
     /// Interpreter for Python workers.
     pub python: String,
     /// SIGTERM → SIGKILL grace when a task is killed.
@@ -248,6 +253,9 @@ pub(super) fn validate(name: String, rp: RawPool, p: &mut Problems) -> PoolConfi
             }
         },
     };
+    let container_idle = rp
+        .container_idle_s
+        .map(|v| p.secs(&key("container_idle_s"), Some(v), 300.0, 1.0));
     let accelerators = match rp.available_accelerators {
         None => Vec::new(),
         Some(Accelerators::Count(n)) => (0..n).map(|i| i.to_string()).collect(),
@@ -468,6 +476,7 @@ pub(super) fn validate(name: String, rp: RawPool, p: &mut Problems) -> PoolConfi
         cpu_affinity,
         accelerators,
         container,
+        container_idle,
         python,
         kill_grace,
         blocks,

@@ -64,6 +64,10 @@ pub struct FunctionInput {
     pub spec: serde_json::Value,
     /// What managers run (None for kinds that cannot run yet).
     pub body: Option<FunctionBody>,
+    /// The container its tasks run in.
+    pub container: Option<fnx_protocol::FunctionContainer>,
+    /// The key of the image build its tasks wait for: it is added to the pools held.
+    pub build: Option<String>,
 }
 
 type SubmitReply = oneshot::Sender<Result<Submitted, StoreError>>;
@@ -201,7 +205,7 @@ pub(super) struct Effects {
     replies: Vec<(SubmitReply, Submitted)>,
     rejected: Vec<(SubmitReply, StoreError)>,
     to_interchange: HashMap<String, Vec<NewTask>>,
-    registered: Vec<(RegisterReply, FunctionId, Option<FunctionBody>)>,
+    registered: Vec<(RegisterReply, FunctionId, FunctionInput)>,
     deleted: Vec<DeleteReply>,
     /// Per-user counter moves: (owner, from, to).
     pub(super) moves: Vec<(String, Option<State>, State)>,
@@ -462,7 +466,7 @@ impl Writer {
             return Err((e, submits, registers));
         }
         for ((f, reply), id) in registers.into_iter().zip(staged_registers) {
-            fx.registered.push((reply, id, f.body));
+            fx.registered.push((reply, id, f));
         }
         for (_, reply) in deletes.drain(..) {
             fx.deleted.push(reply);
@@ -542,13 +546,18 @@ impl Writer {
             }
         }
         // Functions first, so that tasks referring to them find them.
-        for (reply, id, body) in fx.registered {
-            if let Some(body) = body {
+        for (reply, id, f) in fx.registered {
+            if let Some(body) = f.body {
+                let def = FunctionDef {
+                    id,
+                    body,
+                    container: f.container,
+                };
                 for h in self.pools.values() {
-                    h.add_function(FunctionDef {
-                        id,
-                        body: body.clone(),
-                    });
+                    h.add_function(def.clone());
+                    if f.build.is_some() {
+                        h.hold_function(id);
+                    }
                 }
             }
             let _ = reply.send(Ok(id));

@@ -6,7 +6,10 @@
 //!   batching, stopping every process).
 //! - `schedule.rs`: starting tasks (workers, shell commands, pipelining).
 //! - `outcome.rs`: worker frames, process exits and each task's outcome.
+//! - `envs.rs`: worker environments (function containers): warm workers per container, idle
+//!   timeouts, start counts and the report of them to the interchange.
 
+mod envs;
 mod outcome;
 mod schedule;
 
@@ -47,10 +50,14 @@ pub struct PoolConfig {
     pub max_frame_bytes: usize,
     /// When to ask the interchange to drain this manager (before the batch job's walltime).
     pub drain_at: Option<Instant>,
+    /// The manager's run directory (bound into containers).
+    pub run_dir: PathBuf,
     /// Placement of each worker slot (`slots` entries).
     pub placement: Vec<fnx_sys::placement::SlotPlan>,
     /// The container workers and shell tasks start in.
     pub container: Option<crate::procs::Wrap>,
+    /// Idle workers of a function's container exit after this long.
+    pub container_idle: Duration,
 }
 
 /// Why the pool stopped.
@@ -81,6 +88,8 @@ pub mod tag {
 struct Func {
     body: FunctionBody,
     shell: Option<ShellTemplate>,
+    /// Its worker environment (`""`: the pool's own workers).
+    env: String,
 }
 
 struct Running {
@@ -127,6 +136,12 @@ struct Proc {
     log: Option<PathBuf>,
     /// The worker slot whose placement (CPUs, accelerators, environment) it started with.
     slot: usize,
+    /// A Python worker's environment (`""`: the pool's own).
+    env: String,
+    /// Since when a Python worker has had no task.
+    idle_since: Option<Instant>,
+    /// When it was told to exit (idle too long, or its slot is needed by another environment).
+    retiring: Option<Instant>,
 }
 
 struct Pipelined {
@@ -147,6 +162,9 @@ impl Proc {
             exit: None,
             log,
             slot,
+            env: String::new(),
+            idle_since: None,
+            retiring: None,
         }
     }
 
@@ -185,7 +203,17 @@ pub struct Pool<'a> {
     queue: VecDeque<TaskSpec>,
     procs: HashMap<u32, Proc>,
     serial: u64,
-    startup_failures: u32,
+    /// Start-up failures in a row, per environment.
+    startup_failures: HashMap<String, u32>,
+    /// Worker environments: how each one's workers start (`Err`: why they cannot here).
+    envs: HashMap<String, Result<Option<crate::procs::Wrap>, String>>,
+    /// Python workers started per environment.
+    starts: HashMap<String, u64>,
+    /// The last worker report sent to the interchange.
+    warm_sent: Vec<fnx_protocol::WarmWorkers>,
+    /// The queue's oldest task and how many younger tasks idle workers of other environments
+    /// ran before it.
+    head_bypass: (Option<TaskId>, u32),
     batch: Vec<TaskResult>,
     batch_bytes: usize,
     batch_since: Option<Instant>,
@@ -216,7 +244,11 @@ impl<'a> Pool<'a> {
             queue: VecDeque::new(),
             procs: HashMap::new(),
             serial: 0,
-            startup_failures: 0,
+            startup_failures: HashMap::new(),
+            envs: HashMap::new(),
+            starts: HashMap::new(),
+            warm_sent: Vec::new(),
+            head_bypass: (None, 0),
             batch: Vec::new(),
             batch_bytes: 0,
             batch_since: None,
@@ -310,6 +342,8 @@ impl<'a> Pool<'a> {
             self.send(&ManagerToInterchange::Drain);
         }
         self.schedule();
+        self.retire_idle(now);
+        self.report_warm();
         self.flush(false);
     }
 
@@ -369,11 +403,13 @@ impl<'a> Pool<'a> {
                         FunctionBody::Shell { template } => shell::parse(template).ok(),
                         _ => None,
                     };
+                    let env = self.add_env(&def);
                     self.functions.insert(
                         def.id,
                         Func {
                             body: def.body,
                             shell,
+                            env,
                         },
                     );
                 }

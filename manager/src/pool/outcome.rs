@@ -54,7 +54,7 @@ impl Pool<'_> {
         match header.op.as_str() {
             "ready" => {
                 worker.ready = true;
-                self.startup_failures = 0;
+                self.startup_failures.remove(&proc.env);
                 // Start later workers with the resolved interpreter (skips wrappers such as
                 // pyenv shims, which cost more than Python's own start-up).
                 if let Some(exe) = header
@@ -171,8 +171,8 @@ impl Pool<'_> {
         }
         let Some(r) = proc.task.take() else {
             if let Kind::Python(w) = &proc.kind {
-                if !w.ready {
-                    self.startup_failures += 1;
+                if !w.ready && proc.retiring.is_none() {
+                    *self.startup_failures.entry(proc.env.clone()).or_default() += 1;
                     tracing::error!(
                         "worker {pid} exited during start-up ({}); see {}",
                         describe_wait_status(status),

@@ -1,5 +1,6 @@
-//! Starting tasks: idle workers first, new workers up to the slots, shell commands, and
-//! pipelining one small task behind each running one.
+//! Starting tasks: idle workers of the task's environment first, new workers up to the slots
+//! (stopping idle workers of other environments to make room), shell commands, and pipelining
+//! one small task behind each running one.
 
 use super::*;
 use crate::procs::Start;
@@ -40,7 +41,7 @@ impl Pool<'_> {
     pub(super) fn schedule(&mut self) {
         while let Some(spec) = self.queue.front() {
             if self.busy() >= self.cfg.slots {
-                return;
+                break;
             }
             let Some(func) = self.functions.get(&spec.function) else {
                 let spec = self.queue.pop_front().expect("front exists");
@@ -52,8 +53,15 @@ impl Pool<'_> {
                 self.push_result(spec.id, spec.attempt, Outcome::Err(e));
                 continue;
             };
+            if let Err(why) = self.env_wrap(&func.env) {
+                let spec = self.queue.pop_front().expect("front exists");
+                let e = TaskError::new(ErrorKind::ImportError, "ContainerUnavailable", why);
+                self.push_result(spec.id, spec.attempt, Outcome::Err(e));
+                continue;
+            }
             if func.body.is_python() {
                 if !self.start_python_task() {
+                    self.run_out_of_order();
                     break;
                 }
             } else {
@@ -61,6 +69,42 @@ impl Pool<'_> {
             }
         }
         self.pipeline();
+    }
+
+    /// The oldest task waits for a worker of its environment: idle workers of other
+    /// environments take the oldest queued task of their own meanwhile, at most
+    /// [`envs::BYPASS_LIMIT`] times per oldest task.
+    fn run_out_of_order(&mut self) {
+        let Some(head) = self.queue.front().map(|t| t.id) else {
+            return;
+        };
+        if self.head_bypass.0 != Some(head) {
+            self.head_bypass = (Some(head), 0);
+        }
+        while self.busy() < self.cfg.slots && self.head_bypass.1 < envs::BYPASS_LIMIT {
+            let idle: Vec<(u32, String)> = self
+                .procs
+                .iter()
+                .filter(|(_, p)| Self::is_idle_worker(p))
+                .map(|(&pid, p)| (pid, p.env.clone()))
+                .collect();
+            let found = idle.into_iter().find_map(|(pid, env)| {
+                self.queue
+                    .iter()
+                    .position(|t| {
+                        self.functions
+                            .get(&t.function)
+                            .is_some_and(|f| f.body.is_python() && f.env == env)
+                    })
+                    .map(|i| (pid, i))
+            });
+            let Some((pid, i)) = found else {
+                return;
+            };
+            let spec = self.queue.remove(i).expect("found above");
+            self.run_on(pid, spec);
+            self.head_bypass.1 += 1;
+        }
     }
 
     /// Every Python worker is busy and tasks wait: write one small task behind each running
@@ -100,6 +144,7 @@ impl Pool<'_> {
                 || !spec.files.is_empty()
                 || spec.args.data.len() > PIPELINE_MAX_ARGS
                 || !worker.knows(spec.function)
+                || proc.env != func.env
             {
                 return;
             }
@@ -115,28 +160,36 @@ impl Pool<'_> {
         }
     }
 
-    /// Hand the queue's head to an idle worker; `false` if none is ready (one may be starting).
+    /// Hand the queue's head to an idle worker of its environment; `false` if none is ready
+    /// (workers are started or stopped for it).
     pub(super) fn start_python_task(&mut self) -> bool {
-        let idle = self.procs.iter().find_map(|(&pid, p)| match &p.kind {
-            Kind::Python(w) if w.ready && p.task.is_none() && !w.eof() && p.exit.is_none() => {
-                Some(pid)
-            }
-            _ => None,
-        });
+        let env = self
+            .queue
+            .front()
+            .and_then(|t| self.functions.get(&t.function));
+        let env = env.map(|f| f.env.as_str()).unwrap_or("");
+        let idle = self
+            .procs
+            .iter()
+            .find(|(_, p)| Self::is_idle_worker(p) && p.env == env)
+            .map(|(&pid, _)| pid);
         let Some(pid) = idle else {
             self.spawn_workers_for_queue();
             return false;
         };
         let spec = self.queue.pop_front().expect("front exists");
+        self.run_on(pid, spec);
+        true
+    }
+
+    /// Run `spec` on the idle Python worker `pid`.
+    fn run_on(&mut self, pid: u32, spec: TaskSpec) {
         let sandbox = match Sandbox::prepare(&self.cfg.log_dir.join("tasks"), &spec) {
             Ok(s) => s,
-            Err(e) => {
-                self.push_result(spec.id, spec.attempt, Outcome::Err(e));
-                return true;
-            }
+            Err(e) => return self.push_result(spec.id, spec.attempt, Outcome::Err(e)),
         };
         let body = &self.functions[&spec.function].body;
-        let proc = self.procs.get_mut(&pid).expect("found above");
+        let proc = self.procs.get_mut(&pid).expect("an idle worker");
         let Kind::Python(worker) = &mut proc.kind else {
             unreachable!("found as python")
         };
@@ -145,89 +198,138 @@ impl Pool<'_> {
             sandbox,
             ..Running::start(&spec)
         });
+        proc.idle_since = None;
         if let Err(e) = worker.send_task(&spec, body, cwd.as_deref()) {
             tracing::warn!("cannot send a task to worker {pid}: {e}");
             // The worker is gone or broken; its exit is reported as worker_lost.
             let _ = kill_group(pid, libc::SIGKILL);
         }
-        true
     }
 
+    /// Start workers for the queued Python tasks that could run now (one per free slot, in
+    /// queue order) and that no idle or starting worker of their environment will take. With
+    /// every slot holding a worker, room is made by stopping idle workers of other
+    /// environments (see [`Pool::make_room`]).
     pub(super) fn spawn_workers_for_queue(&mut self) {
-        let python_procs: Vec<&Proc> = self
-            .procs
-            .values()
-            .filter(|p| matches!(p.kind, Kind::Python(_)))
-            .collect();
-        let starting = python_procs
-            .iter()
-            .filter(|p| matches!(&p.kind, Kind::Python(w) if !w.ready))
-            .count();
-        let total = python_procs.len();
-        let waiting = self
-            .queue
-            .iter()
-            .filter(|t| {
-                self.functions
-                    .get(&t.function)
-                    .is_some_and(|f| f.body.is_python())
-            })
-            .count();
-        let free_slots = self.cfg.slots.saturating_sub(self.busy());
-        let want = waiting.min(free_slots).saturating_sub(starting);
-        let room = self.cfg.slots.saturating_sub(total);
-        if self.startup_failures >= 3 {
-            self.fail_python_queue();
-            return;
+        let mut available: HashMap<&str, usize> = HashMap::new();
+        let (mut live, mut stopping) = (0usize, 0usize);
+        for p in self.procs.values() {
+            if !matches!(p.kind, Kind::Python(_)) {
+                continue;
+            }
+            live += 1;
+            if p.retiring.is_some() {
+                stopping += 1;
+            } else if p.task.is_none() && p.exit.is_none() {
+                *available.entry(p.env.as_str()).or_default() += 1;
+            }
         }
-        for _ in 0..want.min(room) {
-            self.serial += 1;
-            let log = self.cfg.log_dir.join(format!("worker-{}.log", self.serial));
-            let slot = self.pick_slot(true);
-            let placement = self.slot_plan(slot);
-            let start = Start {
-                markers: &self.cfg.markers,
-                slot: &placement,
-                container: self.cfg.container.as_ref(),
+        let mut budget = self.cfg.slots.saturating_sub(self.busy());
+        let mut need: Vec<String> = Vec::new();
+        for t in &self.queue {
+            if budget == 0 {
+                break;
+            }
+            let Some(f) = self.functions.get(&t.function) else {
+                continue;
             };
-            match PythonWorker::spawn(
-                &self.cfg.python,
-                &self.cfg.worker_script,
-                &log,
-                &start,
-                self.serial,
-                self.cfg.max_result_bytes,
-            ) {
-                Ok(w) => {
-                    let pid = w.pid;
-                    self.procs
-                        .insert(pid, Proc::new(Kind::Python(w), None, Some(log), slot));
-                }
-                Err(e) => {
-                    tracing::error!("cannot start a Python worker: {e}");
-                    self.startup_failures = 3;
-                    self.fail_python_queue_with(format!("cannot start a Python worker: {e}"));
+            if !f.body.is_python() || self.envs.get(&f.env).is_some_and(Result::is_err) {
+                continue;
+            }
+            budget -= 1;
+            match available.get_mut(f.env.as_str()) {
+                Some(n) if *n > 0 => *n -= 1,
+                _ => need.push(f.env.clone()),
+            }
+        }
+        let mut room = self.cfg.slots.saturating_sub(live);
+        for env in need {
+            if self.startup_failures.get(&env).copied().unwrap_or(0) >= 3 {
+                self.fail_python_queue(&env);
+                continue;
+            }
+            if room == 0 {
+                if stopping > 0 {
+                    stopping -= 1; // its slot frees up when it has exited
+                } else if !self.make_room(&env) {
                     return;
                 }
+                continue;
+            }
+            room -= 1;
+            if !self.spawn_worker(&env) {
+                return;
             }
         }
     }
 
-    pub(super) fn fail_python_queue(&mut self) {
+    /// Start one Python worker of `env`; false if it could not be started (its environment's
+    /// queued tasks then fail with the reason).
+    fn spawn_worker(&mut self, env: &str) -> bool {
+        self.serial += 1;
         let log = self.cfg.log_dir.join(format!("worker-{}.log", self.serial));
-        self.fail_python_queue_with(format!(
-            "Python workers fail to start; see {}",
-            log.display()
-        ));
+        let slot = self.pick_slot(true);
+        let placement = self.slot_plan(slot);
+        let wrap = self.env_wrap(env).ok().flatten().cloned();
+        let start = Start {
+            markers: &self.cfg.markers,
+            slot: &placement,
+            container: wrap.as_ref(),
+        };
+        match PythonWorker::spawn(
+            &self.cfg.python,
+            &self.cfg.worker_script,
+            &log,
+            &start,
+            self.serial,
+            self.cfg.max_result_bytes,
+        ) {
+            Ok(w) => {
+                let pid = w.pid;
+                let mut proc = Proc::new(Kind::Python(w), None, Some(log), slot);
+                proc.env = env.to_string();
+                self.procs.insert(pid, proc);
+                self.count_start(env);
+                true
+            }
+            Err(e) => {
+                let what = match &wrap {
+                    Some(w) if env.is_empty() => format!(
+                        "cannot start a Python worker in the pool's container ({} {}): {e}",
+                        w.container.runtime.name(),
+                        w.container.image
+                    ),
+                    Some(w) => format!(
+                        "cannot start a Python worker in container {} ({} {}): {e}",
+                        env,
+                        w.container.runtime.name(),
+                        w.container.image
+                    ),
+                    None => format!("cannot start a Python worker: {e}"),
+                };
+                tracing::error!("{what}");
+                self.fail_python_queue_with(env, what);
+                false
+            }
+        }
     }
 
-    pub(super) fn fail_python_queue_with(&mut self, message: String) {
-        self.startup_failures = 0;
+    pub(super) fn fail_python_queue(&mut self, env: &str) {
+        let log = self.cfg.log_dir.join(format!("worker-{}.log", self.serial));
+        self.fail_python_queue_with(
+            env,
+            format!("Python workers fail to start; see {}", log.display()),
+        );
+    }
+
+    /// Fail the queued Python tasks of environment `env` with `message`.
+    pub(super) fn fail_python_queue_with(&mut self, env: &str, message: String) {
+        self.startup_failures.remove(env);
         let (python, rest): (Vec<TaskSpec>, Vec<TaskSpec>) =
             std::mem::take(&mut self.queue).into_iter().partition(|t| {
                 self.functions
                     .get(&t.function)
-                    .is_some_and(|f| f.body.is_python())
+                    .is_some_and(|f| f.body.is_python() && f.env == env)
             });
         self.queue = rest.into();
         for spec in python {
@@ -253,6 +355,7 @@ impl Pool<'_> {
         let slot = self.pick_slot(false);
         let placement = self.slot_plan(slot);
         let func = &self.functions[&spec.function];
+        let wrap = self.env_wrap(&func.env).ok().flatten().cloned();
         let outcome = match &func.shell {
             None => Err(TaskError::new(
                 ErrorKind::BadInput,
@@ -264,7 +367,7 @@ impl Pool<'_> {
                 let start = Start {
                     markers: &self.cfg.markers,
                     slot: &placement,
-                    container: self.cfg.container.as_ref(),
+                    container: wrap.as_ref(),
                 };
                 ShellProc::spawn(
                     &t.script,

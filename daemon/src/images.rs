@@ -1,0 +1,177 @@
+//! Functions' containers: the `container` and `dependencies` fields of a registration, and
+//! holding a function's tasks in every pool until the image built from its dependencies is
+//! ready (or failing them with the build's error).
+
+use crate::builds::{BuildInfo, BuildState, Builds};
+use fnx_interchange::driver::Handle;
+use fnx_protocol::{ErrorKind, FunctionContainer, FunctionId, Runtime, TaskError};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+/// Parse a registration's `container` object: `{"image": "...", "runtime": "apptainer"}`
+/// (runtime optional: the pool's).
+pub fn parse_container(v: &Value) -> Result<FunctionContainer, String> {
+    let Value::Object(m) = v else {
+        return Err("container: must be an object with \"image\" (and \"runtime\")".into());
+    };
+    if let Some(k) = m
+        .keys()
+        .find(|k| !["image", "runtime"].contains(&k.as_str()))
+    {
+        return Err(format!(
+            "container.{k}: unknown field (known: image, runtime)"
+        ));
+    }
+    let image = match m.get("image") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
+        _ => {
+            return Err(
+                "container.image: required (a .sif path, a registry reference, ...); to build \
+                 an image from packages, give dependencies instead"
+                    .into(),
+            )
+        }
+    };
+    let runtime = match m.get("runtime") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(r)) => Some(Runtime::parse(r).ok_or_else(|| {
+            format!(
+                "container.runtime: {r:?} is not apptainer, singularity, docker, podman, \
+                 shifter or custom"
+            )
+        })?),
+        Some(_) => return Err("container.runtime: must be a string".into()),
+    };
+    Ok(FunctionContainer { runtime, image })
+}
+
+/// The stored form of a function container.
+pub fn container_json(c: &FunctionContainer) -> Value {
+    json!({"image": c.image, "runtime": c.runtime.map(Runtime::name)})
+}
+
+/// The container of a stored function record. A record this fnx cannot read (a container or
+/// dependencies stored by an older version) gives a container without an image, so its tasks
+/// fail naming the problem instead of running outside the container.
+pub fn container_of(spec: &Value) -> Option<FunctionContainer> {
+    let unusable = FunctionContainer {
+        runtime: None,
+        image: String::new(),
+    };
+    match spec.get("container").filter(|c| !c.is_null()) {
+        Some(c) => Some(parse_container(c).unwrap_or(unusable)),
+        None if spec.get("dependencies").is_some_and(|d| !d.is_null()) => Some(unusable),
+        None => None,
+    }
+}
+
+/// The build key of a stored function record whose image is built from its dependencies.
+pub fn build_of(spec: &Value) -> Option<String> {
+    spec.get("build")?.get("key")?.as_str().map(str::to_string)
+}
+
+/// The runtime that runs images made by `builds`' command (`apptainer build` makes SIF files
+/// for Apptainer, `singularity build` for Singularity); `None`: the pool's.
+pub fn runtime_of_builds(command: &[String]) -> Option<Runtime> {
+    let program = command.first()?;
+    let name = std::path::Path::new(program).file_name()?.to_str()?;
+    match name {
+        "apptainer" => Some(Runtime::Apptainer),
+        "singularity" => Some(Runtime::Singularity),
+        _ => None,
+    }
+}
+
+/// A build's state as the API shows it.
+pub fn build_json(info: &BuildInfo) -> Value {
+    let mut m = Map::new();
+    m.insert("key".into(), json!(info.key));
+    m.insert(
+        "state".into(),
+        serde_json::to_value(&info.state).unwrap_or(Value::Null),
+    );
+    m.insert("image".into(), json!(info.image));
+    m.insert("definition".into(), json!(info.definition));
+    m.insert("log".into(), json!(info.log));
+    m.insert("error".into(), json!(info.error));
+    m.insert("started".into(), json!(info.started));
+    m.insert("finished".into(), json!(info.finished));
+    Value::Object(m)
+}
+
+/// The error of tasks whose function's image failed to build.
+pub fn build_error(id: FunctionId, info: &BuildInfo) -> TaskError {
+    TaskError::new(
+        ErrorKind::ImportError,
+        "ImageBuildFailed",
+        format!(
+            "the container image of {id} could not be built: {}; build log: {}",
+            info.error.as_deref().unwrap_or("unknown error"),
+            info.log.display()
+        ),
+    )
+}
+
+/// Hold the tasks of function `id` in every pool until the build `key` ends (see
+/// [`release_when_built`]).
+pub fn hold_until_built(builds: &Builds, key: &str, id: FunctionId, pools: Vec<Arc<Handle>>) {
+    for h in &pools {
+        h.hold_function(id);
+    }
+    release_when_built(builds, key, id, pools);
+}
+
+/// When the build `key` ends, release the held tasks of function `id` in every pool, or fail
+/// them with the build's error. Race-free: [`Builds::watch`] calls back at once if the build
+/// has already ended.
+pub fn release_when_built(builds: &Builds, key: &str, id: FunctionId, pools: Vec<Arc<Handle>>) {
+    builds.watch(
+        key,
+        Box::new(move |info: &BuildInfo| match info.state {
+            BuildState::Ready => {
+                tracing::info!("the image of {id} is ready: its tasks may run");
+                for h in &pools {
+                    h.release_function(id);
+                }
+            }
+            _ => {
+                let e = build_error(id, info);
+                tracing::warn!("{}", e.message);
+                for h in &pools {
+                    h.fail_function(id, e.clone());
+                }
+            }
+        }),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containers_parse_strictly() {
+        let c = parse_container(&json!({"image": " /soft/a.sif "})).unwrap();
+        assert_eq!((c.image.as_str(), c.runtime), ("/soft/a.sif", None));
+        let c = parse_container(&json!({"image": "x", "runtime": "docker"})).unwrap();
+        assert_eq!(c.runtime, Some(Runtime::Docker));
+        assert_eq!(
+            container_of(&json!({"container": container_json(&c)})),
+            Some(c)
+        );
+        for (bad, why) in [
+            (json!("img"), "must be an object"),
+            (json!({}), "container.image: required"),
+            (json!({"image": "x", "runtime": "lxc"}), "\"lxc\" is not"),
+            (json!({"image": "x", "tag": 1}), "container.tag: unknown"),
+        ] {
+            let e = parse_container(&bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert_eq!(
+            runtime_of_builds(&["/usr/bin/apptainer".into(), "build".into()]),
+            Some(Runtime::Apptainer)
+        );
+        assert_eq!(runtime_of_builds(&["sh".into()]), None);
+    }
+}

@@ -1,0 +1,121 @@
+//! Dispatch: queued tasks to managers in batches, and reclaiming prefetched tasks for idle
+//! workers.
+
+use super::*;
+use fnx_protocol::TaskSpec;
+
+impl Interchange {
+    /// Hand queued tasks to managers with free capacity, in batches, round-robin; each manager
+    /// gets tasks of the worker environments it has warm first ([`crate::routing`]).
+    ///
+    /// Each visit gives a manager at most an even share of the queue (`queued / ready
+    /// managers`, rounded up), so a short queue is spread over all managers instead of filling
+    /// the first one's prefetch. Tasks go beyond a manager's slots (prefetch) only while there
+    /// are more queued tasks than idle slots. When the queue is empty while workers idle and
+    /// another manager holds prefetched tasks, that manager is asked to give some back
+    /// ([`InterchangeToManager::Reclaim`]).
+    pub fn dispatch(&mut self, comm: &mut impl Comm) {
+        let mut share = 0;
+        let mut visits_left = 0;
+        let mut prefetch = true;
+        while self.queued > 0 {
+            if visits_left == 0 {
+                // A new round: recompute the even share over the managers that can take work.
+                visits_left = self.ready.len().max(1);
+                share = self.queued.div_ceil(visits_left);
+                let idle: usize = self
+                    .ready
+                    .iter()
+                    .filter_map(|id| self.managers.get(id))
+                    .map(ManagerRec::idle_slots)
+                    .sum();
+                prefetch = self.queued > idle;
+            }
+            visits_left -= 1;
+            let Some(mid) = self.ready.pop_front() else {
+                return;
+            };
+            let Some(m) = self.managers.get_mut(&mid) else {
+                continue;
+            };
+            m.in_ready = false;
+            let free = m.capacity.saturating_sub(m.inflight.len());
+            if free == 0 || m.draining {
+                continue;
+            }
+            let mut limit = free.min(self.config.max_batch_tasks).min(share);
+            if !prefetch {
+                limit = limit.min(m.idle_slots());
+            }
+            let mut tasks = Vec::with_capacity(limit.min(self.queued));
+            let mut functions = Vec::new();
+            let mut bytes = 0usize;
+            while tasks.len() < limit && self.queued > 0 {
+                if !tasks.is_empty() && bytes >= self.config.max_batch_bytes {
+                    break;
+                }
+                let Some((_, id)) = self.queues.pop_for(|env| m.is_warm(env)) else {
+                    break;
+                };
+                let Some(rec) = self.tasks.get_mut(&id) else {
+                    continue;
+                }; // cancelled while queued
+                if rec.state != TaskState::Queued {
+                    continue;
+                }
+                self.queued -= 1;
+                rec.attempt = rec.attempt.next();
+                rec.state = TaskState::Running(mid);
+                if m.functions_sent.insert(rec.function) {
+                    if let Some(def) = self.functions.get(&rec.function) {
+                        functions.push(def.clone());
+                    }
+                }
+                bytes += rec.args.data.len();
+                m.hold(id, rec.env);
+                tasks.push(TaskSpec {
+                    id,
+                    attempt: rec.attempt,
+                    function: rec.function,
+                    args: rec.args.clone(),
+                    walltime_ms: rec.walltime_ms,
+                    files: rec.files.to_vec(),
+                });
+            }
+            if tasks.is_empty() {
+                continue;
+            }
+            m.idle_since = None;
+            if m.inflight.len() < m.capacity {
+                m.in_ready = true;
+                self.ready.push_back(mid);
+            }
+            comm.dispatched(mid, &tasks);
+            comm.send(&m.peer, &InterchangeToManager::Tasks { functions, tasks });
+        }
+        self.maybe_reclaim(comm);
+    }
+
+    /// Nothing queued, some worker idle, and some manager holds tasks beyond its slots: ask the
+    /// manager with the most to give back as many as there are idle slots (one request at a time
+    /// per manager).
+    fn maybe_reclaim(&mut self, comm: &mut impl Comm) {
+        if self.queued > 0 {
+            return;
+        }
+        let idle: usize = self.managers.values().map(ManagerRec::idle_slots).sum();
+        if idle == 0 {
+            return;
+        }
+        let donor = self
+            .managers
+            .iter_mut()
+            .filter(|(_, m)| !m.draining && !m.reclaim_pending && m.excess() > 0)
+            .max_by_key(|(_, m)| m.excess());
+        if let Some((_, m)) = donor {
+            m.reclaim_pending = true;
+            let max = m.excess().min(idle) as u32;
+            comm.send(&m.peer, &InterchangeToManager::Reclaim { max });
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Worker environments: a function may name a container, and the Python workers started in
+//! one container serve every function that names it. Workers of an environment stay warm
+//! while they have work; an idle worker of a function's container exits after
+//! `container_idle`, or at once when its slot is needed for another environment and no task of
+//! its own waits. The interchange is told the workers per environment whenever they change,
+//! so it can route tasks to the managers that have their container warm.
+
+use super::*;
+use crate::procs::Wrap;
+use fnx_protocol::{FunctionDef, WarmWorkers};
+use std::collections::BTreeMap;
+
+/// How many younger tasks idle workers of other environments may run before the queue's
+/// oldest task, waiting for a worker of its own environment, gets one by stopping an idle
+/// worker.
+pub(super) const BYPASS_LIMIT: u32 = 32;
+
+impl Pool<'_> {
+    /// Learn the environment of `def` and how its workers start; returns its name.
+    pub(super) fn add_env(&mut self, def: &FunctionDef) -> String {
+        let env = def.env();
+        if !self.envs.contains_key(&env) {
+            let wrap = match &def.container {
+                None => Ok(self.default_wrap().cloned()),
+                Some(fc) => {
+                    let pool = self.cfg.container.as_ref().map(|w| &w.container);
+                    fc.resolve(pool).map(|container| {
+                        Some(Wrap {
+                            container,
+                            rundir: self.cfg.run_dir.clone(),
+                        })
+                    })
+                }
+            };
+            match &wrap {
+                Err(e) => tracing::error!("tasks of {} cannot run on this node: {e}", def.id),
+                Ok(Some(w)) if def.container.is_some() => tracing::info!(
+                    "{} runs in container {env} ({} {})",
+                    def.id,
+                    w.container.runtime.name(),
+                    w.container.image
+                ),
+                Ok(_) => {}
+            }
+            self.envs.insert(env.clone(), wrap);
+        }
+        env
+    }
+
+    /// How processes of `env` start (`Ok(None)`: on the host), or why they cannot here.
+    pub(super) fn env_wrap(&self, env: &str) -> Result<Option<&Wrap>, String> {
+        match self.envs.get(env) {
+            Some(Ok(w)) => Ok(w.as_ref()),
+            Some(Err(e)) => Err(e.clone()),
+            None => Ok(self.default_wrap()),
+        }
+    }
+
+    /// The container of functions that name none: the pool's, if it is for all.
+    fn default_wrap(&self) -> Option<&Wrap> {
+        self.cfg
+            .container
+            .as_ref()
+            .filter(|w| w.container.is_for_all())
+    }
+
+    /// Whether worker `p` can take a task now.
+    pub(super) fn is_idle_worker(p: &Proc) -> bool {
+        matches!(&p.kind, Kind::Python(w) if w.ready && !w.eof())
+            && p.task.is_none()
+            && p.next.is_none()
+            && p.exit.is_none()
+            && p.retiring.is_none()
+    }
+
+    /// Stop idle workers of function containers that have had no task for `container_idle`;
+    /// kill stopping workers that outlive the kill grace.
+    pub(super) fn retire_idle(&mut self, now: Instant) {
+        let (limit, grace) = (self.cfg.container_idle, self.cfg.kill_grace);
+        let mut retire = Vec::new();
+        for (&pid, p) in self.procs.iter_mut() {
+            if let Some(at) = p.retiring {
+                if now.saturating_duration_since(at) > grace && p.exit.is_none() {
+                    let _ = kill_group(pid, libc::SIGKILL);
+                }
+                continue;
+            }
+            if !Self::is_idle_worker(p) {
+                p.idle_since = None;
+                continue;
+            }
+            let since = *p.idle_since.get_or_insert(now);
+            if !p.env.is_empty() && now.saturating_duration_since(since) >= limit {
+                retire.push(pid);
+            }
+        }
+        for pid in retire {
+            self.retire(pid, "idle past container_idle");
+        }
+    }
+
+    /// Tell worker `pid` to exit.
+    pub(super) fn retire(&mut self, pid: u32, why: &str) {
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        if let Kind::Python(w) = &mut p.kind {
+            tracing::info!("stopping worker {pid} of environment {:?}: {why}", p.env);
+            w.send_exit();
+            p.retiring = Some(Instant::now());
+        }
+    }
+
+    /// Make room for a worker of `env`: stop an idle worker whose environment has no queued
+    /// task, or (when `env` is the oldest task's and it was passed over `BYPASS_LIMIT` times)
+    /// the idle worker that waited longest. False if there is none.
+    pub(super) fn make_room(&mut self, env: &str) -> bool {
+        let queued_envs: std::collections::HashSet<&str> = self
+            .queue
+            .iter()
+            .filter_map(|t| self.functions.get(&t.function))
+            .map(|f| f.env.as_str())
+            .collect();
+        let head_env = self
+            .queue
+            .front()
+            .and_then(|t| self.functions.get(&t.function))
+            .map(|f| f.env.as_str());
+        let starved = head_env == Some(env) && self.head_bypass.1 >= BYPASS_LIMIT;
+        let victim = self
+            .procs
+            .iter()
+            .filter(|(_, p)| Self::is_idle_worker(p) && p.env != env)
+            .filter(|(_, p)| starved || !queued_envs.contains(p.env.as_str()))
+            .min_by_key(|(_, p)| p.idle_since)
+            .map(|(&pid, _)| pid);
+        match victim {
+            Some(pid) => {
+                self.retire(pid, &format!("its slot is needed for {env:?}"));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Count a start of a worker of `env`.
+    pub(super) fn count_start(&mut self, env: &str) {
+        let n = self.starts.entry(env.to_string()).or_default();
+        *n += 1;
+        if !env.is_empty() {
+            tracing::info!("starting a worker in container {env} (start {n} of it here)");
+        }
+    }
+
+    /// Send the workers per environment to the interchange if they changed.
+    pub(super) fn report_warm(&mut self) {
+        let mut workers: BTreeMap<&str, u32> = BTreeMap::new();
+        for p in self.procs.values() {
+            if matches!(p.kind, Kind::Python(_)) && p.retiring.is_none() && p.exit.is_none() {
+                *workers.entry(p.env.as_str()).or_default() += 1;
+            }
+        }
+        let changed = self.warm_sent.len() != self.starts.len()
+            || self.warm_sent.iter().any(|w| {
+                workers.get(w.env.as_str()).copied().unwrap_or(0) != w.workers
+                    || self.starts.get(&w.env).copied().unwrap_or(0) != w.starts
+            });
+        if !changed {
+            return;
+        }
+        let mut report: Vec<WarmWorkers> = self
+            .starts
+            .iter()
+            .map(|(env, &starts)| WarmWorkers {
+                env: env.clone(),
+                workers: workers.get(env.as_str()).copied().unwrap_or(0),
+                starts,
+            })
+            .collect();
+        report.sort_by(|a, b| a.env.cmp(&b.env));
+        self.send(&ManagerToInterchange::Warm(report.clone()));
+        self.warm_sent = report;
+    }
+}
