@@ -582,6 +582,11 @@ pub fn run(
         base: cfg.builds.base_image.clone(),
         timeout: cfg.builds.timeout,
     });
+    let building: HashMap<_, _> = loaded
+        .functions
+        .iter()
+        .filter_map(|(def, build)| Some((def.id, build.clone()?)))
+        .collect();
     let counts = recover(loaded, &pools, &names, &wtx, &builds);
     let (seq_tx, _) = tokio::sync::watch::channel(0u64);
     let shared = Arc::new(Shared {
@@ -656,6 +661,9 @@ pub fn run(
         path.clone(),
         builds,
     ));
+    if let Ok(mut b) = app.building.lock() {
+        *b = building;
+    }
     tracing::info!(
         "fnx daemon ready in {:.2} s: API on http://{}, store {}",
         started.elapsed().as_secs_f64(),

@@ -279,6 +279,9 @@ def test_tasks_submitted_during_the_build_wait_and_then_run_in_the_image(make_da
     assert function(d, fid)["build"]["state"] == "building"
     wait_for(lambda: held(d) == 4, 10, lambda: f"4 held tasks: {d.status()['pools']}")
     assert all(t["state"] == "queued" for t in d.statuses(tids)), d.statuses(tids)
+    # Each says why it waits, naming the build's log.
+    why = d.task(tids[0]).get("waiting") or ""
+    assert "image is being built" in why and body["build"]["log"] in why, d.task(tids[0])
     assert not exec_calls(log) and not Path(image).exists(), calls(log)
     gate.open()
     assert_ran_in(d, tids, image, log)
@@ -289,6 +292,7 @@ def test_tasks_submitted_during_the_build_wait_and_then_run_in_the_image(make_da
         assert c["time"] >= build["finished"] - 0.05, (c, build)
     assert held(d) == 0
     assert len(build_calls(log)) == 1
+    assert "waiting" not in d.task(tids[0])
 
 
 def test_concurrent_registrations_of_the_same_dependencies_share_one_build(make_daemon,

@@ -263,6 +263,9 @@ pub(super) async fn register(
         // The store writer added the function to every pool as held.
         let pools: Vec<_> = app.pools.iter().map(|p| p.handle.clone()).collect();
         images::release_when_built(&app.builds, key, id, pools.clone());
+        if let Ok(mut b) = app.building.lock() {
+            b.insert(id, key.clone());
+        }
         if app
             .builds
             .info(key)
@@ -273,6 +276,9 @@ pub(super) async fn register(
             for r in app.reader.functions(None)? {
                 if r.id != id && images::build_of(&r.spec).as_deref() == Some(key.as_str()) {
                     images::hold_until_built(&app.builds, key, r.id, pools.clone());
+                    if let Ok(mut b) = app.building.lock() {
+                        b.insert(r.id, key.clone());
+                    }
                 }
             }
         }

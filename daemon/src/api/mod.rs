@@ -58,6 +58,8 @@ pub struct App {
     pub accepting: AtomicBool,
     /// Container images built from functions' dependencies.
     pub builds: crate::builds::Builds,
+    /// Functions whose tasks may wait for an image build, with the build's key.
+    pub building: Mutex<HashMap<fnx_protocol::FunctionId, String>>,
     tokens: RwLock<HashMap<String, Caller>>,
 }
 
@@ -85,6 +87,7 @@ impl App {
             store_path,
             accepting: AtomicBool::new(true),
             builds,
+            building: Mutex::new(HashMap::new()),
             tokens: RwLock::new(HashMap::new()),
         }
     }
@@ -104,9 +107,26 @@ impl App {
         self.pools.iter().find(|p| p.name == name)
     }
 
-    /// Why tasks of `pool` wait: the pool is marked failed (its blocks never connect).
-    fn waiting(&self, pool: &str) -> Option<String> {
-        self.pool(pool)?.report.lock().ok()?.failed.clone()
+    /// Why a queued task of `function` in `pool` waits: the pool is marked failed (its blocks
+    /// never connect), or the function's container image is being built.
+    fn waiting(&self, pool: &str, function: fnx_protocol::FunctionId) -> Option<String> {
+        let failed = self
+            .pool(pool)
+            .and_then(|p| p.report.lock().ok()?.failed.clone());
+        failed.or_else(|| {
+            let mut building = self.building.lock().ok()?;
+            let key = building.get(&function)?.clone();
+            match self.builds.info(&key) {
+                Some(i) if i.state == crate::builds::BuildState::Building => Some(format!(
+                    "its function's container image is being built (log: {})",
+                    i.log.display()
+                )),
+                _ => {
+                    building.remove(&function);
+                    None
+                }
+            }
+        })
     }
 }
 

@@ -58,7 +58,7 @@ pub(super) async fn show(
     if row.state.is_terminal() && row.owner == caller.user {
         let _ = app.send(Cmd::FetchedIds(vec![row.id]));
     }
-    let why = app.waiting(&row.pool);
+    let why = app.waiting(&row.pool, row.function);
     Ok(record_response(
         StatusCode::OK,
         &row.record(false).waiting(why),
@@ -126,7 +126,7 @@ pub(super) async fn status_many(
                 if r.state.is_terminal() && r.owner == caller.user {
                     fetched.push(r.id);
                 }
-                Item::Known(r.record(false).waiting(app.waiting(&r.pool)))
+                Item::Known(r.record(false).waiting(app.waiting(&r.pool, r.function)))
             }
             None => Item::Unknown {
                 id,
