@@ -32,6 +32,7 @@ pub fn parse_container(v: &Value) -> Result<FunctionContainer, String> {
             )
         }
     };
+    fnx_protocol::container::check_image(&image).map_err(|e| format!("container.image: {e}"))?;
     let runtime = match m.get("runtime") {
         None | Some(Value::Null) => None,
         Some(Value::String(r)) => Some(Runtime::parse(r).ok_or_else(|| {
@@ -164,6 +165,8 @@ mod tests {
             (json!({}), "container.image: required"),
             (json!({"image": "x", "runtime": "lxc"}), "\"lxc\" is not"),
             (json!({"image": "x", "tag": 1}), "container.tag: unknown"),
+            (json!({"image": "--privileged"}), "starts with '-'"),
+            (json!({"image": "a\nb"}), "control characters"),
         ] {
             let e = parse_container(&bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");

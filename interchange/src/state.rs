@@ -115,6 +115,8 @@ pub struct Interchange {
     /// Functions whose tasks wait for [`Interchange::release_function`], with those tasks.
     holds: HashMap<FunctionId, Vec<TaskId>>,
     held: usize,
+    /// Functions whose image build failed, with the error their tasks finish with.
+    failed_functions: HashMap<FunctionId, TaskError>,
     tasks: HashMap<TaskId, TaskRec>,
     queues: EnvQueues,
     managers: HashMap<ManagerId, ManagerRec>,
@@ -138,6 +140,7 @@ impl Interchange {
             functions: HashMap::new(),
             holds: HashMap::new(),
             held: 0,
+            failed_functions: HashMap::new(),
             tasks: HashMap::new(),
             managers: HashMap::new(),
             peers: HashMap::new(),
@@ -163,11 +166,13 @@ impl Interchange {
     /// Keep the tasks of `function` queued but undispatched until it is released or failed
     /// (its container image is being built).
     pub fn hold_function(&mut self, function: FunctionId) {
+        self.failed_functions.remove(&function);
         self.holds.entry(function).or_default();
     }
 
     /// Let the held tasks of `function` (and its future ones) be dispatched.
     pub fn release_function(&mut self, function: FunctionId) {
+        self.failed_functions.remove(&function);
         for id in self.holds.remove(&function).unwrap_or_default() {
             if let Some(rec) = self
                 .tasks
@@ -182,9 +187,10 @@ impl Interchange {
         }
     }
 
-    /// Finish the held tasks of `function` with `error` (its image build failed). Later tasks
-    /// are accepted and dispatched: whatever made the build fail is reported by the run.
+    /// Finish the held tasks of `function` with `error` (its image build failed), and its later
+    /// tasks too, until it is held or released again (a new build).
     pub fn fail_function(&mut self, function: FunctionId, error: TaskError, comm: &mut impl Comm) {
+        self.failed_functions.insert(function, error.clone());
         for id in self.holds.remove(&function).unwrap_or_default() {
             if self
                 .tasks
@@ -211,6 +217,14 @@ impl Interchange {
                     id: t.id,
                     attempt: Attempt(0),
                     outcome: Outcome::Err(err),
+                });
+                continue;
+            }
+            if let Some(err) = self.failed_functions.get(&t.function) {
+                comm.finished(Finished {
+                    id: t.id,
+                    attempt: t.attempt,
+                    outcome: Outcome::Err(err.clone()),
                 });
                 continue;
             }

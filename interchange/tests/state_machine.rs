@@ -931,6 +931,18 @@ fn held_functions_keep_their_tasks_until_released_or_failed() {
     );
     ic.fail_function(FunctionId(4), e.clone(), &mut c);
     let last = c.finished.last().unwrap();
-    assert_eq!((last.id, &last.outcome), (TaskId(7), &Outcome::Err(e)));
+    assert_eq!(
+        (last.id, &last.outcome),
+        (TaskId(7), &Outcome::Err(e.clone()))
+    );
     assert_eq!(ic.counts().held, 0);
+    // Later tasks of the failed function finish with the same error at once (a daemon that
+    // restarts hands its stored tasks over after the build is known to have failed) ...
+    ic.submit(vec![task_of(8, 4)], &mut c);
+    let last = c.finished.last().unwrap();
+    assert_eq!((last.id, &last.outcome), (TaskId(8), &Outcome::Err(e)));
+    // ... until a new build holds it again.
+    ic.hold_function(FunctionId(4));
+    ic.submit(vec![task_of(9, 4)], &mut c);
+    assert_eq!(ic.counts().held, 1);
 }

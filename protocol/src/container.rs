@@ -129,6 +129,19 @@ impl Container {
     }
 }
 
+/// Check a function's image reference: one word that cannot be taken for an option.
+pub fn check_image(image: &str) -> Result<(), String> {
+    if image.starts_with('-') {
+        return Err(format!("the image {image:?} starts with '-'"));
+    }
+    if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "the image {image:?} has whitespace or control characters"
+        ));
+    }
+    Ok(())
+}
+
 /// The container a function asks for: an image, and the runtime to start it with (`None`: the
 /// pool's runtime). A function cannot bring its own template; a `custom` runtime's template is
 /// the pool's (its `{image}` becomes the function's image).
@@ -160,6 +173,7 @@ impl FunctionContainer {
                     .into(),
             );
         }
+        check_image(&self.image)?;
         let runtime = match (self.runtime, pool) {
             (Some(r), _) => r,
             (None, Some(p)) => p.runtime,
@@ -175,12 +189,22 @@ impl FunctionContainer {
         let template = pool
             .filter(|p| p.runtime == runtime)
             .and_then(|p| p.template.clone());
-        if runtime == Runtime::Custom && template.is_none() {
-            return Err(
-                "the function asks for the custom runtime, but this pool has no custom \
-                 container_template"
-                    .into(),
-            );
+        match &template {
+            None if runtime == Runtime::Custom => {
+                return Err(
+                    "the function asks for the custom runtime, but this pool has no custom \
+                     container_template"
+                        .into(),
+                )
+            }
+            Some(t) if runtime == Runtime::Custom && !t.contains("{image}") => {
+                return Err(format!(
+                    "this pool's custom container_template has no {{image}}, so it cannot run \
+                     the function's image {:?}",
+                    self.image
+                ))
+            }
+            _ => {}
         }
         let c = Container {
             runtime,
@@ -287,6 +311,21 @@ mod tests {
             .resolve(None)
             .unwrap_err()
             .contains("container_template"));
+        let sandbox = Container {
+            template: Some("bwrap {cmd}".into()),
+            ..bwrap.clone()
+        };
+        assert!(f
+            .resolve(Some(&sandbox))
+            .unwrap_err()
+            .contains("has no {image}"));
+        for bad in ["--privileged", "a b", "x\ny"] {
+            let e = FunctionContainer {
+                runtime: Some(Runtime::Docker),
+                image: bad.into(),
+            };
+            assert!(e.resolve(None).is_err(), "{bad:?}");
+        }
         assert!(FunctionContainer {
             runtime: Some(Runtime::Docker),
             image: " ".into()

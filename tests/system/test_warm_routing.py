@@ -131,3 +131,66 @@ def test_idle_container_workers_stop_after_the_idle_timeout(make_daemon, tmp_pat
     again = result_value(d.wait_task(tid, timeout=30))
     assert again[1] == "alpha"
     assert log.read_text().split() == ["alpha", "alpha"]
+
+
+def test_a_custom_template_without_image_refuses_a_functions_image(make_daemon, tmp_path):
+    # The pool's sandbox has no {image}: a function's image cannot be honoured, so its tasks
+    # fail instead of running in the pool's sandbox without it.
+    d = make_daemon(pools={"local": {"workers_per_manager": 1, "container_runtime": "custom",
+                                     "container_template": "bwrap --ro-bind / / {cmd}"}})
+    fid = d.register({"kind": "python", "entry": "where", "source": WHERE,
+                      "container": {"image": "/soft/alpha.sif"}})
+    [tid] = d.submit([{"function": fid, "args": [1]}])
+    rec_ = d.wait_task(tid, timeout=30)
+    assert rec_["state"] == "failed", rec_
+    err = rec_["error"]
+    assert err["type"] == "ContainerUnavailable" and "has no {image}" in err["message"], err
+    # An image that would read as an option is refused at registration.
+    r = d.api("POST", "/v1/functions", {"kind": "python", "entry": "where", "source": WHERE,
+                                        "container": {"image": "--privileged"}})
+    assert r.status == 400 and "starts with '-'" in r.body["error"]["message"], r
+
+
+TIMED = """
+import os, time
+
+def f(i, s=0.0):
+    time.sleep(s)
+    return [i, os.environ.get("FNX_TEST_IMAGE"), time.time()]
+"""
+
+
+def test_idle_workers_go_on_while_another_container_starts(make_daemon, tmp_path):
+    # One manager, 2 slots, warm workers of "fast"; then a task of "slow" (whose container
+    # takes 5 s to start) ahead of 200 short "fast" tasks. A fast worker is stopped to make
+    # room for slow (after the oldest task was passed 32 times); while slow starts, the other
+    # fast worker keeps running fast tasks instead of waiting for it.
+    log = tmp_path / "starts.log"
+    rec = tmp_path / "rec.sh"
+    rec.write_text(f"""#!/bin/sh
+echo "$1" >> {log}
+export FNX_TEST_IMAGE="$1"
+[ "$1" = slow ] && sleep 5
+shift
+exec "$@"
+""")
+    rec.chmod(0o755)
+    d = make_daemon(pools={"local": {"workers_per_manager": 2, "container_runtime": "custom",
+                                     "container_template": f"{rec} {{image}} {{cmd}}"}},
+                    interchange={"warm_window": 0})
+    fast = d.register({"kind": "python", "entry": "f", "source": TIMED,
+                       "container": {"image": "fast"}})
+    slow = d.register({"kind": "python", "entry": "f", "source": TIMED,
+                       "container": {"image": "slow"}})
+    d.wait_all(d.submit([{"function": fast, "args": [i, 0.5]} for i in range(2)]), timeout=60)
+    ids = d.submit([{"function": slow, "args": [-1]}]
+                   + [{"function": fast, "args": [i, 0.01]} for i in range(200)])
+    recs = d.wait_all(ids, timeout=120)
+    vals = [result_value(recs[t]) for t in ids]
+    assert vals[0][1] == "slow" and all(v[1] == "fast" for v in vals[1:]), vals[:3]
+    slow_done = vals[0][2]
+    before = sum(1 for v in vals[1:] if v[2] < slow_done)
+    # 32 may pass the slow task before its container is started; the rest ran during its 5 s
+    # start-up on the fast worker that was not stopped.
+    assert before > 32 + 40, f"only {before} fast tasks finished before the slow one"
+    assert log.read_text().split().count("slow") == 1

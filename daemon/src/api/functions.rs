@@ -256,33 +256,21 @@ pub(super) async fn register(
         build: p.build.clone(),
     };
     app.send(Cmd::Register(input, tx))?;
-    let id = rx
-        .await
-        .map_err(|_| ApiError::unavailable("the store is shutting down"))??;
-    if let Some(key) = &p.build {
-        // The store writer added the function to every pool as held.
-        let pools: Vec<_> = app.pools.iter().map(|p| p.handle.clone()).collect();
-        images::release_when_built(&app.builds, key, id, pools.clone());
-        if let Ok(mut b) = app.building.lock() {
-            b.insert(id, key.clone());
+    // Once stored, the function is held in every pool (the store writer does that) until
+    // its build ends: the rest runs as its own task, so a client that disconnects now cannot
+    // leave it held forever.
+    let (app2, build) = (app.clone(), p.build.clone());
+    let id = tokio::spawn(async move {
+        let id = rx
+            .await
+            .map_err(|_| ApiError::unavailable("the store is shutting down"))??;
+        if let Some(key) = build {
+            watch_build(&app2, &key, id)?;
         }
-        if app
-            .builds
-            .info(key)
-            .is_some_and(|i| i.state == crate::builds::BuildState::Building)
-        {
-            // Functions registered earlier with the same dependencies (their build failed,
-            // or their image was removed) wait for this build too.
-            for r in app.reader.functions(None)? {
-                if r.id != id && images::build_of(&r.spec).as_deref() == Some(key.as_str()) {
-                    images::hold_until_built(&app.builds, key, r.id, pools.clone());
-                    if let Ok(mut b) = app.building.lock() {
-                        b.insert(r.id, key.clone());
-                    }
-                }
-            }
-        }
-    }
+        Ok::<_, ApiError>(id)
+    })
+    .await
+    .map_err(|e| ApiError::unavailable(format!("the registration did not finish: {e}")))??;
     let row_json = |row: &FunctionRow| with_build(&app, row.to_json(false), &row.spec);
     let name = if name.is_empty() {
         format!("{}-{}", p.kind, id.0)
@@ -298,6 +286,33 @@ pub(super) async fn register(
         deleted: false,
     };
     Ok(json_response(StatusCode::CREATED, row_json(&row)))
+}
+
+/// Release function `id` (held by the store writer) when the build `key` ends. If the build
+/// runs now, functions registered earlier with the same dependencies (their build failed, or
+/// their image was removed) wait for it too.
+fn watch_build(app: &App, key: &str, id: FunctionId) -> Result<(), ApiError> {
+    let pools: Vec<_> = app.pools.iter().map(|p| p.handle.clone()).collect();
+    images::release_when_built(&app.builds, key, id, pools.clone());
+    let mut waiting = vec![id];
+    let building = app
+        .builds
+        .info(key)
+        .is_some_and(|i| i.state == crate::builds::BuildState::Building);
+    if building {
+        for r in app.reader.functions(None)? {
+            if r.id != id && images::build_of(&r.spec).as_deref() == Some(key) {
+                images::hold_until_built(&app.builds, key, r.id, pools.clone());
+                waiting.push(r.id);
+            }
+        }
+    }
+    if let Ok(mut b) = app.building.lock() {
+        for f in waiting {
+            b.insert(f, key.to_string());
+        }
+    }
+    Ok(())
 }
 
 /// A function's record with the current state of its image build, if it has one.

@@ -268,13 +268,17 @@ impl Builds {
             save(&info);
             tracing::info!(key = &info.key[..12], "image build started");
             let result = run(&me.cfg, &info, &me.running);
-            if me.running.lock().map(|r| r.1).unwrap_or(true) {
+            let stopping = me.running.lock().unwrap_or_else(PoisonError::into_inner).1;
+            if stopping {
                 return; // killed because the daemon stops: built again at its next start
             }
             me.finish(info, result, t0.elapsed());
         };
         let thread = std::thread::Builder::new().name(format!("fnx-build-{}", &key[..12]));
-        thread.spawn(build).expect("the system can start a thread");
+        if let Err(e) = thread.spawn(build) {
+            let why = format!("cannot start a thread for the build: {e}");
+            self.finish(ret.clone(), Err(why), Duration::ZERO);
+        }
         ret
     }
 
@@ -378,7 +382,11 @@ fn run(cfg: &BuildConfig, info: &BuildInfo, running: &Running) -> Result<(), Str
         .spawn()
         .map_err(|e| format!("cannot run the image build program {}: {e}", argv[0]))?;
     let pgid = child.id();
-    running.lock().map(|mut r| r.0.insert(pgid)).ok();
+    running
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .0
+        .insert(pgid);
     let _forget = Forget(running, pgid);
     let deadline = Instant::now() + cfg.timeout;
     let status = loop {

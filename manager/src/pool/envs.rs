@@ -121,12 +121,13 @@ impl Pool<'_> {
             .filter_map(|t| self.functions.get(&t.function))
             .map(|f| f.env.as_str())
             .collect();
-        let head_env = self
-            .queue
-            .front()
+        let head = self.queue.front();
+        let head_env = head
             .and_then(|t| self.functions.get(&t.function))
             .map(|f| f.env.as_str());
-        let starved = head_env == Some(env) && self.head_bypass.1 >= BYPASS_LIMIT;
+        let starved = head_env == Some(env)
+            && self.head_bypass.0 == head.map(|t| t.id)
+            && self.head_bypass.1 >= BYPASS_LIMIT;
         let victim = self
             .procs
             .iter()
@@ -154,18 +155,31 @@ impl Pool<'_> {
 
     /// Send the workers per environment to the interchange if they changed.
     pub(super) fn report_warm(&mut self) {
+        // Cheap test first (every step): any change of the workers changes their number or
+        // the starts.
+        let live = self
+            .procs
+            .values()
+            .filter(|p| matches!(p.kind, Kind::Python(_)) && p.retiring.is_none())
+            .filter(|p| p.exit.is_none())
+            .count();
+        let starts: u64 = self.starts.values().sum();
+        if (live, starts) == (self.warm_sent.1, self.warm_sent.2) && !self.warm_sent.0.is_empty() {
+            return;
+        }
         let mut workers: BTreeMap<&str, u32> = BTreeMap::new();
         for p in self.procs.values() {
             if matches!(p.kind, Kind::Python(_)) && p.retiring.is_none() && p.exit.is_none() {
                 *workers.entry(p.env.as_str()).or_default() += 1;
             }
         }
-        let changed = self.warm_sent.len() != self.starts.len()
-            || self.warm_sent.iter().any(|w| {
+        let changed = self.warm_sent.0.len() != self.starts.len()
+            || self.warm_sent.0.iter().any(|w| {
                 workers.get(w.env.as_str()).copied().unwrap_or(0) != w.workers
                     || self.starts.get(&w.env).copied().unwrap_or(0) != w.starts
             });
         if !changed {
+            self.warm_sent = (std::mem::take(&mut self.warm_sent.0), live, starts);
             return;
         }
         let mut report: Vec<WarmWorkers> = self
@@ -179,6 +193,6 @@ impl Pool<'_> {
             .collect();
         report.sort_by(|a, b| a.env.cmp(&b.env));
         self.send(&ManagerToInterchange::Warm(report.clone()));
-        self.warm_sent = report;
+        self.warm_sent = (report, live, starts);
     }
 }

@@ -203,14 +203,15 @@ pub struct Pool<'a> {
     queue: VecDeque<TaskSpec>,
     procs: HashMap<u32, Proc>,
     serial: u64,
-    /// Start-up failures in a row, per environment.
-    startup_failures: HashMap<String, u32>,
+    /// Start-up failures in a row per environment, with the log of the last one.
+    startup_failures: HashMap<String, (u32, PathBuf)>,
     /// Worker environments: how each one's workers start (`Err`: why they cannot here).
     envs: HashMap<String, Result<Option<crate::procs::Wrap>, String>>,
     /// Python workers started per environment.
     starts: HashMap<String, u64>,
-    /// The last worker report sent to the interchange.
-    warm_sent: Vec<fnx_protocol::WarmWorkers>,
+    /// The last worker report sent to the interchange, and the live workers and starts it
+    /// was made from.
+    warm_sent: (Vec<fnx_protocol::WarmWorkers>, usize, u64),
     /// The queue's oldest task and how many younger tasks idle workers of other environments
     /// ran before it.
     head_bypass: (Option<TaskId>, u32),
@@ -247,7 +248,7 @@ impl<'a> Pool<'a> {
             startup_failures: HashMap::new(),
             envs: HashMap::new(),
             starts: HashMap::new(),
-            warm_sent: Vec::new(),
+            warm_sent: (Vec::new(), 0, 0),
             head_bypass: (None, 0),
             batch: Vec::new(),
             batch_bytes: 0,
@@ -434,6 +435,8 @@ impl<'a> Pool<'a> {
                 // (with a new attempt); running ones go on, their results are discarded there.
                 let dropped = self.queue.len();
                 self.queue.clear();
+                // The restarted interchange learns this manager's warm workers again.
+                self.warm_sent = (Vec::new(), 0, 0);
                 tracing::info!("registering again; dropped {dropped} tasks not yet started");
             }
             other => tracing::debug!("unexpected message for the pool: {other:?}"),

@@ -172,7 +172,10 @@ impl Pool<'_> {
         let Some(r) = proc.task.take() else {
             if let Kind::Python(w) = &proc.kind {
                 if !w.ready && proc.retiring.is_none() {
-                    *self.startup_failures.entry(proc.env.clone()).or_default() += 1;
+                    let log = proc.log.clone().unwrap_or_default();
+                    let failures = self.startup_failures.entry(proc.env.clone());
+                    let f = failures.or_insert((0, log.clone()));
+                    *f = (f.0 + 1, log);
                     tracing::error!(
                         "worker {pid} exited during start-up ({}); see {}",
                         describe_wait_status(status),

@@ -81,7 +81,21 @@ impl Pool<'_> {
         if self.head_bypass.0 != Some(head) {
             self.head_bypass = (Some(head), 0);
         }
-        while self.busy() < self.cfg.slots && self.head_bypass.1 < envs::BYPASS_LIMIT {
+        // With a worker of the oldest task's environment alive (starting or busy), it gets
+        // that worker anyway: passing it costs it nothing, so the limit does not apply.
+        let head_env = self
+            .queue
+            .front()
+            .and_then(|t| self.functions.get(&t.function))
+            .map(|f| f.env.clone())
+            .unwrap_or_default();
+        let served = self.procs.values().any(|p| {
+            matches!(p.kind, Kind::Python(_))
+                && p.env == head_env
+                && p.retiring.is_none()
+                && p.exit.is_none()
+        });
+        while self.busy() < self.cfg.slots && (served || self.head_bypass.1 < envs::BYPASS_LIMIT) {
             let idle: Vec<(u32, String)> = self
                 .procs
                 .iter()
@@ -103,7 +117,9 @@ impl Pool<'_> {
             };
             let spec = self.queue.remove(i).expect("found above");
             self.run_on(pid, spec);
-            self.head_bypass.1 += 1;
+            if !served {
+                self.head_bypass.1 += 1;
+            }
         }
     }
 
@@ -244,7 +260,7 @@ impl Pool<'_> {
         }
         let mut room = self.cfg.slots.saturating_sub(live);
         for env in need {
-            if self.startup_failures.get(&env).copied().unwrap_or(0) >= 3 {
+            if self.startup_failures.get(&env).map_or(0, |f| f.0) >= 3 {
                 self.fail_python_queue(&env);
                 continue;
             }
@@ -315,7 +331,11 @@ impl Pool<'_> {
     }
 
     pub(super) fn fail_python_queue(&mut self, env: &str) {
-        let log = self.cfg.log_dir.join(format!("worker-{}.log", self.serial));
+        let log = self
+            .startup_failures
+            .get(env)
+            .map(|f| f.1.clone())
+            .unwrap_or_else(|| self.cfg.log_dir.join(format!("worker-{}.log", self.serial)));
         self.fail_python_queue_with(
             env,
             format!("Python workers fail to start; see {}", log.display()),
