@@ -81,7 +81,9 @@ start_munge() {
   chown munge:munge "$MUNGE_KEY"
   chmod 0400 "$MUNGE_KEY"
   rm -f "$MUNGE_PID" /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
-  runuser -u munge -- /usr/sbin/munged || fail "munged did not start"
+  # 9>&-: a daemon must not inherit the lock (munged would hold it for its whole life, and
+  # the next `start` would wait for it forever).
+  runuser -u munge -- /usr/sbin/munged 9>&- || fail "munged did not start"
   local i
   for i in $(seq 50); do
     munge -n >/dev/null 2>&1 && return 0
@@ -212,13 +214,13 @@ start() {
   mkdir -p "$LOGDIR" "$STATEDIR"
   if ! pid_alive "$CTLD_PID" slurmctld; then
     say "starting slurmctld"
-    out=$(/usr/sbin/slurmctld 2>&1) || { echo "$out" >&2; fail "slurmctld did not start"; }
+    out=$(/usr/sbin/slurmctld 2>&1 9>&-) || { echo "$out" >&2; fail "slurmctld did not start"; }
   fi
   for n in "${NODES[@]}"; do
     pid_alive "$(slurmd_pidfile "$n")" slurmd && continue
     say "starting slurmd -N $n"
     mkdir -p "/var/spool/slurmd-$n"
-    out=$(/usr/sbin/slurmd -N "$n" 2>&1) || { echo "$out" >&2; fail "slurmd -N $n did not start"; }
+    out=$(/usr/sbin/slurmd -N "$n" 2>&1 9>&-) || { echo "$out" >&2; fail "slurmd -N $n did not start"; }
   done
   wait_ready
   say "cluster up: nodes ${NODES[*]} in partition debug"

@@ -15,6 +15,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 mod dispatch;
+mod holds;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TaskState {
@@ -161,51 +162,6 @@ impl Interchange {
     pub fn add_function(&mut self, def: FunctionDef) {
         self.queues.env(&def.env());
         self.functions.insert(def.id, def);
-    }
-
-    /// Keep the tasks of `function` queued but undispatched until it is released or failed
-    /// (its container image is being built).
-    pub fn hold_function(&mut self, function: FunctionId) {
-        self.failed_functions.remove(&function);
-        self.holds.entry(function).or_default();
-    }
-
-    /// Let the held tasks of `function` (and its future ones) be dispatched.
-    pub fn release_function(&mut self, function: FunctionId) {
-        self.failed_functions.remove(&function);
-        for id in self.holds.remove(&function).unwrap_or_default() {
-            if let Some(rec) = self
-                .tasks
-                .get_mut(&id)
-                .filter(|r| r.state == TaskState::Held)
-            {
-                rec.state = TaskState::Queued;
-                self.queues.push_back(rec.env, rec.priority, id);
-                self.held -= 1;
-                self.queued += 1;
-            }
-        }
-    }
-
-    /// Finish the held tasks of `function` with `error` (its image build failed), and its later
-    /// tasks too, until it is held or released again (a new build).
-    pub fn fail_function(&mut self, function: FunctionId, error: TaskError, comm: &mut impl Comm) {
-        self.failed_functions.insert(function, error.clone());
-        for id in self.holds.remove(&function).unwrap_or_default() {
-            if self
-                .tasks
-                .get(&id)
-                .is_some_and(|r| r.state == TaskState::Held)
-            {
-                let rec = self.tasks.remove(&id).expect("checked");
-                self.held -= 1;
-                comm.finished(Finished {
-                    id,
-                    attempt: rec.attempt,
-                    outcome: Outcome::Err(error.clone()),
-                });
-            }
-        }
     }
 
     /// Accept tasks. Invalid ones (unknown function, payload over the limit, duplicate id)
@@ -425,22 +381,6 @@ impl Interchange {
                 self.queued += 1;
             }
         }
-    }
-
-    /// A manager reported its workers per environment.
-    fn on_warm(&mut self, mid: ManagerId, workers: Vec<WarmWorkers>) {
-        let Some(m) = self.managers.get_mut(&mid) else {
-            return;
-        };
-        m.warm.clear();
-        for w in &workers {
-            let env = self.queues.env(&w.env);
-            if m.warm.len() <= env {
-                m.warm.resize(env + 1, 0);
-            }
-            m.warm[env] = w.workers;
-        }
-        m.workers = workers;
     }
 
     /// Bytes from `peer` could not be decoded.
