@@ -56,7 +56,11 @@ impl Interchange {
         };
         m.warm.clear();
         for w in &workers {
-            let env = self.queues.env(&w.env);
+            // Only environments of functions this interchange knows: names from a socket
+            // must not grow its tables.
+            let Some(env) = self.queues.lookup(&w.env) else {
+                continue;
+            };
             if m.warm.len() <= env {
                 m.warm.resize(env + 1, 0);
             }
