@@ -2,7 +2,7 @@
 //! local pool they describe.
 
 use clap::Args;
-use fnx_daemon::local::PoolOptions;
+use fnx_daemon::local::{PoolOptions, WorkerShape};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -88,9 +88,12 @@ impl RunOptions {
             heartbeat_threshold: secs(self.heartbeat_threshold),
             max_result_bytes: self.max_result_bytes,
             kill_grace: secs(self.kill_grace),
-            cpu_affinity: self.cpu_affinity.clone(),
-            accelerators: self.accelerators.clone(),
-            container: self.container(),
+            shape: WorkerShape {
+                cpu_affinity: self.cpu_affinity.clone(),
+                accelerators: self.accelerators.clone(),
+                container: self.container(),
+                ..WorkerShape::default()
+            },
             ..PoolOptions::new(run_dir, run_id)
         }
     }

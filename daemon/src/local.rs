@@ -55,19 +55,8 @@ pub struct PoolOptions {
     pub managers: u32,
     /// Worker slots per manager (None: the CPUs each may use).
     pub workers: Option<u32>,
-    /// Cores each worker needs (limits the slots).
-    pub cores_per_worker: Option<f64>,
-    /// Memory each worker needs in MiB (limits the slots).
-    pub mem_per_worker_mb: Option<u64>,
-    /// How workers are pinned (`none`, `block`, ...; None: not pinned).
-    pub cpu_affinity: Option<String>,
-    /// Accelerators shared out over each manager's workers.
-    pub accelerators: Vec<String>,
-    /// The container workers start in.
-    pub container: Option<fnx_protocol::Container>,
-    /// Idle workers of a function's own container exit after this long (None: the manager's
-    /// default).
-    pub container_idle: Option<Duration>,
+    /// How each manager sizes, places and contains its workers.
+    pub shape: WorkerShape,
     /// Prefetch per manager (None: as many as slots).
     pub prefetch: Option<u32>,
     /// Python interpreter.
@@ -107,6 +96,38 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
 }
 
+/// How a pool's managers size, pin and contain their workers (the same for each of them).
+#[derive(Clone, Debug, Default)]
+pub struct WorkerShape {
+    /// Cores each worker needs (limits the slots).
+    pub cores_per_worker: Option<f64>,
+    /// Memory each worker needs in MiB (limits the slots).
+    pub mem_per_worker_mb: Option<u64>,
+    /// How workers are pinned (`none`, `block`, `block-reverse`, `alternating`, `numa`,
+    /// `list:...`; None: not pinned).
+    pub cpu_affinity: Option<String>,
+    /// Accelerators (GPU ids) shared out over each manager's workers.
+    pub accelerators: Vec<String>,
+    /// The container workers and shell tasks start in; without an image, only the runtime
+    /// that functions with their own container image use.
+    pub container: Option<fnx_protocol::Container>,
+    /// Idle workers of a function's own container exit after this long (None: the manager's
+    /// default, 300 s).
+    pub container_idle: Option<Duration>,
+}
+
+impl WorkerShape {
+    /// Put these settings into a manager's start-up settings.
+    pub fn apply(&self, b: &mut ManagerBootstrap) {
+        b.cores_per_worker = self.cores_per_worker;
+        b.mem_per_worker_mb = self.mem_per_worker_mb;
+        b.cpu_affinity = self.cpu_affinity.clone();
+        b.accelerators = self.accelerators.clone();
+        b.container = self.container.clone();
+        b.container_idle_s = self.container_idle.map(|d| d.as_secs().max(1));
+    }
+}
+
 impl PoolOptions {
     /// Defaults: one manager on loopback with a slot per CPU, `python3`, 5 s heartbeats.
     pub fn new(run_dir: PathBuf, run_id: String) -> PoolOptions {
@@ -117,12 +138,7 @@ impl PoolOptions {
             curve: None,
             managers: 1,
             workers: None,
-            cores_per_worker: None,
-            mem_per_worker_mb: None,
-            cpu_affinity: None,
-            accelerators: Vec::new(),
-            container: None,
-            container_idle: None,
+            shape: WorkerShape::default(),
             prefetch: None,
             python: "python3".into(),
             run_dir,
@@ -396,12 +412,7 @@ fn bootstrap(handle: &Handle, opts: &PoolOptions, uid: &str) -> ManagerBootstrap
     b.kill_grace_ms = opts.kill_grace.as_millis() as u64;
     b.zero_work = opts.zero_work;
     b.curve_keys = opts.curve.as_ref().map(|(_, file)| file.clone());
-    b.cores_per_worker = opts.cores_per_worker;
-    b.mem_per_worker_mb = opts.mem_per_worker_mb;
-    b.cpu_affinity = opts.cpu_affinity.clone();
-    b.accelerators = opts.accelerators.clone();
-    b.container = opts.container.clone();
-    b.container_idle_s = opts.container_idle.map(|d| d.as_secs().max(1));
+    opts.shape.apply(&mut b);
     b
 }
 
@@ -410,7 +421,11 @@ fn bootstrap(handle: &Handle, opts: &PoolOptions, uid: &str) -> ManagerBootstrap
 /// same CPUs. Empty when there is nothing to split.
 fn manager_shares(opts: &PoolOptions) -> Vec<Vec<u32>> {
     use fnx_sys::placement::{allowed_cpus, plan, CpuAffinity, Topology};
-    let pinned = opts.cpu_affinity.as_deref().is_some_and(|a| a != "none");
+    let pinned = opts
+        .shape
+        .cpu_affinity
+        .as_deref()
+        .is_some_and(|a| a != "none");
     if !pinned || opts.managers < 2 {
         return Vec::new();
     }

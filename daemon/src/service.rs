@@ -155,12 +155,7 @@ pub fn manager_template(
         run_id(&p.name),
     );
     b.slots = p.workers_per_manager;
-    b.cores_per_worker = p.cores_per_worker;
-    b.mem_per_worker_mb = p.mem_per_worker_mb;
-    b.cpu_affinity = p.cpu_affinity.clone();
-    b.accelerators = p.accelerators.clone();
-    b.container = p.container.clone();
-    b.container_idle_s = p.container_idle.map(|d| d.as_secs().max(1));
+    p.shape.apply(&mut b);
     b.python = p.python.clone();
     b.heartbeat_period_ms = cfg.interchange.heartbeat_period.as_millis() as u64;
     b.heartbeat_threshold_ms = cfg.interchange.heartbeat_threshold.as_millis() as u64;
@@ -242,12 +237,7 @@ fn start_pool(
         max_payload_bytes: cfg.limits.max_payload_bytes,
         managers: p.managers,
         workers: p.workers_per_manager,
-        cores_per_worker: p.cores_per_worker,
-        mem_per_worker_mb: p.mem_per_worker_mb,
-        cpu_affinity: p.cpu_affinity.clone(),
-        accelerators: p.accelerators.clone(),
-        container: p.container.clone(),
-        container_idle: p.container_idle,
+        shape: p.shape.clone(),
         python: p.python.clone(),
         heartbeat_period: cfg.interchange.heartbeat_period,
         heartbeat_threshold: cfg.interchange.heartbeat_threshold,

@@ -588,9 +588,9 @@ mod tests {
              [pools.h]\navailable_accelerators = [\"GPU-a\", \"GPU-b\"]\n",
         )
         .unwrap();
-        assert_eq!(c.pools[0].cpu_affinity.as_deref(), Some("block"));
-        assert_eq!(c.pools[0].accelerators, ["0", "1", "2", "3"]);
-        assert_eq!(c.pools[1].accelerators, ["GPU-a", "GPU-b"]);
+        assert_eq!(c.pools[0].shape.cpu_affinity.as_deref(), Some("block"));
+        assert_eq!(c.pools[0].shape.accelerators, ["0", "1", "2", "3"]);
+        assert_eq!(c.pools[1].shape.accelerators, ["GPU-a", "GPU-b"]);
         let err = parse("[pools.g]\ncpu_affinity = \"diagonal\"\n")
             .unwrap_err()
             .to_string();

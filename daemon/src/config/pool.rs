@@ -74,21 +74,8 @@ pub struct PoolConfig {
     pub managers: u32,
     /// Worker slots per manager (None: one per core).
     pub workers_per_manager: Option<u32>,
-    /// Cores each worker needs.
-    pub cores_per_worker: Option<f64>,
-    /// Memory each worker needs, in MiB.
-    pub mem_per_worker_mb: Option<u64>,
-    /// How workers are pinned (`none`, `block`, `block-reverse`, `alternating`, `numa`,
-    /// `list:...`; None: not pinned).
-    pub cpu_affinity: Option<String>,
-    /// Accelerators (GPU ids) shared out over each manager's workers.
-    pub accelerators: Vec<String>,
-    /// The container workers and shell tasks start in; without an image, only the runtime
-    /// that functions with their own container image use.
-    pub container: Option<fnx_protocol::Container>,
-    /// Idle workers of a function's own container exit after this long (None: the manager's
-    /// default, 300 s).
-    pub container_idle: Option<Duration>,
+    /// How its managers size, pin and contain their workers.
+    pub shape: crate::local::WorkerShape,
     /// Interpreter for Python workers.
     pub python: String,
     /// SIGTERM → SIGKILL grace when a task is killed.
@@ -471,12 +458,14 @@ pub(super) fn validate(name: String, rp: RawPool, p: &mut Problems) -> PoolConfi
             managers.min(1024)
         },
         workers_per_manager: workers,
-        cores_per_worker,
-        mem_per_worker_mb,
-        cpu_affinity,
-        accelerators,
-        container,
-        container_idle,
+        shape: crate::local::WorkerShape {
+            cores_per_worker,
+            mem_per_worker_mb,
+            cpu_affinity,
+            accelerators,
+            container,
+            container_idle,
+        },
         python,
         kill_grace,
         blocks,
