@@ -414,10 +414,12 @@ def test_idle_scale_in_keeps_min_blocks(slurm, fnx_env, tmp_path):
     assert slurm.wait_jobs_gone([gone["job"]], 20) == {gone["job"]: "COMPLETED"}
     assert len(slurm.jobs_of(d)) == 2, "no block submitted while idle"
 
-    # The daemon cancels its live block when it stops.
+    # The daemon cancels its live block when it stops. It releases the block's managers at
+    # the same time (as test_launchers' Cobalt test shows), so the job ends cancelled, or
+    # completed when its managers were quicker than scancel; either way nothing is left.
     d.stop()
     final = slurm.wait_jobs_gone([kept["job"]], 30, lambda: squeue_all())
-    assert final[kept["job"]] == "CANCELLED", final
+    assert final[kept["job"]] in ("CANCELLED", "COMPLETED"), final
     assert re.search(rf"cancelling jobs {kept['job']} \(blocks {kept['id']}\)",
                      d.log_since_start()), d.log_tail()
 
