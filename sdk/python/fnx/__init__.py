@@ -1,10 +1,17 @@
 """fnx Python SDK: run Python functions and shell commands as tasks of an fnx daemon.
 
 >>> import fnx
->>> client = fnx.Client()                 # FNX_URL/FNX_TOKEN, or ~/.fnx/client.json
+>>> client = fnx.Client()                 # FNX_URL/FNX_TOKEN, ~/.fnx/client.json, or a socket
 >>> tid = client.run(pow, 2, 10)          # doctest: +SKIP
 >>> with fnx.Executor() as ex:            # a concurrent.futures.Executor
 ...     squares = list(ex.map(square, range(100)))   # doctest: +SKIP
+
+The daemon is found at an ``http(s)://`` URL with a token, or at
+``unix:///absolute/path/to/fnx.sock`` without one (the daemon knows the caller by the
+socket's peer credentials). ``Client()`` takes the URL and token from ``FNX_URL`` and
+``FNX_TOKEN``, else from ``$FNX_HOME/client.json`` (``~/.fnx/client.json``), else uses the
+first socket among ``$FNX_HOME/fnx.sock`` and ``/run/fnx/fnx.sock``; ``Executor()`` does the
+same through ``Client()``.
 
 Modules: ``client`` (``Client``, the HTTP API of ``docs/api.md``), ``executor``
 (``Executor``), ``errors`` (the exceptions). Only the standard library is used.

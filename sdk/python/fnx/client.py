@@ -1,9 +1,14 @@
 """The fnx HTTP client (standard library only; the API is ``docs/api.md``).
 
-Layout: ``resolve_config`` (URL and token); ``_Transport`` (one keep-alive ``http.client``
-connection per thread, JSON in and out, error statuses raised as exceptions); helpers that turn
-callables into source and arguments into task payloads; and ``Client``, the public facade.
-The exceptions and the decoding of task records live in ``errors.py``.
+The daemon is reached at an ``http://`` or ``https://`` URL with a token, or at
+``unix:///absolute/path/to/fnx.sock``: HTTP/1.1 over that Unix domain socket, where the daemon
+knows the caller by the socket's peer credentials, so the token is optional.
+
+Layout: ``resolve_config`` (URL and token, finding the daemon's socket when nothing names a
+URL); ``_Transport`` (one keep-alive ``http.client`` connection per thread, over TCP or a Unix
+socket, JSON in and out, error statuses raised as exceptions); helpers that turn callables into
+source and arguments into task payloads; and ``Client``, the public facade. The exceptions and
+the decoding of task records live in ``errors.py``.
 """
 
 import ast
@@ -15,6 +20,7 @@ import json
 import os
 import pickle
 import socket
+import stat
 import sys
 import textwrap
 import threading
@@ -64,13 +70,47 @@ SUBMIT_BACKOFF_S = (0.2, 0.5, 1, 2, 4, 8)
 # ---------------------------------------------------------------------------- configuration
 
 
+SYSTEM_SOCKET = "/run/fnx/fnx.sock"  # a daemon's socket for the whole host
+
+
+def fnx_home():
+    """``$FNX_HOME``, by default ``~/.fnx``: where ``client.json`` and a user's socket are."""
+    return os.environ.get("FNX_HOME") or os.path.join(os.path.expanduser("~"), ".fnx")
+
+
+def unix_socket_path(url):
+    """The socket path of a ``unix:///absolute/path`` URL, or None for any other URL; a unix
+    URL whose path is empty or relative raises ``ConfigError``."""
+    if not url.lower().startswith("unix:"):
+        return None
+    path = url[7:] if url[5:7] == "//" else ""
+    if not path.startswith("/"):
+        raise ConfigError("fnx URL %r does not name a socket by its absolute path (write "
+                          "unix:///absolute/path/to/fnx.sock)" % url)
+    return path
+
+
+def find_socket(paths):
+    """The first of ``paths`` that exists and is a socket, or None."""
+    for path in paths:
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return path
+        except OSError:
+            pass  # missing, or a directory on the way that we may not search
+    return None
+
+
 def resolve_config(url=None, token=None):
-    """``(url, token)`` from the arguments, else ``FNX_URL``/``FNX_TOKEN``, else the file
-    ``$FNX_HOME/client.json`` (``~/.fnx/client.json``); raises ``ConfigError`` naming all three.
+    """``(url, token)``: each from the arguments, else ``FNX_URL``/``FNX_TOKEN``, else the file
+    ``$FNX_HOME/client.json`` (``~/.fnx/client.json``). When none of these gives a URL, the first
+    of ``$FNX_HOME/fnx.sock`` and ``/run/fnx/fnx.sock`` that is a socket gives
+    ``unix:///that/path``. The token may be None for a ``unix://`` URL only (the daemon knows the
+    caller by the socket's credentials); otherwise ``ConfigError`` names every place looked at.
     """
     url = url or os.environ.get("FNX_URL") or None
     token = token or os.environ.get("FNX_TOKEN") or None
-    home = os.environ.get("FNX_HOME") or os.path.join(os.path.expanduser("~"), ".fnx")
+    home = fnx_home()
     path = os.path.join(home, "client.json")
     if url is None or token is None:
         try:
@@ -84,30 +124,71 @@ def resolve_config(url=None, token=None):
             raise ConfigError("cannot read %s: %s" % (path, exc)) from None
         url = url or data.get("url") or None
         token = token or data.get("token") or None
+    sockets = (os.path.join(home, "fnx.sock"), SYSTEM_SOCKET)
+    if url is None:
+        found = find_socket(sockets)
+        if found is not None:
+            url = "unix://" + found
+    if url is not None and unix_socket_path(url) is not None:
+        return url, token
     missing = [name for name, value in (("URL", url), ("token", token)) if value is None]
     if missing:
-        raise ConfigError(
-            "no fnx %s found: pass Client(url=..., token=...), set FNX_URL and FNX_TOKEN, or "
-            "provide %s (the daemon writes it on its first start)" % (" or ".join(missing), path))
+        ways = ["pass Client(url=..., token=...)", "set FNX_URL and FNX_TOKEN",
+                "provide %s (the daemon writes it on its first start)" % path]
+        if url is None:
+            ways.append("run the daemon with its socket at %s or %s (neither is a socket now)"
+                        % sockets)
+        raise ConfigError("no fnx %s found: %s, or %s"
+                          % (" or ".join(missing), ", ".join(ways[:-1]), ways[-1]))
     return url, token
 
 
 # ---------------------------------------------------------------------------- transport
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An ``http.client`` connection over the AF_UNIX stream socket at ``socket_path`` (the
+    Host header is ``localhost``). A failed connect names the path in its ``OSError``."""
+
+    def __init__(self, socket_path, timeout=socket._GLOBAL_DEFAULT_TIMEOUT):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if self.timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            if exc.errno is not None and exc.filename is None:
+                exc.filename = self.socket_path
+            raise
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 class _Transport:
-    """JSON over one persistent ``http.client`` connection per thread."""
+    """JSON over one persistent ``http.client`` connection per thread (TCP, or the socket of a
+    ``unix://`` URL). Without a token no ``Authorization`` header is sent."""
 
     def __init__(self, url, token, timeout):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError("fnx URL %r is not an http:// or https:// URL" % url)
         self.url = url
-        self._host, self._port = parts.hostname, parts.port
-        self._cls = http.client.HTTPSConnection if parts.scheme == "https" else \
-            http.client.HTTPConnection
-        self._prefix = parts.path.rstrip("/")
-        self._auth = "Bearer " + token
+        self._socket = unix_socket_path(url)
+        if self._socket is None:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError("fnx URL %r is not an http://, https:// or unix:// URL" % url)
+            self._host, self._port = parts.hostname, parts.port
+            self._cls = http.client.HTTPSConnection if parts.scheme == "https" else \
+                http.client.HTTPConnection
+            self._prefix = parts.path.rstrip("/")
+        else:
+            self._prefix = ""
+        self._auth = None if token is None else "Bearer " + token
         self.timeout = timeout
         self._local = threading.local()
         self._all = weakref.WeakSet()  # live connections, for close(); a thread's goes with it
@@ -116,7 +197,10 @@ class _Transport:
     def _connection(self):
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():
-            conn = self._cls(self._host, self._port, timeout=self.timeout)
+            if self._socket is not None:
+                conn = UnixHTTPConnection(self._socket, timeout=self.timeout)
+            else:
+                conn = self._cls(self._host, self._port, timeout=self.timeout)
             self._local.conn, self._local.pid = conn, os.getpid()
             with self._lock:
                 self._all.add(conn)
@@ -143,7 +227,9 @@ class _Transport:
         Error statuses raise the matching ``HTTPError`` subclass.
         """
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
-        hdrs = {"Authorization": self._auth, "Accept": "application/json"}
+        hdrs = {"Accept": "application/json"}
+        if self._auth is not None:
+            hdrs["Authorization"] = self._auth
         if data is not None:
             hdrs["Content-Type"] = "application/json"
         hdrs.update(headers or {})
@@ -331,7 +417,14 @@ def _single_def(source):
 class Client:
     """A connection to an fnx daemon.
 
-    ``url`` and ``token`` default to ``FNX_URL``/``FNX_TOKEN``, then ``$FNX_HOME/client.json``.
+    ``url`` is ``http://host:port``, ``https://...`` or ``unix:///absolute/path/to/fnx.sock``
+    (HTTP over that Unix domain socket). ``url`` and ``token`` each default to
+    ``FNX_URL``/``FNX_TOKEN``, then to ``$FNX_HOME/client.json`` (``~/.fnx/client.json``). If
+    none of them names a URL, the first of ``$FNX_HOME/fnx.sock`` and ``/run/fnx/fnx.sock``
+    that is a socket is used. Over a socket the daemon knows the caller by its credentials, so
+    the token is optional (one that is found is still sent); other URLs need one.
+    ``ConfigError`` names every place looked at when nothing is found.
+
     ``timeout`` (seconds) bounds every request (long polls get their wait on top). Each thread
     uses its own keep-alive connection, so one ``Client`` may be shared between threads.
     """
@@ -614,7 +707,8 @@ class Client:
         return self.request("GET", "/v1/status")
 
     def whoami(self):
-        """``{"user": ..., "admin": ...}`` for this client's token."""
+        """``{"user": ..., "admin": ...}`` for this client's token (over a socket without one:
+        for the user the daemon sees at the other end)."""
         return self.request("GET", "/v1/whoami")
 
     def health(self):

@@ -13,7 +13,8 @@ class FnxError(Exception):
 
 
 class ConfigError(FnxError):
-    """No URL or token was found, or ``client.json`` cannot be read."""
+    """No URL or token was found, ``client.json`` cannot be read, or the URL is not usable
+    (not http/https/unix, or a ``unix://`` URL without an absolute socket path)."""
 
 
 class ConnectionFailed(FnxError, ConnectionError):

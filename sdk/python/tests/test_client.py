@@ -1,7 +1,8 @@
 """Unit tests of the fnx SDK that need no daemon.
 
-Where an HTTP exchange is needed the peer is a real ``http.server.ThreadingHTTPServer`` on a
-loopback port (``Peer``); its ``handle`` function decides each answer and every request is
+Where an HTTP exchange is needed the peer is a real threaded HTTP/1.1 server (``Peer``) on a
+loopback port or on a Unix domain socket in the test's directory (the ``peer`` fixture runs
+each test over both); its ``handle`` function decides each answer and every request is
 recorded. ``FakeDaemon`` is such a handler implementing the few endpoints the Executor uses,
 running each call in the test process, with switches for the orderings the Executor must
 survive (results before the submit answer, results missing from the stream).
@@ -9,9 +10,12 @@ survive (results before the submit answer, results missing from the stream).
 
 import base64
 import concurrent.futures
+import itertools
 import json
 import math
 import pickle
+import socket
+import socketserver
 import sys
 import threading
 import time
@@ -36,15 +40,17 @@ class Request:
     path: str
     headers: dict
     body: object
-    conn: int  # identifies the TCP connection
+    conn: int  # numbers the connection (the server's count, from 1)
 
 
 class Peer:
-    """A real HTTP/1.1 server in a thread. ``handle(request)`` returns ``(status, doc)``, or
-    None to drop the connection without answering."""
+    """A real HTTP/1.1 server in a thread, on a loopback port or (``unix``: a path) on a Unix
+    domain socket. ``handle(request)`` returns ``(status, doc)``, or None to drop the
+    connection without answering."""
 
-    def __init__(self, handle=None):
+    def __init__(self, handle=None, unix=None):
         self.requests = []
+        self.connections = itertools.count(1)
         self.handle = handle or (lambda req: (404, {"error": {"code": "not_found",
                                                                "message": "no route"}}))
         peer = self
@@ -52,11 +58,15 @@ class Peer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
+            def setup(self):
+                super().setup()
+                self.number = next(peer.connections)  # id() of a closed socket is reused
+
             def _serve(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
                 req = Request(self.command, self.path, dict(self.headers),
-                              json.loads(raw) if raw else None, id(self.connection))
+                              json.loads(raw) if raw else None, self.number)
                 peer.requests.append(req)
                 answer = peer.handle(req)
                 if answer is None:
@@ -76,9 +86,13 @@ class Peer:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if unix is None:
+            self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        else:
+            self.server = socketserver.ThreadingUnixStreamServer(str(unix), Handler)
+            self.url = "unix://%s" % unix
         self.server.daemon_threads = True
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
                                        daemon=True)
         self.thread.start()
@@ -91,9 +105,9 @@ class Peer:
         self.server.server_close()
 
 
-@pytest.fixture
-def peer():
-    p = Peer()
+@pytest.fixture(params=["tcp", "unix"])
+def peer(request, tmp_path):
+    p = Peer(unix=tmp_path / "fnx.sock" if request.param == "unix" else None)
     yield p
     p.close()
 
@@ -112,9 +126,12 @@ def pickled(value):
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
+    """FNX_HOME in the test's directory (returned), no FNX_URL/FNX_TOKEN, and the host-wide
+    socket moved there too (``tmp_path / "run" / "fnx.sock"``, not created)."""
     for var in ("FNX_URL", "FNX_TOKEN"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("FNX_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(fnx_client, "SYSTEM_SOCKET", str(tmp_path / "run" / "fnx.sock"))
     return tmp_path / "home"
 
 
@@ -159,7 +176,7 @@ def test_config_unreadable_file(clean_env):
     (clean_env / "client.json").write_text("{not json")
     with pytest.raises(fnx.ConfigError, match="cannot read .*client.json"):
         fnx.Client()
-    with pytest.raises(fnx.ConfigError, match="not an http"):
+    with pytest.raises(fnx.ConfigError, match="not an http://, https:// or unix:// URL"):
         fnx.Client("ftp://x", "t")
 
 
@@ -419,6 +436,172 @@ def test_get_results_in_order(peer):
         c.get_results([1, 3])
     out = c.get_results([3, 1], return_exceptions=True)
     assert isinstance(out[0], fnx.TaskFailed) and out[1] == 10
+
+
+# ---------------------------------------------------------------------------- Unix socket
+
+
+@pytest.fixture
+def unix_peer(tmp_path):
+    p = Peer(lambda req: (200, {"path": req.path}), unix=tmp_path / "d.sock")
+    yield p
+    p.close()
+
+
+def test_unix_url_needs_no_token(clean_env, unix_peer):
+    assert fnx_client.resolve_config(unix_peer.url) == (unix_peer.url, None)
+    c = fnx.Client(unix_peer.url)
+    assert c.url == unix_peer.url
+    assert c.status() == {"path": "/v1/status"}
+    req = unix_peer.requests[-1]
+    assert "Authorization" not in req.headers and req.headers["Host"] == "localhost"
+    fnx.Client(unix_peer.url, "t-unix").whoami()  # a token that is given is sent as over TCP
+    assert unix_peer.requests[-1].path == "/v1/whoami"
+    assert unix_peer.requests[-1].headers["Authorization"] == "Bearer t-unix"
+
+
+def test_unix_url_from_env_or_client_json(clean_env, unix_peer, monkeypatch):
+    monkeypatch.setenv("FNX_URL", unix_peer.url)
+    assert fnx_client.resolve_config() == (unix_peer.url, None)
+    assert fnx.Client().health() == {"path": "/v1/health"}
+    assert "Authorization" not in unix_peer.requests[-1].headers
+    monkeypatch.setenv("FNX_TOKEN", "t-env")
+    fnx.Client().status()
+    assert unix_peer.requests[-1].headers["Authorization"] == "Bearer t-env"
+    for var in ("FNX_URL", "FNX_TOKEN"):
+        monkeypatch.delenv(var)
+    write_client_json(clean_env, url=unix_peer.url)  # no token in the file either
+    c = fnx.Client()
+    assert c.url == unix_peer.url and c.status() == {"path": "/v1/status"}
+    assert "Authorization" not in unix_peer.requests[-1].headers
+    assert len(unix_peer.requests) == 3
+
+
+def test_socket_found_under_fnx_home(clean_env):
+    clean_env.mkdir()
+    peer = Peer(unix=clean_env / "fnx.sock")
+    try:
+        daemon = FakeDaemon(peer)
+        url = "unix://%s" % (clean_env / "fnx.sock")
+        assert fnx_client.resolve_config() == (url, None)  # no client.json, nothing in the env
+        with fnx.Executor() as ex:  # its Client() finds the socket too
+            assert ex.client.url == url
+            assert ex.submit(square, 7).result(10) == 49
+        assert len(daemon.functions) == 1 and peer.requests
+        assert all("Authorization" not in r.headers for r in peer.requests)
+    finally:
+        peer.close()
+
+
+def test_host_socket_is_the_last_resort(clean_env, tmp_path):
+    clean_env.mkdir()
+    (clean_env / "fnx.sock").write_text("")  # a file, not a socket: passed over
+    (tmp_path / "run").mkdir()
+    host = Peer(lambda req: (200, {"who": "host"}), unix=fnx_client.SYSTEM_SOCKET)
+    try:
+        assert fnx_client.resolve_config() == ("unix://" + fnx_client.SYSTEM_SOCKET, None)
+        assert fnx.Client().status() == {"who": "host"}
+        (clean_env / "fnx.sock").unlink()
+        mine = Peer(lambda req: (200, {"who": "mine"}), unix=clean_env / "fnx.sock")
+        try:
+            assert fnx.Client().status() == {"who": "mine"}  # $FNX_HOME/fnx.sock comes first
+        finally:
+            mine.close()
+    finally:
+        host.close()
+
+
+def test_config_sources_win_over_a_socket(clean_env, monkeypatch):
+    clean_env.mkdir()
+    found = Peer(unix=clean_env / "fnx.sock")
+    try:
+        write_client_json(clean_env, url="http://file:1", token="t-file")
+        assert fnx_client.resolve_config() == ("http://file:1", "t-file")
+        monkeypatch.setenv("FNX_URL", "http://env:2")
+        assert fnx_client.resolve_config() == ("http://env:2", "t-file")
+        assert fnx_client.resolve_config("unix:///arg.sock") == ("unix:///arg.sock", "t-file")
+        monkeypatch.delenv("FNX_URL")
+        write_client_json(clean_env, token="t-file")  # a token but no URL: the socket, with it
+        assert fnx_client.resolve_config() == (found.url, "t-file")
+    finally:
+        found.close()
+    assert found.requests == []
+
+
+def test_unix_keep_alive_and_timeout(clean_env, unix_peer):
+    c = fnx.Client(unix_peer.url, timeout=0.5)
+    for i in range(5):
+        assert c.get_task(i) == {"path": "/v1/tasks/%d" % i}
+    conns = [r.conn for r in unix_peer.requests]
+    assert len(conns) == 5 and len(set(conns)) == 1  # one connection for all five
+    t = threading.Thread(target=c.status)
+    t.start()
+    t.join()
+    assert unix_peer.requests[-1].conn != conns[0]  # another thread: its own connection
+    unix_peer.handle = lambda req: time.sleep(1.5) or (200, {})
+    with pytest.raises(fnx.ConnectionFailed, match="no answer from unix://.* within 0.5s"):
+        c.status()
+    unix_peer.handle = lambda req: (200, {"again": True})
+    assert c.status() == {"again": True}  # reconnected after the timeout
+    assert unix_peer.requests[-1].conn not in conns
+
+
+@pytest.mark.parametrize("url", ["unix://fnx.sock", "unix://run/fnx/fnx.sock", "unix://",
+                                 "unix:/tmp/fnx.sock", "UNIX:relative.sock"])
+def test_unix_url_needs_an_absolute_path(clean_env, monkeypatch, url):
+    for attempt in (lambda: fnx.Client(url), lambda: fnx.Client(url, "t"),
+                    lambda: fnx_client.resolve_config(url)):
+        with pytest.raises(fnx.ConfigError) as info:
+            attempt()
+        assert repr(url) in str(info.value) and "absolute path" in str(info.value)
+    monkeypatch.setenv("FNX_URL", url)
+    with pytest.raises(fnx.ConfigError, match="does not name a socket by its absolute path"):
+        fnx.Client()
+
+
+def test_missing_or_refusing_socket(tmp_path):
+    missing = tmp_path / "missing.sock"
+    with pytest.raises(fnx.ConnectionFailed) as info:
+        fnx.Client("unix://%s" % missing).status()
+    assert isinstance(info.value, ConnectionError)
+    assert "cannot reach fnx daemon at unix://" in str(info.value)
+    assert "No such file or directory: '%s'" % missing in str(info.value)
+    stale = tmp_path / "stale.sock"  # a socket left behind by a daemon that is gone
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()
+    with pytest.raises(fnx.ConnectionFailed, match="Connection refused: '%s'" % stale):
+        fnx.Client("unix://%s" % stale).status()
+
+
+def test_config_missing_names_the_sockets(clean_env, monkeypatch):
+    clean_env.mkdir()
+    (clean_env / "fnx.sock").write_text("")  # not a socket
+    with pytest.raises(fnx.ConfigError) as info:
+        fnx.Client()
+    text = str(info.value)
+    for part in ("no fnx URL or token found", "FNX_URL", str(clean_env / "client.json"),
+                 str(clean_env / "fnx.sock"), fnx_client.SYSTEM_SOCKET):
+        assert part in text, text
+    monkeypatch.setenv("FNX_TOKEN", "t")
+    with pytest.raises(fnx.ConfigError, match="no fnx URL found: .*%s or %s" % (
+            clean_env / "fnx.sock", fnx_client.SYSTEM_SOCKET)):
+        fnx.Client()
+    monkeypatch.delenv("FNX_TOKEN")
+    write_client_json(clean_env, url="http://file:1")  # an http URL still needs a token
+    with pytest.raises(fnx.ConfigError, match="no fnx token found") as info:
+        fnx.Client()
+    assert "fnx.sock" not in str(info.value)  # no socket was looked for
+
+
+def test_host_socket_default(monkeypatch, tmp_path):
+    if fnx_client.find_socket(["/run/fnx/fnx.sock"]):
+        pytest.skip("a daemon listens on /run/fnx/fnx.sock here")
+    for var in ("FNX_URL", "FNX_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("FNX_HOME", str(tmp_path))
+    with pytest.raises(fnx.ConfigError, match="%s or /run/fnx/fnx.sock " % (tmp_path / "fnx.sock")):
+        fnx.Client()
 
 
 # ---------------------------------------------------------------------------- Executor
