@@ -98,6 +98,11 @@ pub fn run_daemon(a: DaemonArgs) -> u8 {
         eprintln!("fnx daemon: {e}");
         return EXIT_USAGE;
     }
+    // Keep processes of the same account (user code in a shared-account pool) out of the
+    // daemon's memory, environment and descriptors (/proc/PID/mem, environ, fd; ptrace).
+    if let Err(e) = fnx_sys::process::set_undumpable() {
+        tracing::warn!("cannot protect the daemon's memory from same-account processes: {e}");
+    }
     let listener = match std::net::TcpListener::bind(cfg.listen) {
         Ok(l) => l,
         Err(e) => {
@@ -145,7 +150,8 @@ pub fn config(cmd: ConfigCommand) -> u8 {
     };
     println!("{}: OK", file.display());
     println!(
-        "  data dir {}; API on http://{}; interchange on {} (port {}), manager links {}",
+        "  data dir {}; API on http://{}; interchange on {} (port {}), manager links encrypted \
+         and authenticated (CurveZMQ)",
         c.data_dir.display(),
         c.listen,
         c.interchange.address,
@@ -154,11 +160,6 @@ pub fn config(cmd: ConfigCommand) -> u8 {
         } else {
             format!("{} + pool index", c.interchange.port)
         },
-        if c.interchange.encrypt {
-            "encrypted (CurveZMQ)"
-        } else {
-            "plain"
-        }
     );
     let mut code = EXIT_OK;
     for (i, p) in c.pools.iter().enumerate() {
@@ -254,8 +255,8 @@ pub fn token(cmd: TokenCommand) -> u8 {
         eprintln!("fnx token create: --user must be a name without spaces");
         return EXIT_USAGE;
     }
-    match fnx_daemon::service::create_token(&dir, &a.user, a.admin) {
-        Ok(t) => {
+    match fnx_daemon::service::create_token(&dir, &a.user, a.admin, None) {
+        Ok((_, t)) => {
             match a.output {
                 OutputMode::Json => println!(
                     "{}",

@@ -99,8 +99,9 @@ pub struct ManagerArgs {
     /// Complete tasks without running them (overhead measurement).
     #[arg(long)]
     pub zero_work: bool,
-    /// Key file of an encrypted link to the interchange (CurveZMQ; written by the daemon into
-    /// its key directory, readable only by its owner)
+    /// Key file of the link to the interchange (CurveZMQ; written by the daemon into its key
+    /// directory, readable only by its owner), or `-` to read the keys from standard input.
+    /// Interchanges accept only managers holding keys they issued
     #[arg(long, value_name = "FILE")]
     pub curve_keys: Option<PathBuf>,
 }

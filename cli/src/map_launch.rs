@@ -63,7 +63,7 @@ pub struct LaunchArgs {
 }
 
 /// Fill `opts` for the chosen launcher: the managers' launch, the interchange's address, and
-/// CurveZMQ keys in the run directory when it listens beyond loopback.
+/// CurveZMQ keys in the run directory.
 pub fn configure(a: &LaunchArgs, run_dir: &Path, opts: &mut PoolOptions) -> anyhow::Result<()> {
     let launcher = match a.launcher {
         LauncherArg::Local => return Ok(()),
@@ -142,13 +142,10 @@ pub fn configure(a: &LaunchArgs, run_dir: &Path, opts: &mut PoolOptions) -> anyh
     } else {
         format!("tcp://{address}:0")
     };
-    let loopback = address
-        .parse::<std::net::IpAddr>()
-        .is_ok_and(|ip| ip.is_loopback());
-    if !loopback {
-        let keys = fnx_daemon::keys::Keys::open(&run_dir.join("keys"))?;
-        opts.curve = Some((keys.server()?, keys.manager_file("map")?));
-    }
+    // Managers on other nodes read their keys from a file in the run directory (mode 0600 in
+    // a 0700 directory, the user's own); a link is never plain, loopback included.
+    let keys = fnx_daemon::keys::Keys::open(&run_dir.join("keys"))?;
+    opts.curve = Some(keys.link("map")?);
     opts.launch = Some(Launch {
         spec,
         files,

@@ -77,6 +77,41 @@ fn decode(path: &Path, z85: &str) -> Result<Vec<u8>, KeyError> {
         .ok_or_else(|| file_err(path)("not a Z85 key".into()))
 }
 
+/// Everything one pool's manager links need: the interchange's side, and the keys its managers
+/// authenticate with. Local managers get the manager keys on their standard input (never a
+/// path or a key on a command line); managers on other nodes read `file`.
+#[derive(Clone, Debug)]
+pub struct LinkKeys {
+    /// The interchange's CURVE settings.
+    pub server: CurveServer,
+    /// The key pair issued to the managers, with the interchange's public key.
+    pub manager: KeyFile,
+    /// Where `manager` is written, for managers started elsewhere (None: in memory only).
+    pub file: Option<PathBuf>,
+}
+
+impl LinkKeys {
+    /// Fresh keys that live only in this process (a local pool whose managers all start here).
+    pub fn ephemeral() -> Result<LinkKeys, KeyError> {
+        let here = Path::new("(in memory)");
+        let (server_public, server_secret) = new_pair().map_err(file_err(here))?;
+        let (public, secret) = new_pair().map_err(file_err(here))?;
+        let client = decode(here, &public)?;
+        Ok(LinkKeys {
+            server: CurveServer {
+                secret: decode(here, &server_secret)?,
+                clients: vec![client],
+            },
+            manager: KeyFile {
+                server_public,
+                public,
+                secret,
+            },
+            file: None,
+        })
+    }
+}
+
 /// The keys of one daemon.
 pub struct Keys {
     dir: PathBuf,
@@ -139,6 +174,16 @@ impl Keys {
         Ok(path)
     }
 
+    /// The link keys of `pool`: the interchange's settings and the pool's issued manager keys.
+    pub fn link(&self, pool: &str) -> Result<LinkKeys, KeyError> {
+        let file = self.manager_file(pool)?;
+        Ok(LinkKeys {
+            server: self.server()?,
+            manager: read(&file)?,
+            file: Some(file),
+        })
+    }
+
     /// The interchange's CURVE settings: its secret key, and every issued manager key.
     pub fn server(&self) -> Result<CurveServer, KeyError> {
         let mut clients = Vec::new();
@@ -180,5 +225,15 @@ mod tests {
         let err = Keys::open(&dir).err().expect("refused").to_string();
         assert!(err.contains("755") && err.contains("chmod 700"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn ephemeral_keys_pair_up() {
+        let k = LinkKeys::ephemeral().unwrap();
+        assert!(k.file.is_none());
+        let public = decode(Path::new("x"), &k.manager.public).unwrap();
+        assert_eq!(k.server.clients, vec![public]);
+        let other = LinkKeys::ephemeral().unwrap();
+        assert_ne!(other.manager.secret, k.manager.secret);
     }
 }

@@ -11,6 +11,7 @@
 //! - [`signature`]: Python signatures read from source, and argument binding checks.
 //! - [`auth`]: tokens and their hashes.
 //! - [`keys`]: CurveZMQ keys of the interchange and of each pool's managers.
+//! - [`lock`]: one daemon per data directory (an `flock`ed lock file naming its PID).
 //! - [`local`]: a local pool (interchange + manager processes on this host); embedded mode
 //!   (`fnx map`) uses it too.
 //! - [`scaler`]: the scaling rules of a batch pool (pure: reports in, actions out).
@@ -31,6 +32,7 @@ pub mod config;
 pub mod images;
 pub mod keys;
 pub mod local;
+pub mod lock;
 pub mod records;
 pub mod scaler;
 pub mod service;

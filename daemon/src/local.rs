@@ -48,9 +48,10 @@ pub struct PoolOptions {
     pub report_dispatch: bool,
     /// Largest task argument payload.
     pub max_payload_bytes: usize,
-    /// Encrypted manager links: the interchange's CURVE settings and the key file the managers
-    /// get (`None`: plain links).
-    pub curve: Option<(fnx_interchange::CurveServer, PathBuf)>,
+    /// The keys every manager link is encrypted and authenticated with (`None`: fresh keys
+    /// made at start, kept in memory). There are no plain links: any account on the host can
+    /// reach a loopback port.
+    pub curve: Option<crate::keys::LinkKeys>,
     /// Manager processes.
     pub managers: u32,
     /// Worker slots per manager (None: the CPUs each may use).
@@ -77,6 +78,9 @@ pub struct PoolOptions {
     pub kill_grace: Duration,
     /// Managers complete tasks without running them.
     pub zero_work: bool,
+    /// The whole environment of local managers (and so of their workers and tasks), replacing
+    /// this process's (None: they inherit it, as `fnx map`'s do).
+    pub env: Option<Vec<(String, String)>>,
     /// Start the managers through a parallel launcher (one per node of an allocation) instead
     /// of as `managers` local processes.
     pub launch: Option<Launch>,
@@ -149,6 +153,7 @@ impl PoolOptions {
             max_result_bytes: 10 << 20,
             kill_grace: Duration::from_secs(2),
             zero_work: false,
+            env: None,
             launch: None,
         }
     }
@@ -191,7 +196,13 @@ pub struct LocalPool {
 
 impl LocalPool {
     /// Bind an interchange on loopback and start the manager processes.
-    pub fn start(opts: PoolOptions) -> Result<LocalPool> {
+    pub fn start(mut opts: PoolOptions) -> Result<LocalPool> {
+        let keys = match opts.curve.take() {
+            Some(k) => k,
+            None => crate::keys::LinkKeys::ephemeral()
+                .map_err(|e| LocalError::Managers(format!("cannot make link keys: {e}")))?,
+        };
+        opts.curve = Some(keys);
         let ctx = zmq::Context::new();
         let mut cfg = DriverConfig::new(opts.bind.clone());
         cfg.state.heartbeat_period = opts.heartbeat_period;
@@ -199,7 +210,7 @@ impl LocalPool {
         cfg.state.max_payload_bytes = opts.max_payload_bytes;
         cfg.state.warm_window = opts.warm_window;
         cfg.report_dispatch = opts.report_dispatch;
-        cfg.curve = opts.curve.as_ref().map(|(server, _)| server.clone());
+        cfg.curve = opts.curve.as_ref().map(|k| k.server.clone());
         let (handle, events) = driver::start(&ctx, cfg)?;
         tracing::info!("interchange listening on {}", handle.endpoint());
         let exe = std::env::current_exe().map_err(io("cannot find the fnx executable"))?;
@@ -411,9 +422,19 @@ fn bootstrap(handle: &Handle, opts: &PoolOptions, uid: &str) -> ManagerBootstrap
     b.max_result_bytes = opts.max_result_bytes;
     b.kill_grace_ms = opts.kill_grace.as_millis() as u64;
     b.zero_work = opts.zero_work;
-    b.curve_keys = opts.curve.as_ref().map(|(_, file)| file.clone());
+    // A local manager reads its keys from its standard input ("-"); see `spawn`.
+    b.curve_keys = Some(PathBuf::from("-"));
     opts.shape.apply(&mut b);
     b
+}
+
+/// The key text a local manager reads on its standard input.
+fn key_text(opts: &PoolOptions) -> Option<String> {
+    let k = opts.curve.as_ref()?;
+    Some(
+        k.manager
+            .render("fnx manager keys (from the pool that started this manager)"),
+    )
 }
 
 /// With pinning and several managers on this host, each manager gets its own block of cores
@@ -458,15 +479,20 @@ fn spawn_manager(
     std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
     let mut cmd = Command::new(exe);
     cmd.args(fnx_launcher::manager_args(&b));
-    spawn(
+    if let Some(env) = &opts.env {
+        cmd.env_clear().envs(env.iter().cloned());
+    }
+    let child = spawn(
         cmd,
         opts,
         uid,
         vec![uid.to_string()],
         dir.join("manager.log"),
         cpus,
+        key_text(opts),
         exits,
-    )
+    )?;
+    Ok(child)
 }
 
 /// One launcher process (`srun`/`mpiexec`/`aprun` through bash) that starts a manager named
@@ -478,7 +504,14 @@ fn spawn_launcher(
     launch: &Launch,
     exits: Sender<(String, std::io::Result<ExitStatus>)>,
 ) -> Result<Child> {
-    let b = bootstrap(handle, opts, "manager-{rank}");
+    let mut b = bootstrap(handle, opts, "manager-{rank}");
+    // Managers on other nodes read the key file (on a filesystem the nodes share).
+    b.curve_keys = opts.curve.as_ref().and_then(|k| k.file.clone());
+    if b.curve_keys.is_none() {
+        return Err(LocalError::Managers(
+            "managers started through a launcher need a key file (no keys were written)".into(),
+        ));
+    }
     let mut argv = vec![exe.display().to_string()];
     argv.extend(fnx_launcher::manager_args(&b));
     let mut text = String::new();
@@ -497,9 +530,21 @@ fn spawn_launcher(
     cmd.arg("-c").arg(text).envs(launch.env.iter().cloned());
     let managers = (0..launch.nodes).map(|r| format!("manager-{r}")).collect();
     let log = opts.run_dir.join("launcher.log");
-    spawn(cmd, opts, "launcher", managers, log, Vec::new(), exits)
+    spawn(
+        cmd,
+        opts,
+        "launcher",
+        managers,
+        log,
+        Vec::new(),
+        None,
+        exits,
+    )
 }
 
+/// Start one child in its own process group. `stdin`, when given, is written to its standard
+/// input (a local manager's keys), which is then closed.
+#[allow(clippy::too_many_arguments)]
 fn spawn(
     mut cmd: Command,
     opts: &PoolOptions,
@@ -507,6 +552,7 @@ fn spawn(
     managers: Vec<String>,
     log: PathBuf,
     cpus: Vec<u32>,
+    stdin: Option<String>,
     exits: Sender<(String, std::io::Result<ExitStatus>)>,
 ) -> Result<Child> {
     let stderr = std::fs::File::options()
@@ -515,7 +561,11 @@ fn spawn(
         .open(&log)
         .map_err(io(format!("cannot open {}", log.display())))?;
     cmd.env("FNX_RUN_ID", &opts.run_id)
-        .stdin(Stdio::null())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::null())
         .stderr(Stdio::from(stderr));
     // Own process group (a terminal's Ctrl-C reaches only `fnx map`, which stops everything in
@@ -532,6 +582,14 @@ fn spawn(
         .spawn()
         .map_err(io(format!("cannot start {:?}", cmd.get_program())))?;
     let pid = child.id();
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        use std::io::Write;
+        // A few hundred bytes into an empty pipe: never blocks. A manager that died at once
+        // makes this fail; its exit is reported like any other.
+        if let Err(e) = pipe.write_all(text.as_bytes()) {
+            tracing::warn!("cannot hand manager {uid} its keys: {e}");
+        }
+    }
     let name = uid.to_string();
     std::thread::Builder::new()
         .name(format!("wait-{uid}"))

@@ -4,11 +4,11 @@
 use crate::api::{self, App, PoolRef};
 use crate::blocks::{self, BlockPool, PoolReport};
 use crate::config::{BlocksConfig, PoolConfig, SiteConfig, SyncMode};
-use crate::keys::Keys;
+use crate::keys::{Keys, LinkKeys};
 use crate::local::{LocalError, LocalPool, PoolOptions};
 use crate::store::writer::{Cmd, Shared, Stats, UserCounts, Writer, WriterConfig};
 use crate::store::{self, Reader, State, StoreError};
-use fnx_interchange::{CurveServer, Event, Finished, NewTask};
+use fnx_interchange::{Event, Finished, NewTask};
 use fnx_launcher::script::Rendered;
 use fnx_launcher::{BlockFiles, ManagerBootstrap};
 use fnx_protocol::{ErrorKind, FunctionBody, FunctionDef, Outcome, TaskError};
@@ -44,6 +44,9 @@ pub enum DaemonError {
     /// The CurveZMQ key directory cannot be used.
     #[error("{0}")]
     Keys(#[from] crate::keys::KeyError),
+    /// Another daemon uses the data directory.
+    #[error("{0}")]
+    Locked(#[from] crate::lock::LockError),
     /// A pool could not start.
     #[error("pool {pool}: {source}")]
     Pool {
@@ -64,16 +67,51 @@ pub fn store_path(data_dir: &Path) -> PathBuf {
     data_dir.join("fnx.db")
 }
 
-/// Create a token for `user` in the store of `data_dir` (creating the store if needed).
-pub fn create_token(data_dir: &Path, user: &str, admin: bool) -> Result<String, DaemonError> {
+/// The store of `data_dir` opened for an admin command (`fnx token ...`), created if needed.
+/// SQLite serialises its writes with a running daemon's writer.
+fn admin_store(data_dir: &Path) -> Result<(rusqlite::Connection, PathBuf), DaemonError> {
     let path = store_path(data_dir);
-    let serr = |source| DaemonError::Store {
+    prepare_dir(data_dir)?;
+    let conn = store::open_writer(&path, true).map_err(|source| DaemonError::Store {
         path: path.clone(),
         source,
-    };
-    prepare_dir(data_dir)?;
-    let conn = store::open_writer(&path, true).map_err(serr)?;
-    store::create_token(&conn, user, admin).map_err(serr)
+    })?;
+    Ok((conn, path))
+}
+
+fn store_err(path: &Path) -> impl FnOnce(StoreError) -> DaemonError + '_ {
+    move |source| DaemonError::Store {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Create a token for `user` in the store of `data_dir`, valid until `expires` (seconds since
+/// the epoch; None: until revoked). Returns its id and the token.
+pub fn create_token(
+    data_dir: &Path,
+    user: &str,
+    admin: bool,
+    expires: Option<f64>,
+) -> Result<(i64, String), DaemonError> {
+    let (conn, path) = admin_store(data_dir)?;
+    store::create_token(&conn, user, admin, expires).map_err(store_err(&path))
+}
+
+/// The tokens in the store of `data_dir` (of `user`, or everyone's).
+pub fn list_tokens(
+    data_dir: &Path,
+    user: Option<&str>,
+) -> Result<Vec<store::TokenInfo>, DaemonError> {
+    let (conn, path) = admin_store(data_dir)?;
+    store::list_tokens(&conn, user).map_err(store_err(&path))
+}
+
+/// Revoke token `id` in the store of `data_dir`; its user, or None if there is no such token.
+/// A running daemon stops accepting it within a second.
+pub fn revoke_token(data_dir: &Path, id: i64) -> Result<Option<String>, DaemonError> {
+    let (conn, path) = admin_store(data_dir)?;
+    store::revoke_token(&conn, id, None).map_err(store_err(&path))
 }
 
 fn prepare_dir(dir: &Path) -> Result<(), DaemonError> {
@@ -97,7 +135,7 @@ fn first_start(
         return Ok(());
     }
     let user = crate::auth::current_user();
-    let token = store::create_token(conn, &user, true).map_err(serr)?;
+    let (_, token) = store::create_token(conn, &user, true, None).map_err(serr)?;
     let file = cfg.data_dir.join("client.json");
     let body =
         serde_json::json!({"url": format!("http://{}", cfg.listen), "token": token, "user": user});
@@ -195,11 +233,11 @@ pub fn dry_run(cfg: &SiteConfig, i: usize) -> Option<Result<DryRun, String>> {
                     _ => return Err(e),
                 },
             };
-        let keys = cfg.interchange.encrypt.then(|| {
+        let keys = Some(
             cfg.shared()
                 .join("keys")
-                .join(format!("{}.manager", p.name))
-        });
+                .join(format!("{}.manager", p.name)),
+        );
         let template = manager_template(cfg, p, endpoint, keys);
         let fnx = fnx_path(bc).map_err(|e| e.to_string())?;
         let (files, rendered) =
@@ -226,11 +264,11 @@ fn start_pool(
     cfg: &SiteConfig,
     i: usize,
     p: &PoolConfig,
-    curve: Option<(CurveServer, PathBuf)>,
+    curve: LinkKeys,
 ) -> Result<Started, DaemonError> {
     let run_dir = pool_run_dir(cfg.shared(), &p.name);
     prepare_dir(&run_dir)?;
-    let keys = curve.as_ref().map(|(_, f)| f.clone());
+    let keys = curve.file.clone();
     let opts = PoolOptions {
         bind: format!("tcp://{}:{}", cfg.interchange.address, pool_port(cfg, i)),
         report_dispatch: true,
@@ -244,7 +282,8 @@ fn start_pool(
         warm_window: cfg.interchange.warm_window,
         max_result_bytes: cfg.limits.max_result_bytes,
         kill_grace: p.kill_grace,
-        curve,
+        curve: Some(curve),
+        env: Some(cfg.child_env()),
         ..PoolOptions::new(run_dir.clone(), run_id(&p.name))
     };
     let pool_err = |msg: String| DaemonError::Pool {
@@ -297,25 +336,24 @@ fn start_pool(
     })
 }
 
-/// With `interchange.encrypt`: the interchange's CURVE settings and each pool's manager key
-/// file (issued on first use), in pool order.
-fn encryption(cfg: &SiteConfig) -> Result<Option<(CurveServer, Vec<PathBuf>)>, DaemonError> {
-    if !cfg.interchange.encrypt {
-        return Ok(None);
-    }
+/// Every pool's link keys (issued on first use), in pool order. Local managers get theirs on
+/// their standard input; managers started elsewhere read the pool's key file.
+fn encryption(cfg: &SiteConfig) -> Result<Vec<LinkKeys>, DaemonError> {
     let keys = Keys::open(&cfg.shared().join("keys"))?;
-    let mut files = Vec::new();
+    let mut out = Vec::new();
     for p in &cfg.pools {
-        let file = keys.manager_file(&p.name)?;
-        tracing::info!(
-            "pool {}: manager links are encrypted (CurveZMQ); managers started outside the \
-             daemon need --curve-keys {}",
-            p.name,
-            file.display()
-        );
-        files.push(file);
+        let link = keys.link(&p.name)?;
+        if p.blocks.is_some() || p.managers == 0 {
+            tracing::info!(
+                "pool {}: manager links are encrypted (CurveZMQ); managers started outside the \
+                 daemon need --curve-keys {}",
+                p.name,
+                link.file.as_deref().unwrap_or(Path::new("?")).display()
+            );
+        }
+        out.push(link);
     }
-    Ok(Some((keys.server()?, files)))
+    Ok(out)
 }
 
 /// What the store holds for a start: read in full before any pool starts, so that a damaged
@@ -524,6 +562,7 @@ pub fn run(
 ) -> Result<(), DaemonError> {
     let started = Instant::now();
     prepare_dir(&cfg.data_dir)?;
+    let _lock = crate::lock::lock_data_dir(&cfg.data_dir)?;
     let path = store_path(&cfg.data_dir);
     let serr = |source| DaemonError::Store {
         path: path.clone(),
@@ -544,11 +583,8 @@ pub fn run(
     first_start(&conn, &cfg, &path)?;
     let loaded = load(&conn, &path)?;
     let mut pools = Vec::new();
-    let curve = encryption(&cfg)?;
-    for (i, p) in cfg.pools.iter().enumerate() {
-        let keys = curve
-            .as_ref()
-            .map(|(server, files)| (server.clone(), files[i].clone()));
+    let links = encryption(&cfg)?;
+    for ((i, p), keys) in cfg.pools.iter().enumerate().zip(links) {
         pools.push(start_pool(&cfg, i, p, keys)?);
     }
     let reports: Vec<_> = pools.iter().map(|s| s.report.clone()).collect();

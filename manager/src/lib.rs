@@ -71,21 +71,33 @@ pub enum ManagerError {
     },
 }
 
-/// Read an encrypted link's key file; refuse one that others may read.
+/// The keys of an encrypted link: from the file at `path`, or, when `path` is `-`, from
+/// standard input (how a local pool hands its managers their keys: nothing on the command
+/// line, no file).
 fn read_keys(path: &std::path::Path) -> Result<link::ClientKeys, ManagerError> {
+    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
     let err = |what: String| ManagerError::Keys {
         path: path.to_path_buf(),
         what,
     };
-    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read it: {e}")))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(err(format!(
-            "has mode {mode:03o}; a key file must be readable only by its owner (chmod 600)"
-        )));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+    let text = if path.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .take(4096)
+            .read_to_string(&mut text)
+            .map_err(|e| err(format!("cannot read keys from standard input: {e}")))?;
+        text
+    } else {
+        let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(err(format!(
+                "has mode {mode:03o}; a key file must be readable only by its owner (chmod 600)"
+            )));
+        }
+        std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?
+    };
     let keys = fnx_protocol::KeyFile::parse(&text).map_err(|e| err(e.to_string()))?;
     let decode = |name: &str, z85: &str| {
         zmq::z85_decode(z85)
@@ -202,6 +214,10 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
     };
     let dir = manager_dir(b);
     std::fs::create_dir_all(&dir).map_err(io("cannot create the manager directory"))?;
+    // Tasks run under this account: keep them out of this process's memory (its link keys).
+    if let Err(e) = fnx_sys::process::set_undumpable() {
+        tracing::warn!("cannot protect the manager's memory from its tasks: {e}");
+    }
     let script = dir.join("fnx_worker.py");
     std::fs::write(&script, WORKER_PY).map_err(io("cannot write the worker runtime"))?;
     if let Err(e) = fnx_sys::process::become_subreaper() {

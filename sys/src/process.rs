@@ -55,6 +55,18 @@ pub fn become_subreaper() -> io::Result<()> {
     Ok(())
 }
 
+/// Make this process undumpable: processes of the same account (the tasks it runs, in a
+/// shared-account pool) can no longer read its memory, environment or open files through
+/// `/proc/PID/…`, nor attach a debugger to it. Not inherited across `exec`.
+pub fn set_undumpable() -> io::Result<()> {
+    // SAFETY: plain prctl call with integer arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong, 0, 0, 0) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Open a pidfd for `pid`: a file descriptor that becomes readable when the process exits.
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: raw syscall with integer arguments; a non-negative result is a new fd we own.

@@ -205,7 +205,10 @@ class Daemon:
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = merge(
             {
-                "daemon": {"data_dir": str(self.home), "listen": f"127.0.0.1:{self.port}"},
+                # The test's marker reaches every process the daemon starts, so that
+                # teardown finds them all; nothing else of its environment does.
+                "daemon": {"data_dir": str(self.home), "listen": f"127.0.0.1:{self.port}",
+                           "pass_env": ["FNX_TEST_MARK"]},
                 "interchange": {"port": self.interchange_port},
                 "pools": {"local": {"workers_per_manager": 2}},
             },

@@ -496,21 +496,30 @@ def test_two_users_cannot_see_each_others_tasks_functions_or_results(daemon):
     ]:
         fl = daemon.api("GET", "/v1/functions", token=me).body["functions"]
         assert [f["id"] for f in fl] == [mine_f], fl
-        error_of(daemon.api("GET", f"/v1/functions/{other_f}", token=me), 403, "forbidden")
-        error_of(daemon.api("GET", f"/v1/tasks/{other_t[0]}", token=me), 403, "forbidden")
-        error_of(daemon.api("GET", f"/v1/tasks/{other_t[0]}?wait=1", token=me), 403, "forbidden")
-        error_of(daemon.api("DELETE", f"/v1/tasks/{other_t[0]}", token=me), 403, "forbidden")
+        # Another user's ids answer exactly like ids that do not exist (404, not 403), so
+        # their existence is not revealed (issue 11).
+        missing = 10**9
+        for path in ["/v1/functions/{}", "/v1/tasks/{}", "/v1/tasks/{}?wait=1"]:
+            theirs = other_f if "functions" in path else other_t[0]
+            said = error_of(daemon.api("GET", path.format(theirs), token=me), 404, "not_found")
+            none = error_of(daemon.api("GET", path.format(missing), token=me), 404, "not_found")
+            assert said == none.replace(str(missing), str(theirs)), (said, none)
+        error_of(daemon.api("DELETE", f"/v1/tasks/{other_t[0]}", token=me), 404, "not_found")
         r = daemon.api("POST", "/v1/tasks", {"tasks": [{"function": other_f, "args": [1]}]},
                        token=me)
-        error_of(r, 403, "forbidden")
+        assert f"function {other_f} does not exist" in error_of(r, 400, "bad_request")
         st = daemon.statuses(other_t, token=me)
         assert st == [{"id": i, "state": "unknown"} for i in other_t], st
         res = daemon.api("GET", "/v1/results?since=0", token=me).body["results"]
         assert sorted(t["id"] for t in res) == sorted(mine_t), res
-        s = daemon.status(token=me)["tasks"]
-        assert s == {"queued": 0, "running": 0, "finished": len(mine_t)}, s
+        doc = daemon.status(token=me)
+        assert doc["tasks"] == {"queued": 0, "running": 0, "finished": len(mine_t)}, doc
+        # Only their own counts, and no path on the server.
+        pool = doc["pools"][0]
+        assert not {"run_dir", "queued", "running", "blocks", "managers"} & set(pool), pool
+        assert str(daemon.home) not in json.dumps(doc) and "store" not in doc, doc
     # Last, so that everything above ran with the function in place.
-    error_of(daemon.api("DELETE", f"/v1/functions/{af}", token=bob), 403, "forbidden")
+    error_of(daemon.api("DELETE", f"/v1/functions/{af}", token=bob), 404, "not_found")
     assert daemon.api("GET", f"/v1/functions/{af}", token=alice).status == 200
 
     # Admins see everyone's functions.

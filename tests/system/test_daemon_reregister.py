@@ -19,7 +19,9 @@ def start_external_manager(fnx_env, daemon, uid: str, slots: int, *extra: str
         [str(fnx_env.bin), "manager", "--interchange",
          f"tcp://127.0.0.1:{daemon.interchange_port}", "--uid", uid,
          "--run-dir", str(daemon.dir / "external"), "--run-id", f"ext-{uid}",
-         "--slots", str(slots), "--heartbeat-period-ms", "500", *extra],
+         "--slots", str(slots), "--heartbeat-period-ms", "500",
+         # Every manager link is authenticated: the pool's issued key file.
+         "--curve-keys", str(daemon.home / "keys" / "local.manager"), *extra],
         cwd=fnx_env.dir, env=fnx_env.env, stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=log,
     )

@@ -37,6 +37,9 @@ def where(i):
 """
 # Workers start inside functions' own images: the pool names the runtime only.
 POOLS = {"local": {"workers_per_manager": 2, "container_runtime": "apptainer"}}
+# The daemon's environment reaches user code only as the site lists (the fake runtime, started
+# by the managers, records its calls in $FNX_FAKE_LOG).
+PASS_FAKE_LOG = {"pass_env": ["FNX_TEST_MARK", "FNX_FAKE_LOG"]}
 
 
 def fake_env(tmp_path: Path, **extra: str) -> tuple[dict, Path]:
@@ -204,7 +207,7 @@ def assert_ran_in(d, tids: list[int], image: str, log: Path, timeout: float = 30
 def test_the_definition_is_written_built_once_and_a_second_registration_hits_the_cache(
         make_daemon, tmp_path):
     env, log = fake_env(tmp_path)
-    d = make_daemon(pools=POOLS, env=env)
+    d = make_daemon(pools=POOLS, daemon=PASS_FAKE_LOG, env=env)
     body = register(d, where_fn({"python": ["SciPy", "numpy >= 1.26", "Foo_Bar.baz", "scipy"],
                                  "system": ["LibGOMP1", "zlib1g=1:1.2.13"]}))
     fid, build = body["id"], body["build"]
@@ -268,7 +271,7 @@ def test_the_definition_is_written_built_once_and_a_second_registration_hits_the
 
 def test_tasks_submitted_during_the_build_wait_and_then_run_in_the_image(make_daemon, tmp_path):
     env, log, gate = gated(tmp_path)
-    d = make_daemon(pools=POOLS, env=env)
+    d = make_daemon(pools=POOLS, daemon=PASS_FAKE_LOG, env=env)
     body = register(d, where_fn({"python": ["requests"]}))
     fid, image = body["id"], body["container"]["image"]
     assert body["build"]["state"] == "building", body["build"]
@@ -299,7 +302,7 @@ def test_concurrent_registrations_of_the_same_dependencies_share_one_build(make_
                                                                             tmp_path):
     env, log, gate = gated(tmp_path, FAKE_APPTAINER_BUILD_SECONDS="1")
     cache = tmp_path / "image-cache"
-    d = make_daemon(pools=POOLS, env=env,
+    d = make_daemon(pools=POOLS, daemon=PASS_FAKE_LOG, env=env,
                     builds={"dir": str(cache), "base_image": "python:3.12-slim"})
     specs = [where_fn({"python": ["pandas", "NumPy"], "system": ["curl"]}, "a"),
              where_fn({"python": ["numpy", "Pandas", "numpy"], "system": [" CURL "]}, "b")]
@@ -344,7 +347,7 @@ def test_a_failed_build_fails_the_held_tasks_naming_its_log(make_daemon, tmp_pat
     why = "ERROR: No matching distribution found for nosuchpkg==9.9"
     env, log, gate = gated(tmp_path)
     gate.fail(why)
-    d = make_daemon(pools=POOLS, env=env)
+    d = make_daemon(pools=POOLS, daemon=PASS_FAKE_LOG, env=env)
     body = register(d, where_fn({"python": ["nosuchpkg==9.9"]}))
     fid, build = body["id"], body["build"]
     tids = d.submit([{"function": fid, "args": [i]} for i in range(3)])
@@ -412,7 +415,7 @@ def test_a_failed_build_fails_the_held_tasks_naming_its_log(make_daemon, tmp_pat
 def test_a_daemon_that_cannot_build_refuses_dependencies(make_daemon, tmp_path):
     path = "/usr/local/bin:/usr/bin:/bin"
     assert shutil.which("apptainer", path=path) is None, "a real apptainer is installed"
-    d = make_daemon(pools=POOLS, env={"PATH": path})
+    d = make_daemon(pools=POOLS, daemon=PASS_FAKE_LOG, env={"PATH": path})
     r = d.api("POST", "/v1/functions", where_fn({"python": ["numpy"]}))
     msg = error_of(r, 400, "bad_request")
     assert "apptainer" in msg and "[builds]" in msg, msg
@@ -424,7 +427,7 @@ def test_a_daemon_that_cannot_build_refuses_dependencies(make_daemon, tmp_path):
 
     # A configured build command that does not exist is named too.
     env, log = fake_env(tmp_path)
-    d2 = make_daemon(pools=POOLS, env=env,
+    d2 = make_daemon(pools=POOLS, daemon=PASS_FAKE_LOG, env=env,
                      builds={"command": f"{tmp_path}/no-such/apptainer build"})
     r = d2.api("POST", "/v1/functions", where_fn({"python": ["numpy"]}))
     msg = error_of(r, 400, "bad_request")
@@ -434,7 +437,7 @@ def test_a_daemon_that_cannot_build_refuses_dependencies(make_daemon, tmp_path):
 
 def test_bad_dependencies_are_refused_naming_the_item(make_daemon, tmp_path):
     env, log = fake_env(tmp_path)
-    d = make_daemon(pools=POOLS, env=env)
+    d = make_daemon(pools=POOLS, daemon=PASS_FAKE_LOG, env=env)
     cases = [
         ({"python": ["numpy", "numpy; rm -rf /"]}, ["dependencies.python[1]", "numpy; rm -rf /"]),
         ({"python": ["https://example.com/evil-1.0.whl"]},
@@ -473,7 +476,7 @@ def test_bad_dependencies_are_refused_naming_the_item(make_daemon, tmp_path):
 @pytest.mark.parametrize("how", ["sigterm", "kill9"])
 def test_a_build_interrupted_by_a_restart_starts_again(make_daemon, tmp_path, how):
     env, log, gate = gated(tmp_path)
-    d = make_daemon(pools=POOLS, env=env)
+    d = make_daemon(pools=POOLS, daemon=PASS_FAKE_LOG, env=env)
     body = register(d, where_fn({"python": ["scikit-learn"]}))
     fid, image = body["id"], body["container"]["image"]
     [tid] = d.submit([{"function": fid, "args": [5]}])

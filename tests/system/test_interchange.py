@@ -78,27 +78,16 @@ def test_fault_19_21_garbage_and_wrong_version_on_manager_port_run_unaffected(fn
 
     ctx = zmq.Context()
     try:
+        # Without a key (plaintext ZMTP) nothing reaches the state machine, however well-formed:
+        # the handshake fails first, loopback included (FAULTS.md 31).
         junk = ctx.socket(zmq.DEALER)
-        junk.setsockopt(zmq.LINGER, 1000)
+        junk.setsockopt(zmq.LINGER, 0)
         junk.connect(f"tcp://127.0.0.1:{port}")
         for frame in garbage_messages(rng):
             junk.send(frame)
         junk.send_multipart([b"two", b"parts"])
-
-        # A registration in another protocol version is refused, naming both versions.
-        bad = ctx.socket(zmq.DEALER)
-        bad.setsockopt(zmq.LINGER, 0)
-        bad.connect(f"tcp://127.0.0.1:{port}")
-        bad.send(register(99, uid="from-the-future"))
-        assert bad.poll(10_000), "no answer to a registration with protocol version 99"
-        reply = msgpack.unpackb(bad.recv())
-        assert reply == [
-            PROTOCOL_VERSION,
-            {"rejected": [
-                "protocol version mismatch: manager speaks version 99, "
-                "interchange speaks version 3"
-            ]},
-        ]
+        junk.send(register(PROTOCOL_VERSION, uid="no-key"))
+        assert not junk.poll(3000), "a manager without a key got an answer"
     finally:
         # Closes the sockets too: a failed assertion above must not hang on ctx.term().
         ctx.destroy(linger=0)
@@ -112,7 +101,55 @@ def test_fault_19_21_garbage_and_wrong_version_on_manager_port_run_unaffected(fn
     for i, line in r.items():
         assert line == {"index": i, "ok": True, "result": 3 * i}, line
     log = (run.run_dir / "fnx.log").read_text(errors="replace")
-    assert "version 99" in log, "the refused registration must be visible in the run's log"
-    assert "ignored" in log, "malformed messages must be logged (rate-limited), not silently"
+    assert "handshake with a manager failed" in log, "refused peers must be logged"
+    assert "no-key" not in log, "nothing a peer without a key sent may reach the interchange"
     # The real manager stayed registered the whole time: exactly one registration.
+    assert log.count("registered with") == 1, log
+
+
+def test_fault_19_21_garbage_and_wrong_version_from_a_key_holder(make_daemon):
+    """A peer holding an issued key passes the handshake; its malformed messages are then
+    dropped and logged, and a registration in another protocol version is refused naming both
+    versions, while the daemon's own manager runs tasks."""
+    d = make_daemon()
+    keys = dict(
+        (k.strip(), v.strip()) for k, v in
+        (line.split("=", 1) for line in (d.home / "keys" / "local.manager").read_text()
+         .splitlines() if "=" in line))
+    rng = random.Random(21)
+    ctx = zmq.Context()
+    try:
+        def keyed():
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.curve_serverkey = keys["server_public"].encode()
+            sock.curve_publickey = keys["public"].encode()
+            sock.curve_secretkey = keys["secret"].encode()
+            sock.connect(f"tcp://127.0.0.1:{d.interchange_port}")
+            return sock
+
+        junk = keyed()
+        for frame in garbage_messages(rng):
+            junk.send(frame)
+        junk.send_multipart([b"two", b"parts"])
+        bad = keyed()
+        bad.send(register(99, uid="from-the-future"))
+        assert bad.poll(10_000), "no answer to a registration with protocol version 99"
+        reply = msgpack.unpackb(bad.recv())
+        assert reply == [
+            PROTOCOL_VERSION,
+            {"rejected": [
+                "protocol version mismatch: manager speaks version 99, "
+                f"interchange speaks version {PROTOCOL_VERSION}"
+            ]},
+        ]
+    finally:
+        ctx.destroy(linger=0)
+    sid = d.register({"kind": "shell", "command": "echo {x}"})
+    [tid] = d.submit([{"function": sid, "args": {"x": "fine"}}])
+    rec = d.wait_task(tid)
+    assert rec["state"] == "success" and rec["result"]["value"]["stdout"] == "fine\n", rec
+    log = d.log_since_start()
+    assert "version 99" in log, "the refused registration must be visible in the log"
+    assert "ignored" in log, "malformed messages must be logged (rate-limited), not silently"
     assert log.count("registered with") == 1, log

@@ -219,7 +219,8 @@ def test_http_errors(daemon):
 
     other = fnx.Client(daemon.url, daemon.create_user("bob"))
     tid = c.run(square, 2)
-    with pytest.raises(fnx.Forbidden):
+    # Another user's task answers like one that does not exist (issue 11).
+    with pytest.raises(fnx.NotFound):
         other.get_task(tid)
     assert other.get_results([tid], return_exceptions=True)[0].__class__ is fnx.NotFound
 

@@ -333,18 +333,13 @@ pub(super) async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> Api
     Ok(json_response(StatusCode::OK, json!({ "functions": list })))
 }
 
-/// A function the caller may use, or the error to answer with.
+/// A function the caller may use, or the error to answer with. Another user's function
+/// answers exactly like a missing one (404).
 pub(super) fn owned(app: &App, caller: &Caller, id: u64) -> Result<FunctionRow, ApiError> {
-    let row = app
-        .reader
+    app.reader
         .function(FunctionId(id))?
-        .ok_or_else(|| ApiError::not_found(format!("function {id} does not exist")))?;
-    if !caller.may_see(&row.owner) {
-        return Err(ApiError::forbidden(format!(
-            "function {id} belongs to another user"
-        )));
-    }
-    Ok(row)
+        .filter(|r| caller.may_see(&r.owner))
+        .ok_or_else(|| ApiError::not_found(format!("function {id} does not exist")))
 }
 
 pub(super) async fn show(

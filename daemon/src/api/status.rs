@@ -87,13 +87,18 @@ pub(super) async fn status(State(app): State<Arc<App>>, headers: HeaderMap) -> A
         .zip(&app.pools)
         .map(|((name, counts, managers), pref)| {
             let r = pref.report.lock().map(|r| r.clone()).unwrap_or_default();
+            // Non-admins see what the pool offers, not what others run on it, nor any path
+            // on the server (issue 11).
             let mut p = json!({"name": name, "provider": r.provider, "launcher": r.launcher,
-                               "queued": counts.queued, "held_for_images": counts.held,
-                               "running": counts.running, "workers": counts.slots,
-                               "managers_connected": counts.managers,
-                               "run_dir": r.run_dir, "failed": r.failed,
-                               "blocks": r.blocks});
+                               "workers": counts.slots, "managers_connected": counts.managers,
+                               "failed": r.failed.is_some()});
             if c.admin {
+                p["queued"] = json!(counts.queued);
+                p["held_for_images"] = json!(counts.held);
+                p["running"] = json!(counts.running);
+                p["run_dir"] = json!(r.run_dir);
+                p["failed"] = json!(r.failed);
+                p["blocks"] = json!(r.blocks);
                 p["managers"] = managers.iter().map(manager_json).collect();
             }
             p

@@ -18,14 +18,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The task if the caller may see it. Another user's task answers exactly like a missing one
+/// (404), so that ids do not reveal what others run.
 fn visible(caller: &Caller, id: u64, row: Option<TaskRow>) -> Result<TaskRow, ApiError> {
-    let row = row.ok_or_else(|| ApiError::not_found(format!("task {id} does not exist")))?;
-    if !caller.may_see(&row.owner) {
-        return Err(ApiError::forbidden(format!(
-            "task {id} belongs to another user"
-        )));
-    }
-    Ok(row)
+    row.filter(|r| caller.may_see(&r.owner))
+        .ok_or_else(|| ApiError::not_found(format!("task {id} does not exist")))
 }
 
 /// Read a task until it is terminal or `until` passes.

@@ -112,6 +112,7 @@ struct RawDaemon {
     shared_dir: Option<PathBuf>,
     listen: Option<String>,
     log_file: Option<PathBuf>,
+    pass_env: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -194,8 +195,6 @@ pub struct InterchangeConfig {
     pub heartbeat_period: Duration,
     /// Silence after which a manager is lost.
     pub heartbeat_threshold: Duration,
-    /// Encrypt and authenticate manager links with CurveZMQ.
-    pub encrypt: bool,
     /// Warm routing: how many places older a queued task of another container may be before
     /// it goes ahead of the tasks a manager has warm workers for (0: strict arrival order).
     pub warm_window: u64,
@@ -214,6 +213,9 @@ pub struct SiteConfig {
     pub listen: SocketAddr,
     /// Log file (None: stderr).
     pub log_file: Option<PathBuf>,
+    /// Variables of the daemon's environment that its managers and workers get, beyond
+    /// [`BASE_PASS_ENV`]; nothing else of the daemon's environment reaches user code.
+    pub pass_env: Vec<String>,
     /// Store settings.
     pub store: StoreConfig,
     /// Limits.
@@ -235,7 +237,27 @@ pub fn fnx_home() -> PathBuf {
     PathBuf::from(home).join(".fnx")
 }
 
+/// What managers and workers the daemon starts get of its environment, always: the search
+/// path, the locale and time zone, and the account's name and home. `LC_*` matches every
+/// locale variable.
+pub const BASE_PASS_ENV: [&str; 8] = [
+    "PATH", "LANG", "LANGUAGE", "LC_*", "TZ", "HOME", "USER", "LOGNAME",
+];
+
 impl SiteConfig {
+    /// The environment of the processes the daemon starts for user code: [`BASE_PASS_ENV`]
+    /// and `pass_env`, with their values in the daemon's own environment.
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        std::env::vars()
+            .filter(|(k, _)| {
+                BASE_PASS_ENV.iter().any(|p| match p.strip_suffix('*') {
+                    Some(prefix) => k.starts_with(prefix),
+                    None => k == p,
+                }) || self.pass_env.iter().any(|p| p == k)
+            })
+            .collect()
+    }
+
     /// The directory shared with compute nodes: `shared_dir`, else `data_dir`.
     pub fn shared(&self) -> &Path {
         self.shared_dir.as_deref().unwrap_or(&self.data_dir)
@@ -372,7 +394,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
         max_queued_per_user: l.max_queued_per_user.unwrap_or(2_000_000),
     };
     let i = raw.interchange;
-    let mut interchange = InterchangeConfig {
+    let interchange = InterchangeConfig {
         address: i.address.unwrap_or_else(|| "127.0.0.1".into()),
         port: i.port.unwrap_or(0),
         heartbeat_period: p.secs(
@@ -387,24 +409,23 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
             30.0,
             0.1,
         ),
-        encrypt: false,
         warm_window: i.warm_window.unwrap_or(4096),
     };
-    let loopback = interchange
-        .address
-        .parse::<std::net::IpAddr>()
-        .is_ok_and(|a| a.is_loopback());
-    interchange.encrypt = match i.encrypt.as_deref().unwrap_or("auto") {
-        "auto" => !loopback,
-        "always" => true,
-        "never" => false,
-        other => {
-            p.0.push(format!(
-                "interchange.encrypt: must be \"auto\", \"always\" or \"never\", got {other:?}"
-            ));
-            false
-        }
-    };
+    // Manager links are always encrypted and authenticated (CurveZMQ), loopback included:
+    // any account on the host can reach a loopback port. "auto" and "always" are kept so that
+    // existing site files load.
+    match i.encrypt.as_deref().unwrap_or("auto") {
+        "auto" | "always" => {}
+        "never" => p.0.push(
+            "interchange.encrypt: \"never\" is no longer allowed: every manager link is \
+             authenticated with CurveZMQ, loopback included (any local account could otherwise \
+             register as a manager and receive tasks); remove the key"
+                .into(),
+        ),
+        other => p.0.push(format!(
+            "interchange.encrypt: must be \"auto\" or \"always\" (both mean CurveZMQ), got {other:?}"
+        )),
+    }
     if interchange.heartbeat_threshold <= interchange.heartbeat_period {
         p.0.push(
             "interchange.heartbeat_threshold_s: must be longer than heartbeat_period_s".into(),
@@ -480,8 +501,25 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
             problems: p.0,
         });
     }
+    let pass_env = raw.daemon.pass_env.unwrap_or_default();
+    for name in &pass_env {
+        let ok = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            p.0.push(format!(
+                "daemon.pass_env: {name:?} is not an environment variable name"
+            ));
+        }
+    }
+    if !p.0.is_empty() {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems: p.0,
+        });
+    }
     Ok(SiteConfig {
         data_dir: raw.daemon.data_dir.unwrap_or_else(fnx_home),
+        pass_env,
         shared_dir: raw.daemon.shared_dir.filter(|d| !d.as_os_str().is_empty()),
         listen,
         log_file: raw.daemon.log_file.filter(|f| !f.as_os_str().is_empty()),

@@ -21,13 +21,13 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// The schema version this build writes; older stores are migrated on open.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users(
     name TEXT PRIMARY KEY, admin INTEGER NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens(
-    hash TEXT PRIMARY KEY, user TEXT NOT NULL, created REAL NOT NULL);
+    hash TEXT PRIMARY KEY, user TEXT NOT NULL, created REAL NOT NULL, expires REAL, revoked REAL);
 CREATE TABLE IF NOT EXISTS functions(
     id INTEGER PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
     spec TEXT NOT NULL, created REAL NOT NULL, deleted INTEGER NOT NULL DEFAULT 0);
@@ -173,6 +173,16 @@ pub fn open_writer(path: &Path, full_sync: bool) -> Result<Connection, StoreErro
         );
         conn.execute_batch("ALTER TABLE tasks ADD COLUMN files BLOB")?;
     }
+    if existed && version < 3 {
+        // Version 2 (before token expiry and revocation): two new columns.
+        tracing::info!(
+            "migrating the task store {} to schema version 3",
+            path.display()
+        );
+        conn.execute_batch(
+            "ALTER TABLE tokens ADD COLUMN expires REAL; ALTER TABLE tokens ADD COLUMN revoked REAL",
+        )?;
+    }
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     Ok(conn)
@@ -294,15 +304,33 @@ impl Reader {
         })
     }
 
-    /// The user and admin flag of a token hash.
+    /// The user and admin flag of a live token (not revoked, not expired) by its hash.
     pub fn token_user(&self, hash: &str) -> Result<Option<(String, bool)>, StoreError> {
         let c = self.get()?;
         Ok(c.query_row(
-            "SELECT u.name, u.admin FROM tokens t JOIN users u ON u.name = t.user WHERE t.hash = ?1",
-            [hash],
+            "SELECT u.name, u.admin FROM tokens t JOIN users u ON u.name = t.user
+             WHERE t.hash = ?1 AND t.revoked IS NULL AND (t.expires IS NULL OR t.expires > ?2)",
+            params![hash, now()],
             |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)),
         )
         .optional()?)
+    }
+
+    /// Tokens (of `user`, or everyone's).
+    pub fn tokens(&self, user: Option<&str>) -> Result<Vec<TokenInfo>, StoreError> {
+        let c = self.get()?;
+        list_tokens(&c, user)
+    }
+
+    /// The user and admin flag of a user, if it exists.
+    pub fn user(&self, name: &str) -> Result<Option<bool>, StoreError> {
+        let c = self.get()?;
+        Ok(
+            c.query_row("SELECT admin FROM users WHERE name = ?1", [name], |r| {
+                Ok(r.get::<_, i64>(0)? != 0)
+            })
+            .optional()?,
+        )
     }
 
     /// One task.
@@ -454,22 +482,100 @@ fn encoding_from(v: i64) -> Encoding {
     }
 }
 
-/// Create a user (or update its admin flag) and a new token for it; returns the token. Used by
-/// the daemon on its first start and by `fnx token create` (which opens the store itself; SQLite
-/// serialises it with the daemon's writer).
-pub fn create_token(conn: &Connection, user: &str, admin: bool) -> Result<String, StoreError> {
+/// Create a user (or update its admin flag) and a new token for it, valid until `expires`
+/// (seconds since the epoch; None: until revoked); returns the token's id and the token. Used
+/// by the daemon on its first start, by the token API, and by `fnx token create` (which opens
+/// the store itself; SQLite serialises it with the daemon's writer).
+pub fn create_token(
+    conn: &Connection,
+    user: &str,
+    admin: bool,
+    expires: Option<f64>,
+) -> Result<(i64, String), StoreError> {
     let token = crate::auth::new_token();
     let t = now();
+    ensure_user(conn, user, admin)?;
+    conn.execute(
+        "INSERT INTO tokens(hash, user, created, expires) VALUES (?1, ?2, ?3, ?4)",
+        params![crate::auth::hash_token(&token), user, t, expires],
+    )?;
+    Ok((conn.last_insert_rowid(), token))
+}
+
+/// Create a user if it does not exist (or raise its admin flag).
+pub fn ensure_user(conn: &Connection, user: &str, admin: bool) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO users(name, admin, created) VALUES (?1, ?2, ?3)
          ON CONFLICT(name) DO UPDATE SET admin = max(admin, excluded.admin)",
-        params![user, admin as i64, t],
+        params![user, admin as i64, now()],
     )?;
-    conn.execute(
-        "INSERT INTO tokens(hash, user, created) VALUES (?1, ?2, ?3)",
-        params![crate::auth::hash_token(&token), user, t],
+    Ok(())
+}
+
+/// A token as listed (never the token itself: only its hash is stored).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TokenInfo {
+    /// Its id (for `revoke`).
+    pub id: i64,
+    /// Its user.
+    pub user: String,
+    /// The user is an admin.
+    pub admin: bool,
+    /// Created (seconds since the epoch).
+    pub created: f64,
+    /// Expires (None: never).
+    pub expires: Option<f64>,
+    /// Revoked at (None: not revoked).
+    pub revoked: Option<f64>,
+    /// Neither revoked nor expired.
+    pub live: bool,
+}
+
+/// Tokens of `user` (or everyone's), oldest first.
+pub fn list_tokens(conn: &Connection, user: Option<&str>) -> Result<Vec<TokenInfo>, StoreError> {
+    let t = now();
+    let mut st = conn.prepare(
+        "SELECT t.rowid, t.user, u.admin, t.created, t.expires, t.revoked
+         FROM tokens t JOIN users u ON u.name = t.user
+         WHERE ?1 IS NULL OR t.user = ?1 ORDER BY t.rowid",
     )?;
-    Ok(token)
+    let rows = st.query_map([user], |r| {
+        let expires: Option<f64> = r.get(4)?;
+        let revoked: Option<f64> = r.get(5)?;
+        Ok(TokenInfo {
+            id: r.get(0)?,
+            user: r.get(1)?,
+            admin: r.get::<_, i64>(2)? != 0,
+            created: r.get(3)?,
+            expires,
+            revoked,
+            live: revoked.is_none() && expires.is_none_or(|e| e > t),
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Revoke token `id` (only if it belongs to `owner`, when given). Returns the token's user, or
+/// None when there is no such token (of that owner). Revoking twice is not an error.
+pub fn revoke_token(
+    conn: &Connection,
+    id: i64,
+    owner: Option<&str>,
+) -> Result<Option<String>, StoreError> {
+    let user: Option<String> = conn
+        .query_row(
+            "SELECT user FROM tokens WHERE rowid = ?1 AND (?2 IS NULL OR user = ?2)",
+            params![id, owner],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if user.is_some() {
+        conn.execute(
+            "UPDATE tokens SET revoked = ?2 WHERE rowid = ?1 AND revoked IS NULL",
+            params![id, now()],
+        )?;
+    }
+    Ok(user)
 }
 
 /// How many users exist.
@@ -490,7 +596,9 @@ mod tests {
         {
             // The version-1 tasks table: no `files` column.
             let c = Connection::open(&path).unwrap();
-            let v1 = SCHEMA.replace(", files BLOB);", ");");
+            let v1 = SCHEMA
+                .replace(", files BLOB);", ");")
+                .replace(", expires REAL, revoked REAL);", ");");
             c.execute_batch(&v1).unwrap();
             c.pragma_update(None, "user_version", 1).unwrap();
             c.execute(
@@ -508,6 +616,13 @@ mod tests {
         let t = unfinished(&c).unwrap();
         assert_eq!(t.len(), 1);
         assert!(t[0].was_running && t[0].task.attempt == Attempt(3) && t[0].task.files.is_empty());
+        // Tokens gained expiry and revocation.
+        let (id, _) = create_token(&c, "u", false, None).unwrap();
+        assert_eq!(
+            revoke_token(&c, id, Some("u")).unwrap().as_deref(),
+            Some("u")
+        );
+        assert!(!list_tokens(&c, Some("u")).unwrap()[0].live);
         drop(c);
         // A store from a newer fnx is refused with both versions named.
         Connection::open(&path)

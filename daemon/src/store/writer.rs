@@ -110,6 +110,9 @@ pub enum Cmd {
     },
     /// These finished tasks were read by their owner.
     FetchedIds(Vec<TaskId>),
+    /// A rare administrative write (tokens), run on the writer's connection after the round's
+    /// group commit, in its own transaction; it answers through whatever it captured.
+    Exec(Box<dyn FnOnce(&rusqlite::Connection) + Send>),
 }
 
 /// Per-user task counts.
@@ -300,6 +303,7 @@ impl Writer {
         let mut deletes = Vec::new();
         let mut fetched = Vec::new();
         let mut fetched_ids = Vec::new();
+        let mut execs = Vec::new();
         for c in cmds {
             match c {
                 Cmd::Submit {
@@ -314,6 +318,7 @@ impl Writer {
                 Cmd::Delete(id, reply) => deletes.push((id, reply)),
                 Cmd::Fetched { owner, after, upto } => fetched.push((owner, after, upto)),
                 Cmd::FetchedIds(ids) => fetched_ids.extend(ids),
+                Cmd::Exec(f) => execs.push(f),
             }
         }
         // A commit of dispatch records and fetch marks alone is not worth an fsync: losing it in a
@@ -374,6 +379,9 @@ impl Writer {
                     let _ = reply.send(Err(err));
                 }
             }
+        }
+        for f in execs {
+            f(&self.conn);
         }
     }
 

@@ -1,0 +1,125 @@
+"""Keeping users and the daemon apart (issue 11): one daemon per data directory, nothing of the
+daemon's environment in user code, and no manager link without a key, loopback included
+(FAULTS.md 31: any local account can reach a loopback port).
+
+Where a case needs a second Unix account (a rogue manager started by someone else), the test
+runs it as `nobody` through `setpriv` when it runs as root, as CI does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from conftest import wait_for
+from daemon_env import GATE, gate, result_value, wait_started
+
+ENV_OF_TASK = {"kind": "python", "entry": "envf",
+               "source": "def envf():\n    import os\n    return dict(os.environ)\n"}
+
+
+def as_other_account() -> list[str]:
+    """The prefix that runs a command as another local account (nobody), or [] when this
+    test does not run as root."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return []
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
+def rogue_manager(fnx_env, endpoint: str) -> subprocess.CompletedProcess:
+    """`fnx manager` pointed at `endpoint` with no key, as another account where possible."""
+    run_dir = tempfile.mkdtemp(prefix="fnx-rogue-")
+    os.chmod(run_dir, 0o777)
+    try:
+        argv = [*as_other_account(), str(fnx_env.bin), "manager", "--interchange", endpoint,
+                "--uid", "rogue", "--run-dir", run_dir, "--run-id", "rogue", "--slots", "4",
+                "--heartbeat-threshold-ms", "3000"]
+        return subprocess.run(argv, cwd=run_dir, env=fnx_env.env, capture_output=True,
+                              text=True, timeout=30)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def assert_refused(r: subprocess.CompletedProcess, took: float) -> None:
+    assert r.returncode != 0 and took < 10, (r.returncode, took, r.stderr)
+    assert "--curve-keys" in r.stderr, r.stderr  # it says what it lacks
+    assert "registered" not in r.stderr.lower() or "not registered" in r.stderr.lower(), r.stderr
+
+
+def test_second_daemon_on_the_same_data_dir_refuses_naming_the_pid(make_daemon):
+    first = make_daemon()
+    second = make_daemon(start=False, data_dir=first.home)
+    rc = second.try_start(timeout=30)
+    log = second.log_since_start()
+    assert rc is not None and rc != 0, "a second daemon on the same data directory must not start"
+    assert f"another fnx daemon (pid {first.pid})" in log and str(first.home) in log, log[-2000:]
+    # The first one goes on serving.
+    assert first.api("GET", "/v1/health", token=None).status == 200
+    assert (first.home / "fnx.lock").read_text().strip() == str(first.pid)
+
+
+def test_tasks_get_nothing_of_the_daemons_environment(make_daemon):
+    d = make_daemon(env={"FNX_TEST_DAEMON_ONLY": "not-for-tasks"})
+    fid = d.register(ENV_OF_TASK)
+    [tid] = d.submit([{"function": fid, "args": []}])
+    env = result_value(d.wait_task(tid))
+    assert "FNX_HOME" not in env, env
+    assert "FNX_TEST_DAEMON_ONLY" not in env, env
+    # (A pyenv shim for python3 puts its own directories in front.)
+    assert env.get("PATH", "").endswith(os.environ["PATH"]), env
+    # What the site lists in daemon.pass_env does reach tasks (the tests list their marker).
+    assert env.get("FNX_TEST_MARK") == d.fnx_env.mark, env
+    # Shell tasks too.
+    sid = d.register({"kind": "shell", "command": "env"})
+    [tid] = d.submit([{"function": sid, "args": {}}])
+    out = d.wait_task(tid)["result"]["value"]["stdout"]
+    assert "FNX_HOME=" not in out and "FNX_TEST_DAEMON_ONLY" not in out, out
+
+
+def test_fault_31_rogue_manager_on_loopback_gets_nothing_from_the_daemon(make_daemon, fnx_env):
+    # The default configuration: the interchange on loopback, no encryption setting.
+    d = make_daemon(interchange={"heartbeat_period_s": 0.5, "heartbeat_threshold_s": 3})
+    g = gate(fnx_env)
+    sid = d.register({"kind": "shell", "command": GATE.replace("{d}", str(g))})
+    ids = d.submit([{"function": sid, "args": {"i": i}} for i in range(20)])
+    wait_started(g, [0, 1])  # both workers busy, the rest queued
+    t0 = time.monotonic()
+    r = rogue_manager(fnx_env, f"tcp://127.0.0.1:{d.interchange_port}")
+    assert_refused(r, time.monotonic() - t0)
+    wait_for(lambda: "handshake with a manager failed" in d.log_since_start(), 5,
+             "the daemon logs the refused handshake")
+    assert d.status()["pools"][0]["managers_connected"] == 1
+    (g / "release").touch()
+    recs = d.wait_all(ids, timeout=60)
+    assert all(rec["state"] == "success" for rec in recs.values()), recs
+    # Every task ran here (a task the rogue took would have no marker file).
+    assert sorted(os.listdir(g)) == sorted(
+        ["release", *(f"started-{i}" for i in range(20)), *(f"done-{i}" for i in range(20))])
+
+
+def test_fault_31_rogue_manager_gets_nothing_from_fnx_map(fnx_env):
+    g = gate(fnx_env)
+    run = fnx_env.start_map("--shell", GATE.replace("{d}", str(g)),
+                            inputs=({"i": i} for i in range(10)))
+    wait_started(g, [0, 1])
+    log = run.run_dir / "fnx.log"
+    line = wait_for(lambda: log.exists() and re.search(r"interchange listening on (\S+)",
+                                                       log.read_text()), 10,
+                    "the map's interchange address in its log")
+    endpoint = line.group(1)
+    assert endpoint.startswith("tcp://127.0.0.1:"), endpoint
+    t0 = time.monotonic()
+    r = rogue_manager(fnx_env, endpoint)
+    assert_refused(r, time.monotonic() - t0)
+    (g / "release").touch()
+    res = run.wait(60)
+    assert res.returncode == 0, res.explain()
+    by_index = res.by_index()
+    assert sorted(by_index) == list(range(10)), res.lines
+    assert all(x["ok"] for x in res.lines), res.lines
