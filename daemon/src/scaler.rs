@@ -531,6 +531,7 @@ mod tests {
             draining: false,
             idle_for: None,
             workers: Vec::new(),
+            tenant: String::new(),
         }
     }
 

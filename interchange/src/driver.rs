@@ -8,9 +8,8 @@
 //! inproc socket) and receives [`Event`]s on a channel, finished tasks in batches.
 
 use crate::guard::{CurveServer, Guard};
-use crate::state::{
-    Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer,
-};
+use crate::state::{Comm, Config, Counts, Finished, ManagerStatus, NewTask, Notice, Peer};
+use crate::tenants::Tenants;
 use fnx_protocol::{
     decode, encode, Attempt, BlockId, FunctionDef, FunctionId, InterchangeToManager, ManagerId,
     ManagerToInterchange, TaskError, TaskId, TaskSpec,
@@ -88,14 +87,17 @@ pub enum Event {
 }
 
 enum Command {
+    AllowKey(Vec<u8>, String),
+    Tenants(Sender<Vec<(String, Counts)>>),
     AddFunction(FunctionDef),
     HoldFunction(FunctionId),
     ReleaseFunction(FunctionId),
     FailFunction(FunctionId, TaskError),
-    Submit(Vec<NewTask>),
+    Submit(String, Vec<NewTask>),
     Cancel(Vec<TaskId>),
     ManagerGone { uid: String, reason: String },
     DrainBlock(BlockId),
+    DrainManager(String),
     Status(Sender<(Counts, Vec<ManagerStatus>)>),
     Shutdown { reason: String },
 }
@@ -148,7 +150,7 @@ pub fn start(
         .name("interchange".into())
         .spawn(move || {
             let mut driver = Driver {
-                ic: Interchange::new(config.state.clone()),
+                ic: Tenants::new(config.state.clone()),
                 router,
                 wake: wake_rx,
                 commands: cmd_rx,
@@ -207,9 +209,28 @@ impl Handle {
         self.command(Command::FailFunction(id, error));
     }
 
-    /// Hand tasks to the interchange.
+    /// Hand tasks to the interchange (the shared tenant's: any manager may run them).
     pub fn submit(&self, tasks: Vec<NewTask>) {
-        self.command(Command::Submit(tasks));
+        self.command(Command::Submit(String::new(), tasks));
+    }
+
+    /// Hand tasks of `tenant` to the interchange: only managers holding a key of that tenant
+    /// get them ([`crate::tenants`]).
+    pub fn submit_as(&self, tenant: &str, tasks: Vec<NewTask>) {
+        self.command(Command::Submit(tenant.to_string(), tasks));
+    }
+
+    /// Accept managers holding the public key `key` (32 bytes) from now on, as managers of
+    /// `tenant` (with a CURVE server; ignored without).
+    pub fn allow_manager_key(&self, key: Vec<u8>, tenant: &str) {
+        self.command(Command::AllowKey(key, tenant.to_string()));
+    }
+
+    /// Each tenant's counts.
+    pub fn tenants(&self) -> Option<Vec<(String, Counts)>> {
+        let (tx, rx) = channel();
+        self.command(Command::Tenants(tx));
+        rx.recv_timeout(Duration::from_secs(10)).ok()
     }
 
     /// Cancel tasks.
@@ -226,6 +247,12 @@ impl Handle {
     /// they hold none.
     pub fn drain_block(&self, block: BlockId) {
         self.command(Command::DrainBlock(block));
+    }
+
+    /// Drain the manager launched as `uid`: no new tasks; it is released (and exits) once it
+    /// holds none.
+    pub fn drain_manager(&self, uid: &str) {
+        self.command(Command::DrainManager(uid.to_string()));
     }
 
     /// Counts and managers, as the driver sees them now.
@@ -260,7 +287,7 @@ impl Drop for Handle {
 }
 
 struct Driver {
-    ic: Interchange,
+    ic: Tenants,
     router: zmq::Socket,
     wake: zmq::Socket,
     commands: Receiver<Command>,
@@ -359,12 +386,21 @@ impl Driver {
                     Command::HoldFunction(id) => self.ic.hold_function(id),
                     Command::ReleaseFunction(id) => self.ic.release_function(id),
                     Command::FailFunction(id, e) => self.ic.fail_function(id, e, &mut out),
-                    Command::Submit(tasks) => self.ic.submit(tasks, &mut out),
+                    Command::Submit(tenant, tasks) => self.ic.submit(&tenant, tasks, &mut out),
+                    Command::AllowKey(key, tenant) => {
+                        if let Some(g) = &mut self.guard {
+                            g.allow(key, tenant);
+                        }
+                    }
+                    Command::Tenants(reply) => {
+                        let _ = reply.send(self.ic.tenant_counts());
+                    }
                     Command::Cancel(ids) => self.ic.cancel(&ids, &mut out),
                     Command::ManagerGone { uid, reason } => {
                         self.ic.manager_gone(&uid, &reason, &mut out)
                     }
                     Command::DrainBlock(block) => self.ic.drain_block(block, &mut out),
+                    Command::DrainManager(uid) => self.ic.drain_named(&uid, &mut out),
                     Command::Status(reply) => {
                         let _ = reply.send((self.ic.counts(), self.ic.managers(Instant::now())));
                     }
@@ -374,11 +410,11 @@ impl Driver {
             if router_ready {
                 let now = Instant::now();
                 for _ in 0..MAX_MESSAGES_PER_ROUND {
-                    match self.router.recv_multipart(zmq::DONTWAIT) {
-                        Ok(parts) => {
-                            handle_parts(&mut self.ic, now, parts, self.max_frame, &mut out)
+                    match recv_message(&self.router) {
+                        Ok(Some(m)) => {
+                            handle_message(&mut self.ic, now, m, self.max_frame, &mut out)
                         }
-                        Err(zmq::Error::EAGAIN) => break,
+                        Ok(None) => break,
                         Err(e) => {
                             tracing::error!("receive failed: {e}");
                             break;
@@ -459,25 +495,56 @@ impl Driver {
     }
 }
 
-fn handle_parts(
-    ic: &mut Interchange,
-    now: Instant,
-    parts: Vec<Vec<u8>>,
-    max: usize,
-    out: &mut Outbox<'_>,
-) {
-    let mut parts = parts.into_iter();
-    let Some(peer) = parts.next() else { return };
-    let (Some(frame), None) = (parts.next(), parts.next()) else {
+/// One message from a peer: its routing id, its frames (at most two are kept; a message of
+/// more is malformed anyway), and its tenant as the ZAP handler named it (`User-Id`).
+struct Incoming {
+    peer: Vec<u8>,
+    frames: Vec<zmq::Message>,
+    extra_frames: bool,
+    tenant: String,
+}
+
+/// The next whole message, or None when there is none.
+fn recv_message(router: &zmq::Socket) -> Result<Option<Incoming>, zmq::Error> {
+    let peer = match router.recv_msg(zmq::DONTWAIT) {
+        Ok(m) => m.to_vec(),
+        Err(zmq::Error::EAGAIN) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut frames = Vec::new();
+    let mut extra_frames = false;
+    let mut tenant = None;
+    while router.get_rcvmore()? {
+        let mut m = router.recv_msg(0)?;
+        if tenant.is_none() {
+            tenant = Some(m.gets("User-Id").unwrap_or("").to_string());
+        }
+        if frames.len() < 2 {
+            frames.push(m);
+        } else {
+            extra_frames = true;
+        }
+    }
+    Ok(Some(Incoming {
+        peer,
+        frames,
+        extra_frames,
+        tenant: tenant.unwrap_or_default(),
+    }))
+}
+
+fn handle_message(ic: &mut Tenants, now: Instant, m: Incoming, max: usize, out: &mut Outbox<'_>) {
+    let tenant = m.tenant.as_str();
+    if m.frames.len() != 1 || m.extra_frames {
         let err = fnx_protocol::FrameError::Malformed {
             reason: "expected exactly one frame per message".into(),
         };
-        ic.on_bad_frame(&peer, &err, out);
+        ic.on_bad_frame(tenant, &m.peer, &err, out);
         return;
-    };
-    match decode::<ManagerToInterchange>(&frame, max) {
-        Ok(msg) => ic.on_message(now, &peer, msg, out),
-        Err(err) => ic.on_bad_frame(&peer, &err, out),
+    }
+    match decode::<ManagerToInterchange>(&m.frames[0], max) {
+        Ok(msg) => ic.on_message(tenant, now, &m.peer, msg, out),
+        Err(err) => ic.on_bad_frame(tenant, &m.peer, &err, out),
     }
 }
 

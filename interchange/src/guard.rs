@@ -9,7 +9,7 @@
 //! machine.
 
 use crate::driver::{DriverError, RateLimit};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -18,8 +18,9 @@ use std::time::Instant;
 pub struct CurveServer {
     /// The interchange's secret key (32 bytes).
     pub secret: Vec<u8>,
-    /// Public keys (32 bytes each) of the managers allowed to connect.
-    pub clients: Vec<Vec<u8>>,
+    /// Public keys (32 bytes each) of the managers allowed to connect, each with the tenant
+    /// (user) whose tasks its holder may receive (`""`: the shared tenant).
+    pub clients: Vec<(Vec<u8>, String)>,
 }
 
 impl std::fmt::Debug for CurveServer {
@@ -33,7 +34,8 @@ impl std::fmt::Debug for CurveServer {
 pub(crate) struct Guard {
     pub(crate) zap: zmq::Socket,
     pub(crate) monitor: zmq::Socket,
-    allowed: HashSet<Vec<u8>>,
+    /// Issued keys and their tenants.
+    allowed: HashMap<Vec<u8>, String>,
     log: RateLimit,
 }
 
@@ -78,13 +80,23 @@ impl Guard {
         })
     }
 
-    /// Answer waiting ZAP requests: 200 for an issued key, 400 otherwise.
+    /// Accept `key` from now on, for managers of `tenant`.
+    pub(crate) fn allow(&mut self, key: Vec<u8>, tenant: String) {
+        self.allowed.insert(key, tenant);
+    }
+
+    /// Answer waiting ZAP requests: 200 for an issued key, naming its tenant as the user id
+    /// (every message of that connection carries it as `User-Id`), 400 otherwise.
     pub(crate) fn serve_zap(&mut self) {
         while let Ok(req) = self.zap.recv_multipart(zmq::DONTWAIT) {
             // version, request id, domain, address, identity, mechanism, credentials...
             let field = |i: usize| req.get(i).cloned().unwrap_or_default();
             let (address, mechanism, key) = (field(3), field(5), field(6));
-            let ok = mechanism == b"CURVE" && self.allowed.contains(&key);
+            let tenant = (mechanism == b"CURVE")
+                .then(|| self.allowed.get(&key))
+                .flatten()
+                .cloned();
+            let ok = tenant.is_some();
             if !ok {
                 let who = String::from_utf8_lossy(&address).into_owned();
                 let key = zmq::z85_encode(&key).unwrap_or_else(|_| "(none)".into());
@@ -105,7 +117,8 @@ impl Guard {
             } else {
                 (b"400", b"key not issued by this daemon")
             };
-            let reply: [&[u8]; 6] = [b"1.0", &field(1), code, text, b"", b""];
+            let user = tenant.unwrap_or_default();
+            let reply: [&[u8]; 6] = [b"1.0", &field(1), code, text, user.as_bytes(), b""];
             if let Err(e) = self.zap.send_multipart(reply, 0) {
                 tracing::error!("cannot answer an authentication request: {e}");
             }

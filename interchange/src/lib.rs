@@ -7,6 +7,8 @@
 //! - [`types`]: the public data types: configuration, tasks in, finished tasks and notices out.
 //! - [`queue`]: the priority-then-FIFO pending queue.
 //! - [`routing`]: one queue per worker environment (container) and warm routing between them.
+//! - [`tenants`]: one state machine per tenant (user), so that a user's tasks only ever go
+//!   to that user's managers.
 //! - [`driver`]: one thread that owns a ZeroMQ ROUTER socket (one socket for every manager),
 //!   feeds the state machine and hands finished tasks to the host over a channel.
 //! - [`guard`]: CurveZMQ for manager links: the server key, a ZAP handler that accepts only
@@ -20,6 +22,7 @@ pub mod guard;
 pub mod queue;
 pub mod routing;
 pub mod state;
+pub mod tenants;
 pub mod types;
 
 pub use driver::{DriverConfig, Event, Handle};

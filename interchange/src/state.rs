@@ -153,6 +153,12 @@ impl Interchange {
         }
     }
 
+    /// Number managers from `first` on (before any registered): state machines that share a
+    /// driver ([`crate::tenants`]) never hand out the same id.
+    pub fn set_first_manager_id(&mut self, first: u64) {
+        self.next_manager = self.next_manager.max(first);
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
@@ -690,7 +696,20 @@ impl Interchange {
         }
     }
 
-    /// Drain every manager of `block` (see [`Interchange::drain_manager`]).
+    /// Drain the manager launched as `uid` (see [`Interchange::drain_manager`]).
+    pub fn drain_named(&mut self, uid: &str, comm: &mut impl Comm) {
+        let found = self
+            .managers
+            .iter()
+            .find(|(_, m)| m.uid == uid && !m.draining)
+            .map(|(&id, _)| id);
+        if let Some(id) = found {
+            self.drain_manager(id, comm);
+        }
+    }
+
+    /// Drain every manager of a block: they get no new tasks and are released (and exit) once
+    /// they hold none.
     pub fn drain_block(&mut self, block: BlockId, comm: &mut impl Comm) {
         let ids: Vec<ManagerId> = self
             .managers
@@ -747,6 +766,7 @@ impl Interchange {
                 draining: m.draining,
                 idle_for: m.idle_since.map(|t| now.saturating_duration_since(t)),
                 workers: m.workers.clone(),
+                tenant: String::new(),
             })
             .collect();
         out.sort_by_key(|m| m.id);

@@ -173,6 +173,8 @@ pub struct ManagerStatus {
     pub idle_for: Option<Duration>,
     /// Its Python workers per environment, as it last reported them.
     pub workers: Vec<fnx_protocol::WarmWorkers>,
+    /// The tenant (user) it serves; `""`: the shared tenant.
+    pub tenant: String,
 }
 
 /// Counts for status displays.
