@@ -10,6 +10,7 @@
 //! - [`records`]: stored rows and their JSON form.
 //! - [`signature`]: Python signatures read from source, and argument binding checks.
 //! - [`auth`]: tokens and their hashes.
+//! - [`identity`]: `[users] mode`: the Unix account a user's code runs as, and who is refused.
 //! - [`keys`]: CurveZMQ keys of the interchange and of each pool's managers.
 //! - [`lock`]: one daemon per data directory (an `flock`ed lock file naming its PID).
 //! - [`local`]: a local pool (interchange + manager processes on this host); embedded mode
@@ -29,6 +30,7 @@ pub mod auth;
 pub mod blocks;
 pub mod builds;
 pub mod config;
+pub mod identity;
 pub mod images;
 pub mod keys;
 pub mod local;

@@ -8,6 +8,8 @@
 //! - [`signals`]: turning SIGINT/SIGTERM/SIGHUP into a readable file descriptor (self-pipe),
 //!   so event loops can poll for them.
 //! - [`node`]: host name and the number of CPUs this process may use.
+//! - [`user`]: Unix accounts, and becoming one between fork and exec (the one privileged
+//!   part of fnx).
 //!
 //! - [`placement`]: the node's topology (sysfs, or an hwloc XML export) and pinning plans: pure
 //!   data computed from topology + policy, applied in one place before exec.
@@ -18,3 +20,4 @@ pub mod placement;
 pub mod process;
 pub mod signals;
 pub mod sweep;
+pub mod user;

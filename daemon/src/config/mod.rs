@@ -59,6 +59,40 @@ struct RawConfig {
     pools: Pools,
     #[serde(default)]
     builds: RawBuilds,
+    #[serde(default)]
+    users: RawUsers,
+}
+
+#[derive(Deserialize, Default)]
+struct RawUsers {
+    mode: Option<String>,
+    min_uid: Option<u32>,
+    auto: Option<bool>,
+    user_idle_s: Option<f64>,
+}
+
+/// Whose account user code runs under (`[users] mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsersMode {
+    /// Every task runs as the account the daemon runs as: for one user, or a group of users
+    /// who trust each other.
+    Service,
+    /// Each fnx user is a Unix account, and every process that runs a user's code runs as that
+    /// account.
+    Unix,
+}
+
+/// `[users]`: who the users are and whose account their code runs under.
+#[derive(Clone, Debug)]
+pub struct UsersConfig {
+    /// The mode.
+    pub mode: UsersMode,
+    /// Accounts below this uid are never mapped to (`unix` mode).
+    pub min_uid: u32,
+    /// A socket peer with no fnx user gets one on first contact (`unix` mode).
+    pub auto: bool,
+    /// A user's local managers exit after this long without tasks (`unix` mode).
+    pub user_idle: Duration,
 }
 
 #[derive(Deserialize, Default)]
@@ -113,6 +147,7 @@ struct RawDaemon {
     listen: Option<String>,
     log_file: Option<PathBuf>,
     pass_env: Option<Vec<String>>,
+    socket: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -213,6 +248,10 @@ pub struct SiteConfig {
     pub listen: SocketAddr,
     /// Log file (None: stderr).
     pub log_file: Option<PathBuf>,
+    /// The local socket (identity from the kernel, no token); None: no socket.
+    pub socket: Option<PathBuf>,
+    /// `[users]`.
+    pub users: UsersConfig,
     /// Variables of the daemon's environment that its managers and workers get, beyond
     /// [`BASE_PASS_ENV`]; nothing else of the daemon's environment reaches user code.
     pub pass_env: Vec<String>,
@@ -501,6 +540,33 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
             problems: p.0,
         });
     }
+    let users = UsersConfig {
+        mode: match raw.users.mode.as_deref().unwrap_or("service") {
+            "service" => UsersMode::Service,
+            "unix" => UsersMode::Unix,
+            other => {
+                p.0.push(format!(
+                    "users.mode: must be \"service\" or \"unix\", got {other:?}"
+                ));
+                UsersMode::Service
+            }
+        },
+        min_uid: raw.users.min_uid.unwrap_or(1000),
+        auto: raw.users.auto.unwrap_or(true),
+        user_idle: p.secs("users.user_idle_s", raw.users.user_idle_s, 300.0, 1.0),
+    };
+    if users.min_uid == 0 {
+        p.0.push("users.min_uid: must be at least 1 (root is never a user's account)".into());
+    }
+    if users.mode == UsersMode::Unix {
+        for pool in pools.iter().filter(|p| p.blocks.is_some()) {
+            p.0.push(format!(
+                "pools.{}: users.mode = \"unix\" runs users' tasks only in local pools so far \
+                 (a batch pool's blocks would run every user's tasks as the service account)",
+                pool.name
+            ));
+        }
+    }
     let pass_env = raw.daemon.pass_env.unwrap_or_default();
     for name in &pass_env {
         let ok = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
@@ -517,8 +583,16 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
             problems: p.0,
         });
     }
+    let data_dir = raw.daemon.data_dir.unwrap_or_else(fnx_home);
+    let socket = match raw.daemon.socket {
+        None => Some(data_dir.join("fnx.sock")),
+        Some(s) if s.as_os_str().is_empty() => None,
+        Some(s) => Some(s),
+    };
     Ok(SiteConfig {
-        data_dir: raw.daemon.data_dir.unwrap_or_else(fnx_home),
+        data_dir,
+        socket,
+        users,
         pass_env,
         shared_dir: raw.daemon.shared_dir.filter(|d| !d.as_os_str().is_empty()),
         listen,
