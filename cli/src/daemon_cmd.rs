@@ -1,6 +1,5 @@
-//! `fnx daemon`, `fnx config check` and `fnx token create`.
+//! `fnx daemon` and `fnx config check`.
 
-use crate::client::OutputMode;
 use crate::{EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE};
 use clap::{Args, Subcommand};
 use fnx_daemon::config::SiteConfig;
@@ -30,7 +29,7 @@ pub struct DaemonArgs {
     pub data_dir: Option<PathBuf>,
 }
 
-fn load(config: Option<&PathBuf>) -> Result<SiteConfig, String> {
+pub(crate) fn load(config: Option<&PathBuf>) -> Result<SiteConfig, String> {
     match config {
         Some(f) => SiteConfig::load(f).map_err(|e| e.to_string()),
         None => Ok(SiteConfig::defaults()),
@@ -97,6 +96,12 @@ pub fn run_daemon(a: DaemonArgs) -> u8 {
     if let Err(e) = init_logging(cfg.log_file.as_ref()) {
         eprintln!("fnx daemon: {e}");
         return EXIT_USAGE;
+    }
+    // Everything the daemon creates (store, keys, logs, run directories) is its own unless it
+    // says otherwise; its children start with the same umask.
+    // SAFETY: umask cannot fail.
+    unsafe {
+        libc::umask(0o077);
     }
     // Keep processes of the same account (user code in a shared-account pool) out of the
     // daemon's memory, environment and descriptors (/proc/PID/mem, environ, fd; ptrace).
@@ -211,64 +216,4 @@ pub fn config(cmd: ConfigCommand) -> u8 {
         }
     }
     code
-}
-
-/// `fnx token ...`.
-#[derive(Subcommand, Debug)]
-pub enum TokenCommand {
-    /// Create a user (if new) and a token for it; prints the token once (only its hash is kept).
-    Create(TokenArgs),
-}
-
-/// `fnx token create`.
-#[derive(Args, Debug)]
-pub struct TokenArgs {
-    /// The user.
-    #[arg(long)]
-    pub user: String,
-    /// Make the user an admin (sees everyone's tasks in status).
-    #[arg(long)]
-    pub admin: bool,
-    /// The daemon's site configuration (for its data directory).
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// The daemon's data directory (default: from --config, else $FNX_HOME).
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "text")]
-    pub output: OutputMode,
-}
-
-/// `fnx token create`.
-pub fn token(cmd: TokenCommand) -> u8 {
-    let TokenCommand::Create(a) = cmd;
-    let dir = match (&a.data_dir, load(a.config.as_ref())) {
-        (Some(d), _) => d.clone(),
-        (None, Ok(c)) => c.data_dir,
-        (None, Err(e)) => {
-            eprintln!("fnx token create: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    if a.user.is_empty() || a.user.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        eprintln!("fnx token create: --user must be a name without spaces");
-        return EXIT_USAGE;
-    }
-    match fnx_daemon::service::create_token(&dir, &a.user, a.admin, None) {
-        Ok((_, t)) => {
-            match a.output {
-                OutputMode::Json => println!(
-                    "{}",
-                    serde_json::json!({"user": a.user, "admin": a.admin, "token": t})
-                ),
-                OutputMode::Text => println!("{t}"),
-            }
-            EXIT_OK
-        }
-        Err(e) => {
-            eprintln!("fnx token create: {e}");
-            EXIT_TASK_FAILED
-        }
-    }
 }

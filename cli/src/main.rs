@@ -22,6 +22,7 @@ mod map_daemon;
 mod map_launch;
 mod output;
 mod run_options;
+mod token_cmd;
 
 /// Exit status: every task succeeded.
 pub const EXIT_OK: u8 = 0;
@@ -79,9 +80,10 @@ enum Command {
     /// Register, list and show functions.
     #[command(subcommand)]
     Function(client::FunctionCommand),
-    /// Create API tokens (admin; writes the daemon's store directly).
+    /// Create, list and revoke API tokens (admin, on the daemon's host; writes its store
+    /// directly). Users may also manage their own through the API (/v1/tokens).
     #[command(subcommand)]
-    Token(daemon_cmd::TokenCommand),
+    Token(token_cmd::TokenCommand),
     /// Validate site configurations.
     #[command(subcommand)]
     Config(daemon_cmd::ConfigCommand),
@@ -127,7 +129,7 @@ fn main() -> ExitCode {
         Command::Status(args) => client::finish(client::status(args)),
         Command::Block(cmd) => client::finish(client::block(cmd)),
         Command::Function(cmd) => client::finish(client::function(cmd)),
-        Command::Token(cmd) => daemon_cmd::token(cmd),
+        Command::Token(cmd) => token_cmd::token(cmd),
         Command::Config(cmd) => daemon_cmd::config(cmd),
     };
     ExitCode::from(code)

@@ -91,6 +91,21 @@ pub struct LinkKeys {
 }
 
 impl LinkKeys {
+    /// A new key pair for one more manager of this interchange: the text a manager reads on
+    /// its standard input, and the public key to accept (see
+    /// `fnx_interchange::Handle::allow_manager_key`).
+    pub fn issue(&self) -> Result<(String, Vec<u8>), KeyError> {
+        let here = Path::new("(in memory)");
+        let (public, secret) = new_pair().map_err(file_err(here))?;
+        let raw = decode(here, &public)?;
+        let k = KeyFile {
+            server_public: self.manager.server_public.clone(),
+            public,
+            secret,
+        };
+        Ok((k.render("fnx manager keys (issued for one manager)"), raw))
+    }
+
     /// Fresh keys that live only in this process (a local pool whose managers all start here).
     pub fn ephemeral() -> Result<LinkKeys, KeyError> {
         let here = Path::new("(in memory)");
@@ -100,7 +115,7 @@ impl LinkKeys {
         Ok(LinkKeys {
             server: CurveServer {
                 secret: decode(here, &server_secret)?,
-                clients: vec![client],
+                clients: vec![(client, String::new())],
             },
             manager: KeyFile {
                 server_public,
@@ -193,7 +208,7 @@ impl Keys {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "manager") {
                 let k = read(&path)?;
-                clients.push(decode(&path, &k.public)?);
+                clients.push((decode(&path, &k.public)?, String::new()));
             }
         }
         let path = self.dir.join("interchange.key");
@@ -232,7 +247,7 @@ mod tests {
         let k = LinkKeys::ephemeral().unwrap();
         assert!(k.file.is_none());
         let public = decode(Path::new("x"), &k.manager.public).unwrap();
-        assert_eq!(k.server.clients, vec![public]);
+        assert_eq!(k.server.clients, vec![(public, String::new())]);
         let other = LinkKeys::ephemeral().unwrap();
         assert_ne!(other.manager.secret, k.manager.secret);
     }

@@ -71,7 +71,10 @@ pub fn store_path(data_dir: &Path) -> PathBuf {
 /// SQLite serialises its writes with a running daemon's writer.
 fn admin_store(data_dir: &Path) -> Result<(rusqlite::Connection, PathBuf), DaemonError> {
     let path = store_path(data_dir);
-    prepare_dir(data_dir)?;
+    // A new data directory is private; an existing one keeps the mode its daemon gave it.
+    if !data_dir.exists() {
+        prepare_dir(data_dir)?;
+    }
     let conn = store::open_writer(&path, true).map_err(|source| DaemonError::Store {
         path: path.clone(),
         source,
@@ -115,9 +118,33 @@ pub fn revoke_token(data_dir: &Path, id: i64) -> Result<Option<String>, DaemonEr
 }
 
 fn prepare_dir(dir: &Path) -> Result<(), DaemonError> {
+    prepare_dir_mode(dir, 0o700)
+}
+
+/// Create `dir` and set its mode. In `unix` mode the data directory and the run directories
+/// are 0711: users' managers pass through them to their own 0700 directories, but nobody can
+/// list them; the store, `client.json` and `keys/` inside stay 0600/0700.
+fn prepare_dir_mode(dir: &Path, mode: u32) -> Result<(), DaemonError> {
     std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode));
     Ok(())
+}
+
+/// The mode of the directories users' managers pass through.
+fn passage_mode(cfg: &SiteConfig) -> u32 {
+    match cfg.users.mode {
+        crate::config::UsersMode::Unix => 0o711,
+        crate::config::UsersMode::Service => 0o700,
+    }
+}
+
+/// The store's files are the daemon's alone, whatever umask created them.
+fn private_store_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+    }
 }
 
 /// On the first start (no users yet), create an admin user named after the account running the
@@ -267,8 +294,16 @@ fn start_pool(
     curve: LinkKeys,
 ) -> Result<Started, DaemonError> {
     let run_dir = pool_run_dir(cfg.shared(), &p.name);
-    prepare_dir(&run_dir)?;
+    prepare_dir_mode(&run_dir, passage_mode(cfg))?;
+    if let Some(runs) = run_dir.parent() {
+        let _ = std::fs::set_permissions(runs, std::fs::Permissions::from_mode(passage_mode(cfg)));
+    }
     let keys = curve.file.clone();
+    let per_user =
+        (cfg.users.mode == crate::config::UsersMode::Unix).then(|| crate::local::PerUser {
+            identities: crate::identity::Identities::new(&cfg.users),
+            idle: cfg.users.user_idle,
+        });
     let opts = PoolOptions {
         bind: format!("tcp://{}:{}", cfg.interchange.address, pool_port(cfg, i)),
         report_dispatch: true,
@@ -284,6 +319,7 @@ fn start_pool(
         kill_grace: p.kill_grace,
         curve: Some(curve),
         env: Some(cfg.child_env()),
+        per_user,
         ..PoolOptions::new(run_dir.clone(), run_id(&p.name))
     };
     let pool_err = |msg: String| DaemonError::Pool {
@@ -426,6 +462,7 @@ fn recover(
     names: &[String],
     writer: &Sender<Cmd>,
     builds: &crate::builds::Builds,
+    per_user: bool,
 ) -> HashMap<String, UserCounts> {
     for (def, build) in &loaded.functions {
         for p in pools {
@@ -438,12 +475,17 @@ fn recover(
         }
     }
     let (total, mut rerun) = (loaded.tasks.len(), 0usize);
-    let mut per_pool: Vec<Vec<NewTask>> = pools.iter().map(|_| Vec::new()).collect();
+    // Per pool, per tenant (the owner in `unix` mode, else the shared tenant "").
+    let mut per_pool: Vec<HashMap<String, Vec<NewTask>>> =
+        pools.iter().map(|_| HashMap::new()).collect();
     let mut orphans = Vec::new();
     for t in loaded.tasks {
         rerun += t.was_running as usize;
         match names.iter().position(|n| *n == t.pool) {
-            Some(i) => per_pool[i].push(t.task),
+            Some(i) => per_pool[i]
+                .entry(if per_user { t.owner } else { String::new() })
+                .or_default()
+                .push(t.task),
             None => orphans.push(Finished {
                 id: t.task.id,
                 attempt: t.task.attempt,
@@ -455,9 +497,9 @@ fn recover(
             }),
         }
     }
-    for (p, tasks) in pools.iter().zip(per_pool) {
-        if !tasks.is_empty() {
-            p.handle.submit(tasks);
+    for (p, tenants) in pools.iter().zip(per_pool) {
+        for (tenant, tasks) in tenants {
+            p.handle.submit_as(&tenant, tasks);
         }
     }
     if !orphans.is_empty() {
@@ -522,8 +564,10 @@ fn pump(mut pool: LocalPool, writer: Sender<Cmd>, stop: Arc<AtomicBool>, name: S
                 exit.status,
                 exit.log.display()
             );
-            owed += 1;
+            // Users' managers start again when their users have work, not at once.
+            owed += u32::from(!pool.per_user());
         }
+        pool.serve_users();
         let now = Instant::now();
         if owed == 0 || now < not_before {
             continue;
@@ -561,7 +605,7 @@ pub fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let started = Instant::now();
-    prepare_dir(&cfg.data_dir)?;
+    prepare_dir_mode(&cfg.data_dir, passage_mode(&cfg))?;
     let _lock = crate::lock::lock_data_dir(&cfg.data_dir)?;
     let path = store_path(&cfg.data_dir);
     let serr = |source| DaemonError::Store {
@@ -573,6 +617,7 @@ pub fn run(
         tracing::warn!("{d}; task, function and result numbers skip ahead so that none is reused");
     }
     let conn = store::open_writer(&path, cfg.store.sync == SyncMode::Full).map_err(serr)?;
+    private_store_files(&path);
     if let Some(max) = cfg.store.max_size_bytes {
         let page: i64 = conn
             .pragma_query_value(None, "page_size", |r| r.get(0))
@@ -613,7 +658,8 @@ pub fn run(
         .iter()
         .filter_map(|(def, build)| Some((def.id, build.clone()?)))
         .collect();
-    let counts = recover(loaded, &pools, &names, &wtx, &builds);
+    let per_user = cfg.users.mode == crate::config::UsersMode::Unix;
+    let counts = recover(loaded, &pools, &names, &wtx, &builds, per_user);
     let (seq_tx, _) = tokio::sync::watch::channel(0u64);
     let shared = Arc::new(Shared {
         stats: Mutex::new(Stats {
@@ -644,6 +690,7 @@ pub fn run(
         unfetched_retention: cfg.store.unfetched_retention,
         prune_interval: cfg.store.prune_interval,
         full_sync: cfg.store.sync == SyncMode::Full,
+        per_user: cfg.users.mode == crate::config::UsersMode::Unix,
     };
     let writer =
         Writer::new(conn, wcfg, shared.clone(), handles, damage.is_some()).map_err(serr)?;
@@ -686,17 +733,32 @@ pub fn run(
         python,
         path.clone(),
         builds,
+        crate::identity::Identities::new(&cfg.users),
     ));
     if let Ok(mut b) = app.building.lock() {
         *b = building;
     }
+    let socket = match &cfg.socket {
+        Some(p) => Some((bind_socket(p)?, p.clone())),
+        None => None,
+    };
     tracing::info!(
-        "fnx daemon ready in {:.2} s: API on http://{}, store {}",
+        "fnx daemon ready in {:.2} s: API on http://{}{}, store {}, users mode {:?}",
         started.elapsed().as_secs_f64(),
         cfg.listen,
-        path.display()
+        socket
+            .as_ref()
+            .map(|(_, p)| format!(" and unix://{}", p.display()))
+            .unwrap_or_default(),
+        path.display(),
+        cfg.users.mode
     );
-    serve(app.clone(), listener, shutdown)?;
+    let socket_path = socket.as_ref().map(|(_, p)| p.clone());
+    let served = serve(app.clone(), listener, socket.map(|(l, _)| l), shutdown);
+    if let Some(p) = socket_path {
+        let _ = std::fs::remove_file(p);
+    }
+    served?;
     // Stop in order: no new requests, pools (their last outcomes go to the writer), writer.
     app.accepting.store(false, Ordering::Relaxed);
     app.builds.stop_all();
@@ -710,9 +772,43 @@ pub fn run(
     Ok(())
 }
 
+/// Bind the local socket (mode 0666: the kernel tells who connects, see `api::SocketPeer`).
+/// A stale socket file is replaced; a live one (another daemon answers on it) is an error.
+fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonError> {
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(DaemonError::Io {
+                what: format!("daemon.socket {}", path.display()),
+                source: std::io::Error::other(
+                    "exists and is not a socket; remove it or choose another path",
+                ),
+            });
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::Io {
+                what: format!("daemon.socket {}", path.display()),
+                source: std::io::Error::other("another daemon answers on it"),
+            });
+        }
+        std::fs::remove_file(path).map_err(io(format!("cannot replace {}", path.display())))?;
+    }
+    let l = UnixListener::bind(path).map_err(io(format!("cannot listen on {}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(io(format!("cannot set the mode of {}", path.display())))?;
+    l.set_nonblocking(true)
+        .map_err(io("cannot configure the socket"))?;
+    Ok(l)
+}
+
 fn serve(
     app: Arc<App>,
     listener: std::net::TcpListener,
+    socket: Option<std::os::unix::net::UnixListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -733,6 +829,24 @@ fn serve(
             axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
                 let _ = tcp.set_nodelay(true);
             });
+        // The local socket: the same API, the caller known by the kernel.
+        let (utx, urx) = tokio::sync::oneshot::channel::<()>();
+        let local = match socket {
+            Some(l) => {
+                let l = tokio::net::UnixListener::from_std(l)
+                    .map_err(io("cannot use the local socket"))?;
+                let svc = api::router(app.clone())
+                    .into_make_service_with_connect_info::<api::SocketPeer>();
+                Some(tokio::spawn(
+                    axum::serve(l, svc)
+                        .with_graceful_shutdown(async move {
+                            let _ = urx.await;
+                        })
+                        .into_future(),
+                ))
+            }
+            None => None,
+        };
         let server = axum::serve(listener, api::router(app)).with_graceful_shutdown(async move {
             let _ = rx.await;
         });
@@ -743,7 +857,11 @@ fn serve(
         }
         tracing::info!("stopping: no new requests; waiting up to 2 s for requests in progress");
         let _ = tx.send(());
+        let _ = utx.send(());
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        if let Some(local) = local {
+            let _ = tokio::time::timeout(Duration::from_secs(1), local).await;
+        }
         Ok(())
     })?;
     rt.shutdown_timeout(Duration::from_secs(1));

@@ -35,9 +35,18 @@ impl Sandbox {
                     bad(format!("cannot write input file {}: {e}", target.display()))
                 })?,
                 FileSource::Path(p) => {
-                    if !Path::new(p).exists() {
+                    // Opened (not just looked at) by this manager, which runs as the task's
+                    // user in `unix` mode: a user links only files that user may read.
+                    if let Err(e) = std::fs::File::open(p) {
+                        let why = match e.kind() {
+                            std::io::ErrorKind::NotFound => "does not exist on this node".into(),
+                            std::io::ErrorKind::PermissionDenied => {
+                                "cannot be read by the task's user (permission denied)".into()
+                            }
+                            _ => format!("cannot be opened: {e}"),
+                        };
                         return Err(bad(format!(
-                            "input file {} is passed by path but {p} does not exist on this node",
+                            "input file {} is passed by path but {p} {why}",
                             f.name
                         )));
                     }

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Install fnx as a systemd service. Idempotent: safe to run again, e.g. to upgrade the binary.
 #
-#   sudo scripts/systemd/install.sh PATH/TO/fnx       (e.g. target/release/fnx)
+#   sudo scripts/systemd/install.sh [--unix] PATH/TO/fnx       (e.g. target/release/fnx)
+#
+# --unix also installs the drop-in users-unix.conf for [users] mode = "unix" (the daemon gets
+# CAP_SETUID, CAP_SETGID, CAP_SETPCAP and CAP_CHOWN to run each user's tasks as that user);
+# without it, an existing drop-in is left as it is.
 #
 # - creates the system account `fnx` (home /var/lib/fnx, no login shell) if it is missing;
 # - installs the binary as /usr/local/bin/fnx (atomic replace; a running daemon keeps the old
@@ -22,10 +26,15 @@ SERVICE_USER=fnx
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() {
-  echo "usage: sudo $0 PATH/TO/fnx" >&2
+  echo "usage: sudo $0 [--unix] PATH/TO/fnx" >&2
   exit 2
 }
 
+unix_mode=0
+if [ "${1:-}" = "--unix" ]; then
+  unix_mode=1
+  shift
+fi
 [ $# -eq 1 ] || usage
 case "$1" in -h | --help) usage ;; esac
 bin_src="$1"
@@ -33,7 +42,7 @@ if [ ! -f "$bin_src" ] || [ ! -x "$bin_src" ]; then
   echo "install: $bin_src is not an executable file" >&2
   exit 2
 fi
-for f in fnx.service site.toml; do
+for f in fnx.service site.toml users-unix.conf; do
   [ -f "$here/$f" ] || { echo "install: $here/$f is missing" >&2; exit 2; }
 done
 [ "$(id -u)" -eq 0 ] || { echo "install: run as root (sudo $0 $bin_src)" >&2; exit 1; }
@@ -68,6 +77,10 @@ if [ -f "$UNIT_DEST" ] && ! cmp -s "$here/fnx.service" "$UNIT_DEST"; then
 fi
 install -D -m 0644 -o root -g root "$here/fnx.service" "$UNIT_DEST"
 echo "install: $UNIT_DEST"
+if [ "$unix_mode" -eq 1 ]; then
+  install -D -m 0644 -o root -g root "$here/users-unix.conf" "$UNIT_DEST.d/users-unix.conf"
+  echo "install: $UNIT_DEST.d/users-unix.conf (capabilities for [users] mode = \"unix\")"
+fi
 
 # 4. The site config, only if absent (never overwrite an admin's config).
 install -d -m 0755 -o root -g root "$CONF_DIR"
@@ -80,7 +93,9 @@ fi
 
 # 5. The data dir (systemd also creates it on start, via StateDirectory=fnx); creating it here
 #    lets `fnx token create` run before the first start.
-install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$DATA_DIR"
+data_mode=0750
+[ "$unix_mode" -eq 1 ] && data_mode=0711
+install -d -m "$data_mode" -o "$SERVICE_USER" -g "$SERVICE_USER" "$DATA_DIR"
 
 # 6. Check the config with the installed binary (a failure is reported, not fatal: the binary
 #    and unit are installed either way, and the unit runs the same check before starting).
@@ -104,7 +119,9 @@ Next steps:
        sudo systemctl enable --now fnx
        systemctl status fnx; journalctl -u fnx
      (after an upgrade of a running service: sudo systemctl restart fnx)
-  2. Create a token for each user (printed once; only its hash is stored):
+  2. Users on this host need no token: with [daemon] socket = "/run/fnx/fnx.sock" the CLI
+     and the SDK find the daemon's socket and the kernel tells it who they are.
+     For remote use, create a token per user (printed once; only its hash is stored):
        sudo -u $SERVICE_USER $BIN_DEST token create --user alice --config $CONF_DEST
      Hand it to alice, who puts {"url": ..., "token": ...} in ~/.fnx/client.json (mode 0600)
      or sets FNX_URL and FNX_TOKEN.

@@ -153,6 +153,19 @@ def ok(r: subprocess.CompletedProcess) -> str:
     return r.stdout
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix stream socket (the daemon's local socket)."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
 class Response(NamedTuple):
     status: int
     headers: dict[str, str]  # lower-case names
@@ -256,6 +269,10 @@ class Daemon:
                         pytrace=False)
         return self
 
+    def daemon_argv(self) -> list[str]:
+        """The command that starts the daemon."""
+        return [str(self.fnx_env.bin), "daemon", "--config", str(self.config_path)]
+
     def try_start(self, timeout: float = 60.0) -> int | None:
         """Start (or restart) the daemon; None once health answers 200, or its exit status if
         it exits first. Fails the test if it does neither within `timeout` seconds."""
@@ -265,7 +282,7 @@ class Daemon:
             log.write(f"\n==== fnx-test: start #{self.starts} at {time.time():.3f}\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                [str(self.fnx_env.bin), "daemon", "--config", str(self.config_path)],
+                self.daemon_argv(),
                 cwd=self.fnx_env.dir, env=self._daemon_env, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=log,
             )
@@ -437,9 +454,11 @@ class Daemon:
     # -- HTTP ---------------------------------------------------------------------------------
 
     def api(self, method: str, path: str, body: Any = None, *, token: Any = _DEFAULT,
-            headers: dict | None = None, timeout: float = 75.0) -> Response:
+            headers: dict | None = None, timeout: float = 75.0,
+            socket_path: str | Path | None = None) -> Response:
         """One request. `body`: bytes as is, anything else as JSON. `token=None`: no
-        Authorization header. Answers are parsed by their Content-Type."""
+        Authorization header. `socket_path`: over that Unix socket instead of TCP. Answers are
+        parsed by their Content-Type."""
         hdrs = dict(headers or {})
         if token is _DEFAULT:
             token = self.token
@@ -449,7 +468,10 @@ class Daemon:
         if body is not None:
             data = body if isinstance(body, (bytes, bytearray)) else json.dumps(body).encode()
             hdrs.setdefault("Content-Type", "application/json")
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        if socket_path is not None:
+            conn: http.client.HTTPConnection = UnixHTTPConnection(str(socket_path), timeout)
+        else:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             try:
                 conn.request(method, path, body=data, headers=hdrs)

@@ -8,6 +8,7 @@ runs it as `nobody` through `setpriv` when it runs as root, as CI does.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -123,3 +124,131 @@ def test_fault_31_rogue_manager_gets_nothing_from_fnx_map(fnx_env):
     by_index = res.by_index()
     assert sorted(by_index) == list(range(10)), res.lines
     assert all(x["ok"] for x in res.lines), res.lines
+
+
+# ---------------------------------------------------------------------------------------------
+# The local socket (identity from the kernel) and tokens bound to users
+# ---------------------------------------------------------------------------------------------
+
+WHOAMI_AS_OTHER = """
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.sendall(b"GET /v1/whoami HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n")
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+head, _, body = data.partition(b"\\r\\n\\r\\n")
+print(json.dumps({"status": int(head.split()[1]), "body": json.loads(body)}))
+"""
+
+
+def public_socket_dir() -> str:
+    """A directory any account may enter, for a socket others must reach."""
+    d = tempfile.mkdtemp(prefix="fnx-sock-")
+    os.chmod(d, 0o755)
+    return d
+
+
+def test_the_local_socket_knows_the_caller_without_a_token(make_daemon, fnx_env):
+    sock_dir = public_socket_dir()
+    try:
+        sock = f"{sock_dir}/fnx.sock"
+        d = make_daemon(daemon={"socket": sock})
+        assert oct(os.stat(sock).st_mode & 0o777) == "0o666"
+        me = d.api("GET", "/v1/whoami", token=None, socket_path=sock)
+        assert me.status == 200 and me.body == {"user": d.user, "admin": True}, me
+        # A token still counts over the socket (an admin's, another user's...).
+        bob = d.create_user("bob")
+        r = d.api("GET", "/v1/whoami", token=bob, socket_path=sock)
+        assert r.body == {"user": "bob", "admin": False}, r
+        # The CLI finds the socket when nothing names a URL: FNX_HOME's socket, no token.
+        env = dict(fnx_env.env, FNX_HOME=sock_dir)
+        env.pop("FNX_URL", None)
+        env.pop("FNX_TOKEN", None)
+        out = d.fnx("status", "--output", "json", env=env)
+        assert out.returncode == 0 and json.loads(out.stdout)["user"] == d.user, out
+        other = as_other_account()
+        if other:
+            # Another account with no fnx user (service mode): 401 naming what to ask for.
+            r = subprocess.run([*other, "/usr/bin/python3", "-c", WHOAMI_AS_OTHER, sock],
+                               capture_output=True, text=True, timeout=30)
+            doc = json.loads(r.stdout)
+            assert doc["status"] == 401 and "nobody" in doc["body"]["error"]["message"], doc
+            d.create_user("nobody")
+            r = subprocess.run([*other, "/usr/bin/python3", "-c", WHOAMI_AS_OTHER, sock],
+                               capture_output=True, text=True, timeout=30)
+            doc = json.loads(r.stdout)
+            assert doc == {"status": 200, "body": {"user": "nobody", "admin": False}}, doc
+        d.stop()
+        assert not os.path.exists(sock), "the daemon removes its socket when it stops"
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_tokens_expire_and_a_revoked_one_ends_an_open_long_poll_within_a_second(make_daemon):
+    d = make_daemon()
+    # An expiring token, made through the API by an admin.
+    r = d.api("POST", "/v1/tokens", {"user": "alice", "expires_s": 1.0})
+    assert r.status == 201 and r.body["user"] == "alice" and r.body["expires"], r
+    short_lived = r.body["token"]
+    assert d.api("GET", "/v1/whoami", token=short_lived).status == 200
+    wait_for(lambda: d.api("GET", "/v1/whoami", token=short_lived).status == 401, 3,
+             "the token expires")
+    # A token from the CLI, revoked by the CLI while a long-poll holds it.
+    alice = d.create_user("alice")
+    mine = d.api("GET", "/v1/tokens", token=alice).body["tokens"]
+    assert [t["user"] for t in mine] == ["alice", "alice"] and [t["live"] for t in mine] == \
+        [False, True], mine
+    box: dict = {}
+
+    def poll():
+        box["r"] = d.api("GET", "/v1/results?since=end&wait=0", token=alice)
+        cursor = box["r"].body["cursor"]
+        box["started"] = time.monotonic()
+        box["r"] = d.api("GET", f"/v1/results?since={cursor}&wait=30", token=alice)
+        box["ended"] = time.monotonic()
+
+    import threading
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    wait_for(lambda: "started" in box, 10, "the long-poll is open")
+    time.sleep(0.5)
+    r = d.fnx("token", "revoke", str(mine[1]["id"]), "--config", str(d.config_path))
+    assert r.returncode == 0 and "alice" in r.stdout, r
+    revoked_at = time.monotonic()
+    t.join(10)
+    assert "ended" in box, "the long-poll did not end"
+    took = box["ended"] - revoked_at
+    assert box["r"].status == 401, box["r"]
+    assert took < 1.5, f"the revoked token's poll ended {took:.2f} s after the revocation"
+    assert d.api("GET", "/v1/whoami", token=alice).status == 401
+    # The CLI lists it as revoked.
+    listed = d.fnx("token", "list", "--user", "alice", "--config", str(d.config_path))
+    assert listed.returncode == 0 and "revoked" in listed.stdout, listed
+
+
+def test_users_manage_only_their_own_tokens(make_daemon):
+    d = make_daemon()
+    alice, bob = d.create_user("alice"), d.create_user("bob")
+    r = d.api("POST", "/v1/tokens", {"user": "bob"}, token=alice)
+    assert r.status == 403, r
+    r = d.api("POST", "/v1/tokens", {"admin": True}, token=alice)
+    assert r.status == 403, r
+    r = d.api("POST", "/v1/tokens", {"expires_s": -1}, token=alice)
+    assert r.status == 400, r
+    r = d.api("POST", "/v1/tokens", {"nope": 1}, token=alice)
+    assert r.status == 400 and "nope" in r.body["error"]["message"], r
+    second = d.api("POST", "/v1/tokens", {}, token=alice)
+    assert second.status == 201 and second.body["user"] == "alice", second
+    assert d.api("GET", "/v1/whoami", token=second.body["token"]).body["user"] == "alice"
+    bobs = d.api("GET", "/v1/tokens", token=bob).body["tokens"]
+    assert [t["user"] for t in bobs] == ["bob"], bobs
+    # Alice cannot see or revoke bob's token: 404, as if it did not exist.
+    assert d.api("DELETE", f"/v1/tokens/{bobs[0]['id']}", token=alice).status == 404
+    assert d.api("GET", "/v1/whoami", token=bob).status == 200
+    # Revoking her own through the API takes effect at once.
+    assert d.api("DELETE", f"/v1/tokens/{second.body['id']}", token=alice).status == 204
+    assert d.api("GET", "/v1/whoami", token=second.body["token"]).status == 401
+    everyone = d.api("GET", "/v1/tokens").body["tokens"]
+    assert {t["user"] for t in everyone} >= {"alice", "bob", d.user}, everyone

@@ -1,17 +1,57 @@
 //! A small blocking HTTP/1.1 client for the daemon's API: one keep-alive connection, JSON
 //! bodies, Content-Length or chunked answers. The daemon is the only peer, so nothing more is
-//! needed (no TLS: a remote daemon is reached through a TLS proxy or an SSH tunnel).
+//! needed (no TLS: a remote daemon is reached through a TLS proxy or an SSH tunnel). It speaks
+//! over TCP (`http://HOST:PORT`) or the daemon's local socket (`unix:///path`), where the
+//! daemon knows the caller by the kernel and no token is needed.
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// Where the daemon listens.
+#[derive(Clone, Debug)]
+enum Target {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
 
 /// Where the daemon is and who we are.
 pub struct Client {
-    host: String,
-    token: String,
-    conn: Option<BufReader<TcpStream>>,
+    target: Target,
+    token: Option<String>,
+    conn: Option<BufReader<Stream>>,
 }
 
 /// An answer.
@@ -65,18 +105,30 @@ impl Response {
 }
 
 impl Client {
-    /// A client of the daemon at `url` (`http://host:port`).
-    pub fn new(url: &str, token: &str) -> Result<Client> {
-        let rest = url
-            .strip_prefix("http://")
-            .with_context(|| format!("the daemon URL must start with http:// (got {url:?})"))?;
-        let host = rest.trim_end_matches('/').to_string();
-        if host.is_empty() || host.contains('/') {
-            bail!("the daemon URL must be http://HOST:PORT (got {url:?})");
-        }
+    /// A client of the daemon at `url` (`http://host:port` or `unix:///path/to/fnx.sock`);
+    /// `token` may be None only for a socket.
+    pub fn new(url: &str, token: Option<&str>) -> Result<Client> {
+        let target = if let Some(path) = url.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                bail!("a socket URL names the socket's absolute path: unix:///path/to/fnx.sock (got {url:?})");
+            }
+            Target::Unix(PathBuf::from(path))
+        } else {
+            let rest = url.strip_prefix("http://").with_context(|| {
+                format!("the daemon URL must start with http:// or unix:// (got {url:?})")
+            })?;
+            let host = rest.trim_end_matches('/').to_string();
+            if host.is_empty() || host.contains('/') {
+                bail!("the daemon URL must be http://HOST:PORT (got {url:?})");
+            }
+            if token.is_none() {
+                bail!("no token for {url}: pass --token or set FNX_TOKEN");
+            }
+            Target::Tcp(host)
+        };
         Ok(Client {
-            host,
-            token: token.to_string(),
+            target,
+            token: token.map(str::to_string),
             conn: None,
         })
     }
@@ -122,21 +174,41 @@ impl Client {
         headers: &[(&str, &str)],
     ) -> Result<Response> {
         if self.conn.is_none() {
-            let s = TcpStream::connect(&self.host).with_context(|| {
-                format!(
-                    "cannot connect to the fnx daemon at http://{} (is `fnx daemon` running?)",
-                    self.host
-                )
-            })?;
-            s.set_nodelay(true).ok();
-            s.set_read_timeout(Some(Duration::from_secs(120))).ok();
-            self.conn = Some(BufReader::new(s));
+            let read_timeout = Some(Duration::from_secs(120));
+            let stream = match &self.target {
+                Target::Tcp(host) => {
+                    let s = TcpStream::connect(host).with_context(|| {
+                        format!(
+                            "cannot connect to the fnx daemon at http://{host} (is `fnx daemon` running?)"
+                        )
+                    })?;
+                    s.set_nodelay(true).ok();
+                    s.set_read_timeout(read_timeout).ok();
+                    Stream::Tcp(s)
+                }
+                Target::Unix(path) => {
+                    let s = UnixStream::connect(path).with_context(|| {
+                        format!(
+                            "cannot connect to the fnx daemon's socket {} (is `fnx daemon` running?)",
+                            path.display()
+                        )
+                    })?;
+                    s.set_read_timeout(read_timeout).ok();
+                    Stream::Unix(s)
+                }
+            };
+            self.conn = Some(BufReader::new(stream));
         }
         let conn = self.conn.as_mut().expect("connected");
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nAccept: application/json\r\n",
-            self.host, self.token
-        );
+        let host = match &self.target {
+            Target::Tcp(h) => h.as_str(),
+            Target::Unix(_) => "localhost",
+        };
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+        if let Some(t) = &self.token {
+            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        head.push_str("Accept: application/json\r\n");
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -160,7 +232,7 @@ impl Client {
     }
 }
 
-fn read_response(r: &mut BufReader<TcpStream>) -> Result<Response> {
+fn read_response(r: &mut BufReader<Stream>) -> Result<Response> {
     let mut line = String::new();
     if r.read_line(&mut line)? == 0 {
         bail!("the daemon closed the connection");

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use http::Client;
 use serde_json::{json, Value};
+use std::path::PathBuf;
 
 /// Exit status: the task has not finished yet.
 pub const EXIT_NOT_DONE: u8 = 3;
@@ -20,11 +21,16 @@ pub enum OutputMode {
     Json,
 }
 
+/// The socket of a daemon that serves the whole host (the systemd unit's).
+pub const SYSTEM_SOCKET: &str = "/run/fnx/fnx.sock";
+
 /// Where the daemon is. Flags win over the environment, which wins over the file the daemon
-/// wrote on its first start (`$FNX_HOME/client.json`).
+/// wrote on its first start (`$FNX_HOME/client.json`); with no URL in any of them, the
+/// daemon's local socket (`$FNX_HOME/fnx.sock`, then `/run/fnx/fnx.sock`) is used, where the
+/// kernel tells the daemon who you are and no token is needed.
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
-    /// The daemon's URL, e.g. http://127.0.0.1:8470.
+    /// The daemon's URL, e.g. http://127.0.0.1:8470, or unix:///run/fnx/fnx.sock
     #[arg(long, env = "FNX_URL", global = true)]
     pub url: Option<String>,
     /// Your API token.
@@ -50,12 +56,26 @@ impl Conn {
         };
         let url = self.url.clone().or_else(|| from_file("url"));
         let token = self.token.clone().or_else(|| from_file("token"));
-        match (url, token) {
-            (Some(u), Some(t)) => Client::new(&u, &t),
-            _ => bail!(
-                "no daemon URL or token: pass --url and --token, set FNX_URL and FNX_TOKEN, or start \
-                 `fnx daemon` once (it writes {})",
-                file.display()
+        // With no URL anywhere: the daemon's local socket, if one is there (no token needed).
+        let sockets = [
+            fnx_daemon::config::fnx_home().join("fnx.sock"),
+            PathBuf::from(SYSTEM_SOCKET),
+        ];
+        let url = url.or_else(|| {
+            use std::os::unix::fs::FileTypeExt;
+            sockets
+                .iter()
+                .find(|p| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket()))
+                .map(|p| format!("unix://{}", p.display()))
+        });
+        match url {
+            Some(u) => Client::new(&u, token.as_deref()),
+            None => bail!(
+                "no daemon URL: pass --url and --token, set FNX_URL and FNX_TOKEN, start \
+                 `fnx daemon` once (it writes {}), or run a daemon whose socket is {} or {}",
+                file.display(),
+                sockets[0].display(),
+                sockets[1].display()
             ),
         }
     }
@@ -395,18 +415,29 @@ pub fn status(a: StatusArgs) -> Result<u8> {
         );
         for p in s["pools"].as_array().into_iter().flatten() {
             out.push_str(&format!(
-                "\npool {} ({}, {}): {} queued, {} running, {} workers in {} managers; runs in {}",
+                "\npool {} ({}, {}): ",
                 p["name"].as_str().unwrap_or("?"),
                 p["provider"].as_str().unwrap_or("local"),
                 p["launcher"].as_str().unwrap_or("single"),
-                p["queued"],
-                p["running"],
-                p["workers"],
-                p["managers_connected"],
-                p["run_dir"].as_str().unwrap_or("?"),
             ));
-            if let Some(why) = p["failed"].as_str() {
-                out.push_str(&format!("\n  FAILED: {why}"));
+            // Admins see the pool's whole load and where it runs; others what it offers.
+            if p.get("queued").is_some() {
+                out.push_str(&format!(
+                    "{} queued, {} running, ",
+                    p["queued"], p["running"]
+                ));
+            }
+            out.push_str(&format!(
+                "{} workers in {} managers",
+                p["workers"], p["managers_connected"]
+            ));
+            if let Some(dir) = p["run_dir"].as_str() {
+                out.push_str(&format!("; runs in {dir}"));
+            }
+            match &p["failed"] {
+                serde_json::Value::String(why) => out.push_str(&format!("\n  FAILED: {why}")),
+                serde_json::Value::Bool(true) => out.push_str("\n  FAILED (admins see why)"),
+                _ => {}
             }
             for b in p["blocks"].as_array().into_iter().flatten() {
                 out.push_str(&format!(

@@ -1,8 +1,6 @@
 //! `/v1/functions`: register, list, show, delete.
 
-use super::{
-    auth, json_response, parse_id, parse_json, read_body, ApiError, ApiResult, App, Caller,
-};
+use super::{json_response, parse_id, parse_json, read_body, ApiError, ApiResult, App, Caller};
 use crate::builds::recipe;
 use crate::images;
 use crate::records::FunctionRow;
@@ -223,10 +221,10 @@ async fn parse(app: &App, v: Value) -> Result<Parsed, ApiError> {
 
 pub(super) async fn register(
     State(app): State<Arc<App>>,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let caller = auth(&app, &headers)?;
     let bytes = read_body(&headers, body, MAX_FUNCTION_BYTES).await?;
     let p = parse(&app, parse_json(&bytes)?).await?;
     let mut spec = p.spec;
@@ -325,8 +323,7 @@ fn with_build(app: &App, mut record: Value, spec: &Value) -> Value {
     record
 }
 
-pub(super) async fn list(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
-    let caller = auth(&app, &headers)?;
+pub(super) async fn list(State(app): State<Arc<App>>, caller: Caller) -> ApiResult {
     let owner = (!caller.admin).then_some(caller.user.as_str());
     let rows = app.reader.functions(owner)?;
     let list: Vec<Value> = rows.iter().map(|r| r.to_json(false)).collect();
@@ -344,10 +341,9 @@ pub(super) fn owned(app: &App, caller: &Caller, id: u64) -> Result<FunctionRow, 
 
 pub(super) async fn show(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult {
-    let caller = auth(&app, &headers)?;
     let row = owned(&app, &caller, parse_id(&id, "the function id")?)?;
     Ok(json_response(
         StatusCode::OK,
@@ -357,10 +353,9 @@ pub(super) async fn show(
 
 pub(super) async fn delete(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult {
-    let caller = auth(&app, &headers)?;
     let row = owned(&app, &caller, parse_id(&id, "the function id")?)?;
     if !row.deleted {
         let (tx, rx) = tokio::sync::oneshot::channel();

@@ -1,10 +1,14 @@
 //! The HTTP API (docs/api.md): routing, authentication, errors and body reading. Handlers are
 //! in [`functions`], [`submit`], [`tasks`] and [`status`].
 
+mod caller;
 mod functions;
 mod status;
 mod submit;
 mod tasks;
+mod tokens;
+
+pub use caller::{Caller, SocketPeer};
 
 /// The msgpack media type (submit bodies, results answers).
 const MSGPACK: &str = "application/msgpack";
@@ -23,7 +27,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// One pool as the API sees it.
@@ -60,7 +64,9 @@ pub struct App {
     pub builds: crate::builds::Builds,
     /// Functions whose tasks may wait for an image build, with the build's key.
     pub building: Mutex<HashMap<fnx_protocol::FunctionId, String>>,
-    tokens: RwLock<HashMap<String, Caller>>,
+    /// Whose account users' code runs under, and who is refused.
+    pub identities: crate::identity::Identities,
+    tokens: caller::TokenCache,
 }
 
 impl App {
@@ -75,6 +81,7 @@ impl App {
         python: String,
         store_path: PathBuf,
         builds: crate::builds::Builds,
+        identities: crate::identity::Identities,
     ) -> App {
         App {
             reader,
@@ -88,7 +95,8 @@ impl App {
             accepting: AtomicBool::new(true),
             builds,
             building: Mutex::new(HashMap::new()),
-            tokens: RwLock::new(HashMap::new()),
+            identities,
+            tokens: caller::TokenCache::default(),
         }
     }
 
@@ -130,21 +138,6 @@ impl App {
     }
 }
 
-/// The authenticated user of a request.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    /// User name.
-    pub user: String,
-    /// Sees everything.
-    pub admin: bool,
-}
-
-impl Caller {
-    fn may_see(&self, owner: &str) -> bool {
-        self.admin || self.user == owner
-    }
-}
-
 /// An error answer: `{"error": {"code", "message"}}` with a status.
 #[derive(Debug)]
 pub struct ApiError {
@@ -169,6 +162,15 @@ impl ApiError {
     }
     fn forbidden(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+    /// The identity may not run code here; deliberately vague (the admin log says why).
+    fn not_allowed() -> ApiError {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "identity_not_allowed",
+            "this identity may not run tasks on this service; the site's admins can see why in \
+             the daemon's log",
+        )
     }
     fn too_large(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
@@ -208,36 +210,6 @@ type ApiResult = Result<Response, ApiError>;
 
 fn json_response(status: StatusCode, v: Value) -> Response {
     (status, axum::Json(v)).into_response()
-}
-
-/// Authenticate a request by its bearer token.
-fn auth(app: &App, headers: &HeaderMap) -> Result<Caller, ApiError> {
-    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-    let value = headers.get(header::AUTHORIZATION).ok_or_else(|| {
-        unauthorized("authentication failed: no Authorization header (expected 'Bearer <token>')")
-    })?;
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or_else(|| {
-            unauthorized("authentication failed: the Authorization header must be 'Bearer <token>'")
-        })?;
-    let hash = crate::auth::hash_token(token);
-    if let Some(c) = app.tokens.read().ok().and_then(|t| t.get(&hash).cloned()) {
-        return Ok(c);
-    }
-    match app.reader.token_user(&hash)? {
-        Some((user, admin)) => {
-            let c = Caller { user, admin };
-            if let Ok(mut t) = app.tokens.write() {
-                t.insert(hash, c.clone());
-            }
-            Ok(c)
-        }
-        None => Err(unauthorized("authentication failed: unknown token")),
-    }
 }
 
 /// Read a request body, refusing more than `limit` bytes.
@@ -290,14 +262,30 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
-/// Wait until the committed results sequence passes `seen` or `until` comes.
-async fn wait_for_results(app: &App, seen: u64, until: Instant) {
+/// Wait until the committed results sequence passes `seen` or `until` comes. The caller is
+/// checked again every [`caller::TOKEN_RECHECK`]: a token revoked or expired meanwhile ends
+/// the wait with 401.
+async fn wait_for_results(
+    app: &App,
+    caller: &Caller,
+    seen: u64,
+    until: Instant,
+) -> Result<(), ApiError> {
     let mut rx = app.shared.seq.subscribe();
-    if *rx.borrow_and_update() > seen {
-        return;
+    loop {
+        if *rx.borrow_and_update() > seen {
+            return Ok(());
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        let slice = left.min(caller::TOKEN_RECHECK);
+        if tokio::time::timeout(slice, rx.changed()).await.is_ok() {
+            return Ok(());
+        }
+        app.recheck(caller)?;
     }
-    let left = until.saturating_duration_since(Instant::now());
-    let _ = tokio::time::timeout(left, rx.changed()).await;
 }
 
 fn wait_param(q: &HashMap<String, String>) -> Result<Duration, ApiError> {
@@ -345,6 +333,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/tasks/cancel", post(tasks::cancel_many))
         .route("/v1/tasks/{id}", get(tasks::show).delete(tasks::cancel))
         .route("/v1/results", get(tasks::results))
+        .route("/v1/tokens", get(tokens::list).post(tokens::create))
+        .route("/v1/tokens/{id}", axum::routing::delete(tokens::revoke))
         .route(
             "/v1/pools/{pool}/blocks/{id}/{action}",
             post(status::block_action),

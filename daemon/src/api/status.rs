@@ -1,9 +1,9 @@
 //! `/v1/health`, `/v1/whoami`, `/v1/status` and `/metrics`.
 
-use super::{auth, json_response, ApiResult, App};
+use super::{json_response, ApiResult, App, Caller};
 use crate::store::writer::UserCounts;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fnx_interchange::{Counts, ManagerStatus};
 use serde_json::{json, Value};
@@ -35,8 +35,7 @@ pub(super) async fn health(State(app): State<Arc<App>>) -> Response {
     )
 }
 
-pub(super) async fn whoami(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
-    let c = auth(&app, &headers)?;
+pub(super) async fn whoami(c: Caller) -> ApiResult {
     Ok(json_response(
         StatusCode::OK,
         json!({"user": c.user, "admin": c.admin}),
@@ -60,15 +59,15 @@ async fn pool_states(app: &Arc<App>) -> Vec<(String, Counts, Vec<ManagerStatus>)
 }
 
 fn manager_json(m: &ManagerStatus) -> Value {
-    json!({"id": m.id.0, "uid": m.uid, "host": m.host, "block": m.block_id.map(|b| b.0),
+    json!({"id": m.id.0, "uid": m.uid, "user": m.tenant, "host": m.host,
+           "block": m.block_id.map(|b| b.0),
            "workers": m.slots, "inflight": m.inflight, "completed": m.completed,
            "idle_s": m.idle_for.map(|d| d.as_secs_f64()).unwrap_or(0.0), "draining": m.draining,
            "environments": m.workers.iter().map(|w| json!({
                "container": w.env, "workers": w.workers, "starts": w.starts})).collect::<Vec<_>>()})
 }
 
-pub(super) async fn status(State(app): State<Arc<App>>, headers: HeaderMap) -> ApiResult {
-    let c = auth(&app, &headers)?;
+pub(super) async fn status(State(app): State<Arc<App>>, c: Caller) -> ApiResult {
     let (users, rate) = {
         let s = app.shared.stats.lock().expect("stats");
         (s.users.clone(), s.rate())
@@ -211,11 +210,10 @@ pub(super) async fn metrics(State(app): State<Arc<App>>) -> Response {
 /// cancel its job even while it runs tasks (they are retried elsewhere).
 pub(super) async fn block_action(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    c: Caller,
     Path((pool, id, action)): Path<(String, String, String)>,
 ) -> ApiResult {
     use crate::blocks::BlockRequest;
-    let c = auth(&app, &headers)?;
     if !c.admin {
         return Err(super::ApiError::forbidden(
             "only admins may drain or cancel blocks",

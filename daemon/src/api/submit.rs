@@ -2,7 +2,7 @@
 //! (signature, kind, pool, payload and file limits), persist it, answer with the ids.
 
 use super::functions::owned;
-use super::{auth, json_response, read_body, ApiError, ApiResult, App, Caller, MSGPACK};
+use super::{json_response, read_body, ApiError, ApiResult, App, Caller, MSGPACK};
 use crate::records::{unb64, FunctionRow};
 use crate::signature::{self, Signature};
 use crate::store::writer::{Cmd, TaskInput};
@@ -499,10 +499,19 @@ fn parse_json_raw(bytes: &[u8]) -> Result<Box<RawValue>, ApiError> {
 
 pub(super) async fn submit(
     State(app): State<Arc<App>>,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let caller = auth(&app, &headers)?;
+    // In `unix` mode tasks run as their owner's account: refused before anything is stored
+    // or spawned when there is no such account or it may not be used (FAULTS.md 24).
+    if app.identities.mode() == crate::config::UsersMode::Unix {
+        if let Err(r) = app.identities.account(&caller.user) {
+            app.identities
+                .log_refusal(&format!("tasks of user {:?}", caller.user), &r);
+            return Err(ApiError::not_allowed());
+        }
+    }
     let key = match headers.get("idempotency-key") {
         None => None,
         Some(k) => {

@@ -2,7 +2,7 @@
 //! cancel, stream results.
 
 use super::{
-    auth, blocking, json_response, parse_id, parse_json, read_body, wait_for_results, wait_param,
+    blocking, json_response, parse_id, parse_json, read_body, wait_for_results, wait_param,
     ApiError, ApiResult, App, Caller, MSGPACK,
 };
 use crate::records::TaskRow;
@@ -38,17 +38,16 @@ async fn read_until_terminal(
         if row.state.is_terminal() || Instant::now() >= until {
             return Ok(row);
         }
-        wait_for_results(app, seen, until).await;
+        wait_for_results(app, caller, seen, until).await?;
     }
 }
 
 pub(super) async fn show(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    let caller = auth(&app, &headers)?;
     let id = parse_id(&id, "the task id")?;
     let until = Instant::now() + wait_param(&q)?;
     let row = read_until_terminal(&app, &caller, id, until).await?;
@@ -84,26 +83,26 @@ fn ids_of(v: &Value) -> Result<Vec<u64>, ApiError> {
     Ok(ids)
 }
 
-/// The caller, the `ids` of a request body, and those of the tasks that exist.
+/// The `ids` of a request body, and those of the tasks that exist.
 async fn tasks_of_request(
     app: &Arc<App>,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(Caller, Vec<u64>, Vec<TaskRow>), ApiError> {
-    let caller = auth(app, headers)?;
+) -> Result<(Vec<u64>, Vec<TaskRow>), ApiError> {
     let bytes = read_body(headers, body, 16 << 20).await?;
     let ids = ids_of(&parse_json(&bytes)?)?;
     let keys: Vec<TaskId> = ids.iter().map(|&i| TaskId(i)).collect();
     let rows = blocking(app, move |a| a.reader.tasks(&keys)).await?;
-    Ok((caller, ids, rows))
+    Ok((ids, rows))
 }
 
 pub(super) async fn status_many(
     State(app): State<Arc<App>>,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let (caller, ids, rows) = tasks_of_request(&app, &headers, body).await?;
+    let (ids, rows) = tasks_of_request(&app, &headers, body).await?;
     let by_id: HashMap<u64, &TaskRow> = rows
         .iter()
         .filter(|r| caller.may_see(&r.owner))
@@ -143,10 +142,9 @@ pub(super) async fn status_many(
 
 pub(super) async fn cancel(
     State(app): State<Arc<App>>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> ApiResult {
-    let caller = auth(&app, &headers)?;
     let id = parse_id(&id, "the task id")?;
     let row = visible(&caller, id, app.reader.task(TaskId(id))?)?;
     if row.state.is_terminal() {
@@ -167,10 +165,11 @@ pub(super) async fn cancel(
 
 pub(super) async fn cancel_many(
     State(app): State<Arc<App>>,
+    caller: Caller,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let (caller, _, rows) = tasks_of_request(&app, &headers, body).await?;
+    let (_, rows) = tasks_of_request(&app, &headers, body).await?;
     let mut per_pool: HashMap<&str, Vec<TaskId>> = HashMap::new();
     for r in rows
         .iter()
@@ -266,10 +265,10 @@ fn msgpack_results(rows: &[TaskRow], cursor: u64) -> Response {
 
 pub(super) async fn results(
     State(app): State<Arc<App>>,
+    caller: Caller,
     headers: HeaderMap,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult {
-    let caller = auth(&app, &headers)?;
     let num = |k: &str, default: u64| -> Result<u64, ApiError> {
         q.get(k).map_or(Ok(default), |v| {
             v.parse::<u64>().map_err(|_| {
@@ -297,7 +296,7 @@ pub(super) async fn results(
         if !rows.is_empty() || Instant::now() >= until {
             break rows;
         }
-        wait_for_results(&app, seen, until).await;
+        wait_for_results(&app, &caller, seen, until).await?;
     };
     let cursor = rows.last().and_then(|r| r.seq).unwrap_or(since);
     if cursor > since {

@@ -187,6 +187,9 @@ pub struct WriterConfig {
     pub prune_interval: Duration,
     /// fsync every commit that carries something acknowledged or an outcome (`store.sync`).
     pub full_sync: bool,
+    /// Tasks go to their owner's tenant in the interchange (`users.mode = "unix"`: only the
+    /// owner's managers run them); otherwise to the shared tenant.
+    pub per_user: bool,
 }
 
 /// The writer's state.
@@ -207,7 +210,8 @@ pub struct Writer {
 pub(super) struct Effects {
     replies: Vec<(SubmitReply, Submitted)>,
     rejected: Vec<(SubmitReply, StoreError)>,
-    to_interchange: HashMap<String, Vec<NewTask>>,
+    /// New tasks per (pool, tenant).
+    to_interchange: HashMap<(String, String), Vec<NewTask>>,
     registered: Vec<(RegisterReply, FunctionId, FunctionInput)>,
     deleted: Vec<DeleteReply>,
     /// Per-user counter moves: (owner, from, to).
@@ -427,6 +431,7 @@ impl Writer {
         fetched_ids: &[TaskId],
         fx: &mut Effects,
     ) -> Result<(), Failed> {
+        let per_user = self.cfg.per_user;
         let tx = match self.conn.transaction() {
             Ok(tx) => tx,
             Err(e) => return Err((e.into(), submits, registers)),
@@ -498,8 +503,13 @@ impl Writer {
                         tasks.len(),
                     ));
                     for (task, id) in tasks.into_iter().zip(&ids) {
+                        let tenant = if per_user {
+                            owner.clone()
+                        } else {
+                            String::new()
+                        };
                         fx.to_interchange
-                            .entry(task.pool.clone())
+                            .entry((task.pool.clone(), tenant))
                             .or_default()
                             .push(NewTask {
                                 id: *id,
@@ -573,9 +583,9 @@ impl Writer {
         for reply in fx.deleted {
             let _ = reply.send(Ok(()));
         }
-        for (pool, tasks) in fx.to_interchange {
+        for ((pool, tenant), tasks) in fx.to_interchange {
             if let Some(h) = self.pools.get(&pool) {
-                h.submit(tasks);
+                h.submit_as(&tenant, tasks);
             }
         }
         for (reply, s) in fx.replies {

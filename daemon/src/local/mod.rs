@@ -2,6 +2,10 @@
 //! (`fnx map`) runs one for a single run; the daemon runs one per `provider = "local"` pool and
 //! restarts managers that end.
 
+mod users;
+
+pub use users::PerUser;
+
 use fnx_interchange::driver::{self, DriverConfig};
 use fnx_interchange::{Event, Handle, Notice};
 use fnx_protocol::ManagerBootstrap;
@@ -81,6 +85,9 @@ pub struct PoolOptions {
     /// The whole environment of local managers (and so of their workers and tasks), replacing
     /// this process's (None: they inherit it, as `fnx map`'s do).
     pub env: Option<Vec<(String, String)>>,
+    /// Managers per user, started on demand as each user (`users.mode = "unix"`); `managers`
+    /// and `launch` are then unused.
+    pub per_user: Option<PerUser>,
     /// Start the managers through a parallel launcher (one per node of an allocation) instead
     /// of as `managers` local processes.
     pub launch: Option<Launch>,
@@ -154,6 +161,7 @@ impl PoolOptions {
             kill_grace: Duration::from_secs(2),
             zero_work: false,
             env: None,
+            per_user: None,
             launch: None,
         }
     }
@@ -176,6 +184,10 @@ struct Child {
     pid: u32,
     log: PathBuf,
     running: bool,
+    /// The user it runs as and serves (`unix` mode; None: the shared tenant).
+    tenant: Option<String>,
+    /// Asked to drain (it exits once it holds no task).
+    draining: bool,
 }
 
 /// A running local pool.
@@ -191,6 +203,8 @@ pub struct LocalPool {
     opts: PoolOptions,
     stopped: bool,
     launched: u32,
+    /// Managers per user (`unix` mode).
+    users: Option<users::Users>,
     _ctx: zmq::Context,
 }
 
@@ -216,7 +230,9 @@ impl LocalPool {
         let exe = std::env::current_exe().map_err(io("cannot find the fnx executable"))?;
         let (exit_tx, exits) = channel();
         let mut children = Vec::new();
-        if let Some(launch) = &opts.launch {
+        if opts.per_user.is_some() {
+            // Managers start when their user has work (`serve_users`).
+        } else if let Some(launch) = &opts.launch {
             children.push(spawn_launcher(
                 &exe,
                 &handle,
@@ -241,6 +257,7 @@ impl LocalPool {
             exit_tx,
             exe,
             launched: opts.managers,
+            users: opts.per_user.clone().map(users::Users::new),
             opts,
             stopped: false,
             _ctx: ctx,
@@ -288,6 +305,11 @@ impl LocalPool {
             }
         }
         Ok(())
+    }
+
+    /// Whether managers run per user (`users.mode = "unix"`).
+    pub fn per_user(&self) -> bool {
+        self.users.is_some()
     }
 
     /// Managers still running.
@@ -482,17 +504,19 @@ fn spawn_manager(
     if let Some(env) = &opts.env {
         cmd.env_clear().envs(env.iter().cloned());
     }
-    let child = spawn(
-        cmd,
+    spawn(
+        Spawn {
+            cmd,
+            uid: uid.to_string(),
+            managers: vec![uid.to_string()],
+            log: dir.join("manager.log"),
+            cpus,
+            stdin: key_text(opts),
+            as_user: None,
+        },
         opts,
-        uid,
-        vec![uid.to_string()],
-        dir.join("manager.log"),
-        cpus,
-        key_text(opts),
         exits,
-    )?;
-    Ok(child)
+    )
 }
 
 /// One launcher process (`srun`/`mpiexec`/`aprun` through bash) that starts a manager named
@@ -530,36 +554,58 @@ fn spawn_launcher(
     cmd.arg("-c").arg(text).envs(launch.env.iter().cloned());
     let managers = (0..launch.nodes).map(|r| format!("manager-{r}")).collect();
     let log = opts.run_dir.join("launcher.log");
-    spawn(
+    let sp = Spawn {
         cmd,
-        opts,
-        "launcher",
+        uid: "launcher".into(),
         managers,
         log,
-        Vec::new(),
-        None,
-        exits,
-    )
+        cpus: Vec::new(),
+        stdin: None,
+        as_user: None,
+    };
+    spawn(sp, opts, exits)
 }
 
-/// Start one child in its own process group. `stdin`, when given, is written to its standard
-/// input (a local manager's keys), which is then closed.
-#[allow(clippy::too_many_arguments)]
-fn spawn(
-    mut cmd: Command,
-    opts: &PoolOptions,
-    uid: &str,
+/// How a child starts: its command, name, log and CPUs; `stdin`, when given, is written to its
+/// standard input (a local manager's keys), which is then closed; `as_user`: it becomes that
+/// user before exec and opens its own log (which only that user may write).
+struct Spawn {
+    cmd: Command,
+    uid: String,
     managers: Vec<String>,
     log: PathBuf,
     cpus: Vec<u32>,
     stdin: Option<String>,
+    as_user: Option<users::AsUser>,
+}
+
+/// Start one child in its own process group.
+fn spawn(
+    sp: Spawn,
+    opts: &PoolOptions,
     exits: Sender<(String, std::io::Result<ExitStatus>)>,
 ) -> Result<Child> {
-    let stderr = std::fs::File::options()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .map_err(io(format!("cannot open {}", log.display())))?;
+    let Spawn {
+        mut cmd,
+        uid,
+        managers,
+        log,
+        cpus,
+        stdin,
+        as_user,
+    } = sp;
+    let uid = uid.as_str();
+    let stderr = match &as_user {
+        Some(_) => Stdio::null(), // replaced in the child, once it is the user
+        None => Stdio::from(
+            std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .map_err(io(format!("cannot open {}", log.display())))?,
+        ),
+    };
+    let tenant = as_user.as_ref().map(|a| a.user.clone());
     cmd.env("FNX_RUN_ID", &opts.run_id)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -567,20 +613,31 @@ fn spawn(
             Stdio::null()
         })
         .stdout(Stdio::null())
-        .stderr(Stdio::from(stderr));
+        .stderr(stderr);
     // Own process group (a terminal's Ctrl-C reaches only `fnx map`, which stops everything in
-    // order), and SIGTERM if `fnx map` dies.
-    // SAFETY: child_setup and apply_affinity only make async-signal-safe calls (`cpus` was
-    // allocated before the fork).
+    // order), and SIGTERM if `fnx map` dies. The death signal is set after becoming the user:
+    // a change of credentials clears it.
+    // SAFETY: become, child_setup and apply_affinity only make async-signal-safe calls
+    // (`cpus` and everything `as_user` holds were allocated before the fork).
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(a) = &as_user {
+                a.become_it()?;
+            }
             fnx_sys::process::child_setup(libc::SIGTERM)?;
             fnx_sys::placement::apply_affinity(&cpus)
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(io(format!("cannot start {:?}", cmd.get_program())))?;
+    let what = match &tenant {
+        Some(user) => format!(
+            "cannot start {:?} as user {user} (becoming the user, creating its directory {} or \
+             log, or running the program as the user failed)",
+            cmd.get_program(),
+            log.parent().unwrap_or(&log).display()
+        ),
+        None => format!("cannot start {:?}", cmd.get_program()),
+    };
+    let mut child = cmd.spawn().map_err(io(what))?;
     let pid = child.id();
     if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
         use std::io::Write;
@@ -604,5 +661,7 @@ fn spawn(
         pid,
         log,
         running: true,
+        tenant,
+        draining: false,
     })
 }
