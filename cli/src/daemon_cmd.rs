@@ -91,6 +91,10 @@ pub fn run_daemon(a: DaemonArgs) -> u8 {
         cfg.listen = l;
     }
     if let Some(d) = a.data_dir {
+        // The default socket lives in the data directory: it moves with it.
+        if cfg.socket.as_deref() == Some(cfg.data_dir.join("fnx.sock").as_path()) {
+            cfg.socket = Some(d.join("fnx.sock"));
+        }
         cfg.data_dir = d;
     }
     if let Err(e) = init_logging(cfg.log_file.as_ref()) {

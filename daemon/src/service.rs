@@ -403,7 +403,7 @@ struct Loaded {
 }
 
 /// Read stored functions, unfinished tasks and per-user counts.
-fn load(conn: &rusqlite::Connection, path: &Path) -> Result<Loaded, DaemonError> {
+fn load(conn: &rusqlite::Connection, path: &Path, per_user: bool) -> Result<Loaded, DaemonError> {
     let serr = |source| DaemonError::Store {
         path: path.to_path_buf(),
         source,
@@ -418,6 +418,7 @@ fn load(conn: &rusqlite::Connection, path: &Path) -> Result<Loaded, DaemonError>
                 id: f.id,
                 body,
                 container: crate::images::container_of(&f.spec),
+                owner: (!per_user).then(|| f.owner.clone()),
             };
             Some((def, crate::images::build_of(&f.spec)))
         })
@@ -626,7 +627,8 @@ pub fn run(
             .map_err(|e| serr(e.into()))?;
     }
     first_start(&conn, &cfg, &path)?;
-    let loaded = load(&conn, &path)?;
+    let per_user = cfg.users.mode == crate::config::UsersMode::Unix;
+    let loaded = load(&conn, &path, per_user)?;
     let mut pools = Vec::new();
     let links = encryption(&cfg)?;
     for ((i, p), keys) in cfg.pools.iter().enumerate().zip(links) {
@@ -658,7 +660,6 @@ pub fn run(
         .iter()
         .filter_map(|(def, build)| Some((def.id, build.clone()?)))
         .collect();
-    let per_user = cfg.users.mode == crate::config::UsersMode::Unix;
     let counts = recover(loaded, &pools, &names, &wtx, &builds, per_user);
     let (seq_tx, _) = tokio::sync::watch::channel(0u64);
     let shared = Arc::new(Shared {

@@ -98,6 +98,7 @@ enum Command {
     ManagerGone { uid: String, reason: String },
     DrainBlock(BlockId),
     DrainManager(String),
+    FailTenant(String, TaskError),
     Status(Sender<(Counts, Vec<ManagerStatus>)>),
     Shutdown { reason: String },
 }
@@ -255,6 +256,11 @@ impl Handle {
         self.command(Command::DrainManager(uid.to_string()));
     }
 
+    /// Finish every undispatched task of `tenant` with `error` (the tenant may not run here).
+    pub fn fail_tenant(&self, tenant: &str, error: TaskError) {
+        self.command(Command::FailTenant(tenant.to_string(), error));
+    }
+
     /// Counts and managers, as the driver sees them now.
     pub fn status(&self) -> Option<(Counts, Vec<ManagerStatus>)> {
         let (tx, rx) = channel();
@@ -401,6 +407,7 @@ impl Driver {
                     }
                     Command::DrainBlock(block) => self.ic.drain_block(block, &mut out),
                     Command::DrainManager(uid) => self.ic.drain_named(&uid, &mut out),
+                    Command::FailTenant(tenant, e) => self.ic.fail_queued(&tenant, &e, &mut out),
                     Command::Status(reply) => {
                         let _ = reply.send((self.ic.counts(), self.ic.managers(Instant::now())));
                     }

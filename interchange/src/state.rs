@@ -290,6 +290,31 @@ impl Interchange {
         }
     }
 
+    /// Finish every task not yet dispatched (queued or held) with `error`: their user may not
+    /// run anything here. Tasks already on managers are left to finish.
+    pub fn fail_queued(&mut self, error: &TaskError, comm: &mut impl Comm) {
+        let ids: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(_, r)| matches!(r.state, TaskState::Queued | TaskState::Held))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            let Some(rec) = self.tasks.remove(&id) else {
+                continue;
+            };
+            match rec.state {
+                TaskState::Held => self.held -= 1,
+                _ => self.queued -= 1,
+            }
+            comm.finished(Finished {
+                id,
+                attempt: rec.attempt,
+                outcome: Outcome::Err(error.clone()),
+            });
+        }
+    }
+
     /// A frame arrived from `peer`.
     pub fn on_message(
         &mut self,

@@ -122,6 +122,13 @@ impl Tenants {
         t.ic.submit(tasks, comm);
     }
 
+    /// Finish the undispatched tasks of `tenant` with `error` (the tenant may not run here).
+    pub fn fail_queued(&mut self, tenant: &str, error: &TaskError, comm: &mut impl Comm) {
+        if let Some(t) = self.by_name.get_mut(tenant) {
+            t.ic.fail_queued(error, comm);
+        }
+    }
+
     /// Cancel tasks, whichever tenant holds them.
     pub fn cancel(&mut self, ids: &[TaskId], comm: &mut impl Comm) {
         for t in self.by_name.values_mut() {

@@ -92,6 +92,7 @@ fn fdef() -> FunctionDef {
             qualname: "f".into(),
         },
         container: None,
+        owner: None,
     }
 }
 
@@ -787,6 +788,7 @@ fn container_fn(id: u64, image: &str) -> FunctionDef {
             runtime: None,
             image: image.into(),
         }),
+        owner: None,
     }
 }
 

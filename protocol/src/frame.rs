@@ -10,7 +10,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 /// The version of the manager ⇄ interchange protocol spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Frames larger than this are refused unless configured otherwise (64 MiB).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 << 20;

@@ -28,6 +28,6 @@ pub use frame::{decode, encode, FrameError, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VE
 pub use ids::{Attempt, BlockId, FunctionId, ManagerId, TaskId, WorkerId};
 pub use messages::{InterchangeToManager, ManagerToInterchange, Register, WarmWorkers};
 pub use task::{
-    Encoding, ErrorKind, FileSource, FunctionBody, FunctionDef, Outcome, Payload, TaskError,
-    TaskFile, TaskResult, TaskSpec,
+    split_env, Encoding, ErrorKind, FileSource, FunctionBody, FunctionDef, Outcome, Payload,
+    TaskError, TaskFile, TaskResult, TaskSpec, ENV_OWNER_SEP,
 };

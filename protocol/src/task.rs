@@ -94,6 +94,10 @@ pub struct FunctionDef {
     pub body: FunctionBody,
     /// The container its tasks run in (`None`: the pool's container, or the host).
     pub container: Option<crate::container::FunctionContainer>,
+    /// The user it belongs to, when managers serve several users (a daemon in `service`
+    /// mode): workers are then never shared between users (`None`: every function of a
+    /// manager may share its workers, as in `fnx map` or a manager of one user).
+    pub owner: Option<String>,
 }
 
 impl FunctionDef {
@@ -103,16 +107,36 @@ impl FunctionDef {
             id,
             body,
             container: None,
+            owner: None,
         }
     }
 
-    /// The worker environment its tasks need: the container's key, or `""` for the pool's own
-    /// workers. Workers are kept warm, counted and routed to by this key.
+    /// The worker environment its tasks need: the container's key (`""` for the pool's own
+    /// workers), followed by [`ENV_OWNER_SEP`] and the owner when it has one. Workers are kept
+    /// warm, counted and routed to by this key, and a worker only ever runs tasks of one
+    /// environment.
     pub fn env(&self) -> String {
-        self.container
+        let container = self
+            .container
             .as_ref()
             .map(crate::container::FunctionContainer::key)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        match &self.owner {
+            Some(owner) => format!("{container}{ENV_OWNER_SEP}{owner}"),
+            None => container,
+        }
+    }
+}
+
+/// Separates the container key from the owner in an environment key (a control character: it
+/// is in neither, images with control characters are refused).
+pub const ENV_OWNER_SEP: char = '\u{1f}';
+
+/// The container key and the owner (if any) of an environment key.
+pub fn split_env(env: &str) -> (&str, Option<&str>) {
+    match env.split_once(ENV_OWNER_SEP) {
+        Some((container, owner)) => (container, Some(owner)),
+        None => (env, None),
     }
 }
 

@@ -11,7 +11,7 @@ import zmq
 
 from conftest import wait_for
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 GATED = """
     import os, time

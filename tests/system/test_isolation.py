@@ -252,3 +252,33 @@ def test_users_manage_only_their_own_tokens(make_daemon):
     assert d.api("GET", "/v1/whoami", token=second.body["token"]).status == 401
     everyone = d.api("GET", "/v1/tokens").body["tokens"]
     assert {t["user"] for t in everyone} >= {"alice", "bob", d.user}, everyone
+
+
+PATCH_SUM = {"kind": "python", "entry": "patch", "source": (
+    "def patch():\n"
+    "    import builtins, os\n"
+    "    builtins.sum = lambda *a, **k: 'tampered'\n"
+    "    return os.getpid()\n")}
+USE_SUM = {"kind": "python", "entry": "use", "source": (
+    "def use():\n"
+    "    import os\n"
+    "    return [sum([1, 2]), os.getpid()]\n")}
+
+
+def test_a_worker_never_serves_two_users_in_service_mode(make_daemon):
+    # One manager with a single worker slot: without per-user workers, bob's task would land
+    # on the worker alice's task patched.
+    d = make_daemon(pools={"local": {"workers_per_manager": 1}})
+    alice, bob = d.create_user("alice"), d.create_user("bob")
+    pf, uf = d.register(PATCH_SUM, token=alice), d.register(USE_SUM, token=bob)
+    [t] = d.submit([{"function": pf, "args": []}], token=alice)
+    alice_worker = result_value(d.wait_task(t, token=alice))
+    [t] = d.submit([{"function": uf, "args": []}], token=bob)
+    total, bob_worker = result_value(d.wait_task(t, timeout=60, token=bob))
+    assert total == 3, "bob's task ran on a worker alice's task had patched"
+    assert bob_worker != alice_worker
+    # Alice's own later tasks may share her worker (that is her business).
+    af = d.register(USE_SUM, token=alice)
+    [t] = d.submit([{"function": af, "args": []}], token=alice)
+    total, again = result_value(d.wait_task(t, timeout=60, token=alice))
+    assert total in (3, "tampered") and again != bob_worker

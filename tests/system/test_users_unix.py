@@ -274,8 +274,12 @@ def test_each_user_runs_as_their_account_and_reaches_nothing_of_the_daemon_or_ot
 def test_fault_24_root_the_service_account_and_missing_accounts_are_refused(unix_daemon,
                                                                            fnx_env):
     # Tokens made while the daemon ran in service mode, for names unix mode must refuse.
-    d = unix_daemon(users={"mode": "service"})
+    # No manager in service mode, so that a task accepted then is still queued after the switch.
+    d = unix_daemon(users={"mode": "service"}, pools={"local": {"managers": 0}})
     tokens = {name: d.create_user(name) for name in ("root", SERVICE, "fnx-no-such-user")}
+    ghost = tokens["fnx-no-such-user"]
+    gf = d.register({"kind": "shell", "command": "id -u"}, token=ghost)
+    [queued] = d.submit([{"function": gf, "args": {}}], token=ghost)
     d.stop()
     d.config["users"]["mode"] = "unix"
     d.config_path.write_text(to_toml(d.config))
@@ -303,6 +307,10 @@ def test_fault_24_root_the_service_account_and_missing_accounts_are_refused(unix
                 'no Unix account is named "fnx-no-such-user"'):
         wait_for(lambda: why in d.log_since_start(), 5, f"the admin log says {why!r}")
     assert "identity_not_allowed" in log
+    # A task accepted before the switch is not left waiting forever: it fails, and says so.
+    d.api("GET", "/v1/health", token=None)
+    rec = d.wait_task(queued, timeout=30)  # as the admin, who sees every task
+    assert rec["state"] == "failed" and rec["error"]["type"] == "IdentityNotAllowed", rec
     # Nothing was spawned for any of them: no manager at all.
     assert d.status()["pools"][0]["managers_connected"] == 0
     assert not [p for p in fnx_env.processes() if " manager " in f" {p.cmdline} "]

@@ -63,8 +63,11 @@ fn manager_json(m: &ManagerStatus) -> Value {
            "block": m.block_id.map(|b| b.0),
            "workers": m.slots, "inflight": m.inflight, "completed": m.completed,
            "idle_s": m.idle_for.map(|d| d.as_secs_f64()).unwrap_or(0.0), "draining": m.draining,
-           "environments": m.workers.iter().map(|w| json!({
-               "container": w.env, "workers": w.workers, "starts": w.starts})).collect::<Vec<_>>()})
+           "environments": m.workers.iter().map(|w| {
+               let (container, owner) = fnx_protocol::split_env(&w.env);
+               json!({"container": container, "user": owner, "workers": w.workers,
+                      "starts": w.starts})
+           }).collect::<Vec<_>>()})
 }
 
 pub(super) async fn status(State(app): State<Arc<App>>, c: Caller) -> ApiResult {

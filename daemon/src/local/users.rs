@@ -63,6 +63,14 @@ impl AsUser {
     }
 }
 
+/// Why a user's manager did not start.
+enum Spawned {
+    /// The user may not run anything here.
+    Refused,
+    /// Something else failed (tried again later).
+    Failed(LocalError),
+}
+
 /// Per-user bookkeeping of a pool.
 pub(super) struct Users {
     cfg: PerUser,
@@ -168,7 +176,20 @@ impl LocalPool {
         for user in start {
             match self.spawn_user_manager(&user) {
                 Ok(uid) => tracing::info!("started manager {uid} as user {user:?}"),
-                Err(e) => {
+                Err(Spawned::Refused) => {
+                    // Nothing will ever run for them here: their waiting tasks fail now
+                    // (the admin log says why; FAULTS.md 24).
+                    self.handle.fail_tenant(
+                        &user,
+                        fnx_protocol::TaskError::new(
+                            fnx_protocol::ErrorKind::BadInput,
+                            "IdentityNotAllowed",
+                            "this identity may not run tasks on this service; the site's \
+                             admins can see why in the daemon's log",
+                        ),
+                    );
+                }
+                Err(Spawned::Failed(e)) => {
                     tracing::error!(
                         "cannot start a manager for user {user:?}: {e}; retrying in 30 s"
                     );
@@ -181,15 +202,21 @@ impl LocalPool {
     }
 
     /// Start one manager as `user`, with a key issued for that user alone.
-    fn spawn_user_manager(&mut self, user: &str) -> Result<String> {
+    fn spawn_user_manager(&mut self, user: &str) -> std::result::Result<String, Spawned> {
         let users = self.users.as_mut().expect("per-user pool");
         // Checked again right before anything runs as the account (FAULTS.md 24).
         let ids = &users.cfg.identities;
         let account = ids.account(user).map_err(|r| {
             ids.log_refusal("a manager", &r);
-            LocalError::Managers(format!("refused: {r}"))
+            Spawned::Refused
         })?;
-        let identity = ids.identity(&account);
+        self.start_as(user, &account).map_err(Spawned::Failed)
+    }
+
+    fn start_as(&mut self, user: &str, account: &Account) -> Result<String> {
+        let users = self.users.as_mut().expect("per-user pool");
+        let ids = &users.cfg.identities;
+        let identity = ids.identity(account);
         users.launched += 1;
         let uid = format!("{user}.manager-{}", users.launched);
         let keys = self
@@ -201,7 +228,7 @@ impl LocalPool {
             .map_err(|e| LocalError::Managers(format!("cannot make keys: {e}")))?;
         self.handle.allow_manager_key(keys.1, user);
         let run_dir = self.opts.run_dir.join(user);
-        user_dir(&run_dir, &account)?;
+        user_dir(&run_dir, account)?;
         let mut b = bootstrap(&self.handle, &self.opts, &uid);
         b.run_dir = run_dir;
         let dir = fnx_manager::manager_dir(&b);

@@ -570,6 +570,9 @@ impl Writer {
                     id,
                     body,
                     container: f.container,
+                    // Shared managers (service mode) keep each user's workers apart; in unix
+                    // mode every manager serves one user already.
+                    owner: (!self.cfg.per_user).then(|| f.owner.clone()),
                 };
                 for h in self.pools.values() {
                     h.add_function(def.clone());

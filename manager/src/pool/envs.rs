@@ -35,8 +35,9 @@ impl Pool<'_> {
             match &wrap {
                 Err(e) => tracing::error!("tasks of {} cannot run on this node: {e}", def.id),
                 Ok(Some(w)) if def.container.is_some() => tracing::info!(
-                    "{} runs in container {env} ({} {})",
+                    "{} runs in container {} ({} {})",
                     def.id,
+                    fnx_protocol::split_env(&env).0,
                     w.container.runtime.name(),
                     w.container.image
                 ),
@@ -149,7 +150,14 @@ impl Pool<'_> {
         let n = self.starts.entry(env.to_string()).or_default();
         *n += 1;
         if !env.is_empty() {
-            tracing::info!("starting a worker in container {env} (start {n} of it here)");
+            let (container, owner) = fnx_protocol::split_env(env);
+            let whose = owner.map(|o| format!(" for user {o}")).unwrap_or_default();
+            let place = if container.is_empty() {
+                "on the host or the pool's container".to_string()
+            } else {
+                format!("in container {container}")
+            };
+            tracing::info!("starting a worker {place}{whose} (start {n} of it here)");
         }
     }
 
