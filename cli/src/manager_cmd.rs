@@ -104,6 +104,11 @@ pub struct ManagerArgs {
     /// Interchanges accept only managers holding keys they issued
     #[arg(long, value_name = "FILE")]
     pub curve_keys: Option<PathBuf>,
+    /// Keep the processes this manager starts on the host out of PATH (repeatable): the
+    /// daemon's data directory, when tasks run under the daemon's own account. Enforced with
+    /// Landlock where the kernel has it (a warning otherwise)
+    #[arg(long, value_name = "PATH")]
+    pub protect: Vec<PathBuf>,
 }
 
 impl From<ManagerArgs> for ManagerBootstrap {
@@ -134,6 +139,7 @@ impl From<ManagerArgs> for ManagerBootstrap {
             max_result_bytes: a.max_result_bytes,
             kill_grace_ms: a.kill_grace_ms,
             curve_keys: a.curve_keys,
+            protect: a.protect,
         }
     }
 }

@@ -10,8 +10,8 @@
 //!
 //! The interchange accepts exactly the public keys of the `*.manager` files in the directory.
 
-use fnx_interchange::CurveServer;
-use fnx_protocol::KeyFile;
+use fnx_interchange::{CurveServer, Mechanism};
+use fnx_protocol::{Credentials, KeyFile};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -84,8 +84,9 @@ fn decode(path: &Path, z85: &str) -> Result<Vec<u8>, KeyError> {
 pub struct LinkKeys {
     /// The interchange's CURVE settings.
     pub server: CurveServer,
-    /// The key pair issued to the managers, with the interchange's public key.
-    pub manager: KeyFile,
+    /// What the managers authenticate with: a key pair issued to them with the interchange's
+    /// public key, or a password (PLAIN, loopback only).
+    pub manager: Credentials,
     /// Where `manager` is written, for managers started elsewhere (None: in memory only).
     pub file: Option<PathBuf>,
 }
@@ -96,14 +97,40 @@ impl LinkKeys {
     /// `fnx_interchange::Handle::allow_manager_key`).
     pub fn issue(&self) -> Result<(String, Vec<u8>), KeyError> {
         let here = Path::new("(in memory)");
+        let creds = match &self.manager {
+            Credentials::Plain(_) => {
+                let p = password();
+                let raw = p.as_bytes().to_vec();
+                return Ok((
+                    Credentials::Plain(p).render("fnx manager password (issued for one manager)"),
+                    raw,
+                ));
+            }
+            Credentials::Curve(k) => k,
+        };
         let (public, secret) = new_pair().map_err(file_err(here))?;
         let raw = decode(here, &public)?;
         let k = KeyFile {
-            server_public: self.manager.server_public.clone(),
+            server_public: creds.server_public.clone(),
             public,
             secret,
         };
         Ok((k.render("fnx manager keys (issued for one manager)"), raw))
+    }
+
+    /// A password for the managers a local pool starts on loopback: PLAIN, authenticated but
+    /// not encrypted (see `fnx_interchange::Mechanism::Plain`).
+    pub fn ephemeral_plain() -> LinkKeys {
+        let p = password();
+        LinkKeys {
+            server: CurveServer {
+                mechanism: Mechanism::Plain,
+                secret: Vec::new(),
+                clients: vec![(p.as_bytes().to_vec(), String::new())],
+            },
+            manager: Credentials::Plain(p),
+            file: None,
+        }
     }
 
     /// Fresh keys that live only in this process (a local pool whose managers all start here).
@@ -114,17 +141,25 @@ impl LinkKeys {
         let client = decode(here, &public)?;
         Ok(LinkKeys {
             server: CurveServer {
+                mechanism: Mechanism::Curve,
                 secret: decode(here, &server_secret)?,
                 clients: vec![(client, String::new())],
             },
-            manager: KeyFile {
+            manager: Credentials::Curve(KeyFile {
                 server_public,
                 public,
                 secret,
-            },
+            }),
             file: None,
         })
     }
+}
+
+/// 256 random bits as 64 hex digits (a PLAIN password).
+fn password() -> String {
+    crate::auth::new_token()
+        .trim_start_matches("fnx_")
+        .to_string()
 }
 
 /// The keys of one daemon.
@@ -194,7 +229,7 @@ impl Keys {
         let file = self.manager_file(pool)?;
         Ok(LinkKeys {
             server: self.server()?,
-            manager: read(&file)?,
+            manager: Credentials::Curve(read(&file)?),
             file: Some(file),
         })
     }
@@ -213,6 +248,7 @@ impl Keys {
         }
         let path = self.dir.join("interchange.key");
         Ok(CurveServer {
+            mechanism: Mechanism::Curve,
             secret: decode(&path, &self.server.secret)?,
             clients,
         })
@@ -246,9 +282,16 @@ mod tests {
     fn ephemeral_keys_pair_up() {
         let k = LinkKeys::ephemeral().unwrap();
         assert!(k.file.is_none());
-        let public = decode(Path::new("x"), &k.manager.public).unwrap();
+        let Credentials::Curve(m) = &k.manager else {
+            panic!("curve keys expected")
+        };
+        let public = decode(Path::new("x"), &m.public).unwrap();
         assert_eq!(k.server.clients, vec![(public, String::new())]);
         let other = LinkKeys::ephemeral().unwrap();
-        assert_ne!(other.manager.secret, k.manager.secret);
+        assert_ne!(other.manager, k.manager);
+        let plain = LinkKeys::ephemeral_plain();
+        let (text, raw) = plain.issue().unwrap();
+        assert!(text.contains("plain_password = ") && raw.len() == 64);
+        assert_ne!(plain.issue().unwrap().1, raw, "every manager gets its own");
     }
 }

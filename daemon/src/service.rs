@@ -304,8 +304,9 @@ fn start_pool(
             identities: crate::identity::Identities::new(&cfg.users),
             idle: cfg.users.user_idle,
         });
+    let bind = format!("tcp://{}:{}", cfg.interchange.address, pool_port(cfg, i));
     let opts = PoolOptions {
-        bind: format!("tcp://{}:{}", cfg.interchange.address, pool_port(cfg, i)),
+        bind: bind.clone(),
         report_dispatch: true,
         max_payload_bytes: cfg.limits.max_payload_bytes,
         managers: p.managers,
@@ -317,8 +318,29 @@ fn start_pool(
         warm_window: cfg.interchange.warm_window,
         max_result_bytes: cfg.limits.max_result_bytes,
         kill_grace: p.kill_grace,
-        curve: Some(curve),
+        // Managers this daemon starts on loopback authenticate with a password (no need to
+        // encrypt what other accounts cannot read); managers from elsewhere need the keys.
+        curve: if p.blocks.is_none()
+            && (p.managers > 0 || cfg.users.mode == crate::config::UsersMode::Unix)
+            && !cfg.interchange.encrypt_loopback
+            && crate::local::is_loopback(&bind)
+        {
+            None
+        } else {
+            Some(curve)
+        },
         env: Some(cfg.child_env()),
+        // Tasks under the daemon's own account are kept away from its files (Landlock).
+        protect: if per_user.is_none() {
+            let mut p = vec![cfg.data_dir.clone()];
+            let keys = cfg.shared().join("keys");
+            if !keys.starts_with(&cfg.data_dir) {
+                p.push(keys);
+            }
+            p
+        } else {
+            Vec::new()
+        },
         per_user,
         ..PoolOptions::new(run_dir.clone(), run_id(&p.name))
     };

@@ -13,20 +13,39 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-/// The interchange's side of CurveZMQ.
+/// How manager links authenticate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mechanism {
+    /// CurveZMQ: encrypted and authenticated; `clients` are public keys.
+    Curve,
+    /// ZeroMQ PLAIN: authenticated by a password, not encrypted; `clients` are passwords.
+    /// Only for loopback links of managers that the interchange's own process starts (they
+    /// cannot outlive it, so no one else can pose as the interchange to them).
+    Plain,
+}
+
+/// The interchange's side of link authentication.
 #[derive(Clone)]
 pub struct CurveServer {
-    /// The interchange's secret key (32 bytes).
+    /// The mechanism.
+    pub mechanism: Mechanism,
+    /// The interchange's secret key (32 bytes; unused with PLAIN).
     pub secret: Vec<u8>,
-    /// Public keys (32 bytes each) of the managers allowed to connect, each with the tenant
-    /// (user) whose tasks its holder may receive (`""`: the shared tenant).
+    /// The credentials of the managers allowed to connect (public keys of 32 bytes, or
+    /// passwords), each with the tenant (user) whose tasks its holder may receive (`""`: the
+    /// shared tenant).
     pub clients: Vec<(Vec<u8>, String)>,
 }
 
 impl std::fmt::Debug for CurveServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the secret key.
-        write!(f, "CurveServer {{ clients: {} }}", self.clients.len())
+        write!(
+            f,
+            "CurveServer {{ mechanism: {:?}, clients: {} }}",
+            self.mechanism,
+            self.clients.len()
+        )
     }
 }
 
@@ -36,6 +55,7 @@ pub(crate) struct Guard {
     pub(crate) monitor: zmq::Socket,
     /// Issued keys and their tenants.
     allowed: HashMap<Vec<u8>, String>,
+    mechanism: Mechanism,
     log: RateLimit,
 }
 
@@ -55,12 +75,19 @@ impl Guard {
         let zap = ctx.socket(zmq::REP).map_err(zerr("ZAP socket"))?;
         zap.bind("inproc://zeromq.zap.01")
             .map_err(zerr("bind ZAP"))?;
-        router
-            .set_curve_server(true)
-            .map_err(zerr("CURVE_SERVER"))?;
-        router
-            .set_curve_secretkey(&cfg.secret)
-            .map_err(zerr("CURVE_SECRETKEY"))?;
+        match cfg.mechanism {
+            Mechanism::Curve => {
+                router
+                    .set_curve_server(true)
+                    .map_err(zerr("CURVE_SERVER"))?;
+                router
+                    .set_curve_secretkey(&cfg.secret)
+                    .map_err(zerr("CURVE_SECRETKEY"))?;
+            }
+            Mechanism::Plain => router
+                .set_plain_server(true)
+                .map_err(zerr("PLAIN_SERVER"))?,
+        }
         router.set_zap_domain("fnx").map_err(zerr("ZAP_DOMAIN"))?;
         let addr = format!(
             "inproc://fnx-interchange-monitor-{}",
@@ -76,6 +103,7 @@ impl Guard {
             zap,
             monitor,
             allowed: cfg.clients.iter().cloned().collect(),
+            mechanism: cfg.mechanism,
             log: RateLimit::default(),
         })
     }
@@ -91,15 +119,23 @@ impl Guard {
         while let Ok(req) = self.zap.recv_multipart(zmq::DONTWAIT) {
             // version, request id, domain, address, identity, mechanism, credentials...
             let field = |i: usize| req.get(i).cloned().unwrap_or_default();
-            let (address, mechanism, key) = (field(3), field(5), field(6));
-            let tenant = (mechanism == b"CURVE")
+            let (address, mechanism) = (field(3), field(5));
+            // CURVE: the client's public key; PLAIN: username, then password.
+            let (expected, key): (&[u8], Vec<u8>) = match self.mechanism {
+                Mechanism::Curve => (b"CURVE", field(6)),
+                Mechanism::Plain => (b"PLAIN", field(7)),
+            };
+            let tenant = (mechanism == expected)
                 .then(|| self.allowed.get(&key))
                 .flatten()
                 .cloned();
             let ok = tenant.is_some();
             if !ok {
                 let who = String::from_utf8_lossy(&address).into_owned();
-                let key = zmq::z85_encode(&key).unwrap_or_else(|_| "(none)".into());
+                let key = match self.mechanism {
+                    Mechanism::Curve => zmq::z85_encode(&key).unwrap_or_else(|_| "(none)".into()),
+                    Mechanism::Plain => "(a password)".into(),
+                };
                 if let Some(suppressed) = self.log.allow(Instant::now()) {
                     if suppressed > 0 {
                         tracing::warn!(

@@ -26,7 +26,7 @@ pub mod tenants;
 pub mod types;
 
 pub use driver::{DriverConfig, Event, Handle};
-pub use guard::CurveServer;
+pub use guard::{CurveServer, Mechanism};
 pub use state::{
     Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer,
 };

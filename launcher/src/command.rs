@@ -69,6 +69,9 @@ pub fn manager_args(b: &ManagerBootstrap) -> Vec<String> {
     if b.zero_work {
         args.push("--zero-work".into());
     }
+    for p in &b.protect {
+        args.extend(["--protect".into(), p.display().to_string()]);
+    }
     if let Some(keys) = &b.curve_keys {
         // The path only: the keys stay in the (private) file, out of `ps`.
         args.extend(["--curve-keys".into(), keys.display().to_string()]);

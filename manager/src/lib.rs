@@ -74,7 +74,7 @@ pub enum ManagerError {
 /// The keys of an encrypted link: from the file at `path`, or, when `path` is `-`, from
 /// standard input (how a local pool hands its managers their keys: nothing on the command
 /// line, no file).
-fn read_keys(path: &std::path::Path) -> Result<link::ClientKeys, ManagerError> {
+fn read_keys(path: &std::path::Path) -> Result<link::Credentials, ManagerError> {
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
     let err = |what: String| ManagerError::Keys {
@@ -98,18 +98,72 @@ fn read_keys(path: &std::path::Path) -> Result<link::ClientKeys, ManagerError> {
         }
         std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?
     };
-    let keys = fnx_protocol::KeyFile::parse(&text).map_err(|e| err(e.to_string()))?;
+    let keys = match fnx_protocol::Credentials::parse(&text).map_err(|e| err(e.to_string()))? {
+        fnx_protocol::Credentials::Plain(p) => return Ok(link::Credentials::Plain(p)),
+        fnx_protocol::Credentials::Curve(k) => k,
+    };
     let decode = |name: &str, z85: &str| {
         zmq::z85_decode(z85)
             .ok()
             .filter(|k| k.len() == 32)
             .ok_or_else(|| err(format!("{name} is not a Z85 key")))
     };
-    Ok(link::ClientKeys {
+    Ok(link::Credentials::Curve(link::ClientKeys {
         server_public: decode("server_public", &keys.server_public)?,
         public: decode("public", &keys.public)?,
         secret: decode("secret", &keys.secret)?,
-    })
+    }))
+}
+
+/// The sandbox of the processes this manager starts on the host: `b.protect` out of reach,
+/// but for the worker runtime (read only) and the task directories. None when nothing is to
+/// be protected, or the kernel cannot (logged: the admin should know).
+fn sandbox(
+    b: &ManagerBootstrap,
+    dir: &std::path::Path,
+    script: &std::path::Path,
+) -> Option<std::sync::Arc<fnx_sys::landlock::Landlock>> {
+    if b.protect.is_empty() {
+        return None;
+    }
+    let tasks = dir.join("tasks");
+    if let Err(e) = std::fs::create_dir_all(&tasks) {
+        tracing::warn!("cannot create {}: {e}", tasks.display());
+    }
+    let exceptions = [
+        (script.to_path_buf(), Some(fnx_sys::landlock::READ)),
+        (tasks, None),
+    ];
+    let shown: Vec<String> = b.protect.iter().map(|p| p.display().to_string()).collect();
+    match fnx_sys::landlock::Landlock::hiding(&b.protect, &exceptions) {
+        Ok(Some(l)) => {
+            tracing::info!(
+                "tasks run sandboxed away from {} ({} rules{})",
+                shown.join(", "),
+                l.rules.len(),
+                if l.scoped {
+                    "; they cannot signal processes outside the sandbox"
+                } else {
+                    ""
+                }
+            );
+            Some(std::sync::Arc::new(l))
+        }
+        Ok(None) => {
+            tracing::warn!(
+                "this kernel has no Landlock: tasks can reach {} (they run under this account)",
+                shown.join(", ")
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cannot sandbox tasks away from {}: {e}; they can reach it",
+                shown.join(", ")
+            );
+            None
+        }
+    }
 }
 
 /// The environment variables in which launchers give a process its rank, in the order tried.
@@ -283,6 +337,7 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
         .name("link".into())
         .spawn(move || link::run(&link_ctx, link_cfg, register, link_side))
         .map_err(io("cannot start the link thread"))?;
+    let sandbox = sandbox(b, &dir, &script);
     let pool_cfg = pool::PoolConfig {
         slots: slots as usize,
         python: b.python.clone(),
@@ -291,6 +346,7 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
         markers: procs::Markers {
             run_id: b.run_id.clone(),
             manager: format!("{}.{}", b.run_id, b.uid),
+            sandbox,
         },
         max_result_bytes: b.max_result_bytes,
         kill_grace: Duration::from_millis(b.kill_grace_ms),

@@ -19,8 +19,18 @@ pub struct LinkConfig {
     pub heartbeat_threshold: Duration,
     /// Largest frame accepted.
     pub max_frame_bytes: usize,
-    /// Keys of an encrypted link (CurveZMQ); `None`: plain.
-    pub curve: Option<ClientKeys>,
+    /// How the link authenticates (`None`: it does not; only against an interchange without
+    /// authentication, as in tests of the interchange alone).
+    pub curve: Option<Credentials>,
+}
+
+/// What the manager authenticates with.
+#[derive(Clone, Debug)]
+pub enum Credentials {
+    /// CurveZMQ: encrypted and authenticated.
+    Curve(ClientKeys),
+    /// ZeroMQ PLAIN with a password: authenticated, not encrypted (loopback only).
+    Plain(String),
 }
 
 /// A manager's side of CurveZMQ (32-byte keys).
@@ -91,10 +101,18 @@ impl Link {
         // handshake that keeps failing) a blocking send would hang the manager, even its exit.
         dealer.set_sndtimeo(2000)?;
         let monitor = match &cfg.curve {
-            Some(keys) => {
-                dealer.set_curve_serverkey(&keys.server_public)?;
-                dealer.set_curve_publickey(&keys.public)?;
-                dealer.set_curve_secretkey(&keys.secret)?;
+            Some(creds) => {
+                match creds {
+                    Credentials::Curve(keys) => {
+                        dealer.set_curve_serverkey(&keys.server_public)?;
+                        dealer.set_curve_publickey(&keys.public)?;
+                        dealer.set_curve_secretkey(&keys.secret)?;
+                    }
+                    Credentials::Plain(password) => {
+                        dealer.set_plain_username(Some("fnx"))?;
+                        dealer.set_plain_password(Some(password.as_str()))?;
+                    }
+                }
                 let events = zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL as i32
                     | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL as i32
                     | zmq::SocketEvent::HANDSHAKE_FAILED_AUTH as i32;

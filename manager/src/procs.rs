@@ -23,6 +23,8 @@ pub struct Markers {
     pub run_id: String,
     /// `FNX_MANAGER`.
     pub manager: String,
+    /// The sandbox of processes started on the host (see `fnx_sys::landlock`).
+    pub sandbox: Option<std::sync::Arc<fnx_sys::landlock::Landlock>>,
 }
 
 /// Largest tail of stdout/stderr kept for a shell task.
@@ -95,12 +97,21 @@ fn prepare(cmd: &mut Command, start: &Start, proc_marker: &str) {
         .env("FNX_PROC", proc_marker)
         .envs(slot.env.iter().map(|(k, v)| (k, v)));
     let cpus = slot.cpus.clone();
-    // SAFETY: child_setup and apply_affinity only make async-signal-safe calls (no allocation:
-    // `cpus` was allocated before the fork).
+    // A container is its own boundary (and Landlock would forbid its mounts).
+    let sandbox = match start.container {
+        None => markers.sandbox.as_ref().map(|l| l.fd()),
+        Some(_) => None,
+    };
+    // SAFETY: child_setup, apply_affinity and enforce only make async-signal-safe calls (no
+    // allocation: `cpus` was allocated before the fork).
     unsafe {
         cmd.pre_exec(move || {
             fnx_sys::process::child_setup(libc::SIGKILL)?;
-            fnx_sys::placement::apply_affinity(&cpus)
+            fnx_sys::placement::apply_affinity(&cpus)?;
+            if let Some(fd) = sandbox {
+                fnx_sys::landlock::enforce(fd)?;
+            }
+            Ok(())
         });
     }
 }

@@ -58,6 +58,11 @@ pub struct ManagerBootstrap {
     pub kill_grace_ms: u64,
     /// The key file of an encrypted link ([`crate::curve::KeyFile`]); `None`: plain link.
     pub curve_keys: Option<PathBuf>,
+    /// Paths that processes this manager starts on the host must not reach (the daemon's data
+    /// directory when tasks run under the daemon's own account), enforced with Landlock where
+    /// the kernel has it. Its own worker runtime (read only) and task directories stay
+    /// reachable.
+    pub protect: Vec<PathBuf>,
 }
 
 impl ManagerBootstrap {
@@ -85,6 +90,7 @@ impl ManagerBootstrap {
             max_result_bytes: 10 << 20,
             kill_grace_ms: 2_000,
             curve_keys: None,
+            protect: Vec::new(),
         }
     }
 }

@@ -89,6 +89,62 @@ impl KeyFile {
     }
 }
 
+/// What a manager authenticates with: CurveZMQ keys, or (on loopback, for managers started by
+/// the process that owns the interchange) a password under ZeroMQ's PLAIN mechanism. PLAIN
+/// authenticates without encrypting: loopback traffic cannot be read by other accounts, and
+/// such managers never outlive the interchange, so they cannot be lured to another one.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// A key file's keys.
+    Curve(KeyFile),
+    /// A password (64 hex digits).
+    Plain(String),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Curve(_) => f.write_str("Credentials::Curve(..)"),
+            Credentials::Plain(_) => f.write_str("Credentials::Plain(..)"),
+        }
+    }
+}
+
+impl Credentials {
+    /// Parse a key file, or the one line `plain_password = <64 hex digits>`.
+    pub fn parse(text: &str) -> Result<Credentials, KeyFileError> {
+        let mut password = None;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if let Some(v) = line
+                .strip_prefix("plain_password")
+                .and_then(|r| r.trim_start().strip_prefix('='))
+            {
+                let v = v.trim();
+                if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(KeyFileError::Line {
+                        line: i + 1,
+                        what: "a password must be 64 hex digits".into(),
+                    });
+                }
+                password = Some(v.to_string());
+            }
+        }
+        match password {
+            Some(p) => Ok(Credentials::Plain(p)),
+            None => KeyFile::parse(text).map(Credentials::Curve),
+        }
+    }
+
+    /// The text a manager reads.
+    pub fn render(&self, comment: &str) -> String {
+        match self {
+            Credentials::Curve(k) => k.render(comment),
+            Credentials::Plain(p) => format!("# {comment}\nplain_password = {p}\n"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +166,12 @@ mod tests {
             KeyFile::parse("public = short\n"),
             Err(KeyFileError::Line { line: 1, .. })
         ));
+        let plain = Credentials::Plain("ab".repeat(32));
+        assert_eq!(Credentials::parse(&plain.render("x")), Ok(plain));
+        assert_eq!(
+            Credentials::parse(&k.render("x")),
+            Ok(Credentials::Curve(k.clone()))
+        );
+        assert!(Credentials::parse("plain_password = 1234\n").is_err());
     }
 }

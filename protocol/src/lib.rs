@@ -23,7 +23,7 @@ pub mod task;
 
 pub use bootstrap::ManagerBootstrap;
 pub use container::{Container, FunctionContainer, Runtime};
-pub use curve::{KeyFile, KeyFileError};
+pub use curve::{Credentials, KeyFile, KeyFileError};
 pub use frame::{decode, encode, FrameError, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
 pub use ids::{Attempt, BlockId, FunctionId, ManagerId, TaskId, WorkerId};
 pub use messages::{InterchangeToManager, ManagerToInterchange, Register, WarmWorkers};

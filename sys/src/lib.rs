@@ -8,6 +8,8 @@
 //! - [`signals`]: turning SIGINT/SIGTERM/SIGHUP into a readable file descriptor (self-pipe),
 //!   so event loops can poll for them.
 //! - [`node`]: host name and the number of CPUs this process may use.
+//! - [`landlock`]: hiding the daemon's files from tasks that run under its own account
+//!   (Landlock rules, scoped signals).
 //! - [`user`]: Unix accounts, and becoming one between fork and exec (the one privileged
 //!   part of fnx).
 //!
@@ -15,6 +17,7 @@
 //!   data computed from topology + policy, applied in one place before exec.
 #![deny(missing_docs)]
 
+pub mod landlock;
 pub mod node;
 pub mod placement;
 pub mod process;

@@ -212,7 +212,11 @@ class Daemon:
         self.fnx_env = env
         self.dir = env.dir / f"daemon-{n}"
         self.dir.mkdir(parents=True)
-        self.home = Path(data_dir) if data_dir is not None else self.dir / "data"
+        # The data directory sits beside the test's directory, not in it: tasks are sandboxed
+        # away from it (service mode), and the entries of its ancestors are fixed when a
+        # manager starts, while tests keep creating files in their own directory.
+        self.home = (Path(data_dir) if data_dir is not None
+                     else env.dir.parent / f"{env.dir.name}-daemon-{n}" / "data")
         self.port = free_port()
         self.interchange_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

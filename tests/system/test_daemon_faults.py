@@ -358,12 +358,14 @@ def test_fault_05_store_full(make_daemon, fnx_env):
     if m.returncode != 0:
         pytest.skip(f"cannot mount a 16 MiB tmpfs for the store (needs root): {m.stderr.strip()}")
     d = None
+    # Made before the daemon starts: its data directory is in this test's directory, whose
+    # entries are fixed for the tasks' sandbox when a manager starts (service mode).
+    g = fnx_env.dir / "gate"
+    marks = fnx_env.dir / "marks"
+    g.mkdir()
+    marks.mkdir()
     try:
         d = make_daemon(data_dir=mnt)
-        g = fnx_env.dir / "gate"
-        marks = fnx_env.dir / "marks"
-        g.mkdir()
-        marks.mkdir()
         gated = d.register({"kind": "shell", "command": GATE})
         fid = d.register(PAYLOAD)
         held = d.submit([{"function": gated, "args": {"d": str(g), "i": i}} for i in range(2)])

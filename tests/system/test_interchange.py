@@ -110,8 +110,9 @@ def test_fault_19_21_garbage_and_wrong_version_on_manager_port_run_unaffected(fn
 def test_fault_19_21_garbage_and_wrong_version_from_a_key_holder(make_daemon):
     """A peer holding an issued key passes the handshake; its malformed messages are then
     dropped and logged, and a registration in another protocol version is refused naming both
-    versions, while the daemon's own manager runs tasks."""
-    d = make_daemon()
+    versions, while the daemon's own manager runs tasks. (`encrypt = "always"`: the pool's key
+    file is what a key holder has.)"""
+    d = make_daemon(interchange={"encrypt": "always"})
     keys = dict(
         (k.strip(), v.strip()) for k, v in
         (line.split("=", 1) for line in (d.home / "keys" / "local.manager").read_text()

@@ -282,3 +282,89 @@ def test_a_worker_never_serves_two_users_in_service_mode(make_daemon):
     [t] = d.submit([{"function": af, "args": []}], token=alice)
     total, again = result_value(d.wait_task(t, timeout=60, token=alice))
     assert total in (3, "tampered") and again != bob_worker
+
+
+REACH = {"kind": "python", "entry": "reach", "source": '''
+def reach(read, append, pids, scratch):
+    import os
+    out = {}
+    for p in read:
+        try:
+            if os.path.isdir(p):
+                os.listdir(p)
+            else:
+                open(p, "rb").read(1)
+            out[p] = "read"
+        except OSError as e:
+            out[p] = type(e).__name__
+    for p in append:
+        try:
+            open(p, "ab").close()
+            out["append " + p] = "written"
+        except OSError as e:
+            out["append " + p] = type(e).__name__
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            out["signal %d" % pid] = "sent"
+        except OSError as e:
+            out["signal %d" % pid] = type(e).__name__
+    with open(os.path.join(scratch, "ok"), "w") as f:
+        f.write("still works")
+    out["input"] = open("in.txt").read()
+    return out
+'''}
+
+
+def test_service_mode_tasks_cannot_reach_the_daemons_files_nor_signal_it(make_daemon, fnx_env):
+    """Tasks run under the daemon's own account here, so the account's permissions cannot keep
+    them out: a Landlock sandbox does (where the kernel has it, as this one does)."""
+    d = make_daemon()
+    runtime = d.home / "runs" / "local" / "manager-0" / "fnx_worker.py"
+    secrets = [str(d.home / "fnx.db"), str(d.home / "client.json"), str(d.home / "keys"),
+               str(d.home / "keys" / "local.manager"), str(d.home)]
+    manager = [p.pid for p in fnx_env.processes() if " manager " in f" {p.cmdline} "]
+    assert manager, fnx_env.processes()
+    scratch = fnx_env.dir / "scratch"
+    scratch.mkdir()
+    fid = d.register(REACH)
+    [t] = d.submit([{"function": fid, "args": [secrets, [str(runtime)], [d.pid, manager[0]],
+                                               str(scratch)],
+                     "files": [{"name": "in.txt", "data_b64": "aW5wdXQ="}]}])
+    out = result_value(d.wait_task(t, timeout=60))
+    for p in secrets:
+        assert out[p] == "PermissionError", (p, out)
+    assert out[f"append {runtime}"] == "PermissionError", out
+    assert out[f"signal {d.pid}"] == "PermissionError", out
+    assert out[f"signal {manager[0]}"] == "PermissionError", out
+    # What tasks need still works: their input files, and the rest of the file system.
+    assert out["input"] == "input" and (scratch / "ok").read_text() == "still works"
+    assert "sandboxed away from" in (d.home / "runs" / "local" / "manager-0" /
+                                     "manager.log").read_text()
+
+
+def test_fault_31_a_wrong_password_on_loopback_is_refused(make_daemon):
+    """Managers the daemon starts on loopback authenticate with a password (ZeroMQ PLAIN,
+    unencrypted: other accounts cannot read loopback); a peer with any other password gets
+    nothing and is logged."""
+    import msgpack
+    import zmq
+    d = make_daemon()
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.plain_username = b"fnx"
+        s.plain_password = b"0" * 64
+        s.connect(f"tcp://127.0.0.1:{d.interchange_port}")
+        reg = {"register": ["guess", "nowhere", 1, 1, 1, 0, None, False, "0.1.0"]}
+        s.send(msgpack.packb([4, reg]))
+        assert not s.poll(3000), "a peer with a wrong password got an answer"
+    finally:
+        ctx.destroy(linger=0)
+    wait_for(lambda: "refused a manager connection" in d.log_since_start(), 5,
+             "the daemon logs the refused password")
+    assert "guess" not in d.log_since_start()
+    sid = d.register({"kind": "shell", "command": "echo ok"})
+    [t] = d.submit([{"function": sid, "args": {}}])
+    assert d.wait_task(t)["state"] == "success"

@@ -265,6 +265,9 @@ def test_each_user_runs_as_their_account_and_reaches_nothing_of_the_daemon_or_ot
     assert any(" manager " in p for p in processes_of(bob.pw_uid)), processes_of(bob.pw_uid)
     managers = d.status()["pools"][0]["managers"]
     assert sorted(m["user"] for m in managers) == [ALICE, BOB], managers
+    # Bob sees his own manager, and not alice's.
+    mine = d.status(token=bob_token)["pools"][0]["managers"]
+    assert [m["user"] for m in mine] == [BOB], mine
     # The daemon itself holds only its documented capabilities.
     caps = {line.split(":")[0]: line.split()[1] for line in
             open(f"/proc/{d.pid}/status").read().splitlines() if line.startswith("Cap")}
@@ -319,7 +322,9 @@ def test_fault_24_root_the_service_account_and_missing_accounts_are_refused(unix
 
 
 def test_a_manager_without_a_users_key_gets_none_of_their_tasks(unix_daemon, fnx_env):
-    d = unix_daemon()
+    # encrypt = "always": every link is CurveZMQ, and the pool's shared key file exists (with
+    # the default, the users' managers on loopback authenticate with passwords instead).
+    d = unix_daemon(interchange={"encrypt": "always"})
     bob = d.create_user(BOB)
     fid = d.register({"kind": "shell", "command": "sleep 0.2; id -un"}, token=bob)
     # The pool's shared key file (what an admin gives managers started by hand) names no user:

@@ -102,6 +102,13 @@ pub(super) async fn status(State(app): State<Arc<App>>, c: Caller) -> ApiResult 
                 p["failed"] = json!(r.failed);
                 p["blocks"] = json!(r.blocks);
                 p["managers"] = managers.iter().map(manager_json).collect();
+            } else {
+                // Their own managers (users' managers, in `unix` mode).
+                p["managers"] = managers
+                    .iter()
+                    .filter(|m| m.tenant == c.user)
+                    .map(manager_json)
+                    .collect();
             }
             p
         })

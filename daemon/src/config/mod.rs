@@ -233,6 +233,9 @@ pub struct InterchangeConfig {
     /// Warm routing: how many places older a queued task of another container may be before
     /// it goes ahead of the tasks a manager has warm workers for (0: strict arrival order).
     pub warm_window: u64,
+    /// Encrypt links on loopback too (`encrypt = "always"`); otherwise the managers a local
+    /// pool starts on loopback authenticate with a password (PLAIN), unencrypted.
+    pub encrypt_loopback: bool,
 }
 
 /// The validated configuration the daemon runs with.
@@ -449,6 +452,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
             0.1,
         ),
         warm_window: i.warm_window.unwrap_or(4096),
+        encrypt_loopback: i.encrypt.as_deref() == Some("always"),
     };
     // Manager links are always encrypted and authenticated (CurveZMQ), loopback included:
     // any account on the host can reach a loopback port. "auto" and "always" are kept so that

@@ -85,6 +85,9 @@ pub struct PoolOptions {
     /// The whole environment of local managers (and so of their workers and tasks), replacing
     /// this process's (None: they inherit it, as `fnx map`'s do).
     pub env: Option<Vec<(String, String)>>,
+    /// Paths the processes local managers start must not reach (the daemon's data directory
+    /// in `service` mode: see `fnx_sys::landlock`).
+    pub protect: Vec<PathBuf>,
     /// Managers per user, started on demand as each user (`users.mode = "unix"`); `managers`
     /// and `launch` are then unused.
     pub per_user: Option<PerUser>,
@@ -161,6 +164,7 @@ impl PoolOptions {
             kill_grace: Duration::from_secs(2),
             zero_work: false,
             env: None,
+            protect: Vec::new(),
             per_user: None,
             launch: None,
         }
@@ -213,6 +217,12 @@ impl LocalPool {
     pub fn start(mut opts: PoolOptions) -> Result<LocalPool> {
         let keys = match opts.curve.take() {
             Some(k) => k,
+            // Managers this process starts on loopback: a password (authenticated, not
+            // encrypted: loopback cannot be read by other accounts, and these managers die with
+            // this process). Anything else: CurveZMQ.
+            None if opts.launch.is_none() && is_loopback(&opts.bind) => {
+                crate::keys::LinkKeys::ephemeral_plain()
+            }
             None => crate::keys::LinkKeys::ephemeral()
                 .map_err(|e| LocalError::Managers(format!("cannot make link keys: {e}")))?,
         };
@@ -446,8 +456,19 @@ fn bootstrap(handle: &Handle, opts: &PoolOptions, uid: &str) -> ManagerBootstrap
     b.zero_work = opts.zero_work;
     // A local manager reads its keys from its standard input ("-"); see `spawn`.
     b.curve_keys = Some(PathBuf::from("-"));
+    b.protect = opts.protect.clone();
     opts.shape.apply(&mut b);
     b
+}
+
+/// Whether a `tcp://HOST:PORT` endpoint is on loopback.
+pub fn is_loopback(endpoint: &str) -> bool {
+    let host = endpoint
+        .strip_prefix("tcp://")
+        .and_then(|r| r.rsplit_once(':'))
+        .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'));
+    host.and_then(|h| h.parse::<std::net::IpAddr>().ok())
+        .is_some_and(|ip| ip.is_loopback())
 }
 
 /// The key text a local manager reads on its standard input.
