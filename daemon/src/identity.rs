@@ -34,6 +34,10 @@ pub enum Refusal {
         /// The limit.
         min: u32,
     },
+    /// The kernel's overflow account (`nobody`, uid 65534): what unmapped ids become, so files
+    /// of it are nobody's in particular.
+    #[error("{0:?} is the overflow account (uid 65534, what unmapped ids become)")]
+    Overflow(String),
     /// No such account.
     #[error("no Unix account is named {0:?}")]
     Missing(String),
@@ -103,6 +107,9 @@ impl Identities {
                 name: a.name.clone(),
                 uid: a.uid,
             });
+        }
+        if a.uid == 65534 {
+            return Err(Refusal::Overflow(a.name.clone()));
         }
         if a.uid < self.cfg.min_uid {
             return Err(Refusal::System {
@@ -194,5 +201,7 @@ mod tests {
         ));
         sys.uid = 1000;
         assert_eq!(p.check(&sys), Ok(()));
+        sys.uid = 65534;
+        assert!(matches!(p.check(&sys), Err(Refusal::Overflow(_))));
     }
 }

@@ -284,19 +284,27 @@ def test_a_worker_never_serves_two_users_in_service_mode(make_daemon):
     assert total in (3, "tampered") and again != bob_worker
 
 
-REACH = {"kind": "python", "entry": "reach", "source": '''
-def reach(read, append, pids, scratch):
+# Task source: what reading each path gave ("read", or the error's type).
+TRY_READ = '''
+def try_read(paths):
     import os
-    out = {}
-    for p in read:
+    seen = {}
+    for p in paths:
         try:
             if os.path.isdir(p):
                 os.listdir(p)
             else:
                 open(p, "rb").read(1)
-            out[p] = "read"
+            seen[p] = "read"
         except OSError as e:
-            out[p] = type(e).__name__
+            seen[p] = type(e).__name__
+    return seen
+'''
+
+REACH = {"kind": "python", "entry": "reach", "source": TRY_READ + '''
+def reach(read, append, pids, scratch):
+    import os
+    out = try_read(read)
     for p in append:
         try:
             open(p, "ab").close()

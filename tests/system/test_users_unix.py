@@ -26,12 +26,12 @@ import pytest
 
 from conftest import wait_for
 from daemon_env import Daemon, error_of, merge, result_value, to_toml
-from test_isolation import rogue_manager, assert_refused
+from test_isolation import TRY_READ, assert_refused, rogue_manager
 
 SERVICE, ALICE, BOB = "fnxsvc", "fnxalice", "fnxbob"
 CAPS = "+setuid,+setgid,+setpcap,+chown"
 
-PROBE = {"kind": "python", "entry": "probe", "source": '''
+PROBE = {"kind": "python", "entry": "probe", "source": TRY_READ + '''
 def probe(paths):
     import os
     out = {"uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
@@ -40,17 +40,7 @@ def probe(paths):
     m = os.umask(0)
     os.umask(m)
     out["umask"] = m
-    seen = {}
-    for p in paths:
-        try:
-            if os.path.isdir(p):
-                os.listdir(p)
-            else:
-                open(p, "rb").read(1)
-            seen[p] = "read"
-        except OSError as e:
-            seen[p] = type(e).__name__
-    out["paths"] = seen
+    out["paths"] = try_read(paths)
     return out
 '''}
 
