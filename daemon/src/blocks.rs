@@ -5,7 +5,7 @@
 use crate::config::{BlocksConfig, Connect};
 use crate::scaler::{Action, Block, Scaler};
 use fnx_interchange::Handle;
-use fnx_launcher::provider::{self, run_command};
+use fnx_launcher::provider::{self, run_command, run_command_with, Runner};
 use fnx_launcher::{script, BlockFiles, ManagerBootstrap, Provider};
 use fnx_protocol::BlockId;
 use serde::Serialize;
@@ -30,6 +30,59 @@ pub struct PoolReport {
     /// Admin requests for the block thread (`POST /v1/pools/{pool}/blocks/{id}/drain|cancel`).
     #[serde(skip)]
     pub requests: Vec<BlockRequest>,
+    /// `unix` mode: each user's blocks, merged into `blocks`.
+    #[serde(skip)]
+    pub by_user: std::collections::BTreeMap<String, Vec<Block>>,
+}
+
+/// A user's own blocks of a batch pool (`users.mode = "unix"`): submitted, written and
+/// cancelled as the user, run by managers that hold the user's key.
+#[derive(Clone, Debug)]
+pub struct UserBlocks {
+    /// The user (the interchange tenant of its tasks and managers).
+    pub user: String,
+    /// Runs batch commands as the user.
+    pub runner: Runner,
+    /// The daemon's own record of the user's blocks (job ids, ended markers, script copies),
+    /// outside the user's directory, which the daemon cannot write.
+    pub control: PathBuf,
+    /// Block numbers, unique across the pool's users.
+    pub counter: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl UserBlocks {
+    fn job_id(&self, block: u64) -> PathBuf {
+        self.control.join(format!("block-{block}.job"))
+    }
+    fn ended(&self, block: u64) -> PathBuf {
+        self.control.join(format!("block-{block}.ended"))
+    }
+    fn script(&self, block: u64) -> PathBuf {
+        self.control.join(format!("block-{block}.sh"))
+    }
+}
+
+/// One more than the highest block number recorded under `control_root` (every user's
+/// control directory), so block numbers are unique across a pool's users and restarts.
+pub fn next_user_block_number(control_root: &Path) -> u64 {
+    let Ok(users) = std::fs::read_dir(control_root) else {
+        return 0;
+    };
+    users
+        .filter_map(|u| u.ok())
+        .filter_map(|u| std::fs::read_dir(u.path()).ok())
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("block-"))
+                .and_then(|n| n.split('.').next())
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .map(|n| n + 1)
+        .max()
+        .unwrap_or(0)
 }
 
 /// What an admin asks of one block.
@@ -53,6 +106,8 @@ pub struct BlockPool {
     fnx: PathBuf,
     next_block: u64,
     scaler: Scaler,
+    /// `unix` mode: the user whose blocks these are.
+    user: Option<UserBlocks>,
 }
 
 impl BlockPool {
@@ -84,12 +139,94 @@ impl BlockPool {
             template,
             fnx,
             next_block,
+            user: None,
+        }
+    }
+
+    /// The blocks of one user (`unix` mode): `template`'s run directory is the user's own.
+    #[allow(clippy::too_many_arguments)]
+    pub fn for_user(
+        name: &str,
+        cfg: BlocksConfig,
+        slots: Option<u32>,
+        handle: Arc<Handle>,
+        report: Arc<Mutex<PoolReport>>,
+        template: ManagerBootstrap,
+        fnx: PathBuf,
+        user: UserBlocks,
+    ) -> BlockPool {
+        let run_dir = template.run_dir.clone();
+        BlockPool {
+            name: format!("{name} ({})", user.user),
+            scaler: Scaler::new(name, cfg.clone(), slots),
+            cfg,
+            handle,
+            report,
+            run_dir,
+            template,
+            fnx,
+            next_block: 0,
+            user: Some(user),
+        }
+    }
+
+    fn new_block_number(&mut self) -> u64 {
+        match &self.user {
+            Some(u) => u.counter.fetch_add(1, Ordering::Relaxed),
+            None => {
+                let id = self.next_block;
+                self.next_block += 1;
+                id
+            }
+        }
+    }
+
+    /// Where a block's end is marked.
+    fn ended_marker(&self, block: u64, dir: &Path) -> PathBuf {
+        match &self.user {
+            Some(u) => u.ended(block),
+            None => dir.join(ENDED),
+        }
+    }
+
+    /// The files of block `block` (in `unix` mode its job id is kept in the daemon's control
+    /// directory).
+    fn files(&self, block: u64) -> BlockFiles {
+        let mut files = BlockFiles::new(self.cfg.spec.provider, &self.run_dir, block);
+        if let Some(u) = &self.user {
+            files.job_id = u.job_id(block);
+        }
+        files
+    }
+
+    /// This pool's queued and running tasks and its managers (in `unix` mode: its user's).
+    fn load(&self) -> Option<(usize, usize, Vec<fnx_interchange::ManagerStatus>)> {
+        let (counts, managers) = self.handle.status()?;
+        match &self.user {
+            None => Some((counts.queued, counts.running, managers)),
+            Some(u) => {
+                let mine = self
+                    .handle
+                    .tenants()?
+                    .into_iter()
+                    .find(|(t, _)| *t == u.user)
+                    .map(|(_, c)| c)
+                    .unwrap_or_default();
+                let managers = managers
+                    .into_iter()
+                    .filter(|m| m.tenant == u.user)
+                    .collect();
+                Some((mine.queued, mine.running, managers))
+            }
         }
     }
 
     /// The batch script and launch line of block `block` (also `fnx config check`'s dry run).
     pub fn render(&self, block: u64) -> Result<(BlockFiles, script::Rendered), String> {
-        render_block(&self.cfg, &self.run_dir, &self.template, &self.fnx, block)
+        let (mut files, rendered) =
+            render_block(&self.cfg, &self.run_dir, &self.template, &self.fnx, block)?;
+        files.job_id = self.files(block).job_id;
+        Ok((files, rendered))
     }
 
     /// Blocks of an earlier run of the daemon (a `job_id` file and no `ended` marker in their
@@ -101,16 +238,26 @@ impl BlockPool {
         let now = Instant::now();
         let endpoint = format!("--interchange {} ", self.template.interchange);
         let mut stale = Vec::new();
-        for id in 0..self.next_block {
-            let files = BlockFiles::new(self.cfg.spec.provider, &self.run_dir, id);
-            if files.dir.join(ENDED).exists() {
+        let ids: Vec<u64> = match &self.user {
+            Some(u) => (0..u.counter.load(Ordering::Relaxed))
+                .filter(|&id| u.job_id(id).exists())
+                .collect(),
+            None => (0..self.next_block).collect(),
+        };
+        for id in ids {
+            let files = self.files(id);
+            if self.ended_marker(id, &files.dir).exists() {
                 continue;
             }
             let Ok(job) = std::fs::read_to_string(&files.job_id) else {
                 continue;
             };
             let job = job.trim().to_string();
-            let script = std::fs::read_to_string(&files.script).unwrap_or_default();
+            let script_path = match &self.user {
+                Some(u) => u.script(id),
+                None => files.script.clone(),
+            };
+            let script = std::fs::read_to_string(&script_path).unwrap_or_default();
             if script.contains(&endpoint) {
                 tracing::info!(
                     "pool {}: adopting block {id} (job {job}) of an earlier run, if it still lives",
@@ -142,10 +289,8 @@ impl BlockPool {
             let now = Instant::now();
             if now >= next_scale {
                 next_scale = now + self.cfg.scaling_interval;
-                if let Some((counts, managers)) = self.handle.status() {
-                    let acts = self
-                        .scaler
-                        .tick(now, counts.queued, counts.running, &managers);
+                if let Some((queued, running, managers)) = self.load() {
+                    let acts = self.scaler.tick(now, queued, running, &managers);
                     self.execute(acts);
                 }
                 self.publish();
@@ -171,7 +316,7 @@ impl BlockPool {
                                     );
                                 }
                                 if !live.contains(&b.job) {
-                                    mark_ended(&b.dir);
+                                    mark_ended(&self.ended_marker(b.id, &b.dir));
                                 }
                             }
                             self.execute(acts);
@@ -204,9 +349,24 @@ impl BlockPool {
     /// Carry out admins' requests.
     fn serve_requests(&mut self) {
         let requests = match self.report.lock() {
-            Ok(mut r) if !r.requests.is_empty() => std::mem::take(&mut r.requests),
+            Ok(mut r) if !r.requests.is_empty() => {
+                // Several users' block threads share the report: each takes its own blocks'.
+                let mine: Vec<u64> = self.scaler.blocks().iter().map(|b| b.id).collect();
+                let (ours, others): (Vec<_>, Vec<_>) = std::mem::take(&mut r.requests)
+                    .into_iter()
+                    .partition(|q| match q {
+                        BlockRequest::Drain(id) | BlockRequest::Cancel(id) => {
+                            self.user.is_none() || mine.contains(id)
+                        }
+                    });
+                r.requests = others;
+                ours
+            }
             _ => return,
         };
+        if requests.is_empty() {
+            return;
+        }
         for req in requests {
             match req {
                 BlockRequest::Drain(id) => {
@@ -232,8 +392,21 @@ impl BlockPool {
 
     fn publish(&self) {
         if let Ok(mut r) = self.report.lock() {
-            r.failed = self.scaler.failed().map(str::to_string);
-            r.blocks = self.scaler.blocks();
+            match &self.user {
+                None => {
+                    r.failed = self.scaler.failed().map(str::to_string);
+                    r.blocks = self.scaler.blocks();
+                }
+                Some(u) => {
+                    if let Some(f) = self.scaler.failed() {
+                        r.failed = Some(format!("{}: {f}", u.user));
+                    }
+                    r.by_user.insert(u.user.clone(), self.scaler.blocks());
+                    let mut all: Vec<Block> = r.by_user.values().flatten().cloned().collect();
+                    all.sort_by_key(|b| b.id);
+                    r.blocks = all;
+                }
+            }
         }
     }
 
@@ -268,13 +441,39 @@ impl BlockPool {
 
     /// Submit one block; false when it failed (the rest of a scale-out waits for the backoff).
     fn submit(&mut self) -> bool {
-        let id = self.next_block;
-        self.next_block += 1;
+        let id = self.new_block_number();
         let result = self.render(id).and_then(|(files, rendered)| {
-            write_script(&files.script, &rendered.script)?;
             let argv = provider::submit_argv(&self.cfg.spec, &files);
-            let out = run_command(&argv, &files.dir, self.cfg.submit_timeout)
-                .map_err(|e| e.to_string())?;
+            let out = match &self.user {
+                None => {
+                    write_script(&files.script, &rendered.script)?;
+                    run_command(&argv, &files.dir, self.cfg.submit_timeout)
+                        .map_err(|e| e.to_string())?
+                }
+                Some(u) => {
+                    // The user writes the block's directory and script and submits it: the
+                    // scheduler runs it as the user and charges the user's account.
+                    let _ = std::fs::create_dir_all(&u.control);
+                    let _ = std::fs::write(u.script(id), &rendered.script);
+                    let mut wrapped = vec![
+                        "/bin/sh".to_string(),
+                        "-c".into(),
+                        "umask 077 && mkdir -p \"$1\" && cat > \"$2\" && chmod 700 \"$2\" && \
+                         cd \"$1\" && shift 2 && exec \"$@\""
+                            .into(),
+                        "sh".into(),
+                        files.dir.display().to_string(),
+                        files.script.display().to_string(),
+                    ];
+                    wrapped.extend(argv.iter().cloned());
+                    let runner = Runner {
+                        stdin: Some(rendered.script.clone().into_bytes()),
+                        ..u.runner.clone()
+                    };
+                    run_command_with(&wrapped, Path::new("/"), self.cfg.submit_timeout, &runner)
+                        .map_err(|e| e.to_string())?
+                }
+            };
             let job =
                 provider::parse_submit(self.cfg.spec.provider, &out).map_err(|e| e.to_string())?;
             let _ = std::fs::write(&files.job_id, format!("{job}\n"));
@@ -295,9 +494,16 @@ impl BlockPool {
             }
             Err(e) => {
                 tracing::error!("pool {}: cannot submit block {id}: {e}", self.name);
-                let dir = self.run_dir.join(format!("block-{id}"));
+                let dir = match &self.user {
+                    Some(u) => u.control.clone(),
+                    None => self.run_dir.join(format!("block-{id}")),
+                };
                 let _ = std::fs::create_dir_all(&dir);
-                let _ = std::fs::write(dir.join("submit.error"), format!("{e}\n"));
+                let name = match &self.user {
+                    Some(_) => format!("block-{id}.submit.error"),
+                    None => "submit.error".to_string(),
+                };
+                let _ = std::fs::write(dir.join(name), format!("{e}\n"));
                 self.scaler.submit_failed(now, &e);
                 self.publish();
                 false
@@ -322,11 +528,17 @@ impl BlockPool {
                 .join(" ")
         );
         let argv = provider::cancel_argv(self.cfg.spec.provider, &jobs);
-        match run_command(&argv, &self.run_dir, self.cfg.submit_timeout) {
+        let done = match &self.user {
+            // The user's jobs are cancelled by the user.
+            Some(u) => run_command_with(&argv, Path::new("/"), self.cfg.submit_timeout, &u.runner),
+            None => run_command(&argv, &self.run_dir, self.cfg.submit_timeout),
+        };
+        match done {
             Ok(_) => {
                 for (id, _) in &list {
                     if !self.scaler.is_live(*id) {
-                        mark_ended(&self.run_dir.join(format!("block-{id}")));
+                        let dir = self.run_dir.join(format!("block-{id}"));
+                        mark_ended(&self.ended_marker(*id, &dir));
                     }
                 }
             }
@@ -406,8 +618,7 @@ fn write_script(path: &Path, text: &str) -> Result<(), String> {
 /// The marker of a block whose job has ended (not adopted after a restart).
 const ENDED: &str = "ended";
 
-fn mark_ended(dir: &Path) {
-    let marker = dir.join(ENDED);
+fn mark_ended(marker: &Path) {
     if !marker.exists() {
         let _ = std::fs::write(marker, b"");
     }

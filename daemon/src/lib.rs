@@ -18,6 +18,7 @@
 //! - [`scaler`]: the scaling rules of a batch pool (pure: reports in, actions out).
 //! - [`blocks`]: a batch pool's block thread: renders and submits batch scripts, polls job
 //!   states, drains and cancels blocks as the scaler decides.
+//! - [`user_blocks`]: a batch pool in `unix` mode: each user's blocks, submitted as the user.
 //! - [`builds`]: container images built from functions' dependencies (a content-addressed
 //!   cache, one build per key).
 //! - [`images`]: functions' containers at registration, and holding their tasks until their
@@ -40,3 +41,4 @@ pub mod scaler;
 pub mod service;
 pub mod signature;
 pub mod store;
+pub mod user_blocks;

@@ -283,7 +283,8 @@ fn fnx_path(bc: &BlocksConfig) -> std::io::Result<PathBuf> {
 /// A started pool: its interchange (and local managers), and for batch pools the block thread.
 struct Started {
     pool: LocalPool,
-    blocks: Option<BlockPool>,
+    /// Its block thread's work (batch pools).
+    blocks: Option<Box<dyn FnOnce(Arc<AtomicBool>) + Send>>,
     report: Arc<Mutex<PoolReport>>,
 }
 
@@ -299,11 +300,13 @@ fn start_pool(
         let _ = std::fs::set_permissions(runs, std::fs::Permissions::from_mode(passage_mode(cfg)));
     }
     let keys = curve.file.clone();
-    let per_user =
-        (cfg.users.mode == crate::config::UsersMode::Unix).then(|| crate::local::PerUser {
-            identities: crate::identity::Identities::new(&cfg.users),
-            idle: cfg.users.user_idle,
-        });
+    let unix = cfg.users.mode == crate::config::UsersMode::Unix;
+    let link = curve.clone();
+    // Users' managers started here, on demand (batch pools start theirs in users' blocks).
+    let per_user = (unix && p.blocks.is_none()).then(|| crate::local::PerUser {
+        identities: crate::identity::Identities::new(&cfg.users),
+        idle: cfg.users.user_idle,
+    });
     let bind = format!("tcp://{}:{}", cfg.interchange.address, pool_port(cfg, i));
     let opts = PoolOptions {
         bind: bind.clone(),
@@ -376,15 +379,33 @@ fn start_pool(
                 bc.spec.launcher.name()
             );
             let template = manager_template(cfg, p, endpoint, keys);
-            Some(BlockPool::new(
-                &p.name,
-                bc.clone(),
-                p.workers_per_manager,
-                pool.handle.clone(),
-                report.clone(),
-                template,
-                fnx,
-            ))
+            let work: Box<dyn FnOnce(Arc<AtomicBool>) + Send> = if unix {
+                let users = crate::user_blocks::UserBlockPools {
+                    name: p.name.clone(),
+                    cfg: bc.clone(),
+                    slots: p.workers_per_manager,
+                    handle: pool.handle.clone(),
+                    report: report.clone(),
+                    template,
+                    fnx,
+                    identities: crate::identity::Identities::new(&cfg.users),
+                    env: cfg.child_env(),
+                    keys: link,
+                };
+                Box::new(move |stop| users.run(stop))
+            } else {
+                let bp = BlockPool::new(
+                    &p.name,
+                    bc.clone(),
+                    p.workers_per_manager,
+                    pool.handle.clone(),
+                    report.clone(),
+                    template,
+                    fnx,
+                );
+                Box::new(move |stop| bp.run(stop))
+            };
+            Some(work)
         }
     };
     Ok(Started {
@@ -742,7 +763,7 @@ pub fn run(
         pumps.push(
             std::thread::Builder::new()
                 .name(format!("blocks-{name}"))
-                .spawn(move || bp.run(s))
+                .spawn(move || bp(s))
                 .map_err(io("cannot start a block thread"))?,
         );
     }

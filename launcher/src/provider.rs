@@ -223,7 +223,7 @@ pub fn query_status(
     timeout: Duration,
 ) -> Result<HashMap<String, JobState>, CommandError> {
     let argv = status_argv(provider, ids);
-    let out = run(&argv, cwd, timeout)?;
+    let out = run(&argv, cwd, timeout, &Runner::default())?;
     let unknown_ids = |text: &str| {
         let t = text.to_ascii_lowercase();
         t.contains("invalid job id") || t.contains("unknown job id") || t.contains("unknown job")
@@ -274,7 +274,39 @@ pub fn run_command(
     cwd: &std::path::Path,
     timeout: Duration,
 ) -> Result<String, CommandError> {
-    let out = run(argv, cwd, timeout)?;
+    run_command_with(argv, cwd, timeout, &Runner::default())
+}
+
+/// How a batch command runs besides its argv: its whole environment (None: this process's),
+/// what it does between fork and exec (e.g. become a user), and what it reads on stdin.
+#[derive(Clone, Default)]
+pub struct Runner {
+    /// The environment (cleared first).
+    pub env: Option<Vec<(String, String)>>,
+    /// Run in the child before exec; an error stops the command before it runs.
+    #[allow(clippy::type_complexity)]
+    pub pre_exec: Option<std::sync::Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>>,
+    /// Written to its standard input, which is then closed.
+    pub stdin: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("env", &self.env.as_ref().map(Vec::len))
+            .field("pre_exec", &self.pre_exec.is_some())
+            .finish()
+    }
+}
+
+/// [`run_command`] with a [`Runner`].
+pub fn run_command_with(
+    argv: &[String],
+    cwd: &std::path::Path,
+    timeout: Duration,
+    runner: &Runner,
+) -> Result<String, CommandError> {
+    let out = run(argv, cwd, timeout, runner)?;
     if out.success {
         Ok(out.stdout)
     } else {
@@ -282,19 +314,47 @@ pub fn run_command(
     }
 }
 
-fn run(argv: &[String], cwd: &std::path::Path, timeout: Duration) -> Result<Output, CommandError> {
+fn run(
+    argv: &[String],
+    cwd: &std::path::Path,
+    timeout: Duration,
+    runner: &Runner,
+) -> Result<Output, CommandError> {
     let shown = argv.join(" ");
     use std::os::unix::process::CommandExt;
-    // Its own process group, so a timeout kills whatever it started too (a wrapper's sbatch).
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
         .current_dir(cwd)
-        .stdin(Stdio::null())
+        .stdin(if runner.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
+        // Its own process group, so a timeout kills whatever it started too (a wrapper's
+        // sbatch).
+        .process_group(0);
+    if let Some(env) = &runner.env {
+        cmd.env_clear().envs(env.iter().cloned());
+    }
+    if let Some(f) = runner.pre_exec.clone() {
+        // SAFETY: the caller's hook is documented to be async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || f());
+        }
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| CommandError(format!("cannot run `{shown}`: {e}")))?;
+    if let (Some(data), Some(mut pipe)) = (runner.stdin.clone(), child.stdin.take()) {
+        use std::io::Write;
+        // A batch script: small; written on a thread so a command that does not read cannot
+        // block the caller past its deadline.
+        std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+    }
     // Read both pipes on threads so a chatty command cannot fill one and block; a descendant
     // that keeps a pipe open cannot hold the caller past the deadline either.
     let (tx, rx) = std::sync::mpsc::channel();

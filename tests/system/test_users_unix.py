@@ -158,8 +158,11 @@ def unix_daemon(fnx_env):
     ensure_accounts()
     made: list[UnixDaemon] = []
 
-    def make(**sections) -> UnixDaemon:
+    def make(only_pools: dict | None = None, **sections) -> UnixDaemon:
         d = UnixDaemon(fnx_env, len(made) + 1, sections)
+        if only_pools is not None:
+            d.config["pools"] = only_pools
+            d.config_path.write_text(to_toml(d.config))
         made.append(d)
         d.start()
         return d
@@ -387,3 +390,45 @@ def test_two_users_at_once_each_get_only_their_own_tasks(unix_daemon):
         recs = d.wait_all(ids[u], timeout=90, token=t)
         ran_as = {r["result"]["value"]["stdout"].strip() for r in recs.values()}
         assert ran_as == {u}, (u, ran_as)
+
+
+def test_slurm_blocks_are_submitted_as_each_user_and_run_only_their_tasks(unix_daemon):
+    """A batch pool in unix mode: each user's blocks are submitted as that user (the
+    scheduler shows them as the user's jobs), and each user's tasks run only in that user's
+    own blocks, as that user."""
+    from test_slurm import LIVE, job_states, require_slurm
+    require_slurm()
+    pool = {"provider": "slurm", "nodes_per_block": 1, "max_blocks": 1, "walltime": "00:10:00",
+            "workers_per_node": 2, "poll_interval_s": 0.5, "scaling_interval_s": 0.5,
+            "python": "/usr/bin/python3"}
+    d = unix_daemon(only_pools={"hpc": pool},
+                    interchange={"address": "127.0.0.1", "heartbeat_period_s": 1,
+                                 "heartbeat_threshold_s": 5})
+    tokens = {u: d.create_user(u) for u in (ALICE, BOB)}
+    ids = {}
+    for u, t in tokens.items():
+        fid = d.register({"kind": "shell", "command": 'echo "$(id -un) $SLURM_JOB_ID"'},
+                         token=t)
+        ids[u] = d.submit([{"function": fid, "args": {}} for _ in range(4)], token=t)
+    jobs_of: dict[str, set[str]] = {}
+    for u, t in tokens.items():
+        recs = d.wait_all(ids[u], timeout=120, token=t)
+        for r in recs.values():
+            assert r["state"] == "success", (u, r, d.log_tail())
+            who, job = r["result"]["value"]["stdout"].split()
+            assert who == u, (u, r)
+            jobs_of.setdefault(u, set()).add(job)
+    assert not jobs_of[ALICE] & jobs_of[BOB], jobs_of
+    # The scheduler has each user's blocks as that user's jobs.
+    listed = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i %u"],
+                            capture_output=True, text=True).stdout.split("\n")
+    owner = dict(line.split() for line in listed if line.strip())
+    for u, jobs in jobs_of.items():
+        assert {owner.get(j) for j in jobs} == {u}, (u, jobs, owner)
+    status = d.status()["pools"][0]
+    assert sorted(m["user"] for m in status["managers"]) == [ALICE, BOB], status
+    all_jobs = sorted(set().union(*jobs_of.values()))
+    d.stop()
+    # The daemon cancelled its users' blocks (as the users) when it stopped.
+    wait_for(lambda: not any(s in LIVE for s in job_states(all_jobs).values()), 30,
+             f"the users' jobs {all_jobs} to end")

@@ -562,15 +562,6 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
     if users.min_uid == 0 {
         p.0.push("users.min_uid: must be at least 1 (root is never a user's account)".into());
     }
-    if users.mode == UsersMode::Unix {
-        for pool in pools.iter().filter(|p| p.blocks.is_some()) {
-            p.0.push(format!(
-                "pools.{}: users.mode = \"unix\" runs users' tasks only in local pools so far \
-                 (a batch pool's blocks would run every user's tasks as the service account)",
-                pool.name
-            ));
-        }
-    }
     let pass_env = raw.daemon.pass_env.unwrap_or_default();
     for name in &pass_env {
         let ok = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')

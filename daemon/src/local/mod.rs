@@ -4,7 +4,7 @@
 
 mod users;
 
-pub use users::PerUser;
+pub use users::{user_dir, PerUser};
 
 use fnx_interchange::driver::{self, DriverConfig};
 use fnx_interchange::{Event, Handle, Notice};

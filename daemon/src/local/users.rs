@@ -96,7 +96,7 @@ impl Users {
 
 /// The user's own directory under the pool's run directory: created 0700 and given to the
 /// user, or checked to be theirs (a directory someone else made there is refused).
-fn user_dir(dir: &Path, a: &Account) -> Result<()> {
+pub fn user_dir(dir: &Path, a: &Account) -> Result<()> {
     match std::fs::symlink_metadata(dir) {
         Ok(m) if m.is_dir() && m.uid() == a.uid => Ok(()),
         Ok(_) => Err(LocalError::Managers(format!(
