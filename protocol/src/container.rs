@@ -162,9 +162,9 @@ impl FunctionContainer {
     }
 
     /// The container to start on a node whose pool runs its workers in `pool` (`None`: on the
-    /// host): the function's runtime, else the pool's; a runtime equal to the pool's uses the
-    /// pool's template. An error says why it cannot run there (no runtime known, a `custom`
-    /// runtime without the pool's template).
+    /// host): with the pool's runtime and template. A function may name a runtime only when it
+    /// is the pool's (the pool's runtime is the allow-list). An error says why it cannot run
+    /// there (another runtime, no runtime known, a `custom` runtime without a template).
     pub fn resolve(&self, pool: Option<&Container>) -> Result<Container, String> {
         if self.image.trim().is_empty() {
             return Err(
@@ -175,7 +175,24 @@ impl FunctionContainer {
         }
         check_image(&self.image)?;
         let runtime = match (self.runtime, pool) {
-            (Some(r), _) => r,
+            // The pool's runtime is its allow-list: a function cannot pick a runtime the
+            // site did not configure for this pool (docker on an apptainer pool, say).
+            (Some(r), Some(p)) if r != p.runtime => {
+                return Err(format!(
+                    "the function asks for the {} runtime, but this pool runs containers with {} \
+                     only (its container_runtime)",
+                    r.name(),
+                    p.runtime.name()
+                ))
+            }
+            (Some(r), None) => {
+                return Err(format!(
+                    "the function asks for the {} runtime, but this pool has no \
+                     container_runtime: a function cannot choose one the site did not configure",
+                    r.name()
+                ))
+            }
+            (Some(r), Some(_)) => r,
             (None, Some(p)) => p.runtime,
             (None, None) => {
                 return Err(format!(
@@ -300,15 +317,29 @@ mod tests {
             image: "/img.sif".into(),
         };
         assert_eq!(a.key(), "apptainer:/img.sif");
-        let c = a.resolve(Some(&bwrap)).unwrap();
+        // Issue 11: a function cannot pick a runtime its pool did not configure.
+        let e = a.resolve(Some(&bwrap)).unwrap_err();
+        assert!(e.contains("apptainer") && e.contains("custom only"), "{e}");
+        assert!(a
+            .resolve(None)
+            .unwrap_err()
+            .contains("no container_runtime"));
+        let apptainer_pool = Container {
+            runtime: Runtime::Apptainer,
+            image: String::new(),
+            template: None,
+        };
+        let c = a.resolve(Some(&apptainer_pool)).unwrap();
         assert_eq!(c.wrap(Path::new("/r"), &cmd())[0], "apptainer");
-        assert!(a.resolve(None).is_ok());
         let custom = FunctionContainer {
             runtime: Some(Runtime::Custom),
             image: "x".into(),
         };
         assert!(custom
-            .resolve(None)
+            .resolve(Some(&Container {
+                template: None,
+                ..bwrap.clone()
+            }))
             .unwrap_err()
             .contains("container_template"));
         let sandbox = Container {
@@ -333,5 +364,12 @@ mod tests {
         .resolve(None)
         .unwrap_err()
         .contains("image"));
+        // Not docker on a pool that never configured it, whatever the image.
+        let docker = FunctionContainer {
+            runtime: Some(Runtime::Docker),
+            image: "alpine".into(),
+        };
+        assert!(docker.resolve(Some(&apptainer_pool)).is_err());
+        assert!(docker.resolve(None).is_err());
     }
 }

@@ -376,3 +376,14 @@ def test_fault_31_a_wrong_password_on_loopback_is_refused(make_daemon):
     sid = d.register({"kind": "shell", "command": "echo ok"})
     [t] = d.submit([{"function": sid, "args": {}}])
     assert d.wait_task(t)["state"] == "success"
+
+
+def test_a_function_cannot_pick_a_container_runtime_its_pool_did_not_configure(make_daemon):
+    d = make_daemon(pools={"local": {"workers_per_manager": 1, "container_runtime": "apptainer"}})
+    fid = d.register({"kind": "shell", "command": "echo ran",
+                      "container": {"image": "alpine", "runtime": "docker"}})
+    [t] = d.submit([{"function": fid, "args": {}}])
+    rec = d.wait_task(t, timeout=30)
+    assert rec["state"] == "failed", rec
+    assert rec["error"]["type"] == "ContainerUnavailable", rec
+    assert "docker" in rec["error"]["message"] and "apptainer" in rec["error"]["message"], rec
