@@ -107,6 +107,12 @@ pub fn run_daemon(a: DaemonArgs) -> u8 {
     unsafe {
         libc::umask(0o077);
     }
+    // The capabilities of `unix` mode (ambient, from systemd or setpriv) serve only the
+    // children that become users; nothing else the daemon starts (batch commands, image builds,
+    // the signature reader) gets any.
+    if let Err(e) = fnx_sys::user::keep_capabilities_to_self() {
+        tracing::warn!("cannot clear the ambient capabilities: {e}");
+    }
     // Keep processes of the same account (user code in a shared-account pool) out of the
     // daemon's memory, environment and descriptors (/proc/PID/mem, environ, fd; ptrace).
     if let Err(e) = fnx_sys::process::set_undumpable() {

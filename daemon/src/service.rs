@@ -130,6 +130,35 @@ fn prepare_dir_mode(dir: &Path, mode: u32) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// A new private directory (0700, in the system's temporary directory) for the home and
+/// working directory of a service-mode pool's managers: never the data directory, which
+/// container runtimes would otherwise bind into containers.
+fn private_home(pool: &str) -> Result<PathBuf, DaemonError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    for _ in 0..16 {
+        let token = crate::auth::new_token();
+        let dir = base.join(format!("fnx-home-{pool}-{}", &token[4..16]));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(DaemonError::Io {
+                    what: format!("cannot create {}", dir.display()),
+                    source: e,
+                })
+            }
+        }
+    }
+    Err(DaemonError::Io {
+        what: format!(
+            "cannot create a home directory for pool {pool} in {}",
+            base.display()
+        ),
+        source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+    })
+}
+
 /// The mode of the directories users' managers pass through.
 fn passage_mode(cfg: &SiteConfig) -> u32 {
     match cfg.users.mode {
@@ -162,6 +191,7 @@ fn first_start(
         return Ok(());
     }
     let user = crate::auth::current_user();
+    store::ensure_user(conn, &user, true).map_err(serr)?;
     let (_, token) = store::create_token(conn, &user, true, None).map_err(serr)?;
     let file = cfg.data_dir.join("client.json");
     let body =
@@ -333,12 +363,20 @@ fn start_pool(
             Some(curve)
         },
         env: Some(cfg.child_env()),
+        home: if per_user.is_none() && p.blocks.is_none() {
+            Some(private_home(&p.name)?)
+        } else {
+            None
+        },
         // Tasks under the daemon's own account are kept away from its files (Landlock).
         protect: if per_user.is_none() {
             let mut p = vec![cfg.data_dir.clone()];
-            let keys = cfg.shared().join("keys");
-            if !keys.starts_with(&cfg.data_dir) {
-                p.push(keys);
+            // With a shared_dir: its keys and every manager's run directory too (a manager's
+            // own runtime and task directories stay reachable: fnx_sys::landlock exceptions).
+            for d in [cfg.shared().join("keys"), cfg.shared().join("runs")] {
+                if !d.starts_with(&cfg.data_dir) {
+                    p.push(d);
+                }
             }
             p
         } else {

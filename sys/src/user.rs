@@ -176,14 +176,65 @@ impl Identity {
         }
         libc::umask(0o077);
         // Nothing this process holds open reaches the user's program (stdin/out/err are set).
-        libc::syscall(
+        if libc::syscall(
             libc::SYS_close_range,
             3 as libc::c_uint,
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC as libc::c_uint,
-        );
+        ) != 0
+        {
+            // Before Linux 5.11: one descriptor at a time, up to the limit.
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur.min(1 << 20) as libc::c_int
+            } else {
+                1024
+            };
+            for fd in 3..max {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags >= 0 {
+                    libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                }
+            }
+        }
         Ok(())
     }
+}
+
+/// Keep this process's capabilities to itself: clear its ambient and inheritable sets, so
+/// that no program it starts gets any capability at exec (only a child that becomes a user,
+/// between fork and exec, uses the ones this process holds). A process without capabilities
+/// is unaffected.
+pub fn keep_capabilities_to_self() -> io::Result<()> {
+    // SAFETY: prctl and the capget/capset syscalls with valid, owned arguments.
+    unsafe {
+        check(libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ))?;
+        let mut header = CapHeader {
+            version: CAP_VERSION_3,
+            pid: 0,
+        };
+        let mut data = [CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        if libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        for d in &mut data {
+            d.inheritable = 0;
+        }
+        if libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 fn check(rc: libc::c_int) -> io::Result<()> {

@@ -156,18 +156,21 @@ def test_the_local_socket_knows_the_caller_without_a_token(make_daemon, fnx_env)
         sock = f"{sock_dir}/fnx.sock"
         d = make_daemon(daemon={"socket": sock})
         assert oct(os.stat(sock).st_mode & 0o777) == "0o666"
+        # In service mode users' tasks run as the daemon's own account: on the socket that
+        # account is nobody in particular, and must show its token like anyone remote.
         me = d.api("GET", "/v1/whoami", token=None, socket_path=sock)
+        assert me.status == 401 and "client.json" in me.body["error"]["message"], me
+        me = d.api("GET", "/v1/whoami", socket_path=sock)
         assert me.status == 200 and me.body == {"user": d.user, "admin": True}, me
-        # A token still counts over the socket (an admin's, another user's...).
+        # A token counts over the socket (an admin's, another user's...).
         bob = d.create_user("bob")
         r = d.api("GET", "/v1/whoami", token=bob, socket_path=sock)
         assert r.body == {"user": "bob", "admin": False}, r
-        # The CLI finds the socket when nothing names a URL: FNX_HOME's socket, no token.
-        env = dict(fnx_env.env, FNX_HOME=sock_dir)
+        # The CLI finds the socket when nothing names a URL (FNX_HOME's socket).
+        env = dict(fnx_env.env, FNX_HOME=sock_dir, FNX_TOKEN=bob)
         env.pop("FNX_URL", None)
-        env.pop("FNX_TOKEN", None)
         out = d.fnx("status", "--output", "json", env=env)
-        assert out.returncode == 0 and json.loads(out.stdout)["user"] == d.user, out
+        assert out.returncode == 0 and json.loads(out.stdout)["user"] == "bob", out
         other = as_other_account()
         if other:
             # Another account with no fnx user (service mode): 401 naming what to ask for.

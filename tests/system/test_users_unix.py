@@ -207,7 +207,7 @@ def test_each_user_runs_as_their_account_and_reaches_nothing_of_the_daemon_or_ot
     os.chmod(gate, 0o777)
     sid = d.register({"kind": "shell", "command":
                       f"pwd > {gate}/bob-cwd; while [ ! -e {gate}/release ]; do sleep 0.05; "
-                      "done; id -u"}, token=bob_token)
+                      'done; id -u; id -g; id -G; echo "$HOME"; umask'}, token=bob_token)
     secret = base64.b64encode(b"bob's input").decode()
     [bt] = d.submit([{"function": sid, "args": {},
                       "files": [{"name": "in.txt", "data_b64": secret}]}], token=bob_token)
@@ -234,7 +234,18 @@ def test_each_user_runs_as_their_account_and_reaches_nothing_of_the_daemon_or_ot
     assert out["paths"] == {p: "PermissionError" for p in secrets}, out["paths"]
     (gate / "release").touch()
     rec = d.wait_task(bt, timeout=60, token=bob_token)
-    assert rec["state"] == "success" and int(rec["result"]["value"]["stdout"]) == bob.pw_uid, rec
+    assert rec["state"] == "success", rec
+    uid, gid, groups, home, umask = rec["result"]["value"]["stdout"].splitlines()
+    assert (int(uid), int(gid)) == (bob.pw_uid, bob.pw_gid), rec
+    assert sorted(map(int, groups.split())) == sorted(os.getgrouplist(BOB, bob.pw_gid)), rec
+    assert home == bob.pw_dir and umask == "0077", rec
+    # Each of them also the other way: bob on the socket, alice by token over HTTP.
+    assert d.via_socket(BOB, "GET", "/v1/whoami")["body"] == {"user": BOB, "admin": False}
+    alice_token = d.create_user(ALICE)
+    aid = d.register({"kind": "shell", "command": "id -un"}, token=alice_token)
+    [t] = d.submit([{"function": aid, "args": {}}], token=alice_token)
+    assert d.wait_task(t, timeout=60, token=alice_token)["result"]["value"]["stdout"] == \
+        f"{ALICE}\n"
     # A file linked by path is opened as the task's user: alice cannot link bob's.
     private = Path(bob.pw_dir) / "fnx-private.txt"
     private.write_text("bob only\n")
@@ -264,7 +275,9 @@ def test_each_user_runs_as_their_account_and_reaches_nothing_of_the_daemon_or_ot
     # The daemon itself holds only its documented capabilities.
     caps = {line.split(":")[0]: line.split()[1] for line in
             open(f"/proc/{d.pid}/status").read().splitlines() if line.startswith("Cap")}
-    assert caps["CapEff"] == caps["CapAmb"] == "00000000000001c1", caps
+    assert caps["CapEff"] == caps["CapPrm"] == "00000000000001c1", caps
+    # ... and keeps them to itself: nothing it starts inherits any at exec.
+    assert caps["CapAmb"] == caps["CapInh"] == "0000000000000000", caps
 
 
 def test_fault_24_root_the_service_account_and_missing_accounts_are_refused(unix_daemon,
@@ -283,16 +296,14 @@ def test_fault_24_root_the_service_account_and_missing_accounts_are_refused(unix
     before = {u: len(processes_of(pwd.getpwnam(u).pw_uid)) for u in ("root", SERVICE)}
     fid = d.register({"kind": "shell", "command": "id -u"})  # the admin's own function
     for name, token in tokens.items():
+        # (These are not admin tokens: admin rights go with a token, not with its user.)
         r = d.api("GET", "/v1/whoami", token=token)
-        if name == SERVICE:
-            # The service account's user is the first admin: it may manage the service.
-            assert r.body == {"user": SERVICE, "admin": True}, r
-        else:
-            error_of(r, 403, "identity_not_allowed")
+        error_of(r, 403, "identity_not_allowed")
         r = d.api("POST", "/v1/tasks", {"tasks": [{"function": fid, "args": {}}]}, token=token)
         msg = error_of(r, 403, "identity_not_allowed")
         assert name not in msg, "the client learns nothing of why"
-    # The service account's admin may manage the service but not run tasks as itself.
+    # The service account's admin token may manage the service but not run tasks as itself.
+    assert d.api("GET", "/v1/whoami").body == {"user": SERVICE, "admin": True}
     r = d.api("POST", "/v1/tasks", {"tasks": [{"function": fid, "args": {}}]})
     error_of(r, 403, "identity_not_allowed")
     # Root on the socket is refused too.
@@ -405,11 +416,11 @@ def test_slurm_blocks_are_submitted_as_each_user_and_run_only_their_tasks(unix_d
                     interchange={"address": "127.0.0.1", "heartbeat_period_s": 1,
                                  "heartbeat_threshold_s": 5})
     tokens = {u: d.create_user(u) for u in (ALICE, BOB)}
-    ids = {}
+    ids, fids = {}, {}
     for u, t in tokens.items():
-        fid = d.register({"kind": "shell", "command": 'echo "$(id -un) $SLURM_JOB_ID"'},
-                         token=t)
-        ids[u] = d.submit([{"function": fid, "args": {}} for _ in range(4)], token=t)
+        fids[u] = d.register({"kind": "shell", "command": 'echo "$(id -un) $SLURM_JOB_ID"'},
+                             token=t)
+        ids[u] = d.submit([{"function": fids[u], "args": {}} for _ in range(4)], token=t)
     jobs_of: dict[str, set[str]] = {}
     for u, t in tokens.items():
         recs = d.wait_all(ids[u], timeout=120, token=t)
@@ -420,13 +431,46 @@ def test_slurm_blocks_are_submitted_as_each_user_and_run_only_their_tasks(unix_d
             jobs_of.setdefault(u, set()).add(job)
     assert not jobs_of[ALICE] & jobs_of[BOB], jobs_of
     # The scheduler has each user's blocks as that user's jobs.
-    listed = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i %u"],
-                            capture_output=True, text=True).stdout.split("\n")
-    owner = dict(line.split() for line in listed if line.strip())
+    def owners() -> dict[str, str]:
+        listed = subprocess.run(["squeue", "--noheader", "--states=all", "--format=%i %u"],
+                                capture_output=True, text=True).stdout.split("\n")
+        return dict(line.split() for line in listed if line.strip())
+
+    owner = owners()
     for u, jobs in jobs_of.items():
         assert {owner.get(j) for j in jobs} == {u}, (u, jobs, owner)
     status = d.status()["pools"][0]
     assert sorted(m["user"] for m in status["managers"]) == [ALICE, BOB], status
+    # A manager holding alice's key that calls itself bob's gets alice's tasks only: its user
+    # comes from its key, not from its words.
+    key = d.home / "runs" / "hpc" / ".blocks" / ALICE / "manager.key"
+    run_dir = Path(tempfile.mkdtemp(prefix="fnx-impostor-"))
+    impostor = subprocess.Popen(
+        [str(d.binary), "manager", "--interchange", f"tcp://127.0.0.1:{d.interchange_port}",
+         "--uid", f"{BOB}.block-99.0", "--run-dir", str(run_dir), "--run-id", "impostor",
+         "--slots", "4", "--curve-keys", str(key)],
+        env={"PATH": "/usr/bin:/bin", "FNX_TEST_MARK": d.fnx_env.mark},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def impostor_status():
+            ms = d.status()["pools"][0]["managers"]
+            return next((m for m in ms if m["uid"] == f"{BOB}.block-99.0"), None)
+
+        m = wait_for(impostor_status, 20, "the manager with alice's key registers")
+        assert m["user"] == ALICE, m
+        more = d.submit([{"function": fids[BOB], "args": {}} for _ in range(6)],
+                        token=tokens[BOB])
+        recs = d.wait_all(more, timeout=120, token=tokens[BOB])
+        owner = owners()
+        for r in recs.values():
+            who, job = r["result"]["value"]["stdout"].split()
+            assert who == BOB and owner.get(job) == BOB, (r, owner)
+            jobs_of[BOB].add(job)
+        assert impostor_status()["completed"] == 0, impostor_status()
+    finally:
+        impostor.terminate()
+        impostor.wait(10)
+        shutil.rmtree(run_dir, ignore_errors=True)
     all_jobs = sorted(set().union(*jobs_of.values()))
     d.stop()
     # The daemon cancelled its users' blocks (as the users) when it stopped.

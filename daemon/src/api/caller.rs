@@ -164,6 +164,15 @@ fn by_peer(app: &App, uid: Option<u32>) -> Result<Caller, ApiError> {
         token: None,
     };
     if uid == ids.service_uid() {
+        // In service mode users' tasks run under this very account: the kernel's word that a
+        // peer is this account proves nothing then, and it would make any task an admin.
+        if ids.mode() == UsersMode::Service {
+            return Err(unauthorized(
+                "authentication failed: in service mode the daemon's own account (which users' \
+                 tasks run as) needs a token on the socket too: use the one in \
+                 <data dir>/client.json",
+            ));
+        }
         let name = ids.service_name();
         return match app.reader.user(name)? {
             Some(admin) => Ok(caller(name, admin)),

@@ -85,6 +85,10 @@ pub struct PoolOptions {
     /// The whole environment of local managers (and so of their workers and tasks), replacing
     /// this process's (None: they inherit it, as `fnx map`'s do).
     pub env: Option<Vec<(String, String)>>,
+    /// Home and working directory of local managers (and so of their workers and tasks),
+    /// instead of the daemon's: container runtimes bind both into containers, and under the
+    /// unit the daemon's are its data directory (None: inherited).
+    pub home: Option<PathBuf>,
     /// Paths the processes local managers start must not reach (the daemon's data directory
     /// in `service` mode: see `fnx_sys::landlock`).
     pub protect: Vec<PathBuf>,
@@ -164,6 +168,7 @@ impl PoolOptions {
             kill_grace: Duration::from_secs(2),
             zero_work: false,
             env: None,
+            home: None,
             protect: Vec::new(),
             per_user: None,
             launch: None,
@@ -524,6 +529,9 @@ fn spawn_manager(
     cmd.args(fnx_launcher::manager_args(&b));
     if let Some(env) = &opts.env {
         cmd.env_clear().envs(env.iter().cloned());
+    }
+    if let Some(home) = &opts.home {
+        cmd.env("HOME", home).current_dir(home);
     }
     spawn(
         Spawn {

@@ -32,6 +32,9 @@ pub(super) struct AsUser {
     identity: Identity,
     dir: CString,
     log: CString,
+    /// Its working directory (the account's home), entered once it is the user: a 0700 home
+    /// is closed to the daemon's account.
+    home: CString,
 }
 
 impl AsUser {
@@ -41,6 +44,9 @@ impl AsUser {
     /// Only between fork and exec.
     pub(super) unsafe fn become_it(&self) -> std::io::Result<()> {
         self.identity.become_it()?;
+        if libc::chdir(self.home.as_ptr()) != 0 {
+            libc::chdir(c"/".as_ptr());
+        }
         if libc::mkdir(self.dir.as_ptr(), 0o700) != 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EEXIST) {
@@ -226,9 +232,9 @@ impl LocalPool {
             .ok_or_else(|| LocalError::Managers("the pool has no link keys".into()))?
             .issue()
             .map_err(|e| LocalError::Managers(format!("cannot make keys: {e}")))?;
-        self.handle.allow_manager_key(keys.1, user);
         let run_dir = self.opts.run_dir.join(user);
         user_dir(&run_dir, account)?;
+        self.handle.allow_manager_key(keys.1, user);
         let mut b = bootstrap(&self.handle, &self.opts, &uid);
         b.run_dir = run_dir;
         let dir = fnx_manager::manager_dir(&b);
@@ -241,15 +247,13 @@ impl LocalPool {
             .env("HOME", &account.home)
             .env("USER", &account.name)
             .env("LOGNAME", &account.name)
-            .current_dir(&account.home);
-        if !account.home.is_dir() {
-            cmd.current_dir("/");
-        }
+            .current_dir("/");
         let as_user = AsUser {
             user: user.to_string(),
             identity,
             dir: cstring(&dir)?,
             log: cstring(&log)?,
+            home: cstring(&account.home)?,
         };
         let child = spawn(
             Spawn {

@@ -21,13 +21,14 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// The schema version this build writes; older stores are migrated on open.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users(
     name TEXT PRIMARY KEY, admin INTEGER NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS tokens(
-    hash TEXT PRIMARY KEY, user TEXT NOT NULL, created REAL NOT NULL, expires REAL, revoked REAL);
+    hash TEXT PRIMARY KEY, user TEXT NOT NULL, created REAL NOT NULL, expires REAL, revoked REAL,
+    admin INTEGER);
 CREATE TABLE IF NOT EXISTS functions(
     id INTEGER PRIMARY KEY, owner TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
     spec TEXT NOT NULL, created REAL NOT NULL, deleted INTEGER NOT NULL DEFAULT 0);
@@ -183,6 +184,15 @@ pub fn open_writer(path: &Path, full_sync: bool) -> Result<Connection, StoreErro
             "ALTER TABLE tokens ADD COLUMN expires REAL; ALTER TABLE tokens ADD COLUMN revoked REAL",
         )?;
     }
+    if existed && version < 4 {
+        // Version 3: admin rights move from the user to each token (an admin token that
+        // expires or is revoked takes them along). Older tokens keep their user's (NULL).
+        tracing::info!(
+            "migrating the task store {} to schema version 4",
+            path.display()
+        );
+        conn.execute_batch("ALTER TABLE tokens ADD COLUMN admin INTEGER")?;
+    }
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     Ok(conn)
@@ -308,7 +318,7 @@ impl Reader {
     pub fn token_user(&self, hash: &str) -> Result<Option<(String, bool)>, StoreError> {
         let c = self.get()?;
         Ok(c.query_row(
-            "SELECT u.name, u.admin FROM tokens t JOIN users u ON u.name = t.user
+            "SELECT u.name, COALESCE(t.admin, u.admin) FROM tokens t JOIN users u ON u.name = t.user
              WHERE t.hash = ?1 AND t.revoked IS NULL AND (t.expires IS NULL OR t.expires > ?2)",
             params![hash, now()],
             |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)),
@@ -494,10 +504,18 @@ pub fn create_token(
 ) -> Result<(i64, String), StoreError> {
     let token = crate::auth::new_token();
     let t = now();
-    ensure_user(conn, user, admin)?;
+    // Admin rights belong to the token (the user's own flag is for the daemon's first admin,
+    // known by the local socket).
+    ensure_user(conn, user, false)?;
     conn.execute(
-        "INSERT INTO tokens(hash, user, created, expires) VALUES (?1, ?2, ?3, ?4)",
-        params![crate::auth::hash_token(&token), user, t, expires],
+        "INSERT INTO tokens(hash, user, created, expires, admin) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            crate::auth::hash_token(&token),
+            user,
+            t,
+            expires,
+            admin as i64
+        ],
     )?;
     Ok((conn.last_insert_rowid(), token))
 }
@@ -535,7 +553,7 @@ pub struct TokenInfo {
 pub fn list_tokens(conn: &Connection, user: Option<&str>) -> Result<Vec<TokenInfo>, StoreError> {
     let t = now();
     let mut st = conn.prepare(
-        "SELECT t.rowid, t.user, u.admin, t.created, t.expires, t.revoked
+        "SELECT t.rowid, t.user, COALESCE(t.admin, u.admin), t.created, t.expires, t.revoked
          FROM tokens t JOIN users u ON u.name = t.user
          WHERE ?1 IS NULL OR t.user = ?1 ORDER BY t.rowid",
     )?;
@@ -598,7 +616,7 @@ mod tests {
             let c = Connection::open(&path).unwrap();
             let v1 = SCHEMA
                 .replace(", files BLOB);", ");")
-                .replace(", expires REAL, revoked REAL);", ");");
+                .replace(", expires REAL, revoked REAL,\n    admin INTEGER);", ");");
             c.execute_batch(&v1).unwrap();
             c.pragma_update(None, "user_version", 1).unwrap();
             c.execute(
@@ -616,13 +634,20 @@ mod tests {
         let t = unfinished(&c).unwrap();
         assert_eq!(t.len(), 1);
         assert!(t[0].was_running && t[0].task.attempt == Attempt(3) && t[0].task.files.is_empty());
-        // Tokens gained expiry and revocation.
+        // Tokens gained expiry, revocation and their own admin flag.
+        let (admin_token, _) = create_token(&c, "u", true, None).unwrap();
+        assert!(list_tokens(&c, Some("u")).unwrap()[0].admin);
+        revoke_token(&c, admin_token, None).unwrap();
         let (id, _) = create_token(&c, "u", false, None).unwrap();
+        assert!(
+            !list_tokens(&c, Some("u")).unwrap()[1].admin,
+            "rights go with the token"
+        );
         assert_eq!(
             revoke_token(&c, id, Some("u")).unwrap().as_deref(),
             Some("u")
         );
-        assert!(!list_tokens(&c, Some("u")).unwrap()[0].live);
+        assert!(!list_tokens(&c, Some("u")).unwrap()[1].live);
         drop(c);
         // A store from a newer fnx is refused with both versions named.
         Connection::open(&path)
