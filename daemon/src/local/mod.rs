@@ -430,6 +430,10 @@ impl LocalPool {
         if swept > 0 {
             tracing::warn!("killed {swept} leftover processes of this run");
         }
+        // The managers' private home (made for this pool by the daemon) goes with them.
+        if let Some(home) = &self.opts.home {
+            let _ = std::fs::remove_dir_all(home);
+        }
     }
 }
 
