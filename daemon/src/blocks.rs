@@ -122,25 +122,7 @@ impl BlockPool {
         template: ManagerBootstrap,
         fnx: PathBuf,
     ) -> BlockPool {
-        let run_dir = template.run_dir.clone();
-        let next_block = next_block_number(&run_dir);
-        if let Ok(mut r) = report.lock() {
-            r.provider = cfg.spec.provider.name();
-            r.launcher = cfg.spec.launcher.name();
-            r.run_dir = run_dir.clone();
-        }
-        BlockPool {
-            name: name.to_string(),
-            scaler: Scaler::new(name, cfg.clone(), slots),
-            cfg,
-            handle,
-            report,
-            run_dir,
-            template,
-            fnx,
-            next_block,
-            user: None,
-        }
+        Self::build(name, cfg, slots, handle, report, template, fnx, None)
     }
 
     /// The blocks of one user (`unix` mode): `template`'s run directory is the user's own.
@@ -155,9 +137,38 @@ impl BlockPool {
         fnx: PathBuf,
         user: UserBlocks,
     ) -> BlockPool {
+        Self::build(name, cfg, slots, handle, report, template, fnx, Some(user))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        name: &str,
+        cfg: BlocksConfig,
+        slots: Option<u32>,
+        handle: Arc<Handle>,
+        report: Arc<Mutex<PoolReport>>,
+        template: ManagerBootstrap,
+        fnx: PathBuf,
+        user: Option<UserBlocks>,
+    ) -> BlockPool {
         let run_dir = template.run_dir.clone();
+        // A user's block numbers come from the pool's shared counter.
+        let next_block = match &user {
+            Some(_) => 0,
+            None => next_block_number(&run_dir),
+        };
+        if let Ok(mut r) = report.lock() {
+            r.provider = cfg.spec.provider.name();
+            r.launcher = cfg.spec.launcher.name();
+            if user.is_none() {
+                r.run_dir = run_dir.clone();
+            }
+        }
         BlockPool {
-            name: format!("{name} ({})", user.user),
+            name: match &user {
+                Some(u) => format!("{name} ({})", u.user),
+                None => name.to_string(),
+            },
             scaler: Scaler::new(name, cfg.clone(), slots),
             cfg,
             handle,
@@ -165,8 +176,8 @@ impl BlockPool {
             run_dir,
             template,
             fnx,
-            next_block: 0,
-            user: Some(user),
+            next_block,
+            user,
         }
     }
 

@@ -51,12 +51,37 @@ pub struct UserBlockPools {
     pub keys: LinkKeys,
 }
 
-fn io_err(what: String) -> impl FnOnce(std::io::Error) -> String {
-    move |e| format!("{what}: {e}")
+/// Why a user's blocks could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The user may not run anything here (the admin log says why).
+    #[error("refused (the admin log says why)")]
+    Refused,
+    /// A file or directory could not be made or given to the user.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was attempted.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The user's run directory cannot be used.
+    #[error("{0}")]
+    Dir(#[from] crate::local::LocalError),
+    /// No key could be made.
+    #[error("{0}")]
+    Keys(#[from] crate::keys::KeyError),
+    /// The thread could not start.
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> StartError {
+    move |source| StartError::Io { what, source }
 }
 
 /// The user's key file, written by the daemon and then given to the user (0600).
-fn write_key(path: &Path, text: &str, a: &Account) -> Result<(), String> {
+fn write_key(path: &Path, text: &str, a: &Account) -> Result<(), StartError> {
     let _ = std::fs::remove_file(path);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -129,7 +154,7 @@ impl UserBlockPools {
         control_root: &Path,
         counter: &Arc<AtomicU64>,
         stop: &Arc<AtomicBool>,
-    ) -> Result<JoinHandle<()>, String> {
+    ) -> Result<JoinHandle<()>, StartError> {
         let ids = &self.identities;
         let account = match ids.account(user) {
             Ok(a) => a,
@@ -144,11 +169,11 @@ impl UserBlockPools {
                          can see why in the daemon's log",
                     ),
                 );
-                return Err("refused (the admin log says why)".into());
+                return Err(StartError::Refused);
             }
         };
         let run_dir = self.template.run_dir.join(user);
-        crate::local::user_dir(&run_dir, &account).map_err(|e| e.to_string())?;
+        crate::local::user_dir(&run_dir, &account)?;
         let control = control_root.join(user);
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -157,7 +182,7 @@ impl UserBlockPools {
             .map_err(io_err(format!("cannot create {}", control.display())))?;
         let _ = std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o711));
         let key_file = control.join("manager.key");
-        let (text, public) = self.keys.issue().map_err(|e| e.to_string())?;
+        let (text, public) = self.keys.issue()?;
         write_key(&key_file, &text, &account)?;
         self.handle.allow_manager_key(public, user);
         let mut template = self.template.clone();
@@ -198,6 +223,6 @@ impl UserBlockPools {
         std::thread::Builder::new()
             .name(format!("blocks-{}-{user}", self.name))
             .spawn(move || bp.run(stop))
-            .map_err(|e| format!("cannot start a thread: {e}"))
+            .map_err(StartError::Thread)
     }
 }

@@ -1,7 +1,7 @@
 //! Wiring: open the store, recover, start the pools, the writer and the HTTP API; stop them in
 //! order.
 
-use crate::api::{self, App, PoolRef};
+use crate::api::{App, PoolRef};
 use crate::blocks::{self, BlockPool, PoolReport};
 use crate::config::{BlocksConfig, PoolConfig, SiteConfig, SyncMode};
 use crate::keys::{Keys, LinkKeys};
@@ -13,7 +13,7 @@ use fnx_launcher::script::Rendered;
 use fnx_launcher::{BlockFiles, ManagerBootstrap};
 use fnx_protocol::{ErrorKind, FunctionBody, FunctionDef, Outcome, TaskError};
 use std::collections::HashMap;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +21,14 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use thiserror::Error;
+
+mod dirs;
+mod http;
+mod tokens;
+
+use dirs::{passage_mode, prepare_dir_mode, private_home, private_store_files};
+use http::{bind_socket, serve};
+pub use tokens::{create_token, list_tokens, revoke_token};
 
 /// The daemon could not start or failed.
 #[derive(Debug, Error)]
@@ -65,115 +73,6 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
 /// The store file inside a data directory.
 pub fn store_path(data_dir: &Path) -> PathBuf {
     data_dir.join("fnx.db")
-}
-
-/// The store of `data_dir` opened for an admin command (`fnx token ...`), created if needed.
-/// SQLite serialises its writes with a running daemon's writer.
-fn admin_store(data_dir: &Path) -> Result<(rusqlite::Connection, PathBuf), DaemonError> {
-    let path = store_path(data_dir);
-    // A new data directory is private; an existing one keeps the mode its daemon gave it.
-    if !data_dir.exists() {
-        prepare_dir(data_dir)?;
-    }
-    let conn = store::open_writer(&path, true).map_err(|source| DaemonError::Store {
-        path: path.clone(),
-        source,
-    })?;
-    Ok((conn, path))
-}
-
-fn store_err(path: &Path) -> impl FnOnce(StoreError) -> DaemonError + '_ {
-    move |source| DaemonError::Store {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Create a token for `user` in the store of `data_dir`, valid until `expires` (seconds since
-/// the epoch; None: until revoked). Returns its id and the token.
-pub fn create_token(
-    data_dir: &Path,
-    user: &str,
-    admin: bool,
-    expires: Option<f64>,
-) -> Result<(i64, String), DaemonError> {
-    let (conn, path) = admin_store(data_dir)?;
-    store::create_token(&conn, user, admin, expires).map_err(store_err(&path))
-}
-
-/// The tokens in the store of `data_dir` (of `user`, or everyone's).
-pub fn list_tokens(
-    data_dir: &Path,
-    user: Option<&str>,
-) -> Result<Vec<store::TokenInfo>, DaemonError> {
-    let (conn, path) = admin_store(data_dir)?;
-    store::list_tokens(&conn, user).map_err(store_err(&path))
-}
-
-/// Revoke token `id` in the store of `data_dir`; its user, or None if there is no such token.
-/// A running daemon stops accepting it within a second.
-pub fn revoke_token(data_dir: &Path, id: i64) -> Result<Option<String>, DaemonError> {
-    let (conn, path) = admin_store(data_dir)?;
-    store::revoke_token(&conn, id, None).map_err(store_err(&path))
-}
-
-fn prepare_dir(dir: &Path) -> Result<(), DaemonError> {
-    prepare_dir_mode(dir, 0o700)
-}
-
-/// Create `dir` and set its mode. In `unix` mode the data directory and the run directories
-/// are 0711: users' managers pass through them to their own 0700 directories, but nobody can
-/// list them; the store, `client.json` and `keys/` inside stay 0600/0700.
-fn prepare_dir_mode(dir: &Path, mode: u32) -> Result<(), DaemonError> {
-    std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode));
-    Ok(())
-}
-
-/// A new private directory (0700, in the system's temporary directory) for the home and
-/// working directory of a service-mode pool's managers: never the data directory, which
-/// container runtimes would otherwise bind into containers.
-fn private_home(pool: &str) -> Result<PathBuf, DaemonError> {
-    use std::os::unix::fs::DirBuilderExt;
-    let base = std::env::temp_dir();
-    for _ in 0..16 {
-        let token = crate::auth::new_token();
-        let dir = base.join(format!("fnx-home-{pool}-{}", &token[4..16]));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => {
-                return Err(DaemonError::Io {
-                    what: format!("cannot create {}", dir.display()),
-                    source: e,
-                })
-            }
-        }
-    }
-    Err(DaemonError::Io {
-        what: format!(
-            "cannot create a home directory for pool {pool} in {}",
-            base.display()
-        ),
-        source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
-    })
-}
-
-/// The mode of the directories users' managers pass through.
-fn passage_mode(cfg: &SiteConfig) -> u32 {
-    match cfg.users.mode {
-        crate::config::UsersMode::Unix => 0o711,
-        crate::config::UsersMode::Service => 0o700,
-    }
-}
-
-/// The store's files are the daemon's alone, whatever umask created them.
-fn private_store_files(path: &Path) {
-    for suffix in ["", "-wal", "-shm"] {
-        let mut p = path.as_os_str().to_owned();
-        p.push(suffix);
-        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
-    }
 }
 
 /// On the first start (no users yet), create an admin user named after the account running the
@@ -851,101 +750,5 @@ pub fn run(
     drop(app);
     let _ = writer_thread.join();
     tracing::info!("fnx daemon stopped; everything is committed");
-    Ok(())
-}
-
-/// Bind the local socket (mode 0666: the kernel tells who connects, see `api::SocketPeer`).
-/// A stale socket file is replaced; a live one (another daemon answers on it) is an error.
-fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonError> {
-    use std::os::unix::fs::FileTypeExt;
-    use std::os::unix::net::{UnixListener, UnixStream};
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io(format!("cannot create {}", dir.display())))?;
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(DaemonError::Io {
-                what: format!("daemon.socket {}", path.display()),
-                source: std::io::Error::other(
-                    "exists and is not a socket; remove it or choose another path",
-                ),
-            });
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(DaemonError::Io {
-                what: format!("daemon.socket {}", path.display()),
-                source: std::io::Error::other("another daemon answers on it"),
-            });
-        }
-        std::fs::remove_file(path).map_err(io(format!("cannot replace {}", path.display())))?;
-    }
-    let l = UnixListener::bind(path).map_err(io(format!("cannot listen on {}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(io(format!("cannot set the mode of {}", path.display())))?;
-    l.set_nonblocking(true)
-        .map_err(io("cannot configure the socket"))?;
-    Ok(l)
-}
-
-fn serve(
-    app: Arc<App>,
-    listener: std::net::TcpListener,
-    socket: Option<std::os::unix::net::UnixListener>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), DaemonError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("http")
-        .enable_all()
-        .build()
-        .map_err(io("cannot start the HTTP runtime"))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(io("cannot configure the listener"))?;
-    rt.block_on(async move {
-        let listener =
-            tokio::net::TcpListener::from_std(listener).map_err(io("cannot use the listener"))?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        // No Nagle delay on small answers (one request at a time per keep-alive connection).
-        let listener =
-            axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-                let _ = tcp.set_nodelay(true);
-            });
-        // The local socket: the same API, the caller known by the kernel.
-        let (utx, urx) = tokio::sync::oneshot::channel::<()>();
-        let local = match socket {
-            Some(l) => {
-                let l = tokio::net::UnixListener::from_std(l)
-                    .map_err(io("cannot use the local socket"))?;
-                let svc = api::router(app.clone())
-                    .into_make_service_with_connect_info::<api::SocketPeer>();
-                Some(tokio::spawn(
-                    axum::serve(l, svc)
-                        .with_graceful_shutdown(async move {
-                            let _ = urx.await;
-                        })
-                        .into_future(),
-                ))
-            }
-            None => None,
-        };
-        let server = axum::serve(listener, api::router(app)).with_graceful_shutdown(async move {
-            let _ = rx.await;
-        });
-        let mut server = std::pin::pin!(server.into_future());
-        tokio::select! {
-            r = &mut server => return r.map_err(io("the HTTP server failed")),
-            () = shutdown => {}
-        }
-        tracing::info!("stopping: no new requests; waiting up to 2 s for requests in progress");
-        let _ = tx.send(());
-        let _ = utx.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-        if let Some(local) = local {
-            let _ = tokio::time::timeout(Duration::from_secs(1), local).await;
-        }
-        Ok(())
-    })?;
-    rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
 }
