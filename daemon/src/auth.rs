@@ -14,7 +14,12 @@ pub fn new_token() -> String {
 
 /// The stored form of a token.
 pub fn hash_token(token: &str) -> String {
-    hex(&Sha256::digest(token.as_bytes()))
+    hash_bytes(token.as_bytes())
+}
+
+/// SHA-256 of `bytes`, as hex.
+pub fn hash_bytes(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -447,7 +447,7 @@ def test_bulk_cancel_counts_only_own_unfinished_tasks(daemon, fnx_env):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_idempotency_key_replays_the_same_ids_and_creates_nothing(daemon):
+def test_idempotency_key_replays_the_same_ids_and_creates_nothing_fault_34(daemon):
     fid = daemon.register(NOOP)
     body = {"tasks": [{"function": fid, "args": [i]} for i in range(3)]}
     key = {"Idempotency-Key": "submit-7f3a"}
@@ -466,6 +466,18 @@ def test_idempotency_key_replays_the_same_ids_and_creates_nothing(daemon):
     r3 = daemon.api("POST", "/v1/tasks", body, headers=key)
     assert r3.status == 201 and r3.body["ids"] == r1.body["ids"], r3
     assert daemon.task_count() == count
+
+    # FAULTS.md 34: the same key with another body is another request: 409 naming the key,
+    # nothing created, and the earlier tasks untouched.
+    other = {"tasks": [{"function": fid, "args": [i]} for i in range(5)]}
+    r409 = daemon.api("POST", "/v1/tasks", other, headers=key)
+    msg = error_of(r409, 409, "idempotency_conflict")
+    assert "submit-7f3a" in msg, msg
+    assert daemon.task_count() == count, "a conflicting request created tasks"
+    assert [t["state"] for t in daemon.statuses(r1.body["ids"])] == ["success"] * 3
+    # The original request still replays.
+    r3b = daemon.api("POST", "/v1/tasks", body, headers=key)
+    assert r3b.status == 201 and r3b.body["ids"] == r1.body["ids"], r3b
 
     r4 = daemon.api("POST", "/v1/tasks", body, headers={"Idempotency-Key": "another"})
     assert r4.status == 201 and not set(r4.body["ids"]) & set(r1.body["ids"]), r4

@@ -190,6 +190,9 @@ impl From<StoreError> for ApiError {
             StoreError::QueueLimit { .. } => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_limit", e.to_string())
             }
+            StoreError::IdempotencyConflict { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "idempotency_conflict", e.to_string())
+            }
             StoreError::Unavailable(m) => ApiError::unavailable(m),
             other => {
                 tracing::error!("store: {other}");

@@ -525,6 +525,16 @@ pub(super) async fn submit(
         }
     };
     let bytes = read_body(&headers, body, app.limits.max_request_bytes).await?;
+    // What the key stands for: this very request (its media type and body).
+    let key = key.map(|k| {
+        let ctype = headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let mut fp = crate::auth::hash_token(ctype);
+        fp.push_str(&crate::auth::hash_bytes(&bytes));
+        (k, fp)
+    });
     let raws = parse_submit(&headers, &bytes)?;
     drop(bytes);
     let max = app.limits.max_tasks_per_request;

@@ -21,7 +21,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// The schema version this build writes; older stores are migrated on open.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users(
@@ -42,7 +42,7 @@ CREATE INDEX IF NOT EXISTS tasks_live ON tasks(state) WHERE state < 2;
 CREATE INDEX IF NOT EXISTS tasks_done ON tasks(owner, seq) WHERE seq IS NOT NULL;
 CREATE TABLE IF NOT EXISTS idempotency(
     owner TEXT NOT NULL, key TEXT NOT NULL, ids BLOB NOT NULL, created REAL NOT NULL,
-    PRIMARY KEY(owner, key));
+    fingerprint TEXT, PRIMARY KEY(owner, key));
 ";
 
 /// A task's state as stored.
@@ -129,6 +129,15 @@ pub enum StoreError {
         /// The limit.
         limit: u64,
     },
+    /// An idempotency key was used before with another request.
+    #[error(
+        "Idempotency-Key {key:?} was used before with another request; nothing was created \
+         (use a new key for a new request)"
+    )]
+    IdempotencyConflict {
+        /// The key.
+        key: String,
+    },
     /// The writer thread is gone (the daemon is stopping).
     #[error("the store is shutting down")]
     Closed,
@@ -192,6 +201,14 @@ pub fn open_writer(path: &Path, full_sync: bool) -> Result<Connection, StoreErro
             path.display()
         );
         conn.execute_batch("ALTER TABLE tokens ADD COLUMN admin INTEGER")?;
+    }
+    if existed && version < 5 {
+        // Version 4: idempotency keys remember a hash of their request (FAULTS.md 34).
+        tracing::info!(
+            "migrating the task store {} to schema version 5",
+            path.display()
+        );
+        conn.execute_batch("ALTER TABLE idempotency ADD COLUMN fingerprint TEXT")?;
     }
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -616,7 +633,11 @@ mod tests {
             let c = Connection::open(&path).unwrap();
             let v1 = SCHEMA
                 .replace(", files BLOB);", ");")
-                .replace(", expires REAL, revoked REAL,\n    admin INTEGER);", ");");
+                .replace(", expires REAL, revoked REAL,\n    admin INTEGER);", ");")
+                .replace(
+                    "created REAL NOT NULL,\n    fingerprint TEXT, PRIMARY",
+                    "created REAL NOT NULL,\n    PRIMARY",
+                );
             c.execute_batch(&v1).unwrap();
             c.pragma_update(None, "user_version", 1).unwrap();
             c.execute(

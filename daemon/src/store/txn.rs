@@ -57,18 +57,25 @@ impl Ctx<'_> {
         tx: &Transaction<'_>,
         owner: &str,
         tasks: &[TaskInput],
-        key: Option<&str>,
+        key: Option<(&str, &str)>,
         live_extra: &mut HashMap<String, u64>,
     ) -> Result<Staged, StoreError> {
-        if let Some(key) = key {
-            let found: Option<String> = tx
+        if let Some((key, fingerprint)) = key {
+            let found: Option<(String, Option<String>)> = tx
                 .query_row(
-                    "SELECT ids FROM idempotency WHERE owner = ?1 AND key = ?2",
+                    "SELECT ids, fingerprint FROM idempotency WHERE owner = ?1 AND key = ?2",
                     params![owner, key],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            if let Some(ids) = found {
+            if let Some((ids, seen)) = found {
+                // The same key with another body is another request: refuse it (the earlier
+                // tasks stay as they are) instead of answering with their ids.
+                if seen.as_deref().is_some_and(|s| s != fingerprint) {
+                    return Ok(Staged::Rejected(StoreError::IdempotencyConflict {
+                        key: key.to_string(),
+                    }));
+                }
                 let (first, n) = ids.split_once(':').unwrap_or(("0", "0"));
                 let (first, n): (u64, u64) = (first.parse().unwrap_or(0), n.parse().unwrap_or(0));
                 return Ok(Staged::Replayed((first..first + n).map(TaskId).collect()));
@@ -112,10 +119,11 @@ impl Ctx<'_> {
                     .then(|| rmp_serde::to_vec(&task.files).unwrap_or_default())
             ])?;
         }
-        if let Some(key) = key {
+        if let Some((key, fingerprint)) = key {
             tx.execute(
-                "INSERT INTO idempotency(owner, key, ids, created) VALUES (?1, ?2, ?3, ?4)",
-                params![owner, key, format!("{first}:{n}"), self.t],
+                "INSERT INTO idempotency(owner, key, ids, created, fingerprint)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![owner, key, format!("{first}:{n}"), self.t, fingerprint],
             )?;
         }
         *self.next_task += n;

@@ -73,7 +73,12 @@ pub struct FunctionInput {
 type SubmitReply = oneshot::Sender<Result<Submitted, StoreError>>;
 type RegisterReply = oneshot::Sender<Result<FunctionId, StoreError>>;
 type DeleteReply = oneshot::Sender<Result<(), StoreError>>;
-type SubmitReq = (String, Vec<TaskInput>, Option<String>, SubmitReply);
+type SubmitReq = (
+    String,
+    Vec<TaskInput>,
+    Option<(String, String)>,
+    SubmitReply,
+);
 type RegisterReq = (FunctionInput, RegisterReply);
 /// A failed transaction: the error, and the requests to answer with it.
 type Failed = (StoreError, Vec<SubmitReq>, Vec<RegisterReq>);
@@ -86,8 +91,9 @@ pub enum Cmd {
         owner: String,
         /// The tasks.
         tasks: Vec<TaskInput>,
-        /// Idempotency key.
-        key: Option<String>,
+        /// Idempotency key, with the fingerprint (a hash) of the request's body: the same key
+        /// with another body is refused, never taken for a repeat (FAULTS.md 34).
+        key: Option<(String, String)>,
         /// The answer.
         reply: SubmitReply,
     },
@@ -465,7 +471,7 @@ impl Writer {
                     &tx,
                     owner,
                     tasks,
-                    key.as_deref(),
+                    key.as_ref().map(|(k, f)| (k.as_str(), f.as_str())),
                     &mut live_extra,
                 )?);
             }
