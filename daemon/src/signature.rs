@@ -195,6 +195,16 @@ pub fn json_type(v: &Value) -> &'static str {
     }
 }
 
+/// The first parameters' names for an error message (all of them when there are few).
+fn shown(params: &[String]) -> String {
+    const MAX: usize = 20;
+    let mut s = params[..params.len().min(MAX)].join(", ");
+    if params.len() > MAX {
+        s.push_str(&format!(", ... ({} in all)", params.len()));
+    }
+    s
+}
+
 /// Turn JSON arguments of a shell task (their text) into the values of the template's
 /// parameters, in order: an object `{param: value}` or an array in parameter order; values are
 /// strings, numbers (passed as written: `1e3` stays `1e3`, every digit kept) or booleans.
@@ -216,10 +226,13 @@ pub fn shell_values(params: &[String], text: &[u8]) -> Result<Vec<String>, Strin
     let shape: Value = serde_json::from_slice(text).map_err(|e| format!("not valid JSON: {e}"))?;
     match shape {
         Value::Object(m) => {
-            if let Some(k) = m.keys().find(|k| !params.contains(k)) {
+            // Linear in parameters and keys (issue 12: `contains` per key was quadratic).
+            let known: std::collections::HashSet<&str> =
+                params.iter().map(String::as_str).collect();
+            if let Some(k) = m.keys().find(|k| !known.contains(k.as_str())) {
                 return Err(format!(
                     "has no parameter '{k}' (the template's parameters: {})",
-                    params.join(", ")
+                    shown(params)
                 ));
             }
             let raw: std::collections::HashMap<String, Box<RawValue>> =
@@ -237,7 +250,7 @@ pub fn shell_values(params: &[String], text: &[u8]) -> Result<Vec<String>, Strin
                 return Err(format!(
                     "the template takes {} parameters ({}), got {} values",
                     params.len(),
-                    params.join(", "),
+                    shown(params),
                     a.len()
                 ));
             }

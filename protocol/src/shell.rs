@@ -26,6 +26,9 @@ pub enum TemplateError {
     Empty,
 }
 
+/// The longest parameter name, in bytes.
+pub const MAX_PARAM: usize = 128;
+
 fn is_ident(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
@@ -39,6 +42,8 @@ pub fn parse(template: &str) -> Result<ShellTemplate, TemplateError> {
     }
     let mut script = String::with_capacity(template.len() + 16);
     let mut params: Vec<String> = Vec::new();
+    // Parameter names to their positions: linear in the template (issue 12).
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     let mut i = 0;
     while i < template.len() {
         let rest = &template[i..];
@@ -49,12 +54,19 @@ pub fn parse(template: &str) -> Result<ShellTemplate, TemplateError> {
             script.push('}');
             i += 2;
         } else if rest.starts_with('{') && !template[..i].ends_with('$') {
-            match rest[1..].find('}').map(|end| &rest[1..1 + end]) {
+            // A parameter name is at most MAX_PARAM bytes: the search for its `}` stops there,
+            // so a template full of unclosed `{` stays linear.
+            let closing = rest.as_bytes()[1..]
+                .iter()
+                .take(MAX_PARAM + 1)
+                .position(|&b| b == b'}');
+            match closing.map(|end| &rest[1..1 + end]) {
                 Some(name) if is_ident(name) => {
-                    let n = match params.iter().position(|p| p == name) {
-                        Some(n) => n + 1,
+                    let n = match index.get(name) {
+                        Some(&n) => n,
                         None => {
                             params.push(name.to_string());
+                            index.insert(name.to_string(), params.len());
                             params.len()
                         }
                     };
@@ -103,5 +115,26 @@ mod tests {
         let t = parse("echo ${HOME} {x}; {{ true; }}").unwrap();
         assert_eq!(t.script, r#"echo ${HOME} "${1}"; { true; }"#);
         assert_eq!(t.params, vec!["x"]);
+    }
+
+    #[test]
+    fn issue_12_many_parameters_and_unclosed_braces() {
+        // 40,000 parameters, each used twice: positions stay right (a map, not a scan).
+        let names: Vec<String> = (0..40_000).map(|i| format!("p{i}")).collect();
+        let text: String = names.iter().map(|n| format!("{{{n}}} {{{n}}} ")).collect();
+        let t = parse(&text).unwrap();
+        assert_eq!(t.params.len(), 40_000);
+        assert!(
+            t.script.ends_with(r#""${40000}" "${40000}" "#),
+            "{}",
+            &t.script[t.script.len() - 40..]
+        );
+        // A name longer than MAX_PARAM is no parameter; unclosed braces stay literal.
+        let long = format!("{{{}}}", "a".repeat(MAX_PARAM + 1));
+        assert_eq!(parse(&long).unwrap().params, Vec::<String>::new());
+        let open = "{a ".repeat(10_000);
+        let t = parse(&open).unwrap();
+        assert_eq!(t.script, open);
+        assert!(t.params.is_empty());
     }
 }

@@ -90,9 +90,11 @@ type RawFile = (String, Result<Vec<u8>, String>);
 fn check_files(files: Vec<RawFile>, room: usize) -> Result<Vec<TaskFile>, String> {
     let mut out: Vec<TaskFile> = Vec::with_capacity(files.len());
     let mut inline = 0usize;
+    // Linear in the number of files (issue 12: a pairwise check was quadratic).
+    let mut seen = std::collections::HashSet::with_capacity(files.len());
     for (j, (name, source)) in files.into_iter().enumerate() {
         TaskFile::check_name(&name).map_err(|e| format!("files[{j}].name: {e}"))?;
-        if out.iter().any(|f| f.name == name) {
+        if !seen.insert(name.clone()) {
             return Err(format!("files[{j}].name: {name:?} appears twice"));
         }
         let source = match source {
