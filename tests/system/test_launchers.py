@@ -541,6 +541,10 @@ def test_cobalt_and_aprun_through_recording_fakes(make_daemon, fnx_env):
     assert aprun[0]["cwd"] == str(blk), aprun[0]
     script = (blk / "submit.sh").read_text()
     assert f"\naprun {' '.join(a[:9])} manager " in script, script
+    # Both managers register (the second may do so after the first ran all six tasks, and so
+    # after the polls above: watch until it shows).
+    w.until(lambda p: {"block-0.0", "block-0.1"} <= set(w.managers), 15,
+            "both managers of the block registered", blk)
     assert set(w.managers) == {"block-0.0", "block-0.1"}, w.managers
     assert all(m["block"] == 0 for m in w.managers.values()), w.managers
     for k in (0, 1):
