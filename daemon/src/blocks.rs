@@ -111,37 +111,10 @@ pub struct BlockPool {
 }
 
 impl BlockPool {
-    /// Blocks of pool `name`; managers start from `template` (whose run directory is the
-    /// pool's) with `fnx` on the compute nodes.
+    /// Blocks of pool `name`; managers start from `template` with `fnx` on the compute nodes.
+    /// `template`'s run directory is the pool's, or with `user` (`unix` mode) the user's own.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        name: &str,
-        cfg: BlocksConfig,
-        slots: Option<u32>,
-        handle: Arc<Handle>,
-        report: Arc<Mutex<PoolReport>>,
-        template: ManagerBootstrap,
-        fnx: PathBuf,
-    ) -> BlockPool {
-        Self::build(name, cfg, slots, handle, report, template, fnx, None)
-    }
-
-    /// The blocks of one user (`unix` mode): `template`'s run directory is the user's own.
-    #[allow(clippy::too_many_arguments)]
-    pub fn for_user(
-        name: &str,
-        cfg: BlocksConfig,
-        slots: Option<u32>,
-        handle: Arc<Handle>,
-        report: Arc<Mutex<PoolReport>>,
-        template: ManagerBootstrap,
-        fnx: PathBuf,
-        user: UserBlocks,
-    ) -> BlockPool {
-        Self::build(name, cfg, slots, handle, report, template, fnx, Some(user))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn build(
         name: &str,
         cfg: BlocksConfig,
         slots: Option<u32>,

@@ -10,6 +10,21 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
+/// What a client is told when its identity may not run tasks here: deliberately vague (the
+/// admin log says why).
+pub const NOT_ALLOWED: &str =
+    "this identity may not run tasks on this service; the site's admins can see why in the \
+     daemon's log";
+
+/// How the waiting tasks of a refused user end.
+pub fn not_allowed_error() -> fnx_protocol::TaskError {
+    fnx_protocol::TaskError::new(
+        fnx_protocol::ErrorKind::BadInput,
+        "IdentityNotAllowed",
+        NOT_ALLOWED,
+    )
+}
+
 /// Why a user may not run code here (for the admin log; clients get an opaque answer).
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum Refusal {

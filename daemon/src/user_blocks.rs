@@ -1,5 +1,5 @@
 //! A batch pool in `users.mode = "unix"`: each user with queued tasks gets a block thread of
-//! their own ([`BlockPool::for_user`]) whose blocks are written, submitted and cancelled *as
+//! their own ([`BlockPool::new`] with a [`UserBlocks`]) whose blocks are written, submitted and cancelled *as
 //! the user* (the scheduler charges the user's account and applies the user's limits; the
 //! pool's `max_blocks` applies per user). Their managers hold a CurveZMQ key issued for that
 //! user alone, so the interchange gives them that user's tasks and no one else's.
@@ -160,15 +160,8 @@ impl UserBlockPools {
             Ok(a) => a,
             Err(r) => {
                 ids.log_refusal("blocks", &r);
-                self.handle.fail_tenant(
-                    user,
-                    fnx_protocol::TaskError::new(
-                        fnx_protocol::ErrorKind::BadInput,
-                        "IdentityNotAllowed",
-                        "this identity may not run tasks on this service; the site's admins \
-                         can see why in the daemon's log",
-                    ),
-                );
+                self.handle
+                    .fail_tenant(user, crate::identity::not_allowed_error());
                 return Err(StartError::Refused);
             }
         };
@@ -204,7 +197,7 @@ impl UserBlockPools {
             pre_exec: Some(Arc::new(move || unsafe { identity.become_it() })),
             stdin: None,
         };
-        let bp = BlockPool::for_user(
+        let bp = BlockPool::new(
             &self.name,
             self.cfg.clone(),
             self.slots,
@@ -212,12 +205,12 @@ impl UserBlockPools {
             self.report.clone(),
             template,
             self.fnx.clone(),
-            UserBlocks {
+            Some(UserBlocks {
                 user: user.to_string(),
                 runner,
                 control,
                 counter: counter.clone(),
-            },
+            }),
         );
         let stop = stop.clone();
         std::thread::Builder::new()

@@ -168,8 +168,7 @@ impl ApiError {
         ApiError::new(
             StatusCode::FORBIDDEN,
             "identity_not_allowed",
-            "this identity may not run tasks on this service; the site's admins can see why in \
-             the daemon's log",
+            crate::identity::NOT_ALLOWED,
         )
     }
     fn too_large(message: impl Into<String>) -> ApiError {

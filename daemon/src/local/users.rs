@@ -185,15 +185,8 @@ impl LocalPool {
                 Err(Spawned::Refused) => {
                     // Nothing will ever run for them here: their waiting tasks fail now
                     // (the admin log says why; FAULTS.md 24).
-                    self.handle.fail_tenant(
-                        &user,
-                        fnx_protocol::TaskError::new(
-                            fnx_protocol::ErrorKind::BadInput,
-                            "IdentityNotAllowed",
-                            "this identity may not run tasks on this service; the site's \
-                             admins can see why in the daemon's log",
-                        ),
-                    );
+                    self.handle
+                        .fail_tenant(&user, crate::identity::not_allowed_error());
                 }
                 Err(Spawned::Failed(e)) => {
                     tracing::error!(

@@ -339,6 +339,7 @@ fn start_pool(
                     report.clone(),
                     template,
                     fnx,
+                    None,
                 );
                 Box::new(move |stop| bp.run(stop))
             };

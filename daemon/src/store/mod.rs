@@ -45,6 +45,22 @@ CREATE TABLE IF NOT EXISTS idempotency(
     fingerprint TEXT, PRIMARY KEY(owner, key));
 ";
 
+/// What brings a store of the version before each one up to it (tables that are new come from
+/// `SCHEMA` itself).
+const MIGRATIONS: [(i64, &str); 4] = [
+    // 2: input files.
+    (2, "ALTER TABLE tasks ADD COLUMN files BLOB"),
+    // 3: token expiry and revocation.
+    (
+        3,
+        "ALTER TABLE tokens ADD COLUMN expires REAL; ALTER TABLE tokens ADD COLUMN revoked REAL",
+    ),
+    // 4: admin rights move from the user to each token (older tokens keep their user's: NULL).
+    (4, "ALTER TABLE tokens ADD COLUMN admin INTEGER"),
+    // 5: idempotency keys remember a hash of their request (FAULTS.md 34).
+    (5, "ALTER TABLE idempotency ADD COLUMN fingerprint TEXT"),
+];
+
 /// A task's state as stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -175,40 +191,14 @@ pub fn open_writer(path: &Path, full_sync: bool) -> Result<Connection, StoreErro
         [],
         |r| r.get::<_, i64>(0),
     )? > 0;
-    if existed && version < 2 {
-        // Version 1 (before input files): one new column.
-        tracing::info!(
-            "migrating the task store {} to schema version 2",
-            path.display()
-        );
-        conn.execute_batch("ALTER TABLE tasks ADD COLUMN files BLOB")?;
-    }
-    if existed && version < 3 {
-        // Version 2 (before token expiry and revocation): two new columns.
-        tracing::info!(
-            "migrating the task store {} to schema version 3",
-            path.display()
-        );
-        conn.execute_batch(
-            "ALTER TABLE tokens ADD COLUMN expires REAL; ALTER TABLE tokens ADD COLUMN revoked REAL",
-        )?;
-    }
-    if existed && version < 4 {
-        // Version 3: admin rights move from the user to each token (an admin token that
-        // expires or is revoked takes them along). Older tokens keep their user's (NULL).
-        tracing::info!(
-            "migrating the task store {} to schema version 4",
-            path.display()
-        );
-        conn.execute_batch("ALTER TABLE tokens ADD COLUMN admin INTEGER")?;
-    }
-    if existed && version < 5 {
-        // Version 4: idempotency keys remember a hash of their request (FAULTS.md 34).
-        tracing::info!(
-            "migrating the task store {} to schema version 5",
-            path.display()
-        );
-        conn.execute_batch("ALTER TABLE idempotency ADD COLUMN fingerprint TEXT")?;
+    if existed {
+        for (to, sql) in MIGRATIONS.iter().filter(|(to, _)| version < *to) {
+            tracing::info!(
+                "migrating the task store {} to schema version {to}",
+                path.display()
+            );
+            conn.execute_batch(sql)?;
+        }
     }
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
