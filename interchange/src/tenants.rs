@@ -102,21 +102,24 @@ impl Tenants {
 
     /// Accept tasks of `tenant`.
     pub fn submit(&mut self, tenant: &str, tasks: Vec<NewTask>, comm: &mut impl Comm) {
-        let needed: Vec<FunctionId> = tasks.iter().map(|t| t.function).collect();
-        let failed: Vec<(FunctionId, TaskError)> =
-            self.failed.iter().map(|(&f, e)| (f, e.clone())).collect();
-        let defs: Vec<FunctionDef> = needed
+        self.tenant(tenant);
+        let t = self.by_name.get_mut(tenant).expect("made above");
+        // Functions the tenant has not seen yet, each once (a batch usually calls one).
+        let mut new: Vec<FunctionId> = tasks
             .iter()
-            .filter_map(|f| self.functions.get(f).cloned())
+            .map(|task| task.function)
+            .filter(|f| !t.functions.contains(f))
             .collect();
-        let t = self.tenant(tenant);
-        for def in defs {
-            if t.functions.insert(def.id) {
-                let id = def.id;
-                t.ic.add_function(def);
-                if let Some((_, e)) = failed.iter().find(|(f, _)| *f == id) {
-                    t.ic.fail_function(id, e.clone(), comm);
-                }
+        new.sort_unstable();
+        new.dedup();
+        for id in new {
+            let Some(def) = self.functions.get(&id) else {
+                continue; // unknown: the state machine fails its tasks as bad input
+            };
+            t.functions.insert(id);
+            t.ic.add_function(def.clone());
+            if let Some(e) = self.failed.get(&id) {
+                t.ic.fail_function(id, e.clone(), comm);
             }
         }
         t.ic.submit(tasks, comm);
