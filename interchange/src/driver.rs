@@ -557,7 +557,7 @@ fn handle_message(ic: &mut Tenants, now: Instant, m: Incoming, max: usize, out: 
 
 /// Lets through a few warnings per window and counts the rest.
 #[derive(Default)]
-pub(crate) struct RateLimit {
+pub struct RateLimit {
     window_start: Option<Instant>,
     in_window: u32,
     suppressed: u64,
@@ -568,7 +568,7 @@ impl RateLimit {
     const PER_WINDOW: u32 = 10;
 
     /// `Some(suppressed since last allowed)` if this one may be logged.
-    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
         match self.window_start {
             Some(start) if now.duration_since(start) < Self::WINDOW => {}
             _ => {

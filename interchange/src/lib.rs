@@ -25,7 +25,7 @@ pub mod state;
 pub mod tenants;
 pub mod types;
 
-pub use driver::{DriverConfig, Event, Handle};
+pub use driver::{DriverConfig, Event, Handle, RateLimit};
 pub use guard::{CurveServer, Mechanism};
 pub use state::{
     Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer,

@@ -8,11 +8,10 @@
 
 use super::{ApiError, App};
 use crate::config::UsersMode;
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::serve::IncomingStream;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,14 +44,6 @@ impl Caller {
 pub struct SocketPeer {
     /// Its user id (None: the kernel did not say).
     pub uid: Option<u32>,
-}
-
-impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for SocketPeer {
-    fn connect_info(stream: IncomingStream<'_, tokio::net::UnixListener>) -> Self {
-        SocketPeer {
-            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
-        }
-    }
 }
 
 /// Cached token lookups: hash → (caller, when it was looked up).

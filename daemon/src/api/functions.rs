@@ -225,7 +225,7 @@ pub(super) async fn register(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let bytes = read_body(&headers, body, MAX_FUNCTION_BYTES).await?;
+    let bytes = read_body(&app, &headers, body, MAX_FUNCTION_BYTES).await?;
     let p = parse(&app, parse_json(&bytes)?).await?;
     let mut spec = p.spec;
     // Default name: the entry, the ref's qualname, or (shell, mpi) `<kind>-<id>` once the id

@@ -214,8 +214,16 @@ fn json_response(status: StatusCode, v: Value) -> Response {
     (status, axum::Json(v)).into_response()
 }
 
-/// Read a request body, refusing more than `limit` bytes.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// Read a request body, refusing more than `limit` bytes while reading (chunked bodies too):
+/// memory stays within the limit, and a body that pauses longer than `limits.body_timeout_s`
+/// is a 408.
+async fn read_body(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
     let too_large = || {
         ApiError::too_large(format!(
             "the request body exceeds the limit of {} MiB (limits.max_request_mb)",
@@ -229,16 +237,49 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let mut cause: Option<&dyn std::error::Error> = Some(&e);
-        while let Some(c) = cause {
-            if c.to_string().contains("length limit") {
-                return too_large();
+    // Reserve once what the client declared, or else the limit: address space only, as pages
+    // are resident once written. Growing by doubling would leave every smaller copy resident
+    // in the allocator for a while: twice the body's size or more. If the reservation fails
+    // (strict overcommit), the buffer grows as it fills instead.
+    let mut buf: Vec<u8> = Vec::new();
+    let _ = buf.try_reserve_exact(declared.map_or(limit, |n| n as usize));
+    let mut body = body;
+    let pause = app.limits.body_timeout;
+    loop {
+        let frame = match tokio::time::timeout(pause, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!(
+                        "the request body paused for more than {} s (limits.body_timeout_s) \
+                         after {} bytes",
+                        pause.as_secs_f64(),
+                        buf.len()
+                    ),
+                ))
             }
-            cause = c.source();
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad(format!("cannot read the request body: {e}")))
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let need = buf.len() + data.len();
+        if need > limit {
+            return Err(too_large());
         }
-        ApiError::bad(format!("cannot read the request body: {e}"))
-    })
+        if need > buf.capacity() {
+            // Double, but never past the limit: the buffer never holds more than it allows.
+            let want = need.max(buf.capacity() * 2).min(limit);
+            buf.reserve_exact(want - buf.len());
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {

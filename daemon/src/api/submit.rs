@@ -6,7 +6,7 @@ use super::{json_response, read_body, ApiError, ApiResult, App, Caller, MSGPACK}
 use crate::records::{unb64, FunctionRow};
 use crate::signature::{self, Signature};
 use crate::store::writer::{Cmd, TaskInput};
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use fnx_protocol::{Encoding, FileSource, FunctionId, Payload, TaskFile};
@@ -418,11 +418,7 @@ fn file_from_json(j: usize, f: Value) -> Result<RawFile, String> {
     Ok((name.to_string(), source))
 }
 
-fn parse_submit(headers: &HeaderMap, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
-    let is_msgpack = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with(MSGPACK));
+fn parse_submit(is_msgpack: bool, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
     if is_msgpack {
         let body: MsgpackSubmit = rmp_serde::from_slice(bytes).map_err(|e| {
             ApiError::bad(format!(
@@ -495,8 +491,78 @@ fn parse_submit(headers: &HeaderMap, bytes: &[u8]) -> Result<Vec<Raw>, ApiError>
 
 /// The body as JSON text checked to be valid.
 fn parse_json_raw(bytes: &[u8]) -> Result<Box<RawValue>, ApiError> {
+    // serde_json skips the values it keeps as text without a depth limit, at a byte of
+    // memory per level: `[[[[...` of 256 MiB would cost 2.5 times its size.
+    if let Some(at) = nested_deeper_than(bytes, MAX_JSON_DEPTH) {
+        return Err(ApiError::bad(format!(
+            "the body is not valid JSON here: it nests arrays and objects deeper than \
+             {MAX_JSON_DEPTH} levels (at byte {at})"
+        )));
+    }
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))
+}
+
+/// Parse a submit body and check each of its tasks.
+fn check_submit(
+    app: &App,
+    caller: &Caller,
+    is_msgpack: bool,
+    bytes: Bytes,
+) -> Result<Vec<TaskInput>, ApiError> {
+    let raws = parse_submit(is_msgpack, &bytes)?;
+    drop(bytes);
+    let max = app.limits.max_tasks_per_request;
+    if raws.len() > max {
+        return Err(ApiError::too_large(format!(
+            "{} tasks in one request; the limit is {max} (limits.max_tasks_per_request)",
+            raws.len()
+        )));
+    }
+    if raws.is_empty() {
+        return Err(ApiError::bad("tasks: must hold at least one task"));
+    }
+    let mut checker = Checker {
+        app,
+        caller,
+        functions: HashMap::new(),
+    };
+    raws.into_iter()
+        .enumerate()
+        .map(|(i, r)| checker.check(i, r))
+        .collect()
+}
+
+/// How deep a request's JSON may nest.
+const MAX_JSON_DEPTH: usize = 128;
+
+/// The offset at which `text` nests arrays and objects deeper than `max`, found in one pass
+/// (strings and their escapes are skipped).
+fn nested_deeper_than(text: &[u8], max: usize) -> Option<usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (at, &b) in text.iter().enumerate() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Some(at);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 pub(super) async fn submit(
@@ -526,7 +592,7 @@ pub(super) async fn submit(
             Some(k.to_string())
         }
     };
-    let bytes = read_body(&headers, body, app.limits.max_request_bytes).await?;
+    let bytes = read_body(&app, &headers, body, app.limits.max_request_bytes).await?;
     // What the key stands for: this very request (its media type and body).
     let key = key.map(|k| {
         let ctype = headers
@@ -537,28 +603,16 @@ pub(super) async fn submit(
         fp.push_str(&crate::auth::hash_bytes(&bytes));
         (k, fp)
     });
-    let raws = parse_submit(&headers, &bytes)?;
-    drop(bytes);
-    let max = app.limits.max_tasks_per_request;
-    if raws.len() > max {
-        return Err(ApiError::too_large(format!(
-            "{} tasks in one request; the limit is {max} (limits.max_tasks_per_request)",
-            raws.len()
-        )));
-    }
-    if raws.is_empty() {
-        return Err(ApiError::bad("tasks: must hold at least one task"));
-    }
-    let mut checker = Checker {
-        app: &app,
-        caller: &caller,
-        functions: HashMap::new(),
-    };
-    let tasks = raws
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| checker.check(i, r))
-        .collect::<Result<Vec<_>, _>>()?;
+    let is_msgpack = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(MSGPACK));
+    // Parsing and checking are linear, but a request may hold 10,000 tasks: off the HTTP
+    // threads, so that other requests keep their latency.
+    let (a, who) = (app.clone(), caller.clone());
+    let tasks = tokio::task::spawn_blocking(move || check_submit(&a, &who, is_msgpack, bytes))
+        .await
+        .map_err(|e| ApiError::unavailable(format!("checking the request failed: {e}")))??;
     let (tx, rx) = tokio::sync::oneshot::channel();
     app.send(Cmd::Submit {
         owner: caller.user,
@@ -578,4 +632,22 @@ pub(super) async fn submit(
         );
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nested_deeper_than;
+
+    #[test]
+    fn depth_counts_arrays_and_objects_outside_strings() {
+        assert_eq!(nested_deeper_than(b"[[1],{\"a\":[2]}]", 3), None);
+        assert_eq!(nested_deeper_than(b"[[[1]]]", 2), Some(2));
+        // Brackets inside strings, escaped quotes included, do not count.
+        assert_eq!(
+            nested_deeper_than(br#"["[[[[", "\"[[[[", {"k": "}}]]"}]"#, 2),
+            None
+        );
+        let deep = vec![b'['; 1 << 20];
+        assert_eq!(nested_deeper_than(&deep, 128), Some(128));
+    }
 }

@@ -89,7 +89,7 @@ async fn tasks_of_request(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Vec<u64>, Vec<TaskRow>), ApiError> {
-    let bytes = read_body(headers, body, 16 << 20).await?;
+    let bytes = read_body(app, headers, body, 16 << 20).await?;
     let ids = ids_of(&parse_json(&bytes)?)?;
     let keys: Vec<TaskId> = ids.iter().map(|&i| TaskId(i)).collect();
     let rows = blocking(app, move |a| a.reader.tasks(&keys)).await?;

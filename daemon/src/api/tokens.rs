@@ -45,7 +45,7 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let v = parse_json(&read_body(&headers, body, 64 << 10).await?)?;
+    let v = parse_json(&read_body(&app, &headers, body, 64 << 10).await?)?;
     let Value::Object(m) = &v else {
         return Err(ApiError::bad("the body must be a JSON object"));
     };

@@ -166,6 +166,10 @@ struct RawLimits {
     max_payload_mb: Option<f64>,
     max_result_mb: Option<f64>,
     max_queued_per_user: Option<u64>,
+    max_connections: Option<usize>,
+    max_connections_per_peer: Option<usize>,
+    idle_timeout_s: Option<f64>,
+    body_timeout_s: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -217,6 +221,16 @@ pub struct Limits {
     pub max_result_bytes: u64,
     /// Most unfinished tasks of one user.
     pub max_queued_per_user: u64,
+    /// Most open API connections (TCP and the local socket together).
+    pub max_connections: usize,
+    /// Most open API connections from one peer (an IP address, or a uid on the socket).
+    pub max_connections_per_peer: usize,
+    /// A connection with no complete request head this long after it opened or after its last
+    /// answer is closed (idle keep-alive connections, and clients that stall mid-header).
+    pub idle_timeout: Duration,
+    /// The longest pause while a request body arrives, or while an answer is written to a
+    /// client that does not read it.
+    pub body_timeout: Duration,
 }
 
 /// Interchange settings shared by every pool.
@@ -358,13 +372,46 @@ pub(crate) struct Problems(pub(crate) Vec<String>);
 impl Problems {
     pub(crate) fn secs(&mut self, key: &str, v: Option<f64>, default: f64, min: f64) -> Duration {
         let v = v.unwrap_or(default);
-        if !v.is_finite() || v < min {
-            self.0.push(format!(
-                "{key}: must be a number of seconds ≥ {min}, got {v}"
-            ));
-            return Duration::from_secs_f64(default);
+        // Above a billion seconds (31 years) is a mistake, and would overflow a deadline.
+        match Duration::try_from_secs_f64(v) {
+            Ok(d) if v >= min && v <= 1e9 => d,
+            _ => {
+                self.0.push(format!(
+                    "{key}: must be a number of seconds from {min} to 1e9, got {v}"
+                ));
+                Duration::from_secs_f64(default)
+            }
         }
-        Duration::from_secs_f64(v)
+    }
+
+    /// Seconds in `[min, max]`: values the daemon waits for, where a huge one is a mistake.
+    fn secs_at_most(
+        &mut self,
+        key: &str,
+        v: Option<f64>,
+        default: f64,
+        min: f64,
+        max: f64,
+    ) -> Duration {
+        match v {
+            Some(x) if x.is_finite() && x > max => {
+                self.0
+                    .push(format!("{key}: must be at most {max} s, got {x}"));
+                Duration::from_secs_f64(default)
+            }
+            _ => self.secs(key, v, default, min),
+        }
+    }
+
+    /// A count of at least 1.
+    fn count(&mut self, key: &str, v: Option<usize>, default: usize) -> usize {
+        match v {
+            Some(0) => {
+                self.0.push(format!("{key}: must be at least 1"));
+                default
+            }
+            v => v.unwrap_or(default),
+        }
     }
 
     fn mb(&mut self, key: &str, v: Option<f64>, default: f64) -> u64 {
@@ -434,6 +481,14 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
         max_payload_bytes: p.mb("limits.max_payload_mb", l.max_payload_mb, 10.0) as usize,
         max_result_bytes: p.mb("limits.max_result_mb", l.max_result_mb, 10.0),
         max_queued_per_user: l.max_queued_per_user.unwrap_or(2_000_000),
+        max_connections: p.count("limits.max_connections", l.max_connections, 1024),
+        max_connections_per_peer: p.count(
+            "limits.max_connections_per_peer",
+            l.max_connections_per_peer,
+            256,
+        ),
+        idle_timeout: p.secs_at_most("limits.idle_timeout_s", l.idle_timeout_s, 30.0, 0.1, 3600.0),
+        body_timeout: p.secs_at_most("limits.body_timeout_s", l.body_timeout_s, 30.0, 0.1, 3600.0),
     };
     let i = raw.interchange;
     let interchange = InterchangeConfig {
@@ -702,6 +757,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("pools.g.cpu_affinity"), "{err}");
+    }
+
+    #[test]
+    fn connection_limits_and_huge_durations_are_checked_not_panics() {
+        let c = parse("").unwrap();
+        assert_eq!(c.limits.max_connections, 1024);
+        assert_eq!(c.limits.max_connections_per_peer, 256);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(30));
+        assert_eq!(c.limits.body_timeout, Duration::from_secs(30));
+        let err = parse(
+            "[limits]\nmax_connections = 0\nidle_timeout_s = 7200\nbody_timeout_s = 1e300\n\
+             [store]\nprune_interval_s = 1e300\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "limits.max_connections: must be at least 1",
+            "limits.idle_timeout_s: must be at most 3600 s",
+            "limits.body_timeout_s: must be at most 3600 s",
+            "store.prune_interval_s: must be a number of seconds from 0.1 to 1e9",
+        ] {
+            assert!(err.contains(key), "{key} not in {err}");
+        }
     }
 
     #[test]

@@ -1,0 +1,192 @@
+"""A hostile but unprivileged API client against the daemon (issue 12, FAULTS 29 and 33):
+stalled and idle connections, connection caps, descriptor exhaustion, huge chunked bodies and
+bodies that stop half way. Each test checks what a client sees (a status and an error code),
+what the admin's log says, and that the daemon serves again afterwards."""
+
+from __future__ import annotations
+
+import resource
+import socket
+import time
+
+from conftest import wait_for
+from daemon_env import NOOP
+
+HEALTH = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def connect(d, timeout: float = 5.0) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=timeout)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def answer_of(s: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the daemon sends until it closes the connection or `timeout` passes."""
+    s.settimeout(timeout)
+    out = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+            if b"\r\n\r\n" in out and b'"}}' in out:
+                break
+    except (socket.timeout, ConnectionResetError):
+        pass
+    return out
+
+
+def closed_by_daemon(s: socket.socket, timeout: float) -> bool:
+    """True if the daemon closes `s` (EOF or reset) within `timeout` seconds."""
+    s.settimeout(timeout)
+    try:
+        while s.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def health_status(d) -> int:
+    s = connect(d)
+    try:
+        s.sendall(HEALTH)
+        head = answer_of(s, 5.0).split(b"\r\n", 1)[0]
+        return int(head.split()[1]) if head.startswith(b"HTTP/1.1") else 0
+    finally:
+        s.close()
+
+
+def test_fault_33_stalled_and_idle_connections_are_closed_and_capped_per_peer(make_daemon):
+    d = make_daemon(limits={"max_connections_per_peer": 20, "idle_timeout_s": 2,
+                            "body_timeout_s": 2})
+    # Twenty connections that send one byte of a request head and stall.
+    stalled = [connect(d) for _ in range(20)]
+    for s in stalled:
+        s.sendall(b"G")
+    # The peer is at its cap: the 21st connection gets 503 with Retry-After at once.
+    t0 = time.monotonic()
+    s = connect(d)
+    answer = answer_of(s, 5.0)
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert b"Retry-After: 1" in answer and b"too_many_connections" in answer, answer
+    assert time.monotonic() - t0 < 3, "the refusal must not wait for a stalled connection"
+    # Another peer (the local socket, keyed by uid) is not affected.
+    r = d.api("GET", "/v1/health", token=None, socket_path=d.home / "fnx.sock")
+    assert r.status == 200, r
+    # The stalled connections are closed after the idle timeout (2 s), and TCP serves again.
+    for s in stalled:
+        assert closed_by_daemon(s, 10.0), "a stalled connection stayed open past idle_timeout_s"
+        s.close()
+    assert health_status(d) == 200
+    # An idle keep-alive connection is closed too, after it was served once.
+    s = connect(d)
+    s.sendall(HEALTH)
+    assert answer_of(s, 5.0).startswith(b"HTTP/1.1 200")
+    assert closed_by_daemon(s, 10.0), "an idle keep-alive connection was never closed"
+    s.close()
+    log = d.log_since_start()
+    assert "connections from 127.0.0.1 are open (limits.max_connections_per_peer = 20)" in log, \
+        d.log_tail()
+
+
+def test_fault_29_descriptor_exhaustion_answers_503_and_recovers(make_daemon, fnx_env):
+    d = make_daemon(limits={"idle_timeout_s": 3})
+    fid = d.register(NOOP)
+    ids = d.submit([{"function": fid, "args": [i]} for i in range(200)])
+    d.wait_all(ids)
+    # The open-file limit drops to 256 while the daemon runs (an administrator's `prlimit`).
+    soft, hard = resource.prlimit(d.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (256, hard))
+    held = []
+    try:
+        for _ in range(300):
+            s = connect(d)
+            s.sendall(b"G")
+            held.append(s)
+        # Out of descriptors: clients the daemon cannot serve are answered 503, not left
+        # hanging in the listen backlog until they time out.
+        answers = [answer_of(s, 0.5) for s in held]
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert refused, {a[:40] for a in answers}
+        assert all(b"Retry-After: 1" in a for a in refused)
+        log = d.log_since_start()
+        assert "Too many open files" in log and "refusing new connections with 503" in log, \
+            d.log_tail()
+        # The limit is raised again and the stalled clients are closed by the idle timeout:
+        # the daemon serves, and runs tasks, as before.
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        wait_for(lambda: health_status(d) == 200, 20, "health 200 after the stalled clients")
+        ids = d.submit([{"function": fid, "args": [i]} for i in range(200)])
+        assert {t["state"] for t in d.wait_all(ids).values()} == {"success"}
+    finally:
+        for s in held:
+            s.close()
+        resource.prlimit(d.pid, resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def vm_hwm_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_fault_33_chunked_gigabyte_body_is_cut_at_the_limit_with_bounded_memory(make_daemon):
+    limit_mib = 64
+    d = make_daemon(limits={"max_request_mb": limit_mib})
+    # Warm up with small requests (reader connections, threads), then measure the peak.
+    fid = d.register(NOOP)
+    d.wait_all(d.submit([{"function": fid, "args": [1]}]))
+    assert d.api("POST", "/v1/tasks", b"[" * 4096).status == 400
+    before = vm_hwm_kib(d.pid)
+    s = connect(d, timeout=10)
+    s.sendall(b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + d.token.encode()
+              + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n%s\r\n" % (1 << 20, b"[" * (1 << 20))
+    sent = 0
+    try:
+        while sent < 1 << 30:  # 1 GiB, unless the daemon stops reading first
+            s.sendall(chunk)
+            sent += 1 << 20
+    except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        pass
+    answer = answer_of(s, 10.0)
+    s.close()
+    assert sent < 4 * limit_mib << 20, f"the daemon read {sent >> 20} MiB of a {limit_mib} MiB body"
+    assert answer.startswith(b"HTTP/1.1 413") and b"payload_too_large" in answer \
+        and b"limits.max_request_mb" in answer, answer[:300]
+    # The body is read into one buffer of at most the limit (no copies as it grows).
+    grew_mib = (vm_hwm_kib(d.pid) - before) / 1024
+    assert grew_mib < limit_mib + 16, \
+        f"daemon peak memory grew by {grew_mib:.0f} MiB for a {limit_mib} MiB limit"
+    assert health_status(d) == 200
+
+
+def test_fault_33_a_body_that_stops_half_way_is_408_after_body_timeout(make_daemon):
+    d = make_daemon(limits={"body_timeout_s": 1})
+    s = connect(d, timeout=10)
+    s.sendall(b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + d.token.encode()
+              + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n[{\"functi")
+    t0 = time.monotonic()
+    answer = answer_of(s, 10.0)
+    waited = time.monotonic() - t0
+    s.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer \
+        and b"limits.body_timeout_s" in answer, answer[:300]
+    assert 0.9 < waited < 8, waited
+    assert d.task_count() == 0
+
+
+def test_fault_33_deeply_nested_json_is_refused_before_it_is_parsed(daemon):
+    before = vm_hwm_kib(daemon.pid)
+    r = daemon.api("POST", "/v1/tasks", b"[" * (32 << 20))
+    assert r.status == 400 and "deeper than 128 levels" in r.body["error"]["message"], r
+    # Skipping 32 MiB of `[` used to cost a byte per level on top of the body.
+    grew_mib = (vm_hwm_kib(daemon.pid) - before) / 1024
+    assert grew_mib < 32 + 16, f"daemon peak memory grew by {grew_mib:.0f} MiB"
