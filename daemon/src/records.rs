@@ -30,6 +30,8 @@ pub struct TaskRow {
     pub seq: Option<u64>,
     /// Outcome, once terminal.
     pub outcome: Option<Outcome>,
+    /// The outcome exists but was left out: the answer had reached its size limit.
+    pub omitted: bool,
 }
 
 /// A function as stored: its API record (`spec`, JSON) plus bookkeeping columns.
@@ -80,6 +82,9 @@ pub struct TaskJson<'a> {
     /// Why a queued task waits (its pool is marked failed).
     #[serde(skip_serializing_if = "Option::is_none")]
     waiting: Option<String>,
+    /// Why the result or error is missing from a finished task's record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    omitted: Option<&'static str>,
 }
 
 impl TaskJson<'_> {
@@ -91,6 +96,10 @@ impl TaskJson<'_> {
         self
     }
 }
+
+/// What a record says when its outcome did not fit in the answer.
+pub const OMITTED: &str = "the answer reached its size limit (limits.max_answer_mb); ask for \
+                           this task again";
 
 /// A successful result: JSON inline (the worker's text, not re-parsed), pickle as base64.
 #[derive(Serialize)]
@@ -144,6 +153,7 @@ impl TaskRow {
             result,
             error,
             waiting: None,
+            omitted: self.omitted.then_some(OMITTED),
         }
     }
 

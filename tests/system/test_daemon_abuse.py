@@ -190,3 +190,58 @@ def test_fault_33_deeply_nested_json_is_refused_before_it_is_parsed(daemon):
     # Skipping 32 MiB of `[` used to cost a byte per level on top of the body.
     grew_mib = (vm_hwm_kib(daemon.pid) - before) / 1024
     assert grew_mib < 32 + 16, f"daemon peak memory grew by {grew_mib:.0f} MiB"
+
+
+BIG = {"kind": "python", "entry": "big", "source": "def big(n):\n    return 'x' * n\n"}
+
+
+def test_fault_33_results_pages_and_status_answers_are_capped_in_bytes(make_daemon):
+    d = make_daemon(limits={"max_answer_mb": 1, "max_result_mb": 2})
+    fid = d.register(BIG)
+    ids = d.submit([{"function": fid, "args": [600_000]} for _ in range(5)])
+    d.wait_all(ids)  # the wait itself reads status answers: it must get through them
+    # A results page ends before the result that would pass 1 MiB; its cursor continues.
+    cursor, pages, seen = 0, 0, []
+    while len(seen) < 5:
+        r = d.api("GET", f"/v1/results?since={cursor}&limit=100")
+        assert r.status == 200 and r.body["results"], r
+        assert len(r.body["results"]) == 1, "two 600 kB results exceed a 1 MiB answer"
+        seen += [x["id"] for x in r.body["results"]]
+        cursor, pages = r.body["cursor"], pages + 1
+    assert sorted(seen) == sorted(ids) and pages == 5
+    # A status answer carries the first result whole and says why the others are missing.
+    r = d.api("POST", "/v1/tasks/status", {"ids": ids})
+    tasks = r.body["tasks"]
+    assert [t["state"] for t in tasks] == ["success"] * 5
+    assert "result" in tasks[0] and "omitted" not in tasks[0]
+    for t in tasks[1:]:
+        assert "result" not in t and "limits.max_answer_mb" in t["omitted"], t
+    # The SDK asks again for what was omitted: every value arrives.
+    values = d.client().get_results(ids, timeout=30)
+    assert values == ["x" * 600_000] * 5
+
+
+def test_fault_33_a_client_that_does_not_read_its_answer_is_cut_off(make_daemon):
+    d = make_daemon(limits={"max_answer_mb": 64, "max_result_mb": 8, "body_timeout_s": 1})
+    fid = d.register(BIG)
+    ids = d.submit([{"function": fid, "args": [6 << 20]} for _ in range(4)])
+    d.wait_all(ids)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", d.port))
+    s.sendall(b"GET /v1/results?since=0&limit=100 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+              + d.token.encode() + b"\r\n\r\n")
+    time.sleep(4)  # the daemon's writes stall; after body_timeout_s it gives up
+    data = b""
+    s.settimeout(10)
+    try:
+        while chunk := s.recv(1 << 20):
+            data += chunk
+    except (socket.timeout, ConnectionResetError):
+        pass
+    s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    assert length > 24 << 20 and len(body) < length, (length, len(body))
+    assert health_status(d) == 200

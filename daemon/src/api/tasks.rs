@@ -83,16 +83,18 @@ fn ids_of(v: &Value) -> Result<Vec<u64>, ApiError> {
     Ok(ids)
 }
 
-/// The `ids` of a request body, and those of the tasks that exist.
+/// The `ids` of a request body, and those of the tasks that exist, with outcomes adding up to
+/// at most `max_bytes`.
 async fn tasks_of_request(
     app: &Arc<App>,
     headers: &HeaderMap,
     body: Body,
+    max_bytes: u64,
 ) -> Result<(Vec<u64>, Vec<TaskRow>), ApiError> {
     let bytes = read_body(app, headers, body, 16 << 20).await?;
     let ids = ids_of(&parse_json(&bytes)?)?;
     let keys: Vec<TaskId> = ids.iter().map(|&i| TaskId(i)).collect();
-    let rows = blocking(app, move |a| a.reader.tasks(&keys)).await?;
+    let rows = blocking(app, move |a| a.reader.tasks_within(&keys, max_bytes)).await?;
     Ok((ids, rows))
 }
 
@@ -102,7 +104,7 @@ pub(super) async fn status_many(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let (ids, rows) = tasks_of_request(&app, &headers, body).await?;
+    let (ids, rows) = tasks_of_request(&app, &headers, body, app.limits.max_answer_bytes).await?;
     let by_id: HashMap<u64, &TaskRow> = rows
         .iter()
         .filter(|r| caller.may_see(&r.owner))
@@ -169,7 +171,7 @@ pub(super) async fn cancel_many(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let (_, rows) = tasks_of_request(&app, &headers, body).await?;
+    let (_, rows) = tasks_of_request(&app, &headers, body, 0).await?;
     let mut per_pool: HashMap<&str, Vec<TaskId>> = HashMap::new();
     for r in rows
         .iter()
@@ -292,7 +294,8 @@ pub(super) async fn results(
     let rows = loop {
         let seen = *app.shared.seq.borrow();
         let user = caller.user.clone();
-        let rows = blocking(&app, move |a| a.reader.results(&user, since, limit)).await?;
+        let max = app.limits.max_answer_bytes;
+        let rows = blocking(&app, move |a| a.reader.results(&user, since, limit, max)).await?;
         if !rows.is_empty() || Instant::now() >= until {
             break rows;
         }

@@ -166,6 +166,7 @@ struct RawLimits {
     max_payload_mb: Option<f64>,
     max_result_mb: Option<f64>,
     max_queued_per_user: Option<u64>,
+    max_answer_mb: Option<f64>,
     max_connections: Option<usize>,
     max_connections_per_peer: Option<usize>,
     idle_timeout_s: Option<f64>,
@@ -221,6 +222,9 @@ pub struct Limits {
     pub max_result_bytes: u64,
     /// Most unfinished tasks of one user.
     pub max_queued_per_user: u64,
+    /// Results and outcomes one answer carries (a results page, a status answer): at least
+    /// one task, then up to this many bytes of results.
+    pub max_answer_bytes: u64,
     /// Most open API connections (TCP and the local socket together).
     pub max_connections: usize,
     /// Most open API connections from one peer (an IP address, or a uid on the socket).
@@ -481,6 +485,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
         max_payload_bytes: p.mb("limits.max_payload_mb", l.max_payload_mb, 10.0) as usize,
         max_result_bytes: p.mb("limits.max_result_mb", l.max_result_mb, 10.0),
         max_queued_per_user: l.max_queued_per_user.unwrap_or(2_000_000),
+        max_answer_bytes: p.mb("limits.max_answer_mb", l.max_answer_mb, 32.0),
         max_connections: p.count("limits.max_connections", l.max_connections, 1024),
         max_connections_per_peer: p.count(
             "limits.max_connections_per_peer",

@@ -286,6 +286,7 @@ fn row_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
         finished: r.get(7)?,
         seq: r.get::<_, Option<i64>>(8)?.map(|s| s as u64),
         outcome: outcome.and_then(|b| rmp_serde::from_slice::<Outcome>(&b).ok()),
+        omitted: false,
     })
 }
 
@@ -360,30 +361,81 @@ impl Reader {
 
     /// Many tasks (missing ones are left out).
     pub fn tasks(&self, ids: &[TaskId]) -> Result<Vec<TaskRow>, StoreError> {
+        self.tasks_within(ids, u64::MAX)
+    }
+
+    /// Tasks by id, with outcomes until they add up to `max_bytes` (the first is always
+    /// whole); later outcomes are not read and their rows say `omitted`.
+    pub fn tasks_within(&self, ids: &[TaskId], max_bytes: u64) -> Result<Vec<TaskRow>, StoreError> {
         let c = self.get()?;
-        let mut st =
-            c.prepare_cached(&format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?1"))?;
-        let mut out = Vec::with_capacity(ids.len());
+        // The outcome only if it fits what is left; its length (from the record header) always.
+        let mut st = c.prepare_cached(
+            "SELECT id, owner, function, pool, state, attempt, submitted, finished, seq,
+                    CASE WHEN length(outcome) <= ?2 THEN outcome END, length(outcome)
+             FROM tasks WHERE id = ?1",
+        )?;
+        let mut out = Vec::with_capacity(ids.len().min(10_000));
+        let mut left = max_bytes;
         for id in ids {
-            if let Some(t) = st.query_row([id.0 as i64], row_task).optional()? {
+            let room = if out.is_empty() {
+                i64::MAX
+            } else {
+                left.min(i64::MAX as u64) as i64
+            };
+            let row = st
+                .query_row(params![id.0 as i64, room], |r| {
+                    let len: Option<i64> = r.get(10)?;
+                    let mut t = row_task(r)?;
+                    t.omitted = len.is_some() && r.get_ref(9)?.as_blob_or_null()?.is_none();
+                    Ok((t, len.unwrap_or(0) as u64))
+                })
+                .optional()?;
+            if let Some((t, len)) = row {
+                if !t.omitted {
+                    left = left.saturating_sub(len);
+                }
                 out.push(t);
             }
         }
         Ok(out)
     }
 
-    /// A user's finished tasks with `seq > since`, in completion order.
+    /// A user's finished tasks with `seq > since`, in completion order: at most `limit`, and
+    /// outcomes adding up to about `max_bytes` (at least one task; the page ends before the
+    /// task that would pass the limit, and the next page starts with it).
     pub fn results(
         &self,
         owner: &str,
         since: u64,
         limit: usize,
+        max_bytes: u64,
     ) -> Result<Vec<TaskRow>, StoreError> {
         let c = self.get()?;
+        // First the sizes (record headers only), then the rows that fit.
+        let mut sizes = c.prepare_cached(
+            "SELECT seq, length(outcome) FROM tasks WHERE owner = ?1 AND seq > ?2
+             ORDER BY seq LIMIT ?3",
+        )?;
+        let mut last = None;
+        let mut total = 0u64;
+        let mut rows = sizes.query(params![owner, since as i64, limit as i64])?;
+        while let Some(r) = rows.next()? {
+            let seq: i64 = r.get(0)?;
+            total += r.get::<_, Option<i64>>(1)?.unwrap_or(0) as u64;
+            if last.is_some() && total > max_bytes {
+                break;
+            }
+            last = Some(seq);
+        }
+        drop(rows);
+        let Some(last) = last else {
+            return Ok(Vec::new());
+        };
         let mut st = c.prepare_cached(&format!(
-            "SELECT {TASK_COLUMNS} FROM tasks WHERE owner = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE owner = ?1 AND seq > ?2 AND seq <= ?3
+             ORDER BY seq"
         ))?;
-        let rows = st.query_map(params![owner, since as i64, limit as i64], row_task)?;
+        let rows = st.query_map(params![owner, since as i64, last], row_task)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

@@ -651,11 +651,14 @@ class Client:
         done = {}
         pending = list(dict.fromkeys(task_ids))
         while pending:
+            omitted = False
             for record in self.tasks_status(pending):
-                if record.get("state") in TERMINAL or record.get("state") == "unknown":
+                if record.get("omitted"):
+                    omitted = True  # finished, but its result did not fit in this answer
+                elif record.get("state") in TERMINAL or record.get("state") == "unknown":
                     done[record["id"]] = record
             pending = [t for t in pending if t not in done]
-            if pending:  # long-poll on the first one, then look at all again
+            if pending and not omitted:  # long-poll on the first one, then look at all again
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError("%d of %d tasks not finished after %gs"
