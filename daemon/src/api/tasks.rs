@@ -113,7 +113,7 @@ pub(super) async fn status_many(
     #[derive(Serialize)]
     #[serde(untagged)]
     enum Item<'a> {
-        Known(crate::records::TaskJson<'a>),
+        Known(Box<crate::records::TaskJson<'a>>),
         Unknown { id: u64, state: &'static str },
     }
     let mut fetched = Vec::new();
@@ -124,7 +124,9 @@ pub(super) async fn status_many(
                 if r.state.is_terminal() && r.owner == caller.user {
                     fetched.push(r.id);
                 }
-                Item::Known(r.record(false).waiting(app.waiting(&r.pool, r.function)))
+                Item::Known(Box::new(
+                    r.record(false).waiting(app.waiting(&r.pool, r.function)),
+                ))
             }
             None => Item::Unknown {
                 id,
