@@ -5,8 +5,9 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// How a parameter can be passed (Python's `inspect.Parameter.kind`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,27 +74,107 @@ if a.kwarg:
 print(json.dumps({"params": out}))
 "#;
 
+/// The longest a signature reading may take.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The address space a signature reader may use.
+pub const READ_MEMORY_BYTES: u64 = 1 << 30;
+/// How much of a reader's output is read.
+const MAX_OUTPUT: u64 = 4 << 20;
+
 /// Read the signature of `entry` in `source` with `python`. `Err` is a message for the user
-/// (syntax error with its line, entry not found) or names the interpreter that failed.
+/// (syntax error with its line, entry not found, the reading took too long or too much
+/// memory) or names the interpreter that failed.
 pub fn from_python_source(python: &str, source: &str, entry: &str) -> Result<Signature, String> {
-    let mut child = Command::new(python)
-        .args(["-I", "-c", READ_SIGNATURE])
+    read_bounded(python, source, entry, READ_TIMEOUT, READ_MEMORY_BYTES)
+}
+
+/// [`from_python_source`] with its bounds: the reader is killed after `timeout`, and its
+/// address space is limited to `memory` bytes.
+fn read_bounded(
+    python: &str,
+    source: &str,
+    entry: &str,
+    timeout: Duration,
+    memory: u64,
+) -> Result<Signature, String> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(python);
+    cmd.args(["-I", "-c", READ_SIGNATURE])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    let cpu = timeout.as_secs() + 1;
+    // SAFETY: setrlimit is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = |what, n: u64| {
+                let l = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(what, &l) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            };
+            limit(libc::RLIMIT_AS, memory)?;
+            limit(libc::RLIMIT_CPU, cpu)
+        });
+    }
+    let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run {python} to read the function's signature: {e}"))?;
     let req = serde_json::json!({"source": source, "entry": entry}).to_string();
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(req.as_bytes());
+    let stdin = child.stdin.take();
+    let writer = std::thread::spawn(move || {
+        if let Some(mut stdin) = stdin {
+            let _ = stdin.write_all(req.as_bytes());
+        }
+    });
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let reader = std::thread::spawn(move || {
+        let mut out = (Vec::new(), Vec::new());
+        if let Some(s) = stdout {
+            let _ = s.take(MAX_OUTPUT).read_to_end(&mut out.0);
+        }
+        if let Some(s) = stderr {
+            let _ = s.take(64 << 10).read_to_end(&mut out.1);
+        }
+        out
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    let _ = writer.join();
+    let (stdout, stderr) = reader.join().unwrap_or_default();
+    let Some(status) = status else {
+        return Err(format!(
+            "reading the function's signature took longer than {} s; the source is too large \
+             or too complex to register",
+            timeout.as_secs_f64()
+        ));
+    };
+    let stderr = String::from_utf8_lossy(&stderr);
+    if stderr.contains("MemoryError") {
+        return Err(format!(
+            "reading the function's signature needed more than {} MiB of memory; the source \
+             is too large or too complex to register",
+            memory >> 20
+        ));
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("cannot read the signature from {python}: {e}"))?;
-    let v: Value = serde_json::from_slice(&out.stdout).map_err(|_| {
+    let v: Value = serde_json::from_slice(&stdout).map_err(|_| {
         format!(
-            "{python} could not read the function's signature: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+            "{python} could not read the function's signature ({status}): {}",
+            stderr.trim()
         )
     })?;
     if let Some(err) = v.get("error").and_then(Value::as_str) {
@@ -292,6 +373,50 @@ mod tests {
                 ("z", ParamKind::KeywordOnly, None),
             ]
         );
+    }
+
+    /// A stand-in interpreter: a shell script that ignores its arguments.
+    fn fake_python(dir: &std::path::Path, body: &str) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("python");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path.display().to_string()
+    }
+
+    #[test]
+    fn a_reader_that_hangs_is_killed_at_its_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let python = fake_python(dir.path(), "exec sleep 30");
+        let t0 = Instant::now();
+        let e = read_bounded(
+            &python,
+            "def f(): pass",
+            "f",
+            Duration::from_millis(300),
+            1 << 30,
+        )
+        .unwrap_err();
+        assert!(e.contains("took longer than 0.3 s"), "{e}");
+        assert!(t0.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_reader_is_held_to_its_memory_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        // The real interpreter, asked to allocate 2 GiB under a 256 MiB limit.
+        let python = fake_python(dir.path(), "exec python3 -c 'bytearray(2 << 30)'");
+        let e = read_bounded(&python, "", "f", Duration::from_secs(10), 256 << 20).unwrap_err();
+        assert!(e.contains("more than 256 MiB of memory"), "{e}");
+    }
+
+    #[test]
+    fn a_large_output_does_not_block_the_reader() {
+        // 20,000 parameters: the answer is larger than a pipe's buffer.
+        let params: Vec<String> = (0..20_000).map(|i| format!("p{i}")).collect();
+        let source = format!("def f({}):\n    pass\n", params.join(", "));
+        let s = from_python_source("python3", &source, "f").unwrap();
+        assert_eq!(s.params.len(), 20_000);
     }
 
     #[test]

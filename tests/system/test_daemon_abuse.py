@@ -9,8 +9,11 @@ import resource
 import socket
 import time
 
-from conftest import wait_for
-from daemon_env import NOOP
+import os
+import threading
+
+from conftest import read_proc, wait_for
+from daemon_env import NOOP, error_of, in_thread
 
 HEALTH = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -245,3 +248,37 @@ def test_fault_33_a_client_that_does_not_read_its_answer_is_cut_off(make_daemon)
                       if line.lower().startswith(b"content-length")))
     assert length > 24 << 20 and len(body) < length, (length, len(body))
     assert health_status(d) == 200
+
+
+def test_fault_33_signature_readers_are_bounded_in_size_and_number(make_daemon):
+    d = make_daemon(limits={"max_source_kb": 256})
+    big = "def f(x):\n    return x\n" + "y = 1\n" * ((300 << 10) // 6)
+    r = d.api("POST", "/v1/functions", {"kind": "python", "entry": "f", "source": big})
+    assert "limits.max_source_kb" in error_of(r, 413, "payload_too_large")
+    # Six registrations at once of sources under the limit: all are registered, and the
+    # readers (python3 running ast) run at most a few at a time, never six.
+    source = "def f(x):\n    return x\n" + "".join(f"v{i} = [{i}] * 3\n" for i in range(12000))
+    assert len(source) < 256 << 10
+    cap = min(max(len(os.sched_getaffinity(0)) // 2, 1), 4)
+    stop, most = threading.Event(), [0]
+
+    def watch():
+        while not stop.is_set():
+            pids = [int(x) for x in os.listdir("/proc") if x.isdigit()]
+            readers = [p for p in map(read_proc, pids)
+                       if p is not None and p.ppid == d.pid and "import ast" in p.cmdline]
+            most[0] = max(most[0], len(readers))
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    calls = [in_thread(lambda: d.api("POST", "/v1/functions",
+                                     {"kind": "python", "entry": "f", "source": source}))
+             for _ in range(6)]
+    for t, _ in calls:
+        t.join(60)
+    stop.set()
+    watcher.join()
+    statuses = [box["value"].status for _, box in calls]
+    assert statuses == [201] * 6, [box.get("value") or box.get("error") for _, box in calls]
+    assert 1 <= most[0] <= cap, f"{most[0]} signature readers at once; the cap is {cap}"

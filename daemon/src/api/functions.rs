@@ -13,6 +13,7 @@ use axum::response::IntoResponse;
 use fnx_protocol::{FunctionBody, FunctionContainer, FunctionId};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
+use std::time::Duration;
 
 const MAX_FUNCTION_BYTES: usize = 4 << 20;
 
@@ -135,6 +136,24 @@ async fn parse(app: &App, v: Value) -> Result<Parsed, ApiError> {
             }
             (Some(source), None) => {
                 let entry = required(&m, "entry", "with source: the name of the function to call")?;
+                let max = app.limits.max_source_bytes;
+                if source.len() > max {
+                    return Err(ApiError::too_large(format!(
+                        "source: {} KiB; the limit is {} KiB (limits.max_source_kb). Put large \
+                         code in a module the workers import, and register a ref to it",
+                        source.len() >> 10,
+                        max >> 10
+                    )));
+                }
+                // A bounded number of readers at a time; the others wait their turn a while.
+                let _permit =
+                    tokio::time::timeout(Duration::from_secs(30), app.signature_readers.acquire())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .ok_or_else(|| {
+                            ApiError::busy("the daemon is busy reading other functions' signatures")
+                        })?;
                 let (python, src, ent) =
                     (app.python.clone(), source.to_string(), entry.to_string());
                 let sig = tokio::task::spawn_blocking(move || {

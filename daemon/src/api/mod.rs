@@ -67,6 +67,8 @@ pub struct App {
     /// Whose account users' code runs under, and who is refused.
     pub identities: crate::identity::Identities,
     tokens: caller::TokenCache,
+    /// Signature readers that may run at once (each is an interpreter of up to 1 GiB).
+    signature_readers: tokio::sync::Semaphore,
 }
 
 impl App {
@@ -97,6 +99,9 @@ impl App {
             building: Mutex::new(HashMap::new()),
             identities,
             tokens: caller::TokenCache::default(),
+            signature_readers: tokio::sync::Semaphore::new(
+                (fnx_sys::node::usable_cpus() as usize / 2).clamp(1, 4),
+            ),
         }
     }
 
@@ -174,6 +179,10 @@ impl ApiError {
     fn too_large(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
     }
+    /// Too much of the same work at once: 503 with `Retry-After`.
+    fn busy(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message)
+    }
     fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -204,7 +213,12 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, axum::Json(body)).into_response()
+        let mut r = (self.status, axum::Json(body)).into_response();
+        if self.code == "busy" {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        r
     }
 }
 

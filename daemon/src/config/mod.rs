@@ -167,6 +167,7 @@ struct RawLimits {
     max_result_mb: Option<f64>,
     max_queued_per_user: Option<u64>,
     max_answer_mb: Option<f64>,
+    max_source_kb: Option<u64>,
     max_connections: Option<usize>,
     max_connections_per_peer: Option<usize>,
     idle_timeout_s: Option<f64>,
@@ -225,6 +226,8 @@ pub struct Limits {
     /// Results and outcomes one answer carries (a results page, a status answer): at least
     /// one task, then up to this many bytes of results.
     pub max_answer_bytes: u64,
+    /// Largest Python source a function may register with (its signature is read from it).
+    pub max_source_bytes: usize,
     /// Most open API connections (TCP and the local socket together).
     pub max_connections: usize,
     /// Most open API connections from one peer (an IP address, or a uid on the socket).
@@ -486,6 +489,14 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
         max_result_bytes: p.mb("limits.max_result_mb", l.max_result_mb, 10.0),
         max_queued_per_user: l.max_queued_per_user.unwrap_or(2_000_000),
         max_answer_bytes: p.mb("limits.max_answer_mb", l.max_answer_mb, 32.0),
+        max_source_bytes: p
+            .count(
+                "limits.max_source_kb",
+                l.max_source_kb.map(|k| k as usize),
+                1024,
+            )
+            .min(4096)
+            << 10,
         max_connections: p.count("limits.max_connections", l.max_connections, 1024),
         max_connections_per_peer: p.count(
             "limits.max_connections_per_peer",
