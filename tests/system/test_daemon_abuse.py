@@ -282,3 +282,39 @@ def test_fault_33_signature_readers_are_bounded_in_size_and_number(make_daemon):
     statuses = [box["value"].status for _, box in calls]
     assert statuses == [201] * 6, [box.get("value") or box.get("error") for _, box in calls]
     assert 1 <= most[0] <= cap, f"{most[0]} signature readers at once; the cap is {cap}"
+
+
+def test_strictness_every_unparseable_value_is_a_400_naming_its_field(daemon):
+    import msgpack
+
+    fid = daemon.register(NOOP)
+    # Raw JSON text: values Python's json module would not write.
+    cases = {
+        '"priority": 1e400': "tasks[0].priority",
+        '"walltime": {"s": 5}': "tasks[0].walltime",
+        '"walltime": -1': "tasks[0].walltime",
+        '"pool": "\\ud800"': "tasks[0].pool",
+        '"files": [{"name": "\\udc00x", "data_b64": ""}]': "tasks[0].files",
+        '"retries": 2.5': "tasks[0].retries",
+    }
+    for field, named in cases.items():
+        body = ('{"tasks": [{"function": %d, "args": [1], %s}]}' % (fid, field)).encode()
+        r = daemon.api("POST", "/v1/tasks", body)
+        assert named in error_of(r, 400, "bad_request"), (field, r)
+    # msgpack: trailing bytes, and a file with both data and path.
+    ok = msgpack.packb({"tasks": [{"function": fid, "encoding": "json", "data": b"[1]"}]})
+    mp = {"Content-Type": "application/msgpack"}
+    r = daemon.api("POST", "/v1/tasks", ok + b"\xc0", headers=mp)
+    assert "1 bytes after its end" in error_of(r, 400, "bad_request")
+    both = msgpack.packb({"tasks": [{"function": fid, "encoding": "json", "data": b"[1]",
+                                     "files": [{"name": "a", "data": b"x", "path": "/etc"}]}]})
+    r = daemon.api("POST", "/v1/tasks", both, headers=mp)
+    assert "tasks[0].files[0]: give exactly one of data and path" in error_of(r, 400,
+                                                                             "bad_request")
+    assert daemon.task_count() == 0, "nothing may be created by a refused request"
+    # The same document in msgpack is accepted.
+    r = daemon.api("POST", "/v1/tasks", ok, headers=mp)
+    assert r.status == 201, r
+    # A cursor past 2^63 is refused rather than wrapped to a negative number.
+    r = daemon.api("GET", "/v1/results?since=9223372036854775808")
+    assert "since: must be a cursor" in error_of(r, 400, "bad_request")

@@ -420,11 +420,20 @@ fn file_from_json(j: usize, f: Value) -> Result<RawFile, String> {
 
 fn parse_submit(is_msgpack: bool, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
     if is_msgpack {
-        let body: MsgpackSubmit = rmp_serde::from_slice(bytes).map_err(|e| {
-            ApiError::bad(format!(
-                "the msgpack body does not match {{tasks: [...]}}: {e}"
-            ))
-        })?;
+        let mut cursor = std::io::Cursor::new(bytes);
+        let body = MsgpackSubmit::deserialize(&mut rmp_serde::Deserializer::new(&mut cursor))
+            .map_err(|e| {
+                ApiError::bad(format!(
+                    "the msgpack body does not match {{tasks: [...]}}: {e}"
+                ))
+            })?;
+        if cursor.position() != bytes.len() as u64 {
+            return Err(ApiError::bad(format!(
+                "the msgpack body has {} bytes after its end (at byte {})",
+                bytes.len() as u64 - cursor.position(),
+                cursor.position()
+            )));
+        }
         return body
             .tasks
             .into_iter()
@@ -443,8 +452,15 @@ fn parse_submit(is_msgpack: bool, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
                     files: t
                         .files
                         .into_iter()
-                        .map(|f| (f.name, f.data.ok_or(f.path.unwrap_or_default())))
-                        .collect(),
+                        .enumerate()
+                        .map(|(j, f)| match (f.data, f.path) {
+                            (Some(d), None) => Ok((f.name, Ok(d))),
+                            (None, Some(p)) => Ok((f.name, Err(p))),
+                            _ => Err(ApiError::bad(format!(
+                                "tasks[{i}].files[{j}]: give exactly one of data and path"
+                            ))),
+                        })
+                        .collect::<Result<_, _>>()?,
                 })
             })
             .collect();
@@ -478,10 +494,15 @@ fn parse_submit(is_msgpack: bool, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
                     ))
                 })?;
             let args = m.remove("args").filter(|a| a.get().trim() != "null");
+            // Every other field must parse as JSON values do (a number out of range, a lone
+            // surrogate in a string): an error names it, nothing falls back to a default.
             let rest: Map<String, Value> = m
                 .into_iter()
-                .map(|(k, v)| (k, serde_json::from_str(v.get()).unwrap_or(Value::Null)))
-                .collect();
+                .map(|(k, v)| match serde_json::from_str(v.get()) {
+                    Ok(value) => Ok((k, value)),
+                    Err(e) => Err(ApiError::bad(format!("tasks[{i}].{k}: {e}"))),
+                })
+                .collect::<Result<_, _>>()?;
             let mut raw = raw_from_json(i, Value::Object(rest))?;
             raw.args = args;
             Ok(raw)

@@ -291,6 +291,12 @@ pub(super) async fn results(
         ));
     }
     let since = num("since", 0)?;
+    if since > i64::MAX as u64 {
+        return Err(ApiError::bad(format!(
+            "since: must be a cursor from 0 to {}, got {since}",
+            i64::MAX
+        )));
+    }
     let limit = num("limit", 1000)?.clamp(1, 10_000) as usize;
     let until = Instant::now() + wait_param(&q)?;
     let rows = loop {
