@@ -97,15 +97,26 @@ pub fn run_daemon(a: DaemonArgs) -> u8 {
         }
         cfg.data_dir = d;
     }
-    if let Err(e) = init_logging(cfg.log_file.as_ref()) {
-        eprintln!("fnx daemon: {e}");
-        return EXIT_USAGE;
-    }
     // Everything the daemon creates (store, keys, logs, run directories) is its own unless it
     // says otherwise; its children start with the same umask.
     // SAFETY: umask cannot fail.
     unsafe {
         libc::umask(0o077);
+    }
+    // The log may be in a directory that does not exist yet (the data directory, on a first
+    // start): create it, as the daemon creates the others it names.
+    if let Some(dir) = cfg.log_file.as_ref().and_then(|f| f.parent()) {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!(
+                "fnx daemon: cannot create {} for [daemon] log_file: {e}",
+                dir.display()
+            );
+            return EXIT_USAGE;
+        }
+    }
+    if let Err(e) = init_logging(cfg.log_file.as_ref()) {
+        eprintln!("fnx daemon: {e}");
+        return EXIT_USAGE;
     }
     // The capabilities of `unix` mode (ambient, from systemd or setpriv) serve only the
     // children that become users; nothing else the daemon starts (batch commands, image builds,
@@ -163,7 +174,21 @@ pub fn config(cmd: ConfigCommand) -> u8 {
             return EXIT_USAGE;
         }
     };
-    println!("{}: OK", file.display());
+    let warnings = std::fs::read_to_string(&file)
+        .map(|text| c.warnings(&text))
+        .unwrap_or_default();
+    if warnings.is_empty() {
+        println!("{}: OK", file.display());
+    } else {
+        println!(
+            "{}: valid, with {} warning(s):",
+            file.display(),
+            warnings.len()
+        );
+        for w in &warnings {
+            println!("  warning: {w}");
+        }
+    }
     println!(
         "  data dir {}; API on http://{}; interchange on {} (port {}), manager links encrypted \
          and authenticated (CurveZMQ)",

@@ -192,6 +192,48 @@ kill_grace_s = -1
     assert not fnx_env.processes()
 
 
+def test_config_check_warns_about_what_an_example_leaves_to_edit(fnx_env):
+    """An example site file copied as is: valid, but `config check` names each CHANGEME line,
+    the fnx_path that is not on this host, and (in a second file) a batch pool without a fixed
+    port or a worker count, one warning per line."""
+    from conftest import REPO
+
+    example = REPO / "scripts" / "site-configs" / "slurm-generic.toml"
+    r = fnx_env.fnx("config", "check", "--quiet", str(example))
+    assert r.returncode == 0, r
+    warnings = [line for line in r.stdout.splitlines() if line.startswith("  warning: ")]
+    changeme = [w for w in warnings if "a CHANGEME is left in place" in w]
+    assert len(changeme) == 6, r.stdout  # data_dir, log_file, account, partition, venv, fnx_path
+    assert any("data_dir = \"/project/CHANGEME/fnx\"" in w for w in changeme), r.stdout
+    assert any("fnx_path /project/CHANGEME/fnx/bin/fnx does not exist" in w
+               for w in warnings), r.stdout
+    assert "valid, with 7 warning(s):" in r.stdout, r.stdout
+    loose = fnx_env.write("loose.toml", """
+[daemon]
+data_dir = "/tmp/fnx-unused"
+[pools.batch]
+provider = "slurm"
+nodes_per_block = 1
+""")
+    r = fnx_env.fnx("config", "check", "--quiet", str(loose))
+    assert r.returncode == 0, r
+    assert "pool batch: interchange.port is 0" in r.stdout, r.stdout
+    assert "pool batch: no workers_per_node" in r.stdout, r.stdout
+
+
+def test_first_start_creates_the_log_files_directory(make_daemon, fnx_env):
+    """Every example puts log_file inside data_dir; on a first start neither exists yet."""
+    data = fnx_env.dir.parent / f"{fnx_env.dir.name}-fresh" / "data"
+    d = make_daemon(start=False, data_dir=data)
+    d.config["daemon"]["log_file"] = str(data / "logs" / "daemon.log")
+    from daemon_env import to_toml
+    d.config_path.write_text(to_toml(d.config))
+    assert not data.exists()
+    d.start()
+    assert (data / "logs" / "daemon.log").stat().st_size > 0
+    assert oct((data / "logs").stat().st_mode & 0o777) == "0o700"
+
+
 # ---------------------------------------------------------------------------------------------
 # fnx map --daemon: fnx map's interface, with the tasks going through the daemon
 # ---------------------------------------------------------------------------------------------

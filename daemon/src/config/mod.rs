@@ -36,7 +36,7 @@ pub enum ConfigError {
         message: String,
     },
     /// Unknown keys or invalid values.
-    #[error("{path}: {}", problems.join("; "))]
+    #[error("{path}: {} problem(s):\n  {}", problems.len(), problems.join("\n  "))]
     Invalid {
         /// The file.
         path: PathBuf,
@@ -338,6 +338,44 @@ impl SiteConfig {
             source,
         })?;
         Self::parse(&text, path)
+    }
+
+    /// What a valid file probably still gets wrong on this host, one line each: placeholders
+    /// left from an example (`text` is the file), batch pools without a fixed interchange port
+    /// or a worker count, an `fnx_path` that is not here.
+    pub fn warnings(&self, text: &str) -> Vec<String> {
+        let mut out: Vec<String> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains("CHANGEME") && !l.trim_start().starts_with('#'))
+            .map(|(n, l)| format!("line {}: a CHANGEME is left in place: {}", n + 1, l.trim()))
+            .collect();
+        for p in &self.pools {
+            let Some(b) = &p.blocks else { continue };
+            if self.interchange.port == 0 {
+                out.push(format!(
+                    "pool {}: interchange.port is 0 (any free port): batch jobs need a fixed \
+                     port that compute nodes may reach through the firewall; set one",
+                    p.name
+                ));
+            }
+            if p.workers_per_manager.is_none() {
+                out.push(format!(
+                    "pool {}: no workers_per_node: each node runs one worker per core it \
+                     reports, which may not be what the node allows or the tasks need",
+                    p.name
+                ));
+            }
+            if let Some(f) = b.fnx_path.as_ref().filter(|f| !f.exists()) {
+                out.push(format!(
+                    "pool {}: fnx_path {} does not exist on this host (fine only if it exists \
+                     on the compute nodes)",
+                    p.name,
+                    f.display()
+                ));
+            }
+        }
+        out
     }
 
     /// Parse and validate TOML text; `path` names it in errors.
