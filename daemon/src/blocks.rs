@@ -25,6 +25,8 @@ pub struct PoolReport {
     pub run_dir: PathBuf,
     /// Why the pool cannot get managers, when it is marked failed.
     pub failed: Option<String>,
+    /// Why its last block could not be submitted, until one is.
+    pub submit_error: Option<String>,
     /// Live blocks, then recently ended ones.
     pub blocks: Vec<Block>,
     /// Admin requests for the block thread (`POST /v1/pools/{pool}/blocks/{id}/drain|cancel`).
@@ -379,11 +381,15 @@ impl BlockPool {
             match &self.user {
                 None => {
                     r.failed = self.scaler.failed().map(str::to_string);
+                    r.submit_error = self.scaler.submit_error().map(str::to_string);
                     r.blocks = self.scaler.blocks();
                 }
                 Some(u) => {
                     if let Some(f) = self.scaler.failed() {
                         r.failed = Some(format!("{}: {f}", u.user));
+                    }
+                    if let Some(e) = self.scaler.submit_error() {
+                        r.submit_error = Some(format!("{}: {e}", u.user));
                     }
                     r.by_user.insert(u.user.clone(), self.scaler.blocks());
                     let mut all: Vec<Block> = r.by_user.values().flatten().cloned().collect();

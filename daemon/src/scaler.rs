@@ -105,6 +105,8 @@ pub struct Scaler {
     idle_since: Option<Instant>,
     failures_in_row: u32,
     failed: Option<String>,
+    /// Why the last submission failed, until one succeeds.
+    submit_error: Option<String>,
     backoff: Duration,
     not_before: Option<Instant>,
     started: bool,
@@ -122,6 +124,7 @@ impl Scaler {
             idle_since: None,
             failures_in_row: 0,
             failed: None,
+            submit_error: None,
             backoff: BACKOFF_FIRST,
             not_before: None,
             started: false,
@@ -131,6 +134,12 @@ impl Scaler {
     /// Why the pool cannot get managers, if it is marked failed.
     pub fn failed(&self) -> Option<&str> {
         self.failed.as_deref()
+    }
+
+    /// Why the last block could not be submitted, until a submission succeeds: shown before
+    /// the pool is marked failed, and when no task is queued to make it try again.
+    pub fn submit_error(&self) -> Option<&str> {
+        self.submit_error.as_deref()
     }
 
     /// Live blocks, then the most recently ended ones.
@@ -147,6 +156,7 @@ impl Scaler {
 
     /// A block was submitted as job `job`.
     pub fn submitted(&mut self, now: Instant, id: u64, job: String, dir: &Path, stderr: &Path) {
+        self.submit_error = None;
         self.blocks.insert(
             id,
             Block {
@@ -184,6 +194,7 @@ impl Scaler {
 
     /// A submission failed.
     pub fn submit_failed(&mut self, now: Instant, error: &str) {
+        self.submit_error = Some(error.to_string());
         self.failures_in_row += 1;
         self.back_off(now);
         if self.failures_in_row >= self.cfg.max_failed_blocks {

@@ -560,6 +560,19 @@ def test_block_that_never_connects_marks_the_pool_failed(slurm, fnx_env):
     assert d.status()["tasks"]["queued"] == 1
 
 
+def test_a_rejected_first_block_shows_in_status_with_no_task_queued(slurm, fnx_env):
+    """sbatch refuses the pool's first block (init_blocks = 1, a partition Slurm does not
+    have): `fnx status` says why at once, before any task asks for a block."""
+    d = slurm.start(init_blocks=1, min_blocks=0, max_blocks=1, partition="nosuchpartition")
+    w = Watcher(d)
+    p = w.until(lambda p: p.get("submit_error"), 30, "the submit error in /v1/status")
+    assert "nosuchpartition" in p["submit_error"] or "partition" in p["submit_error"], p
+    assert not p["failed"], "one rejection does not mark the pool failed"
+    out = ok(d.fnx("status"))
+    assert "cannot submit blocks: " in out and "partition" in out, out
+    assert d.status()["tasks"]["queued"] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # fnx map inside a batch job
 # ---------------------------------------------------------------------------------------------

@@ -437,7 +437,11 @@ pub fn status(a: StatusArgs) -> Result<u8> {
             match &p["failed"] {
                 serde_json::Value::String(why) => out.push_str(&format!("\n  FAILED: {why}")),
                 serde_json::Value::Bool(true) => out.push_str("\n  FAILED (admins see why)"),
-                _ => {}
+                _ => {
+                    if let Some(why) = p["submit_error"].as_str() {
+                        out.push_str(&format!("\n  cannot submit blocks: {why}"));
+                    }
+                }
             }
             for b in p["blocks"].as_array().into_iter().flatten() {
                 out.push_str(&format!(

@@ -100,6 +100,7 @@ pub(super) async fn status(State(app): State<Arc<App>>, c: Caller) -> ApiResult 
                 p["running"] = json!(counts.running);
                 p["run_dir"] = json!(r.run_dir);
                 p["failed"] = json!(r.failed);
+                p["submit_error"] = json!(r.submit_error);
                 p["blocks"] = json!(r.blocks);
                 p["managers"] = managers.iter().map(manager_json).collect();
             } else {
