@@ -221,6 +221,9 @@ pub enum ErrorKind {
     ImportError,
     /// The task was cancelled.
     Cancelled,
+    /// The daemon crashed while the task ran, as many times in a row as it allows: the task
+    /// may be what kills it, so it is not dispatched again.
+    DaemonCrashed,
 }
 
 impl ErrorKind {
@@ -236,6 +239,7 @@ impl ErrorKind {
             ErrorKind::NotSerializable => "not_serializable",
             ErrorKind::ImportError => "import_error",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::DaemonCrashed => "daemon_crashed",
         }
     }
 

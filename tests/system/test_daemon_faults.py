@@ -23,7 +23,9 @@ from collections import Counter
 import pytest
 
 from conftest import wait_for
-from daemon_env import GATE, NOOP, TERMINAL, error_of, in_thread, result_value
+from daemon_env import (
+    GATE, NOOP, TERMINAL, error_of, gate, in_thread, result_value, wait_started,
+)
 
 
 def read_stream(d, cursor: int, wait: float = 0) -> tuple[list[dict], int]:
@@ -449,3 +451,47 @@ def test_fault_05_store_size_limit(make_daemon, fnx_env):
     assert not bad, f"{len(bad)} acknowledged tasks did not succeed, e.g. {bad[:3]}"
     missing = [i for i in range(len(acked)) if not (marks / str(i)).exists()]
     assert not missing, f"acknowledged tasks recorded as success never ran: {missing[:10]}"
+
+
+def test_fault_32_a_task_running_in_two_daemon_crashes_in_a_row_fails_daemon_crashed(
+        make_daemon, fnx_env):
+    """A task that (we pretend) kills the daemon: it runs in each of two crashes in a row and is
+    then failed as daemon_crashed instead of being dispatched a third time; the next task runs.
+    One crash, a clean stop and another crash are not two in a row."""
+    g = gate(fnx_env)
+    d = make_daemon(pools={"local": {"workers_per_manager": 1}})
+    fid = d.register({"kind": "shell", "command": GATE.format(d=g, i="{i}")})
+    [poison] = d.submit([{"function": fid, "args": {"i": 1}}])
+
+    def running_attempt(tid, n):
+        wait_for(lambda: d.task(tid)["state"] == "running" and d.task(tid)["attempt"] == n, 30,
+                 f"attempt {n} of task {tid} running")
+
+    running_attempt(poison, 1)
+    d.kill9()
+    d.start()
+    assert "the last daemon did not stop in order" in d.log_since_start()
+    running_attempt(poison, 2)
+    d.kill9()
+    d.start()
+    rec = d.wait_task(poison)
+    assert rec["state"] == "failed" and rec["error"]["kind"] == "daemon_crashed", rec
+    assert "crashed 2 times in a row" in rec["error"]["message"], rec
+    assert "limits.max_daemon_crashes = 2" in rec["error"]["message"], rec
+    assert "fail as daemon_crashed" in d.log_since_start()
+    assert d.status()["tasks"] == {"queued": 0, "running": 0, "finished": 1}
+
+    # Crashes count in a row: one crash, a clean stop, one crash is not two.
+    [again] = d.submit([{"function": fid, "args": {"i": 2}}])
+    running_attempt(again, 1)
+    d.kill9()
+    d.start()
+    running_attempt(again, 2)
+    d.stop()
+    d.start()
+    running_attempt(again, 3)
+    d.kill9()
+    d.start()
+    running_attempt(again, 4)
+    (g / "release").touch()
+    assert d.wait_task(again)["state"] == "success"

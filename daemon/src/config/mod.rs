@@ -168,6 +168,7 @@ struct RawLimits {
     max_queued_per_user: Option<u64>,
     max_answer_mb: Option<f64>,
     max_source_kb: Option<u64>,
+    max_daemon_crashes: Option<u32>,
     max_connections: Option<usize>,
     max_connections_per_peer: Option<usize>,
     idle_timeout_s: Option<f64>,
@@ -226,6 +227,9 @@ pub struct Limits {
     /// Results and outcomes one answer carries (a results page, a status answer): at least
     /// one task, then up to this many bytes of results.
     pub max_answer_bytes: u64,
+    /// Daemon crashes in a row a task may be running in before it fails as `daemon_crashed`
+    /// instead of being dispatched again.
+    pub max_daemon_crashes: u32,
     /// Largest Python source a function may register with (its signature is read from it).
     pub max_source_bytes: usize,
     /// Most open API connections (TCP and the local socket together).
@@ -527,6 +531,11 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
         max_result_bytes: p.mb("limits.max_result_mb", l.max_result_mb, 10.0),
         max_queued_per_user: l.max_queued_per_user.unwrap_or(2_000_000),
         max_answer_bytes: p.mb("limits.max_answer_mb", l.max_answer_mb, 32.0),
+        max_daemon_crashes: p.count(
+            "limits.max_daemon_crashes",
+            l.max_daemon_crashes.map(|n| n as usize),
+            2,
+        ) as u32,
         max_source_bytes: p
             .count(
                 "limits.max_source_kb",

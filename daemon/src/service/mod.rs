@@ -445,6 +445,7 @@ fn recover(
     writer: &Sender<Cmd>,
     builds: &crate::builds::Builds,
     per_user: bool,
+    crash_limit: u32,
 ) -> HashMap<String, UserCounts> {
     for (def, build) in &loaded.functions {
         for p in pools {
@@ -461,7 +462,27 @@ fn recover(
     let mut per_pool: Vec<HashMap<String, Vec<NewTask>>> =
         pools.iter().map(|_| HashMap::new()).collect();
     let mut orphans = Vec::new();
+    let mut crashed = 0usize;
     for t in loaded.tasks {
+        if t.was_running && t.crashes >= crash_limit {
+            // It may be what kills the daemon: running it again could crash it again, forever
+            // under a supervisor that restarts it.
+            crashed += 1;
+            orphans.push(Finished {
+                id: t.task.id,
+                attempt: t.task.attempt,
+                outcome: Outcome::Err(TaskError::new(
+                    ErrorKind::DaemonCrashed,
+                    "DaemonCrashed",
+                    format!(
+                        "the fnx daemon crashed {} times in a row while this task ran; it is \
+                         not run again (limits.max_daemon_crashes = {crash_limit})",
+                        t.crashes
+                    ),
+                )),
+            });
+            continue;
+        }
         rerun += t.was_running as usize;
         match names.iter().position(|n| *n == t.pool) {
             Some(i) => per_pool[i]
@@ -484,11 +505,19 @@ fn recover(
             p.handle.submit_as(&tenant, tasks);
         }
     }
-    if !orphans.is_empty() {
+    if crashed > 0 {
+        tracing::warn!(
+            "{crashed} tasks were running in each of the last {crash_limit} daemon crashes; \
+             they fail as daemon_crashed"
+        );
+    }
+    if orphans.len() > crashed {
         tracing::warn!(
             "{} unfinished tasks name a pool that is no longer configured; they fail",
-            orphans.len()
+            orphans.len() - crashed
         );
+    }
+    if !orphans.is_empty() {
         let _ = writer.send(Cmd::Finished(orphans));
     }
     if total > 0 {
@@ -608,6 +637,14 @@ pub fn run(
             .map_err(|e| serr(e.into()))?;
     }
     first_start(&conn, &cfg, &path)?;
+    if let Some(running) = store::mark_running(&conn).map_err(serr)? {
+        tracing::warn!(
+            "the last daemon did not stop in order (it crashed or was killed) with {running} \
+             tasks running; each of them that was also running in the {} crash(es) before \
+             fails as daemon_crashed (limits.max_daemon_crashes)",
+            cfg.limits.max_daemon_crashes.saturating_sub(1)
+        );
+    }
     let per_user = cfg.users.mode == crate::config::UsersMode::Unix;
     let loaded = load(&conn, &path, per_user)?;
     let mut pools = Vec::new();
@@ -641,7 +678,15 @@ pub fn run(
         .iter()
         .filter_map(|(def, build)| Some((def.id, build.clone()?)))
         .collect();
-    let counts = recover(loaded, &pools, &names, &wtx, &builds, per_user);
+    let counts = recover(
+        loaded,
+        &pools,
+        &names,
+        &wtx,
+        &builds,
+        per_user,
+        cfg.limits.max_daemon_crashes,
+    );
     let (seq_tx, _) = tokio::sync::watch::channel(0u64);
     let shared = Arc::new(Shared {
         stats: Mutex::new(Stats {
@@ -750,6 +795,9 @@ pub fn run(
     }
     drop(app);
     let _ = writer_thread.join();
+    if let Err(e) = store::open_writer(&path, true).and_then(|c| store::mark_stopped(&c)) {
+        tracing::warn!("cannot mark the store as stopped in order: {e}");
+    }
     tracing::info!("fnx daemon stopped; everything is committed");
     Ok(())
 }

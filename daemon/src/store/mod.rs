@@ -21,7 +21,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// The schema version this build writes; older stores are migrated on open.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users(
@@ -37,9 +37,10 @@ CREATE TABLE IF NOT EXISTS tasks(
     priority INTEGER NOT NULL, walltime_ms INTEGER, retries INTEGER NOT NULL,
     encoding INTEGER NOT NULL, args BLOB NOT NULL, state INTEGER NOT NULL,
     attempt INTEGER NOT NULL, submitted REAL NOT NULL, seq INTEGER, outcome BLOB,
-    finished REAL, fetched REAL, files BLOB);
+    finished REAL, fetched REAL, files BLOB, crashes INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS tasks_live ON tasks(state) WHERE state < 2;
 CREATE INDEX IF NOT EXISTS tasks_done ON tasks(owner, seq) WHERE seq IS NOT NULL;
+CREATE TABLE IF NOT EXISTS daemon(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS idempotency(
     owner TEXT NOT NULL, key TEXT NOT NULL, ids BLOB NOT NULL, created REAL NOT NULL,
     fingerprint TEXT, PRIMARY KEY(owner, key));
@@ -47,7 +48,7 @@ CREATE TABLE IF NOT EXISTS idempotency(
 
 /// What brings a store of the version before each one up to it (tables that are new come from
 /// `SCHEMA` itself).
-const MIGRATIONS: [(i64, &str); 4] = [
+const MIGRATIONS: [(i64, &str); 5] = [
     // 2: input files.
     (2, "ALTER TABLE tasks ADD COLUMN files BLOB"),
     // 3: token expiry and revocation.
@@ -59,7 +60,47 @@ const MIGRATIONS: [(i64, &str); 4] = [
     (4, "ALTER TABLE tokens ADD COLUMN admin INTEGER"),
     // 5: idempotency keys remember a hash of their request (FAULTS.md 34).
     (5, "ALTER TABLE idempotency ADD COLUMN fingerprint TEXT"),
+    // 6: daemon crashes each running task has seen in a row (FAULTS.md 32).
+    (
+        6,
+        "ALTER TABLE tasks ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
+    ),
 ];
+
+/// Mark the store as in use by a running daemon, and say whether the last daemon crashed (it
+/// never marked it stopped). After a crash, every task that was running has seen one more
+/// crash; `Ok` then holds how many tasks were running.
+pub fn mark_running(conn: &Connection) -> Result<Option<usize>, StoreError> {
+    let crashed = conn
+        .query_row("SELECT value FROM daemon WHERE key = 'running'", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .optional()?
+        == Some(1);
+    let tx = conn.unchecked_transaction()?;
+    let running = if crashed {
+        Some(tx.execute("UPDATE tasks SET crashes = crashes + 1 WHERE state = 1", [])?)
+    } else {
+        None
+    };
+    tx.execute(
+        "INSERT INTO daemon(key, value) VALUES ('running', 1)
+         ON CONFLICT(key) DO UPDATE SET value = 1",
+        [],
+    )?;
+    tx.commit()?;
+    Ok(running)
+}
+
+/// Mark the store as left by a daemon that stopped in order: crashes are counted in a row,
+/// so the tasks' counts start again.
+pub fn mark_stopped(conn: &Connection) -> Result<(), StoreError> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute("UPDATE tasks SET crashes = 0 WHERE crashes > 0", [])?;
+    tx.execute("UPDATE daemon SET value = 0 WHERE key = 'running'", [])?;
+    tx.commit()?;
+    Ok(())
+}
 
 /// A task's state as stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -494,13 +535,15 @@ pub struct Recovered {
     pub pool: String,
     /// It was running when the daemon stopped.
     pub was_running: bool,
+    /// Daemon crashes in a row it was running in.
+    pub crashes: u32,
 }
 
 /// Every unfinished task, in id order.
 pub fn unfinished(conn: &Connection) -> Result<Vec<Recovered>, StoreError> {
     let mut st = conn.prepare(
         "SELECT id, owner, pool, function, encoding, args, priority, walltime_ms, retries,
-                attempt, state, files FROM tasks WHERE state < 2 ORDER BY id",
+                attempt, state, files, crashes FROM tasks WHERE state < 2 ORDER BY id",
     )?;
     let rows = st.query_map([], |r| {
         Ok(Recovered {
@@ -523,6 +566,7 @@ pub fn unfinished(conn: &Connection) -> Result<Vec<Recovered>, StoreError> {
             owner: r.get(1)?,
             pool: r.get(2)?,
             was_running: r.get::<_, i64>(10)? == 1,
+            crashes: r.get::<_, i64>(12)? as u32,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -674,7 +718,7 @@ mod tests {
             // The version-1 tasks table: no `files` column.
             let c = Connection::open(&path).unwrap();
             let v1 = SCHEMA
-                .replace(", files BLOB);", ");")
+                .replace(", files BLOB, crashes INTEGER NOT NULL DEFAULT 0);", ");")
                 .replace(", expires REAL, revoked REAL,\n    admin INTEGER);", ");")
                 .replace(
                     "created REAL NOT NULL,\n    fingerprint TEXT, PRIMARY",
@@ -697,6 +741,31 @@ mod tests {
         let t = unfinished(&c).unwrap();
         assert_eq!(t.len(), 1);
         assert!(t[0].was_running && t[0].task.attempt == Attempt(3) && t[0].task.files.is_empty());
+        // Daemon crashes: counted for running tasks only, in a row, reset by a clean stop.
+        c.execute(
+            "INSERT INTO tasks(id, owner, function, pool, priority, retries, encoding, args,
+                               state, attempt, submitted) VALUES (2, 'u', 1, 'local', 0, 2, 0, x'5b5d', 0, 0, 0)",
+            [],
+        )
+        .unwrap();
+        let crashes = |c: &Connection| -> Vec<u32> {
+            unfinished(c).unwrap().iter().map(|t| t.crashes).collect()
+        };
+        assert_eq!(
+            mark_running(&c).unwrap(),
+            None,
+            "a store never run is no crash"
+        );
+        assert_eq!(
+            mark_running(&c).unwrap(),
+            Some(1),
+            "running, never stopped: a crash"
+        );
+        assert_eq!(mark_running(&c).unwrap(), Some(1));
+        assert_eq!(crashes(&c), [2, 0]);
+        mark_stopped(&c).unwrap();
+        assert_eq!(crashes(&c), [0, 0]);
+        assert_eq!(mark_running(&c).unwrap(), None);
         // Tokens gained expiry, revocation and their own admin flag.
         let (admin_token, _) = create_token(&c, "u", true, None).unwrap();
         assert!(list_tokens(&c, Some("u")).unwrap()[0].admin);
