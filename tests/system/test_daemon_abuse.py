@@ -318,3 +318,37 @@ def test_strictness_every_unparseable_value_is_a_400_naming_its_field(daemon):
     # A cursor past 2^63 is refused rather than wrapped to a negative number.
     r = daemon.api("GET", "/v1/results?since=9223372036854775808")
     assert "since: must be a cursor" in error_of(r, 400, "bad_request")
+
+
+def metric(d, name: str) -> float:
+    text = d.api("GET", "/metrics").body
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics:\n{text}")
+
+
+def test_fault_33_idle_long_polls_wake_only_for_their_own_users_results(make_daemon):
+    d = make_daemon()
+    alice = d.create_user("alice")
+    fid = d.register(NOOP)
+    cursor = d.api("GET", "/v1/results?since=end", token=alice).body["cursor"]
+    # Alice has 30 long-polls open on her (empty) results stream.
+    polls = [in_thread(lambda: d.api("GET", f"/v1/results?since={cursor}&wait=60",
+                                     token=alice, timeout=90))
+             for _ in range(30)]
+    wait_for(lambda: metric(d, "fnx_api_connections") >= 30, 10, "30 polls open")
+    before = metric(d, "fnx_api_long_poll_wakeups_total")
+    # Another user's 200 tasks, in many commits: none of Alice's polls wakes.
+    for i in range(20):
+        d.wait_all(d.submit([{"function": fid, "args": [j]} for j in range(10)]))
+    assert metric(d, "fnx_api_long_poll_wakeups_total") == before
+    assert all(t.is_alive() for t, _ in polls)
+    # Alice's own result wakes every one of her polls, which answer it.
+    afid = d.register(NOOP, token=alice)
+    [mine] = d.submit([{"function": afid, "args": [7]}], token=alice)
+    for t, box in polls:
+        t.join(30)
+        r = box["value"]
+        assert r.status == 200 and [x["id"] for x in r.body["results"]] == [mine], r
+    assert metric(d, "fnx_api_long_poll_wakeups_total") >= before + 30

@@ -69,6 +69,10 @@ pub struct App {
     tokens: caller::TokenCache,
     /// Signature readers that may run at once (each is an interpreter of up to 1 GiB).
     signature_readers: tokio::sync::Semaphore,
+    /// Long-polls woken by a result of their user.
+    poll_wakeups: std::sync::atomic::AtomicU64,
+    /// Open API connections (counted by the server).
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl App {
@@ -99,6 +103,8 @@ impl App {
             building: Mutex::new(HashMap::new()),
             identities,
             tokens: caller::TokenCache::default(),
+            poll_wakeups: Default::default(),
+            connections: Default::default(),
             signature_readers: tokio::sync::Semaphore::new(
                 (fnx_sys::node::usable_cpus() as usize / 2).clamp(1, 4),
             ),
@@ -319,18 +325,19 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::from)
 }
 
-/// Wait until the committed results sequence passes `seen` or `until` comes. The caller is
-/// checked again every [`caller::TOKEN_RECHECK`]: a token revoked or expired meanwhile ends
-/// the wait with 401.
+/// Wait until `results` (a user's, see [`Shared::results_of`]) passes the value last seen
+/// through it, or `until` comes. The caller is checked again every
+/// [`caller::TOKEN_RECHECK`]: a token revoked or expired meanwhile ends the wait with 401.
+///
+/// [`Shared::results_of`]: crate::store::writer::Shared::results_of
 async fn wait_for_results(
     app: &App,
     caller: &Caller,
-    seen: u64,
+    results: &mut tokio::sync::watch::Receiver<u64>,
     until: Instant,
 ) -> Result<(), ApiError> {
-    let mut rx = app.shared.seq.subscribe();
     loop {
-        if *rx.borrow_and_update() > seen {
+        if results.has_changed().unwrap_or(true) {
             return Ok(());
         }
         let left = until.saturating_duration_since(Instant::now());
@@ -338,7 +345,8 @@ async fn wait_for_results(
             return Ok(());
         }
         let slice = left.min(caller::TOKEN_RECHECK);
-        if tokio::time::timeout(slice, rx.changed()).await.is_ok() {
+        if tokio::time::timeout(slice, results.changed()).await.is_ok() {
+            app.poll_wakeups.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
         app.recheck(caller)?;

@@ -202,6 +202,18 @@ pub(super) async fn metrics(State(app): State<Arc<App>>) -> Response {
         &one(s.commit_errors as f64),
     );
     metric(
+        "fnx_api_long_poll_wakeups_total",
+        "counter",
+        "Long-polls woken by a new result of their user (each then reads the store once).",
+        &one(app.poll_wakeups.load(std::sync::atomic::Ordering::Relaxed) as f64),
+    );
+    metric(
+        "fnx_api_connections",
+        "gauge",
+        "Open API connections.",
+        &one(app.connections.load(std::sync::atomic::Ordering::Relaxed) as f64),
+    );
+    metric(
         "fnx_store_size_bytes",
         "gauge",
         "Size of the task store and its log.",

@@ -32,13 +32,21 @@ async fn read_until_terminal(
     id: u64,
     until: Instant,
 ) -> Result<TaskRow, ApiError> {
+    let mut results: Option<tokio::sync::watch::Receiver<u64>> = None;
     loop {
-        let seen = *app.shared.seq.borrow();
+        if let Some(rx) = results.as_mut() {
+            rx.mark_unchanged();
+        }
         let row = visible(caller, id, app.reader.task(TaskId(id))?)?;
         if row.state.is_terminal() || Instant::now() >= until {
             return Ok(row);
         }
-        wait_for_results(app, caller, seen, until).await?;
+        match results.as_mut() {
+            Some(rx) => wait_for_results(app, caller, rx, until).await?,
+            // The task's owner's results (an admin may wait for another user's task); the
+            // task is read once more after subscribing, so no commit falls in between.
+            None => results = Some(app.shared.results_of(&row.owner)),
+        }
     }
 }
 
@@ -299,15 +307,16 @@ pub(super) async fn results(
     }
     let limit = num("limit", 1000)?.clamp(1, 10_000) as usize;
     let until = Instant::now() + wait_param(&q)?;
+    let mut results = app.shared.results_of(&caller.user);
     let rows = loop {
-        let seen = *app.shared.seq.borrow();
+        results.mark_unchanged();
         let user = caller.user.clone();
         let max = app.limits.max_answer_bytes;
         let rows = blocking(&app, move |a| a.reader.results(&user, since, limit, max)).await?;
         if !rows.is_empty() || Instant::now() >= until {
             break rows;
         }
-        wait_for_results(&app, &caller, seen, until).await?;
+        wait_for_results(&app, &caller, &mut results, until).await?;
     };
     let cursor = rows.last().and_then(|r| r.seq).unwrap_or(since);
     if cursor > since {

@@ -64,7 +64,7 @@ pub(super) fn serve(
     listener
         .set_nonblocking(true)
         .map_err(io("cannot configure the listener"))?;
-    let limits = Arc::new(ConnLimits::new(&app.limits));
+    let limits = Arc::new(ConnLimits::new(&app.limits, app.connections.clone()));
     rt.block_on(async move {
         let tcp =
             tokio::net::TcpListener::from_std(listener).map_err(io("cannot use the listener"))?;
@@ -132,13 +132,13 @@ struct ConnLimits {
     per_peer: usize,
     idle: Duration,
     write_stall: Duration,
-    total: AtomicUsize,
+    total: Arc<AtomicUsize>,
     peers: Mutex<HashMap<Peer, usize>>,
     log: Mutex<RateLimit>,
 }
 
 impl ConnLimits {
-    fn new(l: &crate::config::Limits) -> ConnLimits {
+    fn new(l: &crate::config::Limits, total: Arc<AtomicUsize>) -> ConnLimits {
         // Each connection is one descriptor; keep room for the store, pools and managers.
         let fds = fnx_sys::node::raise_fd_limit().unwrap_or(1024);
         let room = (fds.saturating_sub(256) / 2).max(16) as usize;
@@ -161,7 +161,7 @@ impl ConnLimits {
             per_peer: l.max_connections_per_peer,
             idle: l.idle_timeout,
             write_stall: l.body_timeout,
-            total: AtomicUsize::new(0),
+            total,
             peers: Mutex::new(HashMap::new()),
             log: Mutex::new(RateLimit::default()),
         }

@@ -687,14 +687,10 @@ pub fn run(
         per_user,
         cfg.limits.max_daemon_crashes,
     );
-    let (seq_tx, _) = tokio::sync::watch::channel(0u64);
-    let shared = Arc::new(Shared {
-        stats: Mutex::new(Stats {
-            users: counts,
-            ..Stats::default()
-        }),
-        seq: seq_tx,
-    });
+    let shared = Arc::new(Shared::new(Stats {
+        users: counts,
+        ..Stats::default()
+    }));
     let handles: HashMap<String, _> = names
         .iter()
         .cloned()

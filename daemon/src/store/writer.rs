@@ -175,8 +175,37 @@ impl Stats {
 pub struct Shared {
     /// Counters.
     pub stats: Mutex<Stats>,
-    /// The highest committed completion sequence number (long-polls wait on it).
+    /// The highest committed completion sequence number.
     pub seq: watch::Sender<u64>,
+    /// Per user with a long-poll open at some time: the completion number of the last commit
+    /// that gave the user a result. Long-polls wait on their own user's, so that another
+    /// user's results neither wake them nor cost a store query.
+    pub by_user: Mutex<HashMap<String, watch::Sender<u64>>>,
+}
+
+impl Shared {
+    /// Shared state around `stats`, with no results committed yet.
+    pub fn new(stats: Stats) -> Shared {
+        Shared {
+            stats: Mutex::new(stats),
+            seq: watch::channel(0).0,
+            by_user: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// What a long-poll of `user`'s results waits on: changes when a commit gives the user a
+    /// result. Subscribe before reading the store, so that no commit falls in between.
+    pub fn results_of(&self, user: &str) -> watch::Receiver<u64> {
+        let mut by_user = self.by_user.lock().unwrap_or_else(|e| e.into_inner());
+        match by_user.get(user) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = watch::channel(*self.seq.borrow());
+                by_user.insert(user.to_string(), tx);
+                rx
+            }
+        }
+    }
 }
 
 /// Settings of the writer.
@@ -603,7 +632,18 @@ impl Writer {
         for (reply, err) in fx.rejected {
             let _ = reply.send(Err(err));
         }
-        let _ = self.shared.seq.send_replace(self.next_seq - 1);
+        let seq = self.next_seq - 1;
+        let _ = self.shared.seq.send_replace(seq);
+        let by_user = self
+            .shared
+            .by_user
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (owner, _, to) in &fx.moves {
+            if let Some(tx) = by_user.get(owner).filter(|_| to.is_terminal()) {
+                tx.send_replace(seq);
+            }
+        }
     }
 
     fn prune(&mut self) {
