@@ -359,6 +359,7 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
             rundir: b.run_dir.clone(),
         }),
         container_idle: Duration::from_secs(b.container_idle_s.unwrap_or(300)),
+        mem_limit: b.mem_per_worker_mb.filter(|m| *m > 0).map(|m| m << 20),
         drain_at: drain_deadline(
             started,
             b.drain_after_ms,

@@ -224,6 +224,8 @@ pub enum ErrorKind {
     /// The daemon crashed while the task ran, as many times in a row as it allows: the task
     /// may be what kills it, so it is not dispatched again.
     DaemonCrashed,
+    /// The task's processes used more memory than its limit and were killed.
+    MemoryExceeded,
 }
 
 impl ErrorKind {
@@ -240,6 +242,7 @@ impl ErrorKind {
             ErrorKind::ImportError => "import_error",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::DaemonCrashed => "daemon_crashed",
+            ErrorKind::MemoryExceeded => "memory_exceeded",
         }
     }
 

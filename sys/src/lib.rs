@@ -7,6 +7,8 @@
 //!   that left their process group with `setsid` are still found) and killing them.
 //! - [`signals`]: turning SIGINT/SIGTERM/SIGHUP into a readable file descriptor (self-pipe),
 //!   so event loops can poll for them.
+//! - [`memory`]: resident memory of process groups, and a process's peak (for per-task
+//!   memory limits).
 //! - [`node`]: host name and the number of CPUs this process may use.
 //! - [`landlock`]: hiding the daemon's files from tasks that run under its own account
 //!   (Landlock rules, scoped signals).
@@ -18,6 +20,7 @@
 #![deny(missing_docs)]
 
 pub mod landlock;
+pub mod memory;
 pub mod node;
 pub mod placement;
 pub mod process;

@@ -495,3 +495,43 @@ def test_fault_32_a_task_running_in_two_daemon_crashes_in_a_row_fails_daemon_cra
     running_attempt(again, 4)
     (g / "release").touch()
     assert d.wait_task(again)["state"] == "success"
+
+
+HOG = {"kind": "python", "entry": "hog", "source": (
+    "def hog(mib, hold=0):\n"
+    "    import time\n"
+    "    b = bytearray(b'x') * (mib << 20)  # written: resident\n"
+    "    time.sleep(hold)\n"
+    "    return len(b) >> 20\n")}
+
+
+def test_fault_17_a_task_over_its_memory_limit_is_killed_alone(make_daemon):
+    """mem_per_worker = 0.1 GiB (103 MiB): a task holding 400 MiB is killed by the manager's
+    sampling, one that reaches 400 MiB and returns at once is caught too (by a sample, or by
+    its worker's peak between samples), a shell task's whole process group counts; each fails as memory_exceeded with its peak and
+    the limit. The task beside them, the manager and the worker slots survive."""
+    d = make_daemon(pools={"local": {"workers_per_manager": 2, "mem_per_worker": 0.1}})
+    fid = d.register(HOG)
+    sid = d.register({"kind": "shell", "command":
+                      "python3 -c \"import time; b = b'x' * (400 << 20); time.sleep(5)\""})
+    manager = d.status()["pools"][0]["managers"][0]["id"]
+    [held, bystander] = d.submit([{"function": fid, "args": [400, 5]},
+                                  {"function": fid, "args": [5, 3]}])
+    rec = d.wait_task(held)
+    assert rec["state"] == "failed" and rec["error"]["kind"] == "memory_exceeded", rec
+    assert "over its limit of 103 MiB" in rec["error"]["message"], rec
+    assert int(re.search(r"used (\d+) MiB", rec["error"]["message"]).group(1)) > 103, rec
+    assert d.wait_task(bystander)["state"] == "success"
+    [spike, shell] = d.submit([{"function": fid, "args": [400, 0]},
+                               {"function": sid, "args": {}}])
+    rec = d.wait_task(spike)
+    assert rec["state"] == "failed" and rec["error"]["kind"] == "memory_exceeded", rec
+    # Caught by a sample while it allocates, or by the worker's peak once it returned.
+    assert int(re.search(r"used (\d+) MiB", rec["error"]["message"]).group(1)) > 103, rec
+    rec = d.wait_task(shell)
+    assert rec["state"] == "failed" and rec["error"]["kind"] == "memory_exceeded", rec
+    # Small tasks still run, on the same manager.
+    ok = d.submit([{"function": fid, "args": [10]} for _ in range(4)])
+    assert [result_value(r) for r in d.wait_all(ok).values()] == [10] * 4
+    managers = d.status()["pools"][0]["managers"]
+    assert [m["id"] for m in managers] == [manager], managers

@@ -58,6 +58,8 @@ pub struct PoolConfig {
     pub container: Option<crate::procs::Wrap>,
     /// Idle workers of a function's container exit after this long.
     pub container_idle: Duration,
+    /// Memory a task's processes may use (resident bytes; None: no limit).
+    pub mem_limit: Option<u64>,
 }
 
 /// Why the pool stopped.
@@ -98,6 +100,8 @@ struct Running {
     deadline: Option<Instant>,
     forced: Option<TaskError>,
     kill_at: Option<Instant>,
+    /// The most resident memory its process group was seen to use.
+    peak_rss: u64,
     /// Its working directory with its input files, if it has any; held only for its `Drop`,
     /// which removes the directory when the task ends.
     #[allow(dead_code)]
@@ -114,6 +118,7 @@ impl Running {
             deadline: spec.walltime_ms.map(|ms| now + Duration::from_millis(ms)),
             forced: None,
             kill_at: None,
+            peak_rss: 0,
             sandbox: None,
         }
     }
@@ -225,10 +230,15 @@ pub struct Pool<'a> {
     /// SIGTERM reaches the tasks and this manager in either order, and such tasks must be
     /// retried elsewhere, not reported as failed.
     held: Vec<(Instant, TaskId, fnx_protocol::Attempt, Outcome)>,
+    /// When the memory of running tasks was last measured (with a memory limit).
+    mem_sampled: Instant,
 }
 
 /// How long the outcome of a task killed from outside is held (see `Pool::held`).
 const HOLD_KILLED: Duration = Duration::from_secs(1);
+
+/// How often running tasks' memory is measured against the limit.
+const MEM_SAMPLE: Duration = Duration::from_millis(100);
 
 impl<'a> Pool<'a> {
     /// A pool that talks to the link over `link` and watches `signals`.
@@ -256,6 +266,7 @@ impl<'a> Pool<'a> {
             end: None,
             drain_sent: false,
             held: Vec::new(),
+            mem_sampled: Instant::now(),
         }
     }
 
@@ -335,6 +346,7 @@ impl<'a> Pool<'a> {
         let now = Instant::now();
         self.release_held(Some(now));
         self.check_deadlines(now);
+        self.check_memory(now);
         if !self.drain_sent && self.cfg.drain_at.is_some_and(|at| now >= at) {
             tracing::warn!(
                 "the batch job's walltime ends soon: draining (no new tasks; the held ones finish)"
@@ -359,6 +371,9 @@ impl<'a> Pool<'a> {
         }
         if let Some(since) = self.batch_since {
             next = next.min(since + FLUSH_AFTER);
+        }
+        if self.cfg.mem_limit.is_some() && self.procs.values().any(|p| p.task.is_some()) {
+            next = next.min(self.mem_sampled + MEM_SAMPLE);
         }
         for p in self.procs.values() {
             if let Some(r) = &p.task {
@@ -523,6 +538,43 @@ impl<'a> Pool<'a> {
             } else if r.kill_at.is_some_and(|k| now >= k) {
                 r.kill_at = None;
                 let _ = kill_group(pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// With a memory limit: measure each running task's process group every [`MEM_SAMPLE`],
+    /// and kill a task over the limit (it fails as `memory_exceeded`; the worker slot is
+    /// started again, the other tasks go on).
+    fn check_memory(&mut self, now: Instant) {
+        let Some(limit) = self.cfg.mem_limit else {
+            return;
+        };
+        if now < self.mem_sampled + MEM_SAMPLE {
+            return;
+        }
+        self.mem_sampled = now;
+        let groups: Vec<u32> = self
+            .procs
+            .iter()
+            .filter(|(_, p)| p.task.as_ref().is_some_and(|r| r.forced.is_none()))
+            .map(|(&pid, _)| pid)
+            .collect();
+        if groups.is_empty() {
+            return;
+        }
+        for (pid, rss) in fnx_sys::memory::rss_of_groups(&groups) {
+            let Some(r) = self.procs.get_mut(&pid).and_then(|p| p.task.as_mut()) else {
+                continue;
+            };
+            r.peak_rss = r.peak_rss.max(rss);
+            if rss > limit {
+                tracing::warn!(
+                    "task {} uses {} MiB, over its limit of {} MiB: killing it",
+                    r.id,
+                    rss >> 20,
+                    limit >> 20
+                );
+                self.force_kill(pid, outcome::memory_exceeded(rss, limit));
             }
         }
     }

@@ -94,7 +94,16 @@ impl Pool<'_> {
                 if let Some(next) = proc.next.take() {
                     proc.task = Some(promote(pid, next, self.cfg.kill_grace));
                 }
-                let outcome = if header.ok == Some(true) {
+                // A peak between two samples: the worker's own high-water mark, measured
+                // again from here for its next task.
+                let over = self.cfg.mem_limit.and_then(|limit| {
+                    let peak = fnx_sys::memory::peak_rss(pid).unwrap_or(0).max(r.peak_rss);
+                    let _ = fnx_sys::memory::reset_peak_rss(pid);
+                    (peak > limit).then(|| memory_exceeded(peak, limit))
+                });
+                let outcome = if let Some(e) = over {
+                    Outcome::Err(e)
+                } else if header.ok == Some(true) {
                     let encoding = match header.enc.as_deref() {
                         Some("pickle") => Encoding::Pickle,
                         _ => Encoding::Json,
@@ -243,6 +252,20 @@ pub(super) fn promote(pid: u32, next: Pipelined, grace: Duration) -> Running {
         let _ = kill_group(pid, libc::SIGTERM);
     }
     r
+}
+
+/// A task over its memory limit: its peak and the limit, in MiB.
+pub(super) fn memory_exceeded(peak: u64, limit: u64) -> TaskError {
+    TaskError::new(
+        ErrorKind::MemoryExceeded,
+        "MemoryExceeded",
+        format!(
+            "the task used {} MiB of memory, over its limit of {} MiB (the pool's \
+             mem_per_worker); its processes were killed",
+            peak.div_ceil(1 << 20),
+            limit >> 20
+        ),
+    )
 }
 
 pub(super) fn cancelled() -> TaskError {
