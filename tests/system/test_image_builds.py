@@ -510,3 +510,27 @@ def test_a_build_interrupted_by_a_restart_starts_again(make_daemon, tmp_path, ho
     [tid] = d.submit([{"function": fid, "args": [6]}])
     assert result_value(d.wait_task(tid, timeout=30)) == [6, image]
     assert len(build_calls(log)) == 1 and len(gate.waiting()) == 2
+
+
+def test_builds_wait_for_a_slot_and_one_user_starts_at_most_two(make_daemon, tmp_path):
+    """Issue 12: six registrations used to start six builds at once. With builds.max_running =
+    1 the second build waits at its slot (not at the gate); a user's third new build is a 429
+    naming builds.max_per_user; another user's is accepted; all finish in turn."""
+    env, log, gate = gated(tmp_path)
+    d = make_daemon(pools=POOLS, daemon=PASS_FAKE_LOG, env=env, builds={"max_running": 1})
+    register(d, where_fn({"python": ["requests"]}, "a"))
+    register(d, where_fn({"python": ["numpy"]}, "b"))
+    r = d.api("POST", "/v1/functions", where_fn({"python": ["scipy"]}, "c"))
+    assert "builds.max_per_user" in error_of(r, 429, "build_limit")
+    bob = d.create_user("bob")
+    r = d.api("POST", "/v1/functions", where_fn({"python": ["scipy"]}, "c"), token=bob)
+    assert r.status == 201, r
+    gate.wait_for_builds(1, d)
+    wait_for(lambda: "image build waits: 1 builds run already" in d.log_since_start(), 10,
+             "the log saying builds wait for a slot")
+    assert len(gate.waiting()) == 1, "a second build started while one runs"
+    gate.open()
+    wait_for(lambda: len(build_calls(log)) == 3, 60, lambda: f"3 builds done\n{d.log_tail()}")
+    # Once they are done, the user may start new builds again.
+    r = d.api("POST", "/v1/functions", where_fn({"python": ["scipy", "pandas"]}, "d"))
+    assert r.status == 201, r

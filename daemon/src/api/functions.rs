@@ -47,6 +47,7 @@ struct Parsed {
 /// (requested here; the build runs in the background and its tasks wait for it).
 async fn container(
     app: &App,
+    caller: &Caller,
     m: &Map<String, Value>,
     spec: &mut Map<String, Value>,
 ) -> Result<(Option<FunctionContainer>, Option<String>), ApiError> {
@@ -79,11 +80,16 @@ async fn container(
         ))
     })?;
     let builds = app.builds.clone();
-    let wanted = deps.clone();
-    let info = tokio::task::spawn_blocking(move || builds.request(&wanted))
+    let (wanted, user) = (deps.clone(), caller.user.clone());
+    let info = tokio::task::spawn_blocking(move || builds.request(&wanted, &user))
         .await
         .map_err(|e| ApiError::bad(format!("cannot start the image build: {e}")))?
-        .map_err(|e| ApiError::unavailable(format!("cannot start the image build: {e}")))?;
+        .map_err(|e| match e {
+            crate::builds::BuildError::UserLimit(_) => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "build_limit", e.to_string())
+            }
+            e => ApiError::unavailable(format!("cannot start the image build: {e}")),
+        })?;
     let c = FunctionContainer {
         runtime: images::runtime_of_builds(app.builds.command()),
         image: info.image.display().to_string(),
@@ -98,7 +104,7 @@ async fn container(
 }
 
 /// Validate a registration body into the stored record and what managers run.
-async fn parse(app: &App, v: Value) -> Result<Parsed, ApiError> {
+async fn parse(app: &App, caller: &Caller, v: Value) -> Result<Parsed, ApiError> {
     let Value::Object(m) = v else {
         return Err(ApiError::bad("the body must be a JSON object"));
     };
@@ -227,7 +233,7 @@ async fn parse(app: &App, v: Value) -> Result<Parsed, ApiError> {
     if let Some(d) = string_field(&m, "description")? {
         spec.insert("description".into(), json!(d));
     }
-    let (container, build) = container(app, &m, &mut spec).await?;
+    let (container, build) = container(app, caller, &m, &mut spec).await?;
     Ok(Parsed {
         name,
         kind,
@@ -245,7 +251,7 @@ pub(super) async fn register(
     body: Body,
 ) -> ApiResult {
     let bytes = read_body(&app, &headers, body, MAX_FUNCTION_BYTES).await?;
-    let p = parse(&app, parse_json(&bytes)?).await?;
+    let p = parse(&app, &caller, parse_json(&bytes)?).await?;
     let mut spec = p.spec;
     // Default name: the entry, the ref's qualname, or (shell, mpi) `<kind>-<id>` once the id
     // is known.

@@ -38,6 +38,10 @@ pub struct BuildConfig {
     pub base: String,
     /// Longest a build may run before it is killed and marked failed.
     pub timeout: Duration,
+    /// Builds that run at once; later ones wait for a slot (still `building`).
+    pub max_running: usize,
+    /// Builds one user's requests may have started and not finished.
+    pub max_per_user: usize,
 }
 
 /// Where the build of a key stands.
@@ -82,6 +86,12 @@ pub enum BuildError {
     /// A directory or file of the cache cannot be created or written (which, and why).
     #[error("cannot write {path}: {source}", path = .0.display(), source = .1)]
     Io(PathBuf, std::io::Error),
+    /// The user has this many builds under way already.
+    #[error(
+        "you have {0} image builds under way, the most one user may (builds.max_per_user); \
+         register again once one has finished"
+    )]
+    UserLimit(usize),
 }
 
 /// A watcher, called once when the build it waits for has ended.
@@ -101,17 +111,27 @@ pub struct Builds {
     entries: Arc<Mutex<HashMap<String, Entry>>>,
     /// Process groups of the builds running now, and whether the daemon is stopping them.
     running: Arc<Mutex<(std::collections::HashSet<u32>, bool)>>,
+    /// Free build slots (of `max_running`); a build thread waits on the condition for one.
+    slots: Arc<(Mutex<usize>, std::sync::Condvar)>,
+    /// Per user, the keys of the builds their requests started that have not finished.
+    by_user: Arc<Mutex<HashMap<String, Vec<String>>>>,
 }
 
 impl Builds {
     /// A cache over `cfg.dir` (created by the first request).
     pub fn new(cfg: BuildConfig) -> Builds {
+        let slots = Arc::new((
+            Mutex::new(cfg.max_running.max(1)),
+            std::sync::Condvar::new(),
+        ));
         let (cfg, entries) = (Arc::new(cfg), Arc::default());
         let running = Arc::default();
         Builds {
             cfg,
             entries,
             running,
+            slots,
+            by_user: Arc::default(),
         }
     }
 
@@ -123,10 +143,50 @@ impl Builds {
             r.1 = true;
             r.0.iter().copied().collect()
         };
+        self.slots.1.notify_all();
         for pgid in groups {
             tracing::info!("stopping image build process group {pgid}: the daemon stops");
             fnx_sys::process::terminate_group(pgid, Duration::from_secs(2));
         }
+    }
+
+    /// Wait for a free build slot; false if the daemon stops meanwhile.
+    fn take_slot(&self, key: &str) -> bool {
+        let (free, cv) = &*self.slots;
+        let mut free = free.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut told = false;
+        loop {
+            if self
+                .running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .1
+            {
+                return false;
+            }
+            if *free > 0 {
+                *free -= 1;
+                return true;
+            }
+            if !told {
+                tracing::info!(
+                    key = &key[..12],
+                    "image build waits: {} builds run already (builds.max_running)",
+                    self.cfg.max_running
+                );
+                told = true;
+            }
+            free = cv
+                .wait_timeout(free, Duration::from_secs(1))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn give_slot(&self) {
+        let (free, cv) = &*self.slots;
+        *free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        cv.notify_one();
     }
 
     /// The build command's program (`command[0]`) is on PATH, or is an existing executable
@@ -158,7 +218,10 @@ impl Builds {
     /// Write the definition for `deps` into the cache if new and start its build, unless the
     /// image exists (Ready) or a build of this key runs in this process (joined). A key whose
     /// last build failed is built again. Returns the current info.
-    pub fn request(&self, deps: &Deps) -> Result<BuildInfo, BuildError> {
+    ///
+    /// `user`'s requests may have started at most `max_per_user` builds that have not ended;
+    /// joining a running build or finding an image is always allowed.
+    pub fn request(&self, deps: &Deps, user: &str) -> Result<BuildInfo, BuildError> {
         recipe::check_base(&self.cfg.base).map_err(BuildError::Base)?;
         let text = recipe::definition(deps, &self.cfg.base);
         let key = recipe::key(&text);
@@ -168,7 +231,7 @@ impl Builds {
         if !def.is_file() {
             write_atomic(&def, text.as_bytes()).map_err(|e| BuildError::Io(def, e))?;
         }
-        Ok(self.join(&key, true, None))
+        self.join(&key, true, None, Some(user))
     }
 
     /// Call `done` once the build of `key` has ended (at once, on this thread, if it already
@@ -177,7 +240,7 @@ impl Builds {
     /// interrupted by a restart) → its build starts again. An unknown key → Failed, with the
     /// error "no build with key K".
     pub fn watch(&self, key: &str, done: Box<dyn FnOnce(&BuildInfo) + Send>) {
-        self.join(key, false, Some(done));
+        let _ = self.join(key, false, Some(done), None);
     }
 
     /// What is known of `key` (memory, else disk), or None.
@@ -233,13 +296,19 @@ impl Builds {
     /// Join, report or start the build of `key` (`retry`: a failed or unknown key is built
     /// again, as a request does, rather than reported, as a watch does). `done` is registered
     /// under the lock that decides, so a build ending meanwhile cannot miss it.
-    fn join(&self, key: &str, retry: bool, done: Option<Done>) -> BuildInfo {
+    fn join(
+        &self,
+        key: &str,
+        retry: bool,
+        done: Option<Done>,
+        user: Option<&str>,
+    ) -> Result<BuildInfo, BuildError> {
         let seen = self.lock().contains_key(key);
         let disk = if seen { None } else { self.on_disk(key) };
         let mut map = self.lock();
         if let Some(e) = map.get_mut(key).filter(|e| e.info.state == Building) {
             e.waiting.extend(done);
-            return e.info.clone();
+            return Ok(e.info.clone());
         }
         let known = map.get(key).map(|e| e.info.clone()).or(disk);
         let start = known.as_ref().map_or(retry, |i| match i.state {
@@ -255,7 +324,15 @@ impl Builds {
                 ..self.blank(key, Failed)
             });
             done.into_iter().for_each(|done| done(&info));
-            return info;
+            return Ok(info);
+        }
+        if let Some(user) = user {
+            let mut by_user = self.by_user.lock().unwrap_or_else(PoisonError::into_inner);
+            let mine = by_user.entry(user.to_string()).or_default();
+            if mine.len() >= self.cfg.max_per_user {
+                return Err(BuildError::UserLimit(mine.len()));
+            }
+            mine.push(key.to_string());
         }
         let mut info = self.blank(key, Building);
         info.started = Some(now());
@@ -264,10 +341,14 @@ impl Builds {
         drop(map);
         let (me, info) = (self.clone(), ret.clone());
         let build = move || {
-            let t0 = Instant::now();
             save(&info);
+            if !me.take_slot(&info.key) {
+                return; // the daemon stops: built at its next start
+            }
+            let t0 = Instant::now();
             tracing::info!(key = &info.key[..12], "image build started");
             let result = run(&me.cfg, &info, &me.running);
+            me.give_slot();
             let stopping = me.running.lock().unwrap_or_else(PoisonError::into_inner).1;
             if stopping {
                 return; // killed because the daemon stops: built again at its next start
@@ -279,7 +360,7 @@ impl Builds {
             let why = format!("cannot start a thread for the build: {e}");
             self.finish(ret.clone(), Err(why), Duration::ZERO);
         }
-        ret
+        Ok(ret)
     }
 
     /// Record the end of a build (state.json, then memory) and call its watchers.
@@ -294,6 +375,14 @@ impl Builds {
             Some(e) => tracing::warn!(key, seconds, %log, "image build failed: {e}"),
         }
         save(&info);
+        for keys in self
+            .by_user
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values_mut()
+        {
+            keys.retain(|k| *k != info.key);
+        }
         let mut map = self.lock();
         let e = map.get_mut(&info.key).expect("a started build");
         e.info = info.clone();
@@ -442,6 +531,8 @@ echo built >> "$T/count"; printf 'SIF\n' > "$1""#;
             command: vec!["/bin/sh".into(), path.display().to_string()],
             base: "python:3.11-slim".into(),
             timeout,
+            max_running: 1,
+            max_per_user: 2,
         };
         (t, Builds::new(cfg))
     }
@@ -477,7 +568,7 @@ echo built >> "$T/count"; printf 'SIF\n' > "$1""#;
             let (b, barrier, tx) = (b.clone(), barrier.clone(), tx.clone());
             std::thread::spawn(move || {
                 barrier.wait();
-                let key = b.request(&numpy()).unwrap().key;
+                let key = b.request(&numpy(), "u").unwrap().key;
                 b.watch(&key, Box::new(move |i| tx.send(i.clone()).unwrap()));
             });
         }
@@ -489,7 +580,7 @@ echo built >> "$T/count"; printf 'SIF\n' > "$1""#;
         assert!(read(&x.log).starts_with("# fnx: [\"/bin/sh\", "));
         let state = read(&x.image.with_file_name("state.json"));
         assert!(state.contains("\"state\": \"ready\""), "{state}");
-        assert_eq!(b.request(&numpy()).unwrap().state, Ready);
+        assert_eq!(b.request(&numpy(), "u").unwrap().state, Ready);
         let fresh = Builds::new((*b.cfg).clone());
         assert_eq!(fresh.info(&x.key).unwrap().state, Ready);
         let now = watch(&fresh, &x.key).try_recv().expect("called at once");
@@ -497,10 +588,37 @@ echo built >> "$T/count"; printf 'SIF\n' > "$1""#;
     }
 
     #[test]
+    fn builds_run_one_at_a_time_and_a_user_may_start_only_two() {
+        let script = r#"echo start >> "$T/events"; sleep 0.2; echo end >> "$T/events"
+printf 'SIF\n' > "$1""#;
+        let (t, b) = cache(script, WAIT);
+        let deps = |p: &str| recipe::parse(&serde_json::json!({"python": [p]})).unwrap();
+        let first = b.request(&deps("numpy"), "u").unwrap();
+        let second = b.request(&deps("scipy"), "u").unwrap();
+        // A third new build of the same user is refused; joining one of theirs is not.
+        let err = b.request(&deps("pandas"), "u").unwrap_err();
+        assert!(matches!(err, BuildError::UserLimit(2)), "{err}");
+        assert!(err.to_string().contains("builds.max_per_user"), "{err}");
+        assert_eq!(b.request(&deps("numpy"), "u").unwrap().key, first.key);
+        let third = b.request(&deps("pandas"), "v").unwrap();
+        for info in [&first, &second, &third] {
+            assert_eq!(wait(&b, &info.key).state, Ready);
+        }
+        // max_running = 1: never two at once.
+        let events = read(&t.path().join("events"));
+        assert_eq!(events, "start\nend\n".repeat(3), "builds overlapped");
+        // Finished builds no longer count against their user.
+        assert_eq!(b.request(&deps("pandas"), "u").unwrap().state, Ready);
+        let last = b.request(&deps("polars"), "u").unwrap();
+        assert_eq!(last.state, Building);
+        assert_eq!(wait(&b, &last.key).state, Ready);
+    }
+
+    #[test]
     fn a_failed_build_says_why_and_a_later_request_builds_again() {
         let (t, b) = cache(BUILDER, WAIT);
         fs::write(t.path().join("fail"), "").unwrap();
-        let failed = wait(&b, &b.request(&numpy()).unwrap().key);
+        let failed = wait(&b, &b.request(&numpy(), "u").unwrap().key);
         let error = failed.error.clone().unwrap();
         assert!(error.ends_with("build.sh exited with status 3: FATAL: no numpy"));
         assert!(read(&failed.log).contains("resolving\nFATAL: no numpy\n"));
@@ -509,7 +627,7 @@ echo built >> "$T/count"; printf 'SIF\n' > "$1""#;
         let watched = wait(&b, &failed.key);
         assert_eq!(watched.state, Failed, "a watch does not retry");
         fs::remove_file(t.path().join("fail")).unwrap();
-        let again = b.request(&numpy()).unwrap();
+        let again = b.request(&numpy(), "u").unwrap();
         assert_eq!((again.state, again.error), (Building, None));
         assert_eq!((wait(&b, &failed.key).state, runs(&t)), (Ready, 1));
         assert_eq!(read(&again.log).matches("# fnx: [").count(), 2);
@@ -537,7 +655,7 @@ echo built >> "$T/count"; printf 'SIF\n' > "$1""#;
     fn timeouts_and_missing_programs_fail() {
         let (_t, b) = cache("sleep 30", Duration::from_millis(500));
         assert!(b.can_build().is_ok());
-        let info = wait(&b, &b.request(&numpy()).unwrap().key);
+        let info = wait(&b, &b.request(&numpy(), "u").unwrap().key);
         assert_eq!(info.error.as_deref(), Some("timed out after 0.5 s"));
         assert!(read(&info.log).contains("timed out after 0.5 s; killed"));
         let mut cfg = (*b.cfg).clone();
@@ -545,7 +663,9 @@ echo built >> "$T/count"; printf 'SIF\n' > "$1""#;
             cfg.command = vec![program.into()];
             let b = Builds::new(cfg.clone());
             assert!(b.can_build().unwrap_err().contains("not found on PATH"));
-            let error = wait(&b, &b.request(&numpy()).unwrap().key).error.unwrap();
+            let error = wait(&b, &b.request(&numpy(), "u").unwrap().key)
+                .error
+                .unwrap();
             assert!(error.contains(&format!("program {program}: ")), "{error}");
         }
     }

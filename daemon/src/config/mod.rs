@@ -101,6 +101,8 @@ struct RawBuilds {
     command: Option<String>,
     base_image: Option<String>,
     timeout_s: Option<f64>,
+    max_running: Option<usize>,
+    max_per_user: Option<usize>,
 }
 
 /// `[builds]`: container images built from functions' dependencies.
@@ -114,6 +116,10 @@ pub struct BuildsConfig {
     pub base_image: String,
     /// Longest a build may run.
     pub timeout: Duration,
+    /// Builds that run at once; the others wait their turn.
+    pub max_running: usize,
+    /// Builds one user's registrations may have started and not finished.
+    pub max_per_user: usize,
 }
 
 /// `[pools.NAME]` tables in the order the file gives them (the first is the default pool).
@@ -655,6 +661,12 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
         command,
         base_image,
         timeout: p.secs("builds.timeout_s", raw.builds.timeout_s, 3600.0, 1.0),
+        max_running: p.count(
+            "builds.max_running",
+            raw.builds.max_running,
+            (fnx_sys::node::usable_cpus() as usize / 4).max(1),
+        ),
+        max_per_user: p.count("builds.max_per_user", raw.builds.max_per_user, 2),
     };
     if !p.0.is_empty() {
         return Err(ConfigError::Invalid {

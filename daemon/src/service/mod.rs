@@ -672,6 +672,8 @@ pub fn run(
         command: cfg.builds.command.clone(),
         base: cfg.builds.base_image.clone(),
         timeout: cfg.builds.timeout,
+        max_running: cfg.builds.max_running,
+        max_per_user: cfg.builds.max_per_user,
     });
     let building: HashMap<_, _> = loaded
         .functions
