@@ -352,3 +352,34 @@ def test_fault_33_idle_long_polls_wake_only_for_their_own_users_results(make_dae
         r = box["value"]
         assert r.status == 200 and [x["id"] for x in r.body["results"]] == [mine], r
     assert metric(d, "fnx_api_long_poll_wakeups_total") >= before + 30
+
+
+def test_per_user_quotas_on_queued_bytes_and_function_bytes(make_daemon):
+    # No managers: tasks stay queued, holding their bytes.
+    d = make_daemon(pools={"local": {"managers": 0}},
+                    limits={"max_queued_mb_per_user": 1, "max_function_mb_per_user": 0.05})
+    alice = d.create_user("alice")
+    fid = d.register(NOOP)
+    big = "x" * 400_000
+    first = d.submit([{"function": fid, "args": [big]}, {"function": fid, "args": [big]}])
+    r = d.api("POST", "/v1/tasks", {"tasks": [{"function": fid, "args": [big]}]})
+    msg = error_of(r, 429, "quota")
+    assert "limits.max_queued_mb_per_user" in msg and "quota of 1 MiB" in msg, msg
+    # Another user has a quota of their own.
+    afid = d.register(NOOP, token=alice)
+    d.submit([{"function": afid, "args": [big]}], token=alice)
+    # A task that ends gives its bytes back.
+    assert d.api("DELETE", f"/v1/tasks/{first[0]}").status in (200, 202)
+    d.submit([{"function": fid, "args": [big]}])
+    # The daemon counts them again at start.
+    d.stop()
+    d.start()
+    r = d.api("POST", "/v1/tasks", {"tasks": [{"function": fid, "args": [big]}]})
+    assert "limits.max_queued_mb_per_user" in error_of(r, 429, "quota")
+    # Functions: 50 KiB of records per user.
+    src = "def f(x):\n    return x\n" + "# padding\n" * 2000
+    ids = [d.register({"kind": "python", "entry": "f", "source": src}) for _ in range(2)]
+    r = d.api("POST", "/v1/functions", {"kind": "python", "entry": "f", "source": src})
+    assert "limits.max_function_mb_per_user" in error_of(r, 429, "quota")
+    assert d.api("DELETE", f"/v1/functions/{ids[0]}").status in (200, 204)
+    d.register({"kind": "python", "entry": "f", "source": src})

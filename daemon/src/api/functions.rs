@@ -251,6 +251,23 @@ pub(super) async fn register(
     body: Body,
 ) -> ApiResult {
     let bytes = read_body(&app, &headers, body, MAX_FUNCTION_BYTES).await?;
+    // Each user's functions are held in memory by every pool: their total size is a quota
+    // (the body stands for the new record, which is at most about as large).
+    let user = caller.user.clone();
+    let used = super::blocking(&app, move |a| a.reader.function_bytes(&user)).await?;
+    let quota = app.limits.max_function_bytes_per_user;
+    if used + bytes.len() as u64 > quota {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "quota",
+            format!(
+                "your functions hold {} KiB; this one would pass the quota of {} MiB \
+                 (limits.max_function_mb_per_user): delete functions you no longer use",
+                used.div_ceil(1024),
+                quota >> 20
+            ),
+        ));
+    }
     let p = parse(&app, &caller, parse_json(&bytes)?).await?;
     let mut spec = p.spec;
     // Default name: the entry, the ref's qualname, or (shell, mpi) `<kind>-<id>` once the id

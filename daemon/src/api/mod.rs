@@ -204,6 +204,9 @@ impl From<StoreError> for ApiError {
             StoreError::QueueLimit { .. } => {
                 ApiError::new(StatusCode::TOO_MANY_REQUESTS, "queue_limit", e.to_string())
             }
+            StoreError::ByteQuota { .. } => {
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota", e.to_string())
+            }
             StoreError::IdempotencyConflict { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "idempotency_conflict", e.to_string())
             }

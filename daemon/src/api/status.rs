@@ -82,6 +82,7 @@ pub(super) async fn status(State(app): State<Arc<App>>, c: Caller) -> ApiResult 
             queued: a.queued + u.queued,
             running: a.running + u.running,
             finished: a.finished + u.finished,
+            bytes: a.bytes + u.bytes,
         });
     let states = pool_states(&app).await;
     let pools: Vec<Value> = states

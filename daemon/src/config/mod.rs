@@ -175,6 +175,8 @@ struct RawLimits {
     max_answer_mb: Option<f64>,
     max_source_kb: Option<u64>,
     max_daemon_crashes: Option<u32>,
+    max_queued_mb_per_user: Option<f64>,
+    max_function_mb_per_user: Option<f64>,
     max_connections: Option<usize>,
     max_connections_per_peer: Option<usize>,
     idle_timeout_s: Option<f64>,
@@ -233,6 +235,10 @@ pub struct Limits {
     /// Results and outcomes one answer carries (a results page, a status answer): at least
     /// one task, then up to this many bytes of results.
     pub max_answer_bytes: u64,
+    /// Bytes of arguments and files one user's unfinished tasks may hold.
+    pub max_queued_bytes_per_user: u64,
+    /// Bytes of function records (sources, commands) one user may have registered.
+    pub max_function_bytes_per_user: u64,
     /// Daemon crashes in a row a task may be running in before it fails as `daemon_crashed`
     /// instead of being dispatched again.
     pub max_daemon_crashes: u32,
@@ -537,6 +543,16 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
         max_result_bytes: p.mb("limits.max_result_mb", l.max_result_mb, 10.0),
         max_queued_per_user: l.max_queued_per_user.unwrap_or(2_000_000),
         max_answer_bytes: p.mb("limits.max_answer_mb", l.max_answer_mb, 32.0),
+        max_queued_bytes_per_user: p.mb(
+            "limits.max_queued_mb_per_user",
+            l.max_queued_mb_per_user,
+            4096.0,
+        ),
+        max_function_bytes_per_user: p.mb(
+            "limits.max_function_mb_per_user",
+            l.max_function_mb_per_user,
+            64.0,
+        ),
         max_daemon_crashes: p.count(
             "limits.max_daemon_crashes",
             l.max_daemon_crashes.map(|n| n as usize),

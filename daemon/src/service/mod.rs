@@ -428,6 +428,21 @@ fn load(conn: &rusqlite::Connection, path: &Path, per_user: bool) -> Result<Load
             }
         }
     }
+    {
+        let mut st = conn
+            .prepare(
+                "SELECT owner, sum(length(args) + coalesce(length(files), 0)) FROM tasks
+                 WHERE state < 2 GROUP BY owner",
+            )
+            .map_err(|e| serr(e.into()))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(|e| serr(e.into()))?;
+        for row in rows {
+            let (owner, bytes) = row.map_err(|e| serr(e.into()))?;
+            counts.entry(owner).or_default().bytes = bytes as u64;
+        }
+    }
     let tasks = store::unfinished(conn).map_err(serr)?;
     Ok(Loaded {
         functions,
@@ -710,6 +725,7 @@ pub fn run(
         .collect();
     let wcfg = WriterConfig {
         max_queued_per_user: cfg.limits.max_queued_per_user,
+        max_queued_bytes_per_user: cfg.limits.max_queued_bytes_per_user,
         max_size_bytes: cfg.store.max_size_bytes,
         result_retention: cfg.store.result_retention,
         unfetched_retention: cfg.store.unfetched_retention,

@@ -186,6 +186,22 @@ pub enum StoreError {
         /// The limit.
         limit: u64,
     },
+    /// The bytes of the user's unfinished tasks would exceed their quota.
+    #[error(
+        "{user}'s unfinished tasks hold {} MiB of arguments and files; {} MiB more would exceed \
+         the quota of {} MiB (limits.max_queued_mb_per_user)",
+        live.div_ceil(1 << 20), more.div_ceil(1 << 20), limit >> 20
+    )]
+    ByteQuota {
+        /// The user.
+        user: String,
+        /// Bytes of their unfinished tasks now.
+        live: u64,
+        /// Bytes in the request.
+        more: u64,
+        /// The quota.
+        limit: u64,
+    },
     /// An idempotency key was used before with another request.
     #[error(
         "Idempotency-Key {key:?} was used before with another request; nothing was created \
@@ -489,6 +505,17 @@ impl Reader {
             row_function,
         )
         .optional()?)
+    }
+
+    /// The size of one owner's function records, not deleted.
+    pub fn function_bytes(&self, owner: &str) -> Result<u64, StoreError> {
+        let c = self.get()?;
+        let n: Option<i64> = c.query_row(
+            "SELECT sum(length(spec)) FROM functions WHERE owner = ?1 AND deleted = 0",
+            [owner],
+            |r| r.get(0),
+        )?;
+        Ok(n.unwrap_or(0) as u64)
     }
 
     /// Functions of one owner (None: everyone's), not deleted.

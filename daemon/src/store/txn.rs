@@ -12,7 +12,8 @@ use std::collections::HashMap;
 
 /// What became of one submit in the round.
 pub(super) enum Staged {
-    Created(u64),
+    /// The first id, and the bytes of arguments and files stored.
+    Created(u64, u64),
     Replayed(Vec<TaskId>),
     Rejected(StoreError),
 }
@@ -24,6 +25,7 @@ pub(super) struct Ctx<'a> {
     pub(super) next_function: &'a mut u64,
     pub(super) shared: &'a Shared,
     pub(super) limit: u64,
+    pub(super) byte_limit: u64,
     pub(super) t: f64,
 }
 
@@ -58,7 +60,7 @@ impl Ctx<'_> {
         owner: &str,
         tasks: &[TaskInput],
         key: Option<(&str, &str)>,
-        live_extra: &mut HashMap<String, u64>,
+        live_extra: &mut HashMap<String, (u64, u64)>,
     ) -> Result<Staged, StoreError> {
         if let Some((key, fingerprint)) = key {
             let found: Option<(String, Option<String>)> = tx
@@ -82,13 +84,33 @@ impl Ctx<'_> {
             }
         }
         let n = tasks.len() as u64;
-        let live = {
+        let extra = live_extra.get(owner).copied().unwrap_or((0, 0));
+        let (live, live_bytes) = {
             let s = self.shared.stats.lock().expect("stats");
             s.users
                 .get(owner)
-                .map(|c| c.queued + c.running)
-                .unwrap_or(0)
-        } + live_extra.get(owner).copied().unwrap_or(0);
+                .map_or((0, 0), |c| (c.queued + c.running, c.bytes))
+        };
+        let (live, live_bytes) = (live + extra.0, live_bytes + extra.1);
+        // What each task stores (and the interchange holds until it ends): its arguments and
+        // its files, as written below.
+        let blobs: Vec<Option<Vec<u8>>> = tasks
+            .iter()
+            .map(|t| (!t.files.is_empty()).then(|| rmp_serde::to_vec(&t.files).unwrap_or_default()))
+            .collect();
+        let bytes: u64 = tasks
+            .iter()
+            .zip(&blobs)
+            .map(|(t, b)| (t.args.data.len() + b.as_ref().map_or(0, Vec::len)) as u64)
+            .sum();
+        if live_bytes + bytes > self.byte_limit {
+            return Ok(Staged::Rejected(StoreError::ByteQuota {
+                user: owner.to_string(),
+                live: live_bytes,
+                more: bytes,
+                limit: self.byte_limit,
+            }));
+        }
         if live + n > self.limit {
             return Ok(Staged::Rejected(StoreError::QueueLimit {
                 user: owner.to_string(),
@@ -103,7 +125,7 @@ impl Ctx<'_> {
                                args, state, attempt, submitted, files)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, 0, ?10, ?11)",
         )?;
-        for (i, task) in tasks.iter().enumerate() {
+        for (i, (task, files)) in tasks.iter().zip(blobs).enumerate() {
             st.execute(params![
                 (first + i as u64) as i64,
                 owner,
@@ -115,8 +137,7 @@ impl Ctx<'_> {
                 encoding_code(task.args.encoding),
                 task.args.data,
                 self.t,
-                (!task.files.is_empty())
-                    .then(|| rmp_serde::to_vec(&task.files).unwrap_or_default())
+                files
             ])?;
         }
         if let Some((key, fingerprint)) = key {
@@ -127,8 +148,9 @@ impl Ctx<'_> {
             )?;
         }
         *self.next_task += n;
-        *live_extra.entry(owner.to_string()).or_default() += n;
-        Ok(Staged::Created(first))
+        let e = live_extra.entry(owner.to_string()).or_default();
+        *e = (e.0 + n, e.1 + bytes);
+        Ok(Staged::Created(first, bytes))
     }
 
     pub(super) fn dispatched(
@@ -165,7 +187,8 @@ impl Ctx<'_> {
         let mut st = tx.prepare_cached(
             "UPDATE tasks SET state = ?2, attempt = max(attempt, ?3), seq = ?4, outcome = ?5,
                               finished = ?6
-             WHERE id = ?1 AND state = ?7 RETURNING owner",
+             WHERE id = ?1 AND state = ?7
+             RETURNING owner, length(args) + coalesce(length(files), 0)",
         )?;
         for f in done {
             let state = State::of(&f.outcome);
@@ -183,7 +206,7 @@ impl Ctx<'_> {
                             self.t,
                             from as i64
                         ],
-                        |r| r.get::<_, String>(0),
+                        |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
                     )
                     .optional()?
                     .map(|o| (o, from));
@@ -192,9 +215,10 @@ impl Ctx<'_> {
                 }
             }
             match owner {
-                Some((o, from)) => {
+                Some(((o, bytes), from)) => {
                     *self.next_seq += 1;
                     fx.finished_states[(state as usize) - 2] += 1;
+                    fx.bytes.push((o.clone(), -bytes));
                     fx.moves.push((o, Some(from), state));
                 }
                 None => tracing::warn!(

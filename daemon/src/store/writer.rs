@@ -130,6 +130,8 @@ pub struct UserCounts {
     pub running: u64,
     /// Terminal, still in the store.
     pub finished: u64,
+    /// Bytes of arguments and files of the unfinished ones.
+    pub bytes: u64,
 }
 
 impl UserCounts {
@@ -212,6 +214,8 @@ impl Shared {
 pub struct WriterConfig {
     /// Most unfinished tasks of one user.
     pub max_queued_per_user: u64,
+    /// Most bytes of arguments and files of one user's unfinished tasks.
+    pub max_queued_bytes_per_user: u64,
     /// Store size limit, for the error message.
     pub max_size_bytes: Option<u64>,
     /// Results are pruned this long after they were fetched.
@@ -253,6 +257,8 @@ pub(super) struct Effects {
     pub(super) moves: Vec<(String, Option<State>, State)>,
     /// Outcomes recorded: success, failed, cancelled.
     pub(super) finished_states: [u64; 3],
+    /// Per-user changes of the bytes of unfinished tasks.
+    pub(super) bytes: Vec<(String, i64)>,
     submitted: u64,
 }
 
@@ -478,13 +484,14 @@ impl Writer {
             next_function: &mut self.next_function,
             shared: &self.shared,
             limit: self.cfg.max_queued_per_user,
+            byte_limit: self.cfg.max_queued_bytes_per_user,
             t,
         };
         // Submits and registrations are consumed only when the whole transaction succeeds; on
         // failure they are handed back so that their callers get the error.
         let mut staged_submits = Vec::new();
         let mut staged_registers = Vec::new();
-        let mut live_extra: HashMap<String, u64> = HashMap::new();
+        let mut live_extra: HashMap<String, (u64, u64)> = HashMap::new();
         let body = (|| -> Result<(), StoreError> {
             for (f, _) in &registers {
                 staged_registers.push(ctx.register(&tx, f)?);
@@ -529,7 +536,8 @@ impl Writer {
                         replayed: true,
                     },
                 )),
-                Staged::Created(first) => {
+                Staged::Created(first, bytes) => {
+                    fx.bytes.push((owner.clone(), bytes as i64));
                     let n = tasks.len() as u64;
                     let ids: Vec<TaskId> = (first..first + n).map(TaskId).collect();
                     fx.submitted += n;
@@ -580,6 +588,10 @@ impl Writer {
             s.submitted_total += fx.submitted;
             for (i, n) in fx.finished_states.iter().enumerate() {
                 s.finished_total[i] += n;
+            }
+            for (owner, delta) in &fx.bytes {
+                let c = s.users.entry(owner.clone()).or_default();
+                c.bytes = c.bytes.saturating_add_signed(*delta);
             }
             for (owner, from, to) in &fx.moves {
                 let c = s.users.entry(owner.clone()).or_default();
