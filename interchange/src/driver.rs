@@ -90,6 +90,7 @@ enum Command {
     AllowKey(Vec<u8>, String),
     Tenants(Sender<Vec<(String, Counts)>>),
     AddFunction(FunctionDef),
+    RemoveFunction(FunctionId),
     HoldFunction(FunctionId),
     ReleaseFunction(FunctionId),
     FailFunction(FunctionId, TaskError),
@@ -192,6 +193,11 @@ impl Handle {
     /// Make a function known to the interchange.
     pub fn add_function(&self, def: FunctionDef) {
         self.command(Command::AddFunction(def));
+    }
+
+    /// A function was deleted: forget its definition once its last task has ended.
+    pub fn remove_function(&self, id: FunctionId) {
+        self.command(Command::RemoveFunction(id));
     }
 
     /// Keep the tasks of a function queued, undispatched, until it is released or failed (its
@@ -389,6 +395,7 @@ impl Driver {
             while let Ok(cmd) = self.commands.try_recv() {
                 match cmd {
                     Command::AddFunction(def) => self.ic.add_function(def),
+                    Command::RemoveFunction(id) => self.ic.remove_function(id),
                     Command::HoldFunction(id) => self.ic.hold_function(id),
                     Command::ReleaseFunction(id) => self.ic.release_function(id),
                     Command::FailFunction(id, e) => self.ic.fail_function(id, e, &mut out),

@@ -165,6 +165,23 @@ impl Interchange {
         self.functions.insert(def.id, def);
     }
 
+    /// Whether a task of function `id` is here (queued, held or running).
+    pub fn uses_function(&self, id: FunctionId) -> bool {
+        self.tasks.values().any(|t| t.function == id)
+    }
+
+    /// Forget a function no task here uses (see [`Interchange::uses_function`]).
+    pub fn remove_function(&mut self, id: FunctionId) {
+        self.functions.remove(&id);
+        self.holds.remove(&id);
+        self.failed_functions.remove(&id);
+    }
+
+    /// Functions known here.
+    pub fn function_count(&self) -> usize {
+        self.functions.len()
+    }
+
     /// Accept tasks. Invalid ones (unknown function, payload over the limit, duplicate id)
     /// finish at once as `bad_input`.
     pub fn submit(&mut self, tasks: Vec<NewTask>, comm: &mut impl Comm) {

@@ -28,7 +28,13 @@ pub struct Tenants {
     held: HashSet<FunctionId>,
     failed: HashMap<FunctionId, TaskError>,
     created: u64,
+    /// Deleted functions, forgotten once no task of theirs is left.
+    doomed: HashSet<FunctionId>,
+    swept: Option<Instant>,
 }
+
+/// How often deleted functions are looked for among the tasks.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Tenants {
     /// No tenant yet.
@@ -40,7 +46,45 @@ impl Tenants {
             held: HashSet::new(),
             failed: HashMap::new(),
             created: 0,
+            doomed: HashSet::new(),
+            swept: None,
         }
+    }
+
+    /// A function was deleted: forget it (its definition, source included) once no task of it
+    /// is queued or running in any tenant. New tasks of it are refused before they get here.
+    pub fn remove_function(&mut self, id: FunctionId) {
+        self.doomed.insert(id);
+        self.sweep();
+    }
+
+    fn sweep(&mut self) {
+        let gone: Vec<FunctionId> = self
+            .doomed
+            .iter()
+            .copied()
+            .filter(|&f| !self.by_name.values().any(|t| t.ic.uses_function(f)))
+            .collect();
+        for f in gone {
+            self.doomed.remove(&f);
+            self.functions.remove(&f);
+            self.held.remove(&f);
+            self.failed.remove(&f);
+            for t in self.by_name.values_mut() {
+                t.functions.remove(&f);
+                t.ic.remove_function(f);
+            }
+        }
+    }
+
+    /// Function definitions held (shared, and per tenant).
+    pub fn function_count(&self) -> usize {
+        self.functions.len()
+            + self
+                .by_name
+                .values()
+                .map(|t| t.ic.function_count())
+                .sum::<usize>()
     }
 
     fn tenant(&mut self, name: &str) -> &mut Tenant {
@@ -162,10 +206,14 @@ impl Tenants {
         self.tenant(tenant).ic.on_bad_frame(peer, err, comm);
     }
 
-    /// Expire silent managers, in every tenant.
+    /// Expire silent managers, in every tenant; forget deleted functions whose tasks ended.
     pub fn tick(&mut self, now: Instant, comm: &mut impl Comm) {
         for t in self.by_name.values_mut() {
             t.ic.tick(now, comm);
+        }
+        if !self.doomed.is_empty() && self.swept.is_none_or(|at| now >= at + SWEEP_EVERY) {
+            self.swept = Some(now);
+            self.sweep();
         }
     }
 

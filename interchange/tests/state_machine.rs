@@ -1053,3 +1053,28 @@ fn issue_11_held_and_failed_functions_apply_to_tenants_created_later() {
     t.submit("dave", vec![task(2)], &mut rec);
     assert_eq!(rec.finished.len(), 2, "{:?}", rec.finished);
 }
+
+#[test]
+fn issue_12_a_deleted_function_is_forgotten_once_its_last_task_ends() {
+    let now = Instant::now();
+    let mut t = Tenants::new(config());
+    let mut rec = Rec::default();
+    t.add_function(fdef());
+    let other = FunctionDef {
+        id: FunctionId(2),
+        ..fdef()
+    };
+    t.add_function(other);
+    t.submit("alice", vec![task(1)], &mut rec);
+    let held = t.function_count();
+    // Function 2 has no task: forgotten at once. Function 1's task is queued: kept.
+    t.remove_function(FunctionId(2));
+    assert_eq!(t.function_count(), held - 1);
+    t.remove_function(F);
+    assert_eq!(t.function_count(), held - 1, "its task still needs it");
+    t.cancel(&[TaskId(1)], &mut rec);
+    assert_eq!(rec.finished.len(), 1);
+    // Looked for at the next tick (at most every 5 s): nothing of it is left.
+    t.tick(now + Duration::from_secs(6), &mut rec);
+    assert_eq!(t.function_count(), 0);
+}

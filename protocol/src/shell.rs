@@ -6,6 +6,10 @@
 //! for literal braces; a `{` that does not start a `{identifier}` is kept as is, and so is
 //! shell syntax such as `${HOME}` (a `{` right after `$`) and `{ a; b; }`, so `awk '{print $1}'`
 //! works unchanged. A parameter used twice is passed once.
+//!
+//! Quotes: a parameter inside double quotes (`"<{x}>"`) becomes `${N}` there, so its value is
+//! still one literal piece of that word (never split or globbed). Inside single quotes the shell
+//! substitutes nothing, so a parameter there is refused, naming it.
 
 use thiserror::Error;
 
@@ -24,6 +28,13 @@ pub enum TemplateError {
     /// The template is empty or only white space.
     #[error("the shell command template is empty")]
     Empty,
+    /// A parameter is inside single quotes, where the shell substitutes nothing.
+    #[error(
+        "parameter {{{0}}} is inside single quotes, where the shell substitutes nothing: put it \
+         outside the quotes or inside double quotes (each value is passed as one literal \
+         argument), or write {{{{{0}}}}} for the literal text"
+    )]
+    SingleQuoted(String),
 }
 
 /// The longest parameter name, in bytes.
@@ -44,9 +55,32 @@ pub fn parse(template: &str) -> Result<ShellTemplate, TemplateError> {
     let mut params: Vec<String> = Vec::new();
     // Parameter names to their positions: linear in the template (issue 12).
     let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    // Where the shell will be: outside quotes, in '...' or in "...".
+    #[derive(PartialEq)]
+    enum Quote {
+        None,
+        Single,
+        Double,
+    }
+    let mut quote = Quote::None;
     let mut i = 0;
     while i < template.len() {
         let rest = &template[i..];
+        let b = rest.as_bytes()[0];
+        // Quotes and backslash escapes (none inside single quotes), copied as they are.
+        match (&quote, b) {
+            (Quote::None | Quote::Double, b'\\') if rest.len() > 1 => {
+                let c = rest[1..].chars().next().map_or(1, char::len_utf8);
+                script.push_str(&rest[..1 + c]);
+                i += 1 + c;
+                continue;
+            }
+            (Quote::None, b'\'') => quote = Quote::Single,
+            (Quote::Single, b'\'') => quote = Quote::None,
+            (Quote::None, b'"') => quote = Quote::Double,
+            (Quote::Double, b'"') => quote = Quote::None,
+            _ => {}
+        }
         if rest.starts_with("{{") {
             script.push('{');
             i += 2;
@@ -62,6 +96,9 @@ pub fn parse(template: &str) -> Result<ShellTemplate, TemplateError> {
                 .position(|&b| b == b'}');
             match closing.map(|end| &rest[1..1 + end]) {
                 Some(name) if is_ident(name) => {
+                    if quote == Quote::Single {
+                        return Err(TemplateError::SingleQuoted(name.to_string()));
+                    }
                     let n = match index.get(name) {
                         Some(&n) => n,
                         None => {
@@ -70,7 +107,12 @@ pub fn parse(template: &str) -> Result<ShellTemplate, TemplateError> {
                             params.len()
                         }
                     };
-                    script.push_str(&format!("\"${{{n}}}\""));
+                    // In double quotes already: the value stays one literal part of the word.
+                    if quote == Quote::Double {
+                        script.push_str(&format!("${{{n}}}"));
+                    } else {
+                        script.push_str(&format!("\"${{{n}}}\""));
+                    }
                     i += name.len() + 2;
                 }
                 _ => {
@@ -108,6 +150,26 @@ mod tests {
     #[test]
     fn bad_templates_are_errors() {
         assert_eq!(parse("  "), Err(TemplateError::Empty));
+    }
+
+    #[test]
+    fn issue_12_parameters_in_quotes() {
+        // In double quotes: one literal part of that word, not split or globbed.
+        let t = parse(r#"printf '<%s>' "{x}" "a {x} b" {y}"#).unwrap();
+        assert_eq!(t.script, r#"printf '<%s>' "${1}" "a ${1} b" "${2}""#);
+        // Escaped quotes do not open or close anything.
+        let t = parse(r#"echo \' {x} "\" {y}""#).unwrap();
+        assert_eq!(t.script, r#"echo \' "${1}" "\" ${2}""#);
+        // In single quotes the shell substitutes nothing: refused, naming the parameter.
+        let e = parse("echo '{x}'").unwrap_err();
+        assert_eq!(e, TemplateError::SingleQuoted("x".into()));
+        assert!(
+            e.to_string()
+                .contains("parameter {x} is inside single quotes"),
+            "{e}"
+        );
+        // Braces in single quotes that are not parameters stay (awk programs).
+        assert_eq!(parse("awk '{print $1}' {f}").unwrap().params, ["f"]);
     }
 
     #[test]

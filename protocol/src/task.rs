@@ -226,6 +226,10 @@ pub enum ErrorKind {
     DaemonCrashed,
     /// The task's processes used more memory than its limit and were killed.
     MemoryExceeded,
+    /// The kernel's out-of-memory killer killed the task's process: the node (or its memory
+    /// cgroup) ran out of memory, which need not be this task's doing. Retried like a lost
+    /// worker.
+    OomKilled,
 }
 
 impl ErrorKind {
@@ -243,12 +247,16 @@ impl ErrorKind {
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::DaemonCrashed => "daemon_crashed",
             ErrorKind::MemoryExceeded => "memory_exceeded",
+            ErrorKind::OomKilled => "oom_killed",
         }
     }
 
     /// Whether this failure comes from the infrastructure (and so may be retried).
     pub fn is_infrastructure(self) -> bool {
-        matches!(self, ErrorKind::WorkerLost | ErrorKind::ManagerLost)
+        matches!(
+            self,
+            ErrorKind::WorkerLost | ErrorKind::ManagerLost | ErrorKind::OomKilled
+        )
     }
 }
 

@@ -73,6 +73,14 @@ pub fn reset_peak_rss(pid: u32) -> std::io::Result<()> {
     std::fs::write(format!("/proc/{pid}/clear_refs"), b"5")
 }
 
+/// How many processes the kernel's out-of-memory killer has killed since boot, node-wide and
+/// in memory cgroups (`oom_kill` in `/proc/vmstat`, Linux 4.13+).
+pub fn oom_kills() -> Option<u64> {
+    let vmstat = std::fs::read_to_string("/proc/vmstat").ok()?;
+    let line = vmstat.lines().find(|l| l.starts_with("oom_kill "))?;
+    line.split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ import os
 import threading
 
 from conftest import read_proc, wait_for
-from daemon_env import NOOP, error_of, in_thread
+from daemon_env import NOOP, error_of, in_thread, result_value
 
 HEALTH = b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -383,3 +383,23 @@ def test_per_user_quotas_on_queued_bytes_and_function_bytes(make_daemon):
     assert "limits.max_function_mb_per_user" in error_of(r, 429, "quota")
     assert d.api("DELETE", f"/v1/functions/{ids[0]}").status in (200, 204)
     d.register({"kind": "python", "entry": "f", "source": src})
+
+
+def test_fault_27_values_reach_shell_commands_as_literal_arguments_never_code(daemon, fnx_env):
+    """Shell metacharacters, command substitutions, newlines, quotes and braces in a value are
+    passed as they are, outside quotes and inside double quotes; a parameter inside single
+    quotes is refused at registration, naming it."""
+    pwned = fnx_env.dir / "pwned"
+    values = [f"$(touch {pwned})", f"`touch {pwned}`", f"x; touch {pwned}", "a\nb",
+              "'\"{y}\"'", "*", "  spaced  ", "$HOME"]
+    plain = daemon.register({"kind": "shell", "command": "printf '[%s]' {x}"})
+    quoted = daemon.register({"kind": "shell", "command": "printf '[%s]' \"<{x}>\""})
+    ids = daemon.submit([{"function": f, "args": {"x": v}} for v in values
+                         for f in (plain, quoted)])
+    done = daemon.wait_all(ids)
+    outs = [result_value(done[i])["stdout"] for i in ids]
+    want = [w for v in values for w in (f"[{v}]", f"[<{v}>]")]
+    assert outs == want, list(zip(outs, want))
+    assert not pwned.exists(), "a value ran as code"
+    r = daemon.api("POST", "/v1/functions", {"kind": "shell", "command": "echo '{x}'"})
+    assert "parameter {x} is inside single quotes" in error_of(r, 400, "bad_request")

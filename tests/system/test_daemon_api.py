@@ -447,7 +447,7 @@ def test_bulk_cancel_counts_only_own_unfinished_tasks(daemon, fnx_env):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_idempotency_key_replays_the_same_ids_and_creates_nothing_fault_34(daemon):
+def test_fault_34_an_idempotency_key_replays_the_same_ids_and_creates_nothing(daemon):
     fid = daemon.register(NOOP)
     body = {"tasks": [{"function": fid, "args": [i]} for i in range(3)]}
     key = {"Idempotency-Key": "submit-7f3a"}
@@ -492,7 +492,7 @@ def test_idempotency_key_replays_the_same_ids_and_creates_nothing_fault_34(daemo
     assert r5.headers.get("idempotent-replayed", "false") != "true", r5.headers
 
 
-def test_two_users_cannot_see_each_others_tasks_functions_or_results(daemon):
+def test_fault_26_two_users_cannot_see_each_others_tasks_functions_or_results(daemon):
     alice, bob = daemon.create_user("alice"), daemon.create_user("bob")
     assert daemon.api("GET", "/v1/whoami", token=alice).body == {"user": "alice", "admin": False}
     assert daemon.api("GET", "/v1/whoami", token=bob).body == {"user": "bob", "admin": False}
@@ -651,7 +651,10 @@ def test_400_malformed_missing_or_wrong_fields(daemon):
     assert r.body["error"]["code"] == {400: "bad_request", 404: "not_found"}[r.status], r.body
 
 
-def test_401_without_or_with_an_unknown_token(daemon):
+def test_fault_22_unauthenticated_requests_are_refused_before_their_body_is_read(daemon):
+    """No token, an unknown one, or another scheme: 401 for every endpoint that needs one, and
+    before the body is parsed (a malformed body is a 401, not a 400, and a body of 64 MiB is
+    not read)."""
     for method, path, body in [("GET", "/v1/whoami", None), ("GET", "/v1/functions", None),
                                ("POST", "/v1/tasks", {"tasks": [{"function": 1}]}),
                                ("GET", "/v1/tasks/1", None), ("GET", "/v1/results", None),
@@ -663,6 +666,11 @@ def test_401_without_or_with_an_unknown_token(daemon):
     r = daemon.api("GET", "/v1/whoami", headers={"Authorization": "Basic dXNlcjpwYXNz"},
                    token=None)
     error_of(r, 401, "unauthorized")
+    r = daemon.api("POST", "/v1/tasks", b"{not json", token=None)
+    error_of(r, 401, "unauthorized")
+    r = daemon.api("POST", "/v1/tasks", b"[" * (64 << 20), token="fnx_guess")
+    msg = error_of(r, 401, "unauthorized")
+    assert "task" not in msg.lower() or "token" in msg.lower(), msg
 
 
 def test_404_unknown_ids_and_paths(daemon):

@@ -19,10 +19,11 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import descendants_of, wait_for
 from daemon_env import (
     GATE, NOOP, TERMINAL, error_of, gate, in_thread, result_value, wait_started,
 )
@@ -535,3 +536,45 @@ def test_fault_17_a_task_over_its_memory_limit_is_killed_alone(make_daemon):
     assert [result_value(r) for r in d.wait_all(ok).values()] == [10] * 4
     managers = d.status()["pools"][0]["managers"]
     assert [m["id"] for m in managers] == [manager], managers
+
+
+def own_memory_cgroup() -> Path | None:
+    """This process's cgroup in a writable v1 memory hierarchy (as on CI), or None."""
+    for line in open("/proc/self/cgroup"):
+        _, controllers, path = line.rstrip("\n").split(":", 2)
+        if "memory" in controllers.split(","):
+            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            if (base / "memory.limit_in_bytes").exists() and os.access(base, os.W_OK):
+                return base
+    return None
+
+
+def test_fault_17_a_kill_by_the_kernels_oom_killer_is_oom_killed_not_worker_lost(make_daemon):
+    """The daemon, its manager and workers in a memory cgroup of 400 MiB and no pool limit: a
+    task that allocates 1 GiB is killed by the kernel's out-of-memory killer. It is labelled
+    oom_killed (retried like a lost worker), not worker_lost; the manager survives."""
+    base = own_memory_cgroup()
+    if base is None:
+        pytest.skip("needs a writable cgroup v1 memory hierarchy (CI has one)")
+    cg = base / f"fnx-test-oom-{os.getpid()}"
+    cg.mkdir()
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(400 << 20))
+        d = make_daemon(pools={"local": {"workers_per_manager": 1}})
+        for pid in [d.pid] + [p.pid for p in descendants_of(d.pid)]:
+            (cg / "cgroup.procs").write_text(str(pid))
+        fid = d.register(HOG)
+        [big] = d.submit([{"function": fid, "args": [1024, 0], "retries": 0}])
+        rec = d.wait_task(big)
+        assert rec["state"] == "failed" and rec["error"]["kind"] == "oom_killed", rec
+        assert "out-of-memory killer" in rec["error"]["message"], rec
+        [small] = d.submit([{"function": fid, "args": [10]}])
+        assert result_value(d.wait_task(small)) == 10
+        d.stop()
+    finally:
+        for pid in (cg / "cgroup.procs").read_text().split():
+            try:
+                (base / "cgroup.procs").write_text(pid)
+            except OSError:
+                pass
+        cg.rmdir()

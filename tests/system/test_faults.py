@@ -52,6 +52,12 @@ GATE = """
         if x == code:
             os._exit(code)
         return x * 10
+
+    def segfault_on(x, bad):
+        if x == bad:
+            import ctypes
+            ctypes.string_at(0)  # a null dereference in C: SIGSEGV
+        return x * 10
 """
 
 
@@ -125,6 +131,20 @@ def test_fault_11_os_exit_is_worker_lost_with_status_other_tasks_succeed(env):
     assert r[1]["ok"] is False and err["kind"] == "worker_lost", r[1]
     assert "exit status 3" in err["message"], err
     assert [r[i]["result"] for i in (0, 2, 3)] == [0, 10, 20]
+
+
+def test_fault_11_a_segfault_inside_the_function_is_signal_11_and_the_slot_comes_back(env):
+    run = env.map(
+        "faulty:segfault_on", "--workers", "1", "--retries", "0",
+        inputs=[[0, 2], [2, 2], [1, 2], [3, 2]],
+    )
+    assert run.returncode == 1, run.explain()
+    r = run.by_index()
+    err = r[1]["error"]
+    assert r[1]["ok"] is False and err["kind"] == "worker_lost", r[1]
+    assert "signal 11" in err["message"] and "SIGSEGV" in err["message"], err
+    # One worker slot: the tasks after the crash ran in the worker started in its place.
+    assert [r[i]["result"] for i in (0, 2, 3)] == [0, 10, 30]
 
 
 def test_fault_12_poison_task_fails_after_its_retries_queue_drains(env):

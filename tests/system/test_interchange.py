@@ -154,3 +154,46 @@ def test_fault_19_21_garbage_and_wrong_version_from_a_key_holder(make_daemon):
     assert "version 99" in log, "the refused registration must be visible in the log"
     assert "ignored" in log, "malformed messages must be logged (rate-limited), not silently"
     assert log.count("registered with") == 1, log
+
+
+def test_fault_20_results_and_heartbeats_from_a_manager_that_does_not_hold_the_task(make_daemon,
+                                                                                    fnx_env):
+    """A peer with an issued key registers, then reports a result for a task running on the
+    daemon's own manager, and for a task that does not exist: both are discarded and logged;
+    the task's own result is the one recorded."""
+    d = make_daemon(interchange={"encrypt": "always"})
+    gate = fnx_env.dir / "gate"
+    gate.mkdir()
+    sid = d.register({"kind": "shell", "command":
+                      f"while [ ! -e {gate}/release ]; do sleep 0.02; done; echo real"})
+    [tid] = d.submit([{"function": sid, "args": {}}])
+    wait_for(lambda: d.task(tid)["state"] == "running", 30, "the task running")
+    keys = dict(
+        (k.strip(), v.strip()) for k, v in
+        (line.split("=", 1) for line in (d.home / "keys" / "local.manager").read_text()
+         .splitlines() if "=" in line))
+    version = d.api("GET", "/v1/health", token=None).body["version"]
+    ctx = zmq.Context()
+    try:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.curve_serverkey = keys["server_public"].encode()
+        s.curve_publickey = keys["public"].encode()
+        s.curve_secretkey = keys["secret"].encode()
+        s.connect(f"tcp://127.0.0.1:{d.interchange_port}")
+        s.send(msgpack.packb([PROTOCOL_VERSION, {"register": [
+            "forger", "nowhere", 4242, 1, 1, 0, None, False, version]}]))
+        assert s.poll(10_000), "the forger's registration got no answer"
+        s.recv()
+        forged = {"ok": ["json", b'"forged"']}
+        s.send(msgpack.packb([PROTOCOL_VERSION, "heartbeat"]))
+        s.send(msgpack.packb([PROTOCOL_VERSION, {"results": [[tid, 1, forged],
+                                                              [999_999, 1, forged]]}]))
+        wait_for(lambda: d.log_since_start().count("discarded the result of") >= 2, 10,
+                 lambda: "both forged results discarded\n" + d.log_tail())
+    finally:
+        ctx.destroy(linger=0)
+    assert d.task(tid)["state"] == "running", "a forged result finished the task"
+    (gate / "release").touch()
+    rec = d.wait_task(tid)
+    assert rec["state"] == "success" and rec["result"]["value"]["stdout"] == "real\n", rec

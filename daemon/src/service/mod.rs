@@ -376,8 +376,9 @@ fn encryption(cfg: &SiteConfig) -> Result<Vec<LinkKeys>, DaemonError> {
 /// What the store holds for a start: read in full before any pool starts, so that a damaged
 /// store stops the daemon before it has started anything.
 struct Loaded {
-    /// Functions, with the key of the image build each one waits for.
-    functions: Vec<(FunctionDef, Option<String>)>,
+    /// Functions, with the key of the image build each one waits for, and whether it was
+    /// deleted (then it is held only until its unfinished tasks end).
+    functions: Vec<(FunctionDef, Option<String>, bool)>,
     tasks: Vec<store::Recovered>,
     counts: HashMap<String, UserCounts>,
     started: Instant,
@@ -390,9 +391,14 @@ fn load(conn: &rusqlite::Connection, path: &Path, per_user: bool) -> Result<Load
         source,
     };
     let started = Instant::now();
+    let tasks = store::unfinished(conn).map_err(serr)?;
+    // Deleted functions are held only while tasks of theirs are unfinished.
+    let used: std::collections::HashSet<fnx_protocol::FunctionId> =
+        tasks.iter().map(|t| t.task.function).collect();
     let functions = store::all_functions(conn)
         .map_err(serr)?
         .into_iter()
+        .filter(|f| !f.deleted || used.contains(&f.id))
         .filter_map(|f| {
             let body = body_of(&f.spec)?;
             let def = FunctionDef {
@@ -401,7 +407,7 @@ fn load(conn: &rusqlite::Connection, path: &Path, per_user: bool) -> Result<Load
                 container: crate::images::container_of(&f.spec),
                 owner: (!per_user).then(|| f.owner.clone()),
             };
-            Some((def, crate::images::build_of(&f.spec)))
+            Some((def, crate::images::build_of(&f.spec), f.deleted))
         })
         .collect();
     let mut counts: HashMap<String, UserCounts> = HashMap::new();
@@ -443,7 +449,6 @@ fn load(conn: &rusqlite::Connection, path: &Path, per_user: bool) -> Result<Load
             counts.entry(owner).or_default().bytes = bytes as u64;
         }
     }
-    let tasks = store::unfinished(conn).map_err(serr)?;
     Ok(Loaded {
         functions,
         tasks,
@@ -462,7 +467,7 @@ fn recover(
     per_user: bool,
     crash_limit: u32,
 ) -> HashMap<String, UserCounts> {
-    for (def, build) in &loaded.functions {
+    for (def, build, _) in &loaded.functions {
         for p in pools {
             p.handle.add_function(def.clone());
         }
@@ -518,6 +523,12 @@ fn recover(
     for (p, tenants) in pools.iter().zip(per_pool) {
         for (tenant, tasks) in tenants {
             p.handle.submit_as(&tenant, tasks);
+        }
+        // After the tasks: each deleted function goes once its last task has ended.
+        for (def, _, deleted) in &loaded.functions {
+            if *deleted {
+                p.handle.remove_function(def.id);
+            }
         }
     }
     if crashed > 0 {
@@ -693,7 +704,7 @@ pub fn run(
     let building: HashMap<_, _> = loaded
         .functions
         .iter()
-        .filter_map(|(def, build)| Some((def.id, build.clone()?)))
+        .filter_map(|(def, build, _)| Some((def.id, build.clone()?)))
         .collect();
     let counts = recover(
         loaded,

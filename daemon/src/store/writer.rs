@@ -252,7 +252,7 @@ pub(super) struct Effects {
     /// New tasks per (pool, tenant).
     to_interchange: HashMap<(String, String), Vec<NewTask>>,
     registered: Vec<(RegisterReply, FunctionId, FunctionInput)>,
-    deleted: Vec<DeleteReply>,
+    deleted: Vec<(FunctionId, DeleteReply)>,
     /// Per-user counter moves: (owner, from, to).
     pub(super) moves: Vec<(String, Option<State>, State)>,
     /// Outcomes recorded: success, failed, cancelled.
@@ -523,8 +523,8 @@ impl Writer {
         for ((f, reply), id) in registers.into_iter().zip(staged_registers) {
             fx.registered.push((reply, id, f));
         }
-        for (_, reply) in deletes.drain(..) {
-            fx.deleted.push(reply);
+        for (id, reply) in deletes.drain(..) {
+            fx.deleted.push((id, reply));
         }
         for ((owner, tasks, _, reply), staged) in submits.into_iter().zip(staged_submits) {
             match staged {
@@ -630,7 +630,10 @@ impl Writer {
             }
             let _ = reply.send(Ok(id));
         }
-        for reply in fx.deleted {
+        for (id, reply) in fx.deleted {
+            for h in self.pools.values() {
+                h.remove_function(id);
+            }
             let _ = reply.send(Ok(()));
         }
         for ((pool, tenant), tasks) in fx.to_interchange {

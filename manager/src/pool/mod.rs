@@ -232,6 +232,8 @@ pub struct Pool<'a> {
     held: Vec<(Instant, TaskId, fnx_protocol::Attempt, Outcome)>,
     /// When the memory of running tasks was last measured (with a memory limit).
     mem_sampled: Instant,
+    /// The kernel's count of out-of-memory kills when last looked at.
+    oom_seen: u64,
 }
 
 /// How long the outcome of a task killed from outside is held (see `Pool::held`).
@@ -267,6 +269,7 @@ impl<'a> Pool<'a> {
             drain_sent: false,
             held: Vec::new(),
             mem_sampled: Instant::now(),
+            oom_seen: fnx_sys::memory::oom_kills().unwrap_or(0),
         }
     }
 

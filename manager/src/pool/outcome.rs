@@ -203,8 +203,32 @@ impl Pool<'_> {
         let from_outside = r.forced.is_none()
             && ((libc::WIFSIGNALED(status) && term(libc::WTERMSIG(status)))
                 || (libc::WIFEXITED(status) && term(libc::WEXITSTATUS(status) - 128)));
+        // SIGKILL from no one here: the kernel's out-of-memory killer, if its count moved.
+        let oom = r.forced.is_none()
+            && libc::WIFSIGNALED(status)
+            && libc::WTERMSIG(status) == libc::SIGKILL
+            && fnx_sys::memory::oom_kills().is_some_and(|n| {
+                let moved = n > self.oom_seen;
+                self.oom_seen = self.oom_seen.max(n);
+                moved
+            });
         let outcome = match (r.forced, &mut proc.kind) {
             (Some(e), _) => Outcome::Err(e),
+            (None, _) if oom => {
+                tracing::warn!(
+                    "task {} was killed by the kernel's out-of-memory killer (process {pid})",
+                    r.id
+                );
+                Outcome::Err(TaskError::new(
+                    ErrorKind::OomKilled,
+                    "OomKilled",
+                    format!(
+                        "the kernel's out-of-memory killer killed process {pid} of the task: the \
+                         node or its memory cgroup ran out of memory (this task may or may not \
+                         be the cause; set mem_per_worker to hold each task to a limit)"
+                    ),
+                ))
+            }
             (None, Kind::Python(_)) => {
                 let log = proc
                     .log
