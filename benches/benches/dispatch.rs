@@ -43,7 +43,7 @@ fn setup(managers: u8, slots: u32) -> Interchange {
             prefetch: slots,
             block_id: None,
             zero_work: true,
-            fnx_version: "bench".into(),
+            fnx_version: env!("CARGO_PKG_VERSION").into(),
         };
         ic.on_message(
             now,

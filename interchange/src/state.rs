@@ -454,6 +454,25 @@ impl Interchange {
             comm.send(peer, &InterchangeToManager::Rejected { reason });
             return;
         }
+        if let Some(ours) = self
+            .config
+            .release
+            .as_ref()
+            .filter(|r| **r != reg.fnx_version)
+        {
+            // The protocol number may agree while the releases behave differently.
+            let reason = format!(
+                "fnx release mismatch: manager {} on {} is fnx {}, the interchange is fnx \
+                 {ours}; run the same fnx release on the nodes (the pool's fnx_path)",
+                reg.uid, reg.host, reg.fnx_version
+            );
+            comm.notice(Notice::Refused {
+                uid: Some(reg.uid),
+                reason: reason.clone(),
+            });
+            comm.send(peer, &InterchangeToManager::Rejected { reason });
+            return;
+        }
         if reg.slots == 0 {
             let reason = format!("manager {} on {} offers 0 worker slots", reg.uid, reg.host);
             comm.notice(Notice::Refused {

@@ -27,6 +27,8 @@ pub struct Config {
     /// queued task of another environment that is at most this many places older (see
     /// [`crate::routing`]).
     pub warm_window: u64,
+    /// The fnx release managers must be (None: any).
+    pub release: Option<String>,
 }
 
 impl Default for Config {
@@ -38,6 +40,7 @@ impl Default for Config {
             max_batch_bytes: 8 << 20,
             max_payload_bytes: 10 << 20,
             warm_window: 4096,
+            release: Some(env!("CARGO_PKG_VERSION").to_string()),
         }
     }
 }

@@ -43,6 +43,7 @@ fn config() -> Config {
         max_batch_bytes: 1 << 20,
         max_payload_bytes: 1000,
         warm_window: 4096,
+        release: None,
     }
 }
 

@@ -144,6 +144,15 @@ def test_fault_19_21_garbage_and_wrong_version_from_a_key_holder(make_daemon):
                 f"interchange speaks version {PROTOCOL_VERSION}"
             ]},
         ]
+        # The same protocol from another fnx release is refused too, naming both releases.
+        old = keyed()
+        old.send(register(PROTOCOL_VERSION, uid="old-release"))
+        assert old.poll(10_000), "no answer to a registration from another fnx release"
+        version = d.api("GET", "/v1/health", token=None).body["version"]
+        assert msgpack.unpackb(old.recv()) == [PROTOCOL_VERSION, {"rejected": [
+            "fnx release mismatch: manager old-release on nowhere is fnx 0.0.0-test, the "
+            f"interchange is fnx {version}; run the same fnx release on the nodes (the pool's "
+            "fnx_path)"]}]
     finally:
         ctx.destroy(linger=0)
     sid = d.register({"kind": "shell", "command": "echo {x}"})
@@ -152,6 +161,7 @@ def test_fault_19_21_garbage_and_wrong_version_from_a_key_holder(make_daemon):
     assert rec["state"] == "success" and rec["result"]["value"]["stdout"] == "fine\n", rec
     log = d.log_since_start()
     assert "version 99" in log, "the refused registration must be visible in the log"
+    assert "fnx release mismatch" in log
     assert "ignored" in log, "malformed messages must be logged (rate-limited), not silently"
     assert log.count("registered with") == 1, log
 

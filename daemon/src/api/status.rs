@@ -123,6 +123,11 @@ pub(super) async fn status(State(app): State<Arc<App>>, c: Caller) -> ApiResult 
         "tasks": if c.admin { total } else { mine },
         "tasks_per_s": rate,
         "pools": pools,
+        // The caller's own use of their per-user quota.
+        "quota": {
+            "queued_bytes": mine.bytes,
+            "max_queued_bytes": app.limits.max_queued_bytes_per_user,
+        },
     });
     if c.admin {
         doc["users"] = serde_json::to_value(&users).unwrap_or(Value::Null);

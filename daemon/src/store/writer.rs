@@ -130,7 +130,8 @@ pub struct UserCounts {
     pub running: u64,
     /// Terminal, still in the store.
     pub finished: u64,
-    /// Bytes of arguments and files of the unfinished ones.
+    /// Bytes of arguments and files of the unfinished ones (shown as `quota` in the status).
+    #[serde(skip)]
     pub bytes: u64,
 }
 
