@@ -56,6 +56,25 @@ def garbage_messages(rng):
     yield b"\x92\x01\xdd\xff\xff\xff\xff"                            # array32 claiming 4G items
 
 
+def manager_keys(d) -> dict[str, str]:
+    """The pool's manager key file of daemon `d` (what a key holder has)."""
+    text = (d.home / "keys" / "local.manager").read_text()
+    return dict((k.strip(), v.strip()) for k, v in
+                (line.split("=", 1) for line in text.splitlines() if "=" in line))
+
+
+def keyed_socket(ctx, d):
+    """A DEALER that passes the handshake of `d`'s interchange with the pool's key."""
+    keys = manager_keys(d)
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.curve_serverkey = keys["server_public"].encode()
+    sock.curve_publickey = keys["public"].encode()
+    sock.curve_secretkey = keys["secret"].encode()
+    sock.connect(f"tcp://127.0.0.1:{d.interchange_port}")
+    return sock
+
+
 def test_fault_19_21_garbage_and_wrong_version_on_manager_port_run_unaffected(fnx_env):
     fnx_env.write("gated.py", textwrap.dedent(GATED))
     gate = fnx_env.dir / "gate"
@@ -113,21 +132,11 @@ def test_fault_19_21_garbage_and_wrong_version_from_a_key_holder(make_daemon):
     versions, while the daemon's own manager runs tasks. (`encrypt = "always"`: the pool's key
     file is what a key holder has.)"""
     d = make_daemon(interchange={"encrypt": "always"})
-    keys = dict(
-        (k.strip(), v.strip()) for k, v in
-        (line.split("=", 1) for line in (d.home / "keys" / "local.manager").read_text()
-         .splitlines() if "=" in line))
     rng = random.Random(21)
     ctx = zmq.Context()
     try:
         def keyed():
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.curve_serverkey = keys["server_public"].encode()
-            sock.curve_publickey = keys["public"].encode()
-            sock.curve_secretkey = keys["secret"].encode()
-            sock.connect(f"tcp://127.0.0.1:{d.interchange_port}")
-            return sock
+            return keyed_socket(ctx, d)
 
         junk = keyed()
         for frame in garbage_messages(rng):
@@ -178,19 +187,10 @@ def test_fault_20_results_and_heartbeats_from_a_manager_that_does_not_hold_the_t
                       f"while [ ! -e {gate}/release ]; do sleep 0.02; done; echo real"})
     [tid] = d.submit([{"function": sid, "args": {}}])
     wait_for(lambda: d.task(tid)["state"] == "running", 30, "the task running")
-    keys = dict(
-        (k.strip(), v.strip()) for k, v in
-        (line.split("=", 1) for line in (d.home / "keys" / "local.manager").read_text()
-         .splitlines() if "=" in line))
     version = d.api("GET", "/v1/health", token=None).body["version"]
     ctx = zmq.Context()
     try:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.curve_serverkey = keys["server_public"].encode()
-        s.curve_publickey = keys["public"].encode()
-        s.curve_secretkey = keys["secret"].encode()
-        s.connect(f"tcp://127.0.0.1:{d.interchange_port}")
+        s = keyed_socket(ctx, d)
         s.send(msgpack.packb([PROTOCOL_VERSION, {"register": [
             "forger", "nowhere", 4242, 1, 1, 0, None, False, version]}]))
         assert s.poll(10_000), "the forger's registration got no answer"

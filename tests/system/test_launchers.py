@@ -691,3 +691,56 @@ def test_config_check_prints_batch_script_and_launch_line(fnx_env):
         assert key in text, f"{key} not named:\n{text}"
     assert "1h" in text and "0.0.0.0" in text, text
     assert not log.exists() and not data.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# FAULTS.md 30: a batch system that hangs or answers garbage
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fault_30_an_sbatch_that_hangs_or_answers_garbage_is_reported_with_backoff(
+        make_daemon, fnx_env, tmp_path):
+    """`sbatch` answering nonsense, then hanging: each failure shows in the pool's
+    `submit_error` (and `fnx status`) with what it said or that it timed out; submissions back
+    off (5 s, then 10 s, ...) instead of hammering the scheduler; the API stays responsive while
+    a submission hangs. A stand-in `sbatch` (real Slurm never does this on purpose) records
+    each call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "sbatch-calls"
+    mode = tmp_path / "sbatch-mode"
+    mode.write_text("garbage")
+    (bin_dir / "sbatch").write_text(f"""#!/bin/sh
+date +%s.%N >> '{calls}'
+if [ "$(cat '{mode}')" = hang ]; then exec sleep 1000; fi
+echo 'Submitted a batch of bananas'
+""")
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    d = batch_daemon(make_daemon, {"cpu": {
+        "provider": "slurm", "nodes_per_block": 1, "workers_per_node": 1, "min_blocks": 1,
+        "max_blocks": 1, "submit_timeout_s": 2, "scaling_interval_s": 0.2}}, env=env)
+
+    def pool() -> dict:
+        return d.status()["pools"][0]
+
+    p = wait_for(lambda: pool().get("submit_error") and pool(), 20, "the garbage in status")
+    assert "Submitted a batch of bananas" in p["submit_error"], p
+    out = d.fnx("status").stdout
+    assert "cannot submit blocks: " in out and "bananas" in out, out
+    mode.write_text("hang")
+    first = len(calls.read_text().split())
+    wait_for(lambda: len(calls.read_text().split()) > first, 30, "a submission that hangs")
+    # While sbatch hangs, the API answers at once.
+    t0 = time.monotonic()
+    assert d.api("GET", "/v1/health", token=None).status == 200
+    assert time.monotonic() - t0 < 1.0
+    p = wait_for(lambda: "did not finish within" in (pool().get("submit_error") or "")
+                 and pool(), 30, "the timeout in status")
+    assert "did not finish within 2s and was killed" in p["submit_error"], p
+    # Backoff: the gaps between calls grow (5 s, 10 s, ...), never a call per scaling tick.
+    wait_for(lambda: len(calls.read_text().split()) >= 3, 60, "three submissions")
+    times = [float(t) for t in calls.read_text().split()]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert all(g >= 4.5 for g in gaps), gaps
+    assert gaps[-1] > gaps[0], gaps

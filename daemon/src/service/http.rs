@@ -394,6 +394,21 @@ impl<S> Stalls<S> {
         }
     }
 
+    /// A write's result: progress ends a stall; no progress starts (or goes on with) one.
+    fn after<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match r {
+            Poll::Pending => self.check(cx).map(Err),
+            done => {
+                self.stalled = None;
+                done
+            }
+        }
+    }
+
     /// After a write that made no progress: `Ready(Err)` once stalled past the limit.
     fn check(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         let limit = self.limit;
@@ -426,13 +441,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Stalls<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write(cx, buf) {
-            Poll::Pending => self.check(cx).map(Err),
-            done => {
-                self.stalled = None;
-                done
-            }
-        }
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.after(cx, r)
     }
 
     fn poll_write_vectored(
@@ -440,13 +450,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Stalls<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
-            Poll::Pending => self.check(cx).map(Err),
-            done => {
-                self.stalled = None;
-                done
-            }
-        }
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.after(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -454,13 +459,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Stalls<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match Pin::new(&mut self.inner).poll_flush(cx) {
-            Poll::Pending => self.check(cx).map(Err),
-            done => {
-                self.stalled = None;
-                done
-            }
-        }
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.after(cx, r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
