@@ -578,3 +578,32 @@ def test_fault_17_a_kill_by_the_kernels_oom_killer_is_oom_killed_not_worker_lost
             except OSError:
                 pass
         cg.rmdir()
+
+
+def rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_fault_28_a_hundred_thousand_queued_tasks_within_budget_and_across_a_restart(
+        make_daemon):
+    """The smaller, gated form of FAULTS 28 (the million is in benches/daemon/million.py):
+    100,000 queued no-op tasks cost the daemon at most 2 KiB each beyond their arguments, and
+    a restart recovers every one of them, saying how long it took."""
+    n = 100_000
+    d = make_daemon(pools={"local": {"managers": 0}}, store={"sync": "normal"})
+    fid = d.register(NOOP)
+    d.submit([{"function": fid, "args": [0]}])  # warm-up: threads, connections, caches
+    before = rss_kib(d.pid)
+    for start in range(0, n, 10_000):
+        d.submit([{"function": fid, "args": [i]} for i in range(start, start + 10_000)])
+    grew = rss_kib(d.pid) - before
+    print(f"\n{n} queued tasks: daemon RSS +{grew / 1024:.1f} MiB ({grew * 1024 / n:.0f} B/task)")
+    assert grew * 1024 / n < 2048, f"{grew * 1024 / n:.0f} bytes per queued task"
+    d.stop()
+    d.start()
+    m = re.search(r"recovered (\d+) unfinished tasks .* in ([\d.]+) s", d.log_since_start())
+    assert m and int(m.group(1)) == n + 1, d.log_tail()
+    assert d.status()["tasks"]["queued"] == n + 1
