@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How a parameter can be passed (Python's `inspect.Parameter.kind`).
@@ -131,17 +132,18 @@ fn read_bounded(
             let _ = stdin.write_all(req.as_bytes());
         }
     });
-    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-    let reader = std::thread::spawn(move || {
-        let mut out = (Vec::new(), Vec::new());
-        if let Some(s) = stdout {
-            let _ = s.take(MAX_OUTPUT).read_to_end(&mut out.0);
-        }
-        if let Some(s) = stderr {
-            let _ = s.take(64 << 10).read_to_end(&mut out.1);
-        }
-        out
-    });
+    // Both pipes at once: a reader that fills one while the other is read would block.
+    fn drain(pipe: Option<impl Read + Send + 'static>, max: u64) -> JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(p) = pipe {
+                let _ = p.take(max).read_to_end(&mut out);
+            }
+            out
+        })
+    }
+    let stdout = drain(child.stdout.take(), MAX_OUTPUT);
+    let stderr = drain(child.stderr.take(), 64 << 10);
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
@@ -155,7 +157,10 @@ fn read_bounded(
         }
     };
     let _ = writer.join();
-    let (stdout, stderr) = reader.join().unwrap_or_default();
+    let (stdout, stderr) = (
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default(),
+    );
     let Some(status) = status else {
         return Err(format!(
             "reading the function's signature took longer than {} s; the source is too large \

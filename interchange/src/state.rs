@@ -165,12 +165,12 @@ impl Interchange {
         self.functions.insert(def.id, def);
     }
 
-    /// Whether a task of function `id` is here (queued, held or running).
-    pub fn uses_function(&self, id: FunctionId) -> bool {
-        self.tasks.values().any(|t| t.function == id)
+    /// Add the functions of the tasks here (queued, held or running) to `used`.
+    pub fn used_functions(&self, used: &mut std::collections::HashSet<FunctionId>) {
+        used.extend(self.tasks.values().map(|t| t.function));
     }
 
-    /// Forget a function no task here uses (see [`Interchange::uses_function`]).
+    /// Forget a function no task here uses (see [`Interchange::used_functions`]).
     pub fn remove_function(&mut self, id: FunctionId) {
         self.functions.remove(&id);
         self.holds.remove(&id);

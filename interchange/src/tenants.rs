@@ -52,19 +52,19 @@ impl Tenants {
     }
 
     /// A function was deleted: forget it (its definition, source included) once no task of it
-    /// is queued or running in any tenant. New tasks of it are refused before they get here.
+    /// is queued or running in any tenant, looked for at the next [`Tenants::tick`] (at most
+    /// every 5 s, one pass over the tasks for all deleted functions). New tasks of it are
+    /// refused before they get here.
     pub fn remove_function(&mut self, id: FunctionId) {
         self.doomed.insert(id);
-        self.sweep();
     }
 
     fn sweep(&mut self) {
-        let gone: Vec<FunctionId> = self
-            .doomed
-            .iter()
-            .copied()
-            .filter(|&f| !self.by_name.values().any(|t| t.ic.uses_function(f)))
-            .collect();
+        let mut used = HashSet::new();
+        for t in self.by_name.values() {
+            t.ic.used_functions(&mut used);
+        }
+        let gone: Vec<FunctionId> = self.doomed.difference(&used).copied().collect();
         for f in gone {
             self.doomed.remove(&f);
             self.functions.remove(&f);

@@ -55,31 +55,94 @@ pub fn parse(template: &str) -> Result<ShellTemplate, TemplateError> {
     let mut params: Vec<String> = Vec::new();
     // Parameter names to their positions: linear in the template (issue 12).
     let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    // Where the shell will be: outside quotes, in '...' or in "...".
-    #[derive(PartialEq)]
+    // Where the shell will be: outside quotes, in '...', $'...' or "...". `$(...)` and
+    // backticks start a new context (unquoted, even inside "..."), saved on a stack with the
+    // parentheses open in it.
+    #[derive(Clone, Copy, PartialEq)]
     enum Quote {
         None,
         Single,
+        AnsiC,
         Double,
     }
+    #[derive(Clone, Copy, PartialEq)]
+    enum Nest {
+        Paren(u32),
+        Backtick,
+    }
     let mut quote = Quote::None;
+    let mut nests: Vec<(Quote, Nest)> = Vec::new();
     let mut i = 0;
     while i < template.len() {
         let rest = &template[i..];
         let b = rest.as_bytes()[0];
-        // Quotes and backslash escapes (none inside single quotes), copied as they are.
-        match (&quote, b) {
-            (Quote::None | Quote::Double, b'\\') if rest.len() > 1 => {
-                let c = rest[1..].chars().next().map_or(1, char::len_utf8);
-                script.push_str(&rest[..1 + c]);
-                i += 1 + c;
-                continue;
+        let code = matches!(quote, Quote::None | Quote::Double);
+        // Quotes, escapes and nesting, copied as they are.
+        let step = match (quote, b) {
+            (Quote::None | Quote::Double | Quote::AnsiC, b'\\') if rest.len() > 1 => {
+                Some(1 + rest[1..].chars().next().map_or(1, char::len_utf8))
             }
-            (Quote::None, b'\'') => quote = Quote::Single,
-            (Quote::Single, b'\'') => quote = Quote::None,
-            (Quote::None, b'"') => quote = Quote::Double,
-            (Quote::Double, b'"') => quote = Quote::None,
-            _ => {}
+            (Quote::None, b'$') if rest[1..].starts_with('\'') => {
+                quote = Quote::AnsiC;
+                Some(2)
+            }
+            (Quote::None, b'\'') => {
+                quote = Quote::Single;
+                Some(1)
+            }
+            (Quote::Single | Quote::AnsiC, b'\'') => {
+                quote = Quote::None;
+                Some(1)
+            }
+            (Quote::None, b'"') => {
+                quote = Quote::Double;
+                Some(1)
+            }
+            (Quote::Double, b'"') => {
+                quote = Quote::None;
+                Some(1)
+            }
+            (_, b'$') if code && rest[1..].starts_with('(') => {
+                nests.push((quote, Nest::Paren(0)));
+                quote = Quote::None;
+                Some(2)
+            }
+            (Quote::None, b'(') => {
+                if let Some((_, Nest::Paren(n))) = nests.last_mut() {
+                    *n += 1;
+                }
+                Some(1)
+            }
+            (Quote::None, b')') => {
+                match nests.last_mut() {
+                    Some((_, Nest::Paren(n))) if *n > 0 => *n -= 1,
+                    Some((outer, Nest::Paren(_))) => {
+                        quote = *outer;
+                        nests.pop();
+                    }
+                    _ => {}
+                }
+                Some(1)
+            }
+            (_, b'`') if code => {
+                match nests.last() {
+                    Some((outer, Nest::Backtick)) if quote == Quote::None => {
+                        quote = *outer;
+                        nests.pop();
+                    }
+                    _ => {
+                        nests.push((quote, Nest::Backtick));
+                        quote = Quote::None;
+                    }
+                }
+                Some(1)
+            }
+            _ => None,
+        };
+        if let Some(n) = step {
+            script.push_str(&rest[..n]);
+            i += n;
+            continue;
         }
         if rest.starts_with("{{") {
             script.push('{');
@@ -96,7 +159,7 @@ pub fn parse(template: &str) -> Result<ShellTemplate, TemplateError> {
                 .position(|&b| b == b'}');
             match closing.map(|end| &rest[1..1 + end]) {
                 Some(name) if is_ident(name) => {
-                    if quote == Quote::Single {
+                    if matches!(quote, Quote::Single | Quote::AnsiC) {
                         return Err(TemplateError::SingleQuoted(name.to_string()));
                     }
                     let n = match index.get(name) {
@@ -170,6 +233,18 @@ mod tests {
         );
         // Braces in single quotes that are not parameters stay (awk programs).
         assert_eq!(parse("awk '{print $1}' {f}").unwrap().params, ["f"]);
+        // $(...) and backticks start anew, even inside double quotes: quoted again there.
+        let t = parse(r#"echo "$(basename {p})" "`dirname {p}`" "$(f "{q}" (x))""#).unwrap();
+        assert_eq!(
+            t.script,
+            r#"echo "$(basename "${1}")" "`dirname "${1}"`" "$(f "${2}" (x))""#
+        );
+        // $'...' takes backslash escapes and substitutes nothing.
+        assert!(parse(r"echo $'it\'s {x}'").is_err());
+        assert_eq!(
+            parse(r"echo $'it\'s' {x}").unwrap().script,
+            r#"echo $'it\'s' "${1}""#
+        );
     }
 
     #[test]

@@ -152,17 +152,20 @@ async fn parse(app: &App, caller: &Caller, v: Value) -> Result<Parsed, ApiError>
                     )));
                 }
                 // A bounded number of readers at a time; the others wait their turn a while.
-                let _permit =
-                    tokio::time::timeout(Duration::from_secs(30), app.signature_readers.acquire())
-                        .await
-                        .ok()
-                        .and_then(Result::ok)
-                        .ok_or_else(|| {
-                            ApiError::busy("the daemon is busy reading other functions' signatures")
-                        })?;
+                // The slot is owned and moved into the reader's thread: a client that
+                // disconnects ends this handler, not the reader, which keeps it until it ends.
+                let readers = app.signature_readers.clone();
+                let permit = tokio::time::timeout(Duration::from_secs(30), readers.acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .ok_or_else(|| {
+                        ApiError::busy("the daemon is busy reading other functions' signatures")
+                    })?;
                 let (python, src, ent) =
                     (app.python.clone(), source.to_string(), entry.to_string());
                 let sig = tokio::task::spawn_blocking(move || {
+                    let _slot = permit;
                     signature::from_python_source(&python, &src, &ent)
                 })
                 .await

@@ -68,7 +68,9 @@ pub struct App {
     pub identities: crate::identity::Identities,
     tokens: caller::TokenCache,
     /// Signature readers that may run at once (each is an interpreter of up to 1 GiB).
-    signature_readers: tokio::sync::Semaphore,
+    signature_readers: Arc<tokio::sync::Semaphore>,
+    /// MiB of large request bodies that may be read at once (4 × `limits.max_request_mb`).
+    body_budget: Arc<tokio::sync::Semaphore>,
     /// Long-polls woken by a result of their user.
     poll_wakeups: std::sync::atomic::AtomicU64,
     /// Open API connections (counted by the server).
@@ -89,6 +91,7 @@ impl App {
         builds: crate::builds::Builds,
         identities: crate::identity::Identities,
     ) -> App {
+        let body_budget_mib = (limits.max_request_bytes >> 20).max(1) * 4;
         App {
             reader,
             writer: Mutex::new(writer),
@@ -103,11 +106,12 @@ impl App {
             building: Mutex::new(HashMap::new()),
             identities,
             tokens: caller::TokenCache::default(),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(body_budget_mib)),
             poll_wakeups: Default::default(),
             connections: Default::default(),
-            signature_readers: tokio::sync::Semaphore::new(
+            signature_readers: Arc::new(tokio::sync::Semaphore::new(
                 (fnx_sys::node::usable_cpus() as usize / 2).clamp(1, 4),
-            ),
+            )),
         }
     }
 
@@ -237,15 +241,33 @@ fn json_response(status: StatusCode, v: Value) -> Response {
     (status, axum::Json(v)).into_response()
 }
 
+/// A request body as read, holding its share of the daemon's budget for large bodies until it
+/// is dropped (after its request is handled).
+pub(crate) struct ReadBody {
+    bytes: Bytes,
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl std::ops::Deref for ReadBody {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Bodies up to this size need no share of the budget.
+const SMALL_BODY: usize = 1 << 20;
+
 /// Read a request body, refusing more than `limit` bytes while reading (chunked bodies too):
 /// memory stays within the limit, and a body that pauses longer than `limits.body_timeout_s`
-/// is a 408.
+/// is a 408. Large bodies (over 1 MiB, or of unknown length) together may hold at most four
+/// times `limits.max_request_mb` at once; past that a request gets 503 `busy`.
 async fn read_body(
     app: &App,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
-) -> Result<Bytes, ApiError> {
+) -> Result<ReadBody, ApiError> {
     use http_body_util::BodyExt;
     let too_large = || {
         ApiError::too_large(format!(
@@ -264,8 +286,24 @@ async fn read_body(
     // are resident once written. Growing by doubling would leave every smaller copy resident
     // in the allocator for a while: twice the body's size or more. If the reservation fails
     // (strict overcommit), the buffer grows as it fills instead.
+    let want = declared.map_or(limit, |n| n as usize);
+    let budget = if want > SMALL_BODY {
+        let mib = want.div_ceil(1 << 20) as u32;
+        Some(
+            app.body_budget
+                .clone()
+                .try_acquire_many_owned(mib)
+                .map_err(|_| {
+                    ApiError::busy(
+                        "too many large request bodies are being read at once; retry in a moment",
+                    )
+                })?,
+        )
+    } else {
+        None
+    };
     let mut buf: Vec<u8> = Vec::new();
-    let _ = buf.try_reserve_exact(declared.map_or(limit, |n| n as usize));
+    let _ = buf.try_reserve_exact(want);
     let mut body = body;
     let pause = app.limits.body_timeout;
     loop {
@@ -302,7 +340,10 @@ async fn read_body(
         }
         buf.extend_from_slice(&data);
     }
-    Ok(Bytes::from(buf))
+    Ok(ReadBody {
+        bytes: Bytes::from(buf),
+        _budget: budget,
+    })
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {

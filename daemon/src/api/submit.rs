@@ -6,7 +6,7 @@ use super::{json_response, read_body, ApiError, ApiResult, App, Caller, MSGPACK}
 use crate::records::{unb64, FunctionRow};
 use crate::signature::{self, Signature};
 use crate::store::writer::{Cmd, TaskInput};
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use fnx_protocol::{Encoding, FileSource, FunctionId, Payload, TaskFile};
@@ -529,10 +529,10 @@ fn check_submit(
     app: &App,
     caller: &Caller,
     is_msgpack: bool,
-    bytes: Bytes,
+    body: super::ReadBody,
 ) -> Result<Vec<TaskInput>, ApiError> {
-    let raws = parse_submit(is_msgpack, &bytes)?;
-    drop(bytes);
+    let raws = parse_submit(is_msgpack, &body)?;
+    drop(body);
     let max = app.limits.max_tasks_per_request;
     if raws.len() > max {
         return Err(ApiError::too_large(format!(
@@ -613,7 +613,7 @@ pub(super) async fn submit(
             Some(k.to_string())
         }
     };
-    let bytes = read_body(&app, &headers, body, app.limits.max_request_bytes).await?;
+    let body = read_body(&app, &headers, body, app.limits.max_request_bytes).await?;
     // What the key stands for: this very request (its media type and body).
     let key = key.map(|k| {
         let ctype = headers
@@ -621,7 +621,7 @@ pub(super) async fn submit(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         let mut fp = crate::auth::hash_token(ctype);
-        fp.push_str(&crate::auth::hash_bytes(&bytes));
+        fp.push_str(&crate::auth::hash_bytes(&body));
         (k, fp)
     });
     let is_msgpack = headers
@@ -631,7 +631,7 @@ pub(super) async fn submit(
     // Parsing and checking are linear, but a request may hold 10,000 tasks: off the HTTP
     // threads, so that other requests keep their latency.
     let (a, who) = (app.clone(), caller.clone());
-    let tasks = tokio::task::spawn_blocking(move || check_submit(&a, &who, is_msgpack, bytes))
+    let tasks = tokio::task::spawn_blocking(move || check_submit(&a, &who, is_msgpack, body))
         .await
         .map_err(|e| ApiError::unavailable(format!("checking the request failed: {e}")))??;
     let (tx, rx) = tokio::sync::oneshot::channel();

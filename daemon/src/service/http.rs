@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Bind the local socket (mode 0666: the kernel tells who connects, see `api::SocketPeer`).
 /// A stale socket file is replaced; a live one (another daemon answers on it) is an error.
@@ -330,7 +330,7 @@ async fn accept_loop(
 }
 
 /// Answer 503 with `Retry-After` on a connection over a cap, and close it.
-fn refuse<S: AsyncWrite + Unpin + Send + 'static>(stream: S) {
+fn refuse<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(stream: S) {
     tokio::spawn(async move {
         let mut stream = stream;
         let body = r#"{"error":{"code":"too_many_connections","message":"the fnx daemon has too many open connections; retry later"}}"#;
@@ -342,6 +342,16 @@ fn refuse<S: AsyncWrite + Unpin + Send + 'static>(stream: S) {
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
             let _ = stream.write_all(answer.as_bytes()).await;
             let _ = stream.shutdown().await;
+            // Read what the client sent (a little, briefly): closing with its request unread
+            // would reset the connection, and the client might never see the 503.
+            let mut sink = [0u8; 4096];
+            let mut left: usize = 64 << 10;
+            while left > 0 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left -= n.min(left),
+                }
+            }
         })
         .await;
     });
@@ -377,13 +387,19 @@ async fn serve_conn<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
 }
 
-/// A stream whose writes fail with `TimedOut` once they have made no progress for `limit`:
-/// a client that stops reading its answer does not hold the answer and the connection forever.
+/// A stream whose writes fail with `TimedOut` once they have made too little progress for
+/// `limit`: less than [`MIN_PROGRESS`] bytes since the client stopped taking them at once. A
+/// client that stops reading its answer, or takes a byte now and then, does not hold the answer
+/// and the connection for long. A flush that completes (the answer went out) ends the watch.
 struct Stalls<S> {
     inner: S,
     limit: Duration,
-    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Since the first write that had to wait: the deadline, and the bytes written since.
+    stalled: Option<(Pin<Box<tokio::time::Sleep>>, usize)>,
 }
+
+/// Bytes a slow client must take per `limits.body_timeout_s` (1 MiB: 35 kB/s at the default).
+const MIN_PROGRESS: usize = 1 << 20;
 
 impl<S> Stalls<S> {
     fn new(inner: S, limit: Duration) -> Stalls<S> {
@@ -394,31 +410,37 @@ impl<S> Stalls<S> {
         }
     }
 
-    /// A write's result: progress ends a stall; no progress starts (or goes on with) one.
-    fn after<T>(
+    /// A write's result: enough progress ends a watch; none starts (or goes on with) one.
+    fn after_write(
         &mut self,
         cx: &mut Context<'_>,
-        r: Poll<std::io::Result<T>>,
-    ) -> Poll<std::io::Result<T>> {
+        r: Poll<std::io::Result<usize>>,
+    ) -> Poll<std::io::Result<usize>> {
         match r {
             Poll::Pending => self.check(cx).map(Err),
-            done => {
-                self.stalled = None;
-                done
+            Poll::Ready(Ok(n)) => {
+                if let Some((_, written)) = self.stalled.as_mut() {
+                    *written += n;
+                    if *written >= MIN_PROGRESS {
+                        self.stalled = None;
+                    }
+                }
+                Poll::Ready(Ok(n))
             }
+            failed => failed,
         }
     }
 
-    /// After a write that made no progress: `Ready(Err)` once stalled past the limit.
+    /// While waiting: `Ready(Err)` once the watch has run past the limit.
     fn check(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
         let limit = self.limit;
-        let timer = self
+        let (timer, _) = self
             .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+            .get_or_insert_with(|| (Box::pin(tokio::time::sleep(limit)), 0));
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                "the client read nothing of its answer for limits.body_timeout_s",
+                "the client took less than 1 MiB of its answer in limits.body_timeout_s",
             )),
             Poll::Pending => Poll::Pending,
         }
@@ -442,7 +464,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Stalls<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.after(cx, r)
+        self.after_write(cx, r)
     }
 
     fn poll_write_vectored(
@@ -451,7 +473,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Stalls<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.after(cx, r)
+        self.after_write(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -459,8 +481,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Stalls<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let r = Pin::new(&mut self.inner).poll_flush(cx);
-        self.after(cx, r)
+        match Pin::new(&mut self.inner).poll_flush(cx) {
+            Poll::Pending => self.check(cx).map(Err),
+            Poll::Ready(Ok(())) => {
+                self.stalled = None; // all of it went out
+                Poll::Ready(Ok(()))
+            }
+            failed => failed,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

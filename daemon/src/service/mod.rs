@@ -484,7 +484,8 @@ fn recover(
     let mut orphans = Vec::new();
     let mut crashed = 0usize;
     for t in loaded.tasks {
-        if t.was_running && t.crashes >= crash_limit {
+        // Counts grow only at a crash, for the tasks running then (now queued again).
+        if t.crashes >= crash_limit {
             // It may be what kills the daemon: running it again could crash it again, forever
             // under a supervisor that restarts it.
             crashed += 1;
@@ -663,7 +664,7 @@ pub fn run(
             .map_err(|e| serr(e.into()))?;
     }
     first_start(&conn, &cfg, &path)?;
-    if let Some(running) = store::mark_running(&conn).map_err(serr)? {
+    if let Some(running) = store::crash_check(&conn).map_err(serr)? {
         tracing::warn!(
             "the last daemon did not stop in order (it crashed or was killed) with {running} \
              tasks running; each of them that was also running in the {} crash(es) before \
@@ -805,6 +806,16 @@ pub fn run(
         path.display(),
         cfg.users.mode
     );
+    // Ready: a crash from now on counts against the tasks running then.
+    if let Err(e) = rusqlite::Connection::open(&path)
+        .map_err(store::StoreError::from)
+        .and_then(|c| {
+            c.busy_timeout(Duration::from_secs(10))?;
+            store::mark_running(&c)
+        })
+    {
+        tracing::warn!("cannot mark the store as in use: {e} (a crash will not be counted)");
+    }
     let socket_path = socket.as_ref().map(|(_, p)| p.clone());
     let served = serve(app.clone(), listener, socket.map(|(l, _)| l), shutdown);
     if let Some(p) = socket_path {

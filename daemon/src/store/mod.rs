@@ -67,29 +67,39 @@ const MIGRATIONS: [(i64, &str); 5] = [
     ),
 ];
 
-/// Mark the store as in use by a running daemon, and say whether the last daemon crashed (it
-/// never marked it stopped). After a crash, every task that was running has seen one more
-/// crash; `Ok` then holds how many tasks were running.
-pub fn mark_running(conn: &Connection) -> Result<Option<usize>, StoreError> {
+/// Whether the last daemon crashed: it was ready (see [`mark_running`]) and never stopped in
+/// order. Then every task that was running has seen one more crash, and goes back to queued
+/// (it is dispatched again, and a crash before that does not count against it); `Ok` holds
+/// how many. A daemon that fails to start never marks the store, so its failures count for
+/// nothing.
+pub fn crash_check(conn: &Connection) -> Result<Option<usize>, StoreError> {
     let crashed = conn
         .query_row("SELECT value FROM daemon WHERE key = 'running'", [], |r| {
             r.get::<_, i64>(0)
         })
         .optional()?
         == Some(1);
+    if !crashed {
+        return Ok(None);
+    }
     let tx = conn.unchecked_transaction()?;
-    let running = if crashed {
-        Some(tx.execute("UPDATE tasks SET crashes = crashes + 1 WHERE state = 1", [])?)
-    } else {
-        None
-    };
-    tx.execute(
+    let running = tx.execute(
+        "UPDATE tasks SET crashes = crashes + 1, state = 0 WHERE state = 1",
+        [],
+    )?;
+    tx.execute("UPDATE daemon SET value = 0 WHERE key = 'running'", [])?;
+    tx.commit()?;
+    Ok(Some(running))
+}
+
+/// Mark the store as in use by a daemon that is ready: a crash from now on is counted.
+pub fn mark_running(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute(
         "INSERT INTO daemon(key, value) VALUES ('running', 1)
          ON CONFLICT(key) DO UPDATE SET value = 1",
         [],
     )?;
-    tx.commit()?;
-    Ok(running)
+    Ok(())
 }
 
 /// Mark the store as left by a daemon that stopped in order: crashes are counted in a row,
@@ -778,21 +788,39 @@ mod tests {
         let crashes = |c: &Connection| -> Vec<u32> {
             unfinished(c).unwrap().iter().map(|t| t.crashes).collect()
         };
+        let redispatch = |c: &Connection| {
+            c.execute("UPDATE tasks SET state = 1 WHERE id = 1", [])
+                .unwrap();
+        };
         assert_eq!(
-            mark_running(&c).unwrap(),
+            crash_check(&c).unwrap(),
             None,
             "a store never run is no crash"
         );
+        mark_running(&c).unwrap();
         assert_eq!(
-            mark_running(&c).unwrap(),
+            crash_check(&c).unwrap(),
             Some(1),
-            "running, never stopped: a crash"
+            "ready, never stopped: a crash"
         );
-        assert_eq!(mark_running(&c).unwrap(), Some(1));
+        assert_eq!(
+            crash_check(&c).unwrap(),
+            None,
+            "a start that failed is no crash"
+        );
+        mark_running(&c).unwrap();
+        assert_eq!(
+            crash_check(&c).unwrap(),
+            Some(0),
+            "requeued, not yet dispatched again"
+        );
+        redispatch(&c);
+        mark_running(&c).unwrap();
+        assert_eq!(crash_check(&c).unwrap(), Some(1));
         assert_eq!(crashes(&c), [2, 0]);
         mark_stopped(&c).unwrap();
         assert_eq!(crashes(&c), [0, 0]);
-        assert_eq!(mark_running(&c).unwrap(), None);
+        assert_eq!(crash_check(&c).unwrap(), None);
         // Tokens gained expiry, revocation and their own admin flag.
         let (admin_token, _) = create_token(&c, "u", true, None).unwrap();
         assert!(list_tokens(&c, Some("u")).unwrap()[0].admin);

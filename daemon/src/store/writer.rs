@@ -631,16 +631,18 @@ impl Writer {
             }
             let _ = reply.send(Ok(id));
         }
+        for ((pool, tenant), tasks) in fx.to_interchange {
+            if let Some(h) = self.pools.get(&pool) {
+                h.submit_as(&tenant, tasks);
+            }
+        }
+        // After the submits of this round: a task submitted just before its function's
+        // delete keeps the function until it ends.
         for (id, reply) in fx.deleted {
             for h in self.pools.values() {
                 h.remove_function(id);
             }
             let _ = reply.send(Ok(()));
-        }
-        for ((pool, tenant), tasks) in fx.to_interchange {
-            if let Some(h) = self.pools.get(&pool) {
-                h.submit_as(&tenant, tasks);
-            }
         }
         for (reply, s) in fx.replies {
             let _ = reply.send(Ok(s));

@@ -232,8 +232,14 @@ pub struct Pool<'a> {
     held: Vec<(Instant, TaskId, fnx_protocol::Attempt, Outcome)>,
     /// When the memory of running tasks was last measured (with a memory limit).
     mem_sampled: Instant,
-    /// The kernel's count of out-of-memory kills when last looked at.
+    /// The kernel's count of out-of-memory kills before the last batch of deaths.
     oom_seen: u64,
+    /// That count, read once for the batch of deaths being handled.
+    oom_now: Option<u64>,
+    /// When `oom_seen` was last brought up to date while no worker died, and the count then
+    /// (it becomes `oom_seen` at the next refresh).
+    oom_refreshed: Instant,
+    oom_pending: u64,
 }
 
 /// How long the outcome of a task killed from outside is held (see `Pool::held`).
@@ -270,6 +276,9 @@ impl<'a> Pool<'a> {
             held: Vec::new(),
             mem_sampled: Instant::now(),
             oom_seen: fnx_sys::memory::oom_kills().unwrap_or(0),
+            oom_now: None,
+            oom_refreshed: Instant::now(),
+            oom_pending: 0,
         }
     }
 
@@ -343,10 +352,19 @@ impl<'a> Pool<'a> {
                 Source::Output(pid) => self.on_output(pid),
             }
         }
+        let now = Instant::now();
         if exited {
             self.reap();
+        } else if now >= self.oom_refreshed + Duration::from_secs(1) {
+            // OOM kills elsewhere on the node are not ours: the count moves on without them,
+            // a second late, so that a kill whose death is not reaped yet still counts.
+            self.oom_refreshed = now;
+            if let Some(n) = fnx_sys::memory::oom_kills() {
+                self.oom_seen = self
+                    .oom_seen
+                    .max(std::mem::replace(&mut self.oom_pending, n));
+            }
         }
-        let now = Instant::now();
         self.release_held(Some(now));
         self.check_deadlines(now);
         self.check_memory(now);

@@ -148,12 +148,18 @@ impl Pool<'_> {
             .filter(|(_, p)| p.exit.is_some())
             .map(|(&pid, _)| pid)
             .collect();
+        // Every death of this batch is compared with the OOM count before it: one OOM event
+        // that killed two workers labels both.
+        self.oom_now = None;
         for pid in done {
             // Frames or output written just before exit are still in the pipe.
             self.on_output(pid);
             if let Some(proc) = self.procs.remove(&pid) {
                 self.finish_proc(pid, proc);
             }
+        }
+        if let Some(n) = self.oom_now {
+            self.oom_seen = self.oom_seen.max(n);
         }
     }
 
@@ -207,11 +213,12 @@ impl Pool<'_> {
         let oom = r.forced.is_none()
             && libc::WIFSIGNALED(status)
             && libc::WTERMSIG(status) == libc::SIGKILL
-            && fnx_sys::memory::oom_kills().is_some_and(|n| {
-                let moved = n > self.oom_seen;
-                self.oom_seen = self.oom_seen.max(n);
-                moved
-            });
+            && {
+                let n = *self
+                    .oom_now
+                    .get_or_insert_with(|| fnx_sys::memory::oom_kills().unwrap_or(0));
+                n > self.oom_seen
+            };
         let outcome = match (r.forced, &mut proc.kind) {
             (Some(e), _) => Outcome::Err(e),
             (None, _) if oom => {
