@@ -29,6 +29,17 @@ def start_external_manager(fnx_env, daemon, uid: str, slots: int, *extra: str,
     )
 
 
+def stop_manager(manager: subprocess.Popen) -> None:
+    """SIGTERM an external manager if it still runs; SIGKILL it after 15 s."""
+    if manager.poll() is None:
+        manager.send_signal(signal.SIGTERM)
+        try:
+            manager.wait(15)
+        except subprocess.TimeoutExpired:
+            manager.kill()
+            manager.wait(5)
+
+
 def managers_connected(daemon) -> int:
     return sum(p["managers_connected"] for p in daemon.status()["pools"])
 
@@ -83,13 +94,7 @@ def test_fault_01_external_manager_reregisters_after_daemon_kill9(make_daemon, f
         assert "discarded" in daemon_log or all(ran[f"slow{i}"] == 1 for i in range(2)), \
             f"a superseded attempt's result must be discarded and logged:\n{daemon_log[-3000:]}"
     finally:
-        if manager.poll() is None:
-            manager.send_signal(signal.SIGTERM)
-            try:
-                manager.wait(15)
-            except subprocess.TimeoutExpired:
-                manager.kill()
-                manager.wait(5)
+        stop_manager(manager)
 
 
 def test_fault_06_a_killed_local_manager_is_replaced_and_its_tasks_retried(daemon):
@@ -193,10 +198,5 @@ def test_fault_08_a_partitioned_manager_finishes_its_task_and_only_one_outcome_c
     finally:
         proxy.close()
         for m in (behind, direct):
-            if m is not None and m.poll() is None:
-                m.send_signal(signal.SIGTERM)
-                try:
-                    m.wait(15)
-                except subprocess.TimeoutExpired:
-                    m.kill()
-                    m.wait(5)
+            if m is not None:
+                stop_manager(m)
