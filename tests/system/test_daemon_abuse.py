@@ -403,3 +403,19 @@ def test_fault_27_values_reach_shell_commands_as_literal_arguments_never_code(da
     assert not pwned.exists(), "a value ran as code"
     r = daemon.api("POST", "/v1/functions", {"kind": "shell", "command": "echo '{x}'"})
     assert "parameter {x} is inside single quotes" in error_of(r, 400, "bad_request")
+
+
+def test_the_sdk_retries_a_503_given_at_a_connection_cap(make_daemon):
+    """At the per-peer cap the daemon answers 503 too_many_connections with Retry-After; the
+    SDK waits and asks again, and succeeds once the stalled connections are closed."""
+    d = make_daemon(limits={"max_connections_per_peer": 2, "idle_timeout_s": 2})
+    client = d.client()
+    stalled = [connect(d) for _ in range(2)]
+    for s in stalled:
+        s.sendall(b"G")
+    t0 = time.monotonic()
+    assert client.whoami()["user"] == d.user
+    assert time.monotonic() - t0 > 0.5, "the first attempt should have met the cap"
+    for s in stalled:
+        s.close()
+    assert "limits.max_connections_per_peer = 2" in d.log_since_start()

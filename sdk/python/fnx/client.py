@@ -64,6 +64,7 @@ def chunks(tasks):
         yield chunk
 POLL_SLICE_S = 30  # the longest single long-poll the client asks for
 SUBMIT_ATTEMPTS = 7  # connection errors and 503s: retried with the same Idempotency-Key
+BUSY_ATTEMPTS = 6  # a 503 refused before anything was done (a connection cap, busy): retried
 SUBMIT_BACKOFF_S = (0.2, 0.5, 1, 2, 4, 8)
 
 
@@ -224,8 +225,20 @@ class _Transport:
         """Send one request; returns ``(status, headers, decoded JSON or None)``.
 
         A reused connection that turns out broken is reopened and the request sent once more.
-        Error statuses raise the matching ``HTTPError`` subclass.
+        A 503 the daemon gives before doing anything (``too_many_connections`` at a connection
+        cap, ``busy``) is retried after its ``Retry-After``, a few times. Error statuses raise
+        the matching ``HTTPError`` subclass.
         """
+        for attempt in range(BUSY_ATTEMPTS):
+            try:
+                return self._request_once(method, path, body, headers, wait)
+            except StoreUnavailable as exc:
+                if exc.code not in ("too_many_connections", "busy") or \
+                        attempt + 1 == BUSY_ATTEMPTS:
+                    raise
+                time.sleep(min(getattr(exc, "retry_after", None) or 1.0, 5.0))
+
+    def _request_once(self, method, path, body=None, headers=None, wait=0.0):
         data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
         hdrs = {"Accept": "application/json"}
         if self._auth is not None:
@@ -257,7 +270,14 @@ class _Transport:
                     continue  # the daemon closed an idle keep-alive connection
                 raise ConnectionFailed("cannot reach fnx daemon at %s (%s %s): %s"
                                        % (self.url, method, path, exc)) from exc
-            return self._decode(method, path, resp, raw)
+            try:
+                return self._decode(method, path, resp, raw)
+            except StoreUnavailable as exc:
+                try:
+                    exc.retry_after = float(resp.headers.get("Retry-After") or 1)
+                except ValueError:
+                    exc.retry_after = 1.0
+                raise
 
     @staticmethod
     def _decode(method, path, resp, raw):
