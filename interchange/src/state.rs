@@ -165,23 +165,6 @@ impl Interchange {
         self.functions.insert(def.id, def);
     }
 
-    /// Add the functions of the tasks here (queued, held or running) to `used`.
-    pub fn used_functions(&self, used: &mut std::collections::HashSet<FunctionId>) {
-        used.extend(self.tasks.values().map(|t| t.function));
-    }
-
-    /// Forget a function no task here uses (see [`Interchange::used_functions`]).
-    pub fn remove_function(&mut self, id: FunctionId) {
-        self.functions.remove(&id);
-        self.holds.remove(&id);
-        self.failed_functions.remove(&id);
-    }
-
-    /// Functions known here.
-    pub fn function_count(&self) -> usize {
-        self.functions.len()
-    }
-
     /// Accept tasks. Invalid ones (unknown function, payload over the limit, duplicate id)
     /// finish at once as `bad_input`.
     pub fn submit(&mut self, tasks: Vec<NewTask>, comm: &mut impl Comm) {

@@ -1,9 +1,26 @@
-//! Functions held while their container image is built, and the workers per environment
-//! that managers report (warm routing's view of them).
+//! The functions known here: held while their container image is built, forgotten once deleted and
+//! unused; and the workers per environment that managers report (warm routing's view of them).
 
 use super::*;
 
 impl Interchange {
+    /// Add the functions of the tasks here (queued, held or running) to `used`.
+    pub fn used_functions(&self, used: &mut std::collections::HashSet<FunctionId>) {
+        used.extend(self.tasks.values().map(|t| t.function));
+    }
+
+    /// Forget a function no task here uses (see [`Interchange::used_functions`]).
+    pub fn remove_function(&mut self, id: FunctionId) {
+        self.functions.remove(&id);
+        self.holds.remove(&id);
+        self.failed_functions.remove(&id);
+    }
+
+    /// Functions known here.
+    pub fn function_count(&self) -> usize {
+        self.functions.len()
+    }
+
     /// Keep the tasks of `function` queued but undispatched until it is released or failed
     /// (its container image is being built).
     pub fn hold_function(&mut self, function: FunctionId) {

@@ -1,0 +1,102 @@
+//! Tests of the parent module.
+use super::*;
+
+#[test]
+fn a_version_1_store_is_migrated_and_keeps_its_tasks() {
+    let dir = std::env::temp_dir().join(format!("fnx-store-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("fnx.db");
+    let _ = std::fs::remove_file(&path);
+    {
+        // The version-1 tasks table: no `files` column.
+        let c = Connection::open(&path).unwrap();
+        let v1 = SCHEMA
+            .replace(", files BLOB, crashes INTEGER NOT NULL DEFAULT 0);", ");")
+            .replace(", expires REAL, revoked REAL,\n    admin INTEGER);", ");")
+            .replace(
+                "created REAL NOT NULL,\n    fingerprint TEXT, PRIMARY",
+                "created REAL NOT NULL,\n    PRIMARY",
+            );
+        c.execute_batch(&v1).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        c.execute(
+            "INSERT INTO tasks(id, owner, function, pool, priority, retries, encoding, args,
+                               state, attempt, submitted) VALUES (1, 'u', 1, 'local', 0, 2, 0, x'5b5d', 1, 3, 0)",
+            [],
+        )
+        .unwrap();
+    }
+    let c = open_writer(&path, false).unwrap();
+    let version: i64 = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    let t = unfinished(&c).unwrap();
+    assert_eq!(t.len(), 1);
+    assert!(t[0].was_running && t[0].task.attempt == Attempt(3) && t[0].task.files.is_empty());
+    // Daemon crashes: counted for running tasks only, in a row, reset by a clean stop.
+    c.execute(
+        "INSERT INTO tasks(id, owner, function, pool, priority, retries, encoding, args,
+                           state, attempt, submitted) VALUES (2, 'u', 1, 'local', 0, 2, 0, x'5b5d', 0, 0, 0)",
+        [],
+    )
+    .unwrap();
+    let crashes =
+        |c: &Connection| -> Vec<u32> { unfinished(c).unwrap().iter().map(|t| t.crashes).collect() };
+    let redispatch = |c: &Connection| {
+        c.execute("UPDATE tasks SET state = 1 WHERE id = 1", [])
+            .unwrap();
+    };
+    assert_eq!(
+        crash_check(&c).unwrap(),
+        None,
+        "a store never run is no crash"
+    );
+    mark_running(&c).unwrap();
+    assert_eq!(
+        crash_check(&c).unwrap(),
+        Some(1),
+        "ready, never stopped: a crash"
+    );
+    assert_eq!(
+        crash_check(&c).unwrap(),
+        None,
+        "a start that failed is no crash"
+    );
+    mark_running(&c).unwrap();
+    assert_eq!(
+        crash_check(&c).unwrap(),
+        Some(0),
+        "requeued, not yet dispatched again"
+    );
+    redispatch(&c);
+    mark_running(&c).unwrap();
+    assert_eq!(crash_check(&c).unwrap(), Some(1));
+    assert_eq!(crashes(&c), [2, 0]);
+    mark_stopped(&c).unwrap();
+    assert_eq!(crashes(&c), [0, 0]);
+    assert_eq!(crash_check(&c).unwrap(), None);
+    // Tokens gained expiry, revocation and their own admin flag.
+    let (admin_token, _) = create_token(&c, "u", true, None).unwrap();
+    assert!(list_tokens(&c, Some("u")).unwrap()[0].admin);
+    revoke_token(&c, admin_token, None).unwrap();
+    let (id, _) = create_token(&c, "u", false, None).unwrap();
+    assert!(
+        !list_tokens(&c, Some("u")).unwrap()[1].admin,
+        "rights go with the token"
+    );
+    assert_eq!(
+        revoke_token(&c, id, Some("u")).unwrap().as_deref(),
+        Some("u")
+    );
+    assert!(!list_tokens(&c, Some("u")).unwrap()[1].live);
+    drop(c);
+    // A store from a newer fnx is refused with both versions named.
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    let err = open_writer(&path, false).unwrap_err().to_string();
+    assert!(err.contains("99") && err.contains("upgrade"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
