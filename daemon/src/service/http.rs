@@ -168,21 +168,22 @@ impl ConnLimits {
     }
 
     /// Count a new connection from `peer`, or say which cap it hits.
-    fn admit(self: &Arc<Self>, peer: Peer) -> Result<Admitted, String> {
+    fn admit(self: &Arc<Self>, peer: Peer) -> Result<Admitted, CapReached> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let total = self.total.load(Ordering::Relaxed);
         if total >= self.max {
-            return Err(format!(
-                "{total} connections are open (limits.max_connections = {})",
-                self.max
-            ));
+            return Err(CapReached::Total {
+                open: total,
+                max: self.max,
+            });
         }
         let mine = peers.entry(peer).or_insert(0);
         if *mine >= self.per_peer {
-            return Err(format!(
-                "{mine} connections from {peer} are open (limits.max_connections_per_peer = {})",
-                self.per_peer
-            ));
+            return Err(CapReached::Peer {
+                open: *mine,
+                peer,
+                max: self.per_peer,
+            });
         }
         *mine += 1;
         self.total.fetch_add(1, Ordering::Relaxed);
@@ -203,6 +204,15 @@ impl ConnLimits {
             tracing::warn!("API: {what}{more}");
         }
     }
+}
+
+/// Which connection cap a new connection hits.
+#[derive(Debug, thiserror::Error)]
+enum CapReached {
+    #[error("{open} connections are open (limits.max_connections = {max})")]
+    Total { open: usize, max: usize },
+    #[error("{open} connections from {peer} are open (limits.max_connections_per_peer = {max})")]
+    Peer { open: usize, peer: Peer, max: usize },
 }
 
 /// An open connection, counted until dropped.

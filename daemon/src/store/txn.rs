@@ -169,7 +169,7 @@ impl Ctx<'_> {
                 .query_row(params![id.0 as i64, attempt.0], |r| r.get(0))
                 .optional()?;
             match owner {
-                Some(o) => fx.moves.push((o, Some(State::Queued), State::Running)),
+                Some(o) => fx.moves.push((o, Some(State::Queued), State::Running, 0)),
                 None => {
                     again.execute(params![id.0 as i64, attempt.0])?;
                 }
@@ -218,8 +218,7 @@ impl Ctx<'_> {
                 Some(((o, bytes), from)) => {
                     *self.next_seq += 1;
                     fx.finished_states[(state as usize) - 2] += 1;
-                    fx.bytes.push((o.clone(), -bytes));
-                    fx.moves.push((o, Some(from), state));
+                    fx.moves.push((o, Some(from), state, -bytes));
                 }
                 None => tracing::warn!(
                     "discarded an outcome of {} ({}): the task is already finished or unknown",

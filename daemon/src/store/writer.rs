@@ -254,12 +254,10 @@ pub(super) struct Effects {
     to_interchange: HashMap<(String, String), Vec<NewTask>>,
     registered: Vec<(RegisterReply, FunctionId, FunctionInput)>,
     deleted: Vec<(FunctionId, DeleteReply)>,
-    /// Per-user counter moves: (owner, from, to).
-    pub(super) moves: Vec<(String, Option<State>, State)>,
+    /// Per-user counter moves: (owner, from, to, change of the bytes of unfinished tasks).
+    pub(super) moves: Vec<(String, Option<State>, State, i64)>,
     /// Outcomes recorded: success, failed, cancelled.
     pub(super) finished_states: [u64; 3],
-    /// Per-user changes of the bytes of unfinished tasks.
-    pub(super) bytes: Vec<(String, i64)>,
     submitted: u64,
 }
 
@@ -538,14 +536,18 @@ impl Writer {
                     },
                 )),
                 Staged::Created(first, bytes) => {
-                    fx.bytes.push((owner.clone(), bytes as i64));
                     let n = tasks.len() as u64;
                     let ids: Vec<TaskId> = (first..first + n).map(TaskId).collect();
                     fx.submitted += n;
+                    // The submit's bytes ride on its first move.
+                    let first_move = fx.moves.len();
                     fx.moves.extend(std::iter::repeat_n(
-                        (owner.clone(), None, State::Queued),
+                        (owner.clone(), None, State::Queued, 0),
                         tasks.len(),
                     ));
+                    if let Some(m) = fx.moves.get_mut(first_move) {
+                        m.3 = bytes as i64;
+                    }
                     for (task, id) in tasks.into_iter().zip(&ids) {
                         let tenant = if per_user {
                             owner.clone()
@@ -590,12 +592,15 @@ impl Writer {
             for (i, n) in fx.finished_states.iter().enumerate() {
                 s.finished_total[i] += n;
             }
-            for (owner, delta) in &fx.bytes {
-                let c = s.users.entry(owner.clone()).or_default();
+            for (owner, from, to, delta) in &fx.moves {
+                // Looked up before inserting: no copy of the name per task.
+                if !s.users.contains_key(owner) {
+                    s.users.insert(owner.clone(), UserCounts::default());
+                }
+                let Some(c) = s.users.get_mut(owner) else {
+                    continue;
+                };
                 c.bytes = c.bytes.saturating_add_signed(*delta);
-            }
-            for (owner, from, to) in &fx.moves {
-                let c = s.users.entry(owner.clone()).or_default();
                 if let Some(from) = from {
                     let slot = c.slot(*from);
                     *slot = slot.saturating_sub(1);
@@ -657,7 +662,7 @@ impl Writer {
             .by_user
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        for (owner, _, to) in &fx.moves {
+        for (owner, _, to, _) in &fx.moves {
             if let Some(tx) = by_user.get(owner).filter(|_| to.is_terminal()) {
                 tx.send_replace(seq);
             }
