@@ -4,6 +4,7 @@ Tests that need work on both managers pass a small `--prefetch`: the default let
 manager to register take a short queue whole."""
 
 import os
+import re
 import signal
 import socket
 import textwrap
@@ -193,6 +194,10 @@ def test_fault_16_manager_killed_while_shell_tasks_have_children(env):
     os.kill(victim.pid, signal.SIGKILL)
     wait_for(lambda: not [p for p in tree if alive(p.pid)], 5,
              f"every process of the killed manager's task to die: {tree}")
+    # The interrupt comes once fnx map has seen the manager go (under load it could see the
+    # interrupt first, and then every task is rightly reported cancelled).
+    wait_for(lambda: re.search(r"manager-0\b.* lost", bg.log_text()), 10,
+             lambda: "fnx map to record manager-0 as lost:\n" + bg.log_text()[-2000:])
     bg.proc.send_signal(signal.SIGINT)
     run = bg.wait(15)
     assert run.returncode == 130, run.explain()
