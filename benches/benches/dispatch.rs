@@ -66,6 +66,7 @@ fn tasks(n: u64) -> Vec<NewTask> {
             retries: 1,
             attempt: fnx_protocol::Attempt(0),
             files: Vec::new(),
+            stored: None,
         })
         .collect()
 }

@@ -153,6 +153,7 @@ fn new_task(i: u64, payload_bytes: usize) -> NewTask {
         retries: 0,
         attempt: fnx_protocol::Attempt(0),
         files: Vec::new(),
+        stored: None,
     }
 }
 
@@ -359,6 +360,7 @@ fn transfer(args: &TransferArgs) -> Result<serde_json::Value> {
                     retries: 0,
                     attempt: fnx_protocol::Attempt(0),
                     files: Vec::new(),
+                    stored: None,
                 })
                 .collect();
             pool.handle.submit(batch);

@@ -10,6 +10,17 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
+extern "C" {
+    /// mimalloc's own: collect this thread's heap and, forced, purge every arena's freed pages
+    /// now (they would otherwise wait for a later allocation after the purge delay).
+    fn mi_collect(force: bool);
+}
+
+fn release_free_memory() {
+    // SAFETY: mi_collect takes no pointers; it walks mimalloc's own structures under its locks.
+    unsafe { mi_collect(true) }
+}
+
 mod bench;
 mod bench_api;
 mod client;
@@ -93,6 +104,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    fnx_sys::memory::set_release_hook(release_free_memory);
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

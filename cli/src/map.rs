@@ -418,6 +418,7 @@ fn execute(
                     retries: opts.retries,
                     attempt: fnx_protocol::Attempt(0),
                     files: Vec::new(),
+                    stored: None,
                 });
             }
             if !tasks.is_empty() {

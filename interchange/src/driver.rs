@@ -8,7 +8,9 @@
 //! inproc socket) and receives [`Event`]s on a channel, finished tasks in batches.
 
 use crate::guard::{CurveServer, Guard};
-use crate::state::{Comm, Config, Counts, Finished, ManagerStatus, NewTask, Notice, Peer};
+use crate::state::{
+    Comm, Config, Counts, Finished, Inputs, LoadError, ManagerStatus, NewTask, Notice, Peer,
+};
 use crate::tenants::Tenants;
 use fnx_protocol::{
     decode, encode, Attempt, BlockId, FunctionDef, FunctionId, InterchangeToManager, ManagerId,
@@ -114,10 +116,26 @@ pub struct Handle {
 
 static NEXT_WAKE: AtomicU64 = AtomicU64::new(0);
 
+/// Reads the inputs of tasks submitted with [`NewTask::stored`] (the host's store), on the
+/// driver thread at dispatch.
+pub trait Loader: Send {
+    /// One answer per id, in order.
+    fn load(&mut self, ids: &[TaskId]) -> Vec<Result<Inputs, LoadError>>;
+}
+
 /// Bind the ROUTER socket and start the driver thread.
 pub fn start(
     ctx: &zmq::Context,
     config: DriverConfig,
+) -> Result<(Handle, Receiver<Event>), DriverError> {
+    start_with_loader(ctx, config, None)
+}
+
+/// [`start`], with a loader for tasks whose inputs stay in the host's store.
+pub fn start_with_loader(
+    ctx: &zmq::Context,
+    config: DriverConfig,
+    loader: Option<Box<dyn Loader>>,
 ) -> Result<(Handle, Receiver<Event>), DriverError> {
     let router = ctx.socket(zmq::ROUTER).map_err(zerr("socket"))?;
     router
@@ -163,6 +181,7 @@ pub fn start(
                 guard,
                 discarded: RateLimit::default(),
                 ignored: RateLimit::default(),
+                loader,
             };
             driver.run();
         })
@@ -310,9 +329,11 @@ struct Driver {
     guard: Option<Guard>,
     ignored: RateLimit,
     discarded: RateLimit,
+    loader: Option<Box<dyn Loader>>,
 }
 
 struct Outbox<'a> {
+    loader: Option<&'a mut Box<dyn Loader>>,
     router: &'a zmq::Socket,
     max_frame: usize,
     finished: Vec<Finished>,
@@ -353,6 +374,13 @@ impl Comm for Outbox<'_> {
             d.extend(tasks.iter().map(|t| (t.id, t.attempt)));
         }
     }
+
+    fn load(&mut self, ids: &[TaskId]) -> Vec<Result<Inputs, LoadError>> {
+        match &mut self.loader {
+            Some(loader) => loader.load(ids),
+            None => ids.iter().map(|_| Err(LoadError::NoStore)).collect(),
+        }
+    }
 }
 
 const MAX_MESSAGES_PER_ROUND: usize = 4096;
@@ -381,6 +409,7 @@ impl Driver {
                 g.drain_monitor();
             }
             let mut out = Outbox {
+                loader: self.loader.as_mut(),
                 router: &self.router,
                 max_frame: self.max_frame,
                 finished: Vec::new(),

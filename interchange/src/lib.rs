@@ -25,8 +25,9 @@ pub mod state;
 pub mod tenants;
 pub mod types;
 
-pub use driver::{DriverConfig, Event, Handle, RateLimit};
+pub use driver::{DriverConfig, Event, Handle, Loader, RateLimit};
 pub use guard::{CurveServer, Mechanism};
 pub use state::{
-    Comm, Config, Counts, Finished, Interchange, ManagerStatus, NewTask, Notice, Peer,
+    Comm, Config, Counts, Finished, Inputs, Interchange, LoadError, ManagerStatus, NewTask, Notice,
+    Peer,
 };

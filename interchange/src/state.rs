@@ -5,7 +5,9 @@
 //! and assert the exact messages emitted.
 
 use crate::routing::{EnvIx, EnvQueues};
-pub use crate::types::{Comm, Config, Counts, Finished, ManagerStatus, NewTask, Notice, Peer};
+pub use crate::types::{
+    Comm, Config, Counts, Finished, Inputs, LoadError, ManagerStatus, NewTask, Notice, Peer,
+};
 use fnx_protocol::{
     Attempt, BlockId, ErrorKind, FrameError, FunctionDef, FunctionId, InterchangeToManager,
     ManagerId, ManagerToInterchange, Outcome, Payload, Register, TaskError, TaskFile, TaskId,
@@ -42,6 +44,8 @@ struct TaskRec {
     crashes: u32,
     /// Input files (a boxed slice: no allocation, 16 bytes, when there are none).
     files: Box<[TaskFile]>,
+    /// The inputs stay in the host's store (`args` and `files` are empty): their size.
+    stored: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -216,6 +220,7 @@ impl Interchange {
                     cancel_requested: false,
                     crashes: 0,
                     files: t.files.into_boxed_slice(),
+                    stored: t.stored,
                 },
             );
         }
@@ -237,7 +242,7 @@ impl Interchange {
             ));
         }
         let len = t.args.data.len();
-        if len > self.config.max_payload_bytes {
+        if t.stored.is_none() && len > self.config.max_payload_bytes {
             return Some(TaskError::new(
                 ErrorKind::BadInput,
                 "PayloadTooLarge",

@@ -66,6 +66,34 @@ pub struct NewTask {
     pub attempt: Attempt,
     /// Input files placed in the task's working directory on the node.
     pub files: Vec<TaskFile>,
+    /// The inputs stay in the host's store: `Some(bytes)` (arguments and inline files
+    /// together) means `args.data` and `files` are left empty here and are read through
+    /// [`Comm::load`] each time the task is dispatched, so a large queue costs the host no
+    /// memory for its payloads.
+    pub stored: Option<u64>,
+}
+
+/// The inputs of a task kept in the host's store (see [`NewTask::stored`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inputs {
+    /// Its arguments.
+    pub args: Payload,
+    /// Its input files.
+    pub files: Vec<TaskFile>,
+}
+
+/// Why stored inputs could not be read.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    /// The store has no such unfinished task.
+    #[error("the store holds no inputs for this task")]
+    Missing,
+    /// Reading failed.
+    #[error("reading the store failed: {0}")]
+    Store(String),
+    /// This host keeps no inputs in a store.
+    #[error("this host keeps no task inputs in a store")]
+    NoStore,
 }
 
 /// A task reached its terminal state.
@@ -90,6 +118,11 @@ pub trait Comm {
     /// Tasks were handed to a manager (called just before the `Tasks` message is sent), so a
     /// host that records task states can mark them running with their attempt numbers.
     fn dispatched(&mut self, _manager: ManagerId, _tasks: &[TaskSpec]) {}
+    /// Read the inputs of tasks submitted with [`NewTask::stored`], one answer per id in
+    /// order. A task whose inputs cannot be read fails as `bad_input` (`InputsUnreadable`).
+    fn load(&mut self, ids: &[TaskId]) -> Vec<Result<Inputs, LoadError>> {
+        ids.iter().map(|_| Err(LoadError::NoStore)).collect()
+    }
 }
 
 /// Events about managers, for logs, status and the embedded runner.

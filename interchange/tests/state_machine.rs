@@ -9,9 +9,18 @@ struct Rec {
     sent: Vec<(Peer, InterchangeToManager)>,
     finished: Vec<Finished>,
     notices: Vec<Notice>,
+    /// Inputs of stored tasks, and every load asked for.
+    store: std::collections::HashMap<TaskId, Inputs>,
+    loads: Vec<Vec<TaskId>>,
 }
 
 impl Comm for Rec {
+    fn load(&mut self, ids: &[TaskId]) -> Vec<Result<Inputs, LoadError>> {
+        self.loads.push(ids.to_vec());
+        ids.iter()
+            .map(|id| self.store.get(id).cloned().ok_or(LoadError::Missing))
+            .collect()
+    }
     fn send(&mut self, to: &Peer, msg: &InterchangeToManager) {
         self.sent.push((to.clone(), msg.clone()));
     }
@@ -71,6 +80,7 @@ fn task(id: u64) -> NewTask {
         retries: 1,
         attempt: Attempt(0),
         files: Vec::new(),
+        stored: None,
     }
 }
 
@@ -1080,4 +1090,80 @@ fn issue_12_a_deleted_function_is_forgotten_once_its_last_task_ends() {
     assert_eq!(t.function_count(), held - 1);
     t.tick(now + Duration::from_secs(6), &mut rec);
     assert_eq!(t.function_count(), 0);
+}
+
+/// A stored task: its inputs live in the host's store, not in the interchange.
+fn stored_task(id: u64) -> NewTask {
+    NewTask {
+        args: Payload {
+            encoding: fnx_protocol::Encoding::Json,
+            data: Vec::new(),
+        },
+        stored: Some(5),
+        ..task(id)
+    }
+}
+
+#[test]
+fn stored_inputs_are_loaded_per_dispatch_and_an_unreadable_one_fails_alone() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    for id in [1, 3] {
+        c.store.insert(
+            TaskId(id),
+            Inputs {
+                args: Payload::json(format!("[{id}]")),
+                files: Vec::new(),
+            },
+        );
+    }
+    ic.on_message(now, &peer(1), reg("a", 4, 0), &mut c);
+    c.take();
+    ic.submit(
+        vec![stored_task(1), task(2), stored_task(3), stored_task(4)],
+        &mut c,
+    );
+    ic.dispatch(&mut c);
+    // One load for the batch, of the stored tasks only; task 4's inputs are gone.
+    assert_eq!(c.loads, vec![vec![TaskId(1), TaskId(3), TaskId(4)]]);
+    assert_eq!(
+        c.take(),
+        vec![(
+            peer(1),
+            InterchangeToManager::Tasks {
+                functions: vec![fdef()],
+                tasks: vec![spec(1, 1), spec(2, 1), spec(3, 1)]
+            }
+        )]
+    );
+    assert_eq!(c.finished.len(), 1);
+    assert_eq!(c.finished[0].id, TaskId(4));
+    match &c.finished[0].outcome {
+        Outcome::Err(e) => {
+            assert_eq!(e.kind, ErrorKind::BadInput);
+            assert_eq!(e.type_name, "InputsUnreadable");
+            assert!(e.message.contains("no inputs"), "{}", e.message);
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    assert_eq!(ic.counts(), counts(0, 3, 1, 4));
+    // A retried stored task is loaded again on its next dispatch (nothing was kept).
+    ic.on_message(
+        now,
+        &peer(1),
+        ManagerToInterchange::Results(vec![err(1, 1, ErrorKind::WorkerLost)]),
+        &mut c,
+    );
+    ic.dispatch(&mut c);
+    assert_eq!(c.loads.last(), Some(&vec![TaskId(1)]));
+    assert_eq!(
+        c.take(),
+        vec![(
+            peer(1),
+            InterchangeToManager::Tasks {
+                functions: vec![],
+                tasks: vec![spec(1, 2)]
+            }
+        )]
+    );
 }

@@ -81,6 +81,30 @@ pub fn oom_kills() -> Option<u64> {
     line.split_ascii_whitespace().nth(1)?.parse().ok()
 }
 
+static RELEASE_HOOK: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Name the function that makes the process's allocator give freed memory back to the kernel
+/// (the binary's global allocator knows how; the first call wins).
+pub fn set_release_hook(hook: fn()) {
+    let _ = RELEASE_HOOK.set(hook);
+}
+
+/// Give memory the allocator holds free back to the kernel now. Allocators keep freed memory
+/// for reuse and return it after a delay, or when the thread that allocated it allocates again:
+/// after a burst of large requests an idle daemon would keep its peak resident. Costs a walk
+/// over the allocator's free lists; call it after large frees, when idle.
+pub fn release_free_memory() {
+    if let Some(hook) = RELEASE_HOOK.get() {
+        hook();
+        return;
+    }
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks and trims the allocator's own free lists under its locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

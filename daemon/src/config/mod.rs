@@ -174,6 +174,7 @@ struct RawLimits {
     max_queued_per_user: Option<u64>,
     max_answer_mb: Option<f64>,
     max_source_kb: Option<u64>,
+    spill_kb: Option<u64>,
     max_daemon_crashes: Option<u32>,
     max_queued_mb_per_user: Option<f64>,
     max_function_mb_per_user: Option<f64>,
@@ -244,6 +245,9 @@ pub struct Limits {
     pub max_daemon_crashes: u32,
     /// Largest Python source a function may register with (its signature is read from it).
     pub max_source_bytes: usize,
+    /// Tasks whose arguments and inline files are larger keep them only in the store while
+    /// they wait; the interchange reads them back at each dispatch.
+    pub spill_bytes: u64,
     /// Most open API connections (TCP and the local socket together).
     pub max_connections: usize,
     /// Most open API connections from one peer (an IP address, or a uid on the socket).
@@ -565,6 +569,9 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
                 1024,
             )
             .min(4096)
+            << 10,
+        spill_bytes: (p.count("limits.spill_kb", l.spill_kb.map(|k| k as usize), 16) as u64)
+            .min(1 << 20)
             << 10,
         max_connections: p.count("limits.max_connections", l.max_connections, 1024),
         max_connections_per_peer: p.count(

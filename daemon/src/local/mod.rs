@@ -52,6 +52,9 @@ pub struct PoolOptions {
     pub report_dispatch: bool,
     /// Largest task argument payload.
     pub max_payload_bytes: usize,
+    /// The store that the inputs of tasks submitted as stored are read back from at dispatch
+    /// (the daemon's; None: every task carries its inputs).
+    pub inputs: Option<PathBuf>,
     /// The keys every manager link is encrypted and authenticated with (`None`: fresh keys
     /// made at start, kept in memory). There are no plain links: any account on the host can
     /// reach a loopback port.
@@ -152,6 +155,7 @@ impl PoolOptions {
         PoolOptions {
             bind: "tcp://127.0.0.1:0".into(),
             report_dispatch: false,
+            inputs: None,
             max_payload_bytes: 10 << 20,
             curve: None,
             managers: 1,
@@ -240,7 +244,10 @@ impl LocalPool {
         cfg.state.warm_window = opts.warm_window;
         cfg.report_dispatch = opts.report_dispatch;
         cfg.curve = opts.curve.as_ref().map(|k| k.server.clone());
-        let (handle, events) = driver::start(&ctx, cfg)?;
+        let loader = opts.inputs.clone().map(|path| {
+            Box::new(crate::store::inputs::InputLoader::new(path)) as Box<dyn driver::Loader>
+        });
+        let (handle, events) = driver::start_with_loader(&ctx, cfg, loader)?;
         tracing::info!("interchange listening on {}", handle.endpoint());
         let exe = std::env::current_exe().map_err(io("cannot find the fnx executable"))?;
         let (exit_tx, exits) = channel();

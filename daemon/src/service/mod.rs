@@ -241,6 +241,7 @@ fn start_pool(
     let opts = PoolOptions {
         bind: bind.clone(),
         report_dispatch: true,
+        inputs: Some(store_path(&cfg.data_dir)),
         max_payload_bytes: cfg.limits.max_payload_bytes,
         managers: p.managers,
         workers: p.workers_per_manager,
@@ -469,7 +470,7 @@ pub fn run(
         );
     }
     let per_user = cfg.users.mode == crate::config::UsersMode::Unix;
-    let loaded = load(&conn, &path, per_user)?;
+    let loaded = load(&conn, &path, per_user, cfg.limits.spill_bytes)?;
     let mut pools = Vec::new();
     let links = encryption(&cfg)?;
     for ((i, p), keys) in cfg.pools.iter().enumerate().zip(links) {
@@ -540,6 +541,7 @@ pub fn run(
         prune_interval: cfg.store.prune_interval,
         full_sync: cfg.store.sync == SyncMode::Full,
         per_user: cfg.users.mode == crate::config::UsersMode::Unix,
+        spill_bytes: cfg.limits.spill_bytes,
     };
     let writer =
         Writer::new(conn, wcfg, shared.clone(), handles, damage.is_some()).map_err(serr)?;

@@ -27,13 +27,14 @@ pub(super) fn load(
     conn: &rusqlite::Connection,
     path: &Path,
     per_user: bool,
+    spill_bytes: u64,
 ) -> Result<Loaded, DaemonError> {
     let serr = |source| DaemonError::Store {
         path: path.to_path_buf(),
         source,
     };
     let started = Instant::now();
-    let tasks = store::unfinished(conn).map_err(serr)?;
+    let tasks = store::unfinished(conn, spill_bytes).map_err(serr)?;
     // Deleted functions are held only while tasks of theirs are unfinished.
     let used: std::collections::HashSet<fnx_protocol::FunctionId> =
         tasks.iter().map(|t| t.task.function).collect();

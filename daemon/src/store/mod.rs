@@ -8,6 +8,7 @@
 //!
 //! Task states are small integers in the `state` column, see [`State`].
 
+pub mod inputs;
 mod txn;
 pub mod writer;
 
@@ -576,20 +577,27 @@ pub struct Recovered {
     pub crashes: u32,
 }
 
-/// Every unfinished task, in id order.
-pub fn unfinished(conn: &Connection) -> Result<Vec<Recovered>, StoreError> {
+/// Every unfinished task, in id order. Inputs larger than `spill_bytes` stay in the store (the
+/// task comes back marked [`NewTask::stored`]; see [`inputs`]).
+pub fn unfinished(conn: &Connection, spill_bytes: u64) -> Result<Vec<Recovered>, StoreError> {
     let mut st = conn.prepare(
-        "SELECT id, owner, pool, function, encoding, args, priority, walltime_ms, retries,
-                attempt, state, files, crashes FROM tasks WHERE state < 2 ORDER BY id",
+        "SELECT id, owner, pool, function, encoding,
+                CASE WHEN length(args) + coalesce(length(files), 0) > ?1 THEN NULL ELSE args END,
+                priority, walltime_ms, retries, attempt, state,
+                CASE WHEN length(args) + coalesce(length(files), 0) > ?1 THEN NULL ELSE files END,
+                crashes, length(args) + coalesce(length(files), 0)
+         FROM tasks WHERE state < 2 ORDER BY id",
     )?;
-    let rows = st.query_map([], |r| {
+    let rows = st.query_map(params![spill_bytes as i64], |r| {
+        let args: Option<Vec<u8>> = r.get(5)?;
+        let stored = args.is_none().then(|| r.get::<_, i64>(13)).transpose()?;
         Ok(Recovered {
             task: NewTask {
                 id: TaskId(r.get::<_, i64>(0)? as u64),
                 function: FunctionId(r.get::<_, i64>(3)? as u64),
                 args: Payload {
                     encoding: encoding_from(r.get(4)?),
-                    data: r.get(5)?,
+                    data: args.unwrap_or_default(),
                 },
                 priority: r.get(6)?,
                 walltime_ms: r.get::<_, Option<i64>>(7)?.map(|w| w as u64),
@@ -599,6 +607,7 @@ pub fn unfinished(conn: &Connection) -> Result<Vec<Recovered>, StoreError> {
                     .get::<_, Option<Vec<u8>>>(11)?
                     .and_then(|b| rmp_serde::from_slice(&b).ok())
                     .unwrap_or_default(),
+                stored: stored.map(|n| n.max(0) as u64),
             },
             owner: r.get(1)?,
             pool: r.get(2)?,

@@ -31,7 +31,7 @@ fn a_version_1_store_is_migrated_and_keeps_its_tasks() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
-    let t = unfinished(&c).unwrap();
+    let t = unfinished(&c, u64::MAX).unwrap();
     assert_eq!(t.len(), 1);
     assert!(t[0].was_running && t[0].task.attempt == Attempt(3) && t[0].task.files.is_empty());
     // Daemon crashes: counted for running tasks only, in a row, reset by a clean stop.
@@ -41,8 +41,13 @@ fn a_version_1_store_is_migrated_and_keeps_its_tasks() {
         [],
     )
     .unwrap();
-    let crashes =
-        |c: &Connection| -> Vec<u32> { unfinished(c).unwrap().iter().map(|t| t.crashes).collect() };
+    let crashes = |c: &Connection| -> Vec<u32> {
+        unfinished(c, u64::MAX)
+            .unwrap()
+            .iter()
+            .map(|t| t.crashes)
+            .collect()
+    };
     let redispatch = |c: &Connection| {
         c.execute("UPDATE tasks SET state = 1 WHERE id = 1", [])
             .unwrap();

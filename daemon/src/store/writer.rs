@@ -230,6 +230,8 @@ pub struct WriterConfig {
     /// Tasks go to their owner's tenant in the interchange (`users.mode = "unix"`: only the
     /// owner's managers run them); otherwise to the shared tenant.
     pub per_user: bool,
+    /// Inputs larger than this stay in the store until dispatch (`limits.spill_kb`).
+    pub spill_bytes: u64,
 }
 
 /// The writer's state.
@@ -244,7 +246,14 @@ pub struct Writer {
     synced: bool,
     pending_dispatched: Vec<(TaskId, Attempt)>,
     pending_finished: Vec<Finished>,
+    /// Bytes of task inputs freed here (left in the store) since the allocator last gave
+    /// freed memory back to the kernel.
+    spilled: u64,
 }
+
+/// Freed inputs after which the allocator is asked to give memory back while submits go on
+/// (an idle writer asks at once).
+const TRIM_AFTER_BYTES: u64 = 256 << 20;
 
 #[derive(Default)]
 pub(super) struct Effects {
@@ -259,6 +268,8 @@ pub(super) struct Effects {
     /// Outcomes recorded: success, failed, cancelled.
     pub(super) finished_states: [u64; 3],
     submitted: u64,
+    /// Bytes of inputs left in the store and freed.
+    spilled: u64,
 }
 
 fn max_id(conn: &Connection, sql: &str) -> Result<u64, StoreError> {
@@ -294,6 +305,7 @@ impl Writer {
             synced: true,
             pending_dispatched: Vec::new(),
             pending_finished: Vec::new(),
+            spilled: 0,
         })
     }
 
@@ -304,6 +316,10 @@ impl Writer {
             let retrying = !self.pending_finished.is_empty() || !self.pending_dispatched.is_empty();
             let wait = if retrying {
                 RETRY
+            } else if self.spilled > 0 {
+                next_prune
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_secs(1))
             } else {
                 next_prune.saturating_duration_since(Instant::now())
             };
@@ -322,8 +338,13 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if !cmds.is_empty() || retrying {
+            let idle = cmds.is_empty();
+            if !idle || retrying {
                 self.round(cmds);
+            }
+            if self.spilled >= TRIM_AFTER_BYTES || (idle && self.spilled > 0) {
+                fnx_sys::memory::release_free_memory();
+                self.spilled = 0;
             }
             if Instant::now() >= next_prune {
                 self.prune();
@@ -472,6 +493,7 @@ impl Writer {
         fx: &mut Effects,
     ) -> Result<(), Failed> {
         let per_user = self.cfg.per_user;
+        let spill_bytes = self.cfg.spill_bytes;
         let tx = match self.conn.transaction() {
             Ok(tx) => tx,
             Err(e) => return Err((e.into(), submits, registers)),
@@ -557,15 +579,20 @@ impl Writer {
                         fx.to_interchange
                             .entry((task.pool.clone(), tenant))
                             .or_default()
-                            .push(NewTask {
-                                id: *id,
-                                function: task.function,
-                                args: task.args,
-                                priority: task.priority,
-                                walltime_ms: task.walltime_ms,
-                                retries: task.retries,
-                                attempt: Attempt(0),
-                                files: task.files,
+                            .push({
+                                let mut t = NewTask {
+                                    id: *id,
+                                    function: task.function,
+                                    args: task.args,
+                                    priority: task.priority,
+                                    walltime_ms: task.walltime_ms,
+                                    retries: task.retries,
+                                    attempt: Attempt(0),
+                                    files: task.files,
+                                    stored: None,
+                                };
+                                fx.spilled += super::inputs::spill(&mut t, spill_bytes);
+                                t
                             });
                     }
                     fx.replies.push((
@@ -582,6 +609,7 @@ impl Writer {
     }
 
     fn apply(&mut self, fx: Effects) {
+        self.spilled += fx.spilled;
         {
             let mut s = self.shared.stats.lock().expect("stats");
             if s.unavailable.take().is_some() {

@@ -50,6 +50,8 @@ impl Interchange {
             let mut tasks = Vec::with_capacity(limit.min(self.queued));
             let mut functions = Vec::new();
             let mut bytes = 0usize;
+            // Places in `tasks` whose inputs are in the host's store.
+            let mut stored = Vec::new();
             while tasks.len() < limit && self.queued > 0 {
                 if !tasks.is_empty() && bytes >= self.config.max_batch_bytes {
                     break;
@@ -71,7 +73,13 @@ impl Interchange {
                         functions.push(def.clone());
                     }
                 }
-                bytes += rec.args.data.len();
+                bytes += match rec.stored {
+                    Some(n) => {
+                        stored.push(tasks.len());
+                        n as usize
+                    }
+                    None => rec.args.data.len(),
+                };
                 m.hold(id, rec.env);
                 tasks.push(TaskSpec {
                     id,
@@ -82,7 +90,46 @@ impl Interchange {
                     files: rec.files.to_vec(),
                 });
             }
+            let mut failed_loads = 0;
+            if !stored.is_empty() {
+                let ids: Vec<TaskId> = stored.iter().map(|&i| tasks[i].id).collect();
+                let mut loaded = comm.load(&ids).into_iter();
+                let mut unreadable = Vec::new();
+                for &i in &stored {
+                    match loaded.next() {
+                        Some(Ok(inputs)) => {
+                            tasks[i].args = inputs.args;
+                            tasks[i].files = inputs.files;
+                        }
+                        Some(Err(e)) => unreadable.push((tasks[i].id, e.to_string())),
+                        None => unreadable.push((tasks[i].id, "no answer from the store".into())),
+                    }
+                }
+                failed_loads = unreadable.len();
+                for (id, reason) in unreadable {
+                    tasks.retain(|t| t.id != id);
+                    let Some(rec) = self.tasks.remove(&id) else {
+                        continue;
+                    };
+                    m.release(id, rec.env);
+                    comm.finished(Finished {
+                        id,
+                        attempt: rec.attempt,
+                        outcome: Outcome::Err(TaskError::new(
+                            ErrorKind::BadInput,
+                            "InputsUnreadable",
+                            format!("its inputs could not be read back from the store: {reason}"),
+                        )),
+                    });
+                }
+            }
             if tasks.is_empty() {
+                // Every input in the batch was unreadable (those tasks failed, so this ends):
+                // the manager still has room.
+                if failed_loads > 0 && !m.in_ready && m.inflight.len() < m.capacity {
+                    m.in_ready = true;
+                    self.ready.push_back(mid);
+                }
                 continue;
             }
             m.idle_since = None;
