@@ -8,8 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUILD_PACKAGES=(build-essential pkg-config libzmq3-dev libsodium-dev)
-# The tests also run workers inside bubblewrap (the container tests' real sandbox).
-TEST_PACKAGES=(bubblewrap)
+# The tests also run workers inside bubblewrap (the container tests' real sandbox), and step
+# the daemon's wall clock with libfaketime (FAULTS 30: a clock step on the login node).
+TEST_PACKAGES=(bubblewrap libfaketime)
 
 packages=("${BUILD_PACKAGES[@]}")
 if [ "${1:-}" = "--test" ]; then

@@ -607,3 +607,47 @@ def test_fault_28_a_hundred_thousand_queued_tasks_within_budget_and_across_a_res
     m = re.search(r"recovered (\d+) unfinished tasks .* in ([\d.]+) s", d.log_since_start())
     assert m and int(m.group(1)) == n + 1, d.log_tail()
     assert d.status()["tasks"]["queued"] == n + 1
+
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+SLEEP = {"kind": "python", "entry": "nap",
+         "source": "def nap(s):\n    import time\n    time.sleep(s)\n    return s\n"}
+
+
+def test_fault_30_a_wall_clock_step_expires_nothing(make_daemon, fnx_env):
+    """The login node's clock steps an hour forward, then two back (libfaketime, wall clock
+    only: the monotonic clock runs on, as it does through a real step). Heartbeats, walltimes,
+    connection timeouts and long polls run on the monotonic clock: no manager is lost, no task
+    runs out of time, and no result is pruned."""
+    assert LIBFAKETIME.exists(), "libfaketime is missing: run scripts/install-deps.sh --test"
+    offset = fnx_env.dir / "clock-offset"
+    offset.write_text("+0\n")
+    d = make_daemon(
+        interchange={"heartbeat_period_s": 0.5, "heartbeat_threshold_s": 3},
+        store={"prune_interval_s": 1},
+        env={"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME_TIMESTAMP_FILE": str(offset),
+             "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"})
+    noop = d.register(NOOP)
+    nap = d.register(SLEEP)
+    before = d.wait_all(d.submit([{"function": noop, "args": [i]} for i in range(20)]))
+    for step, label in (("+3600", "an hour forward"), ("-3600", "two hours back")):
+        # A task with a walltime runs across the step.
+        [napping] = d.submit([{"function": nap, "args": [3], "walltime": 6}])
+        wait_for(lambda: d.task(napping)["state"] == "running", 30, "the nap task to start")
+        offset.write_text(step + "\n")
+        t0 = time.time()
+        new = d.wait_all(d.submit([{"function": noop, "args": [99]}]))
+        finished_at = next(iter(new.values()))["finished_at"]
+        skew = finished_at - t0
+        assert abs(skew - int(step)) < 120, \
+            f"the daemon's wall clock did not step {label} (task finished {skew:+.0f} s away)"
+        done = d.wait_all([napping], timeout=30)[napping]
+        assert result_value(done) == 3, f"after a step {label}: {done}"
+        time.sleep(4)  # past the heartbeat threshold and a prune
+        st = d.api("GET", "/v1/status").body
+        assert st["pools"][0]["managers_connected"] == 1, f"after a step {label}: {st['pools']}"
+        kept = d.statuses(list(before))
+        assert all(t["state"] == "success" and "result" in t for t in kept), \
+            f"results were pruned after a step {label}: {kept[:2]}"
+    log = d.log_path.read_text(errors="replace")
+    assert not re.search(r"manager .* lost|declared lost", log), log[-3000:]
