@@ -1,9 +1,13 @@
-"""Hostile traffic on the interchange's manager port during a run (FAULTS.md 19 and 21)."""
+"""Hostile traffic on the interchange's manager port during a run (FAULTS.md 19, 20 and 21), and
+heartbeats answered while the store forgets a mass of finished tasks (FAULTS.md 10)."""
 
+import os
 import random
 import re
 import socket
 import textwrap
+import threading
+import time
 
 import msgpack
 import pytest
@@ -207,3 +211,112 @@ def test_fault_20_results_and_heartbeats_from_a_manager_that_does_not_hold_the_t
     (gate / "release").touch()
     rec = d.wait_task(tid)
     assert rec["state"] == "success" and rec["result"]["value"]["stdout"] == "real\n", rec
+
+
+class HeartbeatProbes:
+    """`n` peers with the pool's key that register as managers (1 slot) and heartbeat every
+    `period` seconds from a thread, timing each heartbeat until the interchange echoes it."""
+
+    def __init__(self, d, n: int, version: str, period: float):
+        self.ctx = zmq.Context()
+        self.socks = [keyed_socket(self.ctx, d) for _ in range(n)]
+        for i, s in enumerate(self.socks):
+            s.send(msgpack.packb([PROTOCOL_VERSION, {"register": [
+                f"probe-{i}", "probe-host", 4242, 1, 1, 0, None, False, version]}]))
+        for i, s in enumerate(self.socks):
+            assert s.poll(30_000), f"probe {i} got no answer to its registration"
+            answer = msgpack.unpackb(s.recv())
+            assert "registered" in answer[1], f"probe {i} was refused: {answer}"
+        self.period = period
+        self.rtts: list[float] = []
+        self.unanswered = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        hb = msgpack.packb([PROTOCOL_VERSION, "heartbeat"])
+        poller = zmq.Poller()
+        for s in self.socks:
+            poller.register(s, zmq.POLLIN)
+        while not self.stop.is_set():
+            sent = time.monotonic()
+            for s in self.socks:
+                s.send(hb)
+            pending = set(range(len(self.socks)))
+            index = {s: i for i, s in enumerate(self.socks)}
+            deadline = sent + self.period
+            while pending and time.monotonic() < deadline + 10:
+                for s, _ in poller.poll(100):
+                    while s.poll(0):
+                        msg = msgpack.unpackb(s.recv())
+                        if msg[1] == "heartbeat" and index[s] in pending:
+                            pending.discard(index[s])
+                            self.rtts.append(time.monotonic() - sent)
+            self.unanswered += len(pending)
+            time.sleep(max(0.0, deadline - time.monotonic()))
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(30)
+        self.ctx.destroy(linger=0)
+
+
+def test_fault_10_forgetting_and_cancelling_finished_tasks_drops_no_manager(make_daemon):
+    """FAULTS 10 in its gated form: with 100 managers connected, cancel and then forget (prune)
+    100,000 finished tasks. No manager is dropped, and every heartbeat is answered within half
+    the threshold. FNX_FAULT10_TASKS sets the number (1,000,000 for the full form against a
+    release build; benches/README.md has its figures)."""
+    n = int(os.environ.get("FNX_FAULT10_TASKS", "100000"))
+    threshold = 6.0
+    d = make_daemon(interchange={"encrypt": "always", "heartbeat_period_s": 1,
+                                 "heartbeat_threshold_s": threshold},
+                    store={"sync": "normal", "result_retention_s": 0, "prune_interval_s": 1})
+    fid = d.register({"kind": "python", "entry": "noop",
+                      "source": "def noop(i=0):\n    return i\n"})
+    ids: list[int] = []
+    for start in range(0, n, 10_000):
+        ids += d.submit([{"function": fid, "args": [i]}
+                         for i in range(start, min(n, start + 10_000))])
+    wait_for(lambda: d.status()["tasks"]["finished"] >= n, 600,
+             lambda: f"{n} tasks finished: {d.status()['tasks']}")
+    version = d.api("GET", "/v1/health", token=None).body["version"]
+    probes = HeartbeatProbes(d, 100, version, period=0.5)
+    try:
+        time.sleep(2)
+        t0 = time.monotonic()
+        # Cancel every finished task (nothing to cancel, but each id is looked at), then fetch
+        # every result: with result_retention_s = 0 the store forgets them at its next prunes.
+        for k in range(0, n, 10_000):
+            r = d.api("POST", "/v1/tasks/cancel", {"ids": ids[k:k + 10_000]})
+            assert r.status in (200, 202), (r.status, r.body)
+        cursor = 0
+        fetched = 0
+        while fetched < n:
+            r = d.api("GET", f"/v1/results?since={cursor}&limit=10000")
+            assert r.status == 200, (r.status, r.body)
+            if not r.body["results"]:
+                break
+            fetched += len(r.body["results"])
+            cursor = r.body["cursor"]
+        assert fetched == n, f"fetched {fetched} of {n} results"
+        wait_for(lambda: d.api("GET", f"/v1/tasks/{ids[-1]}").status == 404, 120,
+                 "the store to forget the last task")
+        storm_s = time.monotonic() - t0
+        time.sleep(2)
+    finally:
+        probes.close()
+    st = d.status()
+    pool = st["pools"][0]
+    assert pool["managers_connected"] == 101, f"a manager was dropped: {pool}"
+    assert probes.unanswered == 0, f"{probes.unanswered} heartbeats got no answer"
+    assert probes.rtts, "no heartbeat was timed"
+    worst = max(probes.rtts)
+    assert worst < threshold / 2, \
+        f"a heartbeat took {worst:.2f} s to be answered (threshold {threshold} s)"
+    log = d.log_since_start()
+    assert not re.search(r"manager .* lost", log), log[-3000:]
+    rtts = sorted(probes.rtts)
+    print(f"\nFAULTS 10: {n} finished tasks cancelled and forgotten in {storm_s:.1f} s with 101 "
+          f"managers; heartbeat answer p50 {rtts[len(rtts) // 2] * 1e3:.1f} ms, p99 "
+          f"{rtts[int(len(rtts) * 0.99)] * 1e3:.1f} ms, max {worst * 1e3:.1f} ms")
