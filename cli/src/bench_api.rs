@@ -19,12 +19,16 @@ pub struct ApiArgs {
     /// Single-task round trips (submit, then wait for the result) for the latency run (0: skip).
     #[arg(long, default_value_t = 0)]
     pub round_trips: u64,
+    /// Each throughput task carries a string argument of this many KiB (0: no argument). Tasks
+    /// over the daemon's `limits.spill_kb` keep it in the store until dispatch.
+    #[arg(long, default_value_t = 0)]
+    pub payload_kb: u64,
     #[command(flatten)]
     conn: Conn,
 }
 
 fn register_noop(c: &mut Client) -> Result<u64> {
-    let f = json!({"kind": "python", "name": "bench-noop", "source": "def noop():\n    return None\n", "entry": "noop"});
+    let f = json!({"kind": "python", "name": "bench-noop", "source": "def noop(x=None):\n    return None\n", "entry": "noop"});
     c.request("POST", "/v1/functions", Some(&f))?.ok()?["id"]
         .as_u64()
         .context("no function id")
@@ -52,12 +56,15 @@ fn current_cursor(c: &mut Client) -> Result<u64> {
 fn throughput(a: &ApiArgs, function: u64) -> Result<Value> {
     let mut c = a.conn.client()?;
     let start_cursor = current_cursor(&mut c)?;
-    let (tasks, batch) = (a.tasks, a.batch.max(1));
+    let (tasks, batch, payload_kb) = (a.tasks, a.batch.max(1), a.payload_kb);
     let conn = a.conn.clone();
     let started = Instant::now();
     let submitter = std::thread::spawn(move || -> Result<f64> {
         let mut s = conn.client()?;
-        let one = json!({"function": function, "args": []});
+        let one = match payload_kb {
+            0 => json!({"function": function, "args": []}),
+            kb => json!({"function": function, "args": ["x".repeat((kb << 10) as usize)]}),
+        };
         let mut sent = 0;
         while sent < tasks {
             let n = batch.min(tasks - sent);
@@ -96,7 +103,7 @@ fn throughput(a: &ApiArgs, function: u64) -> Result<Value> {
         .join()
         .map_err(|_| anyhow::anyhow!("the submitter panicked"))??;
     Ok(json!({
-        "tasks": tasks, "batch": batch, "failed": failed,
+        "tasks": tasks, "batch": batch, "failed": failed, "payload_kb": payload_kb,
         "seconds": total, "tasks_per_s": tasks as f64 / total,
         "submit_seconds": submit_s, "submit_tasks_per_s": tasks as f64 / submit_s,
         "result_requests": requests,
