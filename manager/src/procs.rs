@@ -79,6 +79,8 @@ pub struct Start<'a> {
     pub slot: &'a SlotPlan,
     /// The container, if any.
     pub container: Option<&'a Wrap>,
+    /// The memory cgroup the process joins before it runs anything.
+    pub cgroup: Option<&'a fnx_sys::cgroup::Leaf>,
 }
 
 fn wrap(container: Option<&Wrap>, cmd: Vec<String>) -> Vec<String> {
@@ -102,10 +104,14 @@ fn prepare(cmd: &mut Command, start: &Start, proc_marker: &str) {
         None => markers.sandbox.as_ref().map(|l| l.fd()),
         Some(_) => None,
     };
-    // SAFETY: child_setup, apply_affinity and enforce only make async-signal-safe calls (no
-    // allocation: `cpus` was allocated before the fork).
+    let cgroup = start.cgroup.map(|c| c.procs());
+    // SAFETY: join, child_setup, apply_affinity and enforce only make async-signal-safe calls
+    // (no allocation: `cpus` and the cgroup's path were allocated before the fork).
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(procs) = &cgroup {
+                fnx_sys::cgroup::join(procs)?;
+            }
             fnx_sys::process::child_setup(libc::SIGKILL)?;
             fnx_sys::placement::apply_affinity(&cpus)?;
             if let Some(fd) = sandbox {

@@ -19,6 +19,7 @@
 //!   data computed from topology + policy, applied in one place before exec.
 #![deny(missing_docs)]
 
+pub mod cgroup;
 pub mod landlock;
 pub mod memory;
 pub mod node;

@@ -507,35 +507,89 @@ HOG = {"kind": "python", "entry": "hog", "source": (
 
 
 def test_fault_17_a_task_over_its_memory_limit_is_killed_alone(make_daemon):
-    """mem_per_worker = 0.1 GiB (103 MiB): a task holding 400 MiB is killed by the manager's
-    sampling, one that reaches 400 MiB and returns at once is caught too (by a sample, or by
-    its worker's peak between samples), a shell task's whole process group counts; each fails as memory_exceeded with its peak and
-    the limit. The task beside them, the manager and the worker slots survive."""
+    """mem_per_worker = 0.1 GiB (103 MiB): a task holding 400 MiB, one that reaches 400 MiB and
+    returns at once, and a shell task whose child allocates 400 MiB each fail as memory_exceeded
+    with their peak and the limit. Where the manager can make a memory cgroup per worker (CI's
+    writable v1 hierarchy) the kernel holds each at the limit and kills it there; elsewhere the
+    manager's sampling (and a Python worker's own peak, between samples) catches it over the
+    limit. The task beside them, the manager and the worker slots survive."""
+    cgroups = own_memory_cgroup() is not None
     d = make_daemon(pools={"local": {"workers_per_manager": 2, "mem_per_worker": 0.1}})
     fid = d.register(HOG)
     sid = d.register({"kind": "shell", "command":
                       "python3 -c \"import time; b = b'x' * (400 << 20); time.sleep(5)\""})
     manager = d.status()["pools"][0]["managers"][0]["id"]
+
+    def killed_at_limit(rec):
+        assert rec["state"] == "failed" and rec["error"]["kind"] == "memory_exceeded", rec
+        msg = rec["error"]["message"]
+        used = int(re.search(r"used (\d+) MiB", msg).group(1))
+        if cgroups:
+            assert "reached its limit of 103 MiB" in msg and "own memory cgroup" in msg, msg
+            assert used >= 100, msg
+        else:
+            assert "over its limit of 103 MiB" in msg and used > 103, msg
+
     [held, bystander] = d.submit([{"function": fid, "args": [400, 5]},
                                   {"function": fid, "args": [5, 3]}])
-    rec = d.wait_task(held)
-    assert rec["state"] == "failed" and rec["error"]["kind"] == "memory_exceeded", rec
-    assert "over its limit of 103 MiB" in rec["error"]["message"], rec
-    assert int(re.search(r"used (\d+) MiB", rec["error"]["message"]).group(1)) > 103, rec
+    killed_at_limit(d.wait_task(held))
     assert d.wait_task(bystander)["state"] == "success"
     [spike, shell] = d.submit([{"function": fid, "args": [400, 0]},
                                {"function": sid, "args": {}}])
-    rec = d.wait_task(spike)
-    assert rec["state"] == "failed" and rec["error"]["kind"] == "memory_exceeded", rec
-    # Caught by a sample while it allocates, or by the worker's peak once it returned.
-    assert int(re.search(r"used (\d+) MiB", rec["error"]["message"]).group(1)) > 103, rec
-    rec = d.wait_task(shell)
-    assert rec["state"] == "failed" and rec["error"]["kind"] == "memory_exceeded", rec
+    killed_at_limit(d.wait_task(spike))
+    killed_at_limit(d.wait_task(shell))
     # Small tasks still run, on the same manager.
     ok = d.submit([{"function": fid, "args": [10]} for _ in range(4)])
     assert [result_value(r) for r in d.wait_all(ok).values()] == [10] * 4
     managers = d.status()["pools"][0]["managers"]
     assert [m["id"] for m in managers] == [manager], managers
+
+
+CGROUP_OF = {"kind": "python", "entry": "cgroup_of", "source": (
+    "def cgroup_of():\n"
+    "    for line in open('/proc/self/cgroup'):\n"
+    "        _, controllers, path = line.rstrip('\\n').split(':', 2)\n"
+    "        if 'memory' in controllers.split(','):\n"
+    "            return path\n")}
+
+
+def test_fault_17_each_worker_runs_in_its_own_memory_cgroup_held_to_the_limit(make_daemon):
+    """Where the manager can write the v1 memory hierarchy: each Python worker and each shell
+    task runs in its own memory cgroup limited to mem_per_worker (memory and swap), under one
+    parent per manager, which is gone once the manager stops. A parent left by a manager that
+    was killed (its pid runs no more) is removed by the next manager on the node."""
+    base = own_memory_cgroup()
+    if base is None:
+        pytest.skip("needs a writable cgroup v1 memory hierarchy (CI has one)")
+    stale = base / "fnx-4999999"  # above any pid_max: no such process
+    (stale / "w1").mkdir(parents=True)
+    d = make_daemon(pools={"local": {"workers_per_manager": 2, "mem_per_worker": 0.1}})
+    fid = d.register(CGROUP_OF)
+    sid = d.register({"kind": "shell", "command": "grep :memory: /proc/self/cgroup"})
+    gate_fid = d.register(HOG)
+    # Two workers at once (one holds its slot), so both report their own cgroup.
+    [hold] = d.submit([{"function": gate_fid, "args": [1, 3]}])
+    [py] = d.submit([{"function": fid, "args": []}])
+    [sh] = d.submit([{"function": sid, "args": {}}])
+    assert not stale.exists(), f"{stale} of a dead manager was left behind"
+    paths = [result_value(d.wait_task(py)),
+             result_value(d.wait_task(sh))["stdout"].strip().split(":", 2)[2]]
+    assert result_value(d.wait_task(hold)) == 1
+    root = Path("/sys/fs/cgroup/memory")
+    parents = set()
+    for path in paths:
+        leaf = root / path.lstrip("/")
+        assert leaf.parent.parent == base and leaf.parent.name.startswith("fnx-"), (leaf, base)
+        parents.add(leaf.parent)
+    assert len(set(paths)) == 2, f"the worker and the shell task share a cgroup: {paths}"
+    [parent] = parents
+    # The shell task's cgroup went with it; the worker's is there, at the limit.
+    limit = int((root / paths[0].lstrip("/") / "memory.limit_in_bytes").read_text())
+    assert limit == 103 << 20, limit  # mem_per_worker 0.1 GiB, in whole MiB
+    wait_for(lambda: not (root / paths[1].lstrip("/")).exists(), 10,
+             "the shell task's cgroup to be removed")
+    d.stop()
+    assert not parent.exists(), f"{parent} was left behind"
 
 
 def own_memory_cgroup() -> Path | None:

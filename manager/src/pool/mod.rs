@@ -147,6 +147,8 @@ struct Proc {
     idle_since: Option<Instant>,
     /// When it was told to exit (idle too long, or its slot is needed by another environment).
     retiring: Option<Instant>,
+    /// Its own memory cgroup, holding it to the limit (where the node allows one).
+    cgroup: Option<fnx_sys::cgroup::Leaf>,
 }
 
 struct Pipelined {
@@ -170,6 +172,7 @@ impl Proc {
             env: String::new(),
             idle_since: None,
             retiring: None,
+            cgroup: None,
         }
     }
 
@@ -240,6 +243,9 @@ pub struct Pool<'a> {
     /// (it becomes `oom_seen` at the next refresh).
     oom_refreshed: Instant,
     oom_pending: u64,
+    /// With a memory limit: the parent of each worker's memory cgroup, if the node lets this
+    /// manager make them (otherwise the limit is enforced by sampling alone).
+    cgroups: Option<fnx_sys::cgroup::MemoryCgroups>,
 }
 
 /// How long the outcome of a task killed from outside is held (see `Pool::held`).
@@ -248,6 +254,31 @@ const HOLD_KILLED: Duration = Duration::from_secs(1);
 /// How often running tasks' memory is measured against the limit.
 const MEM_SAMPLE: Duration = Duration::from_millis(100);
 
+/// A memory cgroup per worker, if there is a limit and the node allows them; says which.
+fn memory_cgroups(limit: Option<u64>) -> Option<fnx_sys::cgroup::MemoryCgroups> {
+    let limit = limit?;
+    match fnx_sys::cgroup::MemoryCgroups::create() {
+        Ok(c) => {
+            tracing::info!(
+                "memory limit {} MiB per worker: held by a memory cgroup per worker under {}, \
+                 and sampled every {} ms",
+                limit >> 20,
+                c.dir().display(),
+                MEM_SAMPLE.as_millis()
+            );
+            Some(c)
+        }
+        Err(e) => {
+            tracing::info!(
+                "memory limit {} MiB per worker: sampled every {} ms (no cgroup per worker: {e})",
+                limit >> 20,
+                MEM_SAMPLE.as_millis()
+            );
+            None
+        }
+    }
+}
+
 impl<'a> Pool<'a> {
     /// A pool that talks to the link over `link` and watches `signals`.
     pub fn new(
@@ -255,6 +286,7 @@ impl<'a> Pool<'a> {
         link: &'a zmq::Socket,
         signals: &'a fnx_sys::signals::SignalPipe,
     ) -> Self {
+        let cfg_limit = cfg.mem_limit;
         Pool {
             cfg,
             link,
@@ -279,6 +311,7 @@ impl<'a> Pool<'a> {
             oom_now: None,
             oom_refreshed: Instant::now(),
             oom_pending: 0,
+            cgroups: memory_cgroups(cfg_limit),
         }
     }
 
@@ -574,10 +607,14 @@ impl<'a> Pool<'a> {
             return;
         }
         self.mem_sampled = now;
+        // A process in its own memory cgroup is held there by the kernel (whose count is the
+        // one that matters: resident sizes also count shared library pages another charged).
         let groups: Vec<u32> = self
             .procs
             .iter()
-            .filter(|(_, p)| p.task.as_ref().is_some_and(|r| r.forced.is_none()))
+            .filter(|(_, p)| {
+                p.cgroup.is_none() && p.task.as_ref().is_some_and(|r| r.forced.is_none())
+            })
             .map(|(&pid, _)| pid)
             .collect();
         if groups.is_empty() {

@@ -99,7 +99,18 @@ impl Pool<'_> {
                 let over = self.cfg.mem_limit.and_then(|limit| {
                     let peak = fnx_sys::memory::peak_rss(pid).unwrap_or(0).max(r.peak_rss);
                     let _ = fnx_sys::memory::reset_peak_rss(pid);
-                    (peak > limit).then(|| memory_exceeded(peak, limit))
+                    // A process of the task the kernel killed in the worker's cgroup (the
+                    // worker itself lived on).
+                    let killed = proc.cgroup.as_mut().and_then(|c| {
+                        let killed = c.new_oom_kill();
+                        c.reset_peak();
+                        killed
+                    });
+                    match (killed, &proc.cgroup) {
+                        (Some(peak), _) => Some(memory_limit_reached(peak, limit)),
+                        (None, Some(_)) => None,
+                        (None, None) => (peak > limit).then(|| memory_exceeded(peak, limit)),
+                    }
                 });
                 let outcome = if let Some(e) = over {
                     Outcome::Err(e)
@@ -219,9 +230,25 @@ impl Pool<'_> {
                     .get_or_insert_with(|| fnx_sys::memory::oom_kills().unwrap_or(0));
                 n > self.oom_seen
             };
-        let outcome = match (r.forced, &mut proc.kind) {
-            (Some(e), _) => Outcome::Err(e),
-            (None, _) if oom => {
+        // Killed by the kernel at the limit of its own memory cgroup.
+        let limited = match (self.cfg.mem_limit, r.forced.is_none()) {
+            (Some(limit), true) => proc
+                .cgroup
+                .as_mut()
+                .and_then(|c| c.new_oom_kill())
+                .map(|peak| memory_limit_reached(peak, limit)),
+            _ => None,
+        };
+        let outcome = match (r.forced, limited, &mut proc.kind) {
+            (Some(e), _, _) => Outcome::Err(e),
+            (None, Some(e), _) => {
+                tracing::warn!(
+                    "task {} reached its memory limit; the kernel killed it in its cgroup",
+                    r.id
+                );
+                Outcome::Err(e)
+            }
+            (None, None, _) if oom => {
                 tracing::warn!(
                     "task {} was killed by the kernel's out-of-memory killer (process {pid})",
                     r.id
@@ -236,7 +263,7 @@ impl Pool<'_> {
                     ),
                 ))
             }
-            (None, Kind::Python(_)) => {
+            (None, None, Kind::Python(_)) => {
                 let log = proc
                     .log
                     .as_ref()
@@ -251,7 +278,7 @@ impl Pool<'_> {
                     ),
                 ))
             }
-            (None, Kind::Shell(s)) => shell_outcome(status, s, self.cfg.max_result_bytes),
+            (None, None, Kind::Shell(s)) => shell_outcome(status, s, self.cfg.max_result_bytes),
         };
         if from_outside {
             tracing::info!(
@@ -283,6 +310,20 @@ pub(super) fn promote(pid: u32, next: Pipelined, grace: Duration) -> Running {
         let _ = kill_group(pid, libc::SIGTERM);
     }
     r
+}
+
+/// A task the kernel killed at its memory cgroup's limit: its peak and the limit, in MiB.
+pub(super) fn memory_limit_reached(peak: u64, limit: u64) -> TaskError {
+    TaskError::new(
+        ErrorKind::MemoryExceeded,
+        "MemoryExceeded",
+        format!(
+            "the task used {} MiB of memory and reached its limit of {} MiB (the pool's \
+             mem_per_worker): the kernel killed it in its own memory cgroup",
+            peak.div_ceil(1 << 20),
+            limit >> 20
+        ),
+    )
 }
 
 /// A task over its memory limit: its peak and the limit, in MiB.

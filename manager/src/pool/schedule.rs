@@ -279,6 +279,19 @@ impl Pool<'_> {
         }
     }
 
+    /// A memory cgroup for a new worker or shell task, held to the limit (None: no limit, no
+    /// cgroups on this node, or this one could not be made; sampling still applies).
+    fn memory_leaf(&mut self) -> Option<fnx_sys::cgroup::Leaf> {
+        let limit = self.cfg.mem_limit?;
+        match self.cgroups.as_mut()?.leaf(limit) {
+            Ok(leaf) => Some(leaf),
+            Err(e) => {
+                tracing::warn!("cannot make a memory cgroup for a worker: {e}");
+                None
+            }
+        }
+    }
+
     /// Start one Python worker of `env`; false if it could not be started (its environment's
     /// queued tasks then fail with the reason).
     fn spawn_worker(&mut self, env: &str) -> bool {
@@ -287,10 +300,12 @@ impl Pool<'_> {
         let slot = self.pick_slot(true);
         let placement = self.slot_plan(slot);
         let wrap = self.env_wrap(env).ok().flatten().cloned();
+        let cgroup = self.memory_leaf();
         let start = Start {
             markers: &self.cfg.markers,
             slot: &placement,
             container: wrap.as_ref(),
+            cgroup: cgroup.as_ref(),
         };
         match PythonWorker::spawn(
             &self.cfg.python,
@@ -304,6 +319,7 @@ impl Pool<'_> {
                 let pid = w.pid;
                 let mut proc = Proc::new(Kind::Python(w), None, Some(log), slot);
                 proc.env = env.to_string();
+                proc.cgroup = cgroup;
                 self.procs.insert(pid, proc);
                 self.count_start(env);
                 true
@@ -374,6 +390,7 @@ impl Pool<'_> {
         let cwd = sandbox.as_ref().map(|s| s.dir().to_path_buf());
         let slot = self.pick_slot(false);
         let placement = self.slot_plan(slot);
+        let cgroup = self.memory_leaf();
         let func = &self.functions[&spec.function];
         let wrap = self.env_wrap(&func.env).ok().flatten().cloned();
         let outcome = match &func.shell {
@@ -388,6 +405,7 @@ impl Pool<'_> {
                     markers: &self.cfg.markers,
                     slot: &placement,
                     container: wrap.as_ref(),
+                    cgroup: cgroup.as_ref(),
                 };
                 ShellProc::spawn(
                     &t.script,
@@ -413,8 +431,9 @@ impl Pool<'_> {
                     sandbox,
                     ..Running::start(&spec)
                 };
-                self.procs
-                    .insert(pid, Proc::new(Kind::Shell(proc), Some(running), None, slot));
+                let mut proc = Proc::new(Kind::Shell(proc), Some(running), None, slot);
+                proc.cgroup = cgroup;
+                self.procs.insert(pid, proc);
             }
             Err(e) => self.push_result(spec.id, spec.attempt, Outcome::Err(e)),
         }

@@ -1,0 +1,231 @@
+//! A memory cgroup per worker, where the node lets the manager make one: the kernel then holds
+//! each task to its limit the moment it allocates, and kills it inside its own cgroup when it
+//! cannot reclaim, instead of a sampler noticing up to 100 ms later (by which time a fast task
+//! may have taken the node's memory).
+//!
+//! Supported: a cgroup v1 memory hierarchy in which the manager's own cgroup is writable (root,
+//! or a batch system that hands the job its cgroup). Elsewhere (cgroup v2, where the manager
+//! would have to move itself into a leaf and enable the controller, and no cgroup at all)
+//! [`MemoryCgroups::create`] says why not and the caller samples instead.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// The manager's parent cgroup for its workers' leaves (`<own cgroup>/fnx-<pid>`), removed
+/// with every leaf left in it when dropped.
+#[derive(Debug)]
+pub struct MemoryCgroups {
+    dir: PathBuf,
+    next: u64,
+}
+
+/// One worker's (or one shell task's) memory cgroup, removed when dropped.
+#[derive(Debug)]
+pub struct Leaf {
+    dir: PathBuf,
+    /// `<dir>/cgroup.procs`, made before the fork (the child may not allocate).
+    procs: CString,
+    /// The limit, in bytes.
+    pub limit: u64,
+    /// Out-of-memory kills in it already accounted for.
+    ooms_seen: u64,
+}
+
+/// The manager's own directory in the v1 memory hierarchy, from `/proc/self/cgroup`.
+fn own_v1_memory_dir(proc_cgroup: &str, mount: &Path) -> Option<PathBuf> {
+    proc_cgroup.lines().find_map(|line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then(|| mount.join(path.trim_start_matches('/')))
+    })
+}
+
+impl MemoryCgroups {
+    /// Make the manager's parent cgroup; the error says why it cannot.
+    pub fn create() -> io::Result<MemoryCgroups> {
+        let table = std::fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot read /proc/self/cgroup: {e}")))?;
+        let own =
+            own_v1_memory_dir(&table, Path::new("/sys/fs/cgroup/memory")).ok_or_else(|| {
+                io::Error::other("no cgroup v1 memory hierarchy (cgroup v2 is not supported)")
+            })?;
+        if !own.join("memory.limit_in_bytes").exists() {
+            return Err(io::Error::other(format!(
+                "{} is not a memory cgroup",
+                own.display()
+            )));
+        }
+        sweep_dead_managers(&own);
+        let dir = own.join(format!("fnx-{}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot create {}: {e}", dir.display()),
+                ))
+            }
+        }
+        Ok(MemoryCgroups { dir, next: 0 })
+    }
+
+    /// Where the leaves are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A new leaf held to `limit` bytes (memory and swap). Processes join it with
+    /// [`Leaf::join_in_child`].
+    pub fn leaf(&mut self, limit: u64) -> io::Result<Leaf> {
+        self.next += 1;
+        let dir = self.dir.join(format!("w{}", self.next));
+        std::fs::create_dir(&dir)?;
+        let leaf = Leaf {
+            procs: CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            dir,
+            limit,
+            ooms_seen: 0,
+        };
+        std::fs::write(leaf.dir.join("memory.limit_in_bytes"), limit.to_string())?;
+        // Without swap accounting the file is absent: there is no swap to escape into.
+        let memsw = leaf.dir.join("memory.memsw.limit_in_bytes");
+        if memsw.exists() {
+            std::fs::write(memsw, limit.to_string())?;
+        }
+        Ok(leaf)
+    }
+}
+
+/// Remove a parent and its leaves (those no process is in any more).
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Parents of managers that were killed before they could remove them (`fnx-<pid>` of a pid
+/// that no longer runs).
+fn sweep_dead_managers(own: &Path) {
+    let Ok(entries) = std::fs::read_dir(own) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("fnx-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            remove_tree(&e.path());
+        }
+    }
+}
+
+impl Drop for MemoryCgroups {
+    fn drop(&mut self) {
+        remove_tree(&self.dir);
+    }
+}
+
+impl Leaf {
+    /// Move the calling process into this cgroup. For `CommandExt::pre_exec`: only
+    /// async-signal-safe calls, no allocation (the path was made before the fork).
+    pub fn join_in_child(&self) -> io::Result<()> {
+        join(&self.procs)
+    }
+
+    /// Its `cgroup.procs` path, for a child to [`join`] between fork and exec.
+    pub fn procs(&self) -> CString {
+        self.procs.clone()
+    }
+
+    /// Out-of-memory kills in it since the last call that returned them: `Some(peak bytes)`
+    /// if there were any (the kernel killed a process of it at its limit).
+    pub fn new_oom_kill(&mut self) -> Option<u64> {
+        let control = std::fs::read_to_string(self.dir.join("memory.oom_control")).ok()?;
+        let n: u64 = control
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))?
+            .trim()
+            .parse()
+            .ok()?;
+        if n <= self.ooms_seen {
+            return None;
+        }
+        self.ooms_seen = n;
+        Some(self.peak().max(self.limit))
+    }
+
+    /// The most memory it has used since created or [`Leaf::reset_peak`] (page cache included).
+    pub fn peak(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("memory.max_usage_in_bytes"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Measure the peak again from now (between two tasks of one worker).
+    pub fn reset_peak(&self) {
+        let _ = std::fs::write(self.dir.join("memory.max_usage_in_bytes"), "0");
+    }
+}
+
+impl Drop for Leaf {
+    fn drop(&mut self) {
+        // Fails while a process is still in it (one being killed): the parent's drop retries.
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// Write "0" (the writer itself) into the `cgroup.procs` file at `procs`. Async-signal-safe.
+pub fn join(procs: &CString) -> io::Result<()> {
+    // SAFETY: open/write/close on a NUL-terminated path made before the fork; no allocation.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if n != 1 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_line_of_proc_self_cgroup_names_the_directory() {
+        let table = "12:pids:/a\n4:memory:/process_api/abc\n0::/user.slice\n";
+        let mount = Path::new("/sys/fs/cgroup/memory");
+        assert_eq!(
+            own_v1_memory_dir(table, mount),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/process_api/abc"))
+        );
+        assert_eq!(
+            own_v1_memory_dir("5:cpu,memory:/\n", mount),
+            Some(mount.to_path_buf())
+        );
+        assert_eq!(own_v1_memory_dir("0::/user.slice\n", mount), None);
+    }
+}
