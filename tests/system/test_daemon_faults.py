@@ -25,7 +25,7 @@ import pytest
 
 from conftest import descendants_of, wait_for
 from daemon_env import (
-    GATE, NOOP, TERMINAL, error_of, gate, in_thread, result_value, wait_started,
+    GATE, NOOP, TERMINAL, error_of, gate, in_thread, pickled_args, result_value, wait_started,
 )
 
 
@@ -543,6 +543,30 @@ def test_fault_17_a_task_over_its_memory_limit_is_killed_alone(make_daemon):
     assert [result_value(r) for r in d.wait_all(ok).values()] == [10] * 4
     managers = d.status()["pools"][0]["managers"]
     assert [m["id"] for m in managers] == [manager], managers
+
+
+BLOB = {"kind": "python", "entry": "blob",
+        "source": "def blob(mib):\n    return b'x' * (mib << 20)\n"}
+
+
+def test_fault_18_a_large_result_is_never_held_twice_by_its_worker(make_daemon):
+    """mem_per_worker = 0.09 GiB (92 MiB): a 48 MiB pickled result fits (it is counted, then
+    streamed into the pipe; held as the object and its pickled copy it would pass the limit),
+    and a 60 MiB one over max_result_mb = 50 is refused as result_too_large with both sizes
+    instead of being killed for memory."""
+    d = make_daemon(pools={"local": {"workers_per_manager": 1, "mem_per_worker": 0.09}},
+                    limits={"max_result_mb": 50})
+    fid = d.register(BLOB)
+    [fits] = d.submit([{"function": fid, "encoding": "pickle", "data_b64": pickled_args(48)}])
+    rec = d.wait_task(fits)
+    assert rec["state"] == "success", rec["error"]
+    assert result_value(rec) == b"x" * (48 << 20)
+    [over] = d.submit([{"function": fid, "encoding": "pickle", "data_b64": pickled_args(60)}])
+    rec = d.wait_task(over)
+    assert rec["state"] == "failed" and rec["error"]["kind"] == "result_too_large", rec
+    assert str(50 << 20) in rec["error"]["message"], rec["error"]
+    size = int(re.search(r"result of (\d+) bytes", rec["error"]["message"]).group(1))
+    assert size > 60 << 20, rec["error"]
 
 
 CGROUP_OF = {"kind": "python", "entry": "cgroup_of", "source": (

@@ -23,6 +23,10 @@ Design
   (``json`` would silently turn ``{1: 2}`` into ``{"1": 2}``), NaN/infinity, lone surrogates
   or anything JSON cannot hold; every encoded result is checked against
   ``FNX_MAX_RESULT_BYTES``. Error texts over 64 KiB are cut with a marker.
+* **A large pickled result is never held twice.** A first pass counts its pickled size
+  (keeping the bytes only up to 1 MiB); a larger result within the limit is pickled again
+  straight into the pipe, so the worker's memory peaks at the result plus a constant, and one
+  over the limit is refused without being encoded.
 * **Exit.** End of the protocol input or an ``exit`` frame ends the process with status 0
   through a normal interpreter exit (atexit handlers run, files are flushed). A malformed
   frame is a manager bug: it is logged and the worker exits with status 2.
@@ -174,9 +178,85 @@ def _write_all(fd, data):
             done += os.write(fd, view[done:])
 
 
+class _Counter:
+    """A pickle target that keeps the first ``keep`` bytes and counts the rest: the first
+    pass over a result. A large ``bytes`` or buffer reaches ``write`` whole (the pickler does
+    not copy it), so counting it costs nothing."""
+
+    def __init__(self, keep):
+        self.keep = keep
+        self.size = 0
+        self.parts = []
+
+    def write(self, data):
+        n = memoryview(data).nbytes
+        self.size += n
+        if self.parts is not None:
+            if self.size <= self.keep:
+                self.parts.append(bytes(data))
+            else:
+                self.parts = None
+        return n
+
+
+class _Streamed:
+    """A result too large to hold twice: pickled again straight into the protocol pipe."""
+
+    def __init__(self, value, size):
+        self.value = value
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+
+class _PipeWriter:
+    """A pickle target that writes to the protocol fd, holding the frame to ``size`` bytes."""
+
+    def __init__(self, fd, size):
+        self.fd = fd
+        self.left = size
+
+    def write(self, data):
+        n = memoryview(data).nbytes
+        if n > self.left:
+            self.mismatch()
+        self.left -= n
+        _write_all(self.fd, data)
+        return n
+
+    def mismatch(self):
+        # The frame's length is already sent: the stream cannot be mended. The manager sees
+        # the worker die and retries the task elsewhere; the log says why.
+        _log("the result pickled to a different size the second time (a __reduce__ with side "
+             "effects?): exiting")
+        os._exit(3)
+
+
+_SMALL_RESULT = 1 << 20  # pickled results up to this size are held and sent in one write
+
+
+def _pickle_result(result, max_result):
+    """``(bytes or _Streamed, size)`` of ``result`` pickled; raises if it cannot be. A large
+    result is counted first and streamed later, so the worker never holds it twice."""
+    counter = _Counter(_SMALL_RESULT)
+    pickle.Pickler(counter, pickle.HIGHEST_PROTOCOL).dump(result)
+    if counter.parts is not None:
+        return b"".join(counter.parts), counter.size
+    if counter.size > max_result:
+        return None, counter.size
+    return _Streamed(result, counter.size), counter.size
+
+
 def _send(fd, header, payload=b""):
     prefix = _PREFIX.pack(4 + len(header) + len(payload), len(header))
-    if len(payload) < _BIG_WRITE:
+    if type(payload) is _Streamed:
+        _write_all(fd, prefix + header)
+        writer = _PipeWriter(fd, payload.size)
+        pickle.Pickler(writer, pickle.HIGHEST_PROTOCOL).dump(payload.value)
+        if writer.left:
+            writer.mismatch()
+    elif len(payload) < _BIG_WRITE:
         _write_all(fd, prefix + header + payload)
     else:
         _write_all(fd, prefix + header)
@@ -438,11 +518,17 @@ def _run(fn, tid, enc, payload, max_result):
 
     # The result.
     if enc == "json":
+        if type(result) is str and len(result) > max_result:
+            # Its JSON text has at least its length in bytes and two quotes: not encoded.
+            message = "result of at least %d bytes exceeds the limit of %d bytes" % (
+                len(result) + 2, max_result)
+            return _error_frame(tid, "result_too_large", "ValueError", message), b""
         try:
             text = _json_dumps(result)
             if isinstance(result, _CONTAINERS):
                 _check_keys(result)
             data = text.encode("utf-8")
+            text = None
         except UnicodeEncodeError as exc:
             message = "result is not valid Unicode text: %s" % _safe_str(exc)
             return _error_frame(tid, "not_serializable", "UnicodeEncodeError", message), b""
@@ -453,11 +539,14 @@ def _run(fn, tid, enc, payload, max_result):
         header = _OK_JSON % tid
     else:
         try:
-            data = pickle.dumps(result, pickle.HIGHEST_PROTOCOL)
+            data, size = _pickle_result(result, max_result)
         except BaseException as exc:
             type_name, message, tb = _describe(exc)
             message = "result cannot be pickled: " + message
             return _error_frame(tid, "not_serializable", type_name, message, tb), b""
+        if data is None:
+            message = "result of %d bytes exceeds the limit of %d bytes" % (size, max_result)
+            return _error_frame(tid, "result_too_large", "ValueError", message), b""
         header = _OK_PICKLE % tid
     if len(data) > max_result:
         message = "result of %d bytes exceeds the limit of %d bytes" % (len(data), max_result)
@@ -508,7 +597,9 @@ def _serve(proto_in, proto_out, max_result):
                 reply = _run(fn, tid, enc, payload, max_result)
             else:
                 reply = _run_in(cwd, fn, tid, enc, payload, max_result)
+            payload = None
             _send(proto_out, *reply)
+            reply = None  # the result is not kept while the next task runs
         elif op == "def":
             try:
                 fid, body = header["fid"], header["body"]

@@ -36,6 +36,16 @@ def plain_object(): return object()
 def make_lambda(): return lambda: 1
 def surrogate(): return "a\ud800b"
 def big(): return 2 ** 100
+def big_bytes(n): return b"x" * n
+
+class Growing:
+    """Pickles bigger every time: a __reduce__ with side effects."""
+    calls = 0
+    def __reduce__(self):
+        Growing.calls += 1
+        return (bytes, (b"x" * ((2 << 20) * Growing.calls),))
+
+def growing(): return Growing()
 def unicode(): return {"k\u00e9": "\u65e5\u672c"}
 
 class Ops:
@@ -436,11 +446,51 @@ def test_result_too_large(make_worker):
     ident = worker.ref("ident")
     err = worker.error(ident, "x" * 2000)
     assert err["kind"] == "result_too_large"
-    assert err["message"] == "result of 2002 bytes exceeds the limit of 1000 bytes"
+    # A string longer than the limit is refused before it is encoded: its size is a bound.
+    assert err["message"] == "result of at least 2002 bytes exceeds the limit of 1000 bytes"
+    err = worker.error(ident, ["x" * 2000])
+    assert err["message"] == "result of 2004 bytes exceeds the limit of 1000 bytes"
     assert worker.call(ident, "x" * 998) == "x" * 998  # exactly 1000 bytes is allowed
     err = worker.error(ident, "x" * 2000, enc="pickle")
     assert err["kind"] == "result_too_large"
     assert "exceeds the limit of 1000 bytes" in err["message"]
+
+
+def peak_kib(pid):
+    for line in open("/proc/%d/status" % pid):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_large_pickled_results_are_never_held_twice(make_worker):
+    """FAULTS 18: a result is pickled twice (counted, then streamed into the pipe), not held
+    as an object and a copy; one over the limit is refused with its exact size, unencoded."""
+    mib = 1 << 20
+    worker = make_worker(max_result=128 * mib)
+    big = worker.ref("big_bytes")
+    assert worker.call_pickle(big, 3 * mib) == b"x" * (3 * mib)  # warm-up
+    before = peak_kib(worker.proc.pid)
+    assert worker.call_pickle(big, 64 * mib) == b"x" * (64 * mib)
+    grew = (peak_kib(worker.proc.pid) - before) / 1024
+    assert grew < 64 + 16, "the worker's peak grew by %d MiB for a 64 MiB result" % grew
+    err = worker.error(big, 200 * mib, enc="pickle")
+    assert err["kind"] == "result_too_large", err
+    size = len(pickle.dumps(b"x" * (200 * mib), pickle.HIGHEST_PROTOCOL))
+    assert err["message"] == "result of %d bytes exceeds the limit of %d bytes" % (
+        size, 128 * mib), err
+    grew = (peak_kib(worker.proc.pid) - before) / 1024
+    assert grew < 200 + 16, "the worker's peak grew by %d MiB for a 200 MiB result" % grew
+    # Still in service.
+    assert worker.call_pickle(worker.ref("add"), 1, 2) == 3
+
+
+def test_a_result_that_pickles_differently_twice_ends_the_worker(worker):
+    worker.tid += 1
+    worker.send({"op": "task", "tid": worker.tid, "fid": worker.ref("growing"), "enc": "pickle"},
+                pickle.dumps(((), {})))
+    assert worker.proc.wait(TIMEOUT) == 3
+    assert "pickled to a different size the second time" in worker.log()
 
 
 def test_import_errors(worker):
