@@ -67,6 +67,7 @@ fn tasks(n: u64) -> Vec<NewTask> {
             attempt: fnx_protocol::Attempt(0),
             files: Vec::new(),
             stored: None,
+            memory_mb: None,
         })
         .collect()
 }

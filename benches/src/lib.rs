@@ -33,6 +33,7 @@ pub fn task_batch(n: u64, payload: usize) -> InterchangeToManager {
                 function: FunctionId(1),
                 args: Payload::json(vec![b'1'; payload]),
                 walltime_ms: None,
+                memory_mb: None,
             })
             .collect(),
     }

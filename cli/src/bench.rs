@@ -154,6 +154,7 @@ fn new_task(i: u64, payload_bytes: usize) -> NewTask {
         attempt: fnx_protocol::Attempt(0),
         files: Vec::new(),
         stored: None,
+        memory_mb: None,
     }
 }
 
@@ -361,6 +362,7 @@ fn transfer(args: &TransferArgs) -> Result<serde_json::Value> {
                     attempt: fnx_protocol::Attempt(0),
                     files: Vec::new(),
                     stored: None,
+                    memory_mb: None,
                 })
                 .collect();
             pool.handle.submit(batch);

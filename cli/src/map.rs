@@ -419,6 +419,7 @@ fn execute(
                     attempt: fnx_protocol::Attempt(0),
                     files: Vec::new(),
                     stored: None,
+                    memory_mb: None,
                 });
             }
             if !tasks.is_empty() {

@@ -46,6 +46,8 @@ struct TaskRec {
     files: Box<[TaskFile]>,
     /// The inputs stay in the host's store (`args` and `files` are empty): their size.
     stored: Option<u64>,
+    /// Its own memory limit in MiB.
+    memory_mb: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -221,6 +223,7 @@ impl Interchange {
                     crashes: 0,
                     files: t.files.into_boxed_slice(),
                     stored: t.stored,
+                    memory_mb: t.memory_mb,
                 },
             );
         }

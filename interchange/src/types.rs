@@ -71,6 +71,8 @@ pub struct NewTask {
     /// [`Comm::load`] each time the task is dispatched, so a large queue costs the host no
     /// memory for its payloads.
     pub stored: Option<u64>,
+    /// The task's own memory limit in MiB (None: the pool's).
+    pub memory_mb: Option<u32>,
 }
 
 /// The inputs of a task kept in the host's store (see [`NewTask::stored`]).

@@ -77,6 +77,7 @@ fn task(id: u64) -> NewTask {
         args: Payload::json(format!("[{id}]")),
         priority: 0,
         walltime_ms: None,
+        memory_mb: None,
         retries: 1,
         attempt: Attempt(0),
         files: Vec::new(),
@@ -92,6 +93,7 @@ fn spec(id: u64, attempt: u32) -> TaskSpec {
         function: F,
         args: Payload::json(format!("[{id}]")),
         walltime_ms: None,
+        memory_mb: None,
     }
 }
 

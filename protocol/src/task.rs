@@ -156,6 +156,10 @@ pub struct TaskSpec {
     /// Input files placed in the task's own working directory before it starts.
     #[serde(default)]
     pub files: Vec<TaskFile>,
+    /// The task's own memory limit in MiB (None: the pool's `mem_per_worker`, if any). Last,
+    /// and left out when None: frames without it decode as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u32>,
 }
 
 /// An input file of a task. The manager places it in the task's working directory under

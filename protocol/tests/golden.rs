@@ -123,6 +123,7 @@ fn i2m_samples() -> Vec<(&'static str, InterchangeToManager)> {
                         data: vec![0x80, 0x05],
                     },
                     walltime_ms: Some(1500),
+                    memory_mb: None,
                     files: vec![
                         TaskFile {
                             name: "in.txt".into(),
@@ -216,4 +217,29 @@ fn interchange_to_manager_golden_bytes() {
         .map(|(n, h)| (*n, h.to_string()))
         .collect();
     assert_eq!(actual, expected, "interchange→manager wire bytes changed");
+}
+
+#[test]
+fn a_task_memory_limit_travels_last_and_only_when_set() {
+    let tasks = |memory_mb| InterchangeToManager::Tasks {
+        functions: vec![],
+        tasks: vec![TaskSpec {
+            id: TaskId(3),
+            attempt: Attempt(1),
+            function: FunctionId(1),
+            args: Payload::json("[]"),
+            walltime_ms: None,
+            files: vec![],
+            memory_mb,
+        }],
+    };
+    let without = encode(&tasks(None), MAX).unwrap();
+    let with = encode(&tasks(Some(512)), MAX).unwrap();
+    // Set, it is one more element at the end of the task (512: 0xcd 0x02 0x00).
+    assert_eq!(with.len(), without.len() + 3);
+    assert!(hex(&with).ends_with("cd0200"), "{}", hex(&with));
+    for (bytes, limit) in [(without, None), (with, Some(512))] {
+        let back: InterchangeToManager = decode(&bytes, MAX).unwrap();
+        assert_eq!(back, tasks(limit));
+    }
 }

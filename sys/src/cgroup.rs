@@ -27,8 +27,8 @@ pub struct Leaf {
     dir: PathBuf,
     /// `<dir>/cgroup.procs`, made before the fork (the child may not allocate).
     procs: CString,
-    /// The limit, in bytes.
-    pub limit: u64,
+    /// The limit, in bytes (None: none).
+    pub limit: Option<u64>,
     /// Out-of-memory kills in it already accounted for.
     ooms_seen: u64,
 }
@@ -46,8 +46,12 @@ fn own_v1_memory_dir(proc_cgroup: &str, mount: &Path) -> Option<PathBuf> {
 }
 
 impl MemoryCgroups {
-    /// Make the manager's parent cgroup; the error says why it cannot.
+    /// Make the manager's parent cgroup; the error says why it cannot. `FNX_MEMORY_CGROUPS=off`
+    /// in the manager's environment turns them off (limits are then sampled).
     pub fn create() -> io::Result<MemoryCgroups> {
+        if std::env::var("FNX_MEMORY_CGROUPS").is_ok_and(|v| v == "off") {
+            return Err(io::Error::other("turned off by FNX_MEMORY_CGROUPS=off"));
+        }
         let table = std::fs::read_to_string("/proc/self/cgroup")
             .map_err(|e| io::Error::new(e.kind(), format!("cannot read /proc/self/cgroup: {e}")))?;
         let own =
@@ -81,24 +85,19 @@ impl MemoryCgroups {
     }
 
     /// A new leaf held to `limit` bytes (memory and swap). Processes join it with
-    /// [`Leaf::join_in_child`].
+    /// [`Leaf::join_in_child`] or [`Leaf::adopt`].
     pub fn leaf(&mut self, limit: u64) -> io::Result<Leaf> {
         self.next += 1;
         let dir = self.dir.join(format!("w{}", self.next));
         std::fs::create_dir(&dir)?;
-        let leaf = Leaf {
+        let mut leaf = Leaf {
             procs: CString::new(dir.join("cgroup.procs").as_os_str().as_bytes())
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             dir,
-            limit,
+            limit: None,
             ooms_seen: 0,
         };
-        std::fs::write(leaf.dir.join("memory.limit_in_bytes"), limit.to_string())?;
-        // Without swap accounting the file is absent: there is no swap to escape into.
-        let memsw = leaf.dir.join("memory.memsw.limit_in_bytes");
-        if memsw.exists() {
-            std::fs::write(memsw, limit.to_string())?;
-        }
+        leaf.set_limit(Some(limit))?;
         Ok(leaf)
     }
 }
@@ -154,6 +153,41 @@ impl Leaf {
         self.procs.clone()
     }
 
+    /// Hold it to `limit` bytes, memory and swap (None: no limit). Fails (EBUSY) when lowered
+    /// below what it holds and the kernel cannot reclaim enough; the old limit then stays.
+    pub fn set_limit(&mut self, limit: Option<u64>) -> io::Result<()> {
+        let value = limit.map_or_else(|| "-1".to_string(), |l| l.to_string());
+        let mem = self.dir.join("memory.limit_in_bytes");
+        // Without swap accounting the file is absent: there is no swap to escape into.
+        let memsw = self.dir.join("memory.memsw.limit_in_bytes");
+        let memsw = memsw.exists().then_some(memsw);
+        // The swap limit may never be below the memory limit: raise it first, lower it last.
+        let raising = match (limit, self.limit) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(new), Some(old)) => new > old,
+        };
+        if raising {
+            if let Some(sw) = &memsw {
+                std::fs::write(sw, &value)?;
+            }
+            std::fs::write(&mem, &value)?;
+        } else {
+            std::fs::write(&mem, &value)?;
+            if let Some(sw) = &memsw {
+                std::fs::write(sw, &value)?;
+            }
+        }
+        self.limit = limit;
+        Ok(())
+    }
+
+    /// Move the running process `pid` into it (its threads; children it makes later follow).
+    /// Memory it already holds stays counted where it was.
+    pub fn adopt(&self, pid: u32) -> io::Result<()> {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+    }
+
     /// Out-of-memory kills in it since the last call that returned them: `Some(peak bytes)`
     /// if there were any (the kernel killed a process of it at its limit).
     pub fn new_oom_kill(&mut self) -> Option<u64> {
@@ -168,7 +202,7 @@ impl Leaf {
             return None;
         }
         self.ooms_seen = n;
-        Some(self.peak().max(self.limit))
+        Some(self.peak().max(self.limit.unwrap_or(0)))
     }
 
     /// The most memory it has used since created or [`Leaf::reset_peak`] (page cache included).

@@ -506,15 +506,19 @@ HOG = {"kind": "python", "entry": "hog", "source": (
     "    return len(b) >> 20\n")}
 
 
-def test_fault_17_a_task_over_its_memory_limit_is_killed_alone(make_daemon):
+@pytest.mark.parametrize("cgroups", ["auto", "off"])
+def test_fault_17_a_task_over_its_memory_limit_is_killed_alone(make_daemon, cgroups):
     """mem_per_worker = 0.1 GiB (103 MiB): a task holding 400 MiB, one that reaches 400 MiB and
     returns at once, and a shell task whose child allocates 400 MiB each fail as memory_exceeded
     with their peak and the limit. Where the manager can make a memory cgroup per worker (CI's
-    writable v1 hierarchy) the kernel holds each at the limit and kills it there; elsewhere the
-    manager's sampling (and a Python worker's own peak, between samples) catches it over the
-    limit. The task beside them, the manager and the worker slots survive."""
-    cgroups = own_memory_cgroup() is not None
-    d = make_daemon(pools={"local": {"workers_per_manager": 2, "mem_per_worker": 0.1}})
+    writable v1 hierarchy) the kernel holds each at the limit and kills it there; elsewhere, or
+    with FNX_MEMORY_CGROUPS=off, the manager's sampling (and a Python worker's own peak, between
+    samples) catches it over the limit. The task beside them, the manager and the worker slots
+    survive."""
+    env = {"FNX_MEMORY_CGROUPS": cgroups}
+    cgroups = cgroups == "auto" and own_memory_cgroup() is not None
+    d = make_daemon(pools={"local": {"workers_per_manager": 2, "mem_per_worker": 0.1}},
+                    daemon={"pass_env": ["FNX_TEST_MARK", "FNX_MEMORY_CGROUPS"]}, env=env)
     fid = d.register(HOG)
     sid = d.register({"kind": "shell", "command":
                       "python3 -c \"import time; b = b'x' * (400 << 20); time.sleep(5)\""})
@@ -543,6 +547,57 @@ def test_fault_17_a_task_over_its_memory_limit_is_killed_alone(make_daemon):
     assert [result_value(r) for r in d.wait_all(ok).values()] == [10] * 4
     managers = d.status()["pools"][0]["managers"]
     assert [m["id"] for m in managers] == [manager], managers
+
+
+@pytest.mark.parametrize("cgroups", ["auto", "off"])
+def test_fault_17_a_task_is_held_to_its_own_memory_mb(make_daemon, cgroups):
+    """A task's own memory_mb: below the pool's mem_per_worker it holds that task alone (the
+    worker's next task has the pool's limit again); in a pool without one it is the only
+    limit; above a worker's memory it is refused at submit. JSON and msgpack alike; by cgroups
+    where the node allows them, and by sampling with FNX_MEMORY_CGROUPS=off."""
+    import msgpack
+    d = make_daemon(pools={"local": {"workers_per_manager": 1, "mem_per_worker": 0.5},
+                           "free": {"workers_per_manager": 1}},
+                    daemon={"pass_env": ["FNX_TEST_MARK", "FNX_MEMORY_CGROUPS"]},
+                    env={"FNX_MEMORY_CGROUPS": cgroups})
+    fid = d.register(HOG)
+    sid = d.register({"kind": "shell", "command":
+                      "python3 -c \"b = b'x' * (200 << 20)\"; echo done"})
+
+    def fails_at(rec, mib, source):
+        assert rec["state"] == "failed" and rec["error"]["kind"] == "memory_exceeded", rec
+        assert f"limit of {mib} MiB ({source})" in rec["error"]["message"], rec["error"]
+
+    [small, big_again] = d.submit([{"function": fid, "args": [200], "memory_mb": 100},
+                                   {"function": fid, "args": [200]}])
+    fails_at(d.wait_task(small), 100, "the task's memory_mb")
+    assert result_value(d.wait_task(big_again)) == 200  # the pool's 512 MiB again
+    [shell] = d.submit([{"function": sid, "args": {}, "memory_mb": 64}])
+    fails_at(d.wait_task(shell), 64, "the task's memory_mb")
+    # A pool without mem_per_worker: only the task's own limit.
+    [free_small, free_big] = d.submit([
+        {"function": fid, "args": [200], "memory_mb": 100, "pool": "free"},
+        {"function": fid, "args": [200], "pool": "free"}])
+    fails_at(d.wait_task(free_small), 100, "the task's memory_mb")
+    assert result_value(d.wait_task(free_big)) == 200
+    # Refused at submit.
+    for bad, what in ((600, "more than a worker of pool \"local\" has (512 MiB"),
+                      (0, "must be"), (-5, "must be"), ("lots", "must be"),
+                      (1 << 21, "must be")):
+        r = d.api("POST", "/v1/tasks", {"tasks": [{"function": fid, "args": [1],
+                                                   "memory_mb": bad}]})
+        msg = error_of(r, 400, "bad_request")
+        assert msg.startswith("tasks[0].memory_mb: ") and what in msg, (bad, msg)
+    mp = {"Content-Type": "application/msgpack"}
+    body = msgpack.packb({"tasks": [{"function": fid, "encoding": "json", "data": b"[1]",
+                                     "memory_mb": 600}]})
+    assert "more than a worker" in error_of(d.api("POST", "/v1/tasks", body, headers=mp), 400,
+                                            "bad_request")
+    body = msgpack.packb({"tasks": [{"function": fid, "encoding": "json", "data": b"[150]",
+                                     "memory_mb": 100}]})
+    r = d.api("POST", "/v1/tasks", body, headers=mp)
+    assert r.status == 201, (r.status, r.body)
+    fails_at(d.wait_task(r.body["ids"][0]), 100, "the task's memory_mb")
 
 
 BLOB = {"kind": "python", "entry": "blob",

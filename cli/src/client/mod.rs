@@ -131,6 +131,10 @@ pub struct SubmitArgs {
     /// Re-runs after an infrastructure failure.
     #[arg(long)]
     pub retries: Option<u32>,
+    /// The task's memory limit in MiB (at most the pool's mem_per_worker): over it, the task
+    /// fails as memory_exceeded.
+    #[arg(long)]
+    pub memory_mb: Option<u32>,
     /// An input file for the task's working directory, as PATH or NAME=PATH (repeatable):
     /// files up to 1 MiB are uploaded, larger ones passed by absolute path (shared filesystem)
     #[arg(long = "file", value_name = "[NAME=]PATH")]
@@ -226,6 +230,7 @@ pub fn submit(a: SubmitArgs) -> Result<u8> {
         ("priority", a.priority.map(Value::from)),
         ("walltime", a.walltime.map(Value::from)),
         ("retries", a.retries.map(Value::from)),
+        ("memory_mb", a.memory_mb.map(Value::from)),
     ] {
         if let Some(v) = v {
             task[k] = v;

@@ -38,6 +38,8 @@ pub struct PoolRef {
     pub handle: Arc<Handle>,
     /// Its provider, blocks and failure, published by its block thread.
     pub report: Arc<Mutex<crate::blocks::PoolReport>>,
+    /// Memory per worker slot (MiB): the most a task of this pool may ask for.
+    pub mem_per_worker_mb: Option<u64>,
 }
 
 /// Everything the handlers share.

@@ -35,6 +35,8 @@ struct MsgpackTask {
     retries: Option<u32>,
     #[serde(default)]
     files: Vec<MsgpackFile>,
+    #[serde(default)]
+    memory_mb: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +54,9 @@ struct MsgpackFile {
 struct MsgpackSubmit {
     tasks: Vec<MsgpackTask>,
 }
+
+/// The largest memory limit a task may ask for, MiB (1 TiB).
+const MAX_MEMORY_MB: u64 = 1 << 20;
 
 /// What a function allows, looked up once per request.
 struct Target {
@@ -81,6 +86,8 @@ struct Raw {
     retries: u32,
     /// Input files: (name, inline bytes or else an absolute path).
     files: Vec<(String, Result<Vec<u8>, String>)>,
+    /// Its own memory limit, MiB.
+    memory_mb: Option<u64>,
 }
 
 type RawFile = (String, Result<Vec<u8>, String>);
@@ -262,7 +269,24 @@ impl Checker<'_> {
                 at(m)
             }
         })?;
+        let worker_mb = self.app.pool(&pool).and_then(|p| p.mem_per_worker_mb);
+        let memory_mb = match (raw.memory_mb, worker_mb) {
+            (None, _) => None,
+            (Some(m), _) if m == 0 || m > MAX_MEMORY_MB => {
+                return Err(at(format!(
+                    "memory_mb: must be a number of MiB in 1..={MAX_MEMORY_MB}, got {m}"
+                )))
+            }
+            (Some(m), Some(w)) if m > w => {
+                return Err(at(format!(
+                    "memory_mb: {m} MiB is more than a worker of pool {pool:?} has ({w} MiB, its \
+                     mem_per_worker)"
+                )))
+            }
+            (Some(m), _) => Some(m as u32),
+        };
         Ok(TaskInput {
+            memory_mb,
             files,
             function: FunctionId(function),
             pool,
@@ -295,9 +319,17 @@ fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
             signature::json_type(&v)
         )));
     };
-    const KNOWN: [&str; 9] = [
-        "function", "encoding", "data_b64", "pool", "priority", "walltime", "retries", "files",
+    const KNOWN: [&str; 10] = [
+        "function",
+        "encoding",
+        "data_b64",
+        "pool",
+        "priority",
+        "walltime",
+        "retries",
+        "files",
         "args",
+        "memory_mb",
     ];
     if let Some(k) = m.keys().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(at(format!(
@@ -339,6 +371,10 @@ fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
         }
     };
     let priority = int(&m, "priority", 0, i32::MIN as i64, i32::MAX as i64)? as i32;
+    let memory_mb = match m.get("memory_mb") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(int(&m, "memory_mb", 0, 1, MAX_MEMORY_MB as i64)? as u64),
+    };
     let retries = int(&m, "retries", 2, 0, 100)? as u32;
     let walltime = match m.get("walltime") {
         None | Some(Value::Null) => None,
@@ -381,6 +417,7 @@ fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
         walltime,
         retries,
         files,
+        memory_mb,
     })
 }
 
@@ -449,6 +486,7 @@ fn parse_submit(is_msgpack: bool, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
                     priority: t.priority.unwrap_or(0),
                     walltime: t.walltime,
                     retries: t.retries.unwrap_or(2),
+                    memory_mb: t.memory_mb,
                     files: t
                         .files
                         .into_iter()

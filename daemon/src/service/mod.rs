@@ -527,6 +527,11 @@ pub fn run(
         .cloned()
         .zip(pools.iter().zip(reports))
         .map(|(name, (p, report))| PoolRef {
+            mem_per_worker_mb: cfg
+                .pools
+                .iter()
+                .find(|pc| pc.name == name)
+                .and_then(|pc| pc.shape.mem_per_worker_mb),
             name,
             handle: p.handle.clone(),
             report,

@@ -22,7 +22,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// The schema version this build writes; older stores are migrated on open.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users(
@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS tasks(
     priority INTEGER NOT NULL, walltime_ms INTEGER, retries INTEGER NOT NULL,
     encoding INTEGER NOT NULL, args BLOB NOT NULL, state INTEGER NOT NULL,
     attempt INTEGER NOT NULL, submitted REAL NOT NULL, seq INTEGER, outcome BLOB,
-    finished REAL, fetched REAL, files BLOB, crashes INTEGER NOT NULL DEFAULT 0);
+    finished REAL, fetched REAL, files BLOB, crashes INTEGER NOT NULL DEFAULT 0,
+    memory_mb INTEGER);
 CREATE INDEX IF NOT EXISTS tasks_live ON tasks(state) WHERE state < 2;
 CREATE INDEX IF NOT EXISTS tasks_done ON tasks(owner, seq) WHERE seq IS NOT NULL;
 CREATE TABLE IF NOT EXISTS daemon(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -49,7 +50,7 @@ CREATE TABLE IF NOT EXISTS idempotency(
 
 /// What brings a store of the version before each one up to it (tables that are new come from
 /// `SCHEMA` itself).
-const MIGRATIONS: [(i64, &str); 5] = [
+const MIGRATIONS: [(i64, &str); 6] = [
     // 2: input files.
     (2, "ALTER TABLE tasks ADD COLUMN files BLOB"),
     // 3: token expiry and revocation.
@@ -66,6 +67,8 @@ const MIGRATIONS: [(i64, &str); 5] = [
         6,
         "ALTER TABLE tasks ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
     ),
+    // 7: a task's own memory limit.
+    (7, "ALTER TABLE tasks ADD COLUMN memory_mb INTEGER"),
 ];
 
 /// Whether the last daemon crashed: it was ready (see [`mark_running`]) and never stopped in
@@ -585,7 +588,7 @@ pub fn unfinished(conn: &Connection, spill_bytes: u64) -> Result<Vec<Recovered>,
                 CASE WHEN length(args) + coalesce(length(files), 0) > ?1 THEN NULL ELSE args END,
                 priority, walltime_ms, retries, attempt, state,
                 CASE WHEN length(args) + coalesce(length(files), 0) > ?1 THEN NULL ELSE files END,
-                crashes, length(args) + coalesce(length(files), 0)
+                crashes, length(args) + coalesce(length(files), 0), memory_mb
          FROM tasks WHERE state < 2 ORDER BY id",
     )?;
     let rows = st.query_map(params![spill_bytes as i64], |r| {
@@ -608,6 +611,9 @@ pub fn unfinished(conn: &Connection, spill_bytes: u64) -> Result<Vec<Recovered>,
                     .and_then(|b| rmp_serde::from_slice(&b).ok())
                     .unwrap_or_default(),
                 stored: stored.map(|n| n.max(0) as u64),
+                memory_mb: r
+                    .get::<_, Option<i64>>(14)?
+                    .map(|m| m.clamp(1, u32::MAX as i64) as u32),
             },
             owner: r.get(1)?,
             pool: r.get(2)?,

@@ -11,7 +11,10 @@ fn a_version_1_store_is_migrated_and_keeps_its_tasks() {
         // The version-1 tasks table: no `files` column.
         let c = Connection::open(&path).unwrap();
         let v1 = SCHEMA
-            .replace(", files BLOB, crashes INTEGER NOT NULL DEFAULT 0);", ");")
+            .replace(
+                ", files BLOB, crashes INTEGER NOT NULL DEFAULT 0,\n    memory_mb INTEGER);",
+                ");",
+            )
             .replace(", expires REAL, revoked REAL,\n    admin INTEGER);", ");")
             .replace(
                 "created REAL NOT NULL,\n    fingerprint TEXT, PRIMARY",
@@ -34,6 +37,14 @@ fn a_version_1_store_is_migrated_and_keeps_its_tasks() {
     let t = unfinished(&c, u64::MAX).unwrap();
     assert_eq!(t.len(), 1);
     assert!(t[0].was_running && t[0].task.attempt == Attempt(3) && t[0].task.files.is_empty());
+    assert_eq!(t[0].task.memory_mb, None);
+    // A task's own memory limit comes back with it.
+    c.execute("UPDATE tasks SET memory_mb = 77 WHERE id = 1", [])
+        .unwrap();
+    assert_eq!(
+        unfinished(&c, u64::MAX).unwrap()[0].task.memory_mb,
+        Some(77)
+    );
     // Daemon crashes: counted for running tasks only, in a row, reset by a clean stop.
     c.execute(
         "INSERT INTO tasks(id, owner, function, pool, priority, retries, encoding, args,

@@ -122,8 +122,8 @@ impl Ctx<'_> {
         let first = *self.next_task;
         let mut st = tx.prepare_cached(
             "INSERT INTO tasks(id, owner, function, pool, priority, walltime_ms, retries, encoding,
-                               args, state, attempt, submitted, files)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, 0, ?10, ?11)",
+                               args, state, attempt, submitted, files, memory_mb)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, 0, ?10, ?11, ?12)",
         )?;
         for (i, (task, files)) in tasks.iter().zip(blobs).enumerate() {
             st.execute(params![
@@ -137,7 +137,8 @@ impl Ctx<'_> {
                 encoding_code(task.args.encoding),
                 task.args.data,
                 self.t,
-                files
+                files,
+                task.memory_mb
             ])?;
         }
         if let Some((key, fingerprint)) = key {

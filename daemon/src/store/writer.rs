@@ -39,6 +39,8 @@ pub struct TaskInput {
     pub args: Payload,
     /// Input files.
     pub files: Vec<fnx_protocol::TaskFile>,
+    /// Its own memory limit in MiB.
+    pub memory_mb: Option<u32>,
 }
 
 /// The answer to a submit.
@@ -590,6 +592,7 @@ impl Writer {
                                     attempt: Attempt(0),
                                     files: task.files,
                                     stored: None,
+                                    memory_mb: task.memory_mb,
                                 };
                                 fx.spilled += super::inputs::spill(&mut t, spill_bytes);
                                 t

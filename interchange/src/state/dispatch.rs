@@ -88,6 +88,7 @@ impl Interchange {
                     args: rec.args.clone(),
                     walltime_ms: rec.walltime_ms,
                     files: rec.files.to_vec(),
+                    memory_mb: rec.memory_mb,
                 });
             }
             let mut failed_loads = 0;

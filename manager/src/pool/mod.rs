@@ -102,15 +102,57 @@ struct Running {
     kill_at: Option<Instant>,
     /// The most resident memory its process group was seen to use.
     peak_rss: u64,
+    /// Its memory limit in bytes: its own `memory_mb`, else the pool's `mem_per_worker`.
+    limit: Option<Limit>,
+    /// Its process's memory cgroup holds it to `limit` (no sampling needed).
+    held_by_cgroup: bool,
     /// Its working directory with its input files, if it has any; held only for its `Drop`,
     /// which removes the directory when the task ends.
     #[allow(dead_code)]
     sandbox: Option<crate::sandbox::Sandbox>,
 }
 
+/// A task's memory limit and where it comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Limit {
+    /// Bytes.
+    pub bytes: u64,
+    /// The task's own `memory_mb` (else the pool's `mem_per_worker`).
+    pub own: bool,
+}
+
+impl Limit {
+    /// The limit of `spec` in a pool whose workers have `pool` bytes.
+    fn of(spec: &TaskSpec, pool: Option<u64>) -> Option<Limit> {
+        match spec.memory_mb {
+            Some(mb) => Some(Limit {
+                bytes: u64::from(mb) << 20,
+                own: true,
+            }),
+            None => pool.map(|bytes| Limit { bytes, own: false }),
+        }
+    }
+
+    /// Where it was set, for messages.
+    pub fn source(self) -> &'static str {
+        if self.own {
+            "the task's memory_mb"
+        } else {
+            "the pool's mem_per_worker"
+        }
+    }
+}
+
 impl Running {
-    /// A task that starts running now: its walltime clock starts here.
-    fn start(spec: &TaskSpec) -> Running {
+    /// Whether its memory is measured by sampling: it has a limit no cgroup holds it to, and
+    /// is not being killed already.
+    fn sampled(&self) -> bool {
+        self.limit.is_some() && !self.held_by_cgroup && self.forced.is_none()
+    }
+
+    /// A task that starts running now, in a pool whose workers have `pool` bytes of memory:
+    /// its walltime clock starts here.
+    fn start(spec: &TaskSpec, pool: Option<u64>) -> Running {
         let now = Instant::now();
         Running {
             id: spec.id,
@@ -119,6 +161,8 @@ impl Running {
             forced: None,
             kill_at: None,
             peak_rss: 0,
+            limit: Limit::of(spec, pool),
+            held_by_cgroup: false,
             sandbox: None,
         }
     }
@@ -243,9 +287,12 @@ pub struct Pool<'a> {
     /// (it becomes `oom_seen` at the next refresh).
     oom_refreshed: Instant,
     oom_pending: u64,
-    /// With a memory limit: the parent of each worker's memory cgroup, if the node lets this
-    /// manager make them (otherwise the limit is enforced by sampling alone).
+    /// The parent of each worker's memory cgroup, if the node lets this manager make them
+    /// (otherwise limits are enforced by sampling alone). Made at start with a pool limit, else
+    /// when the first task with a limit of its own comes.
     cgroups: Option<fnx_sys::cgroup::MemoryCgroups>,
+    /// Whether making `cgroups` was tried.
+    cgroups_tried: bool,
 }
 
 /// How long the outcome of a task killed from outside is held (see `Pool::held`).
@@ -254,24 +301,24 @@ const HOLD_KILLED: Duration = Duration::from_secs(1);
 /// How often running tasks' memory is measured against the limit.
 const MEM_SAMPLE: Duration = Duration::from_millis(100);
 
-/// A memory cgroup per worker, if there is a limit and the node allows them; says which.
-fn memory_cgroups(limit: Option<u64>) -> Option<fnx_sys::cgroup::MemoryCgroups> {
-    let limit = limit?;
+/// A memory cgroup per worker, if the node allows them, for tasks with memory limits
+/// (`limit`: the pool's, if any, bytes); says which.
+fn memory_cgroups(limit: u64) -> Option<fnx_sys::cgroup::MemoryCgroups> {
+    let what = match limit {
+        0 => "tasks' own memory limits".to_string(),
+        l => format!("memory limit {} MiB per worker", l >> 20),
+    };
     match fnx_sys::cgroup::MemoryCgroups::create() {
         Ok(c) => {
             tracing::info!(
-                "memory limit {} MiB per worker: held by a memory cgroup per worker under {}, \
-                 and sampled every {} ms",
-                limit >> 20,
-                c.dir().display(),
-                MEM_SAMPLE.as_millis()
+                "{what}: held by a memory cgroup per worker under {}",
+                c.dir().display()
             );
             Some(c)
         }
         Err(e) => {
             tracing::info!(
-                "memory limit {} MiB per worker: sampled every {} ms (no cgroup per worker: {e})",
-                limit >> 20,
+                "{what}: sampled every {} ms (no cgroup per worker: {e})",
                 MEM_SAMPLE.as_millis()
             );
             None
@@ -311,7 +358,8 @@ impl<'a> Pool<'a> {
             oom_now: None,
             oom_refreshed: Instant::now(),
             oom_pending: 0,
-            cgroups: memory_cgroups(cfg_limit),
+            cgroups: cfg_limit.and_then(memory_cgroups),
+            cgroups_tried: cfg_limit.is_some(),
         }
     }
 
@@ -426,7 +474,11 @@ impl<'a> Pool<'a> {
         if let Some(since) = self.batch_since {
             next = next.min(since + FLUSH_AFTER);
         }
-        if self.cfg.mem_limit.is_some() && self.procs.values().any(|p| p.task.is_some()) {
+        if self
+            .procs
+            .values()
+            .any(|p| p.task.as_ref().is_some_and(Running::sampled))
+        {
             next = next.min(self.mem_sampled + MEM_SAMPLE);
         }
         for p in self.procs.values() {
@@ -600,21 +652,17 @@ impl<'a> Pool<'a> {
     /// and kill a task over the limit (it fails as `memory_exceeded`; the worker slot is
     /// started again, the other tasks go on).
     fn check_memory(&mut self, now: Instant) {
-        let Some(limit) = self.cfg.mem_limit else {
-            return;
-        };
         if now < self.mem_sampled + MEM_SAMPLE {
             return;
         }
         self.mem_sampled = now;
-        // A process in its own memory cgroup is held there by the kernel (whose count is the
-        // one that matters: resident sizes also count shared library pages another charged).
+        // A task in a memory cgroup at its limit is held there by the kernel (whose count is
+        // the one that matters: resident sizes also count shared library pages another
+        // charged).
         let groups: Vec<u32> = self
             .procs
             .iter()
-            .filter(|(_, p)| {
-                p.cgroup.is_none() && p.task.as_ref().is_some_and(|r| r.forced.is_none())
-            })
+            .filter(|(_, p)| p.task.as_ref().is_some_and(Running::sampled))
             .map(|(&pid, _)| pid)
             .collect();
         if groups.is_empty() {
@@ -625,16 +673,66 @@ impl<'a> Pool<'a> {
                 continue;
             };
             r.peak_rss = r.peak_rss.max(rss);
-            if rss > limit {
+            let Some(limit) = r.limit else {
+                continue;
+            };
+            if rss > limit.bytes {
                 tracing::warn!(
                     "task {} uses {} MiB, over its limit of {} MiB: killing it",
                     r.id,
                     rss >> 20,
-                    limit >> 20
+                    limit.bytes >> 20
                 );
                 self.force_kill(pid, outcome::memory_exceeded(rss, limit));
             }
         }
+    }
+
+    /// Hold the Python worker `pid` to the limit of the task it now runs: its memory cgroup
+    /// gets that limit (none for a task without one); a worker without a cgroup is moved into
+    /// a new one where the node allows it. Where neither works the task is sampled.
+    fn hold_worker_to_limit(&mut self, pid: u32) {
+        let Some(limit) = self
+            .procs
+            .get(&pid)
+            .and_then(|p| p.task.as_ref())
+            .map(|r| r.limit)
+        else {
+            return;
+        };
+        let has_cgroup = self.procs.get(&pid).is_some_and(|p| p.cgroup.is_some());
+        if !has_cgroup {
+            let Some(limit) = limit else {
+                return;
+            };
+            let Some(leaf) = self.memory_leaf(Some(limit.bytes)) else {
+                return;
+            };
+            if let Err(e) = leaf.adopt(pid) {
+                tracing::warn!("cannot move worker {pid} into its memory cgroup: {e}");
+                return;
+            }
+            if let Some(p) = self.procs.get_mut(&pid) {
+                p.cgroup = Some(leaf);
+            }
+        }
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        let (Some(leaf), Some(r)) = (p.cgroup.as_mut(), p.task.as_mut()) else {
+            return;
+        };
+        let bytes = limit.map(|l| l.bytes);
+        if leaf.limit != bytes {
+            if let Err(e) = leaf.set_limit(bytes) {
+                tracing::warn!(
+                    "cannot set worker {pid}'s memory cgroup to the limit of task {}: {e}; \
+                     the task is sampled instead",
+                    r.id
+                );
+            }
+        }
+        r.held_by_cgroup = leaf.limit == bytes;
     }
 
     /// Report held outcomes whose time is up (all of them with `now == None`), unless this

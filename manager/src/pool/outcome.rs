@@ -75,6 +75,7 @@ impl Pool<'_> {
                 );
             }
             "result" => {
+                let mut promoted = false;
                 let Some(r) = proc.task.take_if(|r| Some(r.id.0) == header.tid) else {
                     // Not the running task: the worker broke the one-at-a-time order.
                     tracing::warn!(
@@ -92,11 +93,12 @@ impl Pool<'_> {
                     return;
                 }
                 if let Some(next) = proc.next.take() {
-                    proc.task = Some(promote(pid, next, self.cfg.kill_grace));
+                    proc.task = Some(promote(pid, next, self.cfg.kill_grace, self.cfg.mem_limit));
+                    promoted = true;
                 }
                 // A peak between two samples: the worker's own high-water mark, measured
                 // again from here for its next task.
-                let over = self.cfg.mem_limit.and_then(|limit| {
+                let over = r.limit.and_then(|limit| {
                     let peak = fnx_sys::memory::peak_rss(pid).unwrap_or(0).max(r.peak_rss);
                     let _ = fnx_sys::memory::reset_peak_rss(pid);
                     // A process of the task the kernel killed in the worker's cgroup (the
@@ -106,10 +108,10 @@ impl Pool<'_> {
                         c.reset_peak();
                         killed
                     });
-                    match (killed, &proc.cgroup) {
+                    match (killed, r.held_by_cgroup) {
                         (Some(peak), _) => Some(memory_limit_reached(peak, limit)),
-                        (None, Some(_)) => None,
-                        (None, None) => (peak > limit).then(|| memory_exceeded(peak, limit)),
+                        (None, true) => None,
+                        (None, false) => (peak > limit.bytes).then(|| memory_exceeded(peak, limit)),
                     }
                 });
                 let outcome = if let Some(e) = over {
@@ -138,6 +140,9 @@ impl Pool<'_> {
                     }
                 };
                 self.push_result(r.id, r.attempt, outcome);
+                if promoted {
+                    self.hold_worker_to_limit(pid);
+                }
             }
             other => tracing::warn!("worker {pid} sent unknown op {other:?}"),
         }
@@ -231,7 +236,7 @@ impl Pool<'_> {
                 n > self.oom_seen
             };
         // Killed by the kernel at the limit of its own memory cgroup.
-        let limited = match (self.cfg.mem_limit, r.forced.is_none()) {
+        let limited = match (r.limit, r.forced.is_none()) {
             (Some(limit), true) => proc
                 .cgroup
                 .as_mut()
@@ -302,8 +307,13 @@ impl Pool<'_> {
 
 /// A pipelined task became the running one: its walltime starts now; a cancel that came while
 /// it waited in the pipe kills it at once.
-pub(super) fn promote(pid: u32, next: Pipelined, grace: Duration) -> Running {
-    let mut r = Running::start(&next.spec);
+pub(super) fn promote(
+    pid: u32,
+    next: Pipelined,
+    grace: Duration,
+    pool_limit: Option<u64>,
+) -> Running {
+    let mut r = Running::start(&next.spec, pool_limit);
     if next.cancelled {
         r.forced = Some(cancelled());
         r.kill_at = Some(Instant::now() + grace);
@@ -313,29 +323,31 @@ pub(super) fn promote(pid: u32, next: Pipelined, grace: Duration) -> Running {
 }
 
 /// A task the kernel killed at its memory cgroup's limit: its peak and the limit, in MiB.
-pub(super) fn memory_limit_reached(peak: u64, limit: u64) -> TaskError {
+pub(super) fn memory_limit_reached(peak: u64, limit: Limit) -> TaskError {
     TaskError::new(
         ErrorKind::MemoryExceeded,
         "MemoryExceeded",
         format!(
-            "the task used {} MiB of memory and reached its limit of {} MiB (the pool's \
-             mem_per_worker): the kernel killed it in its own memory cgroup",
+            "the task used {} MiB of memory and reached its limit of {} MiB ({}): the kernel \
+             killed it in its own memory cgroup",
             peak.div_ceil(1 << 20),
-            limit >> 20
+            limit.bytes >> 20,
+            limit.source()
         ),
     )
 }
 
 /// A task over its memory limit: its peak and the limit, in MiB.
-pub(super) fn memory_exceeded(peak: u64, limit: u64) -> TaskError {
+pub(super) fn memory_exceeded(peak: u64, limit: Limit) -> TaskError {
     TaskError::new(
         ErrorKind::MemoryExceeded,
         "MemoryExceeded",
         format!(
-            "the task used {} MiB of memory, over its limit of {} MiB (the pool's \
-             mem_per_worker); its processes were killed",
+            "the task used {} MiB of memory, over its limit of {} MiB ({}); its processes \
+             were killed",
             peak.div_ceil(1 << 20),
-            limit >> 20
+            limit.bytes >> 20,
+            limit.source()
         ),
     )
 }

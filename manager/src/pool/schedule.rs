@@ -212,14 +212,16 @@ impl Pool<'_> {
         let cwd = sandbox.as_ref().map(|s| s.dir().to_path_buf());
         proc.task = Some(Running {
             sandbox,
-            ..Running::start(&spec)
+            ..Running::start(&spec, self.cfg.mem_limit)
         });
         proc.idle_since = None;
         if let Err(e) = worker.send_task(&spec, body, cwd.as_deref()) {
             tracing::warn!("cannot send a task to worker {pid}: {e}");
             // The worker is gone or broken; its exit is reported as worker_lost.
             let _ = kill_group(pid, libc::SIGKILL);
+            return;
         }
+        self.hold_worker_to_limit(pid);
     }
 
     /// Start workers for the queued Python tasks that could run now (one per free slot, in
@@ -279,10 +281,14 @@ impl Pool<'_> {
         }
     }
 
-    /// A memory cgroup for a new worker or shell task, held to the limit (None: no limit, no
-    /// cgroups on this node, or this one could not be made; sampling still applies).
-    fn memory_leaf(&mut self) -> Option<fnx_sys::cgroup::Leaf> {
-        let limit = self.cfg.mem_limit?;
+    /// A memory cgroup for a new worker or shell task, held to `limit` bytes (None: no limit,
+    /// no cgroups on this node, or this one could not be made; sampling applies then).
+    pub(super) fn memory_leaf(&mut self, limit: Option<u64>) -> Option<fnx_sys::cgroup::Leaf> {
+        let limit = limit?;
+        if !self.cgroups_tried {
+            self.cgroups_tried = true;
+            self.cgroups = super::memory_cgroups(0);
+        }
         match self.cgroups.as_mut()?.leaf(limit) {
             Ok(leaf) => Some(leaf),
             Err(e) => {
@@ -300,7 +306,7 @@ impl Pool<'_> {
         let slot = self.pick_slot(true);
         let placement = self.slot_plan(slot);
         let wrap = self.env_wrap(env).ok().flatten().cloned();
-        let cgroup = self.memory_leaf();
+        let cgroup = self.memory_leaf(self.cfg.mem_limit);
         let start = Start {
             markers: &self.cfg.markers,
             slot: &placement,
@@ -390,7 +396,8 @@ impl Pool<'_> {
         let cwd = sandbox.as_ref().map(|s| s.dir().to_path_buf());
         let slot = self.pick_slot(false);
         let placement = self.slot_plan(slot);
-        let cgroup = self.memory_leaf();
+        let limit = super::Limit::of(&spec, self.cfg.mem_limit);
+        let cgroup = self.memory_leaf(limit.map(|l| l.bytes));
         let func = &self.functions[&spec.function];
         let wrap = self.env_wrap(&func.env).ok().flatten().cloned();
         let outcome = match &func.shell {
@@ -429,7 +436,8 @@ impl Pool<'_> {
                 let pid = proc.pid;
                 let running = Running {
                     sandbox,
-                    ..Running::start(&spec)
+                    held_by_cgroup: cgroup.is_some(),
+                    ..Running::start(&spec, self.cfg.mem_limit)
                 };
                 let mut proc = Proc::new(Kind::Shell(proc), Some(running), None, slot);
                 proc.cgroup = cgroup;

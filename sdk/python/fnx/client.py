@@ -332,7 +332,8 @@ def file_entries(files):
 
 def make_task(function_id, args=(), kwargs=None, encoding="pickle", files=None, **options):
     """One element of ``POST /v1/tasks``' ``tasks``; ``options``: pool, priority, walltime,
-    retries; ``files``: ``{name: bytes | local path}`` placed in the task's working directory."""
+    retries, memory_mb; ``files``: ``{name: bytes | local path}`` placed in the task's working
+    directory."""
     task = {"function": int(function_id)}
     if files:
         task["files"] = file_entries(files)
