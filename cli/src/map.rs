@@ -296,7 +296,7 @@ impl Accounting<'_> {
             Event::Notice(Notice::Lost { uid, reason, .. }) => {
                 tracing::warn!("manager {uid} lost: {reason}")
             }
-            Event::Notice(_) | Event::Dispatched(_) => {}
+            Event::Notice(_) | Event::Dispatched(_) | Event::Started(_) => {}
         }
         Ok(())
     }

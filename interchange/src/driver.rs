@@ -86,6 +86,8 @@ pub enum Event {
     /// Tasks handed to managers, with the attempt number of that dispatch; sent before any
     /// later `Finished` of the same tasks.
     Dispatched(Vec<(TaskId, Attempt)>),
+    /// Attempts their managers started (with `report_dispatch`); after their `Dispatched`.
+    Started(Vec<(TaskId, Attempt)>),
 }
 
 enum Command {
@@ -340,6 +342,7 @@ struct Outbox<'a> {
     notices: Vec<Notice>,
     unreachable: Vec<Peer>,
     dispatched: Option<Vec<(TaskId, Attempt)>>,
+    started: Option<Vec<(TaskId, Attempt)>>,
 }
 
 impl Comm for Outbox<'_> {
@@ -372,6 +375,12 @@ impl Comm for Outbox<'_> {
     fn dispatched(&mut self, _manager: ManagerId, tasks: &[TaskSpec]) {
         if let Some(d) = &mut self.dispatched {
             d.extend(tasks.iter().map(|t| (t.id, t.attempt)));
+        }
+    }
+
+    fn started(&mut self, tasks: &[(TaskId, Attempt)]) {
+        if let Some(s) = &mut self.started {
+            s.extend_from_slice(tasks);
         }
     }
 
@@ -416,6 +425,7 @@ impl Driver {
                 notices: Vec::new(),
                 unreachable: Vec::new(),
                 dispatched: self.report_dispatch.then(Vec::new),
+                started: self.report_dispatch.then(Vec::new),
             };
             let mut stop = None;
             if wake_ready {
@@ -485,10 +495,14 @@ impl Driver {
                 finished,
                 notices,
                 dispatched,
+                started,
                 ..
             } = out;
             if let Some(d) = dispatched.filter(|d| !d.is_empty()) {
                 let _ = self.events.send(Event::Dispatched(d));
+            }
+            if let Some(s) = started.filter(|s| !s.is_empty()) {
+                let _ = self.events.send(Event::Started(s));
             }
             for notice in notices {
                 self.log_notice(&notice);

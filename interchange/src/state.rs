@@ -356,6 +356,7 @@ impl Interchange {
             }
             ManagerToInterchange::Returned(tasks) => self.on_returned(mid, &tasks),
             ManagerToInterchange::Warm(workers) => self.on_warm(mid, workers),
+            ManagerToInterchange::Started(tasks) => self.on_started(mid, &tasks, comm),
         }
     }
 
@@ -797,5 +798,6 @@ fn kind_name(msg: &ManagerToInterchange) -> &'static str {
         ManagerToInterchange::Bye { .. } => "bye",
         ManagerToInterchange::Returned(_) => "returned",
         ManagerToInterchange::Warm(_) => "warm",
+        ManagerToInterchange::Started(_) => "started",
     }
 }

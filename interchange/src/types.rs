@@ -120,6 +120,8 @@ pub trait Comm {
     /// Tasks were handed to a manager (called just before the `Tasks` message is sent), so a
     /// host that records task states can mark them running with their attempt numbers.
     fn dispatched(&mut self, _manager: ManagerId, _tasks: &[TaskSpec]) {}
+    /// Attempts a manager reports it started (they left its own queue and run).
+    fn started(&mut self, _tasks: &[(TaskId, Attempt)]) {}
     /// Read the inputs of tasks submitted with [`NewTask::stored`], one answer per id in
     /// order. A task whose inputs cannot be read fails as `bad_input` (`InputsUnreadable`).
     fn load(&mut self, ids: &[TaskId]) -> Vec<Result<Inputs, LoadError>> {

@@ -12,9 +12,13 @@ struct Rec {
     /// Inputs of stored tasks, and every load asked for.
     store: std::collections::HashMap<TaskId, Inputs>,
     loads: Vec<Vec<TaskId>>,
+    started: Vec<(TaskId, Attempt)>,
 }
 
 impl Comm for Rec {
+    fn started(&mut self, tasks: &[(TaskId, Attempt)]) {
+        self.started.extend_from_slice(tasks);
+    }
     fn load(&mut self, ids: &[TaskId]) -> Vec<Result<Inputs, LoadError>> {
         self.loads.push(ids.to_vec());
         ids.iter()
@@ -1168,4 +1172,29 @@ fn stored_inputs_are_loaded_per_dispatch_and_an_unreadable_one_fails_alone() {
             }
         )]
     );
+}
+
+#[test]
+fn starts_of_current_attempts_are_reported_and_others_dropped() {
+    let now = Instant::now();
+    let (mut ic, mut c) = one_manager_running(now, 2, vec![task(1), task(2)]);
+    ic.on_message(now, &peer(2), reg("b", 1, 0), &mut c);
+    ic.on_message(
+        now,
+        &peer(1),
+        ManagerToInterchange::Started(vec![
+            (TaskId(1), Attempt(1)),
+            (TaskId(2), Attempt(7)), // not its current attempt
+            (TaskId(9), Attempt(1)), // no such task
+        ]),
+        &mut c,
+    );
+    // Another manager cannot report a start of a task it does not hold.
+    ic.on_message(
+        now,
+        &peer(2),
+        ManagerToInterchange::Started(vec![(TaskId(2), Attempt(1))]),
+        &mut c,
+    );
+    assert_eq!(c.started, vec![(TaskId(1), Attempt(1))]);
 }

@@ -56,6 +56,9 @@ pub enum ManagerToInterchange {
     /// The manager's Python workers per environment (container), sent when they change: the
     /// interchange routes tasks to managers that have warm workers of their environment.
     Warm(Vec<WarmWorkers>),
+    /// These attempts started running (they left the manager's own queue), batched with
+    /// results: a daemon crash counts against a task only if it had started.
+    Started(Vec<(TaskId, Attempt)>),
 }
 
 /// A manager's Python workers of one environment.

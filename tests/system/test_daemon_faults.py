@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shlex
+import sqlite3
 import subprocess
 import threading
 import time
@@ -458,21 +459,36 @@ def test_fault_32_a_task_running_in_two_daemon_crashes_in_a_row_fails_daemon_cra
         make_daemon, fnx_env):
     """A task that (we pretend) kills the daemon: it runs in each of two crashes in a row and is
     then failed as daemon_crashed instead of being dispatched a third time; the next task runs.
-    One crash, a clean stop and another crash are not two in a row."""
+    A task dispatched in both crashes but waiting in its manager's queue (prefetched, never
+    started) is not counted. One crash, a clean stop and another crash are not two in a row."""
     g = gate(fnx_env)
     d = make_daemon(pools={"local": {"workers_per_manager": 1}})
     fid = d.register({"kind": "shell", "command": GATE.format(d=g, i="{i}")})
+    quick = d.register({"kind": "shell", "command": "echo waited"})
     [poison] = d.submit([{"function": fid, "args": {"i": 1}}])
 
     def running_attempt(tid, n):
         wait_for(lambda: d.task(tid)["state"] == "running" and d.task(tid)["attempt"] == n, 30,
                  f"attempt {n} of task {tid} running")
 
+    def started(tid, n):
+        """The store has recorded that attempt `n` of `tid` started on its manager."""
+        def recorded():
+            with sqlite3.connect(f"file:{d.home / 'fnx.db'}?mode=ro", uri=True) as db:
+                row = db.execute("SELECT started FROM tasks WHERE id = ?", (tid,)).fetchone()
+            return row is not None and row[0] == n
+        wait_for(recorded, 30, f"the start of attempt {n} of task {tid} recorded")
+
     running_attempt(poison, 1)
+    [waiting] = d.submit([{"function": quick, "args": {}}])
+    running_attempt(waiting, 1)  # dispatched: held in the manager's queue behind the poison
+    started(poison, 1)
     d.kill9()
     d.start()
     assert "the last daemon did not stop in order" in d.log_since_start()
     running_attempt(poison, 2)
+    running_attempt(waiting, 2)
+    started(poison, 2)
     d.kill9()
     d.start()
     rec = d.wait_task(poison)
@@ -480,17 +496,21 @@ def test_fault_32_a_task_running_in_two_daemon_crashes_in_a_row_fails_daemon_cra
     assert "crashed 2 times in a row" in rec["error"]["message"], rec
     assert "limits.max_daemon_crashes = 2" in rec["error"]["message"], rec
     assert "fail as daemon_crashed" in d.log_since_start()
-    assert d.status()["tasks"] == {"queued": 0, "running": 0, "finished": 1}
+    rec = d.wait_task(waiting)
+    assert rec["state"] == "success" and rec["result"]["value"]["stdout"] == "waited\n", rec
+    assert d.status()["tasks"] == {"queued": 0, "running": 0, "finished": 2}
 
     # Crashes count in a row: one crash, a clean stop, one crash is not two.
     [again] = d.submit([{"function": fid, "args": {"i": 2}}])
     running_attempt(again, 1)
+    started(again, 1)
     d.kill9()
     d.start()
     running_attempt(again, 2)
     d.stop()
     d.start()
     running_attempt(again, 3)
+    started(again, 3)
     d.kill9()
     d.start()
     running_attempt(again, 4)

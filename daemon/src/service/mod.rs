@@ -389,6 +389,9 @@ fn pump(mut pool: LocalPool, writer: Sender<Cmd>, stop: Arc<AtomicBool>, name: S
             Ok(Event::Dispatched(d)) => {
                 let _ = writer.send(Cmd::Dispatched(d));
             }
+            Ok(Event::Started(s)) => {
+                let _ = writer.send(Cmd::Started(s));
+            }
             Ok(Event::Notice(_)) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }

@@ -39,7 +39,7 @@ CREATE TABLE IF NOT EXISTS tasks(
     encoding INTEGER NOT NULL, args BLOB NOT NULL, state INTEGER NOT NULL,
     attempt INTEGER NOT NULL, submitted REAL NOT NULL, seq INTEGER, outcome BLOB,
     finished REAL, fetched REAL, files BLOB, crashes INTEGER NOT NULL DEFAULT 0,
-    memory_mb INTEGER);
+    memory_mb INTEGER, started INTEGER);
 CREATE INDEX IF NOT EXISTS tasks_live ON tasks(state) WHERE state < 2;
 CREATE INDEX IF NOT EXISTS tasks_done ON tasks(owner, seq) WHERE seq IS NOT NULL;
 CREATE TABLE IF NOT EXISTS daemon(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -67,8 +67,14 @@ const MIGRATIONS: [(i64, &str); 6] = [
         6,
         "ALTER TABLE tasks ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0",
     ),
-    // 7: a task's own memory limit.
-    (7, "ALTER TABLE tasks ADD COLUMN memory_mb INTEGER"),
+    // 7: a task's own memory limit; the attempt that last started on its manager (a daemon
+    // crash counts against a task only if it had started, not if it waited in a manager's
+    // queue).
+    (
+        7,
+        "ALTER TABLE tasks ADD COLUMN memory_mb INTEGER;
+         ALTER TABLE tasks ADD COLUMN started INTEGER",
+    ),
 ];
 
 /// Whether the last daemon crashed: it was ready (see [`mark_running`]) and never stopped in
@@ -87,8 +93,11 @@ pub fn crash_check(conn: &Connection) -> Result<Option<usize>, StoreError> {
         return Ok(None);
     }
     let tx = conn.unchecked_transaction()?;
+    // Only an attempt that had started counts; one that waited in a manager's queue did not
+    // run, so it cannot be what crashed the daemon.
     let running = tx.execute(
-        "UPDATE tasks SET crashes = crashes + 1, state = 0 WHERE state = 1",
+        "UPDATE tasks SET crashes = crashes + coalesce(started = attempt, 0), state = 0
+         WHERE state = 1",
         [],
     )?;
     tx.execute("UPDATE daemon SET value = 0 WHERE key = 'running'", [])?;

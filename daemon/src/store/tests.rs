@@ -12,7 +12,7 @@ fn a_version_1_store_is_migrated_and_keeps_its_tasks() {
         let c = Connection::open(&path).unwrap();
         let v1 = SCHEMA
             .replace(
-                ", files BLOB, crashes INTEGER NOT NULL DEFAULT 0,\n    memory_mb INTEGER);",
+                ", files BLOB, crashes INTEGER NOT NULL DEFAULT 0,\n    memory_mb INTEGER, started INTEGER);",
                 ");",
             )
             .replace(", expires REAL, revoked REAL,\n    admin INTEGER);", ");")
@@ -45,7 +45,10 @@ fn a_version_1_store_is_migrated_and_keeps_its_tasks() {
         unfinished(&c, u64::MAX).unwrap()[0].task.memory_mb,
         Some(77)
     );
-    // Daemon crashes: counted for running tasks only, in a row, reset by a clean stop.
+    // Daemon crashes: counted for tasks that had started only, in a row, reset by a clean
+    // stop. Task 1 had started its attempt 3.
+    c.execute("UPDATE tasks SET started = 3 WHERE id = 1", [])
+        .unwrap();
     c.execute(
         "INSERT INTO tasks(id, owner, function, pool, priority, retries, encoding, args,
                            state, attempt, submitted) VALUES (2, 'u', 1, 'local', 0, 2, 0, x'5b5d', 0, 0, 0)",
@@ -62,6 +65,14 @@ fn a_version_1_store_is_migrated_and_keeps_its_tasks() {
     let redispatch = |c: &Connection| {
         c.execute("UPDATE tasks SET state = 1 WHERE id = 1", [])
             .unwrap();
+    };
+    // Task 2 is dispatched, but waits in its manager's queue: it never starts.
+    let prefetch = |c: &Connection| {
+        c.execute(
+            "UPDATE tasks SET state = 1, attempt = attempt + 1 WHERE id = 2",
+            [],
+        )
+        .unwrap();
     };
     assert_eq!(
         crash_check(&c).unwrap(),
@@ -86,9 +97,14 @@ fn a_version_1_store_is_migrated_and_keeps_its_tasks() {
         "requeued, not yet dispatched again"
     );
     redispatch(&c);
+    prefetch(&c);
     mark_running(&c).unwrap();
-    assert_eq!(crash_check(&c).unwrap(), Some(1));
-    assert_eq!(crashes(&c), [2, 0]);
+    assert_eq!(crash_check(&c).unwrap(), Some(2));
+    assert_eq!(
+        crashes(&c),
+        [2, 0],
+        "only the task that started counts a crash"
+    );
     mark_stopped(&c).unwrap();
     assert_eq!(crashes(&c), [0, 0]);
     assert_eq!(crash_check(&c).unwrap(), None);

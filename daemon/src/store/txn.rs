@@ -154,6 +154,21 @@ impl Ctx<'_> {
         Ok(Staged::Created(first, bytes))
     }
 
+    /// Attempts that started on their managers: a daemon crash now counts against them.
+    pub(super) fn started(
+        &mut self,
+        tx: &Transaction<'_>,
+        tasks: &[(TaskId, Attempt)],
+    ) -> Result<(), StoreError> {
+        let mut st = tx.prepare_cached(
+            "UPDATE tasks SET started = ?2 WHERE id = ?1 AND state = 1 AND attempt = ?2",
+        )?;
+        for (id, attempt) in tasks {
+            st.execute(params![id.0 as i64, attempt.0])?;
+        }
+        Ok(())
+    }
+
     pub(super) fn dispatched(
         &mut self,
         tx: &Transaction<'_>,

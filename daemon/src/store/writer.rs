@@ -101,6 +101,8 @@ pub enum Cmd {
     },
     /// Tasks were handed to managers.
     Dispatched(Vec<(TaskId, Attempt)>),
+    /// These attempts started on their managers.
+    Started(Vec<(TaskId, Attempt)>),
     /// Tasks finished.
     Finished(Vec<Finished>),
     /// Register a function.
@@ -247,6 +249,7 @@ pub struct Writer {
     next_function: u64,
     synced: bool,
     pending_dispatched: Vec<(TaskId, Attempt)>,
+    pending_started: Vec<(TaskId, Attempt)>,
     pending_finished: Vec<Finished>,
     /// Bytes of task inputs freed here (left in the store) since the allocator last gave
     /// freed memory back to the kernel.
@@ -306,6 +309,7 @@ impl Writer {
             next_function,
             synced: true,
             pending_dispatched: Vec::new(),
+            pending_started: Vec::new(),
             pending_finished: Vec::new(),
             spilled: 0,
         })
@@ -315,7 +319,9 @@ impl Writer {
     pub fn run(mut self, rx: Receiver<Cmd>) {
         let mut next_prune = Instant::now() + self.cfg.prune_interval;
         loop {
-            let retrying = !self.pending_finished.is_empty() || !self.pending_dispatched.is_empty();
+            let retrying = !self.pending_finished.is_empty()
+                || !self.pending_dispatched.is_empty()
+                || !self.pending_started.is_empty();
             let wait = if retrying {
                 RETRY
             } else if self.spilled > 0 {
@@ -380,6 +386,7 @@ impl Writer {
                     reply,
                 } => submits.push((owner, tasks, key, reply)),
                 Cmd::Dispatched(d) => self.pending_dispatched.extend(d),
+                Cmd::Started(d) => self.pending_started.extend(d),
                 Cmd::Finished(f) => self.pending_finished.extend(f),
                 Cmd::Register(f, reply) => registers.push((f, reply)),
                 Cmd::Delete(id, reply) => deletes.push((id, reply)),
@@ -415,6 +422,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.pending_dispatched.clear();
+                self.pending_started.clear();
                 self.pending_finished.clear();
                 self.apply(fx);
                 let took = started.elapsed();
@@ -535,6 +543,7 @@ impl Writer {
                 )?);
             }
             ctx.dispatched(&tx, &self.pending_dispatched, fx)?;
+            ctx.started(&tx, &self.pending_started)?;
             ctx.finished(&tx, &self.pending_finished, fx)?;
             ctx.fetched(&tx, fetched, fetched_ids)?;
             Ok(())

@@ -144,6 +144,28 @@ impl Interchange {
         self.maybe_reclaim(comm);
     }
 
+    /// A manager started attempts it held: report those that are its current ones (a late
+    /// report of a superseded attempt is dropped).
+    pub(super) fn on_started(
+        &mut self,
+        mid: ManagerId,
+        tasks: &[(TaskId, Attempt)],
+        comm: &mut impl Comm,
+    ) {
+        let current: Vec<(TaskId, Attempt)> = tasks
+            .iter()
+            .copied()
+            .filter(|(id, attempt)| {
+                self.tasks
+                    .get(id)
+                    .is_some_and(|t| t.state == TaskState::Running(mid) && t.attempt == *attempt)
+            })
+            .collect();
+        if !current.is_empty() {
+            comm.started(&current);
+        }
+    }
+
     /// Nothing queued, some worker idle, and some manager holds tasks beyond its slots: ask the
     /// manager with the most to give back as many as there are idle slots (one request at a time
     /// per manager).

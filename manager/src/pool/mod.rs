@@ -11,6 +11,7 @@
 
 mod envs;
 mod outcome;
+mod report;
 mod schedule;
 
 use outcome::{cancelled, shell_args};
@@ -270,6 +271,8 @@ pub struct Pool<'a> {
     batch: Vec<TaskResult>,
     batch_bytes: usize,
     batch_since: Option<Instant>,
+    /// Attempts that started since the last flush (reported with the results).
+    started: Vec<(TaskId, fnx_protocol::Attempt)>,
     end: Option<PoolEnd>,
     drain_sent: bool,
     /// Outcomes of tasks killed by a termination signal this manager did not send, held for
@@ -350,6 +353,7 @@ impl<'a> Pool<'a> {
             batch: Vec::new(),
             batch_bytes: 0,
             batch_since: None,
+            started: Vec::new(),
             end: None,
             drain_sent: false,
             held: Vec::new(),
@@ -733,61 +737,6 @@ impl<'a> Pool<'a> {
             }
         }
         r.held_by_cgroup = leaf.limit == bytes;
-    }
-
-    /// Report held outcomes whose time is up (all of them with `now == None`), unless this
-    /// manager is stopping on a signal: then the tasks died with its allocation, and the
-    /// interchange retries them when the manager says goodbye.
-    fn release_held(&mut self, now: Option<Instant>) {
-        if self.held.is_empty() {
-            return;
-        }
-        if matches!(self.end, Some(PoolEnd::Signal(_))) {
-            tracing::warn!(
-                "{} tasks were killed along with this manager; the interchange retries them",
-                self.held.len()
-            );
-            self.held.clear();
-            return;
-        }
-        let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
-            .into_iter()
-            .partition(|h| now.is_none_or(|n| h.0 <= n));
-        self.held = keep;
-        for (_, id, attempt, outcome) in due {
-            self.push_result(id, attempt, outcome);
-        }
-    }
-
-    fn push_result(&mut self, id: TaskId, attempt: fnx_protocol::Attempt, outcome: Outcome) {
-        self.batch_bytes += match &outcome {
-            Outcome::Ok(p) => p.data.len(),
-            Outcome::Err(e) => e.message.len() + e.traceback.as_ref().map_or(0, String::len),
-        } + 32;
-        self.batch.push(TaskResult {
-            id,
-            attempt,
-            outcome,
-        });
-        self.batch_since.get_or_insert_with(Instant::now);
-        if self.batch.len() >= FLUSH_COUNT || self.batch_bytes >= FLUSH_BYTES {
-            self.flush(true);
-        }
-    }
-
-    fn flush(&mut self, force: bool) {
-        let Some(since) = self.batch_since else {
-            return;
-        };
-        // Hold results back briefly to batch them, but only while there is local work to do:
-        // a manager with nothing queued needs the interchange to see its free slots now.
-        if !force && !self.queue.is_empty() && since.elapsed() < FLUSH_AFTER {
-            return;
-        }
-        let results = std::mem::take(&mut self.batch);
-        self.batch_bytes = 0;
-        self.batch_since = None;
-        self.send(&ManagerToInterchange::Results(results));
     }
 
     fn stop_all(&mut self) {

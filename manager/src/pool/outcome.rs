@@ -75,7 +75,7 @@ impl Pool<'_> {
                 );
             }
             "result" => {
-                let mut promoted = false;
+                let mut promoted = None;
                 let Some(r) = proc.task.take_if(|r| Some(r.id.0) == header.tid) else {
                     // Not the running task: the worker broke the one-at-a-time order.
                     tracing::warn!(
@@ -93,8 +93,9 @@ impl Pool<'_> {
                     return;
                 }
                 if let Some(next) = proc.next.take() {
-                    proc.task = Some(promote(pid, next, self.cfg.kill_grace, self.cfg.mem_limit));
-                    promoted = true;
+                    let r = promote(pid, next, self.cfg.kill_grace, self.cfg.mem_limit);
+                    promoted = Some((r.id, r.attempt));
+                    proc.task = Some(r);
                 }
                 // A peak between two samples: the worker's own high-water mark, measured
                 // again from here for its next task.
@@ -140,7 +141,8 @@ impl Pool<'_> {
                     }
                 };
                 self.push_result(r.id, r.attempt, outcome);
-                if promoted {
+                if let Some((id, attempt)) = promoted {
+                    self.note_started(id, attempt);
                     self.hold_worker_to_limit(pid);
                 }
             }

@@ -221,6 +221,7 @@ impl Pool<'_> {
             let _ = kill_group(pid, libc::SIGKILL);
             return;
         }
+        self.note_started(spec.id, spec.attempt);
         self.hold_worker_to_limit(pid);
     }
 
@@ -442,6 +443,7 @@ impl Pool<'_> {
                 let mut proc = Proc::new(Kind::Shell(proc), Some(running), None, slot);
                 proc.cgroup = cgroup;
                 self.procs.insert(pid, proc);
+                self.note_started(spec.id, spec.attempt);
             }
             Err(e) => self.push_result(spec.id, spec.attempt, Outcome::Err(e)),
         }
