@@ -205,17 +205,12 @@ impl Leaf {
         Some(self.peak().max(self.limit.unwrap_or(0)))
     }
 
-    /// The most memory it has used since created or [`Leaf::reset_peak`] (page cache included).
+    /// The most memory it has used since it was made (page cache included).
     pub fn peak(&self) -> u64 {
         std::fs::read_to_string(self.dir.join("memory.max_usage_in_bytes"))
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
-    }
-
-    /// Measure the peak again from now (between two tasks of one worker).
-    pub fn reset_peak(&self) {
-        let _ = std::fs::write(self.dir.join("memory.max_usage_in_bytes"), "0");
     }
 }
 

@@ -543,7 +543,22 @@ impl Writer {
                 )?);
             }
             ctx.dispatched(&tx, &self.pending_dispatched, fx)?;
-            ctx.started(&tx, &self.pending_started)?;
+            // A task that also ends in this commit needs no start mark (most short tasks: they
+            // start and end between two commits).
+            if !self.pending_started.is_empty() {
+                let ended: std::collections::HashSet<(TaskId, Attempt)> = self
+                    .pending_finished
+                    .iter()
+                    .map(|f| (f.id, f.attempt))
+                    .collect();
+                let running: Vec<(TaskId, Attempt)> = self
+                    .pending_started
+                    .iter()
+                    .copied()
+                    .filter(|t| !ended.contains(t))
+                    .collect();
+                ctx.started(&tx, &running)?;
+            }
             ctx.finished(&tx, &self.pending_finished, fx)?;
             ctx.fetched(&tx, fetched, fetched_ids)?;
             Ok(())

@@ -97,23 +97,26 @@ impl Pool<'_> {
                     promoted = Some((r.id, r.attempt));
                     proc.task = Some(r);
                 }
-                // A peak between two samples: the worker's own high-water mark, measured
-                // again from here for its next task.
+                // Held by its cgroup: a process of the task the kernel killed there while the
+                // worker lived on shows in a failed result (a task that got over it is its
+                // own business). Sampled: a peak between two samples is the worker's own
+                // high-water mark, which stays below the limit until a task passes it (then
+                // it is measured again from here). No file is touched for a task that went
+                // well.
                 let over = r.limit.and_then(|limit| {
-                    let peak = fnx_sys::memory::peak_rss(pid).unwrap_or(0).max(r.peak_rss);
-                    let _ = fnx_sys::memory::reset_peak_rss(pid);
-                    // A process of the task the kernel killed in the worker's cgroup (the
-                    // worker itself lived on).
-                    let killed = proc.cgroup.as_mut().and_then(|c| {
-                        let killed = c.new_oom_kill();
-                        c.reset_peak();
-                        killed
-                    });
-                    match (killed, r.held_by_cgroup) {
-                        (Some(peak), _) => Some(memory_limit_reached(peak, limit)),
-                        (None, true) => None,
-                        (None, false) => (peak > limit.bytes).then(|| memory_exceeded(peak, limit)),
+                    if r.held_by_cgroup {
+                        if header.ok == Some(true) {
+                            return None;
+                        }
+                        let peak = proc.cgroup.as_mut()?.new_oom_kill()?;
+                        return Some(memory_limit_reached(peak, limit));
                     }
+                    let peak = fnx_sys::memory::peak_rss(pid).unwrap_or(0).max(r.peak_rss);
+                    if peak <= limit.bytes {
+                        return None;
+                    }
+                    let _ = fnx_sys::memory::reset_peak_rss(pid);
+                    Some(memory_exceeded(peak, limit))
                 });
                 let outcome = if let Some(e) = over {
                     Outcome::Err(e)
