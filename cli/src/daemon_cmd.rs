@@ -27,6 +27,11 @@ pub struct DaemonArgs {
     /// Data directory (overrides [daemon] data_dir).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// The store is damaged (the daemon said so and named the pages): move it aside (kept as
+    /// fnx.db.damaged-TIME) and copy every row that can still be read into a new store, then
+    /// start. The log says what was copied and which row ids were lost.
+    #[arg(long)]
+    pub salvage: bool,
 }
 
 pub(crate) fn load(config: Option<&PathBuf>) -> Result<SiteConfig, String> {
@@ -90,6 +95,7 @@ pub fn run_daemon(a: DaemonArgs) -> u8 {
     if let Some(l) = a.listen {
         cfg.listen = l;
     }
+    cfg.store.salvage = a.salvage;
     if let Some(d) = a.data_dir {
         // The default socket lives in the data directory: it moves with it.
         if cfg.socket.as_deref() == Some(cfg.data_dir.join("fnx.sock").as_path()) {

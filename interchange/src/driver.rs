@@ -83,9 +83,10 @@ pub enum Event {
     Finished(Vec<Finished>),
     /// A manager event (registered, lost, refused, drained, ignored message).
     Notice(Notice),
-    /// Tasks handed to managers, with the attempt number of that dispatch; sent before any
+    /// Tasks handed to managers, with the attempt number of that dispatch and whether it went
+    /// to an idle worker slot (it starts at once, without a later `Started`); sent before any
     /// later `Finished` of the same tasks.
-    Dispatched(Vec<(TaskId, Attempt)>),
+    Dispatched(Vec<(TaskId, Attempt, bool)>),
     /// Attempts their managers started (with `report_dispatch`); after their `Dispatched`.
     Started(Vec<(TaskId, Attempt)>),
 }
@@ -341,7 +342,7 @@ struct Outbox<'a> {
     finished: Vec<Finished>,
     notices: Vec<Notice>,
     unreachable: Vec<Peer>,
-    dispatched: Option<Vec<(TaskId, Attempt)>>,
+    dispatched: Option<Vec<(TaskId, Attempt, bool)>>,
     started: Option<Vec<(TaskId, Attempt)>>,
 }
 
@@ -372,9 +373,14 @@ impl Comm for Outbox<'_> {
         self.notices.push(notice);
     }
 
-    fn dispatched(&mut self, _manager: ManagerId, tasks: &[TaskSpec]) {
+    fn dispatched(&mut self, _manager: ManagerId, tasks: &[TaskSpec], direct: usize) {
         if let Some(d) = &mut self.dispatched {
-            d.extend(tasks.iter().map(|t| (t.id, t.attempt)));
+            d.extend(
+                tasks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (t.id, t.attempt, i < direct)),
+            );
         }
     }
 

@@ -118,8 +118,10 @@ pub trait Comm {
     /// Something an operator should know (registration, loss, refusals). Also logged.
     fn notice(&mut self, notice: Notice);
     /// Tasks were handed to a manager (called just before the `Tasks` message is sent), so a
-    /// host that records task states can mark them running with their attempt numbers.
-    fn dispatched(&mut self, _manager: ManagerId, _tasks: &[TaskSpec]) {}
+    /// host that records task states can mark them running with their attempt numbers. The
+    /// first `direct` of them went to idle worker slots and start at once; the others wait in
+    /// the manager's queue until it reports their start ([`Comm::started`]).
+    fn dispatched(&mut self, _manager: ManagerId, _tasks: &[TaskSpec], _direct: usize) {}
     /// Attempts a manager reports it started (they left its own queue and run).
     fn started(&mut self, _tasks: &[(TaskId, Attempt)]) {}
     /// Read the inputs of tasks submitted with [`NewTask::stored`], one answer per id in

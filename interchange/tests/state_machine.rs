@@ -13,6 +13,8 @@ struct Rec {
     store: std::collections::HashMap<TaskId, Inputs>,
     loads: Vec<Vec<TaskId>>,
     started: Vec<(TaskId, Attempt)>,
+    /// Every load fails as a store error.
+    store_down: bool,
 }
 
 impl Comm for Rec {
@@ -21,6 +23,12 @@ impl Comm for Rec {
     }
     fn load(&mut self, ids: &[TaskId]) -> Vec<Result<Inputs, LoadError>> {
         self.loads.push(ids.to_vec());
+        if self.store_down {
+            return ids
+                .iter()
+                .map(|_| Err(LoadError::Store("disk I/O error".into())))
+                .collect();
+        }
         ids.iter()
             .map(|id| self.store.get(id).cloned().ok_or(LoadError::Missing))
             .collect()
@@ -1197,4 +1205,38 @@ fn starts_of_current_attempts_are_reported_and_others_dropped() {
         &mut c,
     );
     assert_eq!(c.started, vec![(TaskId(1), Attempt(1))]);
+}
+
+#[test]
+fn a_failing_store_leaves_stored_tasks_queued_with_their_attempt_and_definitions_unsent() {
+    let now = Instant::now();
+    let (mut ic, mut c) = setup(now);
+    c.store.insert(
+        TaskId(5),
+        Inputs {
+            args: Payload::json("[5]"),
+            files: Vec::new(),
+        },
+    );
+    ic.on_message(now, &peer(1), reg("a", 2, 0), &mut c);
+    c.take();
+    c.store_down = true;
+    ic.submit(vec![stored_task(5)], &mut c);
+    ic.dispatch(&mut c);
+    assert_eq!(c.loads.len(), 1, "tried once per dispatch, not in a loop");
+    assert!(c.take().is_empty() && c.finished.is_empty());
+    assert_eq!(ic.counts(), counts(1, 0, 1, 2));
+    // The store is back: the same attempt goes out, with the function's definition.
+    c.store_down = false;
+    ic.dispatch(&mut c);
+    assert_eq!(
+        c.take(),
+        vec![(
+            peer(1),
+            InterchangeToManager::Tasks {
+                functions: vec![fdef()],
+                tasks: vec![spec(5, 1)]
+            }
+        )]
+    );
 }

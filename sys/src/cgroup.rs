@@ -27,7 +27,7 @@ pub struct Leaf {
     dir: PathBuf,
     /// `<dir>/cgroup.procs`, made before the fork (the child may not allocate).
     procs: CString,
-    /// The limit, in bytes (None: none).
+    /// The limit, in bytes (None: none; `Some(0)`: unknown, after a failed change).
     pub limit: Option<u64>,
     /// Out-of-memory kills in it already accounted for.
     ooms_seen: u64,
@@ -66,9 +66,13 @@ impl MemoryCgroups {
         }
         sweep_dead_managers(&own);
         let dir = own.join(format!("fnx-{}", std::process::id()));
+        // One left by an earlier process with this pid (or another pid namespace's) is not
+        // ours: empty it first.
+        if dir.exists() {
+            remove_tree(&dir);
+        }
         match std::fs::create_dir(&dir) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => {
                 return Err(io::Error::new(
                     e.kind(),
@@ -165,8 +169,17 @@ impl Leaf {
         let raising = match (limit, self.limit) {
             (None, _) => true,
             (Some(_), None) => false,
+            // Unknown: the swap limit may be either side; try it first and again last.
+            (Some(_), Some(0)) => {
+                if let Some(sw) = &memsw {
+                    let _ = std::fs::write(sw, &value);
+                }
+                false
+            }
             (Some(new), Some(old)) => new > old,
         };
+        // Until both are written the limit is unknown: a failure half-way is written again.
+        self.limit = Some(0);
         if raising {
             if let Some(sw) = &memsw {
                 std::fs::write(sw, &value)?;
@@ -179,6 +192,8 @@ impl Leaf {
             }
         }
         self.limit = limit;
+        // The peak is reported against this limit from now on.
+        let _ = std::fs::write(self.dir.join("memory.max_usage_in_bytes"), "0");
         Ok(())
     }
 
@@ -205,7 +220,7 @@ impl Leaf {
         Some(self.peak().max(self.limit.unwrap_or(0)))
     }
 
-    /// The most memory it has used since it was made (page cache included).
+    /// The most memory it has used since its limit was last set (page cache included).
     pub fn peak(&self) -> u64 {
         std::fs::read_to_string(self.dir.join("memory.max_usage_in_bytes"))
             .ok()

@@ -218,6 +218,9 @@ pub struct StoreConfig {
     pub unfetched_retention: Duration,
     /// How often old results are pruned.
     pub prune_interval: Duration,
+    /// Move a damaged store aside at start and copy what can be read of it into a new one
+    /// (`fnx daemon --salvage`; never from the file).
+    pub salvage: bool,
 }
 
 /// Request and queue limits.
@@ -524,6 +527,7 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
             30.0 * 86400.0,
             0.0,
         ),
+        salvage: false,
         prune_interval: p.secs(
             "store.prune_interval_s",
             raw.store.prune_interval_s,

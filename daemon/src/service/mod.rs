@@ -50,6 +50,18 @@ pub enum DaemonError {
         /// Why.
         source: StoreError,
     },
+    /// The store file is damaged.
+    #[error(
+        "the task store {path} is damaged: {detail}. Start the daemon once with `fnx daemon \
+         --salvage` to move the file aside (it is kept) and copy every task, function, user and \
+         token that can still be read into a new store"
+    )]
+    Damaged {
+        /// The store file.
+        path: PathBuf,
+        /// Where, and SQLite's own words.
+        detail: String,
+    },
     /// The CurveZMQ key directory cannot be used.
     #[error("{0}")]
     Keys(#[from] crate::keys::KeyError),
@@ -83,10 +95,7 @@ fn first_start(
     cfg: &SiteConfig,
     path: &Path,
 ) -> Result<(), DaemonError> {
-    let serr = |source| DaemonError::Store {
-        path: path.to_path_buf(),
-        source,
-    };
+    let serr = |source| store_failure(path, source);
     if store::user_count(conn).map_err(serr)? > 0 {
         return Ok(());
     }
@@ -435,6 +444,21 @@ fn pump(mut pool: LocalPool, writer: Sender<Cmd>, stop: Arc<AtomicBool>, name: S
     }
 }
 
+/// A store error at start; a damaged file is described (its damaged pages and their byte
+/// offsets) with the way out.
+pub(crate) fn store_failure(path: &Path, source: store::StoreError) -> DaemonError {
+    if store::salvage::is_damage(&source) {
+        return DaemonError::Damaged {
+            path: path.to_path_buf(),
+            detail: format!("{source}: {}", store::salvage::describe_damage(path)),
+        };
+    }
+    DaemonError::Store {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Run the daemon until `shutdown` completes: serve the API on `listener` (bound by the
 /// caller), run the pools, and commit everything before returning.
 pub fn run(
@@ -446,13 +470,23 @@ pub fn run(
     prepare_dir_mode(&cfg.data_dir, passage_mode(&cfg))?;
     let _lock = crate::lock::lock_data_dir(&cfg.data_dir)?;
     let path = store_path(&cfg.data_dir);
-    let serr = |source| DaemonError::Store {
-        path: path.clone(),
-        source,
-    };
-    let damage = store::wal_damage(&path);
+    let serr = |source| store_failure(&path, source);
+    let mut damage = store::wal_damage(&path);
     if let Some(d) = &damage {
         tracing::warn!("{d}; task, function and result numbers skip ahead so that none is reused");
+    }
+    if cfg.store.salvage && path.exists() {
+        tracing::warn!(
+            "--salvage: moving {} aside and copying what can be read",
+            path.display()
+        );
+        let saved = store::salvage::salvage(&path).map_err(serr)?;
+        tracing::warn!(
+            "salvaged the store {}: {saved}; task, function and result numbers skip ahead so \
+             that none is reused",
+            path.display()
+        );
+        damage = Some(format!("salvaged from {}", saved.damaged.display()));
     }
     let conn = store::open_writer(&path, cfg.store.sync == SyncMode::Full).map_err(serr)?;
     private_store_files(&path);
@@ -464,11 +498,12 @@ pub fn run(
             .map_err(|e| serr(e.into()))?;
     }
     first_start(&conn, &cfg, &path)?;
-    if let Some(running) = store::crash_check(&conn).map_err(serr)? {
+    if let Some((running, started)) = store::crash_check(&conn).map_err(serr)? {
         tracing::warn!(
             "the last daemon did not stop in order (it crashed or was killed) with {running} \
-             tasks running; each of them that was also running in the {} crash(es) before \
-             fails as daemon_crashed (limits.max_daemon_crashes)",
+             tasks dispatched, {started} of them started; each started one that had also \
+             started in the {} crash(es) before fails as daemon_crashed \
+             (limits.max_daemon_crashes)",
             cfg.limits.max_daemon_crashes.saturating_sub(1)
         );
     }

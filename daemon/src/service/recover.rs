@@ -29,10 +29,7 @@ pub(super) fn load(
     per_user: bool,
     spill_bytes: u64,
 ) -> Result<Loaded, DaemonError> {
-    let serr = |source| DaemonError::Store {
-        path: path.to_path_buf(),
-        source,
-    };
+    let serr = |source| super::store_failure(path, source);
     let started = Instant::now();
     let tasks = store::unfinished(conn, spill_bytes).map_err(serr)?;
     // Deleted functions are held only while tasks of theirs are unfinished.

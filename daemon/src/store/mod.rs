@@ -9,6 +9,7 @@
 //! Task states are small integers in the `state` column, see [`State`].
 
 pub mod inputs;
+pub mod salvage;
 mod txn;
 pub mod writer;
 
@@ -78,11 +79,11 @@ const MIGRATIONS: [(i64, &str); 6] = [
 ];
 
 /// Whether the last daemon crashed: it was ready (see [`mark_running`]) and never stopped in
-/// order. Then every task that was running has seen one more crash, and goes back to queued
-/// (it is dispatched again, and a crash before that does not count against it); `Ok` holds
-/// how many. A daemon that fails to start never marks the store, so its failures count for
-/// nothing.
-pub fn crash_check(conn: &Connection) -> Result<Option<usize>, StoreError> {
+/// order. Then every task that was running goes back to queued (it is dispatched again, and a
+/// crash before that does not count against it), and each whose attempt had started (not one
+/// waiting in a manager's queue) has seen one more crash; `Ok` holds how many of each. A daemon
+/// that fails to start never marks the store, so its failures count for nothing.
+pub fn crash_check(conn: &Connection) -> Result<Option<(usize, usize)>, StoreError> {
     let crashed = conn
         .query_row("SELECT value FROM daemon WHERE key = 'running'", [], |r| {
             r.get::<_, i64>(0)
@@ -93,6 +94,11 @@ pub fn crash_check(conn: &Connection) -> Result<Option<usize>, StoreError> {
         return Ok(None);
     }
     let tx = conn.unchecked_transaction()?;
+    let started: i64 = tx.query_row(
+        "SELECT count(*) FROM tasks WHERE state = 1 AND started = attempt",
+        [],
+        |r| r.get(0),
+    )?;
     // Only an attempt that had started counts; one that waited in a manager's queue did not
     // run, so it cannot be what crashed the daemon.
     let running = tx.execute(
@@ -102,7 +108,7 @@ pub fn crash_check(conn: &Connection) -> Result<Option<usize>, StoreError> {
     )?;
     tx.execute("UPDATE daemon SET value = 0 WHERE key = 'running'", [])?;
     tx.commit()?;
-    Ok(Some(running))
+    Ok(Some((running, started as usize)))
 }
 
 /// Mark the store as in use by a daemon that is ready: a crash from now on is counted.

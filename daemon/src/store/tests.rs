@@ -82,7 +82,7 @@ fn a_version_1_store_is_migrated_and_keeps_its_tasks() {
     mark_running(&c).unwrap();
     assert_eq!(
         crash_check(&c).unwrap(),
-        Some(1),
+        Some((1, 1)),
         "ready, never stopped: a crash"
     );
     assert_eq!(
@@ -93,13 +93,13 @@ fn a_version_1_store_is_migrated_and_keeps_its_tasks() {
     mark_running(&c).unwrap();
     assert_eq!(
         crash_check(&c).unwrap(),
-        Some(0),
+        Some((0, 0)),
         "requeued, not yet dispatched again"
     );
     redispatch(&c);
     prefetch(&c);
     mark_running(&c).unwrap();
-    assert_eq!(crash_check(&c).unwrap(), Some(2));
+    assert_eq!(crash_check(&c).unwrap(), Some((2, 1)));
     assert_eq!(
         crashes(&c),
         [2, 0],

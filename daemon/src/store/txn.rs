@@ -169,25 +169,30 @@ impl Ctx<'_> {
         Ok(())
     }
 
+    /// Tasks handed to managers: running, with this attempt; one sent to an idle slot has
+    /// started too (a daemon crash counts against it).
     pub(super) fn dispatched(
         &mut self,
         tx: &Transaction<'_>,
-        tasks: &[(TaskId, Attempt)],
+        tasks: &[(TaskId, Attempt, bool)],
         fx: &mut Effects,
     ) -> Result<(), StoreError> {
         let mut first = tx.prepare_cached(
-            "UPDATE tasks SET state = 1, attempt = ?2 WHERE id = ?1 AND state = 0 RETURNING owner",
+            "UPDATE tasks SET state = 1, attempt = ?2, started = CASE WHEN ?3 THEN ?2 END
+             WHERE id = ?1 AND state = 0 RETURNING owner",
         )?;
-        let mut again =
-            tx.prepare_cached("UPDATE tasks SET attempt = ?2 WHERE id = ?1 AND state = 1")?;
-        for (id, attempt) in tasks {
+        let mut again = tx.prepare_cached(
+            "UPDATE tasks SET attempt = ?2, started = CASE WHEN ?3 THEN ?2 END
+             WHERE id = ?1 AND state = 1",
+        )?;
+        for (id, attempt, direct) in tasks {
             let owner: Option<String> = first
-                .query_row(params![id.0 as i64, attempt.0], |r| r.get(0))
+                .query_row(params![id.0 as i64, attempt.0, direct], |r| r.get(0))
                 .optional()?;
             match owner {
                 Some(o) => fx.moves.push((o, Some(State::Queued), State::Running, 0)),
                 None => {
-                    again.execute(params![id.0 as i64, attempt.0])?;
+                    again.execute(params![id.0 as i64, attempt.0, direct])?;
                 }
             }
         }

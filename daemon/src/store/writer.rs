@@ -99,8 +99,8 @@ pub enum Cmd {
         /// The answer.
         reply: SubmitReply,
     },
-    /// Tasks were handed to managers.
-    Dispatched(Vec<(TaskId, Attempt)>),
+    /// Tasks were handed to managers (and whether each went to an idle slot: it started).
+    Dispatched(Vec<(TaskId, Attempt, bool)>),
     /// These attempts started on their managers.
     Started(Vec<(TaskId, Attempt)>),
     /// Tasks finished.
@@ -248,7 +248,7 @@ pub struct Writer {
     next_seq: u64,
     next_function: u64,
     synced: bool,
-    pending_dispatched: Vec<(TaskId, Attempt)>,
+    pending_dispatched: Vec<(TaskId, Attempt, bool)>,
     pending_started: Vec<(TaskId, Attempt)>,
     pending_finished: Vec<Finished>,
     /// Bytes of task inputs freed here (left in the store) since the allocator last gave

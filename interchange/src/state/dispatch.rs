@@ -47,6 +47,8 @@ impl Interchange {
             if !prefetch {
                 limit = limit.min(m.idle_slots());
             }
+            // Tasks for the manager's idle slots start at once; the rest wait in its queue.
+            let direct = m.idle_slots();
             let mut tasks = Vec::with_capacity(limit.min(self.queued));
             let mut functions = Vec::new();
             let mut bytes = 0usize;
@@ -92,23 +94,28 @@ impl Interchange {
                 });
             }
             let mut failed_loads = 0;
+            let mut store_failing = false;
             if !stored.is_empty() {
                 let ids: Vec<TaskId> = stored.iter().map(|&i| tasks[i].id).collect();
                 let mut loaded = comm.load(&ids).into_iter();
-                let mut unreadable = Vec::new();
+                // Gone from the store: the task fails. The store failing: it waits (at the
+                // front of its queue, its attempt not spent) for the next dispatch.
+                let mut gone = Vec::new();
+                let mut later = Vec::new();
                 for &i in &stored {
                     match loaded.next() {
                         Some(Ok(inputs)) => {
                             tasks[i].args = inputs.args;
                             tasks[i].files = inputs.files;
                         }
-                        Some(Err(e)) => unreadable.push((tasks[i].id, e.to_string())),
-                        None => unreadable.push((tasks[i].id, "no answer from the store".into())),
+                        Some(Err(LoadError::Missing)) => gone.push(tasks[i].id),
+                        Some(Err(_)) | None => later.push(tasks[i].id),
                     }
                 }
-                failed_loads = unreadable.len();
-                for (id, reason) in unreadable {
-                    tasks.retain(|t| t.id != id);
+                failed_loads = gone.len() + later.len();
+                store_failing = !later.is_empty();
+                tasks.retain(|t| !gone.contains(&t.id) && !later.contains(&t.id));
+                for id in gone {
                     let Some(rec) = self.tasks.remove(&id) else {
                         continue;
                     };
@@ -119,17 +126,33 @@ impl Interchange {
                         outcome: Outcome::Err(TaskError::new(
                             ErrorKind::BadInput,
                             "InputsUnreadable",
-                            format!("its inputs could not be read back from the store: {reason}"),
+                            format!("its inputs are gone from the store: {}", LoadError::Missing),
                         )),
                     });
                 }
+                for id in later {
+                    let Some(rec) = self.tasks.get_mut(&id) else {
+                        continue;
+                    };
+                    m.release(id, rec.env);
+                    rec.attempt = Attempt(rec.attempt.0.saturating_sub(1));
+                    rec.state = TaskState::Queued;
+                    self.queues.push_front(rec.env, rec.priority, id);
+                    self.queued += 1;
+                }
             }
             if tasks.is_empty() {
-                // Every input in the batch was unreadable (those tasks failed, so this ends):
-                // the manager still has room.
+                // The functions sent with this batch did not go out after all.
+                for f in &functions {
+                    m.functions_sent.remove(&f.id);
+                }
+                // Every input in the batch failed to load: the manager still has room.
                 if failed_loads > 0 && !m.in_ready && m.inflight.len() < m.capacity {
                     m.in_ready = true;
                     self.ready.push_back(mid);
+                }
+                if store_failing {
+                    break;
                 }
                 continue;
             }
@@ -138,8 +161,12 @@ impl Interchange {
                 m.in_ready = true;
                 self.ready.push_back(mid);
             }
-            comm.dispatched(mid, &tasks);
+            comm.dispatched(mid, &tasks, direct.min(tasks.len()));
             comm.send(&m.peer, &InterchangeToManager::Tasks { functions, tasks });
+            if store_failing {
+                // Tried again at the next dispatch, not in a loop here.
+                break;
+            }
         }
         self.maybe_reclaim(comm);
     }

@@ -145,10 +145,22 @@ impl Limit {
 }
 
 impl Running {
-    /// Whether its memory is measured by sampling: it has a limit no cgroup holds it to, and
-    /// is not being killed already.
+    /// Whether its memory is measured by sampling: it has a limit and is not being killed
+    /// already. Held by a cgroup, the sample is only a backstop (see [`Running::kill_above`]).
     fn sampled(&self) -> bool {
-        self.limit.is_some() && !self.held_by_cgroup && self.forced.is_none()
+        self.limit.is_some() && self.forced.is_none()
+    }
+
+    /// The resident size over which a sample kills it: its limit; held by a cgroup, a margin
+    /// above it (resident sizes also count shared library pages the cgroup does not), so that
+    /// only a task that got out of its cgroup's hold is caught.
+    fn kill_above(&self) -> Option<u64> {
+        let limit = self.limit?.bytes;
+        Some(if self.held_by_cgroup {
+            limit + limit / 4 + (32 << 20)
+        } else {
+            limit
+        })
     }
 
     /// A task that starts running now, in a pool whose workers have `pool` bytes of memory:
@@ -660,9 +672,6 @@ impl<'a> Pool<'a> {
             return;
         }
         self.mem_sampled = now;
-        // A task in a memory cgroup at its limit is held there by the kernel (whose count is
-        // the one that matters: resident sizes also count shared library pages another
-        // charged).
         let groups: Vec<u32> = self
             .procs
             .iter()
@@ -677,10 +686,10 @@ impl<'a> Pool<'a> {
                 continue;
             };
             r.peak_rss = r.peak_rss.max(rss);
-            let Some(limit) = r.limit else {
+            let (Some(limit), Some(above)) = (r.limit, r.kill_above()) else {
                 continue;
             };
-            if rss > limit.bytes {
+            if rss > above {
                 tracing::warn!(
                     "task {} uses {} MiB, over its limit of {} MiB: killing it",
                     r.id,
@@ -705,6 +714,11 @@ impl<'a> Pool<'a> {
             return;
         };
         let has_cgroup = self.procs.get(&pid).is_some_and(|p| p.cgroup.is_some());
+        // Sampled, the worker's peak so far was measured against the last task's limit: a
+        // task with a limit of its own is measured from its start.
+        if limit.is_some_and(|l| l.own) {
+            let _ = fnx_sys::memory::reset_peak_rss(pid);
+        }
         if !has_cgroup {
             let Some(limit) = limit else {
                 return;

@@ -156,11 +156,16 @@ impl Pool<'_> {
             let Kind::Python(worker) = &mut proc.kind else {
                 continue;
             };
+            // It starts before the manager hears the running task end: only behind a task with
+            // the same memory limit (the worker's cgroup and peak are set per task).
+            let same_limit = proc.task.as_ref().map(|r| r.limit)
+                == Some(super::Limit::of(spec, self.cfg.mem_limit));
             if !func.body.is_python()
                 || !spec.files.is_empty()
                 || spec.args.data.len() > PIPELINE_MAX_ARGS
                 || !worker.knows(spec.function)
                 || proc.env != func.env
+                || !same_limit
             {
                 return;
             }

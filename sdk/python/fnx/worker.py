@@ -253,7 +253,15 @@ def _send(fd, header, payload=b""):
     if type(payload) is _Streamed:
         _write_all(fd, prefix + header)
         writer = _PipeWriter(fd, payload.size)
-        pickle.Pickler(writer, pickle.HIGHEST_PROTOCOL).dump(payload.value)
+        try:
+            pickle.Pickler(writer, pickle.HIGHEST_PROTOCOL).dump(payload.value)
+        except BrokenPipeError:
+            raise
+        except BaseException as exc:
+            # Half a frame is out: the stream cannot be mended. The manager sees the worker
+            # die (worker_lost, retried); the log says why.
+            _log("pickling the result the second time failed (%s): exiting" % _safe_str(exc))
+            os._exit(3)
         if writer.left:
             writer.mismatch()
     elif len(payload) < _BIG_WRITE:

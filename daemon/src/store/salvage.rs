@@ -1,0 +1,342 @@
+//! A damaged store (FAULTS.md 4): say where it is damaged, and on request (`fnx daemon
+//! --salvage`) move it aside and copy every row that can still be read into a new store.
+
+use super::{open_writer, StoreError};
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+use std::path::{Path, PathBuf};
+
+/// Whether `e` says the store file is damaged (not merely busy, full or unwritable).
+pub fn is_damage(e: &StoreError) -> bool {
+    matches!(e, StoreError::Sqlite(e) if damaged_page(e))
+}
+
+/// Where the store at `path` is damaged: every page of its tables' and indexes' trees that is
+/// not a valid tree page, with its byte offsets in the file (at most 8 named), found by walking
+/// the trees from their roots. The write-ahead log is not read: a clean stop has merged it.
+pub fn describe_damage(path: &Path) -> String {
+    let roots = || -> rusqlite::Result<Vec<(String, u32)>> {
+        let c = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let mut st = c.prepare("SELECT name, rootpage FROM sqlite_schema WHERE rootpage > 0")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u32>(1)?)))?;
+        rows.collect()
+    };
+    let roots = match roots() {
+        Ok(r) => r,
+        Err(e) => return format!("its schema cannot be read ({e}): the file header or page 1"),
+    };
+    let file = match std::fs::read(path) {
+        Ok(f) => f,
+        Err(e) => return format!("it cannot be read: {e}"),
+    };
+    let bad = damaged_pages(&file, &roots);
+    if bad.is_empty() {
+        return "no tree page is damaged in the file itself (the damage may be in its \
+                write-ahead log, or in the rows' own bytes)"
+            .to_string();
+    }
+    let page = page_size(&file) as u64;
+    let mut named: Vec<String> = bad
+        .iter()
+        .take(8)
+        .map(|(name, n, why)| {
+            let n = u64::from(*n);
+            format!(
+                "page {n} (bytes {} to {}) of {name}: {why}",
+                (n - 1) * page,
+                n * page - 1
+            )
+        })
+        .collect();
+    if bad.len() > 8 {
+        named.push(format!("and {} more pages", bad.len() - 8));
+    }
+    named.join("; ")
+}
+
+/// The page size in the file header (bytes 16-17; 1 means 65536).
+fn page_size(file: &[u8]) -> usize {
+    match file.get(16..18).map(|b| u16::from_be_bytes([b[0], b[1]])) {
+        Some(1) => 65536,
+        Some(n) if n >= 512 && n.is_power_of_two() => usize::from(n),
+        _ => 4096,
+    }
+}
+
+/// Pages of the trees rooted at `roots` that are not valid tree pages: (tree, page, why).
+/// Each page is visited once; a pointer out of the file is a damaged page too.
+fn damaged_pages(file: &[u8], roots: &[(String, u32)]) -> Vec<(String, u32, String)> {
+    let size = page_size(file);
+    let count = (file.len() / size) as u32;
+    let mut seen = std::collections::HashSet::new();
+    let mut bad = Vec::new();
+    for (name, root) in roots {
+        let mut stack = vec![*root];
+        while let Some(n) = stack.pop() {
+            if !seen.insert(n) {
+                continue;
+            }
+            if n == 0 || n > count {
+                let why = format!("a pointer to page {n}, beyond the file's {count} pages");
+                bad.push((name.clone(), n.max(1), why));
+                continue;
+            }
+            let start = (n as usize - 1) * size;
+            let page = &file[start..start + size];
+            let h = if n == 1 { 100 } else { 0 };
+            let interior = match page[h] {
+                0x02 | 0x05 => true,
+                0x0a | 0x0d => false,
+                other => {
+                    bad.push((name.clone(), n, format!("its type byte is {other:#04x}")));
+                    continue;
+                }
+            };
+            let cells = usize::from(u16::from_be_bytes([page[h + 3], page[h + 4]]));
+            let header = h + if interior { 12 } else { 8 };
+            if header + 2 * cells > size {
+                bad.push((
+                    name.clone(),
+                    n,
+                    format!("{cells} cells cannot fit the page"),
+                ));
+                continue;
+            }
+            if !interior {
+                continue;
+            }
+            let right = u32::from_be_bytes([page[h + 8], page[h + 9], page[h + 10], page[h + 11]]);
+            stack.push(right);
+            for c in 0..cells {
+                let at = header + 2 * c;
+                let off = usize::from(u16::from_be_bytes([page[at], page[at + 1]]));
+                if off < header + 2 * cells || off + 4 > size {
+                    bad.push((name.clone(), n, format!("cell {c} points outside the page")));
+                    break;
+                }
+                stack.push(u32::from_be_bytes([
+                    page[off],
+                    page[off + 1],
+                    page[off + 2],
+                    page[off + 3],
+                ]));
+            }
+        }
+    }
+    bad
+}
+
+/// Row ids `first..=last` that could not be read.
+pub type Lost = (i64, i64);
+
+/// What a salvage kept and lost of one table.
+#[derive(Debug, Default)]
+pub struct TableSalvage {
+    /// The table.
+    pub table: String,
+    /// Rows copied.
+    pub copied: u64,
+    /// Row id ranges that could not be read.
+    pub lost: Vec<Lost>,
+}
+
+/// What a salvage kept and lost, per table.
+#[derive(Debug, Default)]
+pub struct Salvaged {
+    /// Where the damaged file was moved.
+    pub damaged: PathBuf,
+    /// Each table's.
+    pub tables: Vec<TableSalvage>,
+}
+
+impl std::fmt::Display for Salvaged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the damaged store is kept as {}", self.damaged.display())?;
+        for TableSalvage {
+            table,
+            copied,
+            lost,
+        } in &self.tables
+        {
+            write!(f, "; {table}: {copied} rows copied")?;
+            if !lost.is_empty() {
+                let ranges: Vec<String> = lost
+                    .iter()
+                    .take(20)
+                    .map(|(a, b)| {
+                        if a == b {
+                            a.to_string()
+                        } else {
+                            format!("{a}-{b}")
+                        }
+                    })
+                    .collect();
+                let more = if lost.len() > 20 { ", ..." } else { "" };
+                write!(f, ", unreadable rowids {}{more}", ranges.join(", "))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The tables copied, parents first.
+const TABLES: [&str; 6] = [
+    "daemon",
+    "users",
+    "tokens",
+    "functions",
+    "idempotency",
+    "tasks",
+];
+
+/// Rows copied per statement before a failing range is split.
+const CHUNK: i64 = 4096;
+
+/// Add rowids `a..=b` to the lost ranges (merged with the last one when adjacent).
+fn note_lost(lost: &mut Vec<Lost>, a: i64, b: i64) {
+    match lost.last_mut() {
+        Some(last) if last.1.saturating_add(1) >= a => last.1 = last.1.max(b),
+        _ => lost.push((a, b)),
+    }
+}
+
+/// Move the store at `path` aside (with its write-ahead log) and copy every readable row of
+/// every table into a new store there. Rows on damaged pages are lost and reported.
+pub fn salvage(path: &Path) -> Result<Salvaged, StoreError> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "fnx.db".into());
+    let damaged = path.with_file_name(format!("{name}.damaged-{stamp}"));
+    let rename = |from: &Path, to: &Path| -> Result<(), StoreError> {
+        match std::fs::rename(from, to) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "cannot move {} aside: {e}",
+                from.display()
+            ))),
+        }
+    };
+    rename(path, &damaged)?;
+    for ext in ["-wal", "-shm"] {
+        rename(
+            &PathBuf::from(format!("{}{ext}", path.display())),
+            &PathBuf::from(format!("{}{ext}", damaged.display())),
+        )?;
+    }
+    let conn = open_writer(path, true)?;
+    conn.execute(
+        "ATTACH DATABASE ?1 AS old",
+        [format!("file:{}?mode=ro", damaged.display())],
+    )?;
+    let mut out = Salvaged {
+        damaged,
+        tables: Vec::new(),
+    };
+    for table in TABLES {
+        let (copied, lost) = copy_table(&conn, table)?;
+        out.tables.push(TableSalvage {
+            table: table.to_string(),
+            copied,
+            lost,
+        });
+    }
+    conn.execute("DETACH DATABASE old", [])?;
+    Ok(out)
+}
+
+/// The columns `table` has in both stores, in the new store's order.
+fn common_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
+    let names = |schema: &str| -> rusqlite::Result<Vec<String>> {
+        let mut st = conn.prepare(&format!("PRAGMA {schema}.table_info({table})"))?;
+        let rows = st.query_map([], |r| r.get::<_, String>(1))?;
+        rows.collect()
+    };
+    let old = names("old")?;
+    Ok(names("main")?
+        .into_iter()
+        .filter(|c| old.contains(c))
+        .collect())
+}
+
+/// Most statements one table's copy may run: a tree damaged near its root fails every range,
+/// and splitting each down to single rows must not run for ever.
+const MAX_STATEMENTS: u64 = 1_000_000;
+
+fn damaged_page(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase))
+}
+
+/// Copy what can be read of `table`: rows copied, and rowid ranges that could not be read.
+/// An error other than damage (the new store's disk is full) ends the salvage.
+fn copy_table(conn: &Connection, table: &str) -> rusqlite::Result<(u64, Vec<Lost>)> {
+    let cols = match common_columns(conn, table) {
+        Ok(c) => c,
+        Err(e) if damaged_page(&e) => return Ok((0, vec![(i64::MIN, i64::MAX)])),
+        Err(e) => return Err(e),
+    };
+    if cols.is_empty() {
+        return Ok((0, Vec::new()));
+    }
+    let cols = cols.join(", ");
+    let bounds = conn.query_row(
+        &format!("SELECT min(rowid), max(rowid) FROM old.{table}"),
+        [],
+        |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?)),
+    );
+    // The bounds come from the two ends of the table's tree: copied in chunks between them. If
+    // either end is unreadable, all ids at once, the failing ranges split in halves (empty
+    // halves cost a lookup each, so ids far apart are no matter).
+    let mut todo: Vec<(i64, i64)> = match bounds {
+        Ok((Some(lo), Some(hi))) => {
+            let mut chunks = Vec::new();
+            let mut end = hi;
+            loop {
+                let from = end.saturating_sub(CHUNK - 1).max(lo);
+                chunks.push((from, end));
+                if from <= lo {
+                    break;
+                }
+                end = from - 1;
+            }
+            chunks
+        }
+        Ok(_) => return Ok((0, Vec::new())),
+        Err(e) if damaged_page(&e) => vec![(i64::MIN, i64::MAX)],
+        Err(e) => return Err(e),
+    };
+    let sql = format!(
+        "INSERT OR IGNORE INTO main.{table}({cols}) SELECT {cols} FROM old.{table}
+         WHERE rowid BETWEEN ?1 AND ?2"
+    );
+    let mut copied = 0u64;
+    let mut lost: Vec<Lost> = Vec::new();
+    let mut statements = 0u64;
+    // Lowest range on top; a failing one is split in two until single rows.
+    while let Some((x, y)) = todo.pop() {
+        statements += 1;
+        if statements > MAX_STATEMENTS {
+            note_lost(&mut lost, x, y);
+            continue;
+        }
+        match conn.execute(&sql, [x, y]) {
+            Ok(n) => copied += n as u64,
+            Err(e) if !damaged_page(&e) => return Err(e),
+            Err(_) if x == y => note_lost(&mut lost, x, x),
+            Err(_) => {
+                let mid = (i128::from(x) + i128::from(y)).div_euclid(2) as i64;
+                todo.push((mid + 1, y));
+                todo.push((x, mid));
+            }
+        }
+    }
+    Ok((copied, lost))
+}
