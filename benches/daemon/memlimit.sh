@@ -9,13 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPEAT="${1:-3}"
 TASKS="${2:-50000}"
-FNX="${FNX_BIN:-$PWD/target/release/fnx}"
-PY="${PYTHON:-python3}"
-WORK="$(mktemp -d /tmp/fnx-bench-memlimit.XXXXXX)"
-trap 'pkill -f "fnx daemon --config $WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
-load() { cut -d' ' -f1-3 /proc/loadavg; }
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+. benches/daemon/common.sh memlimit
 
 run() { # NAME BINARY MEM_LINE CGROUPS -> prints tasks/s
   local name="$1" bin="$2" mem="$3" cgroups="$4" port pid

@@ -9,12 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 REPEAT="${1:-3}"
-FNX="${FNX_BIN:-$PWD/target/release/fnx}"
-PY="${PYTHON:-python3}"
-WORK="$(mktemp -d /tmp/fnx-bench-daemon.XXXXXX)"
-trap 'pkill -f "fnx daemon --config $WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
-load() { cut -d' ' -f1-3 /proc/loadavg; }
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. benches/daemon/common.sh daemon
 
 start_daemon() { # NAME SYNC -> sets URL_$NAME, writes $WORK/NAME/data/client.json
   local name="$1" sync="$2" port; port="$(free_port)"
@@ -26,7 +21,6 @@ start_daemon() { # NAME SYNC -> sets URL_$NAME, writes $WORK/NAME/data/client.js
   echo "daemon $name did not start; see $WORK/$name/daemon.log" >&2; exit 1
 }
 stop_daemon() { pkill -TERM -f "fnx daemon --config $WORK/$1/" || true; sleep 1; }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 seq 1 100000 | sed 's/.*/[&]/' > "$WORK/in.jsonl"
 echo "== 1. throughput: HTTP API vs embedded (load $(load))"

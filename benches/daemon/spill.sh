@@ -10,13 +10,7 @@ cd "$(dirname "$0")/../.."
 REPEAT="${1:-3}"
 TASKS="${2:-5000}"
 KB="${3:-100}"
-FNX="${FNX_BIN:-$PWD/target/release/fnx}"
-PY="${PYTHON:-python3}"
-WORK="$(mktemp -d /tmp/fnx-bench-spill.XXXXXX)"
-trap 'pkill -f "fnx daemon --config $WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
-load() { cut -d' ' -f1-3 /proc/loadavg; }
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+. benches/daemon/common.sh spill
 
 run() { # NAME SPILL_KB -> prints "tasks_per_s peak_rss_mib"
   local name="$1" spill="$2" port pid
