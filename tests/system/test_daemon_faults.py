@@ -319,9 +319,11 @@ def test_fault_04_corrupt_store(make_daemon, fnx_env):
     assert result_value(d.wait_task(new)) == "after"
 
 
-def test_fault_04_a_damaged_page_is_named_and_the_store_salvaged_on_request(make_daemon):
-    """A leaf page of the tasks table overwritten with zeros: the daemon refuses to start,
-    naming the file, the damaged page with its byte offsets, and --salvage. Started with
+@pytest.mark.parametrize("damage", ["zeros", "claim"])
+def test_fault_04_a_damaged_page_is_named_and_the_store_salvaged_on_request(make_daemon, damage):
+    """A leaf page of the tasks table overwritten with zeros, or a row on it whose length field
+    claims 2^40 bytes: the daemon refuses to start (without a huge allocation), naming the
+    file, the damaged page with its byte offsets and what is wrong, and --salvage. Started with
     --salvage it moves the file aside (kept), copies every readable row, says which row ids
     were lost, and serves: the other tasks are there, and new ids never reuse lost ones."""
     d = make_daemon(store={"sync": "normal"})
@@ -339,13 +341,23 @@ def test_fault_04_a_damaged_page_is_named_and_the_store_salvaged_on_request(make
             "SELECT pageno FROM dbstat WHERE name = 'tasks' AND pagetype = 'leaf' ORDER BY pageno")]
     page = leaves[len(leaves) // 2]
     with open(db, "r+b") as f:
-        f.seek((page - 1) * page_size)
-        f.write(b"\0" * page_size)
+        if damage == "zeros":
+            f.seek((page - 1) * page_size)
+            f.write(b"\0" * page_size)
+            what = "its type byte is 0x00"
+        else:
+            # The first cell's payload length, as a varint of 2^40.
+            f.seek((page - 1) * page_size + 8)
+            cell = int.from_bytes(f.read(2), "big")
+            f.seek((page - 1) * page_size + cell)
+            f.write(bytes([0xa0, 0x80, 0x80, 0x80, 0x80, 0x00]))
+            what = f"cell 0 claims a payload of {1 << 40} bytes"
 
     rc = d.try_start(timeout=30)
     log = d.log_since_start()
     assert rc not in (None, 0), f"the daemon started on a damaged store:\n{log[-3000:]}"
     assert str(db) in log and f"page {page} (bytes {(page - 1) * page_size} to " in log, log[-3000:]
+    assert what in log, log[-3000:]
     assert "fnx daemon --salvage" in log, log[-3000:]
 
     plain = d.daemon_argv
@@ -370,7 +382,10 @@ def test_fault_04_a_damaged_page_is_named_and_the_store_salvaged_on_request(make
             states[t["state"]] += 1
             if t["state"] != "unknown":
                 assert t["id"] not in lost_ids, t
-    assert states["success"] == len(ids) - len(lost_ids & set(ids)), states
+    # Every task is either whole or gone (a damaged row's own id bytes may be gone with it,
+    # so a neighbour can go unreported); a handful at most, one page's worth.
+    assert states["success"] + states["unknown"] == len(ids), states
+    assert len(lost_ids & set(ids)) <= states["unknown"] <= 10, (states, lost.group(0))
     [new] = d.submit([{"function": fid, "args": ["after"]}])
     assert new > max(ids), f"a new task took id {new}, at or below lost ones"
     assert result_value(d.wait_task(new)) == "after"

@@ -56,6 +56,22 @@ pub fn describe_damage(path: &Path) -> String {
     named.join("; ")
 }
 
+/// A SQLite varint at the start of `b` (big-endian 7-bit groups, the ninth byte whole);
+/// `u64::MAX` if `b` ends first.
+fn varint(b: &[u8]) -> u64 {
+    let mut v = 0u64;
+    for (i, &byte) in b.iter().enumerate().take(9) {
+        if i == 8 {
+            return (v << 8) | u64::from(byte);
+        }
+        v = (v << 7) | u64::from(byte & 0x7f);
+        if byte & 0x80 == 0 {
+            return v;
+        }
+    }
+    u64::MAX
+}
+
 /// The page size in the file header (bytes 16-17; 1 means 65536).
 fn page_size(file: &[u8]) -> usize {
     match file.get(16..18).map(|b| u16::from_be_bytes([b[0], b[1]])) {
@@ -105,6 +121,19 @@ fn damaged_pages(file: &[u8], roots: &[(String, u32)]) -> Vec<(String, u32, Stri
                 continue;
             }
             if !interior {
+                // A leaf's cells start with their payload's length: none may claim more than
+                // the whole file (SQLite refuses such a cell without allocating it; the
+                // length is named here to find it).
+                for c in 0..cells {
+                    let at = header + 2 * c;
+                    let off = usize::from(u16::from_be_bytes([page[at], page[at + 1]]));
+                    let claim = page.get(off..).map(varint).unwrap_or(u64::MAX);
+                    if claim > file.len() as u64 {
+                        let why = format!("cell {c} claims a payload of {claim} bytes");
+                        bad.push((name.clone(), n, why));
+                        break;
+                    }
+                }
                 continue;
             }
             let right = u32::from_be_bytes([page[h + 8], page[h + 9], page[h + 10], page[h + 11]]);
@@ -339,4 +368,19 @@ fn copy_table(conn: &Connection, table: &str) -> rusqlite::Result<(u64, Vec<Lost
         }
     }
     Ok((copied, lost))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_decode_as_sqlite_writes_them() {
+        assert_eq!(varint(&[0x05]), 5);
+        assert_eq!(varint(&[0x87, 0x68]), 1000);
+        // 2^40: six bytes.
+        assert_eq!(varint(&[0xa0, 0x80, 0x80, 0x80, 0x80, 0x00]), 1 << 40);
+        assert_eq!(varint(&[0xff; 9]), u64::MAX);
+        assert_eq!(varint(&[0x81]), u64::MAX, "cut short");
+    }
 }
