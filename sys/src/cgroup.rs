@@ -9,7 +9,9 @@
 //! [`MemoryCgroups::create`] says why not and the caller samples instead.
 
 use std::ffi::CString;
+use std::fs::File;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +33,9 @@ pub struct Leaf {
     pub limit: Option<u64>,
     /// Out-of-memory kills in it already accounted for.
     ooms_seen: u64,
+    /// Readable when the kernel's out-of-memory killer acts in it (with the control file it
+    /// watches, kept open while it does).
+    oom_event: Option<(OwnedFd, File)>,
 }
 
 /// The manager's own directory in the v1 memory hierarchy, from `/proc/self/cgroup`.
@@ -100,8 +105,11 @@ impl MemoryCgroups {
             dir,
             limit: None,
             ooms_seen: 0,
+            oom_event: None,
         };
         leaf.set_limit(Some(limit))?;
+        // Without the notification, kills are counted when a task fails instead.
+        leaf.oom_event = leaf.watch_oom().ok();
         Ok(leaf)
     }
 }
@@ -197,6 +205,40 @@ impl Leaf {
         Ok(())
     }
 
+    /// An eventfd the kernel signals when it kills in this cgroup for lack of memory
+    /// (`cgroup.event_control` on `memory.oom_control`).
+    fn watch_oom(&self) -> io::Result<(OwnedFd, File)> {
+        let control = File::open(self.dir.join("memory.oom_control"))?;
+        // SAFETY: eventfd takes no pointers; the descriptor it returns is owned below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nothing else owns.
+        let event = unsafe { OwnedFd::from_raw_fd(fd) };
+        std::fs::write(
+            self.dir.join("cgroup.event_control"),
+            format!("{} {}", event.as_raw_fd(), control.as_raw_fd()),
+        )?;
+        Ok((event, control))
+    }
+
+    /// The descriptor to poll for out-of-memory kills in it, if it is watched.
+    pub fn oom_fd(&self) -> Option<RawFd> {
+        self.oom_event.as_ref().map(|(e, _)| e.as_raw_fd())
+    }
+
+    /// Whether the kernel killed in it since the last call (reads the notification).
+    pub fn take_oom(&mut self) -> bool {
+        let Some((event, _)) = &self.oom_event else {
+            return false;
+        };
+        let mut count = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into `count`, a buffer of 8 bytes.
+        let n = unsafe { libc::read(event.as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+        n == 8 && u64::from_ne_bytes(count) > 0
+    }
+
     /// Move the running process `pid` into it (its threads; children it makes later follow).
     /// Memory it already holds stays counted where it was.
     pub fn adopt(&self, pid: u32) -> io::Result<()> {
@@ -204,7 +246,9 @@ impl Leaf {
     }
 
     /// Out-of-memory kills in it since the last call that returned them: `Some(peak bytes)`
-    /// if there were any (the kernel killed a process of it at its limit).
+    /// if there were any (the kernel killed a process of it at its limit). With the
+    /// notification ([`Leaf::oom_fd`]), its caller knows which task it hit; this then only
+    /// counts (and gives the peak).
     pub fn new_oom_kill(&mut self) -> Option<u64> {
         let control = std::fs::read_to_string(self.dir.join("memory.oom_control")).ok()?;
         let n: u64 = control

@@ -328,3 +328,33 @@ def test_fault_17_a_kill_by_the_kernels_oom_killer_is_oom_killed_not_worker_lost
             except OSError:
                 pass
         cg.rmdir()
+
+
+CHILD_HOG = {"kind": "python", "entry": "child_hog", "source": (
+    "def child_hog(mib, catch):\n"
+    "    import subprocess, sys\n"
+    "    code = subprocess.call([sys.executable, '-c', 'b = bytearray(b\"x\") * (%d << 20)' % mib])\n"
+    "    if code == 0 or catch:\n"
+    "        return code\n"
+    "    raise RuntimeError('the child died: %d' % code)\n")}
+
+
+def test_fault_17_an_oom_kill_is_blamed_on_the_task_it_hit_only(make_daemon):
+    """One worker held by its cgroup to 103 MiB: a task whose child is killed for memory and
+    which deals with it succeeds; the worker's next task, failing for its own reasons, is not
+    blamed for that kill; a task whose child is killed and which fails is memory_exceeded."""
+    if own_memory_cgroup() is None:
+        pytest.skip("needs a writable cgroup v1 memory hierarchy (CI has one)")
+    d = make_daemon(pools={"local": {"workers_per_manager": 1, "mem_per_worker": 0.1}})
+    fid = d.register(CHILD_HOG)
+    div = d.register({"kind": "python", "entry": "div",
+                      "source": "def div(a, b):\n    return a / b\n"})
+    [handled] = d.submit([{"function": fid, "args": [300, True]}])
+    assert result_value(d.wait_task(handled)) == -9
+    [own_error] = d.submit([{"function": div, "args": [1, 0]}])
+    rec = d.wait_task(own_error)
+    assert rec["state"] == "failed" and rec["error"]["kind"] == "exception", rec
+    [killed] = d.submit([{"function": fid, "args": [300, False]}])
+    rec = d.wait_task(killed)
+    assert rec["state"] == "failed" and rec["error"]["kind"] == "memory_exceeded", rec
+    assert "own memory cgroup" in rec["error"]["message"], rec

@@ -107,6 +107,8 @@ struct Running {
     limit: Option<Limit>,
     /// Its process's memory cgroup holds it to `limit` (no sampling needed).
     held_by_cgroup: bool,
+    /// The kernel's out-of-memory killer acted in its cgroup while it ran.
+    oom_hit: bool,
     /// Its working directory with its input files, if it has any; held only for its `Drop`,
     /// which removes the directory when the task ends.
     #[allow(dead_code)]
@@ -176,6 +178,7 @@ impl Running {
             peak_rss: 0,
             limit: Limit::of(spec, pool),
             held_by_cgroup: false,
+            oom_hit: false,
             sandbox: None,
         }
     }
@@ -253,6 +256,8 @@ enum Source {
     Signal,
     Exit,
     Output(u32),
+    /// The kernel killed in this process's memory cgroup.
+    Oom(u32),
 }
 
 const FLUSH_AFTER: Duration = Duration::from_millis(1);
@@ -400,6 +405,14 @@ impl<'a> Pool<'a> {
     fn step(&mut self) {
         let mut sources = vec![Source::Link, Source::Signal];
         let mut fds = vec![self.signals.raw_fd()];
+        // Out-of-memory kills first: a task's result or death read in the same round is
+        // then known to be one.
+        for (&pid, p) in &self.procs {
+            if let Some(fd) = p.cgroup.as_ref().and_then(|c| c.oom_fd()) {
+                sources.push(Source::Oom(pid));
+                fds.push(fd);
+            }
+        }
         for (&pid, p) in &self.procs {
             sources.push(Source::Exit);
             fds.push(p.pidfd());
@@ -447,6 +460,16 @@ impl<'a> Pool<'a> {
                 }
                 Source::Exit => exited = true,
                 Source::Output(pid) => self.on_output(pid),
+                Source::Oom(pid) => {
+                    let Some(p) = self.procs.get_mut(&pid) else {
+                        continue;
+                    };
+                    if p.cgroup.as_mut().is_some_and(|c| c.take_oom()) {
+                        if let Some(r) = p.task.as_mut() {
+                            r.oom_hit = true;
+                        }
+                    }
+                }
             }
         }
         let now = Instant::now();

@@ -105,11 +105,17 @@ impl Pool<'_> {
                 // well.
                 let over = r.limit.and_then(|limit| {
                     if r.held_by_cgroup {
+                        // A task that returned normally dealt with it.
                         if header.ok == Some(true) {
                             return None;
                         }
-                        let peak = proc.cgroup.as_mut()?.new_oom_kill()?;
-                        return Some(memory_limit_reached(peak, limit));
+                        let leaf = proc.cgroup.as_mut()?;
+                        let peak = if leaf.oom_fd().is_some() {
+                            r.oom_hit.then(|| leaf.peak())?
+                        } else {
+                            leaf.new_oom_kill()?
+                        };
+                        return Some(memory_limit_reached(peak.max(limit.bytes), limit));
                     }
                     let peak = fnx_sys::memory::peak_rss(pid).unwrap_or(0).max(r.peak_rss);
                     if peak <= limit.bytes {
@@ -241,12 +247,15 @@ impl Pool<'_> {
                 n > self.oom_seen
             };
         // Killed by the kernel at the limit of its own memory cgroup.
-        let limited = match (r.limit, r.forced.is_none()) {
-            (Some(limit), true) => proc
-                .cgroup
-                .as_mut()
-                .and_then(|c| c.new_oom_kill())
-                .map(|peak| memory_limit_reached(peak, limit)),
+        let limited = match (r.limit, r.forced.is_none(), proc.cgroup.as_mut()) {
+            (Some(limit), true, Some(leaf)) => {
+                let peak = if leaf.oom_fd().is_some() {
+                    r.oom_hit.then(|| leaf.peak())
+                } else {
+                    leaf.new_oom_kill()
+                };
+                peak.map(|p| memory_limit_reached(p.max(limit.bytes), limit))
+            }
             _ => None,
         };
         let outcome = match (r.forced, limited, &mut proc.kind) {
