@@ -122,10 +122,13 @@ fn sandbox(
     b: &ManagerBootstrap,
     dir: &std::path::Path,
     script: &std::path::Path,
+    cgroups: Option<&std::path::Path>,
 ) -> Option<std::sync::Arc<fnx_sys::landlock::Landlock>> {
     if b.protect.is_empty() {
         return None;
     }
+    let mut protect = b.protect.clone();
+    protect.extend(cgroups.map(std::path::Path::to_path_buf));
     let tasks = dir.join("tasks");
     if let Err(e) = std::fs::create_dir_all(&tasks) {
         tracing::warn!("cannot create {}: {e}", tasks.display());
@@ -134,8 +137,8 @@ fn sandbox(
         (script.to_path_buf(), Some(fnx_sys::landlock::READ)),
         (tasks, None),
     ];
-    let shown: Vec<String> = b.protect.iter().map(|p| p.display().to_string()).collect();
-    match fnx_sys::landlock::Landlock::hiding(&b.protect, &exceptions) {
+    let shown: Vec<String> = protect.iter().map(|p| p.display().to_string()).collect();
+    match fnx_sys::landlock::Landlock::hiding(&protect, &exceptions) {
         Ok(Some(l)) => {
             tracing::info!(
                 "tasks run sandboxed away from {} ({} rules{})",
@@ -337,7 +340,12 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
         .name("link".into())
         .spawn(move || link::run(&link_ctx, link_cfg, register, link_side))
         .map_err(io("cannot start the link thread"))?;
-    let sandbox = sandbox(b, &dir, &script);
+    let mem_limit = b.mem_per_worker_mb.filter(|m| *m > 0).map(|m| m << 20);
+    // Sandboxed tasks share this account: the workers' memory cgroups are made before the
+    // sandbox, which hides them (a task could otherwise raise its own limit).
+    let cgroups = (!b.protect.is_empty()).then(|| pool::memory_cgroups(mem_limit.unwrap_or(0)));
+    let cgroup_dir = cgroups.as_ref().and_then(|c| c.as_ref()).map(|c| c.dir());
+    let sandbox = sandbox(b, &dir, &script, cgroup_dir);
     let pool_cfg = pool::PoolConfig {
         slots: slots as usize,
         python: b.python.clone(),
@@ -359,14 +367,14 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
             rundir: b.run_dir.clone(),
         }),
         container_idle: Duration::from_secs(b.container_idle_s.unwrap_or(300)),
-        mem_limit: b.mem_per_worker_mb.filter(|m| *m > 0).map(|m| m << 20),
+        mem_limit,
         drain_at: drain_deadline(
             started,
             b.drain_after_ms,
             std::env::var("FNX_DRAIN_AT").ok().as_deref(),
         ),
     };
-    let end = pool::Pool::new(pool_cfg, &pool_side, &signals).run();
+    let end = pool::Pool::new(pool_cfg, &pool_side, &signals, cgroups).run();
     let _ = link_thread.join();
     tracing::info!("manager {} stopped: {end:?}", b.uid);
     Ok(end)

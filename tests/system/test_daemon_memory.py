@@ -241,6 +241,24 @@ def test_fault_18_a_large_result_is_never_held_twice_by_its_worker(make_daemon):
     assert size > 60 << 20, rec["error"]
 
 
+RAISE_OWN_LIMIT = {"kind": "python", "entry": "raise_own_limit", "source": (
+    "def raise_own_limit():\n"
+    "    for line in open('/proc/self/cgroup'):\n"
+    "        _, controllers, path = line.rstrip('\\n').split(':', 2)\n"
+    "        if 'memory' in controllers.split(','):\n"
+    "            break\n"
+    "    leaf = '/sys/fs/cgroup/memory' + path\n"
+    "    out = []\n"
+    "    for name, value in (('memory.limit_in_bytes', '-1'), ('cgroup.procs', '0')):\n"
+    "        try:\n"
+    "            with open(leaf + '/' + name, 'w') as f:\n"
+    "                f.write(value)\n"
+    "            out.append(name + ': written')\n"
+    "        except OSError as e:\n"
+    "            out.append(name + ': ' + type(e).__name__)\n"
+    "    return out\n")}
+
+
 CGROUP_OF = {"kind": "python", "entry": "cgroup_of", "source": (
     "def cgroup_of():\n"
     "    for line in open('/proc/self/cgroup'):\n"
@@ -286,6 +304,18 @@ def test_fault_17_each_worker_runs_in_its_own_memory_cgroup_held_to_the_limit(ma
              "the shell task's cgroup to be removed")
     d.stop()
     assert not parent.exists(), f"{parent} was left behind"
+
+
+def test_fault_17_a_task_cannot_raise_its_own_memory_limit(make_daemon):
+    """Tasks of a shared-account pool run sandboxed: the workers' memory cgroups are out of
+    their reach, so a task can neither lift its limit nor leave its cgroup."""
+    if own_memory_cgroup() is None:
+        pytest.skip("needs a writable cgroup v1 memory hierarchy (CI has one)")
+    d = make_daemon(pools={"local": {"workers_per_manager": 1, "mem_per_worker": 0.1}})
+    fid = d.register(RAISE_OWN_LIMIT)
+    [t] = d.submit([{"function": fid, "args": []}])
+    assert result_value(d.wait_task(t)) == ["memory.limit_in_bytes: PermissionError",
+                                            "cgroup.procs: PermissionError"]
 
 
 def own_memory_cgroup() -> Path | None:

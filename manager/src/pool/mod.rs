@@ -323,7 +323,7 @@ const MEM_SAMPLE: Duration = Duration::from_millis(100);
 
 /// A memory cgroup per worker, if the node allows them, for tasks with memory limits
 /// (`limit`: the pool's, if any, bytes); says which.
-fn memory_cgroups(limit: u64) -> Option<fnx_sys::cgroup::MemoryCgroups> {
+pub fn memory_cgroups(limit: u64) -> Option<fnx_sys::cgroup::MemoryCgroups> {
     let what = match limit {
         0 => "tasks' own memory limits".to_string(),
         l => format!("memory limit {} MiB per worker", l >> 20),
@@ -347,13 +347,20 @@ fn memory_cgroups(limit: u64) -> Option<fnx_sys::cgroup::MemoryCgroups> {
 }
 
 impl<'a> Pool<'a> {
-    /// A pool that talks to the link over `link` and watches `signals`.
+    /// A pool that talks to the link over `link` and watches `signals`. `cgroups`: the
+    /// parent of the workers' memory cgroups if the caller tried to make it (`Some(None)`: it
+    /// could not); `None`: made here when a limit needs it.
     pub fn new(
         cfg: PoolConfig,
         link: &'a zmq::Socket,
         signals: &'a fnx_sys::signals::SignalPipe,
+        cgroups: Option<Option<fnx_sys::cgroup::MemoryCgroups>>,
     ) -> Self {
         let cfg_limit = cfg.mem_limit;
+        let (cgroups, cgroups_tried) = match cgroups {
+            Some(made) => (made, true),
+            None => (cfg_limit.and_then(memory_cgroups), cfg_limit.is_some()),
+        };
         Pool {
             cfg,
             link,
@@ -379,8 +386,8 @@ impl<'a> Pool<'a> {
             oom_now: None,
             oom_refreshed: Instant::now(),
             oom_pending: 0,
-            cgroups: cfg_limit.and_then(memory_cgroups),
-            cgroups_tried: cfg_limit.is_some(),
+            cgroups,
+            cgroups_tried,
         }
     }
 
