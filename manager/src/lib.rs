@@ -115,6 +115,12 @@ fn read_keys(path: &std::path::Path) -> Result<link::Credentials, ManagerError> 
     }))
 }
 
+/// The largest result a message to the interchange can carry: the message limit less room
+/// for the batch it travels in (results are sent once a batch holds 4 MiB) and its framing.
+pub fn largest_result() -> u64 {
+    (fnx_protocol::DEFAULT_MAX_FRAME_BYTES as u64).saturating_sub(8 << 20)
+}
+
 /// The sandbox of the processes this manager starts on the host: `b.protect` out of reach,
 /// but for the worker runtime (read only) and the task directories. None when nothing is to
 /// be protected, or the kernel cannot (logged: the admin should know).
@@ -341,6 +347,18 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
         .spawn(move || link::run(&link_ctx, link_cfg, register, link_side))
         .map_err(io("cannot start the link thread"))?;
     let mem_limit = b.mem_per_worker_mb.filter(|m| *m > 0).map(|m| m << 20);
+    // A result travels to the interchange in one message with others of up to a few MiB: a
+    // larger one than a message can hold would be lost, so it is refused as too large.
+    let max_result_bytes = b.max_result_bytes.min(largest_result());
+    if max_result_bytes < b.max_result_bytes {
+        tracing::warn!(
+            "results are limited to {} MiB here, not {} MiB (limits.max_result_mb): a message \
+             to the interchange holds at most {} MiB",
+            max_result_bytes >> 20,
+            b.max_result_bytes >> 20,
+            fnx_protocol::DEFAULT_MAX_FRAME_BYTES >> 20
+        );
+    }
     // Sandboxed tasks share this account: the workers' memory cgroups are made before the
     // sandbox, which hides them (a task could otherwise raise its own limit).
     let cgroups = (!b.protect.is_empty()).then(|| pool::memory_cgroups(mem_limit.unwrap_or(0)));
@@ -356,7 +374,7 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
             manager: format!("{}.{}", b.run_id, b.uid),
             sandbox,
         },
-        max_result_bytes: b.max_result_bytes,
+        max_result_bytes,
         kill_grace: Duration::from_millis(b.kill_grace_ms),
         zero_work: b.zero_work,
         max_frame_bytes: fnx_protocol::DEFAULT_MAX_FRAME_BYTES,

@@ -388,3 +388,22 @@ def test_fault_17_an_oom_kill_is_blamed_on_the_task_it_hit_only(make_daemon):
     rec = d.wait_task(killed)
     assert rec["state"] == "failed" and rec["error"]["kind"] == "memory_exceeded", rec
     assert "own memory cgroup" in rec["error"]["message"], rec
+
+
+def test_fault_18_a_result_larger_than_a_manager_message_fails_instead_of_hanging(make_daemon,
+                                                                                 fnx_env):
+    """limits.max_result_mb = 100 is more than one message from a manager can carry: a 70 MiB
+    result fails as result_too_large naming the limit that applies (56 MiB) instead of being
+    dropped with its batch (its task then ran for ever); config check says so beforehand; a
+    smaller result still arrives."""
+    d = make_daemon(limits={"max_result_mb": 100})
+    check = fnx_env.fnx("config", "check", str(d.config_path))
+    assert "limits.max_result_mb: results over 56 MiB cannot travel" in check.stdout + check.stderr
+    fid = d.register(BLOB)
+    [big, fits] = d.submit([
+        {"function": fid, "encoding": "pickle", "data_b64": pickled_args(70)},
+        {"function": fid, "encoding": "pickle", "data_b64": pickled_args(40)}])
+    rec = d.wait_task(big, timeout=60)
+    assert rec["state"] == "failed" and rec["error"]["kind"] == "result_too_large", rec
+    assert str(56 << 20) in rec["error"]["message"], rec["error"]
+    assert result_value(d.wait_task(fits, timeout=60)) == b"x" * (40 << 20)

@@ -364,8 +364,9 @@ impl SiteConfig {
     }
 
     /// What a valid file probably still gets wrong on this host, one line each: placeholders
-    /// left from an example (`text` is the file), batch pools without a fixed interchange port
-    /// or a worker count, an `fnx_path` that is not here.
+    /// left from an example (`text` is the file), a result limit larger than a manager can
+    /// send, batch pools without a fixed interchange port or a worker count, an `fnx_path`
+    /// that is not here.
     pub fn warnings(&self, text: &str) -> Vec<String> {
         let mut out: Vec<String> = text
             .lines()
@@ -373,6 +374,14 @@ impl SiteConfig {
             .filter(|(_, l)| l.contains("CHANGEME") && !l.trim_start().starts_with('#'))
             .map(|(n, l)| format!("line {}: a CHANGEME is left in place: {}", n + 1, l.trim()))
             .collect();
+        let largest = fnx_manager::largest_result();
+        if self.limits.max_result_bytes > largest {
+            out.push(format!(
+                "limits.max_result_mb: results over {} MiB cannot travel from a manager to the \
+                 interchange; they fail as result_too_large at that size",
+                largest >> 20
+            ));
+        }
         for p in &self.pools {
             let Some(b) = &p.blocks else { continue };
             if self.interchange.port == 0 {
