@@ -68,6 +68,35 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
     Some(kib << 10)
 }
 
+/// A process's peak resident size (`VmHWM`), read again and again through one open
+/// `/proc/PID/status`: no path lookup and no allocation per read (a manager reads it for
+/// every task's result).
+#[derive(Debug)]
+pub struct PeakRss {
+    status: std::fs::File,
+}
+
+impl PeakRss {
+    /// Open `pid`'s status.
+    pub fn open(pid: u32) -> std::io::Result<PeakRss> {
+        Ok(PeakRss {
+            status: std::fs::File::open(format!("/proc/{pid}/status"))?,
+        })
+    }
+
+    /// The peak resident bytes now.
+    pub fn read(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        // VmHWM is in the first kilobyte or two of the file.
+        let mut buf = [0u8; 4096];
+        let n = self.status.read_at(&mut buf, 0).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_ascii_whitespace().nth(1)?.parse().ok()?;
+        Some(kib << 10)
+    }
+}
+
 /// Start measuring `pid`'s peak resident size again from its current size (Linux 4.0+).
 pub fn reset_peak_rss(pid: u32) -> std::io::Result<()> {
     std::fs::write(format!("/proc/{pid}/clear_refs"), b"5")
@@ -108,6 +137,16 @@ pub fn release_free_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_peak_is_read_again_through_the_open_status() {
+        let me = PeakRss::open(std::process::id()).unwrap();
+        let before = me.read().unwrap();
+        // The same figure as a fresh read of the file (never less: it only grows).
+        assert!(peak_rss(std::process::id()).unwrap() >= before);
+        let grown: Vec<u8> = vec![1; 64 << 20];
+        assert!(me.read().unwrap() >= before + (60 << 20), "{}", grown.len());
+    }
 
     #[test]
     fn stat_fields_are_counted_after_the_command_name() {

@@ -209,6 +209,8 @@ struct Proc {
     retiring: Option<Instant>,
     /// Its own memory cgroup, holding it to the limit (where the node allows one).
     cgroup: Option<fnx_sys::cgroup::Leaf>,
+    /// A Python worker's peak resident size, opened when a sampled task first ends on it.
+    peak: Option<fnx_sys::memory::PeakRss>,
 }
 
 struct Pipelined {
@@ -233,6 +235,7 @@ impl Proc {
             idle_since: None,
             retiring: None,
             cgroup: None,
+            peak: None,
         }
     }
 

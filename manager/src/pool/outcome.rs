@@ -117,7 +117,15 @@ impl Pool<'_> {
                         };
                         return Some(memory_limit_reached(peak.max(limit.bytes), limit));
                     }
-                    let peak = fnx_sys::memory::peak_rss(pid).unwrap_or(0).max(r.peak_rss);
+                    if proc.peak.is_none() {
+                        proc.peak = fnx_sys::memory::PeakRss::open(pid).ok();
+                    }
+                    let peak = proc
+                        .peak
+                        .as_ref()
+                        .and_then(|p| p.read())
+                        .unwrap_or(0)
+                        .max(r.peak_rss);
                     if peak <= limit.bytes {
                         return None;
                     }
