@@ -90,9 +90,12 @@ pub enum LoadError {
     /// The store has no such unfinished task.
     #[error("the store holds no inputs for this task")]
     Missing,
-    /// Reading failed.
+    /// Reading failed for now (the disk, a lock): tried again at a later dispatch.
     #[error("reading the store failed: {0}")]
     Store(String),
+    /// The stored inputs are damaged: they will never read.
+    #[error("the stored inputs are damaged: {0}")]
+    Damaged(String),
     /// This host keeps no inputs in a store.
     #[error("this host keeps no task inputs in a store")]
     NoStore,
@@ -125,7 +128,8 @@ pub trait Comm {
     /// Attempts a manager reports it started (they left its own queue and run).
     fn started(&mut self, _tasks: &[(TaskId, Attempt)]) {}
     /// Read the inputs of tasks submitted with [`NewTask::stored`], one answer per id in
-    /// order. A task whose inputs cannot be read fails as `bad_input` (`InputsUnreadable`).
+    /// order. A task whose inputs are gone or damaged fails as `bad_input`
+    /// (`InputsUnreadable`); one the store cannot read for now waits for a later dispatch.
     fn load(&mut self, ids: &[TaskId]) -> Vec<Result<Inputs, LoadError>> {
         ids.iter().map(|_| Err(LoadError::NoStore)).collect()
     }

@@ -128,21 +128,25 @@ fn sandbox(
     b: &ManagerBootstrap,
     dir: &std::path::Path,
     script: &std::path::Path,
-    cgroups: Option<&std::path::Path>,
+    cgroups: Option<(&std::path::Path, &std::path::Path)>,
 ) -> Option<std::sync::Arc<fnx_sys::landlock::Landlock>> {
     if b.protect.is_empty() {
         return None;
     }
+    // The manager's own cgroup is out of reach (a task could move itself there, or make a
+    // cgroup of its own); the workers' cgroups can be read (their limits), not changed.
     let mut protect = b.protect.clone();
-    protect.extend(cgroups.map(std::path::Path::to_path_buf));
+    protect.extend(cgroups.map(|(own, _)| own.to_path_buf()));
     let tasks = dir.join("tasks");
     if let Err(e) = std::fs::create_dir_all(&tasks) {
         tracing::warn!("cannot create {}: {e}", tasks.display());
     }
-    let exceptions = [
+    let mut exceptions = vec![
         (script.to_path_buf(), Some(fnx_sys::landlock::READ)),
         (tasks, None),
     ];
+    exceptions
+        .extend(cgroups.map(|(_, leaves)| (leaves.to_path_buf(), Some(fnx_sys::landlock::READ))));
     let shown: Vec<String> = protect.iter().map(|p| p.display().to_string()).collect();
     match fnx_sys::landlock::Landlock::hiding(&protect, &exceptions) {
         Ok(Some(l)) => {
@@ -362,8 +366,11 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
     // Sandboxed tasks share this account: the workers' memory cgroups are made before the
     // sandbox, which hides them (a task could otherwise raise its own limit).
     let cgroups = (!b.protect.is_empty()).then(|| pool::memory_cgroups(mem_limit.unwrap_or(0)));
-    let cgroup_dir = cgroups.as_ref().and_then(|c| c.as_ref()).map(|c| c.dir());
-    let sandbox = sandbox(b, &dir, &script, cgroup_dir);
+    let cgroup_dirs = cgroups
+        .as_ref()
+        .and_then(|c| c.as_ref())
+        .map(|c| (c.own(), c.dir()));
+    let sandbox = sandbox(b, &dir, &script, cgroup_dirs);
     let pool_cfg = pool::PoolConfig {
         slots: slots as usize,
         python: b.python.clone(),

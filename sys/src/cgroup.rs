@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 /// with every leaf left in it when dropped.
 #[derive(Debug)]
 pub struct MemoryCgroups {
+    /// The manager's own cgroup, the parent of `dir`.
+    own: PathBuf,
     dir: PathBuf,
     next: u64,
 }
@@ -85,12 +87,17 @@ impl MemoryCgroups {
                 ))
             }
         }
-        Ok(MemoryCgroups { dir, next: 0 })
+        Ok(MemoryCgroups { own, dir, next: 0 })
     }
 
     /// Where the leaves are.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The manager's own cgroup, in which `dir` was made.
+    pub fn own(&self) -> &Path {
+        &self.own
     }
 
     /// A new leaf held to `limit` bytes (memory and swap). Processes join it with
@@ -228,7 +235,10 @@ impl Leaf {
         self.oom_event.as_ref().map(|(e, _)| e.as_raw_fd())
     }
 
-    /// Whether the kernel killed in it since the last call (reads the notification).
+    /// Whether the kernel's out-of-memory killer acted in it since the last call (reads the
+    /// notification). cgroup v1 also notifies a cgroup of an out-of-memory event of a cgroup
+    /// above it (a batch job's limit); this kernel's counters do not tell the two apart (its
+    /// `memory.failcnt` stays 0 on an out-of-memory kill), so both count.
     pub fn take_oom(&mut self) -> bool {
         let Some((event, _)) = &self.oom_event else {
             return false;

@@ -247,15 +247,23 @@ RAISE_OWN_LIMIT = {"kind": "python", "entry": "raise_own_limit", "source": (
     "        _, controllers, path = line.rstrip('\\n').split(':', 2)\n"
     "        if 'memory' in controllers.split(','):\n"
     "            break\n"
+    "    import os\n"
     "    leaf = '/sys/fs/cgroup/memory' + path\n"
-    "    out = []\n"
-    "    for name, value in (('memory.limit_in_bytes', '-1'), ('cgroup.procs', '0')):\n"
+    "    own = os.path.dirname(os.path.dirname(leaf))\n"
+    "    out = [open(leaf + '/memory.limit_in_bytes').read().strip()]\n"
+    "    for f, value in ((leaf + '/memory.limit_in_bytes', '-1'), (leaf + '/cgroup.procs', '0'),\n"
+    "                     (own + '/cgroup.procs', '0')):\n"
     "        try:\n"
-    "            with open(leaf + '/' + name, 'w') as f:\n"
-    "                f.write(value)\n"
-    "            out.append(name + ': written')\n"
+    "            with open(f, 'w') as fh:\n"
+    "                fh.write(value)\n"
+    "            out.append('written')\n"
     "        except OSError as e:\n"
-    "            out.append(name + ': ' + type(e).__name__)\n"
+    "            out.append(type(e).__name__)\n"
+    "    try:\n"
+    "        os.mkdir(own + '/escape')\n"
+    "        out.append('made')\n"
+    "    except OSError as e:\n"
+    "        out.append(type(e).__name__)\n"
     "    return out\n")}
 
 
@@ -307,15 +315,17 @@ def test_fault_17_each_worker_runs_in_its_own_memory_cgroup_held_to_the_limit(ma
 
 
 def test_fault_17_a_task_cannot_raise_its_own_memory_limit(make_daemon):
-    """Tasks of a shared-account pool run sandboxed: the workers' memory cgroups are out of
-    their reach, so a task can neither lift its limit nor leave its cgroup."""
+    """Tasks of a shared-account pool run sandboxed: a task reads its memory cgroup's limit but
+    can neither lift it, nor leave its cgroup for the manager's, nor make a cgroup of its own
+    there."""
     if own_memory_cgroup() is None:
         pytest.skip("needs a writable cgroup v1 memory hierarchy (CI has one)")
     d = make_daemon(pools={"local": {"workers_per_manager": 1, "mem_per_worker": 0.1}})
     fid = d.register(RAISE_OWN_LIMIT)
     [t] = d.submit([{"function": fid, "args": []}])
-    assert result_value(d.wait_task(t)) == ["memory.limit_in_bytes: PermissionError",
-                                            "cgroup.procs: PermissionError"]
+    assert result_value(d.wait_task(t)) == [str(103 << 20), "PermissionError",
+                                            "PermissionError", "PermissionError",
+                                            "PermissionError"]
 
 
 def own_memory_cgroup() -> Path | None:

@@ -78,14 +78,20 @@ impl InputLoader {
                         r.get::<_, Option<Vec<u8>>>(2)?,
                     ))
                 })
-                .optional()?;
+                .optional();
+            // Each row on its own: a damaged one fails its task alone; anything else is the
+            // store failing for now.
             out.push(match row {
-                None => Err(LoadError::Missing),
-                Some((encoding, data, files)) => {
+                Err(e) if super::salvage::damaged_page(&e) => {
+                    Err(LoadError::Damaged("its row is on a damaged page".into()))
+                }
+                Err(e) => Err(LoadError::Store(e.to_string())),
+                Ok(None) => Err(LoadError::Missing),
+                Ok(Some((encoding, data, files))) => {
                     let files = match files {
                         None => Ok(Vec::new()),
                         Some(blob) => rmp_serde::from_slice(&blob).map_err(|e| {
-                            LoadError::Store(format!("its stored files do not decode: {e}"))
+                            LoadError::Damaged(format!("its stored files do not decode: {e}"))
                         }),
                     };
                     files.map(|files| Inputs {

@@ -3,6 +3,7 @@
 
 use super::{open_writer, StoreError};
 use rusqlite::{Connection, ErrorCode, OpenFlags};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Whether `e` says the store file is damaged (not merely busy, full or unwritable).
@@ -27,27 +28,40 @@ pub fn describe_damage(path: &Path) -> String {
         Ok(r) => r,
         Err(e) => return format!("its schema cannot be read ({e}): the file header or page 1"),
     };
-    let file = match std::fs::read(path) {
+    // Page by page: the store may be far larger than memory.
+    let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) => return format!("it cannot be read: {e}"),
     };
-    let bad = damaged_pages(&file, &roots);
+    let mut head = [0u8; 100];
+    if let Err(e) = file.read_exact_at(&mut head, 0) {
+        return format!("its header cannot be read: {e}");
+    }
+    let size = page_size(&head);
+    let count = file.metadata().map(|m| m.len() / size as u64).unwrap_or(0) as u32;
+    let read = |n: u32| {
+        let mut buf = vec![0u8; size];
+        file.read_exact_at(&mut buf, u64::from(n - 1) * size as u64)
+            .ok()
+            .map(|()| buf)
+    };
+    let bad = damaged_pages(read, size, count, &roots);
     if bad.is_empty() {
         return "no tree page is damaged in the file itself (the damage may be in its \
                 write-ahead log, or in the rows' own bytes)"
             .to_string();
     }
-    let page = page_size(&file) as u64;
+    let page = size as u64;
     let mut named: Vec<String> = bad
         .iter()
         .take(8)
-        .map(|(name, n, why)| {
-            let n = u64::from(*n);
-            format!(
+        .map(|(name, n, why)| match u64::from(*n) {
+            n if n == 0 || n > u64::from(count) => format!("{name}: {why}"),
+            n => format!(
                 "page {n} (bytes {} to {}) of {name}: {why}",
                 (n - 1) * page,
                 n * page - 1
-            )
+            ),
         })
         .collect();
     if bad.len() > 8 {
@@ -83,9 +97,13 @@ fn page_size(file: &[u8]) -> usize {
 
 /// Pages of the trees rooted at `roots` that are not valid tree pages: (tree, page, why).
 /// Each page is visited once; a pointer out of the file is a damaged page too.
-fn damaged_pages(file: &[u8], roots: &[(String, u32)]) -> Vec<(String, u32, String)> {
-    let size = page_size(file);
-    let count = (file.len() / size) as u32;
+fn damaged_pages(
+    read: impl Fn(u32) -> Option<Vec<u8>>,
+    size: usize,
+    count: u32,
+    roots: &[(String, u32)],
+) -> Vec<(String, u32, String)> {
+    let file_len = u64::from(count) * size as u64;
     let mut seen = std::collections::HashSet::new();
     let mut bad = Vec::new();
     for (name, root) in roots {
@@ -95,12 +113,15 @@ fn damaged_pages(file: &[u8], roots: &[(String, u32)]) -> Vec<(String, u32, Stri
                 continue;
             }
             if n == 0 || n > count {
-                let why = format!("a pointer to page {n}, beyond the file's {count} pages");
-                bad.push((name.clone(), n.max(1), why));
+                let why = format!("a pointer to page {n}, outside the file's {count} pages");
+                bad.push((name.clone(), n, why));
                 continue;
             }
-            let start = (n as usize - 1) * size;
-            let page = &file[start..start + size];
+            let Some(page) = read(n) else {
+                bad.push((name.clone(), n, "it cannot be read".to_string()));
+                continue;
+            };
+            let page = &page[..];
             let h = if n == 1 { 100 } else { 0 };
             let interior = match page[h] {
                 0x02 | 0x05 => true,
@@ -127,8 +148,12 @@ fn damaged_pages(file: &[u8], roots: &[(String, u32)]) -> Vec<(String, u32, Stri
                 for c in 0..cells {
                     let at = header + 2 * c;
                     let off = usize::from(u16::from_be_bytes([page[at], page[at + 1]]));
-                    let claim = page.get(off..).map(varint).unwrap_or(u64::MAX);
-                    if claim > file.len() as u64 {
+                    if off < header + 2 * cells || off >= size {
+                        bad.push((name.clone(), n, format!("cell {c} points outside the page")));
+                        break;
+                    }
+                    let claim = varint(&page[off..]);
+                    if claim > file_len {
                         let why = format!("cell {c} claims a payload of {claim} bytes");
                         bad.push((name.clone(), n, why));
                         break;
@@ -231,8 +256,9 @@ fn note_lost(lost: &mut Vec<Lost>, a: i64, b: i64) {
     }
 }
 
-/// Move the store at `path` aside (with its write-ahead log) and copy every readable row of
-/// every table into a new store there. Rows on damaged pages are lost and reported.
+/// Copy every readable row of every table of the store at `path` into a new store, then move
+/// the damaged one aside (with its write-ahead log) and the new one into its place. Rows on
+/// damaged pages are lost and reported.
 pub fn salvage(path: &Path) -> Result<Salvaged, StoreError> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -242,43 +268,66 @@ pub fn salvage(path: &Path) -> Result<Salvaged, StoreError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "fnx.db".into());
-    let damaged = path.with_file_name(format!("{name}.damaged-{stamp}"));
+    let beside = |suffix: &str| path.with_file_name(format!("{name}{suffix}"));
+    let with_ext = |p: &Path, ext: &str| PathBuf::from(format!("{}{ext}", p.display()));
+    let damaged = beside(&format!(".damaged-{stamp}"));
+    // Built beside the damaged store, which stays in place until the copy is complete: a
+    // salvage that fails leaves everything as it was.
+    let fresh = beside(".salvage");
+    for ext in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(with_ext(&fresh, ext));
+    }
+    let mut out = Salvaged {
+        damaged: damaged.clone(),
+        tables: Vec::new(),
+    };
+    {
+        let conn = open_writer(&fresh, true)?;
+        conn.execute("ATTACH DATABASE ?1 AS old", [read_only_uri(path)])?;
+        for table in TABLES {
+            let (copied, lost) = copy_table(&conn, table)?;
+            out.tables.push(TableSalvage {
+                table: table.to_string(),
+                copied,
+                lost,
+            });
+        }
+        conn.execute("DETACH DATABASE old", [])?;
+        conn.pragma_update(None, "wal_checkpoint", "TRUNCATE")?;
+    }
     let rename = |from: &Path, to: &Path| -> Result<(), StoreError> {
         match std::fs::rename(from, to) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(StoreError::Unavailable(format!(
-                "cannot move {} aside: {e}",
-                from.display()
+                "cannot move {} to {}: {e}",
+                from.display(),
+                to.display()
             ))),
         }
     };
-    rename(path, &damaged)?;
-    for ext in ["-wal", "-shm"] {
-        rename(
-            &PathBuf::from(format!("{}{ext}", path.display())),
-            &PathBuf::from(format!("{}{ext}", damaged.display())),
-        )?;
+    for ext in ["", "-wal", "-shm"] {
+        rename(&with_ext(path, ext), &with_ext(&damaged, ext))?;
     }
-    let conn = open_writer(path, true)?;
-    conn.execute(
-        "ATTACH DATABASE ?1 AS old",
-        [format!("file:{}?mode=ro", damaged.display())],
-    )?;
-    let mut out = Salvaged {
-        damaged,
-        tables: Vec::new(),
-    };
-    for table in TABLES {
-        let (copied, lost) = copy_table(&conn, table)?;
-        out.tables.push(TableSalvage {
-            table: table.to_string(),
-            copied,
-            lost,
-        });
-    }
-    conn.execute("DETACH DATABASE old", [])?;
+    let _ = std::fs::remove_file(with_ext(&fresh, "-shm"));
+    rename(&with_ext(&fresh, "-wal"), &with_ext(path, "-wal"))?;
+    rename(&fresh, path)?;
     Ok(out)
+}
+
+/// A read-only SQLite URI for `path` (`%`, `?` and `#` escaped).
+fn read_only_uri(path: &Path) -> String {
+    let mut uri = String::from("file:");
+    for c in path.display().to_string().chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str("?mode=ro");
+    uri
 }
 
 /// The columns `table` has in both stores, in the new store's order.
@@ -295,11 +344,12 @@ fn common_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String
         .collect())
 }
 
-/// Most statements one table's copy may run: a tree damaged near its root fails every range,
-/// and splitting each down to single rows must not run for ever.
-const MAX_STATEMENTS: u64 = 1_000_000;
+/// Most failed statements one table's copy may run: a tree damaged near its root fails every
+/// range, and splitting each down to single rows must not run for ever.
+const MAX_FAILURES: u64 = 1_000_000;
 
-fn damaged_page(e: &rusqlite::Error) -> bool {
+/// Whether SQLite says the page it read is damaged.
+pub fn damaged_page(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _)
         if matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase))
 }
@@ -321,51 +371,60 @@ fn copy_table(conn: &Connection, table: &str) -> rusqlite::Result<(u64, Vec<Lost
         [],
         |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?)),
     );
-    // The bounds come from the two ends of the table's tree: copied in chunks between them. If
-    // either end is unreadable, all ids at once, the failing ranges split in halves (empty
-    // halves cost a lookup each, so ids far apart are no matter).
-    let mut todo: Vec<(i64, i64)> = match bounds {
-        Ok((Some(lo), Some(hi))) => {
-            let mut chunks = Vec::new();
-            let mut end = hi;
-            loop {
-                let from = end.saturating_sub(CHUNK - 1).max(lo);
-                chunks.push((from, end));
-                if from <= lo {
-                    break;
-                }
-                end = from - 1;
-            }
-            chunks
-        }
+    // The bounds come from the two ends of the table's tree: copied in chunks between them,
+    // jumping over ids no row has (ids skip far ahead after a loss). If either end is
+    // unreadable, all ids at once, the failing ranges split in halves.
+    let (mut next, hi) = match bounds {
+        Ok((Some(lo), Some(hi))) => (Some(lo), hi),
         Ok(_) => return Ok((0, Vec::new())),
-        Err(e) if damaged_page(&e) => vec![(i64::MIN, i64::MAX)],
+        Err(e) if damaged_page(&e) => (Some(i64::MIN), i64::MAX),
         Err(e) => return Err(e),
     };
+    let whole = next == Some(i64::MIN);
     let sql = format!(
         "INSERT OR IGNORE INTO main.{table}({cols}) SELECT {cols} FROM old.{table}
          WHERE rowid BETWEEN ?1 AND ?2"
     );
+    let after = format!("SELECT min(rowid) FROM old.{table} WHERE rowid > ?1");
     let mut copied = 0u64;
     let mut lost: Vec<Lost> = Vec::new();
-    let mut statements = 0u64;
-    // Lowest range on top; a failing one is split in two until single rows.
-    while let Some((x, y)) = todo.pop() {
-        statements += 1;
-        if statements > MAX_STATEMENTS {
-            note_lost(&mut lost, x, y);
-            continue;
-        }
-        match conn.execute(&sql, [x, y]) {
-            Ok(n) => copied += n as u64,
-            Err(e) if !damaged_page(&e) => return Err(e),
-            Err(_) if x == y => note_lost(&mut lost, x, x),
-            Err(_) => {
-                let mid = (i128::from(x) + i128::from(y)).div_euclid(2) as i64;
-                todo.push((mid + 1, y));
-                todo.push((x, mid));
+    let mut failures = 0u64;
+    while let Some(a) = next.filter(|&a| a <= hi) {
+        let b = if whole {
+            hi
+        } else {
+            a.saturating_add(CHUNK - 1).min(hi)
+        };
+        // Lowest range on top; a failing one is split in two until single rows.
+        let mut todo = vec![(a, b)];
+        while let Some((x, y)) = todo.pop() {
+            if failures > MAX_FAILURES {
+                note_lost(&mut lost, x, y);
+                continue;
+            }
+            match conn.execute(&sql, [x, y]) {
+                Ok(n) => copied += n as u64,
+                Err(e) if !damaged_page(&e) => return Err(e),
+                Err(_) if x == y => {
+                    failures += 1;
+                    note_lost(&mut lost, x, x);
+                }
+                Err(_) => {
+                    failures += 1;
+                    let mid = (i128::from(x) + i128::from(y)).div_euclid(2) as i64;
+                    todo.push((mid + 1, y));
+                    todo.push((x, mid));
+                }
             }
         }
+        next = if b >= hi {
+            None
+        } else {
+            match conn.query_row(&after, [b], |r| r.get::<_, Option<i64>>(0)) {
+                Ok(n) => n,
+                Err(_) => Some(b + 1),
+            }
+        };
     }
     Ok((copied, lost))
 }

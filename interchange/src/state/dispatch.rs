@@ -108,14 +108,14 @@ impl Interchange {
                             tasks[i].args = inputs.args;
                             tasks[i].files = inputs.files;
                         }
-                        Some(Err(LoadError::Missing)) => gone.push(tasks[i].id),
-                        Some(Err(_)) | None => later.push(tasks[i].id),
+                        Some(Err(LoadError::Store(_))) | None => later.push(tasks[i].id),
+                        Some(Err(e)) => gone.push((tasks[i].id, e)),
                     }
                 }
                 failed_loads = gone.len() + later.len();
                 store_failing = !later.is_empty();
-                tasks.retain(|t| !gone.contains(&t.id) && !later.contains(&t.id));
-                for id in gone {
+                tasks.retain(|t| !gone.iter().any(|g| g.0 == t.id) && !later.contains(&t.id));
+                for (id, why) in gone {
                     let Some(rec) = self.tasks.remove(&id) else {
                         continue;
                     };
@@ -126,11 +126,12 @@ impl Interchange {
                         outcome: Outcome::Err(TaskError::new(
                             ErrorKind::BadInput,
                             "InputsUnreadable",
-                            format!("its inputs are gone from the store: {}", LoadError::Missing),
+                            format!("its inputs cannot be read back from the store: {why}"),
                         )),
                     });
                 }
-                for id in later {
+                // Last first: pushed to the front, they keep their order.
+                for id in later.into_iter().rev() {
                     let Some(rec) = self.tasks.get_mut(&id) else {
                         continue;
                     };

@@ -10,10 +10,13 @@
 //!   timeouts, start counts and the report of them to the interchange.
 
 mod envs;
+mod memory;
 mod outcome;
 mod report;
 mod schedule;
 
+pub use memory::memory_cgroups;
+pub(super) use memory::Limit;
 use outcome::{cancelled, shell_args};
 
 use crate::procs::{Markers, PythonWorker, ShellProc};
@@ -113,37 +116,6 @@ struct Running {
     /// which removes the directory when the task ends.
     #[allow(dead_code)]
     sandbox: Option<crate::sandbox::Sandbox>,
-}
-
-/// A task's memory limit and where it comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Limit {
-    /// Bytes.
-    pub bytes: u64,
-    /// The task's own `memory_mb` (else the pool's `mem_per_worker`).
-    pub own: bool,
-}
-
-impl Limit {
-    /// The limit of `spec` in a pool whose workers have `pool` bytes.
-    fn of(spec: &TaskSpec, pool: Option<u64>) -> Option<Limit> {
-        match spec.memory_mb {
-            Some(mb) => Some(Limit {
-                bytes: u64::from(mb) << 20,
-                own: true,
-            }),
-            None => pool.map(|bytes| Limit { bytes, own: false }),
-        }
-    }
-
-    /// Where it was set, for messages.
-    pub fn source(self) -> &'static str {
-        if self.own {
-            "the task's memory_mb"
-        } else {
-            "the pool's mem_per_worker"
-        }
-    }
 }
 
 impl Running {
@@ -323,31 +295,6 @@ const HOLD_KILLED: Duration = Duration::from_secs(1);
 
 /// How often running tasks' memory is measured against the limit.
 const MEM_SAMPLE: Duration = Duration::from_millis(100);
-
-/// A memory cgroup per worker, if the node allows them, for tasks with memory limits
-/// (`limit`: the pool's, if any, bytes); says which.
-pub fn memory_cgroups(limit: u64) -> Option<fnx_sys::cgroup::MemoryCgroups> {
-    let what = match limit {
-        0 => "tasks' own memory limits".to_string(),
-        l => format!("memory limit {} MiB per worker", l >> 20),
-    };
-    match fnx_sys::cgroup::MemoryCgroups::create() {
-        Ok(c) => {
-            tracing::info!(
-                "{what}: held by a memory cgroup per worker under {}",
-                c.dir().display()
-            );
-            Some(c)
-        }
-        Err(e) => {
-            tracing::info!(
-                "{what}: sampled every {} ms (no cgroup per worker: {e})",
-                MEM_SAMPLE.as_millis()
-            );
-            None
-        }
-    }
-}
 
 impl<'a> Pool<'a> {
     /// A pool that talks to the link over `link` and watches `signals`. `cgroups`: the
@@ -695,95 +642,6 @@ impl<'a> Pool<'a> {
                 let _ = kill_group(pid, libc::SIGKILL);
             }
         }
-    }
-
-    /// With a memory limit: measure each running task's process group every [`MEM_SAMPLE`],
-    /// and kill a task over the limit (it fails as `memory_exceeded`; the worker slot is
-    /// started again, the other tasks go on).
-    fn check_memory(&mut self, now: Instant) {
-        if now < self.mem_sampled + MEM_SAMPLE {
-            return;
-        }
-        self.mem_sampled = now;
-        let groups: Vec<u32> = self
-            .procs
-            .iter()
-            .filter(|(_, p)| p.task.as_ref().is_some_and(Running::sampled))
-            .map(|(&pid, _)| pid)
-            .collect();
-        if groups.is_empty() {
-            return;
-        }
-        for (pid, rss) in fnx_sys::memory::rss_of_groups(&groups) {
-            let Some(r) = self.procs.get_mut(&pid).and_then(|p| p.task.as_mut()) else {
-                continue;
-            };
-            r.peak_rss = r.peak_rss.max(rss);
-            let (Some(limit), Some(above)) = (r.limit, r.kill_above()) else {
-                continue;
-            };
-            if rss > above {
-                tracing::warn!(
-                    "task {} uses {} MiB, over its limit of {} MiB: killing it",
-                    r.id,
-                    rss >> 20,
-                    limit.bytes >> 20
-                );
-                self.force_kill(pid, outcome::memory_exceeded(rss, limit));
-            }
-        }
-    }
-
-    /// Hold the Python worker `pid` to the limit of the task it now runs: its memory cgroup
-    /// gets that limit (none for a task without one); a worker without a cgroup is moved into
-    /// a new one where the node allows it. Where neither works the task is sampled.
-    fn hold_worker_to_limit(&mut self, pid: u32) {
-        let Some(limit) = self
-            .procs
-            .get(&pid)
-            .and_then(|p| p.task.as_ref())
-            .map(|r| r.limit)
-        else {
-            return;
-        };
-        let has_cgroup = self.procs.get(&pid).is_some_and(|p| p.cgroup.is_some());
-        // Sampled, the worker's peak so far was measured against the last task's limit: a
-        // task with a limit of its own is measured from its start.
-        if limit.is_some_and(|l| l.own) {
-            let _ = fnx_sys::memory::reset_peak_rss(pid);
-        }
-        if !has_cgroup {
-            let Some(limit) = limit else {
-                return;
-            };
-            let Some(leaf) = self.memory_leaf(Some(limit.bytes)) else {
-                return;
-            };
-            if let Err(e) = leaf.adopt(pid) {
-                tracing::warn!("cannot move worker {pid} into its memory cgroup: {e}");
-                return;
-            }
-            if let Some(p) = self.procs.get_mut(&pid) {
-                p.cgroup = Some(leaf);
-            }
-        }
-        let Some(p) = self.procs.get_mut(&pid) else {
-            return;
-        };
-        let (Some(leaf), Some(r)) = (p.cgroup.as_mut(), p.task.as_mut()) else {
-            return;
-        };
-        let bytes = limit.map(|l| l.bytes);
-        if leaf.limit != bytes {
-            if let Err(e) = leaf.set_limit(bytes) {
-                tracing::warn!(
-                    "cannot set worker {pid}'s memory cgroup to the limit of task {}: {e}; \
-                     the task is sampled instead",
-                    r.id
-                );
-            }
-        }
-        r.held_by_cgroup = leaf.limit == bytes;
     }
 
     fn stop_all(&mut self) {

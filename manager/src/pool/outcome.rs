@@ -93,9 +93,12 @@ impl Pool<'_> {
                     return;
                 }
                 if let Some(next) = proc.next.take() {
-                    let r = promote(pid, next, self.cfg.kill_grace, self.cfg.mem_limit);
-                    promoted = Some((r.id, r.attempt));
-                    proc.task = Some(r);
+                    let mut b = promote(pid, next, self.cfg.kill_grace, self.cfg.mem_limit);
+                    // An out-of-memory notice read before this result, which is a success:
+                    // the task piped in behind it, already running, is the likelier one.
+                    b.oom_hit = r.oom_hit && header.ok == Some(true);
+                    promoted = Some((b.id, b.attempt));
+                    proc.task = Some(b);
                 }
                 // Held by its cgroup: a process of the task the kernel killed there while the
                 // worker lived on shows in a failed result (a task that got over it is its
