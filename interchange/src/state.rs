@@ -308,10 +308,7 @@ impl Interchange {
         let Some(&mid) = self.peers.get(peer) else {
             if self.expired.contains(peer) {
                 comm.notice(Notice::Ignored {
-                    reason: format!(
-                        "{} from an expired manager; told it to exit",
-                        kind_name(&msg)
-                    ),
+                    reason: format!("{} from an expired manager; told it to exit", msg.kind()),
                 });
                 comm.send(
                     peer,
@@ -325,7 +322,7 @@ impl Interchange {
                         "{} from a manager this interchange does not know (registered before \
                          a restart?): discarded (results of its tasks' earlier attempts are \
                          superseded); told it to register again",
-                        kind_name(&msg)
+                        msg.kind()
                     ),
                 });
                 comm.send(
@@ -787,17 +784,4 @@ impl Interchange {
 
 fn cancelled() -> TaskError {
     TaskError::new(ErrorKind::Cancelled, "Cancelled", "the task was cancelled")
-}
-
-fn kind_name(msg: &ManagerToInterchange) -> &'static str {
-    match msg {
-        ManagerToInterchange::Register(_) => "register",
-        ManagerToInterchange::Heartbeat => "heartbeat",
-        ManagerToInterchange::Results(_) => "results",
-        ManagerToInterchange::Drain => "drain",
-        ManagerToInterchange::Bye { .. } => "bye",
-        ManagerToInterchange::Returned(_) => "returned",
-        ManagerToInterchange::Warm(_) => "warm",
-        ManagerToInterchange::Started(_) => "started",
-    }
 }

@@ -61,6 +61,22 @@ pub enum ManagerToInterchange {
     Started(Vec<(TaskId, Attempt)>),
 }
 
+impl ManagerToInterchange {
+    /// The message's name, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ManagerToInterchange::Register(_) => "register",
+            ManagerToInterchange::Heartbeat => "heartbeat",
+            ManagerToInterchange::Results(_) => "results",
+            ManagerToInterchange::Drain => "drain",
+            ManagerToInterchange::Bye { .. } => "bye",
+            ManagerToInterchange::Returned(_) => "returned",
+            ManagerToInterchange::Warm(_) => "warm",
+            ManagerToInterchange::Started(_) => "started",
+        }
+    }
+}
+
 /// A manager's Python workers of one environment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WarmWorkers {

@@ -274,15 +274,23 @@ def test_fault_03_torn_wal_tail(make_daemon, damage):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_fault_04_corrupt_store(make_daemon, fnx_env):
-    d = make_daemon()
+def filled_then_stopped(d, batches: int, per_batch: int) -> tuple[int, list[int]]:
+    """Run batches of no-op tasks with 1 KB arguments on `d` to completion, then stop it: a
+    clean stop checkpoints the write-ahead log into fnx.db. Returns the function and ids."""
     fid = d.register(NOOP)
     pad = "z" * 1000
     ids = []
-    for b in range(4):
-        ids += d.submit([{"function": fid, "args": [f"{b}-{k}-{pad}"]} for k in range(1000)])
+    for b in range(batches):
+        ids += d.submit([{"function": fid, "args": [f"{b}-{k}-{pad}"]}
+                         for k in range(per_batch)])
     d.wait_all(ids, timeout=120)
-    d.stop()  # SIGTERM: a clean stop checkpoints the write-ahead log into fnx.db
+    d.stop()
+    return fid, ids
+
+
+def test_fault_04_corrupt_store(make_daemon, fnx_env):
+    d = make_daemon()
+    fid, ids = filled_then_stopped(d, 4, 1000)
     db, wal = d.home / "fnx.db", d.home / "fnx.db-wal"
     wal_size = wal.stat().st_size if wal.exists() else None
     size = db.stat().st_size
@@ -327,13 +335,7 @@ def test_fault_04_a_damaged_page_is_named_and_the_store_salvaged_on_request(make
     --salvage it moves the file aside (kept), copies every readable row, says which row ids
     were lost, and serves: the other tasks are there, and new ids never reuse lost ones."""
     d = make_daemon(store={"sync": "normal"})
-    fid = d.register(NOOP)
-    pad = "q" * 1000
-    ids = []
-    for b in range(3):
-        ids += d.submit([{"function": fid, "args": [f"{b}-{k}-{pad}"]} for k in range(500)])
-    d.wait_all(ids, timeout=120)
-    d.stop()  # a clean stop checkpoints the log into fnx.db
+    fid, ids = filled_then_stopped(d, 3, 500)
     db = d.home / "fnx.db"
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
         page_size = c.execute("PRAGMA page_size").fetchone()[0]
