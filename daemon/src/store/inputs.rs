@@ -55,7 +55,9 @@ impl InputLoader {
                 &self.path,
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
-            c.busy_timeout(Duration::from_secs(5))?;
+            // Short: this runs on the interchange's thread, which answers heartbeats; a store
+            // that stays busy fails the read, and the tasks wait for a later dispatch.
+            c.busy_timeout(Duration::from_millis(200))?;
             self.conn = Some(c);
         }
         match &self.conn {

@@ -114,7 +114,13 @@ impl Interchange {
                 }
                 failed_loads = gone.len() + later.len();
                 store_failing = !later.is_empty();
-                tasks.retain(|t| !gone.iter().any(|g| g.0 == t.id) && !later.contains(&t.id));
+                // One pass, whatever the number that failed (a failing store fails them all).
+                let out: HashSet<TaskId> = gone
+                    .iter()
+                    .map(|g| g.0)
+                    .chain(later.iter().copied())
+                    .collect();
+                tasks.retain(|t| !out.contains(&t.id));
                 for (id, why) in gone {
                     let Some(rec) = self.tasks.remove(&id) else {
                         continue;
