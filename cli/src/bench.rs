@@ -164,13 +164,12 @@ fn dispatch(args: &DispatchArgs) -> Result<serde_json::Value> {
     }
     let memory =
         (args.memory_tasks > 0).then(|| queue_memory(args.memory_tasks, args.payload_bytes));
-    let ctx = zmq::Context::new();
     let threshold = Duration::from_secs(600);
     let (own_handle, own_events, sim, pool) = match args.mode {
         Mode::Simulated => {
             let mut cfg = DriverConfig::new("tcp://127.0.0.1:0");
             cfg.state.heartbeat_threshold = threshold;
-            let (handle, events) = driver::start(&ctx, cfg)?;
+            let (handle, events) = driver::start(cfg)?;
             let sim = SimManagers::start(
                 handle.endpoint(),
                 args.managers,

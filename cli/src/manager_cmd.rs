@@ -204,7 +204,7 @@ pub fn run(args: ManagerArgs) -> u8 {
     }
     let mut b = ManagerBootstrap::from(args);
     b.uid = fnx_manager::expand_uid(&b.uid, |k| std::env::var(k).ok());
-    let dir = fnx_manager::manager_dir(&b);
+    let dir = b.dir();
     if let Err(e) =
         std::fs::create_dir_all(&dir).and_then(|()| logging::to_file(&dir.join("manager.log")))
     {

@@ -16,7 +16,7 @@ pub struct RunOptions {
     #[arg(short = 'm', long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub managers: u32,
     /// Wall-clock limit per task, in seconds (SIGTERM, grace, then SIGKILL of all its processes)
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", value_parser = seconds)]
     pub walltime: Option<f64>,
     /// Python interpreter for workers
     #[arg(long, env = "FNX_PYTHON", default_value = "python3")]
@@ -36,7 +36,7 @@ pub struct RunOptions {
     #[arg(long)]
     pub prefetch: Option<u32>,
     /// Seconds between SIGTERM and SIGKILL when a task is killed
-    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS", value_parser = seconds)]
     pub kill_grace: f64,
     /// Pin workers to cores: none, block, block-reverse, alternating, numa, or
     /// list:CPUS:CPUS... (one list per worker); `fnx manager --print-plan` shows the result
@@ -57,10 +57,10 @@ pub struct RunOptions {
     #[arg(long, value_name = "TEMPLATE", requires = "container_runtime")]
     pub container_template: Option<String>,
     /// Heartbeat period in seconds
-    #[arg(long, default_value_t = 5.0, hide = true)]
+    #[arg(long, default_value_t = 5.0, hide = true, value_parser = seconds)]
     pub heartbeat_period: f64,
     /// Silence in seconds after which a manager or the interchange is declared lost
-    #[arg(long, default_value_t = 30.0, hide = true)]
+    #[arg(long, default_value_t = 30.0, hide = true, value_parser = seconds)]
     pub heartbeat_threshold: f64,
 }
 
@@ -99,24 +99,24 @@ impl RunOptions {
     }
 }
 
-pub(crate) fn validate_options(o: &RunOptions) -> Result<(), String> {
-    if let Some(w) = o.walltime {
-        if !(w.is_finite() && w > 0.0) {
-            return Err(format!(
-                "--walltime must be a positive number of seconds, got {w}"
-            ));
-        }
+/// The most seconds a flag takes: a billion (31 years). More is a mistake, and would overflow
+/// a deadline.
+const MAX_SECONDS: f64 = 1e9;
+
+/// A flag's number of seconds: finite, from 0 to [`MAX_SECONDS`].
+pub(crate) fn seconds(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if (0.0..=MAX_SECONDS).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from 0 to {MAX_SECONDS:e}"
+        )),
     }
-    for (name, v) in [
-        ("--kill-grace", o.kill_grace),
-        ("--heartbeat-period", o.heartbeat_period),
-        ("--heartbeat-threshold", o.heartbeat_threshold),
-    ] {
-        if !(v.is_finite() && v >= 0.0) {
-            return Err(format!(
-                "{name} must be a non-negative number of seconds, got {v}"
-            ));
-        }
+}
+
+pub(crate) fn validate_options(o: &RunOptions) -> Result<(), String> {
+    // The flags' parser bounds every number of seconds; a walltime must also be above zero.
+    if o.walltime == Some(0.0) {
+        return Err("--walltime must be above 0 seconds".into());
     }
     if let Some(c) = o.container() {
         c.validate()

@@ -27,6 +27,14 @@ pub enum KeyError {
         /// Its mode.
         mode: u32,
     },
+    /// A key pair could not be made.
+    #[error("{path}: cannot make a key pair: {source}")]
+    NewPair {
+        /// The file it was for.
+        path: PathBuf,
+        /// Why.
+        source: fnx_interchange::DriverError,
+    },
     /// A file could not be read, written or parsed.
     #[error("{path}: {what}")]
     File {
@@ -37,18 +45,18 @@ pub enum KeyError {
     },
 }
 
+fn new_pair(path: &Path) -> Result<(String, String), KeyError> {
+    fnx_interchange::new_key_pair().map_err(|source| KeyError::NewPair {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn file_err(path: &Path) -> impl Fn(String) -> KeyError + '_ {
     move |what| KeyError::File {
         path: path.to_path_buf(),
         what,
     }
-}
-
-fn new_pair() -> Result<(String, String), String> {
-    let pair =
-        zmq::CurveKeyPair::new().map_err(|e| format!("cannot make a CurveZMQ key pair: {e}"))?;
-    let z = |k: &[u8]| zmq::z85_encode(k).map_err(|e| e.to_string());
-    Ok((z(&pair.public_key)?, z(&pair.secret_key)?))
 }
 
 fn write_private(path: &Path, text: &str) -> Result<(), KeyError> {
@@ -71,10 +79,7 @@ fn read(path: &Path) -> Result<KeyFile, KeyError> {
 }
 
 fn decode(path: &Path, z85: &str) -> Result<Vec<u8>, KeyError> {
-    zmq::z85_decode(z85)
-        .ok()
-        .filter(|k| k.len() == 32)
-        .ok_or_else(|| file_err(path)("not a Z85 key".into()))
+    fnx_interchange::decode_key(z85).ok_or_else(|| file_err(path)("not a Z85 key".into()))
 }
 
 /// Everything one pool's manager links need: the interchange's side, and the keys its managers
@@ -108,7 +113,7 @@ impl LinkKeys {
             }
             Credentials::Curve(k) => k,
         };
-        let (public, secret) = new_pair().map_err(file_err(here))?;
+        let (public, secret) = new_pair(here)?;
         let raw = decode(here, &public)?;
         let k = KeyFile {
             server_public: creds.server_public.clone(),
@@ -136,8 +141,8 @@ impl LinkKeys {
     /// Fresh keys that live only in this process (a local pool whose managers all start here).
     pub fn ephemeral() -> Result<LinkKeys, KeyError> {
         let here = Path::new("(in memory)");
-        let (server_public, server_secret) = new_pair().map_err(file_err(here))?;
-        let (public, secret) = new_pair().map_err(file_err(here))?;
+        let (server_public, server_secret) = new_pair(here)?;
+        let (public, secret) = new_pair(here)?;
         let client = decode(here, &public)?;
         Ok(LinkKeys {
             server: CurveServer {
@@ -190,7 +195,7 @@ impl Keys {
         }
         let path = dir.join("interchange.key");
         if !path.exists() {
-            let (public, secret) = new_pair().map_err(file_err(&path))?;
+            let (public, secret) = new_pair(&path)?;
             let k = KeyFile {
                 server_public: public.clone(),
                 public,
@@ -211,7 +216,7 @@ impl Keys {
     pub fn manager_file(&self, pool: &str) -> Result<PathBuf, KeyError> {
         let path = self.dir.join(format!("{pool}.manager"));
         if !path.exists() {
-            let (public, secret) = new_pair().map_err(file_err(&path))?;
+            let (public, secret) = new_pair(&path)?;
             let k = KeyFile {
                 server_public: self.server.public.clone(),
                 public,

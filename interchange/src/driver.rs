@@ -70,6 +70,9 @@ pub enum DriverError {
     /// The driver thread could not be started.
     #[error("cannot start the interchange thread: {0}")]
     Thread(std::io::Error),
+    /// A new key could not be written as Z85 text.
+    #[error("cannot encode a CurveZMQ key as Z85")]
+    KeyText,
 }
 
 fn zerr(what: &'static str) -> impl FnOnce(zmq::Error) -> DriverError {
@@ -126,20 +129,19 @@ pub trait Loader: Send {
     fn load(&mut self, ids: &[TaskId]) -> Vec<Result<Inputs, LoadError>>;
 }
 
-/// Bind the ROUTER socket and start the driver thread.
-pub fn start(
-    ctx: &zmq::Context,
-    config: DriverConfig,
-) -> Result<(Handle, Receiver<Event>), DriverError> {
-    start_with_loader(ctx, config, None)
+/// Bind the ROUTER socket and start the driver thread (in a ZeroMQ context of its own, which
+/// its sockets keep alive).
+pub fn start(config: DriverConfig) -> Result<(Handle, Receiver<Event>), DriverError> {
+    start_with_loader(config, None)
 }
 
 /// [`start`], with a loader for tasks whose inputs stay in the host's store.
 pub fn start_with_loader(
-    ctx: &zmq::Context,
     config: DriverConfig,
     loader: Option<Box<dyn Loader>>,
 ) -> Result<(Handle, Receiver<Event>), DriverError> {
+    let context = zmq::Context::new();
+    let ctx = &context;
     let router = ctx.socket(zmq::ROUTER).map_err(zerr("socket"))?;
     router
         .set_router_mandatory(true)

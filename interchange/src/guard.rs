@@ -49,6 +49,19 @@ impl std::fmt::Debug for CurveServer {
     }
 }
 
+/// A new CurveZMQ key pair, Z85 text: (public, secret).
+pub fn new_key_pair() -> Result<(String, String), DriverError> {
+    let pair = zmq::CurveKeyPair::new().map_err(zerr("new CURVE key pair"))?;
+    let public = zmq::z85_encode(&pair.public_key).map_err(|_| DriverError::KeyText)?;
+    let secret = zmq::z85_encode(&pair.secret_key).map_err(|_| DriverError::KeyText)?;
+    Ok((public, secret))
+}
+
+/// The 32 bytes of a Z85 CurveZMQ key, or None when `z85` is not one.
+pub fn decode_key(z85: &str) -> Option<Vec<u8>> {
+    zmq::z85_decode(z85).ok().filter(|k| k.len() == 32)
+}
+
 /// The ZAP handler and handshake monitor of a CURVE server socket.
 pub(crate) struct Guard {
     pub(crate) zap: zmq::Socket,

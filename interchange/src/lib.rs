@@ -25,8 +25,8 @@ pub mod state;
 pub mod tenants;
 pub mod types;
 
-pub use driver::{DriverConfig, Event, Handle, Loader, RateLimit};
-pub use guard::{CurveServer, Mechanism};
+pub use driver::{DriverConfig, DriverError, Event, Handle, Loader, RateLimit};
+pub use guard::{decode_key, new_key_pair, CurveServer, Mechanism};
 pub use state::{
     Comm, Config, Counts, Finished, Inputs, Interchange, LoadError, ManagerStatus, NewTask, Notice,
     Peer,

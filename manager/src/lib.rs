@@ -115,12 +115,6 @@ fn read_keys(path: &std::path::Path) -> Result<link::Credentials, ManagerError> 
     }))
 }
 
-/// The largest result a message to the interchange can carry: the message limit less room
-/// for the batch it travels in (results are sent once a batch holds 4 MiB) and its framing.
-pub fn largest_result() -> u64 {
-    (fnx_protocol::DEFAULT_MAX_FRAME_BYTES as u64).saturating_sub(8 << 20)
-}
-
 /// The sandbox of the processes this manager starts on the host: `b.protect` out of reach,
 /// but for the worker runtime (read only) and the task directories. None when nothing is to
 /// be protected, or the kernel cannot (logged: the admin should know).
@@ -212,7 +206,7 @@ pub fn drain_deadline(
     after_ms: Option<u64>,
     at_epoch: Option<&str>,
 ) -> Option<std::time::Instant> {
-    let relative = after_ms.map(|ms| started + Duration::from_millis(ms));
+    let relative = after_ms.map(|ms| started + fnx_protocol::bounded_ms(ms));
     let absolute = at_epoch
         .and_then(|t| t.trim().parse::<u64>().ok())
         .map(|at| {
@@ -220,7 +214,8 @@ pub fn drain_deadline(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
-            std::time::Instant::now() + Duration::from_secs(at.saturating_sub(now))
+            std::time::Instant::now()
+                + Duration::from_secs(at.saturating_sub(now)).min(fnx_protocol::LONGEST_WAIT)
         });
     match (relative, absolute) {
         (Some(r), Some(a)) => Some(r.min(a)),
@@ -266,20 +261,15 @@ pub fn placement_plan(
         .map_err(ManagerError::Placement)
 }
 
-/// The directory a manager writes its logs and worker runtime into.
-pub fn manager_dir(bootstrap: &ManagerBootstrap) -> PathBuf {
-    bootstrap.run_dir.join(&bootstrap.uid)
-}
-
 /// Run a manager until it is released, told to stop, loses the interchange or gets a signal.
 ///
-/// The caller sets up logging (to `manager_dir(..)/manager.log`) before calling this.
+/// The caller sets up logging (to `ManagerBootstrap::dir()/manager.log`) before calling this.
 pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
     let io = |what: &str| {
         let what = what.to_string();
         move |source| ManagerError::Io { what, source }
     };
-    let dir = manager_dir(b);
+    let dir = b.dir();
     std::fs::create_dir_all(&dir).map_err(io("cannot create the manager directory"))?;
     // Tasks run under this account: keep them out of this process's memory (its link keys).
     if let Err(e) = fnx_sys::process::set_undumpable() {
@@ -341,8 +331,8 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
     let link_cfg = link::LinkConfig {
         curve,
         interchange: b.interchange.clone(),
-        heartbeat_period: Duration::from_millis(b.heartbeat_period_ms),
-        heartbeat_threshold: Duration::from_millis(b.heartbeat_threshold_ms),
+        heartbeat_period: fnx_protocol::bounded_ms(b.heartbeat_period_ms),
+        heartbeat_threshold: fnx_protocol::bounded_ms(b.heartbeat_threshold_ms),
         max_frame_bytes: fnx_protocol::DEFAULT_MAX_FRAME_BYTES,
     };
     let link_ctx = ctx.clone();
@@ -353,7 +343,7 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
     let mem_limit = b.mem_per_worker_mb.filter(|m| *m > 0).map(|m| m << 20);
     // A result travels to the interchange in one message with others of up to a few MiB: a
     // larger one than a message can hold would be lost, so it is refused as too large.
-    let max_result_bytes = b.max_result_bytes.min(largest_result());
+    let max_result_bytes = b.max_result_bytes.min(fnx_protocol::LARGEST_RESULT_BYTES);
     if max_result_bytes < b.max_result_bytes {
         tracing::warn!(
             "results are limited to {} MiB here, not {} MiB (limits.max_result_mb): a message \
@@ -382,7 +372,7 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
             sandbox,
         },
         max_result_bytes,
-        kill_grace: Duration::from_millis(b.kill_grace_ms),
+        kill_grace: fnx_protocol::bounded_ms(b.kill_grace_ms),
         zero_work: b.zero_work,
         max_frame_bytes: fnx_protocol::DEFAULT_MAX_FRAME_BYTES,
         run_dir: b.run_dir.clone(),
@@ -391,7 +381,8 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
             container,
             rundir: b.run_dir.clone(),
         }),
-        container_idle: Duration::from_secs(b.container_idle_s.unwrap_or(300)),
+        container_idle: Duration::from_secs(b.container_idle_s.unwrap_or(300))
+            .min(fnx_protocol::LONGEST_WAIT),
         mem_limit,
         drain_at: drain_deadline(
             started,

@@ -281,8 +281,9 @@ impl Link {
             } => {
                 tracing::info!("registered with the interchange as {manager}");
                 self.registered = true;
-                self.cfg.heartbeat_period = Duration::from_millis(heartbeat_period_ms.max(1));
-                self.cfg.heartbeat_threshold = Duration::from_millis(heartbeat_threshold_ms.max(1));
+                self.cfg.heartbeat_period = fnx_protocol::bounded_ms(heartbeat_period_ms.max(1));
+                self.cfg.heartbeat_threshold =
+                    fnx_protocol::bounded_ms(heartbeat_threshold_ms.max(1));
                 self.next_heartbeat = Instant::now() + self.cfg.heartbeat_period;
                 None
             }

@@ -66,6 +66,11 @@ pub struct ManagerBootstrap {
 }
 
 impl ManagerBootstrap {
+    /// The directory this manager writes its logs and worker runtime into.
+    pub fn dir(&self) -> PathBuf {
+        self.run_dir.join(&self.uid)
+    }
+
     /// Defaults for everything but the interchange address, uid, run dir and run id.
     pub fn new(interchange: String, uid: String, run_dir: PathBuf, run_id: String) -> Self {
         ManagerBootstrap {

@@ -15,6 +15,10 @@ pub const PROTOCOL_VERSION: u32 = 4;
 /// Frames larger than this are refused unless configured otherwise (64 MiB).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 << 20;
 
+/// The largest result a message to the interchange can carry: the message limit less room
+/// for the batch it travels in (results are sent once a batch holds 4 MiB) and its framing.
+pub const LARGEST_RESULT_BYTES: u64 = (DEFAULT_MAX_FRAME_BYTES as u64) - (8 << 20);
+
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FrameError {

@@ -622,6 +622,7 @@ def test_400_malformed_missing_or_wrong_fields(daemon):
         ({"tasks": []}, "tasks"),
         ({"tasks": [ok, {"args": [2]}]}, "tasks[1].function"),
         ({"tasks": [ok, {"function": fid, "args": [1], "walltime": "soon"}]}, "tasks[1].walltime"),
+        ({"tasks": [ok, {"function": fid, "args": [1], "walltime": 1e300}]}, "tasks[1].walltime"),
         ({"tasks": [{"function": fid, "args": "x"}]}, "tasks[0].args"),
         ({"tasks": [{"function": fid, "priority": "high"}]}, "tasks[0].priority"),
         ({"tasks": [{"function": fid, "retries": -1}]}, "tasks[0].retries"),

@@ -64,6 +64,9 @@ def test_cli_submit_result_cancel_status(daemon, fnx_env):
     tid = int(ok(daemon.fnx("submit", "square", "x=5")))
     assert ok(daemon.fnx("result", str(tid), "--wait")).strip() == "25"
     rec = json.loads(ok(daemon.fnx("result", str(tid), "--wait", "10", "--output", "json")))
+    for bad in ["inf", "-1", "1e300"]:
+        r = daemon.fnx("result", str(tid), f"--wait={bad}")
+        assert r.returncode == 2 and "--wait" in r.stderr and "panicked" not in r.stderr, r
     assert rec["id"] == tid and rec["state"] == "success" and rec["result"]["value"] == 25, rec
     doc = json.loads(ok(daemon.fnx("submit", "--priority", "3", "--retries", "0",
                                    "--output", "json", "square", "6")))

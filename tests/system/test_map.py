@@ -417,3 +417,26 @@ def test_output_pipe_closed_early_stops_the_run_and_every_process(fnx_env):
     assert proc.returncode == 1, err
     assert b"Broken pipe" in err, err
     fnx_env.assert_no_processes(grace=2.0)
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--kill-grace", "1e300"),
+        ("--kill-grace", "inf"),
+        ("--kill-grace", "-1"),
+        ("--walltime", "1e300"),
+        ("--walltime", "nan"),
+        ("--heartbeat-period", "1e10"),
+    ],
+)
+def test_fnx_map_out_of_range_seconds_are_usage_errors_not_panics(fnx_env, flag, value):
+    """A number of seconds too large for a deadline (it once panicked in Duration) is refused
+    by the flag's parser, naming the flag and the range."""
+    module(fnx_env, "double", "def f(x):\n    return x * 2\n")
+    inp = fnx_env.write_inputs([[1]])
+    p = fnx_env.fnx("map", "double:f", "-i", str(inp), "--progress", "never", f"{flag}={value}")
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert flag in p.stderr and "from 0 to 1e9" in p.stderr, p.stderr
+    assert "panicked" not in p.stderr
+    assert p.stdout == ""

@@ -126,7 +126,7 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub priority: Option<i32>,
     /// Walltime in seconds.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::run_options::seconds)]
     pub walltime: Option<f64>,
     /// Re-runs after an infrastructure failure.
     #[arg(long)]
@@ -255,7 +255,8 @@ pub struct ResultArgs {
     /// Task id.
     pub id: u64,
     /// Wait until the task finishes (at most SECONDS; no value: as long as it takes).
-    #[arg(long, num_args = 0..=1, default_missing_value = "0")]
+    #[arg(long, num_args = 0..=1, default_missing_value = "0", value_name = "SECONDS",
+          value_parser = crate::run_options::seconds)]
     pub wait: Option<f64>,
     #[command(flatten)]
     conn: Conn,

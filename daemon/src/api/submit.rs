@@ -16,6 +16,9 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// The longest walltime a task may ask for, in seconds.
+const LONGEST_WAIT_S: f64 = fnx_protocol::LONGEST_WAIT.as_secs() as f64;
+
 /// A task as it arrives in a msgpack body.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -252,10 +255,10 @@ impl Checker<'_> {
         }
         let walltime_ms = match raw.walltime {
             None => None,
-            Some(w) if w.is_finite() && w > 0.0 => Some((w * 1000.0).ceil() as u64),
+            Some(w) if w > 0.0 && w <= LONGEST_WAIT_S => Some((w * 1000.0).ceil() as u64),
             Some(w) => {
                 return Err(at(format!(
-                    "walltime: must be a positive number of seconds, got {w}"
+                    "walltime: must be a number of seconds above 0 and at most {LONGEST_WAIT_S:e}, got {w}"
                 )))
             }
         };

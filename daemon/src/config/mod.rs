@@ -374,7 +374,7 @@ impl SiteConfig {
             .filter(|(_, l)| l.contains("CHANGEME") && !l.trim_start().starts_with('#'))
             .map(|(n, l)| format!("line {}: a CHANGEME is left in place: {}", n + 1, l.trim()))
             .collect();
-        let largest = fnx_manager::largest_result();
+        let largest = fnx_protocol::LARGEST_RESULT_BYTES;
         if self.limits.max_result_bytes > largest {
             out.push(format!(
                 "limits.max_result_mb: results over {} MiB cannot travel from a manager to the \

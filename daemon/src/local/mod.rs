@@ -218,7 +218,6 @@ pub struct LocalPool {
     launched: u32,
     /// Managers per user (`unix` mode).
     users: Option<users::Users>,
-    _ctx: zmq::Context,
 }
 
 impl LocalPool {
@@ -236,7 +235,6 @@ impl LocalPool {
                 .map_err(|e| LocalError::Managers(format!("cannot make link keys: {e}")))?,
         };
         opts.curve = Some(keys);
-        let ctx = zmq::Context::new();
         let mut cfg = DriverConfig::new(opts.bind.clone());
         cfg.state.heartbeat_period = opts.heartbeat_period;
         cfg.state.heartbeat_threshold = opts.heartbeat_threshold;
@@ -247,7 +245,7 @@ impl LocalPool {
         let loader = opts.inputs.clone().map(|path| {
             Box::new(crate::store::inputs::InputLoader::new(path)) as Box<dyn driver::Loader>
         });
-        let (handle, events) = driver::start_with_loader(&ctx, cfg, loader)?;
+        let (handle, events) = driver::start_with_loader(cfg, loader)?;
         tracing::info!("interchange listening on {}", handle.endpoint());
         let exe = std::env::current_exe().map_err(io("cannot find the fnx executable"))?;
         let (exit_tx, exits) = channel();
@@ -282,7 +280,6 @@ impl LocalPool {
             users: opts.per_user.clone().map(users::Users::new),
             opts,
             stopped: false,
-            _ctx: ctx,
         };
         pool.wait_registered(Duration::from_secs(60))?;
         Ok(pool)
@@ -534,7 +531,7 @@ fn spawn_manager(
     exits: Sender<(String, std::io::Result<ExitStatus>)>,
 ) -> Result<Child> {
     let b = bootstrap(handle, opts, uid);
-    let dir = fnx_manager::manager_dir(&b);
+    let dir = b.dir();
     std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
     let mut cmd = Command::new(exe);
     cmd.args(fnx_launcher::manager_args(&b));

@@ -230,7 +230,7 @@ impl LocalPool {
         self.handle.allow_manager_key(keys.1, user);
         let mut b = bootstrap(&self.handle, &self.opts, &uid);
         b.run_dir = run_dir;
-        let dir = fnx_manager::manager_dir(&b);
+        let dir = b.dir();
         let log = dir.join("manager.log");
         let mut cmd = Command::new(&self.exe);
         cmd.args(fnx_launcher::manager_args(&b));

@@ -59,7 +59,7 @@ pub(super) fn load(
             .query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
+                    r.get::<_, State>(1)?,
                     r.get::<_, i64>(2)?,
                 ))
             })
@@ -67,7 +67,7 @@ pub(super) fn load(
         for row in rows {
             let (owner, state, n) = row.map_err(|e| serr(e.into()))?;
             let c = counts.entry(owner).or_default();
-            match State::from_i64(state) {
+            match state {
                 State::Queued => c.queued += n as u64,
                 State::Running => c.running += n as u64,
                 _ => c.finished += n as u64,

@@ -89,19 +89,21 @@ impl InputLoader {
                 }
                 Err(e) => Err(LoadError::Store(e.to_string())),
                 Ok(None) => Err(LoadError::Missing),
-                Ok(Some((encoding, data, files))) => {
+                Ok(Some((code, data, files))) => {
+                    let encoding = encoding_from(code).ok_or_else(|| {
+                        LoadError::Damaged(format!("its stored encoding {code} is not one"))
+                    });
                     let files = match files {
                         None => Ok(Vec::new()),
                         Some(blob) => rmp_serde::from_slice(&blob).map_err(|e| {
                             LoadError::Damaged(format!("its stored files do not decode: {e}"))
                         }),
                     };
-                    files.map(|files| Inputs {
-                        args: Payload {
-                            encoding: encoding_from(encoding),
-                            data,
-                        },
-                        files,
+                    encoding.and_then(|encoding| {
+                        files.map(|files| Inputs {
+                            args: Payload { encoding, data },
+                            files,
+                        })
                     })
                 }
             });

@@ -147,14 +147,15 @@ pub enum State {
 }
 
 impl State {
-    /// From the stored integer.
-    pub fn from_i64(v: i64) -> State {
+    /// From the stored integer (None: not a state's code; the store is damaged).
+    pub fn from_i64(v: i64) -> Option<State> {
         match v {
-            0 => State::Queued,
-            1 => State::Running,
-            2 => State::Success,
-            3 => State::Failed,
-            _ => State::Cancelled,
+            0 => Some(State::Queued),
+            1 => Some(State::Running),
+            2 => Some(State::Success),
+            3 => Some(State::Failed),
+            4 => Some(State::Cancelled),
+            _ => None,
         }
     }
 
@@ -200,6 +201,9 @@ pub enum StoreError {
         /// Its version.
         found: i64,
     },
+    /// A record could not be encoded for the store.
+    #[error("cannot encode a record for the store: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
     /// The store cannot commit (disk full, size limit, I/O error); nothing was accepted.
     #[error("{0}")]
     Unavailable(String),
@@ -366,12 +370,17 @@ fn row_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
         owner: r.get(1)?,
         function: FunctionId(r.get::<_, i64>(2)? as u64),
         pool: r.get(3)?,
-        state: State::from_i64(r.get(4)?),
+        state: r.get(4)?,
         attempt: Attempt(r.get::<_, i64>(5)? as u32),
         submitted: r.get(6)?,
         finished: r.get(7)?,
         seq: r.get::<_, Option<i64>>(8)?.map(|s| s as u64),
-        outcome: outcome.and_then(|b| rmp_serde::from_slice::<Outcome>(&b).ok()),
+        outcome: outcome
+            .map(|b| rmp_serde::from_slice::<Outcome>(&b))
+            .transpose()
+            .map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Blob, e.into())
+            })?,
         omitted: false,
     })
 }
@@ -606,25 +615,30 @@ pub fn unfinished(conn: &Connection, spill_bytes: u64) -> Result<Vec<Recovered>,
                 crashes, length(args) + coalesce(length(files), 0), memory_mb
          FROM tasks WHERE state < 2 ORDER BY id",
     )?;
-    let rows = st.query_map(params![spill_bytes as i64], |r| {
-        let args: Option<Vec<u8>> = r.get(5)?;
+    let rows = st.query_map(params![spill_bytes.min(i64::MAX as u64) as i64], |r| {
+        let encoding = encoding_from(r.get(4)?);
+        let files = match r.get::<_, Option<Vec<u8>>>(11)? {
+            None => Some(Vec::new()),
+            Some(blob) => rmp_serde::from_slice(&blob).ok(),
+        };
+        // Inputs that are large, or that do not decode, stay in the store: the task reads
+        // them at dispatch, and a damaged row then fails its task alone, naming the damage.
+        let args = match (r.get::<_, Option<Vec<u8>>>(5)?, encoding, files) {
+            (Some(data), Some(encoding), Some(files)) => Some((Payload { encoding, data }, files)),
+            _ => None,
+        };
         let stored = args.is_none().then(|| r.get::<_, i64>(13)).transpose()?;
+        let (args, files) = args.unwrap_or_else(|| (Payload::json(Vec::new()), Vec::new()));
         Ok(Recovered {
             task: NewTask {
                 id: TaskId(r.get::<_, i64>(0)? as u64),
                 function: FunctionId(r.get::<_, i64>(3)? as u64),
-                args: Payload {
-                    encoding: encoding_from(r.get(4)?),
-                    data: args.unwrap_or_default(),
-                },
+                args,
                 priority: r.get(6)?,
                 walltime_ms: r.get::<_, Option<i64>>(7)?.map(|w| w as u64),
                 retries: r.get::<_, i64>(8)? as u32,
                 attempt: Attempt(r.get::<_, i64>(9)? as u32),
-                files: r
-                    .get::<_, Option<Vec<u8>>>(11)?
-                    .and_then(|b| rmp_serde::from_slice(&b).ok())
-                    .unwrap_or_default(),
+                files,
                 stored: stored.map(|n| n.max(0) as u64),
                 memory_mb: r
                     .get::<_, Option<i64>>(14)?
@@ -654,11 +668,19 @@ pub fn encoding_code(e: Encoding) -> i64 {
     }
 }
 
-fn encoding_from(v: i64) -> Encoding {
-    if v == 1 {
-        Encoding::Pickle
-    } else {
-        Encoding::Json
+/// The encoding of a stored code (None: not one; the row is damaged).
+fn encoding_from(v: i64) -> Option<Encoding> {
+    match v {
+        0 => Some(Encoding::Json),
+        1 => Some(Encoding::Pickle),
+        _ => None,
+    }
+}
+
+impl rusqlite::types::FromSql for State {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<State> {
+        let code = i64::column_result(v)?;
+        State::from_i64(code).ok_or(rusqlite::types::FromSqlError::OutOfRange(code))
     }
 }
 

@@ -132,3 +132,91 @@ fn a_version_1_store_is_migrated_and_keeps_its_tasks() {
     assert!(err.contains("99") && err.contains("upgrade"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A store whose rows were written by hand (as damage, or another program, might leave them).
+fn scratch_store(name: &str) -> (std::path::PathBuf, Connection) {
+    let dir = std::env::temp_dir().join(format!("fnx-store-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("fnx.db");
+    let c = open_writer(&path, false).unwrap();
+    (path, c)
+}
+
+fn insert_task(c: &Connection, id: i64, state: i64, encoding: i64, files: Option<&[u8]>) {
+    c.execute(
+        "INSERT INTO tasks(id, owner, function, pool, priority, retries, encoding, args, files,
+                           state, attempt, submitted) VALUES (?1, 'u', 1, 'local', 0, 2, ?3, x'5b5d', ?4, ?2, 0, 0)",
+        params![id, state, encoding, files],
+    )
+    .unwrap();
+}
+
+#[test]
+fn an_unknown_state_code_is_an_error_not_a_cancelled_task() {
+    let (path, c) = scratch_store("state");
+    insert_task(&c, 1, 2, 0, None);
+    insert_task(&c, 2, 9, 0, None);
+    let reader = Reader::new(&path);
+    let conn = reader.get().unwrap();
+    let one = conn.query_row(
+        &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = 1"),
+        [],
+        row_task,
+    );
+    assert_eq!(one.unwrap().state, State::Success);
+    let two = conn.query_row(
+        &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = 2"),
+        [],
+        row_task,
+    );
+    let err = two
+        .expect_err("a state code 9 must not read as a state")
+        .to_string();
+    assert!(err.contains('9'), "{err}");
+}
+
+#[test]
+fn an_outcome_that_does_not_decode_is_an_error_not_a_missing_result() {
+    let (path, c) = scratch_store("outcome");
+    insert_task(&c, 1, 2, 0, None);
+    c.execute(
+        "UPDATE tasks SET outcome = x'c1c1', seq = 1 WHERE id = 1",
+        [],
+    )
+    .unwrap();
+    let reader = Reader::new(&path);
+    let conn = reader.get().unwrap();
+    let got = conn.query_row(
+        &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = 1"),
+        [],
+        row_task,
+    );
+    assert!(got.is_err(), "a damaged outcome read as {got:?}");
+}
+
+#[test]
+fn recovery_leaves_inputs_that_do_not_decode_in_the_store_for_the_loader_to_name() {
+    let (_path, c) = scratch_store("recover-damaged");
+    insert_task(&c, 1, 0, 0, None);
+    insert_task(&c, 2, 0, 0, Some(b"\xc1not msgpack"));
+    insert_task(&c, 3, 0, 7, None);
+    let t = unfinished(&c, u64::MAX).unwrap();
+    assert_eq!(t.len(), 3, "no task is dropped");
+    assert_eq!(t[0].task.stored, None);
+    assert_eq!(t[0].task.args.data, b"[]");
+    // Damaged files or an unknown encoding: the task reads its row at dispatch, where the
+    // damage fails it alone, named (not a silent run without its files).
+    assert!(t[1].task.stored.is_some() && t[1].task.files.is_empty());
+    assert!(t[2].task.stored.is_some() && t[2].task.args.data.is_empty());
+    let mut loader = inputs::InputLoader::new(_path.clone());
+    use fnx_interchange::Loader;
+    let got = loader.load(&[TaskId(1), TaskId(2), TaskId(3)]);
+    assert!(got[0].is_ok());
+    for (i, words) in [(1, "files do not decode"), (2, "encoding 7")] {
+        match &got[i] {
+            Err(fnx_interchange::LoadError::Damaged(why)) => assert!(why.contains(words), "{why}"),
+            other => panic!("task {}: {other:?}", i + 1),
+        }
+    }
+}

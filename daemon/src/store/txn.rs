@@ -94,10 +94,14 @@ impl Ctx<'_> {
         let (live, live_bytes) = (live + extra.0, live_bytes + extra.1);
         // What each task stores (and the interchange holds until it ends): its arguments and
         // its files, as written below.
-        let blobs: Vec<Option<Vec<u8>>> = tasks
+        let blobs = tasks
             .iter()
-            .map(|t| (!t.files.is_empty()).then(|| rmp_serde::to_vec(&t.files).unwrap_or_default()))
-            .collect();
+            .map(|t| {
+                (!t.files.is_empty())
+                    .then(|| rmp_serde::to_vec(&t.files))
+                    .transpose()
+            })
+            .collect::<Result<Vec<Option<Vec<u8>>>, _>>()?;
         let bytes: u64 = tasks
             .iter()
             .zip(&blobs)
@@ -213,7 +217,7 @@ impl Ctx<'_> {
         )?;
         for f in done {
             let state = State::of(&f.outcome);
-            let blob = rmp_serde::to_vec_named(&f.outcome).unwrap_or_default();
+            let blob = rmp_serde::to_vec_named(&f.outcome)?;
             let mut owner = None;
             for from in [State::Running, State::Queued] {
                 owner = st

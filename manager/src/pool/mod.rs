@@ -144,7 +144,9 @@ impl Running {
         Running {
             id: spec.id,
             attempt: spec.attempt,
-            deadline: spec.walltime_ms.map(|ms| now + Duration::from_millis(ms)),
+            deadline: spec
+                .walltime_ms
+                .map(|ms| now + fnx_protocol::bounded_ms(ms)),
             forced: None,
             kill_at: None,
             peak_rss: 0,
