@@ -156,7 +156,7 @@ fn print_plan(args: ManagerArgs) -> u8 {
     let (topo, allowed) = match &topo_file {
         Some(f) => match std::fs::read_to_string(f)
             .map_err(|e| e.to_string())
-            .and_then(|t| Topology::from_hwloc_xml(&t))
+            .and_then(|t| Topology::from_hwloc_xml(&t).map_err(|e| e.to_string()))
         {
             Ok(t) => {
                 let all = t.pus.iter().map(|p| p.os).collect();

@@ -12,6 +12,34 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use thiserror::Error;
+
+/// Why a block cannot be rendered or submitted.
+#[derive(Debug, Error)]
+pub enum BlockError {
+    /// The pool's managers connect to an interface without an address.
+    #[error("network interface {0:?} has no IPv4 address on this host (see `ip -br addr`)")]
+    NoAddress(String),
+    /// The fnx executable the batch script runs cannot be found.
+    #[error("cannot find fnx: {0}")]
+    Fnx(std::io::Error),
+    /// The batch script cannot be written.
+    #[error(transparent)]
+    Render(#[from] script::RenderError),
+    /// A block file cannot be written.
+    #[error("cannot {what} {path}: {source}", path = .path.display())]
+    File {
+        /// What was done: `create`, `write`, `make executable`.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The submit command failed.
+    #[error(transparent)]
+    Command(#[from] provider::CommandError),
+}
 use std::time::{Duration, Instant};
 
 /// What `/v1/status` shows of a pool's blocks.
@@ -208,7 +236,7 @@ impl BlockPool {
     }
 
     /// The batch script and launch line of block `block` (also `fnx config check`'s dry run).
-    pub fn render(&self, block: u64) -> Result<(BlockFiles, script::Rendered), String> {
+    pub fn render(&self, block: u64) -> Result<(BlockFiles, script::Rendered), BlockError> {
         let (mut files, rendered) =
             render_block(&self.cfg, &self.run_dir, &self.template, &self.fnx, block)?;
         files.job_id = self.files(block).job_id;
@@ -437,8 +465,7 @@ impl BlockPool {
             let out = match &self.user {
                 None => {
                     write_script(&files.script, &rendered.script)?;
-                    run_command(&argv, &files.dir, self.cfg.submit_timeout)
-                        .map_err(|e| e.to_string())?
+                    run_command(&argv, &files.dir, self.cfg.submit_timeout)?
                 }
                 Some(u) => {
                     // The user writes the block's directory and script and submits it: the
@@ -460,12 +487,10 @@ impl BlockPool {
                         stdin: Some(rendered.script.clone().into_bytes()),
                         ..u.runner.clone()
                     };
-                    run_command_with(&wrapped, Path::new("/"), self.cfg.submit_timeout, &runner)
-                        .map_err(|e| e.to_string())?
+                    run_command_with(&wrapped, Path::new("/"), self.cfg.submit_timeout, &runner)?
                 }
             };
-            let job =
-                provider::parse_submit(self.cfg.spec.provider, &out).map_err(|e| e.to_string())?;
+            let job = provider::parse_submit(self.cfg.spec.provider, &out)?;
             let _ = std::fs::write(&files.job_id, format!("{job}\n"));
             Ok((files, job))
         });
@@ -494,7 +519,7 @@ impl BlockPool {
                     None => "submit.error".to_string(),
                 };
                 let _ = std::fs::write(dir.join(name), format!("{e}\n"));
-                self.scaler.submit_failed(now, &e);
+                self.scaler.submit_failed(now, &e.to_string());
                 self.publish();
                 false
             }
@@ -547,17 +572,13 @@ pub fn manager_endpoint(
     bound: &str,
     interchange_address: &str,
     connect: &Connect,
-) -> Result<String, String> {
+) -> Result<String, BlockError> {
     let port = bound.rsplit(':').next().unwrap_or("0");
     let host = match connect {
         Connect::Interchange => interchange_address.to_string(),
         Connect::Address(a) => a.clone(),
         Connect::Interface(i) => fnx_sys::node::interface_ipv4(i)
-            .ok_or_else(|| {
-                format!(
-                    "network interface {i:?} has no IPv4 address on this host (see `ip -br addr`)"
-                )
-            })?
+            .ok_or_else(|| BlockError::NoAddress(i.clone()))?
             .to_string(),
     };
     Ok(if host.contains(':') {
@@ -575,7 +596,7 @@ pub fn render_block(
     template: &ManagerBootstrap,
     fnx: &Path,
     block: u64,
-) -> Result<(BlockFiles, script::Rendered), String> {
+) -> Result<(BlockFiles, script::Rendered), BlockError> {
     let files = BlockFiles::new(cfg.spec.provider, run_dir, block);
     let mut b = template.clone();
     b.uid = format!("block-{block}.{{rank}}");
@@ -592,17 +613,21 @@ pub fn render_block(
     );
     let mut argv = vec![fnx.display().to_string()];
     argv.extend(fnx_launcher::manager_args(&b));
-    let rendered = script::render(&cfg.spec, block, &files, &argv).map_err(|e| e.to_string())?;
+    let rendered = script::render(&cfg.spec, block, &files, &argv)?;
     Ok((files, rendered))
 }
 
-fn write_script(path: &Path, text: &str) -> Result<(), String> {
+fn write_script(path: &Path, text: &str) -> Result<(), BlockError> {
     use std::os::unix::fs::PermissionsExt;
+    fn failed(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BlockError {
+        let path = path.to_path_buf();
+        move |source| BlockError::File { what, path, source }
+    }
     let dir = path.parent().expect("a block file has a directory");
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    std::fs::create_dir_all(dir).map_err(failed("create", dir))?;
+    std::fs::write(path, text).map_err(failed("write", path))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| format!("cannot make {} executable: {e}", path.display()))
+        .map_err(failed("make executable", path))
 }
 
 /// The marker of a block whose job has ended (not adopted after a restart).

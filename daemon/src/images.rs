@@ -3,6 +3,7 @@
 //! ready (or failing them with the build's error).
 
 use crate::builds::{BuildInfo, BuildState, Builds};
+use crate::invalid::Invalid;
 use fnx_interchange::driver::Handle;
 use fnx_protocol::{ErrorKind, FunctionContainer, FunctionId, Runtime, TaskError};
 use serde_json::{json, Map, Value};
@@ -10,38 +11,43 @@ use std::sync::Arc;
 
 /// Parse a registration's `container` object: `{"image": "...", "runtime": "apptainer"}`
 /// (runtime optional: the pool's).
-pub fn parse_container(v: &Value) -> Result<FunctionContainer, String> {
+pub fn parse_container(v: &Value) -> Result<FunctionContainer, Invalid> {
     let Value::Object(m) = v else {
-        return Err("container: must be an object with \"image\" (and \"runtime\")".into());
+        return Err(Invalid::at(
+            "container",
+            "must be an object with \"image\" (and \"runtime\")",
+        ));
     };
     if let Some(k) = m
         .keys()
         .find(|k| !["image", "runtime"].contains(&k.as_str()))
     {
-        return Err(format!(
-            "container.{k}: unknown field (known: image, runtime)"
+        return Err(Invalid::at(
+            format!("container.{k}"),
+            "unknown field (known: image, runtime)",
         ));
     }
     let image = match m.get("image") {
         Some(Value::String(s)) if !s.trim().is_empty() => s.trim().to_string(),
         _ => {
-            return Err(
-                "container.image: required (a .sif path, a registry reference, ...); to build \
-                 an image from packages, give dependencies instead"
-                    .into(),
-            )
+            return Err(Invalid::at(
+                "container.image",
+                "required (a .sif path, a registry reference, ...); to build an image from \
+                 packages, give dependencies instead",
+            ))
         }
     };
-    fnx_protocol::container::check_image(&image).map_err(|e| format!("container.image: {e}"))?;
+    fnx_protocol::container::check_image(&image)
+        .map_err(|e| Invalid::at("container.image", e.to_string()))?;
     let runtime = match m.get("runtime") {
         None | Some(Value::Null) => None,
         Some(Value::String(r)) => Some(Runtime::parse(r).ok_or_else(|| {
-            format!(
-                "container.runtime: {r:?} is not apptainer, singularity, docker, podman, \
-                 shifter or custom"
+            Invalid::at(
+                "container.runtime",
+                format!("{r:?} is not apptainer, singularity, docker, podman, shifter or custom"),
             )
         })?),
-        Some(_) => return Err("container.runtime: must be a string".into()),
+        Some(_) => return Err(Invalid::at("container.runtime", "must be a string")),
     };
     Ok(FunctionContainer { runtime, image })
 }
@@ -168,7 +174,7 @@ mod tests {
             (json!({"image": "--privileged"}), "starts with '-'"),
             (json!({"image": "a\nb"}), "control characters"),
         ] {
-            let e = parse_container(&bad).unwrap_err();
+            let e = parse_container(&bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
         assert_eq!(

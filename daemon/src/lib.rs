@@ -33,6 +33,7 @@ pub mod builds;
 pub mod config;
 pub mod identity;
 pub mod images;
+pub mod invalid;
 pub mod keys;
 pub mod local;
 pub mod lock;

@@ -55,11 +55,10 @@ pub fn b64(data: &[u8]) -> String {
 }
 
 /// Decode base64 (standard alphabet, padding optional).
-pub fn unb64(text: &str) -> Result<Vec<u8>, String> {
+pub fn unb64(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
     base64::engine::general_purpose::STANDARD
         .decode(text.trim_end_matches('='))
         .or_else(|_| base64::engine::general_purpose::STANDARD.decode(text))
-        .map_err(|e| e.to_string())
 }
 
 /// The API form of a task, serialised straight from the row (no intermediate JSON tree: the

@@ -9,6 +9,129 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// Why a function's signature could not be read from its source.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    /// The interpreter could not be started.
+    #[error("cannot run {python} to read the function's signature: {source}")]
+    Spawn {
+        /// The interpreter.
+        python: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The reader ran out of time.
+    #[error(
+        "reading the function's signature took longer than {secs} s; the source is too large \
+         or too complex to register"
+    )]
+    Timeout {
+        /// Its time limit.
+        secs: f64,
+    },
+    /// The reader ran out of memory.
+    #[error(
+        "reading the function's signature needed more than {mib} MiB of memory; the source is \
+         too large or too complex to register"
+    )]
+    Memory {
+        /// Its memory limit.
+        mib: u64,
+    },
+    /// The reader failed without an answer.
+    #[error("{python} could not read the function's signature ({status}): {stderr}")]
+    Failed {
+        /// The interpreter.
+        python: String,
+        /// How it ended.
+        status: std::process::ExitStatus,
+        /// What it wrote on its standard error.
+        stderr: String,
+    },
+    /// The source is not what can be registered (a syntax error with its line, no such entry):
+    /// the reader's message.
+    #[error("{0}")]
+    Source(String),
+    /// The reader answered something else than a signature.
+    #[error("unexpected signature from {python}: {source}")]
+    Unexpected {
+        /// The interpreter.
+        python: String,
+        /// Why it does not decode.
+        source: serde_json::Error,
+    },
+}
+
+/// Why a task's arguments do not bind to its function's parameters (the message follows the
+/// function's name, as Python's does: `f() takes 2 positional arguments but 3 were given`).
+#[derive(Debug, Error)]
+pub enum BindError {
+    /// Neither an array nor an object.
+    #[error("arguments must be a JSON array (positional) or object (keywords), got {0}")]
+    NotArguments(&'static str),
+    /// More positional arguments than parameters.
+    #[error("takes {takes} positional argument{} but {given} were given", plural(*.takes))]
+    TooManyPositional {
+        /// Positional parameters.
+        takes: usize,
+        /// Positional arguments.
+        given: usize,
+    },
+    /// A parameter given by position and by name.
+    #[error("got multiple values for parameter '{0}'")]
+    Multiple(String),
+    /// A positional-only parameter given by name.
+    #[error("parameter '{0}' is positional-only")]
+    PositionalOnly(String),
+    /// No parameter of this name.
+    #[error("has no parameter '{0}'")]
+    NoSuchParameter(String),
+    /// A required parameter not given.
+    #[error("missing required parameter '{0}'")]
+    Missing(String),
+    /// No field of a shell template of this name.
+    #[error("has no parameter '{name}' (the template's parameters: {shown})")]
+    NoSuchField {
+        /// The name given.
+        name: String,
+        /// The template's parameters (the first of them).
+        shown: String,
+    },
+    /// Another number of values than the template has fields.
+    #[error("the template takes {takes} parameters ({shown}), got {given} values")]
+    FieldCount {
+        /// Fields.
+        takes: usize,
+        /// The template's parameters (the first of them).
+        shown: String,
+        /// Values given.
+        given: usize,
+    },
+    /// A shell value that is not a string, number or boolean.
+    #[error("the value of parameter '{name}' must be a string or number, got {got}")]
+    NotScalar {
+        /// The parameter.
+        name: String,
+        /// What it got.
+        got: &'static str,
+    },
+    /// Shell arguments that are not JSON.
+    #[error("not valid JSON: {0}")]
+    NotJson(#[from] serde_json::Error),
+    /// Shell arguments neither an object nor an array.
+    #[error("shell arguments must be an object {{param: value}} or an array, got {0}")]
+    NotShellArguments(&'static str),
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
 
 /// How a parameter can be passed (Python's `inspect.Parameter.kind`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,7 +208,7 @@ const MAX_OUTPUT: u64 = 4 << 20;
 /// Read the signature of `entry` in `source` with `python`. `Err` is a message for the user
 /// (syntax error with its line, entry not found, the reading took too long or too much
 /// memory) or names the interpreter that failed.
-pub fn from_python_source(python: &str, source: &str, entry: &str) -> Result<Signature, String> {
+pub fn from_python_source(python: &str, source: &str, entry: &str) -> Result<Signature, ReadError> {
     read_bounded(python, source, entry, READ_TIMEOUT, READ_MEMORY_BYTES)
 }
 
@@ -97,7 +220,7 @@ fn read_bounded(
     entry: &str,
     timeout: Duration,
     memory: u64,
-) -> Result<Signature, String> {
+) -> Result<Signature, ReadError> {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(python);
     cmd.args(["-I", "-c", READ_SIGNATURE])
@@ -122,9 +245,10 @@ fn read_bounded(
             limit(libc::RLIMIT_CPU, cpu)
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {python} to read the function's signature: {e}"))?;
+    let mut child = cmd.spawn().map_err(|source| ReadError::Spawn {
+        python: python.to_string(),
+        source,
+    })?;
     let req = serde_json::json!({"source": source, "entry": entry}).to_string();
     let stdin = child.stdin.take();
     let writer = std::thread::spawn(move || {
@@ -162,30 +286,26 @@ fn read_bounded(
         stderr.join().unwrap_or_default(),
     );
     let Some(status) = status else {
-        return Err(format!(
-            "reading the function's signature took longer than {} s; the source is too large \
-             or too complex to register",
-            timeout.as_secs_f64()
-        ));
+        return Err(ReadError::Timeout {
+            secs: timeout.as_secs_f64(),
+        });
     };
     let stderr = String::from_utf8_lossy(&stderr);
     if stderr.contains("MemoryError") {
-        return Err(format!(
-            "reading the function's signature needed more than {} MiB of memory; the source \
-             is too large or too complex to register",
-            memory >> 20
-        ));
+        return Err(ReadError::Memory { mib: memory >> 20 });
     }
-    let v: Value = serde_json::from_slice(&stdout).map_err(|_| {
-        format!(
-            "{python} could not read the function's signature ({status}): {}",
-            stderr.trim()
-        )
+    let v: Value = serde_json::from_slice(&stdout).map_err(|_| ReadError::Failed {
+        python: python.to_string(),
+        status,
+        stderr: stderr.trim().to_string(),
     })?;
     if let Some(err) = v.get("error").and_then(Value::as_str) {
-        return Err(err.to_string());
+        return Err(ReadError::Source(err.to_string()));
     }
-    serde_json::from_value(v).map_err(|e| format!("unexpected signature from {python}: {e}"))
+    serde_json::from_value(v).map_err(|source| ReadError::Unexpected {
+        python: python.to_string(),
+        source,
+    })
 }
 
 /// The signature of a shell template: one parameter per field, in order.
@@ -205,17 +325,12 @@ pub fn of_shell(params: &[String]) -> Signature {
 impl Signature {
     /// Check that JSON arguments (an array: positional; an object: keywords) bind to the
     /// parameters, as Python's call rules would. `Err` names the parameter.
-    pub fn check_binding(&self, args: &Value) -> Result<(), String> {
+    pub fn check_binding(&self, args: &Value) -> Result<(), BindError> {
         let (npos, keys): (usize, Vec<&str>) = match args {
             Value::Array(a) => (a.len(), Vec::new()),
             Value::Object(m) => (0, m.keys().map(String::as_str).collect()),
             Value::Null => (0, Vec::new()),
-            other => {
-                return Err(format!(
-                    "arguments must be a JSON array (positional) or object (keywords), got {}",
-                    json_type(other)
-                ))
-            }
+            other => return Err(BindError::NotArguments(json_type(other))),
         };
         let positional: Vec<&Param> = self
             .params
@@ -229,11 +344,10 @@ impl Signature {
             .collect();
         let has = |k: ParamKind| self.params.iter().any(|p| p.kind == k);
         if npos > positional.len() && !has(ParamKind::VarPositional) {
-            return Err(format!(
-                "takes {} positional argument{} but {npos} were given",
-                positional.len(),
-                if positional.len() == 1 { "" } else { "s" }
-            ));
+            return Err(BindError::TooManyPositional {
+                takes: positional.len(),
+                given: npos,
+            });
         }
         let mut bound: Vec<&str> = positional
             .iter()
@@ -249,20 +363,20 @@ impl Signature {
                     ) =>
                 {
                     if bound.contains(&k) {
-                        return Err(format!("got multiple values for parameter '{k}'"));
+                        return Err(BindError::Multiple(k.to_string()));
                     }
                     bound.push(k);
                 }
                 _ if has(ParamKind::VarKeyword) => {}
-                Some(_) => return Err(format!("parameter '{k}' is positional-only")),
-                None => return Err(format!("has no parameter '{k}'")),
+                Some(_) => return Err(BindError::PositionalOnly(k.to_string())),
+                None => return Err(BindError::NoSuchParameter(k.to_string())),
             }
         }
         for p in &self.params {
             let required = p.default.is_none()
                 && !matches!(p.kind, ParamKind::VarPositional | ParamKind::VarKeyword);
             if required && !bound.contains(&p.name.as_str()) {
-                return Err(format!("missing required parameter '{}'", p.name));
+                return Err(BindError::Missing(p.name.clone()));
             }
         }
         Ok(())
@@ -294,61 +408,54 @@ fn shown(params: &[String]) -> String {
 /// Turn JSON arguments of a shell task (their text) into the values of the template's
 /// parameters, in order: an object `{param: value}` or an array in parameter order; values are
 /// strings, numbers (passed as written: `1e3` stays `1e3`, every digit kept) or booleans.
-pub fn shell_values(params: &[String], text: &[u8]) -> Result<Vec<String>, String> {
+pub fn shell_values(params: &[String], text: &[u8]) -> Result<Vec<String>, BindError> {
     use serde_json::value::RawValue;
-    let scalar = |name: &str, raw: &RawValue| -> Result<String, String> {
-        match serde_json::from_str::<Value>(raw.get()) {
-            Ok(Value::String(s)) => Ok(s),
-            Ok(Value::Number(_) | Value::Bool(_)) => Ok(raw.get().trim().to_string()),
-            Ok(other) => Err(format!(
-                "the value of parameter '{name}' must be a string or number, got {}",
-                json_type(&other)
-            )),
-            Err(e) => Err(format!(
-                "the value of parameter '{name}' is not valid JSON: {e}"
-            )),
+    // Each raw value is part of a document that has parsed already.
+    let scalar = |name: &str, raw: &RawValue| -> Result<String, BindError> {
+        match serde_json::from_str::<Value>(raw.get())? {
+            Value::String(s) => Ok(s),
+            Value::Number(_) | Value::Bool(_) => Ok(raw.get().trim().to_string()),
+            other => Err(BindError::NotScalar {
+                name: name.to_string(),
+                got: json_type(&other),
+            }),
         }
     };
-    let shape: Value = serde_json::from_slice(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let shape: Value = serde_json::from_slice(text)?;
     match shape {
         Value::Object(m) => {
             // Linear in parameters and keys (issue 12: `contains` per key was quadratic).
             let known: std::collections::HashSet<&str> =
                 params.iter().map(String::as_str).collect();
             if let Some(k) = m.keys().find(|k| !known.contains(k.as_str())) {
-                return Err(format!(
-                    "has no parameter '{k}' (the template's parameters: {})",
-                    shown(params)
-                ));
+                return Err(BindError::NoSuchField {
+                    name: k.clone(),
+                    shown: shown(params),
+                });
             }
             let raw: std::collections::HashMap<String, Box<RawValue>> =
-                serde_json::from_slice(text).map_err(|e| e.to_string())?;
+                serde_json::from_slice(text)?;
             params
                 .iter()
                 .map(|p| match raw.get(p) {
                     Some(v) => scalar(p, v),
-                    None => Err(format!("missing required parameter '{p}'")),
+                    None => Err(BindError::Missing(p.clone())),
                 })
                 .collect()
         }
         Value::Array(a) => {
             if a.len() != params.len() {
-                return Err(format!(
-                    "the template takes {} parameters ({}), got {} values",
-                    params.len(),
-                    shown(params),
-                    a.len()
-                ));
+                return Err(BindError::FieldCount {
+                    takes: params.len(),
+                    shown: shown(params),
+                    given: a.len(),
+                });
             }
-            let raw: Vec<Box<RawValue>> =
-                serde_json::from_slice(text).map_err(|e| e.to_string())?;
+            let raw: Vec<Box<RawValue>> = serde_json::from_slice(text)?;
             params.iter().zip(&raw).map(|(p, v)| scalar(p, v)).collect()
         }
         Value::Null if params.is_empty() => Ok(Vec::new()),
-        other => Err(format!(
-            "shell arguments must be an object {{param: value}} or an array, got {}",
-            json_type(&other)
-        )),
+        other => Err(BindError::NotShellArguments(json_type(&other))),
     }
 }
 
@@ -401,7 +508,8 @@ mod tests {
             Duration::from_millis(300),
             1 << 30,
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("took longer than 0.3 s"), "{e}");
         assert!(t0.elapsed() < Duration::from_secs(10));
     }
@@ -411,7 +519,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // The real interpreter, asked to allocate 2 GiB under a 256 MiB limit.
         let python = fake_python(dir.path(), "exec python3 -c 'bytearray(2 << 30)'");
-        let e = read_bounded(&python, "", "f", Duration::from_secs(10), 256 << 20).unwrap_err();
+        let e = read_bounded(&python, "", "f", Duration::from_secs(10), 256 << 20)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("more than 256 MiB of memory"), "{e}");
     }
 
@@ -426,9 +536,13 @@ mod tests {
 
     #[test]
     fn syntax_errors_and_missing_entries_are_explained() {
-        let e = from_python_source("python3", "def f(:\n", "f").unwrap_err();
+        let e = from_python_source("python3", "def f(:\n", "f")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 1"), "{e}");
-        let e = from_python_source("python3", "def g():\n    pass\n", "f").unwrap_err();
+        let e = from_python_source("python3", "def g():\n    pass\n", "f")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("'f'") && e.contains("g"), "{e}");
     }
 
@@ -437,17 +551,18 @@ mod tests {
         let s = sig();
         assert!(s.check_binding(&json!({"x": 1, "z": 3})).is_ok());
         assert!(s.check_binding(&json!({"x": 1, "y": 1, "z": 3})).is_ok());
-        let e = s.check_binding(&json!({"x": 1})).unwrap_err();
+        let e = s.check_binding(&json!({"x": 1})).unwrap_err().to_string();
         assert!(e.contains("'z'"), "{e}");
         let e = s
             .check_binding(&json!({"x": 1, "z": 1, "w": 2}))
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("'w'"), "{e}");
-        let e = s.check_binding(&json!([1, 2, 3])).unwrap_err();
+        let e = s.check_binding(&json!([1, 2, 3])).unwrap_err().to_string();
         assert!(e.contains("2 positional"), "{e}");
-        let e = s.check_binding(&json!([1])).unwrap_err();
+        let e = s.check_binding(&json!([1])).unwrap_err().to_string();
         assert!(e.contains("'z'"), "{e}");
-        let e = s.check_binding(&json!("x")).unwrap_err();
+        let e = s.check_binding(&json!("x")).unwrap_err().to_string();
         assert!(e.contains("a string"), "{e}");
         let var = from_python_source("python3", "def v(*a, **k):\n    pass\n", "v").unwrap();
         assert!(var.check_binding(&json!([1, 2, 3])).is_ok());
@@ -465,10 +580,17 @@ mod tests {
             v(r#"[1180591620717411303424, 3.7416573867739413e0]"#).unwrap(),
             vec!["1180591620717411303424", "3.7416573867739413e0"]
         );
-        assert!(v(r#"{"src": "a"}"#).unwrap_err().contains("'n'"));
+        assert!(v(r#"{"src": "a"}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("'n'"));
         assert!(v(r#"{"src": "a", "n": 1, "k": 2}"#)
             .unwrap_err()
+            .to_string()
             .contains("'k'"));
-        assert!(v(r#"{"src": [1], "n": 1}"#).unwrap_err().contains("'src'"));
+        assert!(v(r#"{"src": [1], "n": 1}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("'src'"));
     }
 }

@@ -21,9 +21,48 @@ pub enum JobState {
 }
 
 /// A batch command failed, timed out or printed something unexpected.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct CommandError(pub String);
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// It could not be started.
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It ran past its time limit and was killed.
+    #[error(
+        "`{command}` did not finish within {secs}s and was killed (with everything it started)"
+    )]
+    Timeout {
+        /// The command line.
+        command: String,
+        /// The limit.
+        secs: f64,
+    },
+    /// Its end could not be waited for.
+    #[error("cannot wait for `{command}`: {source}")]
+    Wait {
+        /// The command line.
+        command: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It failed: its status, and what it said (its standard error, else its output).
+    #[error("`{command}` failed ({status}): {said}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// How it ended.
+        status: std::process::ExitStatus,
+        /// What it said (at most 2,000 characters).
+        said: String,
+    },
+    /// A submit command printed no job id.
+    #[error("cannot find a job id in the submit command's output {0:?}")]
+    NoJobId(String),
+}
 
 /// The command that submits a block's script.
 pub fn submit_argv(spec: &BlockSpec, files: &BlockFiles) -> Vec<String> {
@@ -92,10 +131,7 @@ pub fn parse_submit(provider: Provider, stdout: &str) -> Result<String, CommandE
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-[]".contains(&b));
     if !ok {
-        return Err(CommandError(format!(
-            "cannot find a job id in the submit command's output {:?}",
-            truncate(stdout, 300)
-        )));
+        return Err(CommandError::NoJobId(truncate(stdout, 300).to_string()));
     }
     Ok(id.to_string())
 }
@@ -257,12 +293,11 @@ impl Output {
         } else {
             self.stderr.trim()
         };
-        CommandError(format!(
-            "`{}` failed ({}): {}",
-            argv.join(" "),
-            self.status,
-            truncate(said, 2000)
-        ))
+        CommandError::Failed {
+            command: argv.join(" "),
+            status: self.status,
+            said: truncate(said, 2000).to_string(),
+        }
     }
 }
 
@@ -344,9 +379,10 @@ fn run(
             cmd.pre_exec(move || f());
         }
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| CommandError(format!("cannot run `{shown}`: {e}")))?;
+    let mut child = cmd.spawn().map_err(|source| CommandError::Spawn {
+        command: shown.clone(),
+        source,
+    })?;
     if let (Some(data), Some(mut pipe)) = (runner.stdin.clone(), child.stdin.take()) {
         use std::io::Write;
         // A batch script: small; written on a thread so a command that does not read cannot
@@ -384,14 +420,18 @@ fn run(
             Ok(Some(s)) => break s,
             Ok(None) if Instant::now() >= deadline => {
                 kill_group(&mut child);
-                return Err(CommandError(format!(
-                    "`{shown}` did not finish within {}s and was killed (with everything it \
-                     started)",
-                    timeout.as_secs_f64()
-                )));
+                return Err(CommandError::Timeout {
+                    command: shown.clone(),
+                    secs: timeout.as_secs_f64(),
+                });
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(e) => return Err(CommandError(format!("cannot wait for `{shown}`: {e}"))),
+            Err(source) => {
+                return Err(CommandError::Wait {
+                    command: shown.clone(),
+                    source,
+                })
+            }
         }
     };
     let mut texts = [String::new(), String::new()];
@@ -449,7 +489,7 @@ mod tests {
             "42"
         );
         let err = parse_submit(Provider::Slurm, "sbatch: error: invalid account\n").unwrap_err();
-        assert!(err.0.contains("invalid account"), "{err}");
+        assert!(err.to_string().contains("invalid account"), "{err}");
     }
 
     #[test]
@@ -511,9 +551,9 @@ mod tests {
             Duration::from_secs(5),
         )
         .unwrap_err();
-        assert!(err.0.contains("nope"), "{err}");
+        assert!(err.to_string().contains("nope"), "{err}");
         let err = run_command(&ids(&["sleep", "5"]), dir, Duration::from_millis(200)).unwrap_err();
-        assert!(err.0.contains("did not finish"), "{err}");
+        assert!(err.to_string().contains("did not finish"), "{err}");
         // A descendant that keeps the output pipe open does not hold the caller.
         let t0 = Instant::now();
         let out = run_command(
@@ -528,7 +568,7 @@ mod tests {
         );
         assert!(t0.elapsed() < Duration::from_secs(5));
         let err = run_command(&ids(&["/no/such/sbatch"]), dir, Duration::from_secs(1)).unwrap_err();
-        assert!(err.0.contains("cannot run"), "{err}");
+        assert!(err.to_string().contains("cannot run"), "{err}");
         // A qsub wrapper that explains itself on stdout.
         let err = run_command(
             &ids(&["sh", "-c", "echo bad account; exit 1"]),
@@ -536,6 +576,6 @@ mod tests {
             Duration::from_secs(5),
         )
         .unwrap_err();
-        assert!(err.0.contains("bad account"), "{err}");
+        assert!(err.to_string().contains("bad account"), "{err}");
     }
 }

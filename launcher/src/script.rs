@@ -16,8 +16,15 @@ pub struct Rendered {
 
 /// A value that cannot go into a batch script.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct RenderError(pub String);
+pub enum RenderError {
+    /// The block directory has characters batch directives cannot carry.
+    #[error(
+        "the block directory {0:?} contains whitespace, quotes or '%', which batch directives \
+         cannot carry (Slurm expands %j and the like in file names); choose a data_dir or \
+         shared_dir without them"
+    )]
+    Directory(String),
+}
 
 /// Render block `block` of `spec`; `manager` is the manager's whole command line (the `fnx`
 /// executable first). Values pasted into directives must be single words; paths must have no
@@ -33,11 +40,7 @@ pub fn render(
         .chars()
         .any(|c| c.is_whitespace() || c == '"' || c == '\'' || c == '%')
     {
-        return Err(RenderError(format!(
-            "the block directory {dir:?} contains whitespace, quotes or '%', which batch \
-             directives cannot carry (Slurm expands %j and the like in file names); choose a \
-             data_dir or shared_dir without them"
-        )));
+        return Err(RenderError::Directory(dir));
     }
     let mut s = String::from("#!/bin/bash\n");
     directives(spec, block, files, &mut s);
@@ -309,6 +312,6 @@ mod tests {
             .starts_with("aprun -n 8 -N 1 -d 64 -cc none /opt/fnx/bin/fnx "));
         let bad = BlockFiles::new(Provider::Cobalt, Path::new("/my data/runs/knl"), 1);
         let err = render(&spec, 1, &bad, &manager()).unwrap_err();
-        assert!(err.0.contains("/my data"), "{err}");
+        assert!(err.to_string().contains("/my data"), "{err}");
     }
 }

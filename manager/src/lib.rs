@@ -57,10 +57,10 @@ pub enum ManagerError {
     },
     /// The placement policy cannot be carried out on this node.
     #[error("worker placement: {0}")]
-    Placement(String),
+    Placement(#[from] fnx_sys::placement::PlacementError),
     /// The container cannot be used.
     #[error("container: {0}")]
-    Container(String),
+    Container(#[from] fnx_protocol::ContainerError),
     /// The key file of an encrypted link cannot be used.
     #[error("key file {path}: {what}")]
     Keys {

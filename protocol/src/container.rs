@@ -6,6 +6,66 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use thiserror::Error;
+
+/// Why a container cannot wrap commands, or a function's container cannot run in a pool.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum ContainerError {
+    /// A `custom` runtime with no template.
+    #[error("a custom container runtime needs a template")]
+    NoTemplate,
+    /// A template without the `{cmd}` word.
+    #[error("the container template {0:?} has no {{cmd}} word (where the command goes)")]
+    NoCmdWord(String),
+    /// An image reference that would be taken for an option.
+    #[error("the image {0:?} starts with '-'")]
+    ImageLikeOption(String),
+    /// An image reference that is not one word.
+    #[error("the image {0:?} has whitespace or control characters")]
+    ImageNotOneWord(String),
+    /// A function's container with an empty image.
+    #[error(
+        "the function's container names no image (a record of an older fnx?): register the \
+         function again"
+    )]
+    NoImage,
+    /// The function names a runtime other than the pool's.
+    #[error(
+        "the function asks for the {asked} runtime, but this pool runs containers with {pool} \
+         only (its container_runtime)"
+    )]
+    NotThePoolsRuntime {
+        /// The function's runtime.
+        asked: &'static str,
+        /// The pool's.
+        pool: &'static str,
+    },
+    /// The function names a runtime, and the pool has none.
+    #[error(
+        "the function asks for the {0} runtime, but this pool has no container_runtime: a \
+         function cannot choose one the site did not configure"
+    )]
+    PoolHasNoRuntime(&'static str),
+    /// Neither the function nor the pool names a runtime.
+    #[error(
+        "the function's container image {0:?} names no runtime and this pool runs its workers \
+         on the host: name a runtime in the function's container or set the pool's \
+         container_runtime"
+    )]
+    NoRuntime(String),
+    /// The function asks for `custom`, and the pool has no template.
+    #[error(
+        "the function asks for the custom runtime, but this pool has no custom \
+         container_template"
+    )]
+    NoPoolTemplate,
+    /// The pool's custom template cannot take an image.
+    #[error(
+        "this pool's custom container_template has no {{image}}, so it cannot run the \
+         function's image {0:?}"
+    )]
+    TemplateTakesNoImage(String),
+}
 
 /// A container runtime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -84,13 +144,13 @@ impl Container {
     /// Check that the container can wrap commands: a `custom` runtime needs a template with
     /// `{cmd}`. (Without an image, a pool's container only names the runtime that functions
     /// with their own image use; see [`Container::is_for_all`].)
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ContainerError> {
         let template = self.template_text();
         match template {
-            None => Err("a custom container runtime needs a template".into()),
-            Some(t) if !t.split_whitespace().any(|w| w == "{cmd}") => Err(format!(
-                "the container template {t:?} has no {{cmd}} word (where the command goes)"
-            )),
+            None => Err(ContainerError::NoTemplate),
+            Some(t) if !t.split_whitespace().any(|w| w == "{cmd}") => {
+                Err(ContainerError::NoCmdWord(t.to_string()))
+            }
             Some(_) => Ok(()),
         }
     }
@@ -130,14 +190,12 @@ impl Container {
 }
 
 /// Check a function's image reference: one word that cannot be taken for an option.
-pub fn check_image(image: &str) -> Result<(), String> {
+pub fn check_image(image: &str) -> Result<(), ContainerError> {
     if image.starts_with('-') {
-        return Err(format!("the image {image:?} starts with '-'"));
+        return Err(ContainerError::ImageLikeOption(image.to_string()));
     }
     if image.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!(
-            "the image {image:?} has whitespace or control characters"
-        ));
+        return Err(ContainerError::ImageNotOneWord(image.to_string()));
     }
     Ok(())
 }
@@ -165,61 +223,32 @@ impl FunctionContainer {
     /// host): with the pool's runtime and template. A function may name a runtime only when it
     /// is the pool's (the pool's runtime is the allow-list). An error says why it cannot run
     /// there (another runtime, no runtime known, a `custom` runtime without a template).
-    pub fn resolve(&self, pool: Option<&Container>) -> Result<Container, String> {
+    pub fn resolve(&self, pool: Option<&Container>) -> Result<Container, ContainerError> {
         if self.image.trim().is_empty() {
-            return Err(
-                "the function's container names no image (a record of an older fnx?): register \
-                 the function again"
-                    .into(),
-            );
+            return Err(ContainerError::NoImage);
         }
         check_image(&self.image)?;
         let runtime = match (self.runtime, pool) {
             // The pool's runtime is its allow-list: a function cannot pick a runtime the
             // site did not configure for this pool (docker on an apptainer pool, say).
             (Some(r), Some(p)) if r != p.runtime => {
-                return Err(format!(
-                    "the function asks for the {} runtime, but this pool runs containers with {} \
-                     only (its container_runtime)",
-                    r.name(),
-                    p.runtime.name()
-                ))
+                return Err(ContainerError::NotThePoolsRuntime {
+                    asked: r.name(),
+                    pool: p.runtime.name(),
+                })
             }
-            (Some(r), None) => {
-                return Err(format!(
-                    "the function asks for the {} runtime, but this pool has no \
-                     container_runtime: a function cannot choose one the site did not configure",
-                    r.name()
-                ))
-            }
+            (Some(r), None) => return Err(ContainerError::PoolHasNoRuntime(r.name())),
             (Some(r), Some(_)) => r,
             (None, Some(p)) => p.runtime,
-            (None, None) => {
-                return Err(format!(
-                    "the function's container image {:?} names no runtime and this pool runs \
-                     its workers on the host: name a runtime in the function's container or \
-                     set the pool's container_runtime",
-                    self.image
-                ))
-            }
+            (None, None) => return Err(ContainerError::NoRuntime(self.image.clone())),
         };
         let template = pool
             .filter(|p| p.runtime == runtime)
             .and_then(|p| p.template.clone());
         match &template {
-            None if runtime == Runtime::Custom => {
-                return Err(
-                    "the function asks for the custom runtime, but this pool has no custom \
-                     container_template"
-                        .into(),
-                )
-            }
+            None if runtime == Runtime::Custom => return Err(ContainerError::NoPoolTemplate),
             Some(t) if runtime == Runtime::Custom && !t.contains("{image}") => {
-                return Err(format!(
-                    "this pool's custom container_template has no {{image}}, so it cannot run \
-                     the function's image {:?}",
-                    self.image
-                ))
+                return Err(ContainerError::TemplateTakesNoImage(self.image.clone()))
             }
             _ => {}
         }
@@ -277,7 +306,11 @@ mod tests {
             "bwrap --ro-bind / / --bind /r /r python3 -u worker.py"
         );
         c.template = Some("bwrap --ro-bind / / sh -c '{cmd}'".into());
-        assert!(c.validate().unwrap_err().contains("no {cmd} word"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("no {cmd} word"));
         c.template = None;
         assert!(c.validate().is_err());
         // Without an image, a pool's container only names the runtime for functions' images.
@@ -311,18 +344,23 @@ mod tests {
             c.wrap(Path::new("/r"), &cmd())[..3],
             ["rec", "alpha", "bwrap"]
         );
-        assert!(f.resolve(None).unwrap_err().contains("names no runtime"));
+        assert!(f
+            .resolve(None)
+            .unwrap_err()
+            .to_string()
+            .contains("names no runtime"));
         let a = FunctionContainer {
             runtime: Some(Runtime::Apptainer),
             image: "/img.sif".into(),
         };
         assert_eq!(a.key(), "apptainer:/img.sif");
         // Issue 11: a function cannot pick a runtime its pool did not configure.
-        let e = a.resolve(Some(&bwrap)).unwrap_err();
+        let e = a.resolve(Some(&bwrap)).unwrap_err().to_string();
         assert!(e.contains("apptainer") && e.contains("custom only"), "{e}");
         assert!(a
             .resolve(None)
             .unwrap_err()
+            .to_string()
             .contains("no container_runtime"));
         let apptainer_pool = Container {
             runtime: Runtime::Apptainer,
@@ -341,6 +379,7 @@ mod tests {
                 ..bwrap.clone()
             }))
             .unwrap_err()
+            .to_string()
             .contains("container_template"));
         let sandbox = Container {
             template: Some("bwrap {cmd}".into()),
@@ -349,6 +388,7 @@ mod tests {
         assert!(f
             .resolve(Some(&sandbox))
             .unwrap_err()
+            .to_string()
             .contains("has no {image}"));
         for bad in ["--privileged", "a b", "x\ny"] {
             let e = FunctionContainer {
@@ -363,6 +403,7 @@ mod tests {
         }
         .resolve(None)
         .unwrap_err()
+        .to_string()
         .contains("image"));
         // Not docker on a pool that never configured it, whatever the image.
         let docker = FunctionContainer {

@@ -22,7 +22,7 @@ pub mod shell;
 pub mod task;
 
 pub use bootstrap::ManagerBootstrap;
-pub use container::{Container, FunctionContainer, Runtime};
+pub use container::{Container, ContainerError, FunctionContainer, Runtime};
 pub use curve::{Credentials, KeyFile, KeyFileError};
 pub use frame::{
     decode, encode, FrameError, DEFAULT_MAX_FRAME_BYTES, LARGEST_RESULT_BYTES, PROTOCOL_VERSION,
@@ -30,8 +30,8 @@ pub use frame::{
 pub use ids::{Attempt, BlockId, FunctionId, ManagerId, TaskId, WorkerId};
 pub use messages::{InterchangeToManager, ManagerToInterchange, Register, WarmWorkers};
 pub use task::{
-    split_env, Encoding, ErrorKind, FileSource, FunctionBody, FunctionDef, Outcome, Payload,
-    TaskError, TaskFile, TaskResult, TaskSpec, ENV_OWNER_SEP,
+    split_env, Encoding, ErrorKind, FileNameError, FileSource, FunctionBody, FunctionDef, Outcome,
+    Payload, TaskError, TaskFile, TaskResult, TaskSpec, ENV_OWNER_SEP,
 };
 
 /// The longest wait any message or setting can ask for: a billion seconds (31 years). Longer

@@ -185,22 +185,31 @@ pub enum FileSource {
 
 impl TaskFile {
     /// Check a file name: a plain name, no directory part. `Err` says what is wrong.
-    pub fn check_name(name: &str) -> Result<(), String> {
+    pub fn check_name(name: &str) -> Result<(), FileNameError> {
         if name.is_empty()
             || name == "."
             || name == ".."
             || name.contains('/')
             || name.contains('\0')
         {
-            return Err(format!(
-                "{name:?} is not a plain file name (no '/', not '.' or '..')"
-            ));
+            return Err(FileNameError::NotPlain(name.to_string()));
         }
         if name.len() > 255 {
-            return Err("a file name may have at most 255 bytes".into());
+            return Err(FileNameError::TooLong);
         }
         Ok(())
     }
+}
+
+/// Why a task's file name cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FileNameError {
+    /// A path, `.`, `..`, empty, or with a NUL byte.
+    #[error("{0:?} is not a plain file name (no '/', not '.' or '..')")]
+    NotPlain(String),
+    /// Longer than a file name can be.
+    #[error("a file name may have at most 255 bytes")]
+    TooLong,
 }
 
 /// Why a task failed. Every failure carries exactly one kind.

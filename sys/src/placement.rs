@@ -7,6 +7,67 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+/// Why a topology, a CPU list or a placement cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    /// hwloc's XML is not what `lstopo --of xml` writes.
+    #[error("{0}")]
+    Hwloc(&'static str),
+    /// A cpuset word is not hexadecimal.
+    #[error("bad cpuset {text:?}: {source}")]
+    Cpuset {
+        /// The cpuset.
+        text: String,
+        /// Why.
+        source: std::num::ParseIntError,
+    },
+    /// A CPU list has a word that is not a CPU number.
+    #[error("{word:?} in {list:?} is not a CPU number")]
+    NotCpu {
+        /// The word.
+        word: String,
+        /// The list.
+        list: String,
+    },
+    /// A CPU range runs backwards, or is larger than any machine.
+    #[error("{0:?} is not a CPU range")]
+    NotRange(String),
+    /// Not a policy's name.
+    #[error(
+        "{0:?} is not a cpu_affinity (none, block, block-reverse, alternating, numa, \
+         list:CPUS:CPUS...)"
+    )]
+    NotAffinity(String),
+    /// A `list:` policy with another number of lists than workers.
+    #[error("cpu_affinity list: gives {lists} CPU lists for {slots} workers")]
+    ListCount {
+        /// Lists given.
+        lists: usize,
+        /// Workers.
+        slots: usize,
+    },
+    /// A `list:` policy names a CPU outside the manager's.
+    #[error("cpu_affinity list: CPU {cpu} is not one this manager may use ({allowed})")]
+    NotAllowed {
+        /// The CPU.
+        cpu: u32,
+        /// The CPUs the manager may use.
+        allowed: String,
+    },
+    /// More workers than CPUs to pin them to.
+    #[error(
+        "{slots} workers cannot each get a CPU of the {units} this manager may use ({allowed})"
+    )]
+    TooFewCpus {
+        /// Workers.
+        slots: usize,
+        /// CPUs (cores, or hardware threads).
+        units: usize,
+        /// The CPUs the manager may use.
+        allowed: String,
+    },
+}
+
 /// One hardware thread (hwloc "PU").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pu {
@@ -103,7 +164,7 @@ impl Topology {
 
     /// Parse hwloc's XML export (`lstopo --of xml`): PUs under their cores and packages, NUMA
     /// nodes matched by cpuset. Only what placement needs is read.
-    pub fn from_hwloc_xml(text: &str) -> Result<Topology, String> {
+    pub fn from_hwloc_xml(text: &str) -> Result<Topology, PlacementError> {
         // Open objects: (type, os_index, sequence number of the object in the file).
         let mut stack: Vec<(String, Option<u32>, usize)> = Vec::new();
         let mut seen = 0usize;
@@ -113,7 +174,9 @@ impl Topology {
         let mut rest = text;
         while let Some(start) = rest.find('<') {
             rest = &rest[start..];
-            let end = rest.find('>').ok_or("unterminated tag")?;
+            let end = rest
+                .find('>')
+                .ok_or(PlacementError::Hwloc("unterminated tag"))?;
             let tag = &rest[1..end];
             rest = &rest[end + 1..];
             if tag.starts_with("/object") {
@@ -125,15 +188,17 @@ impl Topology {
             };
             seen += 1;
             let closed = attrs.trim_end().ends_with('/');
-            let ty = attr(attrs, "type").ok_or("an object without a type")?;
+            let ty =
+                attr(attrs, "type").ok_or(PlacementError::Hwloc("an object without a type"))?;
             let os = attr(attrs, "os_index").and_then(|v| v.parse::<u32>().ok());
             match ty {
                 "NUMANode" => {
-                    let set = attr(attrs, "cpuset").ok_or("a NUMANode without a cpuset")?;
+                    let set = attr(attrs, "cpuset")
+                        .ok_or(PlacementError::Hwloc("a NUMANode without a cpuset"))?;
                     numa_sets.push((os.unwrap_or(numa_sets.len() as u32), parse_cpuset(set)?));
                 }
                 "PU" => {
-                    let os = os.ok_or("a PU without os_index")?;
+                    let os = os.ok_or(PlacementError::Hwloc("a PU without os_index"))?;
                     // Its core: the nearest Core object (a PU without one is its own core).
                     let key = stack
                         .iter()
@@ -162,7 +227,9 @@ impl Topology {
             }
         }
         if pus.is_empty() {
-            return Err("no PU objects: not an hwloc XML topology".into());
+            return Err(PlacementError::Hwloc(
+                "no PU objects: not an hwloc XML topology",
+            ));
         }
         for pu in &mut pus {
             if let Some((id, _)) = numa_sets.iter().find(|(_, set)| set.contains(&pu.os)) {
@@ -194,7 +261,7 @@ fn attr<'a>(attrs: &'a str, name: &str) -> Option<&'a str> {
 
 /// An hwloc cpuset (`0xffffffff,0x0000000f`: 32-bit words, most significant first) as CPU
 /// numbers.
-fn parse_cpuset(text: &str) -> Result<Vec<u32>, String> {
+fn parse_cpuset(text: &str) -> Result<Vec<u32>, PlacementError> {
     let mut cpus = Vec::new();
     let words: Vec<&str> = text.split(',').collect();
     for (i, w) in words.iter().rev().enumerate() {
@@ -203,7 +270,10 @@ fn parse_cpuset(text: &str) -> Result<Vec<u32>, String> {
         let bits = if w.is_empty() {
             0
         } else {
-            u32::from_str_radix(w, 16).map_err(|e| format!("bad cpuset {text:?}: {e}"))?
+            u32::from_str_radix(w, 16).map_err(|source| PlacementError::Cpuset {
+                text: text.to_string(),
+                source,
+            })?
         };
         for b in 0..32 {
             if bits & (1 << b) != 0 {
@@ -215,19 +285,20 @@ fn parse_cpuset(text: &str) -> Result<Vec<u32>, String> {
 }
 
 /// A Linux CPU list (`0-3,8,10-11`).
-pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>, String> {
+pub fn parse_cpu_list(text: &str) -> Result<Vec<u32>, PlacementError> {
     let mut out = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let num = |s: &str| {
-            s.trim()
-                .parse::<u32>()
-                .map_err(|_| format!("{s:?} in {text:?} is not a CPU number"))
+            s.trim().parse::<u32>().map_err(|_| PlacementError::NotCpu {
+                word: s.to_string(),
+                list: text.to_string(),
+            })
         };
         match part.split_once('-') {
             Some((a, b)) => {
                 let (a, b) = (num(a)?, num(b)?);
                 if a > b || b - a > 65536 {
-                    return Err(format!("{part:?} is not a CPU range"));
+                    return Err(PlacementError::NotRange(part.to_string()));
                 }
                 out.extend(a..=b);
             }
@@ -271,8 +342,8 @@ impl fmt::Display for CpuAffinity {
 }
 
 impl FromStr for CpuAffinity {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = PlacementError;
+    fn from_str(s: &str) -> Result<Self, PlacementError> {
         Ok(match s {
             "none" => CpuAffinity::None,
             "block" => CpuAffinity::Block,
@@ -286,12 +357,7 @@ impl FromStr for CpuAffinity {
                         .map(parse_cpu_list)
                         .collect::<Result<_, _>>()?,
                 ),
-                None => {
-                    return Err(format!(
-                        "{other:?} is not a cpu_affinity (none, block, block-reverse, \
-                         alternating, numa, list:CPUS:CPUS...)"
-                    ))
-                }
+                None => return Err(PlacementError::NotAffinity(other.to_string())),
             },
         })
     }
@@ -315,7 +381,7 @@ pub fn plan(
     affinity: &CpuAffinity,
     slots: usize,
     accelerators: &[String],
-) -> Result<Vec<SlotPlan>, String> {
+) -> Result<Vec<SlotPlan>, PlacementError> {
     if slots == 0 {
         return Ok(Vec::new());
     }
@@ -323,17 +389,17 @@ pub fn plan(
         CpuAffinity::None => vec![Vec::new(); slots],
         CpuAffinity::List(lists) => {
             if lists.len() != slots {
-                return Err(format!(
-                    "cpu_affinity list: gives {} CPU lists for {slots} workers",
-                    lists.len()
-                ));
+                return Err(PlacementError::ListCount {
+                    lists: lists.len(),
+                    slots,
+                });
             }
             for l in lists {
                 if let Some(c) = l.iter().find(|c| !allowed.contains(c)) {
-                    return Err(format!(
-                        "cpu_affinity list: CPU {c} is not one this manager may use ({})",
-                        cpu_list(allowed)
-                    ));
+                    return Err(PlacementError::NotAllowed {
+                        cpu: *c,
+                        allowed: cpu_list(allowed),
+                    });
                 }
             }
             lists.clone()
@@ -396,7 +462,7 @@ fn split(
     allowed: &[u32],
     affinity: &CpuAffinity,
     slots: usize,
-) -> Result<Vec<Vec<u32>>, String> {
+) -> Result<Vec<Vec<u32>>, PlacementError> {
     let cores = topo.cores(allowed);
     // Units to hand out: whole cores when there are enough, else single hardware threads.
     let units: Vec<Vec<Pu>> = if cores.len() >= slots {
@@ -405,11 +471,11 @@ fn split(
         cores.into_iter().flatten().map(|p| vec![p]).collect()
     };
     if units.len() < slots {
-        return Err(format!(
-            "{slots} workers cannot each get a CPU of the {} this manager may use ({})",
-            units.len(),
-            cpu_list(allowed)
-        ));
+        return Err(PlacementError::TooFewCpus {
+            slots,
+            units: units.len(),
+            allowed: cpu_list(allowed),
+        });
     }
     let per = units.len() / slots;
     let ids = |us: &[Vec<Pu>]| -> Vec<u32> { us.iter().flatten().map(|p| p.os).collect() };
@@ -612,7 +678,7 @@ mod tests {
             "list:0-1,8:2-3".parse::<CpuAffinity>().unwrap(),
             CpuAffinity::List(vec![vec![0, 1, 8], vec![2, 3]])
         );
-        let err = "blocky".parse::<CpuAffinity>().unwrap_err();
+        let err = "blocky".parse::<CpuAffinity>().unwrap_err().to_string();
         assert!(err.contains("block-reverse"), "{err}");
     }
 

@@ -102,7 +102,9 @@ fn knl_reverse_alternating_and_one_slot_per_hardware_thread() {
     assert_eq!(per_pu[0].cpus, vec![0]);
     assert_eq!(per_pu[1].cpus, vec![64]);
     assert_eq!(per_pu[4].cpus, vec![1]);
-    let err = plan(&t, &all(&t), &policy("block"), 300, &[]).unwrap_err();
+    let err = plan(&t, &all(&t), &policy("block"), 300, &[])
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("300 workers") && err.contains("0-255"),
         "{err}"
@@ -180,9 +182,13 @@ fn polaris_gpus_and_a_restricted_cpuset() {
     let allowed: Vec<u32> = (0..8).chain(32..40).collect();
     let p = plan(&t, &allowed, &policy("block"), 2, &[]).unwrap();
     assert_eq!(p[0].cpus, vec![0, 32, 1, 33, 2, 34, 3, 35]);
-    let err = plan(&t, &allowed, &policy("list:0-3:40-41"), 2, &[]).unwrap_err();
+    let err = plan(&t, &allowed, &policy("list:0-3:40-41"), 2, &[])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("CPU 40") && err.contains("0-7,32-39"), "{err}");
-    let err = plan(&t, &allowed, &policy("list:0-3"), 2, &[]).unwrap_err();
+    let err = plan(&t, &allowed, &policy("list:0-3"), 2, &[])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("1 CPU lists for 2 workers"), "{err}");
     let p = plan(&t, &allowed, &policy("list:0-3:4-7"), 2, &[]).unwrap();
     assert_eq!(p[1].cpus, vec![4, 5, 6, 7]);

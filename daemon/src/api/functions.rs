@@ -53,11 +53,11 @@ async fn container(
 ) -> Result<(Option<FunctionContainer>, Option<String>), ApiError> {
     let named = match m.get("container") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(images::parse_container(v).map_err(ApiError::bad)?),
+        Some(v) => Some(images::parse_container(v)?),
     };
     let deps = match m.get("dependencies") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(recipe::parse(v).map_err(ApiError::bad)?),
+        Some(v) => Some(recipe::parse(v)?),
     };
     spec.insert(
         "container".into(),

@@ -163,6 +163,12 @@ pub struct ApiError {
     message: String,
 }
 
+impl From<crate::invalid::Invalid> for ApiError {
+    fn from(e: crate::invalid::Invalid) -> ApiError {
+        ApiError::bad(e.to_string())
+    }
+}
+
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {

@@ -3,6 +3,7 @@
 
 use super::functions::owned;
 use super::{json_response, read_body, ApiError, ApiResult, App, Caller, MSGPACK};
+use crate::invalid::Invalid;
 use crate::records::{unb64, FunctionRow};
 use crate::signature::{self, Signature};
 use crate::store::writer::{Cmd, TaskInput};
@@ -87,45 +88,68 @@ struct Raw {
     priority: i32,
     walltime: Option<f64>,
     retries: u32,
-    /// Input files: (name, inline bytes or else an absolute path).
-    files: Vec<(String, Result<Vec<u8>, String>)>,
+    /// Input files.
+    files: Vec<RawFile>,
     /// Its own memory limit, MiB.
     memory_mb: Option<u64>,
 }
 
-type RawFile = (String, Result<Vec<u8>, String>);
+/// An input file as given: its name, and its bytes or a path (not checked yet).
+type RawFile = (String, RawSource);
+
+/// Where an input file's bytes are, as given.
+enum RawSource {
+    /// In the request.
+    Inline(Vec<u8>),
+    /// At this path (it must be absolute).
+    Path(String),
+}
+
+/// Why a task's input files cannot be taken.
+enum FilesError {
+    /// A name or a path.
+    Invalid(Invalid),
+    /// The inline bytes, more than the payload limit leaves.
+    TooLarge {
+        /// Inline bytes.
+        inline: usize,
+        /// What the limit leaves.
+        room: usize,
+    },
+}
 
 /// Check input files: plain unique names, absolute paths, and the inline bytes within what is
 /// left of the payload limit.
-fn check_files(files: Vec<RawFile>, room: usize) -> Result<Vec<TaskFile>, String> {
+fn check_files(files: Vec<RawFile>, room: usize) -> Result<Vec<TaskFile>, FilesError> {
     let mut out: Vec<TaskFile> = Vec::with_capacity(files.len());
     let mut inline = 0usize;
     // Linear in the number of files (issue 12: a pairwise check was quadratic).
     let mut seen = std::collections::HashSet::with_capacity(files.len());
     for (j, (name, source)) in files.into_iter().enumerate() {
-        TaskFile::check_name(&name).map_err(|e| format!("files[{j}].name: {e}"))?;
+        let bad = |field: &str, why: String| {
+            FilesError::Invalid(Invalid::at(format!("files[{j}].{field}"), why))
+        };
+        TaskFile::check_name(&name).map_err(|e| bad("name", e.to_string()))?;
         if !seen.insert(name.clone()) {
-            return Err(format!("files[{j}].name: {name:?} appears twice"));
+            return Err(bad("name", format!("{name:?} appears twice")));
         }
         let source = match source {
-            Ok(bytes) => {
+            RawSource::Inline(bytes) => {
                 inline += bytes.len();
                 FileSource::Inline(bytes)
             }
-            Err(path) if path.starts_with('/') => FileSource::Path(path),
-            Err(path) => {
-                return Err(format!(
-                    "files[{j}].path: must be an absolute path, got {path:?}"
+            RawSource::Path(path) if path.starts_with('/') => FileSource::Path(path),
+            RawSource::Path(path) => {
+                return Err(bad(
+                    "path",
+                    format!("must be an absolute path, got {path:?}"),
                 ))
             }
         };
         out.push(TaskFile { name, source });
     }
     if inline > room {
-        return Err(format!(
-            "files: {inline} bytes of inline files exceed what the payload limit leaves ({room} \
-             bytes, limits.max_payload_mb); pass large files by \"path\" on a shared filesystem"
-        ));
+        return Err(FilesError::TooLarge { inline, room });
     }
     Ok(out)
 }
@@ -229,7 +253,8 @@ impl Checker<'_> {
                 };
                 let args: Value = serde_json::from_slice(&text)
                     .map_err(|e| at(format!("args: not valid JSON: {e}")))?;
-                let bind_err = |e: String| at(format!("args: function {function} ({name}) {e}"));
+                let bind_err =
+                    |e: signature::BindError| at(format!("args: function {function} ({name}) {e}"));
                 if let Some(params) = &t.shell_params {
                     let values = signature::shell_values(params, &text).map_err(bind_err)?;
                     serde_json::to_vec(&values).expect("strings serialise")
@@ -265,12 +290,13 @@ impl Checker<'_> {
         if raw.retries > 100 {
             return Err(at(format!("retries: at most 100, got {}", raw.retries)));
         }
-        let files = check_files(raw.files, max_payload - data.len()).map_err(|m| {
-            if m.starts_with("files: ") {
-                ApiError::too_large(format!("tasks[{i}].{m}"))
-            } else {
-                at(m)
-            }
+        let files = check_files(raw.files, max_payload - data.len()).map_err(|e| match e {
+            FilesError::TooLarge { inline, room } => ApiError::too_large(format!(
+                "tasks[{i}].files: {inline} bytes of inline files exceed what the payload limit \
+                 leaves ({room} bytes, limits.max_payload_mb); pass large files by \"path\" on \
+                 a shared filesystem"
+            )),
+            FilesError::Invalid(e) => at(e.to_string()),
         })?;
         let worker_mb = self.app.pool(&pool).and_then(|p| p.mem_per_worker_mb);
         let memory_mb = match (raw.memory_mb, worker_mb) {
@@ -304,12 +330,13 @@ impl Checker<'_> {
     }
 }
 
-fn encoding_of(text: Option<&str>) -> Result<Encoding, String> {
+fn encoding_of(text: Option<&str>) -> Result<Encoding, Invalid> {
     match text {
         None | Some("json") => Ok(Encoding::Json),
         Some("pickle") => Ok(Encoding::Pickle),
-        Some(other) => Err(format!(
-            "encoding: must be \"json\" or \"pickle\", got {other:?}"
+        Some(other) => Err(Invalid::at(
+            "encoding",
+            format!("must be \"json\" or \"pickle\", got {other:?}"),
         )),
     }
 }
@@ -346,7 +373,8 @@ fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
             .ok_or_else(|| at(format!("function: must be a function id, got {f}")))?,
         None => return Err(at("function: required".into())),
     };
-    let encoding = encoding_of(m.get("encoding").and_then(Value::as_str)).map_err(at)?;
+    let encoding =
+        encoding_of(m.get("encoding").and_then(Value::as_str)).map_err(|e| at(e.to_string()))?;
     let data = match m.get("data_b64") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => {
@@ -401,7 +429,7 @@ fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
         Some(Value::Array(a)) => a
             .into_iter()
             .enumerate()
-            .map(|(j, f)| file_from_json(j, f).map_err(&at))
+            .map(|(j, f)| file_from_json(j, f).map_err(|e| at(e.to_string())))
             .collect::<Result<_, _>>()?,
         Some(other) => {
             return Err(at(format!(
@@ -425,33 +453,38 @@ fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
 }
 
 /// `{"name": ..., "data_b64": ...}` or `{"name": ..., "path": ...}`.
-fn file_from_json(j: usize, f: Value) -> Result<RawFile, String> {
+fn file_from_json(j: usize, f: Value) -> Result<RawFile, Invalid> {
+    let here = format!("files[{j}]");
     let Value::Object(m) = f else {
-        return Err(format!(
-            "files[{j}]: must be an object {{\"name\", \"data_b64\" or \"path\"}}"
+        return Err(Invalid::at(
+            here,
+            "must be an object {\"name\", \"data_b64\" or \"path\"}",
         ));
     };
     if let Some(k) = m
         .keys()
         .find(|k| !["name", "data_b64", "path"].contains(&k.as_str()))
     {
-        return Err(format!(
-            "files[{j}].{k}: unknown field (known: name, data_b64, path)"
+        return Err(Invalid::at(
+            format!("{here}.{k}"),
+            "unknown field (known: name, data_b64, path)",
         ));
     }
     let name = m
         .get("name")
         .and_then(Value::as_str)
-        .ok_or_else(|| format!("files[{j}].name: required (a string)"))?;
+        .ok_or_else(|| Invalid::at(format!("{here}.name"), "required (a string)"))?;
     let data = m.get("data_b64").and_then(Value::as_str);
     let source = match (data, m.get("path").and_then(Value::as_str)) {
-        (Some(d), None) => {
-            Ok(unb64(d).map_err(|e| format!("files[{j}].data_b64: not base64: {e}"))?)
-        }
-        (None, Some(p)) => Err(p.to_string()),
+        (Some(d), None) => RawSource::Inline(
+            unb64(d)
+                .map_err(|e| Invalid::at(format!("{here}.data_b64"), format!("not base64: {e}")))?,
+        ),
+        (None, Some(p)) => RawSource::Path(p.to_string()),
         _ => {
-            return Err(format!(
-                "files[{j}]: give exactly one of data_b64 and path (strings)"
+            return Err(Invalid::at(
+                here,
+                "give exactly one of data_b64 and path (strings)",
             ))
         }
     };
@@ -482,7 +515,7 @@ fn parse_submit(is_msgpack: bool, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
                 Ok(Raw {
                     function: t.function,
                     encoding: encoding_of(t.encoding.as_deref())
-                        .map_err(|m| ApiError::bad(format!("tasks[{i}].{m}")))?,
+                        .map_err(|e| ApiError::from(e.under(&format!("tasks[{i}]"))))?,
                     args: None,
                     data: t.data,
                     pool: t.pool,
@@ -495,8 +528,8 @@ fn parse_submit(is_msgpack: bool, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
                         .into_iter()
                         .enumerate()
                         .map(|(j, f)| match (f.data, f.path) {
-                            (Some(d), None) => Ok((f.name, Ok(d))),
-                            (None, Some(p)) => Ok((f.name, Err(p))),
+                            (Some(d), None) => Ok((f.name, RawSource::Inline(d))),
+                            (None, Some(p)) => Ok((f.name, RawSource::Path(p))),
                             _ => Err(ApiError::bad(format!(
                                 "tasks[{i}].files[{j}]: give exactly one of data and path"
                             ))),

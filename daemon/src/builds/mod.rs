@@ -82,7 +82,7 @@ pub struct BuildInfo {
 pub enum BuildError {
     /// The configured base image is not a plain Docker reference (why).
     #[error("the image build configuration: {0}")]
-    Base(String),
+    Base(crate::invalid::Invalid),
     /// A directory or file of the cache cannot be created or written (which, and why).
     #[error("cannot write {path}: {source}", path = .0.display(), source = .1)]
     Io(PathBuf, std::io::Error),
@@ -92,6 +92,72 @@ pub enum BuildError {
          register again once one has finished"
     )]
     UserLimit(usize),
+}
+
+/// Why an image build failed (kept, as text, in its `state.json`).
+#[derive(Debug, Error)]
+pub enum BuildFailure {
+    /// No thread for it.
+    #[error("cannot start a thread for the build: {0}")]
+    Thread(std::io::Error),
+    /// Its log cannot be written.
+    #[error("cannot write to {path}: {source}", path = .path.display())]
+    Log {
+        /// The log.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The build program cannot be started.
+    #[error("cannot run the image build program {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It ran longer than `builds.timeout_s`.
+    #[error("timed out after {0} s")]
+    Timeout(f64),
+    /// Its end could not be waited for.
+    #[error("cannot wait for {program}: {source}")]
+    Wait {
+        /// The program.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// It failed: its exit status or signal, and the last line of its log.
+    #[error("{command} {how}{}", last.as_ref().map(|l| format!(": {l}")).unwrap_or_default())]
+    Failed {
+        /// The build command.
+        command: String,
+        /// `exited with status 3`, `was killed by signal 9`.
+        how: String,
+        /// The last line it logged.
+        last: Option<String>,
+    },
+    /// It succeeded without writing the image.
+    #[error("{0} exited 0 but wrote no image")]
+    NoImage(String),
+    /// The image cannot be moved into place.
+    #[error("cannot rename {from} to {to}: {source}", from = .from.display(), to = .to.display())]
+    Rename {
+        /// The image being written.
+        from: PathBuf,
+        /// Where it goes.
+        to: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// The daemon cannot build images: the build program is not there.
+#[derive(Debug, Error)]
+#[error("the build program {program:?} was not found on PATH")]
+pub struct NoBuildProgram {
+    /// The program (`builds.command`'s first word).
+    pub program: String,
 }
 
 /// A watcher, called once when the build it waits for has ended.
@@ -191,7 +257,7 @@ impl Builds {
 
     /// The build command's program (`command[0]`) is on PATH, or is an existing executable
     /// path. Used to refuse registrations on a daemon that cannot build.
-    pub fn can_build(&self) -> Result<(), String> {
+    pub fn can_build(&self) -> Result<(), NoBuildProgram> {
         let program = self.cfg.command.first().map_or("", String::as_str);
         let runnable = |p: &Path| {
             let meta = p.metadata();
@@ -204,9 +270,9 @@ impl Builds {
         };
         match found {
             true => Ok(()),
-            false => Err(format!(
-                "the build program {program:?} was not found on PATH"
-            )),
+            false => Err(NoBuildProgram {
+                program: program.to_string(),
+            }),
         }
     }
 
@@ -357,18 +423,17 @@ impl Builds {
         };
         let thread = std::thread::Builder::new().name(format!("fnx-build-{}", &key[..12]));
         if let Err(e) = thread.spawn(build) {
-            let why = format!("cannot start a thread for the build: {e}");
-            self.finish(ret.clone(), Err(why), Duration::ZERO);
+            self.finish(ret.clone(), Err(BuildFailure::Thread(e)), Duration::ZERO);
         }
         Ok(ret)
     }
 
     /// Record the end of a build (state.json, then memory) and call its watchers.
-    fn finish(&self, mut info: BuildInfo, result: Result<(), String>, took: Duration) {
+    fn finish(&self, mut info: BuildInfo, result: Result<(), BuildFailure>, took: Duration) {
         let (key, seconds) = (&info.key[..12], took.as_secs_f64());
         info.finished = Some(now());
         info.state = if result.is_ok() { Ready } else { Failed };
-        info.error = result.err();
+        info.error = result.err().map(|e| e.to_string());
         let log = info.log.display();
         match &info.error {
             None => tracing::info!(key, seconds, "image build ready"),
@@ -441,13 +506,16 @@ impl Drop for Forget<'_> {
 
 /// One build: `command... image.sif.part image.def`, its output appended to the log, the
 /// image renamed into place on success. Err: why it failed.
-fn run(cfg: &BuildConfig, info: &BuildInfo, running: &Running) -> Result<(), String> {
+fn run(cfg: &BuildConfig, info: &BuildInfo, running: &Running) -> Result<(), BuildFailure> {
     let part = info.image.with_file_name("image.sif.part");
     // A leftover of an interrupted build (apptainer would ask before overwriting it).
     let _ = fs::remove_file(&part);
     let mut argv = cfg.command.clone();
     argv.extend([&part, &info.definition].map(|p| p.to_string_lossy().into_owned()));
-    let log_err = |e: std::io::Error| format!("cannot write to {}: {e}", info.log.display());
+    let log_err = |source| BuildFailure::Log {
+        path: info.log.clone(),
+        source,
+    };
     let mut log = fs::File::options()
         .create(true)
         .append(true)
@@ -467,9 +535,10 @@ fn run(cfg: &BuildConfig, info: &BuildInfo, running: &Running) -> Result<(), Str
     unsafe {
         child.pre_exec(|| fnx_sys::process::child_setup(libc::SIGKILL));
     }
-    let mut child = child
-        .spawn()
-        .map_err(|e| format!("cannot run the image build program {}: {e}", argv[0]))?;
+    let mut child = child.spawn().map_err(|source| BuildFailure::Spawn {
+        program: argv[0].clone(),
+        source,
+    })?;
     let pgid = child.id();
     running
         .lock()
@@ -485,8 +554,11 @@ fn run(cfg: &BuildConfig, info: &BuildInfo, running: &Running) -> Result<(), Str
                 std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
-            Ok(None) => format!("timed out after {} s", cfg.timeout.as_secs_f64()),
-            Err(e) => format!("cannot wait for {}: {e}", argv[0]),
+            Ok(None) => BuildFailure::Timeout(cfg.timeout.as_secs_f64()),
+            Err(source) => BuildFailure::Wait {
+                program: argv[0].clone(),
+                source,
+            },
         };
         // SAFETY: kill(2) of -pid signals the child's own process group (all it started too).
         unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
@@ -497,16 +569,22 @@ fn run(cfg: &BuildConfig, info: &BuildInfo, running: &Running) -> Result<(), Str
     let command = cfg.command.join(" ");
     if !status.success() {
         let how = match status.code() {
-            Some(code) => format!("{command} exited with status {code}"),
-            None => format!("{command} was killed by signal {:?}", status.signal()),
+            Some(code) => format!("exited with status {code}"),
+            None => format!("was killed by signal {:?}", status.signal()),
         };
-        let last = last_line(&info.log, from).map(|line| format!(": {line}"));
-        return Err(how + &last.unwrap_or_default());
+        return Err(BuildFailure::Failed {
+            command,
+            how,
+            last: last_line(&info.log, from),
+        });
     }
-    let (from, to) = (part.display(), info.image.display());
-    fs::rename(&part, &info.image).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => format!("{command} exited 0 but wrote no image"),
-        _ => format!("cannot rename {from} to {to}: {e}"),
+    fs::rename(&part, &info.image).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => BuildFailure::NoImage(command),
+        _ => BuildFailure::Rename {
+            from: part.clone(),
+            to: info.image.clone(),
+            source,
+        },
     })
 }
 
@@ -662,7 +740,11 @@ printf 'SIF\n' > "$1""#;
         for program in ["/nonexistent/fnx-build", "fnx-no-such-program"] {
             cfg.command = vec![program.into()];
             let b = Builds::new(cfg.clone());
-            assert!(b.can_build().unwrap_err().contains("not found on PATH"));
+            assert!(b
+                .can_build()
+                .unwrap_err()
+                .to_string()
+                .contains("not found on PATH"));
             let error = wait(&b, &b.request(&numpy(), "u").unwrap().key)
                 .error
                 .unwrap();

@@ -5,6 +5,7 @@
 //! whitespace removed, lists sorted and deduplicated) makes equivalent dependency lists write
 //! the same definition, hence share one cache key and one image.
 
+use crate::invalid::Invalid;
 use crate::signature::json_type;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -37,20 +38,29 @@ pub struct Deps {
 /// types, empty strings and items with characters outside the allowed sets are errors whose
 /// message names the exact item, e.g. `dependencies.python[2]: "numpy; rm -rf /" has
 /// characters a requirement cannot have (...)`. Both lists empty is an error too.
-pub fn parse(v: &Value) -> Result<Deps, String> {
+pub fn parse(v: &Value) -> Result<Deps, Invalid> {
     let Value::Object(m) = v else {
         let got = json_type(v);
-        return Err(format!("dependencies: must be an object, got {got}"));
+        return Err(Invalid::at(
+            "dependencies",
+            format!("must be an object, got {got}"),
+        ));
     };
     let known = |k: &&String| matches!(k.as_str(), "python" | "system");
     if let Some(k) = m.keys().find(|k| !known(k)) {
         let known = "known: python, system";
-        return Err(format!("dependencies.{k}: unknown key ({known})"));
+        return Err(Invalid::at(
+            format!("dependencies.{k}"),
+            format!("unknown key ({known})"),
+        ));
     }
     let python = list(m.get("python"), "python", python_requirement)?;
     let system = list(m.get("system"), "system", system_package)?;
     if python.is_empty() && system.is_empty() {
-        return Err("dependencies: name at least one python or system package".into());
+        return Err(Invalid::at(
+            "dependencies",
+            "name at least one python or system package",
+        ));
     }
     Ok(Deps { python, system })
 }
@@ -59,38 +69,43 @@ pub fn parse(v: &Value) -> Result<Deps, String> {
 fn list(
     v: Option<&Value>,
     which: &str,
-    norm: fn(&str) -> Result<String, String>,
-) -> Result<Vec<String>, String> {
+    norm: fn(&str) -> Result<String, Invalid>,
+) -> Result<Vec<String>, Invalid> {
     let items = match v {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(items)) => items,
         Some(other) => {
             let got = json_type(other);
-            return Err(format!(
-                "dependencies.{which}: must be an array of strings, got {got}"
+            return Err(Invalid::at(
+                format!("dependencies.{which}"),
+                format!("must be an array of strings, got {got}"),
             ));
         }
     };
     if items.len() > MAX_ITEMS {
-        return Err(format!(
-            "dependencies.{which}: {} items; at most {MAX_ITEMS} are allowed",
-            items.len()
+        return Err(Invalid::at(
+            format!("dependencies.{which}"),
+            format!("{} items; at most {MAX_ITEMS} are allowed", items.len()),
         ));
     }
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let at = format!("dependencies.{which}[{i}]");
         let Value::String(s) = item else {
-            return Err(format!("{at}: must be a string, got {}", json_type(item)));
+            return Err(Invalid::at(
+                at,
+                format!("must be a string, got {}", json_type(item)),
+            ));
         };
         let n = s.chars().count();
         if n > MAX_ITEM {
             let head: String = s.chars().take(40).collect();
-            return Err(format!(
-                "{at}: {head:?}... is {n} characters long; at most {MAX_ITEM} are allowed"
+            return Err(Invalid::at(
+                at,
+                format!("{head:?}... is {n} characters long; at most {MAX_ITEM} are allowed"),
             ));
         }
-        out.push(norm(s).map_err(|why| format!("{at}: {why}"))?);
+        out.push(norm(s).map_err(|why| why.under(&at))?);
     }
     out.sort();
     out.dedup();
@@ -132,53 +147,57 @@ fn project_name(n: &str) -> Option<String> {
 }
 
 /// One Python requirement: NAME [EXTRAS] [VERSIONS], normalised.
-fn python_requirement(item: &str) -> Result<String, String> {
+fn python_requirement(item: &str) -> Result<String, Invalid> {
     let s = item.trim();
     if s.is_empty() {
-        return Err(format!("{item:?} is empty; {REQ_HINT}"));
+        return Err(Invalid::new(format!("{item:?} is empty; {REQ_HINT}")));
     }
     if s.contains("://") {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "{item:?} is a URL; fnx installs Python packages by name from the package index \
              ({REQ_HINT})"
-        ));
+        )));
     }
     if s.contains('@') {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "{item:?} is a direct reference ('@'); give a version instead, e.g. \"name==1.0\""
-        ));
+        )));
     }
     let bad = bad_chars(s, |c| {
         c.is_ascii_alphanumeric() || " \t._-[],<>=!~*+".contains(c)
     });
     if !bad.is_empty() {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "{item:?} has characters a requirement cannot have ({bad}); {REQ_HINT}"
-        ));
+        )));
     }
     let end = s.find(|c: char| !is_name_char(c)).unwrap_or(s.len());
     let (name, rest) = s.split_at(end);
     let Some(mut out) = project_name(name) else {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "{item:?} does not start with a package name (letters, digits and . _ -, first and \
              last a letter or digit); {REQ_HINT}"
-        ));
+        )));
     };
     let mut rest = rest.trim_start();
     if rest.starts_with(is_name_char) {
-        return Err(format!("{item:?} has a space inside its name; {REQ_HINT}"));
+        return Err(Invalid::new(format!(
+            "{item:?} has a space inside its name; {REQ_HINT}"
+        )));
     }
     if let Some(r) = rest.strip_prefix('[') {
         let Some((inner, after)) = r.split_once(']') else {
-            return Err(format!("{item:?} has a '[' without its ']'; {REQ_HINT}"));
+            return Err(Invalid::new(format!(
+                "{item:?} has a '[' without its ']'; {REQ_HINT}"
+            )));
         };
         let mut extras = Vec::new();
         for e in inner.split(',') {
             let Some(e) = project_name(e.trim()) else {
-                return Err(format!(
+                return Err(Invalid::new(format!(
                     "{item:?} has an extra, {:?}, that is not a name; {REQ_HINT}",
                     e.trim()
-                ));
+                )));
             };
             extras.push(e);
         }
@@ -189,46 +208,47 @@ fn python_requirement(item: &str) -> Result<String, String> {
     }
     let version: String = rest.chars().filter(|c| !c.is_whitespace()).collect();
     if !version.is_empty() {
-        version_spec(&version).map_err(|why| format!("{item:?}: {why}; {REQ_HINT}"))?;
+        version_spec(&version)
+            .map_err(|why| Invalid::new(format!("{item:?}: {why}; {REQ_HINT}")))?;
         out.push_str(&version);
     }
     Ok(out)
 }
 
 /// The version part of a requirement (no whitespace): comma-separated OPERATOR VERSION clauses.
-fn version_spec(v: &str) -> Result<(), String> {
+fn version_spec(v: &str) -> Result<(), Invalid> {
     let version_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '*' | '+' | '!');
     let bad = bad_chars(v, |c| {
         version_char(c) || matches!(c, '<' | '>' | '=' | '~' | ',')
     });
     if !bad.is_empty() {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "the version part {v:?} has characters a version cannot have ({bad})"
-        ));
+        )));
     }
     for clause in v.split(',') {
         let Some(op) = OPERATORS.iter().find(|op| clause.starts_with(**op)) else {
-            return Err(format!(
+            return Err(Invalid::new(format!(
                 "the version part {v:?} has a clause, {clause:?}, that does not start with an \
                  operator ({})",
                 OPERATORS.join(" ")
-            ));
+            )));
         };
         let version = &clause[op.len()..];
         if version.is_empty() || !version.chars().all(version_char) {
-            return Err(format!(
+            return Err(Invalid::new(format!(
                 "the version part {v:?} has a clause, {clause:?}, that is not OPERATOR VERSION"
-            ));
+            )));
         }
     }
     Ok(())
 }
 
 /// One Debian package: NAME or NAME=VERSION, the name lowercased.
-fn system_package(item: &str) -> Result<String, String> {
+fn system_package(item: &str) -> Result<String, Invalid> {
     let s = item.trim();
     if s.is_empty() {
-        return Err(format!("{item:?} is empty; {SYS_HINT}"));
+        return Err(Invalid::new(format!("{item:?} is empty; {SYS_HINT}")));
     }
     let (name, version) = match s.split_once('=') {
         Some((n, v)) => (n.to_ascii_lowercase(), Some(v)),
@@ -237,45 +257,47 @@ fn system_package(item: &str) -> Result<String, String> {
     let name_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "+.-".contains(c);
     let bad = bad_chars(&name, name_char);
     if !bad.is_empty() {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "{item:?} has characters a Debian package name cannot have ({bad}); {SYS_HINT}"
-        ));
+        )));
     }
     if name.len() < 2 || !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "{item:?} is not a Debian package name (two or more characters, the first a \
              letter or digit); {SYS_HINT}"
-        ));
+        )));
     }
     let Some(v) = version else {
         return Ok(name);
     };
     let bad = bad_chars(v, |c| c.is_ascii_alphanumeric() || ".+~:-".contains(c));
     if v.is_empty() || !bad.is_empty() {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "{item:?} has a version, {v:?}, that is not a Debian version (letters, digits and \
              . + ~ : -); {SYS_HINT}"
-        ));
+        )));
     }
     Ok(format!("{name}={v}"))
 }
 
 /// The base image must be a plain Docker reference: `[A-Za-z0-9._/:@-]`, not empty, no
 /// leading `-`.
-pub fn check_base(base: &str) -> Result<(), String> {
+pub fn check_base(base: &str) -> Result<(), Invalid> {
     if base.is_empty() {
-        return Err(
-            "the base image is empty; give a Docker reference such as python:3.11-slim".into(),
-        );
+        return Err(Invalid::new(
+            "the base image is empty; give a Docker reference such as python:3.11-slim",
+        ));
     }
     let bad = bad_chars(base, |c| c.is_ascii_alphanumeric() || "._/:@-".contains(c));
     if !bad.is_empty() {
-        return Err(format!(
+        return Err(Invalid::new(format!(
             "the base image {base:?} has characters a Docker reference cannot have ({bad})"
-        ));
+        )));
     }
     if base.starts_with('-') {
-        return Err(format!("the base image {base:?} starts with '-'"));
+        return Err(Invalid::new(format!(
+            "the base image {base:?} starts with '-'"
+        )));
     }
     Ok(())
 }
@@ -335,7 +357,7 @@ mod tests {
     fn err(v: Value) -> String {
         match parse(&v) {
             Ok(d) => panic!("{v} was accepted: {d:?}"),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         }
     }
 
@@ -475,7 +497,7 @@ From: python:3.11-slim
             ("python:3.11\nBootstrap: localimage", "('\\n' ' ')"),
             ("a b", "(' ')"),
         ] {
-            let e = check_base(bad).expect_err(bad);
+            let e = check_base(bad).expect_err(bad).to_string();
             assert!(e.contains(want), "{bad:?}: {e}");
         }
     }

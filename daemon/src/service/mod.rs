@@ -175,7 +175,7 @@ pub fn manager_template(
 pub type DryRun = (BlockFiles, Rendered, Option<String>);
 
 /// Render pool `i`'s first block as [`DryRun`] (None: not a batch pool).
-pub fn dry_run(cfg: &SiteConfig, i: usize) -> Option<Result<DryRun, String>> {
+pub fn dry_run(cfg: &SiteConfig, i: usize) -> Option<Result<DryRun, blocks::BlockError>> {
     let p = &cfg.pools[i];
     let bc = p.blocks.as_ref()?;
     Some((|| {
@@ -205,7 +205,7 @@ pub fn dry_run(cfg: &SiteConfig, i: usize) -> Option<Result<DryRun, String>> {
                 .join(format!("{}.manager", p.name)),
         );
         let template = manager_template(cfg, p, endpoint, keys);
-        let fnx = fnx_path(bc).map_err(|e| e.to_string())?;
+        let fnx = fnx_path(bc).map_err(blocks::BlockError::Fnx)?;
         let (files, rendered) =
             blocks::render_block(bc, &pool_run_dir(cfg.shared(), &p.name), &template, &fnx, 0)?;
         Ok((files, rendered, warning))
@@ -317,7 +317,7 @@ fn start_pool(
                 &cfg.interchange.address,
                 &bc.connect,
             )
-            .map_err(pool_err)?;
+            .map_err(|e| pool_err(e.to_string()))?;
             let fnx = fnx_path(bc).map_err(|e| pool_err(format!("cannot find fnx: {e}")))?;
             tracing::info!(
                 "pool {}: {} blocks of {} nodes ({} launcher), managers connect to {endpoint}",

@@ -49,7 +49,10 @@ impl Pool<'_> {
     }
 
     /// How processes of `env` start (`Ok(None)`: on the host), or why they cannot here.
-    pub(super) fn env_wrap(&self, env: &str) -> Result<Option<&Wrap>, String> {
+    pub(super) fn env_wrap(
+        &self,
+        env: &str,
+    ) -> Result<Option<&Wrap>, fnx_protocol::ContainerError> {
         match self.envs.get(env) {
             Some(Ok(w)) => Ok(w.as_ref()),
             Some(Err(e)) => Err(e.clone()),

@@ -253,7 +253,7 @@ pub struct Pool<'a> {
     /// Start-up failures in a row per environment, with the log of the last one.
     startup_failures: HashMap<String, (u32, PathBuf)>,
     /// Worker environments: how each one's workers start (`Err`: why they cannot here).
-    envs: HashMap<String, Result<Option<crate::procs::Wrap>, String>>,
+    envs: HashMap<String, Result<Option<crate::procs::Wrap>, fnx_protocol::ContainerError>>,
     /// Python workers started per environment.
     starts: HashMap<String, u64>,
     /// The last worker report sent to the interchange, and the live workers and starts it

@@ -55,7 +55,11 @@ impl Pool<'_> {
             };
             if let Err(why) = self.env_wrap(&func.env) {
                 let spec = self.queue.pop_front().expect("front exists");
-                let e = TaskError::new(ErrorKind::ImportError, "ContainerUnavailable", why);
+                let e = TaskError::new(
+                    ErrorKind::ImportError,
+                    "ContainerUnavailable",
+                    why.to_string(),
+                );
                 self.push_result(spec.id, spec.attempt, Outcome::Err(e));
                 continue;
             }
