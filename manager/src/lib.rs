@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod link;
+pub mod pair;
 pub mod pool;
 pub mod procs;
 pub mod sandbox;

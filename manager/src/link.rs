@@ -2,9 +2,9 @@
 //! its own clock (never blocked by user work), watches for interchange silence, and relays
 //! frames between the interchange and the pool over an inproc pair.
 
-use crate::pool::tag;
+use crate::pair::{ToLink, ToPool};
 use fnx_protocol::{
-    decode, encode, FrameError, InterchangeToManager, ManagerToInterchange, Register,
+    decode, encode, peek_variant, FrameError, InterchangeToManager, ManagerToInterchange, Register,
 };
 use std::time::{Duration, Instant};
 
@@ -61,13 +61,11 @@ pub fn run(ctx: &zmq::Context, cfg: LinkConfig, register: Register, pair: zmq::S
     };
     if let Some(reason) = end {
         tracing::error!("{reason}");
-        let _ = pair.send_multipart([tag::LINK_ENDED, reason.as_bytes()], 0);
-        // Wait for the pool to acknowledge with QUIT so it is not left talking to nobody.
-        loop {
-            match pair.recv_multipart(0) {
-                Ok(parts) if parts.first().map(Vec::as_slice) == Some(tag::QUIT) => break,
-                Ok(_) => continue,
-                Err(_) => break,
+        let _ = ToPool::Ended(reason).send(&pair);
+        // Wait for the pool to acknowledge with Quit so it is not left talking to nobody.
+        while let Some(m) = ToLink::recv(&pair, 0) {
+            if matches!(m, ToLink::Quit(_)) {
+                break;
             }
         }
     }
@@ -211,20 +209,19 @@ impl Link {
                 }
             }
             if from_pool {
-                while let Ok(parts) = pair.recv_multipart(zmq::DONTWAIT) {
-                    let (Some(t), Some(body)) = (parts.first(), parts.get(1)) else {
-                        continue;
-                    };
-                    if t.as_slice() == tag::QUIT {
-                        if !body.is_empty() {
-                            self.send(&ManagerToInterchange::Bye {
-                                reason: String::from_utf8_lossy(body).into_owned(),
-                            });
+                while let Some(m) = ToLink::recv(pair, zmq::DONTWAIT) {
+                    match m {
+                        ToLink::Quit(bye) => {
+                            if let Some(reason) = bye {
+                                self.send(&ManagerToInterchange::Bye { reason });
+                            }
+                            return None;
                         }
-                        return None;
-                    }
-                    if let Err(e) = self.dealer.send(&body[..], 0) {
-                        tracing::error!("send to the interchange failed: {e}");
+                        ToLink::Send(frame) => {
+                            if let Err(e) = self.dealer.send(frame, 0) {
+                                tracing::error!("send to the interchange failed: {e}");
+                            }
+                        }
                     }
                 }
             }
@@ -261,13 +258,26 @@ impl Link {
     }
 
     fn on_frame(&mut self, frame: zmq::Message, pair: &zmq::Socket) -> Option<String> {
-        let msg = match decode::<InterchangeToManager>(&frame, self.cfg.max_frame_bytes) {
-            Ok(msg) => msg,
+        // Only the link's own messages are decoded here; the rest (task batches above all)
+        // go to the pool as received, which decodes them once.
+        let mine = match peek_variant(&frame) {
+            Ok(name) => matches!(name, "registered" | "rejected" | "heartbeat" | "reregister"),
             Err(FrameError::VersionMismatch { peer, ours }) => {
                 return Some(format!(
                     "protocol version mismatch: the interchange speaks version {peer}, this manager speaks version {ours}"
                 ))
             }
+            Err(e) => {
+                tracing::error!("ignoring a malformed message from the interchange: {e}");
+                return None;
+            }
+        };
+        if !mine {
+            let _ = ToPool::Frame(frame).send(pair);
+            return None;
+        }
+        let msg = match decode::<InterchangeToManager>(&frame, self.cfg.max_frame_bytes) {
+            Ok(msg) => msg,
             Err(e) => {
                 tracing::error!("ignoring a malformed message from the interchange: {e}");
                 return None;
@@ -300,17 +310,12 @@ impl Link {
                     self.send(&ManagerToInterchange::Register(self.register.clone()));
                     // The pool drops the tasks it has not started: the restarted interchange
                     // dispatches them again.
-                    let _ = pair
-                        .send(tag::FRAME, zmq::SNDMORE)
-                        .and_then(|()| pair.send(frame, 0));
+                    let _ = ToPool::Frame(frame).send(pair);
                 }
                 None
             }
             _ => {
-                // Forward the received message itself (no copy of large task batches).
-                let _ = pair
-                    .send(tag::FRAME, zmq::SNDMORE)
-                    .and_then(|()| pair.send(frame, 0));
+                let _ = ToPool::Frame(frame).send(pair);
                 None
             }
         }

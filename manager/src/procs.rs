@@ -5,7 +5,7 @@
 //! `FNX_RUN_ID` (the whole run), `FNX_MANAGER` (this manager) and `FNX_PROC` (this process
 //! tree), which children inherit even after `setsid` — see `fnx_sys::sweep`.
 
-use crate::wire::{def_frame, task_frame_head, FrameReader, WireError, WorkerHeader};
+use crate::wire::{def_frame, task_frame_head, FrameReader, FromWorker, WireError};
 use fnx_protocol::{FunctionBody, FunctionId, TaskSpec};
 use fnx_sys::placement::SlotPlan;
 use std::collections::HashSet;
@@ -238,7 +238,7 @@ impl PythonWorker {
     }
 
     /// Read what its stdout has, then return the complete frames.
-    pub fn read_frames(&mut self, max: usize) -> Result<Vec<(WorkerHeader, Vec<u8>)>, WireError> {
+    pub fn read_frames(&mut self, max: usize) -> Result<Vec<(FromWorker, Vec<u8>)>, WireError> {
         let eof = self.reader.fill_from(self.stdout.as_raw_fd());
         self.eof = matches!(eof, Ok(true) | Err(_));
         let mut frames = Vec::new();

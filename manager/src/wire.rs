@@ -2,7 +2,7 @@
 //! `u32 L | u32 H | H bytes of JSON header | L-4-H bytes of payload`, big-endian.
 
 use fnx_protocol::{Encoding, ErrorKind, FunctionBody, FunctionId, TaskError, TaskId};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// A worker broke the frame protocol.
@@ -21,6 +21,7 @@ pub enum WireError {
     BadHeader(String),
 }
 
+#[cfg(test)]
 fn push_frame_prefix(out: &mut Vec<u8>, header: &[u8], payload_len: usize) {
     let total = 4 + header.len() + payload_len;
     out.extend_from_slice(&(total as u32).to_be_bytes());
@@ -28,26 +29,96 @@ fn push_frame_prefix(out: &mut Vec<u8>, header: &[u8], payload_len: usize) {
     out.extend_from_slice(header);
 }
 
+/// The header of a frame from the manager to a worker.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ToWorker<'a> {
+    /// Define function `fid` (always before its first task).
+    Def {
+        /// The function.
+        fid: u64,
+        /// What it is.
+        body: Body<'a>,
+    },
+    /// Run task `tid` of function `fid`; its arguments, encoded as `enc`, are the payload.
+    Task {
+        /// The task.
+        tid: u64,
+        /// Its function.
+        fid: u64,
+        /// How the arguments are encoded.
+        enc: Encoding,
+        /// The task's own directory, holding its input files: the call runs there.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cwd: Option<String>,
+    },
+    /// Exit.
+    Exit,
+}
+
+/// A function as a worker loads it (`kind` and its fields).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Body<'a> {
+    /// `module` imported, then `qualname` looked up in it.
+    PythonRef {
+        /// The module.
+        module: &'a str,
+        /// The attribute path.
+        qualname: &'a str,
+    },
+    /// A `.py` file loaded as a module, then `name` looked up in it.
+    PythonFile {
+        /// The file.
+        path: &'a str,
+        /// The attribute path.
+        name: &'a str,
+    },
+    /// Source text run as a module, then `name` looked up in it.
+    PythonSource {
+        /// The source.
+        source: &'a str,
+        /// The attribute path.
+        name: &'a str,
+    },
+    /// A shell template (shell tasks run without a worker; defined for completeness).
+    Shell {
+        /// The template.
+        template: &'a str,
+    },
+}
+
+impl<'a> From<&'a FunctionBody> for Body<'a> {
+    fn from(b: &'a FunctionBody) -> Body<'a> {
+        match b {
+            FunctionBody::PythonRef { module, qualname } => Body::PythonRef { module, qualname },
+            FunctionBody::PythonFile { path, name } => Body::PythonFile { path, name },
+            FunctionBody::PythonSource { source, name } => Body::PythonSource { source, name },
+            FunctionBody::Shell { template } => Body::Shell { template },
+        }
+    }
+}
+
+impl ToWorker<'_> {
+    /// The frame's prefix and header; `payload_len` bytes of payload follow it on the pipe.
+    pub fn frame(&self, payload_len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96);
+        out.extend_from_slice(&[0; 8]);
+        serde_json::to_writer(&mut out, self).expect("a header serialises to memory");
+        let header = out.len() - 8;
+        out[..4].copy_from_slice(&((4 + header + payload_len) as u32).to_be_bytes());
+        out[4..8].copy_from_slice(&(header as u32).to_be_bytes());
+        out
+    }
+}
+
 /// The frame that defines a function for a worker.
 pub fn def_frame(fid: FunctionId, body: &FunctionBody) -> Vec<u8> {
-    let body = match body {
-        FunctionBody::PythonRef { module, qualname } => {
-            serde_json::json!({"kind": "python_ref", "module": module, "qualname": qualname})
-        }
-        FunctionBody::PythonFile { path, name } => {
-            serde_json::json!({"kind": "python_file", "path": path, "name": name})
-        }
-        FunctionBody::PythonSource { source, name } => {
-            serde_json::json!({"kind": "python_source", "source": source, "name": name})
-        }
-        FunctionBody::Shell { template } => {
-            serde_json::json!({"kind": "shell", "template": template})
-        }
-    };
-    let header = serde_json::json!({"op": "def", "fid": fid.0, "body": body}).to_string();
-    let mut out = Vec::with_capacity(8 + header.len());
-    push_frame_prefix(&mut out, header.as_bytes(), 0);
-    out
+    ToWorker::Def {
+        fid: fid.0,
+        body: body.into(),
+    }
+    .frame(0)
 }
 
 /// The head of a task frame; the argument bytes follow it on the pipe.
@@ -58,50 +129,60 @@ pub fn task_frame_head(
     args_len: usize,
     cwd: Option<&std::path::Path>,
 ) -> Vec<u8> {
-    // `cwd`: the task's own directory holding its input files; the worker runs the call there.
-    let cwd = cwd.map_or(String::new(), |d| {
-        format!(
-            r#","cwd":{}"#,
-            serde_json::Value::String(d.display().to_string())
-        )
-    });
-    let header = format!(
-        r#"{{"op":"task","tid":{},"fid":{},"enc":"{}"{cwd}}}"#,
-        tid.0,
-        fid.0,
-        enc.as_str()
-    );
-    let mut out = Vec::with_capacity(8 + header.len());
-    push_frame_prefix(&mut out, header.as_bytes(), args_len);
-    out
+    ToWorker::Task {
+        tid: tid.0,
+        fid: fid.0,
+        enc,
+        cwd: cwd.map(|d| d.display().to_string()),
+    }
+    .frame(args_len)
 }
 
 /// The frame that tells a worker to exit.
 pub fn exit_frame() -> Vec<u8> {
-    let mut out = Vec::new();
-    push_frame_prefix(&mut out, br#"{"op":"exit"}"#, 0);
-    out
+    ToWorker::Exit.frame(0)
+}
+
+/// The kind of a task's failure as a worker reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerErrorKind {
+    /// The function could not be loaded.
+    ImportError,
+    /// The arguments could not be read or bound.
+    BadInput,
+    /// The result cannot be encoded.
+    NotSerializable,
+    /// The result is larger than allowed.
+    ResultTooLarge,
+    /// The function raised (and any kind this manager does not know, from a newer worker).
+    #[serde(other)]
+    Exception,
 }
 
 /// An error as a worker reports it.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 pub struct WorkerError {
-    kind: String,
+    /// What failed.
+    pub kind: WorkerErrorKind,
+    /// The exception's type.
     #[serde(rename = "type")]
-    type_name: String,
-    message: String,
-    traceback: Option<String>,
+    pub type_name: String,
+    /// Its message.
+    pub message: String,
+    /// Its traceback.
+    pub traceback: Option<String>,
 }
 
 impl WorkerError {
-    /// As a protocol error; an unknown kind is reported as `exception`.
+    /// As a protocol error.
     pub fn into_task_error(self) -> TaskError {
-        let kind = match self.kind.as_str() {
-            "import_error" => ErrorKind::ImportError,
-            "bad_input" => ErrorKind::BadInput,
-            "not_serializable" => ErrorKind::NotSerializable,
-            "result_too_large" => ErrorKind::ResultTooLarge,
-            _ => ErrorKind::Exception,
+        let kind = match self.kind {
+            WorkerErrorKind::ImportError => ErrorKind::ImportError,
+            WorkerErrorKind::BadInput => ErrorKind::BadInput,
+            WorkerErrorKind::NotSerializable => ErrorKind::NotSerializable,
+            WorkerErrorKind::ResultTooLarge => ErrorKind::ResultTooLarge,
+            WorkerErrorKind::Exception => ErrorKind::Exception,
         };
         TaskError {
             kind,
@@ -112,25 +193,75 @@ impl WorkerError {
     }
 }
 
-/// A frame header from a worker.
-#[derive(Debug, Deserialize)]
-pub struct WorkerHeader {
-    /// `ready` or `result`.
-    pub op: String,
-    /// The task a result belongs to.
-    pub tid: Option<u64>,
-    /// Whether the task succeeded.
-    pub ok: Option<bool>,
-    /// The encoding of a successful result.
-    pub enc: Option<String>,
-    /// The failure, if not ok.
-    pub error: Option<WorkerError>,
-    /// The worker's pid (`ready`).
-    pub pid: Option<u32>,
-    /// The worker's Python version (`ready`).
-    pub python: Option<String>,
-    /// The worker's interpreter, resolved (`ready`).
-    pub executable: Option<String>,
+/// The header of a frame from a worker.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FromWorker {
+    /// Started and ready for work (its first frame).
+    Ready {
+        /// Its pid.
+        pid: u32,
+        /// Its Python version (`3.11.7`).
+        python: String,
+        /// Its interpreter, resolved (`sys.executable`).
+        executable: String,
+    },
+    /// Task `tid` ended: its result's encoding (the payload is the result), or its error.
+    Result {
+        /// The task.
+        tid: TaskId,
+        /// How it ended.
+        outcome: Result<Encoding, WorkerError>,
+    },
+}
+
+/// The header as it is on the pipe: every field of every op (decoded without buffering, then
+/// checked into a [`FromWorker`]).
+#[derive(Deserialize)]
+struct RawHeader {
+    op: Op,
+    tid: Option<u64>,
+    ok: Option<bool>,
+    enc: Option<Encoding>,
+    error: Option<WorkerError>,
+    pid: Option<u32>,
+    python: Option<String>,
+    executable: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Op {
+    Ready,
+    Result,
+}
+
+impl FromWorker {
+    /// Decode a header: its op and the fields that op must have.
+    pub fn decode(header: &[u8]) -> Result<FromWorker, WireError> {
+        let h: RawHeader =
+            serde_json::from_slice(header).map_err(|e| WireError::BadHeader(e.to_string()))?;
+        let missing = |what: &str| WireError::BadHeader(format!("a {what} without its fields"));
+        match h.op {
+            Op::Ready => Ok(FromWorker::Ready {
+                pid: h.pid.ok_or_else(|| missing("ready"))?,
+                python: h.python.ok_or_else(|| missing("ready"))?,
+                executable: h.executable.ok_or_else(|| missing("ready"))?,
+            }),
+            Op::Result => {
+                let tid = TaskId(h.tid.ok_or_else(|| missing("result"))?);
+                let outcome =
+                    match (h.ok, h.enc, h.error) {
+                        (Some(true), Some(enc), None) => Ok(enc),
+                        (Some(false), None, Some(error)) => Err(error),
+                        _ => return Err(WireError::BadHeader(
+                            "a result must have ok true with its enc, or ok false with its error"
+                                .into(),
+                        )),
+                    };
+                Ok(FromWorker::Result { tid, outcome })
+            }
+        }
+    }
 }
 
 /// Splits the byte stream from a worker into frames.
@@ -189,7 +320,7 @@ impl FrameReader {
     }
 
     /// The next complete frame, if one is buffered.
-    pub fn next_frame(&mut self, max: usize) -> Result<Option<(WorkerHeader, Vec<u8>)>, WireError> {
+    pub fn next_frame(&mut self, max: usize) -> Result<Option<(FromWorker, Vec<u8>)>, WireError> {
         let avail = &self.buf[self.start..];
         if avail.len() < 8 {
             return Ok(None);
@@ -207,8 +338,7 @@ impl FrameReader {
         if avail.len() < 4 + total {
             return Ok(None);
         }
-        let header: WorkerHeader = serde_json::from_slice(&avail[8..8 + hlen])
-            .map_err(|e| WireError::BadHeader(e.to_string()))?;
+        let header = FromWorker::decode(&avail[8..8 + hlen])?;
         let payload = avail[8 + hlen..4 + total].to_vec();
         self.start += 4 + total;
         Ok(Some((header, payload)))
@@ -235,8 +365,14 @@ mod tests {
         }
         let (h, payload) = r.next_frame(1 << 20).unwrap().unwrap();
         assert_eq!(
-            (h.op.as_str(), h.tid, h.ok, payload.as_slice()),
-            ("result", Some(3), Some(true), &b"42"[..])
+            (h, payload.as_slice()),
+            (
+                FromWorker::Result {
+                    tid: TaskId(3),
+                    outcome: Ok(Encoding::Json)
+                },
+                &b"42"[..]
+            )
         );
         assert!(r.next_frame(1 << 20).unwrap().is_none());
     }
@@ -250,12 +386,19 @@ mod tests {
             0
         );
         let mut frame = Vec::new();
-        push_frame_prefix(&mut frame, br#"{"op":"ready","pid":1}"#, 0);
+        push_frame_prefix(
+            &mut frame,
+            br#"{"op":"ready","pid":1,"python":"3.12.1","executable":"/usr/bin/python3"}"#,
+            0,
+        );
         // SAFETY: writing a local buffer to our pipe.
         unsafe { libc::write(fds[1], frame.as_ptr().cast(), frame.len()) };
         let mut r = FrameReader::default();
         assert!(!r.fill_from(fds[0]).unwrap(), "open pipe, no eof");
-        assert_eq!(r.next_frame(1 << 20).unwrap().unwrap().0.pid, Some(1));
+        assert!(matches!(
+            r.next_frame(1 << 20).unwrap().unwrap().0,
+            FromWorker::Ready { pid: 1, .. }
+        ));
         // SAFETY: closing the fds we opened.
         unsafe { libc::close(fds[1]) };
         assert!(r.fill_from(fds[0]).unwrap(), "eof after close");
@@ -276,5 +419,166 @@ mod tests {
             r.next_frame(1 << 20),
             Err(WireError::BadHeader(_))
         ));
+    }
+
+    /// The frames both sides agree on (`sdk/python/tests/golden/worker_frames.json`, which
+    /// the Python worker's tests check too).
+    fn golden(direction: &str) -> Vec<(String, Vec<u8>)> {
+        let text = include_str!("../../sdk/python/tests/golden/worker_frames.json");
+        let doc: serde_json::Value = serde_json::from_str(text).unwrap();
+        doc[direction]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let (header, payload) = (
+                    f["header"].as_str().unwrap(),
+                    f["payload"].as_str().unwrap(),
+                );
+                let mut frame = Vec::new();
+                push_frame_prefix(&mut frame, header.as_bytes(), payload.len());
+                frame.extend_from_slice(payload.as_bytes());
+                (f["name"].as_str().unwrap().to_string(), frame)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_manager_writes_the_golden_frames_byte_for_byte() {
+        let source = FunctionBody::PythonSource {
+            source: "def double(x):\n    return 2 * x\n".into(),
+            name: "double".into(),
+        };
+        let neg = FunctionBody::PythonRef {
+            module: "operator".into(),
+            qualname: "neg".into(),
+        };
+        let with_payload = |mut head: Vec<u8>, payload: &[u8]| {
+            head.extend_from_slice(payload);
+            head
+        };
+        let ours: Vec<(&str, Vec<u8>)> = vec![
+            ("def_python_source", def_frame(FunctionId(1), &source)),
+            ("def_python_ref", def_frame(FunctionId(2), &neg)),
+            (
+                "task_json",
+                with_payload(
+                    task_frame_head(TaskId(7), FunctionId(1), Encoding::Json, 4, None),
+                    b"[21]",
+                ),
+            ),
+            (
+                "task_in_cwd",
+                with_payload(
+                    task_frame_head(
+                        TaskId(8),
+                        FunctionId(2),
+                        Encoding::Json,
+                        3,
+                        Some(std::path::Path::new("/")),
+                    ),
+                    b"[5]",
+                ),
+            ),
+            ("exit", exit_frame()),
+        ];
+        let golden = golden("manager_to_worker");
+        assert_eq!(golden.len(), ours.len());
+        for ((name, frame), (our_name, ours)) in golden.iter().zip(&ours) {
+            assert_eq!(name, our_name);
+            assert_eq!(
+                String::from_utf8_lossy(&ours[8..]),
+                String::from_utf8_lossy(&frame[8..]),
+                "{name}"
+            );
+            assert_eq!(&ours[..8], &frame[..8], "{name}: the length prefix");
+        }
+    }
+
+    #[test]
+    fn the_golden_frames_of_a_worker_decode_to_their_typed_headers() {
+        let mut r = FrameReader::default();
+        let golden = golden("worker_to_manager");
+        for (_, frame) in &golden {
+            r.push(frame);
+        }
+        let mut got = Vec::new();
+        while let Some((h, payload)) = r.next_frame(1 << 20).unwrap() {
+            got.push((h, String::from_utf8(payload).unwrap()));
+        }
+        let ok = |tid, value: &str| {
+            (
+                FromWorker::Result {
+                    tid: TaskId(tid),
+                    outcome: Ok(Encoding::Json),
+                },
+                value.to_string(),
+            )
+        };
+        let want = vec![
+            (
+                FromWorker::Ready {
+                    pid: 4242,
+                    python: "3.11.7".into(),
+                    executable: "/usr/bin/python3".into(),
+                },
+                String::new(),
+            ),
+            ok(7, "42"),
+            ok(8, "-5"),
+            (
+                FromWorker::Result {
+                    tid: TaskId(9),
+                    outcome: Err(WorkerError {
+                        kind: WorkerErrorKind::Exception,
+                        type_name: "ValueError".into(),
+                        message: "boom".into(),
+                        traceback: Some(
+                            "Traceback (most recent call last):\nValueError: boom\n".into(),
+                        ),
+                    }),
+                },
+                String::new(),
+            ),
+        ];
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_worker_header_missing_its_fields_or_with_an_unknown_op_is_a_protocol_error() {
+        for bad in [
+            r#"{"op":"hello"}"#,
+            r#"{"tid":1,"ok":true,"enc":"json"}"#,
+            r#"{"op":"result","tid":1}"#,
+            r#"{"op":"result","ok":true,"enc":"json"}"#,
+            r#"{"op":"result","tid":1,"ok":true}"#,
+            r#"{"op":"result","tid":1,"ok":false}"#,
+            r#"{"op":"result","tid":1,"ok":true,"enc":"yaml"}"#,
+            r#"{"op":"result","tid":-1,"ok":true,"enc":"json"}"#,
+            r#"{"op":"result","tid":1,"ok":true,"enc":"json","error":{"kind":"exception","type":"E","message":"m","traceback":null}}"#,
+            r#"{"op":"ready","pid":1}"#,
+            r#"["op","ready"]"#,
+            "not json",
+        ] {
+            assert!(
+                matches!(
+                    FromWorker::decode(bad.as_bytes()),
+                    Err(WireError::BadHeader(_))
+                ),
+                "{bad} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn an_error_kind_from_a_newer_worker_is_reported_as_an_exception() {
+        let h = br#"{"op":"result","tid":1,"ok":false,"error":{"kind":"brand_new","type":"E","message":"m","traceback":null}}"#;
+        let FromWorker::Result {
+            outcome: Err(e), ..
+        } = FromWorker::decode(h).unwrap()
+        else {
+            panic!("not a failed result")
+        };
+        assert_eq!(e.into_task_error().kind, ErrorKind::Exception);
     }
 }

@@ -94,6 +94,36 @@ pub fn peek_version(frame: &[u8]) -> Result<u64, FrameError> {
     rmp::decode::read_int::<u64, _>(&mut rest).map_err(|e| malformed(format!("version: {e}")))
 }
 
+/// The name of the message a frame holds (`tasks`, `heartbeat`, ...: its variant), read without
+/// decoding the message, so that a router can forward the bytes of the messages it does not
+/// handle. The version is checked as [`decode`] does.
+pub fn peek_variant(frame: &[u8]) -> Result<&str, FrameError> {
+    let version = peek_version(frame)?;
+    if version != u64::from(PROTOCOL_VERSION) {
+        return Err(FrameError::VersionMismatch {
+            peer: version,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    let mut rest = frame;
+    // Past the envelope's array marker and the version (both checked above).
+    let _ = rmp::decode::read_array_len(&mut rest);
+    let _ = rmp::decode::read_int::<u64, _>(&mut rest);
+    // A unit variant is its name; any other is a map of one entry, its name to its fields.
+    if let Some(0x80..=0x8f | 0xde | 0xdf) = rest.first() {
+        let n =
+            rmp::decode::read_map_len(&mut rest).map_err(|e| malformed(format!("message: {e}")))?;
+        if n != 1 {
+            return Err(malformed(format!(
+                "message is a map of {n} entries, expected 1"
+            )));
+        }
+    }
+    rmp::decode::read_str_from_slice(rest)
+        .map(|(name, _)| name)
+        .map_err(|e| malformed(format!("message name: {e}")))
+}
+
 /// Decode a frame of at most `max` bytes into a message.
 pub fn decode<T: DeserializeOwned>(frame: &[u8], max: usize) -> Result<T, FrameError> {
     if frame.len() > max {

@@ -25,7 +25,8 @@ pub use bootstrap::ManagerBootstrap;
 pub use container::{Container, ContainerError, FunctionContainer, Runtime};
 pub use curve::{Credentials, KeyFile, KeyFileError};
 pub use frame::{
-    decode, encode, FrameError, DEFAULT_MAX_FRAME_BYTES, LARGEST_RESULT_BYTES, PROTOCOL_VERSION,
+    decode, encode, peek_variant, FrameError, DEFAULT_MAX_FRAME_BYTES, LARGEST_RESULT_BYTES,
+    PROTOCOL_VERSION,
 };
 pub use ids::{Attempt, BlockId, FunctionId, ManagerId, TaskId, WorkerId};
 pub use messages::{InterchangeToManager, ManagerToInterchange, Register, WarmWorkers};

@@ -243,3 +243,35 @@ fn a_task_memory_limit_travels_last_and_only_when_set() {
         assert_eq!(back, tasks(limit));
     }
 }
+
+#[test]
+fn the_variant_of_every_message_is_read_without_decoding_it() {
+    let m2i = m2i_samples()
+        .into_iter()
+        .map(|(name, m)| (name, encode(&m, MAX).unwrap()));
+    let i2m = i2m_samples()
+        .into_iter()
+        .map(|(name, m)| (name, encode(&m, MAX).unwrap()));
+    for (name, frame) in m2i.chain(i2m) {
+        assert_eq!(peek_variant(&frame), Ok(name), "{}", hex(&frame));
+    }
+    // Another version is named as such; bytes that are no message are malformed.
+    let mut other = encode(&InterchangeToManager::Heartbeat, MAX).unwrap();
+    other[1] = 99;
+    assert!(matches!(
+        peek_variant(&other),
+        Err(FrameError::VersionMismatch { peer: 99, .. })
+    ));
+    for bad in [
+        &[][..],
+        &[0x92, 0x04],
+        &[0x92, 0x04, 0x82, 0xa1, b'a', 0xc0],
+        &[0x92, 0x04, 0x07],
+    ] {
+        assert!(
+            matches!(peek_variant(bad), Err(FrameError::Malformed { .. })),
+            "{}",
+            hex(bad)
+        );
+    }
+}

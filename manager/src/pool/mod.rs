@@ -19,6 +19,7 @@ pub use memory::memory_cgroups;
 pub(super) use memory::Limit;
 use outcome::{cancelled, shell_args};
 
+use crate::pair::{ToLink, ToPool};
 use crate::procs::{Markers, PythonWorker, ShellProc};
 use fnx_protocol::shell::{self, ShellTemplate};
 use fnx_protocol::{
@@ -77,18 +78,6 @@ pub enum PoolEnd {
     Signal(i32),
     /// The link to the interchange ended (refused, silent).
     LinkLost(String),
-}
-
-/// Tags of messages on the inproc pair between pool and link.
-pub mod tag {
-    /// link → pool: a frame from the interchange.
-    pub const FRAME: &[u8] = b"F";
-    /// link → pool: the link ended; body is the reason.
-    pub const LINK_ENDED: &[u8] = b"X";
-    /// pool → link: a frame for the interchange.
-    pub const SEND: &[u8] = b"R";
-    /// pool → link: stop; a non-empty body is sent as `Bye` first.
-    pub const QUIT: &[u8] = b"Q";
 }
 
 struct Func {
@@ -357,7 +346,7 @@ impl<'a> Pool<'a> {
             PoolEnd::Signal(sig) => format!("received {}", fnx_sys::process::signal_name(*sig)),
             _ => String::new(),
         };
-        let _ = self.link.send_multipart([tag::QUIT, bye.as_bytes()], 0);
+        let _ = ToLink::Quit((!bye.is_empty()).then_some(bye)).send(self.link);
         end
     }
 
@@ -495,19 +484,14 @@ impl<'a> Pool<'a> {
     }
 
     fn on_link(&mut self) {
-        while let Ok(t) = self.link.recv_msg(zmq::DONTWAIT) {
-            if !t.get_more() {
-                continue;
-            }
-            let Ok(body) = self.link.recv_msg(0) else {
-                continue;
+        while let Some(m) = ToPool::recv(self.link, zmq::DONTWAIT) {
+            let body = match m {
+                ToPool::Ended(why) => {
+                    self.end = Some(PoolEnd::LinkLost(why));
+                    continue;
+                }
+                ToPool::Frame(body) => body,
             };
-            if &t[..] == tag::LINK_ENDED {
-                self.end = Some(PoolEnd::LinkLost(
-                    String::from_utf8_lossy(&body).into_owned(),
-                ));
-                continue;
-            }
             match fnx_protocol::decode::<InterchangeToManager>(&body, usize::MAX) {
                 Ok(msg) => self.on_message(msg),
                 Err(e) => tracing::error!("undecodable frame from the link: {e}"),
@@ -583,7 +567,7 @@ impl<'a> Pool<'a> {
     fn send(&self, msg: &ManagerToInterchange) {
         match encode(msg, self.cfg.max_frame_bytes) {
             Ok(frame) => {
-                if let Err(e) = self.link.send_multipart([tag::SEND, &frame[..]], 0) {
+                if let Err(e) = ToLink::Send(frame).send(self.link) {
                     tracing::error!("cannot hand a message to the link thread: {e}");
                 }
             }

@@ -1,6 +1,7 @@
 //! How tasks end: worker frames, process exits, and the outcome of each task.
 
 use super::*;
+use crate::wire::FromWorker;
 use std::path::Path;
 
 impl Pool<'_> {
@@ -41,7 +42,7 @@ impl Pool<'_> {
     pub(super) fn on_worker_frame(
         &mut self,
         pid: u32,
-        header: crate::wire::WorkerHeader,
+        header: crate::wire::FromWorker,
         payload: Vec<u8>,
     ) {
         let max_result = self.cfg.max_result_bytes;
@@ -51,37 +52,32 @@ impl Pool<'_> {
         let Kind::Python(worker) = &mut proc.kind else {
             return;
         };
-        match header.op.as_str() {
-            "ready" => {
+        match header {
+            FromWorker::Ready {
+                pid: _,
+                python,
+                executable,
+            } => {
                 worker.ready = true;
                 self.startup_failures.remove(&proc.env);
                 // Start later workers with the resolved interpreter (skips wrappers such as
                 // pyenv shims, which cost more than Python's own start-up).
-                if let Some(exe) = header
-                    .executable
-                    .filter(|e| Path::new(e).is_absolute() && Path::new(e).exists())
-                {
-                    if exe != self.cfg.python {
-                        tracing::info!(
-                            "workers start with {exe} (resolved from {})",
-                            self.cfg.python
-                        );
-                        self.cfg.python = exe;
-                    }
-                }
-                tracing::debug!(
-                    "worker {pid} ready (Python {})",
-                    header.python.as_deref().unwrap_or("?")
-                );
-            }
-            "result" => {
-                let mut promoted = None;
-                let Some(r) = proc.task.take_if(|r| Some(r.id.0) == header.tid) else {
-                    // Not the running task: the worker broke the one-at-a-time order.
-                    tracing::warn!(
-                        "worker {pid} sent a result for task {:?} it does not hold",
-                        header.tid
+                let exe = executable;
+                let usable = Path::new(&exe).is_absolute() && Path::new(&exe).exists();
+                if usable && exe != self.cfg.python {
+                    tracing::info!(
+                        "workers start with {exe} (resolved from {})",
+                        self.cfg.python
                     );
+                    self.cfg.python = exe;
+                }
+                tracing::debug!("worker {pid} ready (Python {python})");
+            }
+            FromWorker::Result { tid, outcome } => {
+                let mut promoted = None;
+                let Some(r) = proc.task.take_if(|r| r.id == tid) else {
+                    // Not the running task: the worker broke the one-at-a-time order.
+                    tracing::warn!("worker {pid} sent a result for task {tid} it does not hold");
                     return;
                 };
                 if let Some(forced) = r.forced {
@@ -96,7 +92,7 @@ impl Pool<'_> {
                     let mut b = promote(pid, next, self.cfg.kill_grace, self.cfg.mem_limit);
                     // An out-of-memory notice read before this result, which is a success:
                     // the task piped in behind it, already running, is the likelier one.
-                    b.oom_hit = r.oom_hit && header.ok == Some(true);
+                    b.oom_hit = r.oom_hit && outcome.is_ok();
                     promoted = Some((b.id, b.attempt));
                     proc.task = Some(b);
                 }
@@ -109,7 +105,7 @@ impl Pool<'_> {
                 let over = r.limit.and_then(|limit| {
                     if r.held_by_cgroup {
                         // A task that returned normally dealt with it.
-                        if header.ok == Some(true) {
+                        if outcome.is_ok() {
                             return None;
                         }
                         let leaf = proc.cgroup.as_mut()?;
@@ -137,27 +133,16 @@ impl Pool<'_> {
                 });
                 let outcome = if let Some(e) = over {
                     Outcome::Err(e)
-                } else if header.ok == Some(true) {
-                    let encoding = match header.enc.as_deref() {
-                        Some("pickle") => Encoding::Pickle,
-                        _ => Encoding::Json,
-                    };
-                    if payload.len() as u64 > max_result {
-                        Outcome::Err(too_large(payload.len() as u64, max_result))
-                    } else {
-                        Outcome::Ok(Payload {
+                } else {
+                    match outcome {
+                        Ok(_) if payload.len() as u64 > max_result => {
+                            Outcome::Err(too_large(payload.len() as u64, max_result))
+                        }
+                        Ok(encoding) => Outcome::Ok(Payload {
                             encoding,
                             data: payload,
-                        })
-                    }
-                } else {
-                    match header.error {
-                        Some(e) => Outcome::Err(e.into_task_error()),
-                        None => Outcome::Err(TaskError::new(
-                            ErrorKind::Exception,
-                            "Unknown",
-                            "worker reported a failure without details",
-                        )),
+                        }),
+                        Err(e) => Outcome::Err(e.into_task_error()),
                     }
                 };
                 self.push_result(r.id, r.attempt, outcome);
@@ -166,7 +151,6 @@ impl Pool<'_> {
                     self.hold_worker_to_limit(pid);
                 }
             }
-            other => tracing::warn!("worker {pid} sent unknown op {other:?}"),
         }
     }
 

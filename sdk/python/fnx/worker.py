@@ -628,6 +628,12 @@ def _serve(proto_in, proto_out, max_result):
             raise ProtocolError("unknown op %r" % (op,))
 
 
+def _ready_header(pid, python, executable):
+    """The header of the worker's first frame."""
+    ready = {"op": "ready", "pid": pid, "python": python, "executable": executable}
+    return json.dumps(ready, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def main():
     proto_in, proto_out = _setup()
     max_result = _max_result_bytes()
@@ -636,9 +642,8 @@ def main():
         "started: python %s (%s), worker id %s, max result %d bytes"
         % (python, sys.executable, os.environ.get("FNX_WORKER_ID", "?"), max_result)
     )
-    ready = {"op": "ready", "pid": os.getpid(), "python": python, "executable": sys.executable}
     try:
-        _send(proto_out, json.dumps(ready, separators=(",", ":")).encode("utf-8"))
+        _send(proto_out, _ready_header(os.getpid(), python, sys.executable))
         reason = _serve(proto_in, proto_out, max_result)
     except BrokenPipeError:
         reason = "protocol output closed"

@@ -567,3 +567,49 @@ def test_protocol_error_exits_two(worker):
     assert worker.recv() is None
     assert worker.proc.wait(TIMEOUT) == 2
     assert "unknown op 'bogus'" in worker.log()
+
+
+GOLDEN = json.loads((Path(__file__).resolve().parent / "golden" / "worker_frames.json").read_text())
+
+
+def _golden(direction):
+    """``{name: frame bytes}`` of the frames the manager (manager/src/wire.rs) agrees on."""
+    out = {}
+    for f in GOLDEN[direction]:
+        header, payload = f["header"].encode(), f["payload"].encode()
+        out[f["name"]] = struct.pack(">II", 4 + len(header) + len(payload), len(header)) + header + payload
+    return out
+
+
+def test_golden_frames_a_real_worker_answers_the_managers_frames_byte_for_byte(tmp_path):
+    to_worker, from_worker = _golden("manager_to_worker"), _golden("worker_to_manager")
+    w = Worker(tmp_path)
+    try:
+        header, _ = w.ready
+        assert set(header) == {"op", "pid", "python", "executable"} and header["op"] == "ready"
+        fd = w.proc.stdout.fileno()
+        for send, answer in [(["def_python_source", "task_json"], "result_task_json"),
+                             (["def_python_ref", "task_in_cwd"], "result_task_in_cwd")]:
+            w.proc.stdin.write(b"".join(to_worker[name] for name in send))
+            want = from_worker[answer]
+            got = w._read_exact(len(want))
+            assert got == want, (answer, got)
+        w.proc.stdin.write(to_worker["exit"])
+        assert w.proc.wait(timeout=TIMEOUT) == 0
+        assert os.read(fd, 1) == b"", "nothing after the last result"
+    finally:
+        w.close()
+
+
+def test_golden_frames_the_workers_own_headers_are_written_byte_for_byte():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fnx_worker_golden", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    golden = {f["name"]: f["header"].encode() for f in GOLDEN["worker_to_manager"]}
+    assert worker._ready_header(4242, "3.11.7", "/usr/bin/python3") == golden["ready"]
+    assert worker._OK_JSON % 7 == golden["result_task_json"]
+    error = worker._error_frame(9, "exception", "ValueError", "boom",
+                                "Traceback (most recent call last):\nValueError: boom\n")
+    assert error == golden["result_error"]
