@@ -1,0 +1,296 @@
+//! The HTTP handlers without a network: requests go straight into the router (as a tower
+//! service), over a real store and writer and a real interchange that no manager serves.
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use fnx_daemon::api::{router, App, PoolRef};
+use fnx_daemon::config::SiteConfig;
+use fnx_daemon::store::writer::{Cmd, Shared, Stats, Writer, WriterConfig};
+use fnx_daemon::store::{create_token, open_writer, Reader};
+use fnx_interchange::driver::{self, DriverConfig, Handle};
+use fnx_interchange::Finished;
+use fnx_protocol::{Attempt, Outcome, Payload, TaskId};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tower_service::Service;
+
+struct Api {
+    router: axum::Router,
+    writer: Sender<Cmd>,
+    alice: String,
+    bob: String,
+    /// The text of the last answer (as sent: numbers as they were written).
+    last_body: String,
+    _handle: Arc<Handle>,
+    _dir: tempfile::TempDir,
+}
+
+impl Api {
+    fn start() -> Api {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fnx.db");
+        let conn = open_writer(&path, false).unwrap();
+        let (_, alice) = create_token(&conn, "alice", false, None).unwrap();
+        let (_, bob) = create_token(&conn, "bob", false, None).unwrap();
+        let cfg = SiteConfig::defaults();
+        let (handle, _events) = driver::start(DriverConfig::new("tcp://127.0.0.1:0")).unwrap();
+        let handle = Arc::new(handle);
+        let mut pools = HashMap::new();
+        pools.insert(cfg.pools[0].name.clone(), handle.clone());
+        let shared = Arc::new(Shared::new(Stats::default()));
+        let wcfg = WriterConfig {
+            max_queued_per_user: cfg.limits.max_queued_per_user,
+            max_queued_bytes_per_user: cfg.limits.max_queued_bytes_per_user,
+            max_size_bytes: None,
+            result_retention: Duration::from_secs(3600),
+            unfetched_retention: Duration::from_secs(3600),
+            prune_interval: Duration::from_secs(3600),
+            full_sync: false,
+            per_user: false,
+            spill_bytes: cfg.limits.spill_bytes,
+        };
+        let writer = Writer::new(conn, wcfg, shared.clone(), pools, false).unwrap();
+        let (wtx, wrx) = channel();
+        std::thread::spawn(move || writer.run(wrx));
+        let builds = fnx_daemon::builds::Builds::new(fnx_daemon::builds::BuildConfig {
+            dir: dir.path().join("images"),
+            command: cfg.builds.command.clone(),
+            base: cfg.builds.base_image.clone(),
+            timeout: cfg.builds.timeout,
+            max_running: 1,
+            max_per_user: 1,
+        });
+        let app = App::new(
+            Reader::new(&path),
+            wtx.clone(),
+            shared,
+            vec![PoolRef {
+                name: cfg.pools[0].name.clone(),
+                handle: handle.clone(),
+                report: Arc::new(Mutex::new(Default::default())),
+                mem_per_worker_mb: None,
+            }],
+            cfg.limits.clone(),
+            "python3".into(),
+            path,
+            builds,
+            fnx_daemon::identity::Identities::new(&cfg.users),
+        );
+        Api {
+            router: router(Arc::new(app)),
+            writer: wtx,
+            alice,
+            bob,
+            last_body: String::new(),
+            _handle: handle,
+            _dir: dir,
+        }
+    }
+
+    /// Status and JSON body of one request as `token` (None: no Authorization header).
+    async fn call(
+        &mut self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let body = match body {
+            Some(v) => {
+                req = req.header("Content-Type", "application/json");
+                Body::from(v.to_string())
+            }
+            None => Body::empty(),
+        };
+        let resp = self.router.call(req.body(body).unwrap()).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        self.last_body = String::from_utf8_lossy(&bytes).into_owned();
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::String(self.last_body.clone()));
+        (status, v)
+    }
+
+    async fn alice(&mut self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let t = self.alice.clone();
+        self.call(method, uri, Some(&t), body).await
+    }
+
+    /// Finish a task as a manager would have reported it.
+    fn finish(&self, id: u64, value: &str) {
+        self.writer
+            .send(Cmd::Dispatched(vec![(TaskId(id), Attempt(1), true)]))
+            .unwrap();
+        self.writer
+            .send(Cmd::Finished(vec![Finished {
+                id: TaskId(id),
+                attempt: Attempt(1),
+                outcome: Outcome::Ok(Payload::json(value)),
+            }]))
+            .unwrap();
+    }
+}
+
+fn message(v: &Value) -> &str {
+    v["error"]["message"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn a_task_goes_from_submit_to_result_and_its_number_text_is_kept_exactly() {
+    let mut api = Api::start();
+    let (s, f) = api
+        .alice(
+            "POST",
+            "/v1/functions",
+            Some(json!({"kind": "shell", "command": "echo {x}"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{f}");
+    let fid = f["id"].as_u64().unwrap();
+    let (s, t) = api
+        .alice(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"tasks": [{"function": fid, "args": {"x": 1}}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{t}");
+    let id = t["ids"][0].as_u64().unwrap();
+    let (s, rec) = api.alice("GET", &format!("/v1/tasks/{id}"), None).await;
+    assert_eq!(
+        (s, rec["state"].as_str()),
+        (StatusCode::OK, Some("queued")),
+        "{rec}"
+    );
+    // A result is given back as written: every digit, no re-formatting.
+    api.finish(id, "1.10000000000000000000001");
+    let (s, page) = api.alice("GET", "/v1/results?wait=10", None).await;
+    assert_eq!(s, StatusCode::OK, "{page}");
+    assert!(
+        api.last_body.contains(":1.10000000000000000000001"),
+        "{}",
+        api.last_body
+    );
+    assert_eq!(page["results"][0]["id"].as_u64(), Some(id), "{page}");
+    assert_eq!(page["results"][0]["state"], "success");
+}
+
+#[tokio::test]
+async fn bad_requests_name_the_field_and_nothing_is_stored() {
+    let mut api = Api::start();
+    let (_, f) = api
+        .alice(
+            "POST",
+            "/v1/functions",
+            Some(json!({"kind": "shell", "command": "echo {x}"})),
+        )
+        .await;
+    let fid = f["id"].as_u64().unwrap();
+    let ok = json!({"function": fid, "args": {"x": 1}});
+    for (body, field) in [
+        (
+            json!({"tasks": [ok, {"function": fid, "args": {"x": 1}, "walltime": 1e300}]}),
+            "tasks[1].walltime",
+        ),
+        (
+            json!({"tasks": [ok, {"function": fid, "args": {"y": 1}}]}),
+            "tasks[1].args",
+        ),
+        (
+            json!({"tasks": [{"function": fid, "args": {"x": 1}, "files": [{"name": "../x", "path": "/tmp/x"}]}]}),
+            "tasks[0].files[0].name",
+        ),
+        (
+            json!({"tasks": [{"function": fid, "args": {"x": 1}, "files": [{"name": "a", "path": "rel"}]}]}),
+            "tasks[0].files[0].path",
+        ),
+        (
+            json!({"tasks": [{"function": fid, "encoding": "yaml"}]}),
+            "tasks[0].encoding",
+        ),
+    ] {
+        let (s, e) = api.alice("POST", "/v1/tasks", Some(body.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {e}");
+        assert!(message(&e).contains(field), "{body}: {e}");
+    }
+    for (spec, field) in [
+        (
+            json!({"kind": "python", "ref": "m:f", "container": {"image": "-x"}}),
+            "container.image",
+        ),
+        (
+            json!({"kind": "python", "ref": "m:f", "dependencies": {"python": ["numpy; rm -rf /"]}}),
+            "dependencies.python[0]",
+        ),
+    ] {
+        let (s, e) = api.alice("POST", "/v1/functions", Some(spec.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{spec}: {e}");
+        assert!(message(&e).contains(field), "{spec}: {e}");
+    }
+    // No batch left a task behind (ids start at 1).
+    let (s, e) = api.alice("GET", "/v1/tasks/1", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
+}
+
+#[tokio::test]
+async fn callers_are_authenticated_and_see_only_their_own_tasks() {
+    let mut api = Api::start();
+    let (s, e) = api.call("GET", "/v1/whoami", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{e}");
+    let (s, e) = api
+        .call("GET", "/v1/whoami", Some("not-a-token"), None)
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{e}");
+    let (s, me) = api.alice("GET", "/v1/whoami", None).await;
+    assert_eq!(
+        (s, me["user"].as_str()),
+        (StatusCode::OK, Some("alice")),
+        "{me}"
+    );
+    let (_, f) = api
+        .alice(
+            "POST",
+            "/v1/functions",
+            Some(json!({"kind": "shell", "command": "true"})),
+        )
+        .await;
+    let fid = f["id"].as_u64().unwrap();
+    let (_, t) = api
+        .alice(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"tasks": [{"function": fid}]})),
+        )
+        .await;
+    let id = t["ids"][0].as_u64().unwrap();
+    let bob = api.bob.clone();
+    let (s, e) = api
+        .call("GET", &format!("/v1/tasks/{id}"), Some(&bob), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "bob sees alice's task: {e}");
+    let (s, e) = api
+        .call("DELETE", &format!("/v1/tasks/{id}"), Some(&bob), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "bob cancels alice's task: {e}");
+    let (s, e) = api
+        .call(
+            "POST",
+            "/v1/tasks",
+            Some(&bob),
+            Some(json!({"tasks": [{"function": fid}]})),
+        )
+        .await;
+    assert!(
+        s == StatusCode::NOT_FOUND || s == StatusCode::BAD_REQUEST,
+        "bob runs alice's function: {s} {e}"
+    );
+    let (s, e) = api.alice("GET", "/v1/nowhere", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
+}
