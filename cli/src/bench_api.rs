@@ -28,8 +28,11 @@ pub struct ApiArgs {
 }
 
 fn register_noop(c: &mut Client) -> Result<u64> {
-    let f = json!({"kind": "python", "name": "bench-noop", "source": "def noop(x=None):\n    return None\n", "entry": "noop"});
-    c.request("POST", "/v1/functions", Some(&f))?.ok()?["id"]
+    let mut f =
+        fnx_api::FunctionCreate::python_source("def noop(x=None):\n    return None\n", "noop");
+    f.name = Some("bench-noop".into());
+    c.request("POST", "/v1/functions", Some(&f.to_json()))?
+        .ok()?["id"]
         .as_u64()
         .context("no function id")
 }

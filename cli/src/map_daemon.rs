@@ -9,6 +9,7 @@ use crate::input::LineKind;
 use crate::map::{spawn_reader, take_input, Accounting, InputState, Report, RunOptions, Sink};
 use crate::output::{Progress, Tally};
 use anyhow::{bail, Context, Result};
+use fnx_api::FunctionCreate;
 use fnx_protocol::{ErrorKind, FunctionBody, Outcome, Payload, TaskError};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -46,19 +47,19 @@ impl Remote {
 fn register(c: &mut Client, body: &FunctionBody) -> Result<u64> {
     let spec = match body {
         FunctionBody::PythonRef { module, qualname } => {
-            json!({"kind": "python", "ref": format!("{module}:{qualname}")})
+            FunctionCreate::python_ref(module, qualname)
         }
         FunctionBody::PythonFile { path, name } => {
             let source =
                 std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
-            json!({"kind": "python", "source": source, "entry": name})
+            FunctionCreate::python_source(&source, name)
         }
-        FunctionBody::PythonSource { source, name } => {
-            json!({"kind": "python", "source": source, "entry": name})
-        }
-        FunctionBody::Shell { template } => json!({"kind": "shell", "command": template}),
+        FunctionBody::PythonSource { source, name } => FunctionCreate::python_source(source, name),
+        FunctionBody::Shell { template } => FunctionCreate::shell(template),
     };
-    let rec = c.request("POST", "/v1/functions", Some(&spec))?.ok()?;
+    let rec = c
+        .request("POST", "/v1/functions", Some(&spec.to_json()))?
+        .ok()?;
     rec["id"]
         .as_u64()
         .context("the daemon returned no function id")

@@ -52,29 +52,19 @@ pub fn parse_container(v: &Value) -> Result<FunctionContainer, Invalid> {
     Ok(FunctionContainer { runtime, image })
 }
 
-/// The stored form of a function container.
-pub fn container_json(c: &FunctionContainer) -> Value {
-    json!({"image": c.image, "runtime": c.runtime.map(Runtime::name)})
-}
-
 /// The container of a stored function record. A record this fnx cannot read (a container or
 /// dependencies stored by an older version) gives a container without an image, so its tasks
 /// fail naming the problem instead of running outside the container.
-pub fn container_of(spec: &Value) -> Option<FunctionContainer> {
+pub fn container_of(spec: &fnx_api::FunctionSpec) -> Option<FunctionContainer> {
     let unusable = FunctionContainer {
         runtime: None,
         image: String::new(),
     };
-    match spec.get("container").filter(|c| !c.is_null()) {
-        Some(c) => Some(parse_container(c).unwrap_or(unusable)),
-        None if spec.get("dependencies").is_some_and(|d| !d.is_null()) => Some(unusable),
+    match &spec.container {
+        Some(c) => Some(FunctionContainer::from(c)),
+        None if spec.dependencies.is_some() => Some(unusable),
         None => None,
     }
-}
-
-/// The build key of a stored function record whose image is built from its dependencies.
-pub fn build_of(spec: &Value) -> Option<String> {
-    spec.get("build")?.get("key")?.as_str().map(str::to_string)
 }
 
 /// The runtime that runs images made by `builds`' command (`apptainer build` makes SIF files
@@ -162,10 +152,11 @@ mod tests {
         assert_eq!((c.image.as_str(), c.runtime), ("/soft/a.sif", None));
         let c = parse_container(&json!({"image": "x", "runtime": "docker"})).unwrap();
         assert_eq!(c.runtime, Some(Runtime::Docker));
-        assert_eq!(
-            container_of(&json!({"container": container_json(&c)})),
-            Some(c)
-        );
+        let stored: fnx_api::FunctionSpec = serde_json::from_value(json!({
+            "kind": "python", "ref": "m:f", "container": fnx_api::ContainerSpec::from(&c)
+        }))
+        .unwrap();
+        assert_eq!(container_of(&stored), Some(c));
         for (bad, why) in [
             (json!("img"), "must be an object"),
             (json!({}), "container.image: required"),

@@ -42,7 +42,7 @@ pub struct FunctionRow {
     /// Owner.
     pub owner: String,
     /// The record as registered (kind, name, source, signature, ...).
-    pub spec: Value,
+    pub spec: fnx_api::FunctionSpec,
     /// Registration time.
     pub created: f64,
     /// Deleted (tasks submitted earlier still run).
@@ -183,11 +183,13 @@ fn result_json(p: &Payload) -> ResultJson<'_> {
 impl FunctionRow {
     /// The function record of the API; `with_source` keeps the Python source.
     pub fn to_json(&self, with_source: bool) -> Value {
-        let mut v = self.spec.clone();
+        let mut spec = self.spec.clone();
+        if !with_source {
+            spec.source = None;
+        }
+        // A record of strings, options and lists: it always serialises.
+        let mut v = serde_json::to_value(&spec).unwrap_or(Value::Null);
         if let Value::Object(m) = &mut v {
-            if !with_source {
-                m.remove("source");
-            }
             m.insert("id".into(), json!(self.id.0));
             m.insert("owner".into(), json!(self.owner));
             m.insert("created_at".into(), json!(self.created));

@@ -3,7 +3,6 @@
 //! call that cannot bind is refused at once with the parameter's name instead of failing later
 //! on a node. Shell templates have one parameter per `{name}` field.
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
@@ -133,39 +132,7 @@ fn plural(n: usize) -> &'static str {
     }
 }
 
-/// How a parameter can be passed (Python's `inspect.Parameter.kind`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ParamKind {
-    /// Before `/`.
-    PositionalOnly,
-    /// The usual kind.
-    PositionalOrKeyword,
-    /// `*args`.
-    VarPositional,
-    /// After `*` or `*args`.
-    KeywordOnly,
-    /// `**kwargs`.
-    VarKeyword,
-}
-
-/// One parameter.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Param {
-    /// Its name.
-    pub name: String,
-    /// How it is passed.
-    pub kind: ParamKind,
-    /// The source text of its default value, if it has one.
-    pub default: Option<String>,
-}
-
-/// A function's parameters.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Signature {
-    /// In order.
-    pub params: Vec<Param>,
-}
+pub use fnx_api::{Param, ParamKind, Signature};
 
 const READ_SIGNATURE: &str = r#"
 import ast, json, sys
@@ -322,65 +289,63 @@ pub fn of_shell(params: &[String]) -> Signature {
     }
 }
 
-impl Signature {
-    /// Check that JSON arguments (an array: positional; an object: keywords) bind to the
-    /// parameters, as Python's call rules would. `Err` names the parameter.
-    pub fn check_binding(&self, args: &Value) -> Result<(), BindError> {
-        let (npos, keys): (usize, Vec<&str>) = match args {
-            Value::Array(a) => (a.len(), Vec::new()),
-            Value::Object(m) => (0, m.keys().map(String::as_str).collect()),
-            Value::Null => (0, Vec::new()),
-            other => return Err(BindError::NotArguments(json_type(other))),
-        };
-        let positional: Vec<&Param> = self
-            .params
-            .iter()
-            .filter(|p| {
-                matches!(
-                    p.kind,
-                    ParamKind::PositionalOnly | ParamKind::PositionalOrKeyword
-                )
-            })
-            .collect();
-        let has = |k: ParamKind| self.params.iter().any(|p| p.kind == k);
-        if npos > positional.len() && !has(ParamKind::VarPositional) {
-            return Err(BindError::TooManyPositional {
-                takes: positional.len(),
-                given: npos,
-            });
-        }
-        let mut bound: Vec<&str> = positional
-            .iter()
-            .take(npos)
-            .map(|p| p.name.as_str())
-            .collect();
-        for k in keys {
-            match self.params.iter().find(|p| p.name == k) {
-                Some(p)
-                    if matches!(
-                        p.kind,
-                        ParamKind::PositionalOrKeyword | ParamKind::KeywordOnly
-                    ) =>
-                {
-                    if bound.contains(&k) {
-                        return Err(BindError::Multiple(k.to_string()));
-                    }
-                    bound.push(k);
-                }
-                _ if has(ParamKind::VarKeyword) => {}
-                Some(_) => return Err(BindError::PositionalOnly(k.to_string())),
-                None => return Err(BindError::NoSuchParameter(k.to_string())),
-            }
-        }
-        for p in &self.params {
-            let required = p.default.is_none()
-                && !matches!(p.kind, ParamKind::VarPositional | ParamKind::VarKeyword);
-            if required && !bound.contains(&p.name.as_str()) {
-                return Err(BindError::Missing(p.name.clone()));
-            }
-        }
-        Ok(())
+/// Check that JSON arguments (an array: positional; an object: keywords) bind to the
+/// parameters of `sig`, as Python's call rules would. `Err` names the parameter.
+pub fn check_binding(sig: &Signature, args: &Value) -> Result<(), BindError> {
+    let (npos, keys): (usize, Vec<&str>) = match args {
+        Value::Array(a) => (a.len(), Vec::new()),
+        Value::Object(m) => (0, m.keys().map(String::as_str).collect()),
+        Value::Null => (0, Vec::new()),
+        other => return Err(BindError::NotArguments(json_type(other))),
+    };
+    let positional: Vec<&Param> = sig
+        .params
+        .iter()
+        .filter(|p| {
+            matches!(
+                p.kind,
+                ParamKind::PositionalOnly | ParamKind::PositionalOrKeyword
+            )
+        })
+        .collect();
+    let has = |k: ParamKind| sig.params.iter().any(|p| p.kind == k);
+    if npos > positional.len() && !has(ParamKind::VarPositional) {
+        return Err(BindError::TooManyPositional {
+            takes: positional.len(),
+            given: npos,
+        });
     }
+    let mut bound: Vec<&str> = positional
+        .iter()
+        .take(npos)
+        .map(|p| p.name.as_str())
+        .collect();
+    for k in keys {
+        match sig.params.iter().find(|p| p.name == k) {
+            Some(p)
+                if matches!(
+                    p.kind,
+                    ParamKind::PositionalOrKeyword | ParamKind::KeywordOnly
+                ) =>
+            {
+                if bound.contains(&k) {
+                    return Err(BindError::Multiple(k.to_string()));
+                }
+                bound.push(k);
+            }
+            _ if has(ParamKind::VarKeyword) => {}
+            Some(_) => return Err(BindError::PositionalOnly(k.to_string())),
+            None => return Err(BindError::NoSuchParameter(k.to_string())),
+        }
+    }
+    for p in &sig.params {
+        let required = p.default.is_none()
+            && !matches!(p.kind, ParamKind::VarPositional | ParamKind::VarKeyword);
+        if required && !bound.contains(&p.name.as_str()) {
+            return Err(BindError::Missing(p.name.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// The name of a JSON value's type, for messages.
@@ -549,24 +514,25 @@ mod tests {
     #[test]
     fn binding_follows_python_rules() {
         let s = sig();
-        assert!(s.check_binding(&json!({"x": 1, "z": 3})).is_ok());
-        assert!(s.check_binding(&json!({"x": 1, "y": 1, "z": 3})).is_ok());
-        let e = s.check_binding(&json!({"x": 1})).unwrap_err().to_string();
+        assert!(check_binding(&s, &json!({"x": 1, "z": 3})).is_ok());
+        assert!(check_binding(&s, &json!({"x": 1, "y": 1, "z": 3})).is_ok());
+        let e = check_binding(&s, &json!({"x": 1})).unwrap_err().to_string();
         assert!(e.contains("'z'"), "{e}");
-        let e = s
-            .check_binding(&json!({"x": 1, "z": 1, "w": 2}))
+        let e = check_binding(&s, &json!({"x": 1, "z": 1, "w": 2}))
             .unwrap_err()
             .to_string();
         assert!(e.contains("'w'"), "{e}");
-        let e = s.check_binding(&json!([1, 2, 3])).unwrap_err().to_string();
+        let e = check_binding(&s, &json!([1, 2, 3]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("2 positional"), "{e}");
-        let e = s.check_binding(&json!([1])).unwrap_err().to_string();
+        let e = check_binding(&s, &json!([1])).unwrap_err().to_string();
         assert!(e.contains("'z'"), "{e}");
-        let e = s.check_binding(&json!("x")).unwrap_err().to_string();
+        let e = check_binding(&s, &json!("x")).unwrap_err().to_string();
         assert!(e.contains("a string"), "{e}");
         let var = from_python_source("python3", "def v(*a, **k):\n    pass\n", "v").unwrap();
-        assert!(var.check_binding(&json!([1, 2, 3])).is_ok());
-        assert!(var.check_binding(&json!({"q": 1})).is_ok());
+        assert!(check_binding(&var, &json!([1, 2, 3])).is_ok());
+        assert!(check_binding(&var, &json!({"q": 1})).is_ok());
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod http;
 use crate::{EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
+use fnx_api::{FunctionCreate, FunctionKind};
 use http::Client;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -526,22 +527,33 @@ pub struct RegisterArgs {
 pub fn function(cmd: FunctionCommand) -> Result<u8> {
     match cmd {
         FunctionCommand::Register(a) => {
+            let python = FunctionCreate::new(FunctionKind::Python);
             let mut body = if let Some(file) = &a.python {
                 let source = std::fs::read_to_string(file)
                     .with_context(|| format!("cannot read {}", file.display()))?;
-                json!({"kind": "python", "source": source, "entry": a.entry})
+                FunctionCreate {
+                    source: Some(source),
+                    entry: a.entry.clone(),
+                    ..python
+                }
             } else if let Some(r) = &a.reference {
-                json!({"kind": "python", "ref": r})
+                FunctionCreate {
+                    reference: Some(r.clone()),
+                    ..python
+                }
             } else if let Some(s) = &a.shell {
-                json!({"kind": "shell", "command": s})
+                FunctionCreate::shell(s)
             } else {
-                json!({"kind": "mpi", "command": a.mpi})
+                FunctionCreate {
+                    command: a.mpi.clone(),
+                    ..FunctionCreate::new(FunctionKind::Mpi)
+                }
             };
-            if let Some(n) = &a.name {
-                body["name"] = json!(n);
-            }
+            body.name = a.name.clone();
             let mut c = a.conn.client()?;
-            let rec = c.request("POST", "/v1/functions", Some(&body))?.ok()?;
+            let rec = c
+                .request("POST", "/v1/functions", Some(&body.to_json()))?
+                .ok()?;
             print(a.conn.output, &rec, |r| r["id"].to_string());
         }
         FunctionCommand::List { conn } => {

@@ -4,12 +4,13 @@ use super::{json_response, parse_id, parse_json, read_body, ApiError, ApiResult,
 use crate::builds::recipe;
 use crate::images;
 use crate::records::FunctionRow;
-use crate::signature::{self, Signature};
+use crate::signature;
 use crate::store::writer::{Cmd, FunctionInput};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
+use fnx_api::{BuildRef, ContainerSpec, Dependencies, FunctionKind, FunctionSpec};
 use fnx_protocol::{FunctionBody, FunctionContainer, FunctionId};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -36,20 +37,20 @@ fn required<'a>(m: &'a Map<String, Value>, key: &str, why: &str) -> Result<&'a s
 
 struct Parsed {
     name: Option<String>,
-    kind: &'static str,
-    spec: Map<String, Value>,
+    spec: FunctionSpec,
     body: Option<FunctionBody>,
     container: Option<FunctionContainer>,
     build: Option<String>,
 }
 
 /// The function's container: the one it names, or the image built from its dependencies
-/// (requested here; the build runs in the background and its tasks wait for it).
+/// (requested here; the build runs in the background and its tasks wait for it). Recorded in
+/// `spec`.
 async fn container(
     app: &App,
     caller: &Caller,
     m: &Map<String, Value>,
-    spec: &mut Map<String, Value>,
+    spec: &mut FunctionSpec,
 ) -> Result<(Option<FunctionContainer>, Option<String>), ApiError> {
     let named = match m.get("container") {
         None | Some(Value::Null) => None,
@@ -59,11 +60,7 @@ async fn container(
         None | Some(Value::Null) => None,
         Some(v) => Some(recipe::parse(v)?),
     };
-    spec.insert(
-        "container".into(),
-        named.as_ref().map_or(Value::Null, images::container_json),
-    );
-    spec.insert("dependencies".into(), Value::Null);
+    spec.container = named.as_ref().map(ContainerSpec::from);
     let Some(deps) = deps else {
         return Ok((named, None));
     };
@@ -94,12 +91,14 @@ async fn container(
         runtime: images::runtime_of_builds(app.builds.command()),
         image: info.image.display().to_string(),
     };
-    spec.insert("container".into(), images::container_json(&c));
-    spec.insert(
-        "dependencies".into(),
-        json!({"python": deps.python, "system": deps.system}),
-    );
-    spec.insert("build".into(), json!({"key": info.key}));
+    spec.container = Some(ContainerSpec::from(&c));
+    spec.dependencies = Some(Dependencies {
+        python: deps.python,
+        system: deps.system,
+    });
+    spec.build = Some(BuildRef {
+        key: info.key.clone(),
+    });
     Ok((Some(c), Some(info.key)))
 }
 
@@ -126,14 +125,21 @@ async fn parse(app: &App, caller: &Caller, v: Value) -> Result<Parsed, ApiError>
         )));
     }
     let name = string_field(&m, "name")?.map(str::to_string);
-    let mut spec = Map::new();
     let kind = required(&m, "kind", "(\"python\", \"shell\" or \"mpi\")")?;
-    let (kind, body, sig, entry): (
-        &'static str,
-        Option<FunctionBody>,
-        Option<Signature>,
-        Option<String>,
-    ) = match kind {
+    let mut spec = FunctionSpec {
+        kind: FunctionKind::Python,
+        name: None,
+        source: None,
+        entry: None,
+        reference: None,
+        command: None,
+        signature: None,
+        container: None,
+        dependencies: None,
+        build: None,
+        description: string_field(&m, "description")?.map(str::to_string),
+    };
+    let body = match kind {
         "python" => match (string_field(&m, "source")?, string_field(&m, "ref")?) {
             (Some(_), Some(_)) => {
                 return Err(ApiError::bad(
@@ -171,12 +177,13 @@ async fn parse(app: &App, caller: &Caller, v: Value) -> Result<Parsed, ApiError>
                 .await
                 .map_err(|e| ApiError::bad(format!("cannot read the signature: {e}")))?
                 .map_err(|e| ApiError::bad(format!("source: {e}")))?;
-                spec.insert("source".into(), json!(source));
-                let body = FunctionBody::PythonSource {
+                spec.source = Some(source.into());
+                spec.entry = Some(entry.into());
+                spec.signature = Some(sig);
+                Some(FunctionBody::PythonSource {
                     source: source.into(),
                     name: entry.into(),
-                };
-                (("python"), Some(body), Some(sig), Some(entry.to_string()))
+                })
             }
             (None, Some(r)) => {
                 let (module, qualname) = r
@@ -185,12 +192,11 @@ async fn parse(app: &App, caller: &Caller, v: Value) -> Result<Parsed, ApiError>
                     .ok_or_else(|| {
                         ApiError::bad(format!("ref: must be \"module:qualname\", got {r:?}"))
                     })?;
-                spec.insert("ref".into(), json!(r));
-                let body = FunctionBody::PythonRef {
+                spec.reference = Some(r.into());
+                Some(FunctionBody::PythonRef {
                     module: module.into(),
                     qualname: qualname.into(),
-                };
-                ("python", Some(body), None, None)
+                })
             }
             (None, None) => {
                 return Err(ApiError::bad(
@@ -198,26 +204,22 @@ async fn parse(app: &App, caller: &Caller, v: Value) -> Result<Parsed, ApiError>
                 ))
             }
         },
-        "shell" => {
-            let command = required(&m, "command", "for shell functions: the command template")?;
+        "shell" | "mpi" => {
+            let why = format!("for {kind} functions: the command template");
+            let command = required(&m, "command", &why)?;
             let t = fnx_protocol::shell::parse(command)
                 .map_err(|e| ApiError::bad(format!("command: {e}")))?;
-            spec.insert("command".into(), json!(command));
-            (
-                "shell",
+            spec.command = Some(command.into());
+            spec.signature = Some(signature::of_shell(&t.params));
+            if kind == "shell" {
+                spec.kind = FunctionKind::Shell;
                 Some(FunctionBody::Shell {
                     template: command.into(),
-                }),
-                Some(signature::of_shell(&t.params)),
-                None,
-            )
-        }
-        "mpi" => {
-            let command = required(&m, "command", "for mpi functions: the command template")?;
-            let t = fnx_protocol::shell::parse(command)
-                .map_err(|e| ApiError::bad(format!("command: {e}")))?;
-            spec.insert("command".into(), json!(command));
-            ("mpi", None, Some(signature::of_shell(&t.params)), None)
+                })
+            } else {
+                spec.kind = FunctionKind::Mpi;
+                None
+            }
         }
         other => {
             return Err(ApiError::bad(format!(
@@ -225,21 +227,9 @@ async fn parse(app: &App, caller: &Caller, v: Value) -> Result<Parsed, ApiError>
             )))
         }
     };
-    spec.insert("kind".into(), json!(kind));
-    spec.insert("entry".into(), json!(entry));
-    spec.entry("ref").or_insert(Value::Null);
-    spec.entry("command").or_insert(Value::Null);
-    spec.insert(
-        "signature".into(),
-        serde_json::to_value(&sig).unwrap_or(Value::Null),
-    );
-    if let Some(d) = string_field(&m, "description")? {
-        spec.insert("description".into(), json!(d));
-    }
     let (container, build) = container(app, caller, &m, &mut spec).await?;
     Ok(Parsed {
         name,
-        kind,
         spec,
         body,
         container,
@@ -276,13 +266,9 @@ pub(super) async fn register(
     // Default name: the entry, the ref's qualname, or (shell, mpi) `<kind>-<id>` once the id
     // is known.
     let name = p.name.unwrap_or_else(|| {
-        spec.get("entry")
-            .and_then(Value::as_str)
-            .or_else(|| {
-                spec.get("ref")
-                    .and_then(Value::as_str)
-                    .and_then(|r| r.rsplit(':').next())
-            })
+        spec.entry
+            .as_deref()
+            .or_else(|| spec.reference.as_deref().and_then(|r| r.rsplit(':').next()))
             .unwrap_or("")
             .to_string()
     });
@@ -292,13 +278,12 @@ pub(super) async fn register(
         owner: caller.user.clone(),
         name: name.clone(),
         created,
-        kind: p.kind.into(),
-        spec: Value::Object(spec.clone()),
+        spec: spec.clone(),
         body: p.body,
         container: p.container,
         build: p.build.clone(),
     };
-    app.send(Cmd::Register(input, tx))?;
+    app.send(Cmd::Register(Box::new(input), tx))?;
     // Once stored, the function is held in every pool (the store writer does that) until
     // its build ends: the rest runs as its own task, so a client that disconnects now cannot
     // leave it held forever.
@@ -316,15 +301,15 @@ pub(super) async fn register(
     .map_err(|e| ApiError::unavailable(format!("the registration did not finish: {e}")))??;
     let row_json = |row: &FunctionRow| with_build(&app, row.to_json(false), &row.spec);
     let name = if name.is_empty() {
-        format!("{}-{}", p.kind, id.0)
+        format!("{}-{}", spec.kind.name(), id.0)
     } else {
         name
     };
-    spec.insert("name".into(), json!(name));
+    spec.name = Some(name);
     let row = FunctionRow {
         id,
         owner: caller.user,
-        spec: Value::Object(spec),
+        spec,
         created,
         deleted: false,
     };
@@ -344,7 +329,7 @@ fn watch_build(app: &App, key: &str, id: FunctionId) -> Result<(), ApiError> {
         .is_some_and(|i| i.state == crate::builds::BuildState::Building);
     if building {
         for r in app.reader.functions(None)? {
-            if r.id != id && images::build_of(&r.spec).as_deref() == Some(key) {
+            if r.id != id && r.spec.build_key() == Some(key) {
                 images::hold_until_built(&app.builds, key, r.id, pools.clone());
                 waiting.push(r.id);
             }
@@ -359,9 +344,9 @@ fn watch_build(app: &App, key: &str, id: FunctionId) -> Result<(), ApiError> {
 }
 
 /// A function's record with the current state of its image build, if it has one.
-fn with_build(app: &App, mut record: Value, spec: &Value) -> Value {
-    if let (Some(key), Value::Object(m)) = (images::build_of(spec), &mut record) {
-        if let Some(info) = app.builds.info(&key) {
+fn with_build(app: &App, mut record: Value, spec: &FunctionSpec) -> Value {
+    if let (Some(key), Value::Object(m)) = (spec.build_key(), &mut record) {
+        if let Some(info) = app.builds.info(key) {
             m.insert("build".into(), images::build_json(&info));
         }
     }

@@ -5,11 +5,12 @@ use super::functions::owned;
 use super::{json_response, read_body, ApiError, ApiResult, App, Caller, MSGPACK};
 use crate::invalid::Invalid;
 use crate::records::{unb64, FunctionRow};
-use crate::signature::{self, Signature};
+use crate::signature;
 use crate::store::writer::{Cmd, TaskInput};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
+use fnx_api::{FunctionKind, Signature};
 use fnx_protocol::{Encoding, FileSource, FunctionId, Payload, TaskFile};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -65,7 +66,7 @@ const MAX_MEMORY_MB: u64 = 1 << 20;
 /// What a function allows, looked up once per request.
 struct Target {
     row: FunctionRow,
-    kind: String,
+    kind: FunctionKind,
     signature: Option<Signature>,
     shell_params: Option<Vec<String>>,
 }
@@ -164,8 +165,10 @@ impl Checker<'_> {
                     e
                 }
             })?;
-            if let Some(info) = crate::images::build_of(&row.spec)
-                .and_then(|key| self.app.builds.info(&key))
+            if let Some(info) = row
+                .spec
+                .build_key()
+                .and_then(|key| self.app.builds.info(key))
                 .filter(|i| i.state == crate::builds::BuildState::Failed)
             {
                 return Err(ApiError::bad(format!(
@@ -173,22 +176,9 @@ impl Checker<'_> {
                     crate::images::build_error(row.id, &info).message
                 )));
             }
-            let kind = row
-                .spec
-                .get("kind")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
-            let signature = row
-                .spec
-                .get("signature")
-                .and_then(|s| serde_json::from_value::<Signature>(s.clone()).ok());
-            let shell_params = (kind == "shell").then(|| {
-                signature
-                    .as_ref()
-                    .map(|s| s.params.iter().map(|p| p.name.clone()).collect())
-                    .unwrap_or_default()
-            });
+            let kind = row.spec.kind;
+            let signature = row.spec.signature.clone();
+            let shell_params = (kind == FunctionKind::Shell).then(|| row.spec.param_names());
             self.functions.insert(
                 id,
                 Target {
@@ -221,22 +211,22 @@ impl Checker<'_> {
             message: format!("tasks[{i}]: {}", e.message),
             ..e
         })?;
-        let name = t.row.spec.get("name").and_then(Value::as_str).unwrap_or("");
+        let name = t.row.spec.name.as_deref().unwrap_or("");
         if t.row.deleted {
             return Err(at(format!(
                 "function: function {function} ({name}) was deleted"
             )));
         }
-        if t.kind == "mpi" {
+        if t.kind == FunctionKind::Mpi {
             return Err(at(format!(
                 "function: function {function} ({name}) is an mpi function: it is stored, but this version cannot run mpi tasks yet"
             )));
         }
         let data = match (raw.encoding, raw.args, raw.data) {
-            (Encoding::Pickle, _, _) if t.kind != "python" => {
+            (Encoding::Pickle, _, _) if t.kind != FunctionKind::Python => {
                 return Err(at(format!(
                     "encoding: {} functions take JSON arguments",
-                    t.kind
+                    t.kind.name()
                 )))
             }
             (Encoding::Pickle, _, None) => {
@@ -260,7 +250,7 @@ impl Checker<'_> {
                     serde_json::to_vec(&values).expect("strings serialise")
                 } else {
                     if let Some(sig) = &t.signature {
-                        sig.check_binding(&args).map_err(bind_err)?;
+                        signature::check_binding(sig, &args).map_err(bind_err)?;
                     } else if !matches!(args, Value::Array(_) | Value::Object(_)) {
                         return Err(at(format!(
                             "args: must be an array or object, got {}",

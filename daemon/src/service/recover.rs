@@ -5,7 +5,7 @@ use super::{DaemonError, LocalPool};
 use crate::store::writer::{Cmd, UserCounts};
 use crate::store::{self, State};
 use fnx_interchange::{Finished, NewTask};
-use fnx_protocol::{ErrorKind, FunctionBody, FunctionDef, Outcome, TaskError};
+use fnx_protocol::{ErrorKind, FunctionDef, Outcome, TaskError};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc::Sender;
@@ -40,14 +40,14 @@ pub(super) fn load(
         .into_iter()
         .filter(|f| !f.deleted || used.contains(&f.id))
         .filter_map(|f| {
-            let body = body_of(&f.spec)?;
+            let body = f.spec.body()?;
             let def = FunctionDef {
                 id: f.id,
                 body,
                 container: crate::images::container_of(&f.spec),
                 owner: (!per_user).then(|| f.owner.clone()),
             };
-            Some((def, crate::images::build_of(&f.spec), f.deleted))
+            Some((def, f.spec.build_key().map(str::to_string), f.deleted))
         })
         .collect();
     let mut counts: HashMap<String, UserCounts> = HashMap::new();
@@ -194,26 +194,4 @@ pub(super) fn recover(
         );
     }
     loaded.counts
-}
-
-/// What managers run for a stored function record (None for kinds that cannot run yet).
-fn body_of(spec: &serde_json::Value) -> Option<FunctionBody> {
-    let s = |k: &str| spec.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    match spec.get("kind")?.as_str()? {
-        "python" => match (s("source"), s("entry"), s("ref")) {
-            (Some(source), Some(name), _) => Some(FunctionBody::PythonSource { source, name }),
-            (_, _, Some(r)) => {
-                let (module, qualname) = r.split_once(':')?;
-                Some(FunctionBody::PythonRef {
-                    module: module.into(),
-                    qualname: qualname.into(),
-                })
-            }
-            _ => None,
-        },
-        "shell" => Some(FunctionBody::Shell {
-            template: s("command")?,
-        }),
-        _ => None,
-    }
 }

@@ -204,6 +204,9 @@ pub enum StoreError {
     /// A record could not be encoded for the store.
     #[error("cannot encode a record for the store: {0}")]
     Encode(#[from] rmp_serde::encode::Error),
+    /// A record could not be written as JSON.
+    #[error("cannot encode a record for the store: {0}")]
+    Json(#[from] serde_json::Error),
     /// The store cannot commit (disk full, size limit, I/O error); nothing was accepted.
     #[error("{0}")]
     Unavailable(String),
@@ -564,7 +567,7 @@ impl Reader {
              WHERE deleted = 0 AND (?1 IS NULL OR owner = ?1) ORDER BY id",
         )?;
         let rows = st.query_map([owner], row_function)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        readable_functions(rows)
     }
 
     /// The size of the store file and its write-ahead log, in bytes.
@@ -578,12 +581,30 @@ impl Reader {
     }
 }
 
+/// A function record that does not decode (damaged, or written by another program).
+#[derive(Debug, Error)]
+#[error("function {id}: its stored record does not decode: {source}")]
+pub struct BadFunctionRecord {
+    /// The function.
+    pub id: u64,
+    /// Why.
+    pub source: serde_json::Error,
+}
+
 fn row_function(r: &rusqlite::Row<'_>) -> rusqlite::Result<FunctionRow> {
+    let id = r.get::<_, i64>(0)? as u64;
     let spec: String = r.get(2)?;
+    let spec = serde_json::from_str(&spec).map_err(|source| {
+        rusqlite::Error::FromSqlConversionFailure(
+            2,
+            rusqlite::types::Type::Text,
+            Box::new(BadFunctionRecord { id, source }),
+        )
+    })?;
     Ok(FunctionRow {
-        id: FunctionId(r.get::<_, i64>(0)? as u64),
+        id: FunctionId(id),
         owner: r.get(1)?,
-        spec: serde_json::from_str(&spec).unwrap_or(serde_json::Value::Null),
+        spec,
         created: r.get(3)?,
         deleted: r.get::<_, i64>(4)? != 0,
     })
@@ -657,7 +678,25 @@ pub fn unfinished(conn: &Connection, spill_bytes: u64) -> Result<Vec<Recovered>,
 pub fn all_functions(conn: &Connection) -> Result<Vec<FunctionRow>, StoreError> {
     let mut st = conn.prepare("SELECT id, owner, spec, created, deleted FROM functions")?;
     let rows = st.query_map([], row_function)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    readable_functions(rows)
+}
+
+/// The function rows that decode; one that does not is left out, logged (its tasks fail as
+/// they would for a deleted function), so that one damaged record cannot stop the daemon.
+fn readable_functions(
+    rows: impl Iterator<Item = rusqlite::Result<FunctionRow>>,
+) -> Result<Vec<FunctionRow>, StoreError> {
+    let mut out = Vec::new();
+    for r in rows {
+        match r {
+            Ok(f) => out.push(f),
+            Err(rusqlite::Error::FromSqlConversionFailure(_, _, e)) => {
+                tracing::error!("{e}; the function is left out")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
 }
 
 /// The stored integer of an encoding.

@@ -36,16 +36,17 @@ impl Ctx<'_> {
         f: &FunctionInput,
     ) -> Result<FunctionId, StoreError> {
         let id = *self.next_function;
+        let kind = f.spec.kind.name();
         let name = if f.name.is_empty() {
-            format!("{}-{id}", f.kind)
+            format!("{kind}-{id}")
         } else {
             f.name.clone()
         };
         let mut spec = f.spec.clone();
-        spec["name"] = serde_json::Value::String(name.clone());
+        spec.name = Some(name.clone());
         tx.execute(
             "INSERT INTO functions(id, owner, name, kind, spec, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![id as i64, f.owner, name, f.kind, spec.to_string(), f.created],
+            params![id as i64, f.owner, name, kind, serde_json::to_string(&spec)?, f.created],
         )?;
         *self.next_function += 1;
         Ok(FunctionId(id))

@@ -60,10 +60,8 @@ pub struct FunctionInput {
     pub name: String,
     /// Registration time (the API answers with it, so it is stored as given).
     pub created: f64,
-    /// Kind (`python`, `shell`, `mpi`).
-    pub kind: String,
     /// The API record (without id, owner, created_at).
-    pub spec: serde_json::Value,
+    pub spec: fnx_api::FunctionSpec,
     /// What managers run (None for kinds that cannot run yet).
     pub body: Option<FunctionBody>,
     /// The container its tasks run in.
@@ -81,7 +79,7 @@ type SubmitReq = (
     Option<(String, String)>,
     SubmitReply,
 );
-type RegisterReq = (FunctionInput, RegisterReply);
+type RegisterReq = (Box<FunctionInput>, RegisterReply);
 /// A failed transaction: the error, and the requests to answer with it.
 type Failed = (StoreError, Vec<SubmitReq>, Vec<RegisterReq>);
 
@@ -106,7 +104,7 @@ pub enum Cmd {
     /// Tasks finished.
     Finished(Vec<Finished>),
     /// Register a function.
-    Register(FunctionInput, RegisterReply),
+    Register(Box<FunctionInput>, RegisterReply),
     /// Delete a function.
     Delete(FunctionId, DeleteReply),
     /// A user was sent their results with completion sequence numbers in `(after, upto]`.
@@ -266,7 +264,7 @@ pub(super) struct Effects {
     rejected: Vec<(SubmitReply, StoreError)>,
     /// New tasks per (pool, tenant).
     to_interchange: HashMap<(String, String), Vec<NewTask>>,
-    registered: Vec<(RegisterReply, FunctionId, FunctionInput)>,
+    registered: Vec<(RegisterReply, FunctionId, Box<FunctionInput>)>,
     deleted: Vec<(FunctionId, DeleteReply)>,
     /// Per-user counter moves: (owner, from, to, change of the bytes of unfinished tasks).
     pub(super) moves: Vec<(String, Option<State>, State, i64)>,

@@ -1,0 +1,369 @@
+//! Functions: what a client registers, and the record the daemon stores and shows.
+
+use fnx_protocol::{FunctionBody, FunctionContainer, Runtime};
+use serde::{Deserialize, Serialize};
+
+/// What a function runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FunctionKind {
+    /// A Python callable: source text with an entry, or a `module:qualname` reference.
+    Python,
+    /// A shell command template.
+    Shell,
+    /// An MPI program's command template (stored; not run yet).
+    Mpi,
+}
+
+impl FunctionKind {
+    /// Its name in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            FunctionKind::Python => "python",
+            FunctionKind::Shell => "shell",
+            FunctionKind::Mpi => "mpi",
+        }
+    }
+}
+
+/// How a parameter can be passed (Python's `inspect.Parameter.kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamKind {
+    /// Before `/`.
+    PositionalOnly,
+    /// The usual kind.
+    PositionalOrKeyword,
+    /// `*args`.
+    VarPositional,
+    /// After `*` or `*args`.
+    KeywordOnly,
+    /// `**kwargs`.
+    VarKeyword,
+}
+
+/// One parameter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Param {
+    /// Its name.
+    pub name: String,
+    /// How it is passed.
+    pub kind: ParamKind,
+    /// The source text of its default value, if it has one.
+    pub default: Option<String>,
+}
+
+/// A function's parameters: read from Python source, or one per field of a shell template.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signature {
+    /// In order.
+    pub params: Vec<Param>,
+}
+
+/// A container image a function runs in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerSpec {
+    /// A `.sif` path, a registry reference, ...
+    pub image: String,
+    /// The runtime (None: the pool's).
+    #[serde(default)]
+    pub runtime: Option<Runtime>,
+}
+
+impl From<&FunctionContainer> for ContainerSpec {
+    fn from(c: &FunctionContainer) -> ContainerSpec {
+        ContainerSpec {
+            image: c.image.clone(),
+            runtime: c.runtime,
+        }
+    }
+}
+
+impl From<&ContainerSpec> for FunctionContainer {
+    fn from(c: &ContainerSpec) -> FunctionContainer {
+        FunctionContainer {
+            runtime: c.runtime,
+            image: c.image.clone(),
+        }
+    }
+}
+
+/// Packages an image is built with, validated and normalised by the daemon.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependencies {
+    /// Python requirements for pip.
+    #[serde(default)]
+    pub python: Vec<String>,
+    /// Debian packages for apt-get.
+    #[serde(default)]
+    pub system: Vec<String>,
+}
+
+/// The image build a function's tasks run in (its cache key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRef {
+    /// The build's key (the SHA-256 of its definition file).
+    pub key: String,
+}
+
+/// A function's record as registered: what `GET /v1/functions/{id}` shows besides its id,
+/// owner and time, and what the store keeps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionSpec {
+    /// What it runs.
+    pub kind: FunctionKind,
+    /// Its name (the entry, the reference's last part, or `<kind>-<id>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Python source text (left out of lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The function to call in `source`.
+    #[serde(default)]
+    pub entry: Option<String>,
+    /// `module:qualname` of an importable Python function.
+    #[serde(default, rename = "ref")]
+    pub reference: Option<String>,
+    /// The command template of a shell or MPI function.
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Its parameters (None: not known, e.g. a reference).
+    #[serde(default)]
+    pub signature: Option<Signature>,
+    /// The container its tasks run in.
+    #[serde(default)]
+    pub container: Option<ContainerSpec>,
+    /// The packages its image is built with.
+    #[serde(default)]
+    pub dependencies: Option<Dependencies>,
+    /// The image build its tasks wait for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildRef>,
+    /// What it is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl FunctionSpec {
+    /// What managers run (None for kinds that cannot run yet, or a record without its body).
+    pub fn body(&self) -> Option<FunctionBody> {
+        match self.kind {
+            FunctionKind::Python => match (&self.source, &self.entry, &self.reference) {
+                (Some(source), Some(name), _) => Some(FunctionBody::PythonSource {
+                    source: source.clone(),
+                    name: name.clone(),
+                }),
+                (_, _, Some(r)) => {
+                    let (module, qualname) = r.split_once(':')?;
+                    Some(FunctionBody::PythonRef {
+                        module: module.into(),
+                        qualname: qualname.into(),
+                    })
+                }
+                _ => None,
+            },
+            FunctionKind::Shell => Some(FunctionBody::Shell {
+                template: self.command.clone()?,
+            }),
+            FunctionKind::Mpi => None,
+        }
+    }
+
+    /// The container its tasks run in: the one it names, or the image built from its
+    /// dependencies (an image recorded with the build).
+    pub fn function_container(&self) -> Option<FunctionContainer> {
+        self.container.as_ref().map(FunctionContainer::from)
+    }
+
+    /// The key of the image build its tasks wait for.
+    pub fn build_key(&self) -> Option<&str> {
+        self.build.as_ref().map(|b| b.key.as_str())
+    }
+
+    /// The names of its parameters in order (a shell template's fields).
+    pub fn param_names(&self) -> Vec<String> {
+        self.signature
+            .as_ref()
+            .map(|s| s.params.iter().map(|p| p.name.clone()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// What a client sends to register a function (`POST /v1/functions`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FunctionCreate {
+    /// What it runs.
+    pub kind: FunctionKind,
+    /// Its name (default: the entry, the reference's last part, or `<kind>-<id>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Python source text (with `entry`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The function to call in `source`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entry: Option<String>,
+    /// `module:qualname` of an importable Python function.
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// The command template of a shell or MPI function.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// An existing image to run its tasks in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerSpec>,
+    /// Packages to build its image from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dependencies: Option<Dependencies>,
+    /// What it is for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl FunctionCreate {
+    /// A function of `kind`, every other field empty.
+    pub fn new(kind: FunctionKind) -> FunctionCreate {
+        FunctionCreate {
+            kind,
+            name: None,
+            source: None,
+            entry: None,
+            reference: None,
+            command: None,
+            container: None,
+            dependencies: None,
+            description: None,
+        }
+    }
+
+    /// A Python function given as source text, calling `entry`.
+    pub fn python_source(source: &str, entry: &str) -> FunctionCreate {
+        FunctionCreate {
+            source: Some(source.into()),
+            entry: Some(entry.into()),
+            ..FunctionCreate::new(FunctionKind::Python)
+        }
+    }
+
+    /// An importable Python function, `module:qualname`.
+    pub fn python_ref(module: &str, qualname: &str) -> FunctionCreate {
+        FunctionCreate {
+            reference: Some(format!("{module}:{qualname}")),
+            ..FunctionCreate::new(FunctionKind::Python)
+        }
+    }
+
+    /// A shell command template.
+    pub fn shell(template: &str) -> FunctionCreate {
+        FunctionCreate {
+            command: Some(template.into()),
+            ..FunctionCreate::new(FunctionKind::Shell)
+        }
+    }
+
+    /// An MPI program's command template.
+    pub fn mpi(template: &str) -> FunctionCreate {
+        FunctionCreate {
+            command: Some(template.into()),
+            ..FunctionCreate::new(FunctionKind::Mpi)
+        }
+    }
+
+    /// As the JSON body of a request.
+    pub fn to_json(&self) -> serde_json::Value {
+        // Strings, options and enums: it always serialises.
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_stored_record_of_each_kind_reads_back_its_body_container_and_build() {
+        let python: FunctionSpec = serde_json::from_value(json!({
+            "kind": "python", "name": "double", "source": "def double(x): return 2*x\n",
+            "entry": "double", "ref": null, "command": null,
+            "signature": {"params": [{"name": "x", "kind": "positional_or_keyword", "default": null}]},
+            "container": {"image": "/soft/a.sif", "runtime": "apptainer"},
+            "dependencies": null
+        }))
+        .unwrap();
+        assert_eq!(
+            python.body(),
+            Some(FunctionBody::PythonSource {
+                source: "def double(x): return 2*x\n".into(),
+                name: "double".into()
+            })
+        );
+        assert_eq!(
+            python.function_container(),
+            Some(FunctionContainer {
+                runtime: Some(Runtime::Apptainer),
+                image: "/soft/a.sif".into()
+            })
+        );
+        assert_eq!(python.param_names(), vec!["x"]);
+        let reference: FunctionSpec =
+            serde_json::from_value(json!({"kind": "python", "ref": "math:sqrt"})).unwrap();
+        assert_eq!(
+            reference.body(),
+            Some(FunctionBody::PythonRef {
+                module: "math".into(),
+                qualname: "sqrt".into()
+            })
+        );
+        let built: FunctionSpec = serde_json::from_value(json!({
+            "kind": "shell", "command": "echo {x}", "build": {"key": "abc"},
+            "dependencies": {"python": ["numpy"], "system": []}
+        }))
+        .unwrap();
+        assert_eq!(built.build_key(), Some("abc"));
+        assert_eq!(
+            built.body(),
+            Some(FunctionBody::Shell {
+                template: "echo {x}".into()
+            })
+        );
+        let mpi: FunctionSpec =
+            serde_json::from_value(json!({"kind": "mpi", "command": "./lbm"})).unwrap();
+        assert_eq!(mpi.body(), None);
+        // A record of another shape is an error, not an empty function.
+        assert!(serde_json::from_value::<FunctionSpec>(json!({"kind": "fortran"})).is_err());
+        assert!(serde_json::from_value::<FunctionSpec>(json!(null)).is_err());
+    }
+
+    #[test]
+    fn a_record_round_trips_with_the_keys_clients_read() {
+        let spec = FunctionSpec {
+            kind: FunctionKind::Shell,
+            name: Some("echo".into()),
+            source: None,
+            entry: None,
+            reference: None,
+            command: Some("echo {x}".into()),
+            signature: None,
+            container: None,
+            dependencies: None,
+            build: None,
+            description: None,
+        };
+        let v = serde_json::to_value(&spec).unwrap();
+        // Absent fields clients test for are null, not missing.
+        for k in [
+            "entry",
+            "ref",
+            "command",
+            "signature",
+            "container",
+            "dependencies",
+        ] {
+            assert!(v.get(k).is_some(), "{k} missing from {v}");
+        }
+        assert!(v.get("source").is_none() && v.get("build").is_none());
+        assert_eq!(serde_json::from_value::<FunctionSpec>(v).unwrap(), spec);
+    }
+}

@@ -1,0 +1,15 @@
+//! The HTTP API's types, shared by the daemon (which serves them), the `fnx` client commands
+//! and the benches, so that a record has one definition.
+//!
+//! - [`function`]: a function's record as registered and stored ([`FunctionSpec`]), what a
+//!   client sends to register one ([`FunctionCreate`]), and its parts (container, dependencies,
+//!   signature).
+
+#![warn(missing_docs)]
+
+pub mod function;
+
+pub use function::{
+    BuildRef, ContainerSpec, Dependencies, FunctionCreate, FunctionKind, FunctionSpec, Param,
+    ParamKind, Signature,
+};
