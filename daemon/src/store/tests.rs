@@ -220,3 +220,26 @@ fn recovery_leaves_inputs_that_do_not_decode_in_the_store_for_the_loader_to_name
         }
     }
 }
+
+#[test]
+fn a_function_record_that_does_not_decode_is_left_out_not_read_as_empty() {
+    let (path, c) = scratch_store("functions");
+    let good = r#"{"kind": "python", "ref": "m:f", "name": "f"}"#;
+    for (id, spec) in [(1, good), (2, "{not json"), (3, r#"{"kind": "fortran"}"#)] {
+        c.execute(
+            "INSERT INTO functions(id, owner, name, kind, spec, created) VALUES (?1, 'u', 'f', 'python', ?2, 0)",
+            params![id, spec],
+        )
+        .unwrap();
+    }
+    let all = all_functions(&c).unwrap();
+    assert_eq!(all.iter().map(|f| f.id.0).collect::<Vec<_>>(), vec![1]);
+    let reader = Reader::new(&path);
+    assert_eq!(reader.functions(Some("u")).unwrap().len(), 1);
+    let err = reader
+        .function(FunctionId(2))
+        .expect_err("a damaged record")
+        .to_string();
+    assert!(err.contains("function 2"), "{err}");
+    assert!(reader.function(FunctionId(1)).unwrap().is_some());
+}
