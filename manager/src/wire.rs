@@ -581,4 +581,37 @@ mod tests {
         };
         assert_eq!(e.into_task_error().kind, ErrorKind::Exception);
     }
+
+    proptest::proptest! {
+        /// A worker's bytes are hostile (user code could write to the protocol pipe): any
+        /// stream splits into frames or errors, and any header decodes or errors, never a panic.
+        #[test]
+        fn any_bytes_from_a_worker_decode_or_error(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            split in 0usize..600,
+        ) {
+            let _ = FromWorker::decode(&bytes);
+            let mut r = FrameReader::default();
+            let (a, b) = bytes.split_at(split.min(bytes.len()));
+            r.push(a);
+            while let Ok(Some(_)) = r.next_frame(1 << 20) {}
+            r.push(b);
+            while let Ok(Some(_)) = r.next_frame(1 << 20) {}
+        }
+
+        /// Headers with the right shape but any values decode or error.
+        #[test]
+        fn any_field_values_in_a_result_header_decode_or_error(
+            tid in proptest::prelude::any::<i64>(),
+            ok in proptest::prelude::any::<Option<bool>>(),
+            enc in "[a-z]{0,8}",
+            kind in "[a-z_]{0,16}",
+        ) {
+            let h = format!(
+                r#"{{"op":"result","tid":{tid},"ok":{},"enc":"{enc}","error":{{"kind":"{kind}","type":"T","message":"m","traceback":null}}}}"#,
+                ok.map_or("null".to_string(), |b| b.to_string())
+            );
+            let _ = FromWorker::decode(h.as_bytes());
+        }
+    }
 }

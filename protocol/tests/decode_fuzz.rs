@@ -11,6 +11,7 @@ fn any_frame_decodes_or_errors(bytes: &[u8]) {
     let _ = decode::<ManagerToInterchange>(bytes, MAX);
     let _ = decode::<InterchangeToManager>(bytes, MAX);
     let _ = peek_version(bytes);
+    let _ = peek_variant(bytes);
 }
 
 proptest! {
