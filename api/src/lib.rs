@@ -4,12 +4,15 @@
 //! - [`function`]: a function's record as registered and stored ([`FunctionSpec`]), what a
 //!   client sends to register one ([`FunctionCreate`]), and its parts (container, dependencies,
 //!   signature).
+//! - [`task`]: a task's record ([`TaskRecord`]) and a page of results ([`ResultsPage`]).
 
 #![warn(missing_docs)]
 
 pub mod function;
+pub mod task;
 
 pub use function::{
     BuildRef, ContainerSpec, Dependencies, FunctionCreate, FunctionKind, FunctionSpec, Param,
     ParamKind, Signature,
 };
+pub use task::{ErrorRecord, ResultRecord, ResultsPage, TaskRecord, TaskState};

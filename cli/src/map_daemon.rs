@@ -9,10 +9,8 @@ use crate::input::LineKind;
 use crate::map::{spawn_reader, take_input, Accounting, InputState, Report, RunOptions, Sink};
 use crate::output::{Progress, Tally};
 use anyhow::{bail, Context, Result};
-use fnx_api::FunctionCreate;
-use fnx_protocol::{ErrorKind, FunctionBody, Outcome, Payload, TaskError};
-use serde::Deserialize;
-use serde_json::value::RawValue;
+use fnx_api::{FunctionCreate, ResultsPage, TaskRecord, TaskState};
+use fnx_protocol::{Encoding, ErrorKind, FunctionBody, Outcome, Payload, TaskError};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
@@ -65,72 +63,30 @@ fn register(c: &mut Client, body: &FunctionBody) -> Result<u64> {
         .context("the daemon returned no function id")
 }
 
-/// A task record of the API, as far as an outcome needs it; a JSON result keeps its own text
-/// (every digit of its numbers, the order of its keys).
-#[derive(Deserialize)]
-pub(crate) struct Record {
-    pub(crate) id: u64,
-    pub(crate) state: String,
-    #[serde(default)]
-    pub(crate) result: Option<ResultRecord>,
-    #[serde(default)]
-    pub(crate) error: Option<ErrorRecord>,
-}
-
-#[derive(Deserialize)]
-pub(crate) struct ResultRecord {
-    pub(crate) encoding: String,
-    #[serde(default)]
-    pub(crate) value: Option<Box<RawValue>>,
-    #[serde(default)]
-    pub(crate) data_b64: Option<String>,
-    #[serde(default)]
-    pub(crate) text: Option<String>,
-}
-
-#[derive(Deserialize)]
-pub(crate) struct ErrorRecord {
-    #[serde(default)]
-    kind: Option<ErrorKind>,
-    #[serde(default, rename = "type")]
-    type_name: Option<String>,
-    #[serde(default)]
-    message: Option<String>,
-    #[serde(default)]
-    traceback: Option<String>,
-}
-
-impl Record {
-    /// The outcome this record reports.
-    pub(crate) fn outcome(&self) -> Outcome {
-        match (&self.result, &self.error) {
-            (Some(r), _) if self.state == "success" => match (r.encoding.as_str(), &r.value) {
-                ("json", Some(v)) => Outcome::Ok(Payload::json(v.get())),
-                ("json", None) => Outcome::Ok(Payload::json(
-                    serde_json::to_string(&r.text).unwrap_or_else(|_| "null".into()),
-                )),
-                _ => Outcome::Ok(Payload::json(
-                    json!({ "pickle_b64": r.data_b64 }).to_string(),
-                )),
-            },
-            (_, e) => {
-                let e = e.as_ref();
-                let mut err = TaskError::new(
-                    e.and_then(|e| e.kind).unwrap_or(ErrorKind::Exception),
-                    e.and_then(|e| e.type_name.as_deref()).unwrap_or("Error"),
-                    e.and_then(|e| e.message.clone()).unwrap_or_default(),
-                );
-                err.traceback = e.and_then(|e| e.traceback.clone());
-                Outcome::Err(err)
-            }
+/// The outcome a task record of the API reports; a JSON result keeps its own text (every
+/// digit of its numbers, the order of its keys).
+pub(crate) fn outcome_of(rec: &TaskRecord) -> Outcome {
+    match (&rec.result, &rec.error) {
+        (Some(r), _) if rec.state == TaskState::Success => match (r.encoding, &r.value) {
+            (Encoding::Json, Some(v)) => Outcome::Ok(Payload::json(v.get())),
+            (Encoding::Json, None) => Outcome::Ok(Payload::json(
+                serde_json::to_string(&r.text).unwrap_or_else(|_| "null".into()),
+            )),
+            (Encoding::Pickle, _) => Outcome::Ok(Payload::json(
+                json!({ "pickle_b64": r.data_b64 }).to_string(),
+            )),
+        },
+        (_, Some(e)) => {
+            let mut err = TaskError::new(e.kind, e.type_name.as_ref(), e.message.as_ref());
+            err.traceback = e.traceback.as_deref().map(str::to_string);
+            Outcome::Err(err)
         }
+        (_, None) => Outcome::Err(TaskError::new(
+            ErrorKind::Exception,
+            "Error",
+            format!("the task ended {} without its outcome", rec.state.name()),
+        )),
     }
-}
-
-#[derive(Deserialize)]
-struct Page {
-    results: Vec<Record>,
-    cursor: u64,
 }
 
 /// Stream results from `cursor` until `stop`; sends (task id, outcome) batches.
@@ -143,19 +99,21 @@ fn stream(
     std::thread::spawn(move || {
         let mut failing_since: Option<Instant> = None;
         while !stop.load(Ordering::Relaxed) {
-            let page = c
-                .request(
-                    "GET",
-                    &format!("/v1/results?since={cursor}&wait=1&limit=10000"),
-                    None,
-                )
-                .and_then(|r| r.typed::<Page>());
+            let answer = c.request(
+                "GET",
+                &format!("/v1/results?since={cursor}&wait=1&limit=10000"),
+                None,
+            );
+            let page = match &answer {
+                Ok(r) => r.read::<ResultsPage>(),
+                Err(e) => Err(anyhow::anyhow!("{e:#}")),
+            };
             match page {
                 Ok(page) => {
                     failing_since = None;
                     cursor = page.cursor;
                     let batch: Vec<(u64, Outcome)> =
-                        page.results.iter().map(|r| (r.id, r.outcome())).collect();
+                        page.results.iter().map(|r| (r.id, outcome_of(r))).collect();
                     if !batch.is_empty() && tx.send(Ok(batch)).is_err() {
                         return;
                     }

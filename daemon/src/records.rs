@@ -2,10 +2,11 @@
 
 use crate::store::State;
 use base64::Engine;
+use fnx_api::{ErrorRecord, ResultRecord, TaskRecord};
 use fnx_protocol::{Attempt, Encoding, FunctionId, Outcome, Payload, TaskId};
-use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use std::borrow::Cow;
 
 /// A task as stored.
 #[derive(Clone, Debug)]
@@ -61,90 +62,31 @@ pub fn unb64(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
         .or_else(|_| base64::engine::general_purpose::STANDARD.decode(text))
 }
 
-/// The API form of a task, serialised straight from the row (no intermediate JSON tree: the
-/// results stream writes thousands of these per request).
-#[derive(Serialize)]
-pub struct TaskJson<'a> {
-    id: u64,
-    function: u64,
-    pool: &'a str,
-    state: &'static str,
-    attempt: u32,
-    submitted_at: f64,
-    finished_at: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    seq: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    result: Option<ResultJson<'a>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<ErrorJson<'a>>,
-    /// Why a queued task waits (its pool is marked failed).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    waiting: Option<String>,
-    /// Why the result or error is missing from a finished task's record.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    omitted: Option<&'static str>,
-}
-
-impl TaskJson<'_> {
-    /// Say why the task waits, if it is queued and `why` is known.
-    pub fn waiting(mut self, why: Option<String>) -> Self {
-        if self.state == State::Queued.as_str() {
-            self.waiting = why;
-        }
-        self
-    }
-}
-
 /// What a record says when its outcome did not fit in the answer.
 pub const OMITTED: &str = "the answer reached its size limit (limits.max_answer_mb); ask for \
                            this task again";
 
-/// A successful result: JSON inline (the worker's text, not re-parsed), pickle as base64.
-#[derive(Serialize)]
-#[serde(tag = "encoding", rename_all = "snake_case")]
-enum ResultJson<'a> {
-    Json {
-        #[serde(skip_serializing_if = "Option::is_none")]
-        value: Option<&'a RawValue>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        text: Option<std::borrow::Cow<'a, str>>,
-    },
-    Pickle {
-        data_b64: String,
-    },
-}
-
-#[derive(Serialize)]
-struct ErrorJson<'a> {
-    kind: &'static str,
-    #[serde(rename = "type")]
-    type_name: &'a str,
-    message: &'a str,
-    traceback: Option<&'a str>,
-}
-
 impl TaskRow {
     /// The task record of the API. `with_seq` adds the completion sequence number.
-    pub fn record(&self, with_seq: bool) -> TaskJson<'_> {
+    pub fn record(&self, with_seq: bool) -> TaskRecord<'_> {
         let (result, error) = match &self.outcome {
-            Some(Outcome::Ok(p)) => (Some(result_json(p)), None),
+            Some(Outcome::Ok(p)) => (Some(result_record(p)), None),
             Some(Outcome::Err(e)) => (
                 None,
-                Some(ErrorJson {
-                    kind: e.kind.as_str(),
-                    type_name: &e.type_name,
-                    message: &e.message,
-                    traceback: e.traceback.as_deref(),
+                Some(ErrorRecord {
+                    kind: e.kind,
+                    type_name: Cow::Borrowed(&e.type_name),
+                    message: Cow::Borrowed(&e.message),
+                    traceback: e.traceback.as_deref().map(Cow::Borrowed),
                 }),
             ),
             None => (None, None),
         };
-        TaskJson {
+        TaskRecord {
             id: self.id.0,
             function: self.function.0,
-            pool: &self.pool,
-            state: self.state.as_str(),
+            pool: Cow::Borrowed(&self.pool),
+            state: self.state.api(),
             attempt: self.attempt.0,
             submitted_at: self.submitted,
             finished_at: self.finished,
@@ -152,7 +94,7 @@ impl TaskRow {
             result,
             error,
             waiting: None,
-            omitted: self.omitted.then_some(OMITTED),
+            omitted: self.omitted.then_some(Cow::Borrowed(OMITTED)),
         }
     }
 
@@ -162,20 +104,27 @@ impl TaskRow {
     }
 }
 
-fn result_json(p: &Payload) -> ResultJson<'_> {
+fn result_record(p: &Payload) -> ResultRecord<'_> {
+    let none = ResultRecord {
+        encoding: p.encoding,
+        value: None,
+        text: None,
+        data_b64: None,
+    };
     match p.encoding {
         Encoding::Json => match serde_json::from_slice::<&RawValue>(&p.data) {
-            Ok(v) => ResultJson::Json {
-                value: Some(v),
-                text: None,
+            Ok(v) => ResultRecord {
+                value: Some(Cow::Borrowed(v)),
+                ..none
             },
-            Err(_) => ResultJson::Json {
-                value: None,
+            Err(_) => ResultRecord {
                 text: Some(String::from_utf8_lossy(&p.data)),
+                ..none
             },
         },
-        Encoding::Pickle => ResultJson::Pickle {
-            data_b64: b64(&p.data),
+        Encoding::Pickle => ResultRecord {
+            data_b64: Some(Cow::Owned(b64(&p.data))),
+            ..none
         },
     }
 }

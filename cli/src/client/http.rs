@@ -73,8 +73,9 @@ impl Response {
         })
     }
 
-    /// The body as `T` if the status is 2xx, else an error with the daemon's message.
-    pub fn typed<T: serde::de::DeserializeOwned>(self) -> Result<T> {
+    /// The body as `T`, borrowing from it, if the status is 2xx; else an error with the
+    /// daemon's message.
+    pub fn read<'a, T: serde::Deserialize<'a>>(&'a self) -> Result<T> {
         if (200..300).contains(&self.status) {
             return serde_json::from_slice(&self.body).with_context(|| {
                 format!(
@@ -83,7 +84,13 @@ impl Response {
                 )
             });
         }
-        self.ok().map(|_| unreachable!("not a success status"))
+        let failed = Response {
+            status: self.status,
+            body: self.body.clone(),
+        };
+        failed
+            .ok()
+            .and_then(|_| anyhow::bail!("the daemon answered {}", self.status))
     }
 
     /// The body as JSON if the status is 2xx, else an error with the daemon's message.

@@ -294,10 +294,10 @@ fn show_result(c: &mut Client, id: u64, wait: Option<f64>, mode: OutputMode) -> 
         OutputMode::Text => match state.as_str() {
             "success" => match rec["result"]["encoding"].as_str() {
                 Some("json") => {
-                    let raw = serde_json::from_str::<crate::map_daemon::Record>(&body)
-                        .ok()
-                        .and_then(|r| r.result)
-                        .and_then(|r| r.value);
+                    let typed = serde_json::from_str::<fnx_api::TaskRecord>(&body).ok();
+                    let raw = typed
+                        .as_ref()
+                        .and_then(|r| r.result.as_ref()?.value.as_ref());
                     match raw {
                         Some(v) => println!("{}", v.get()),
                         None => println!("{}", rec["result"]["value"]),

@@ -122,7 +122,7 @@ pub(super) async fn status_many(
     #[derive(Serialize)]
     #[serde(untagged)]
     enum Item<'a> {
-        Known(Box<crate::records::TaskJson<'a>>),
+        Known(Box<fnx_api::TaskRecord<'a>>),
         Unknown { id: u64, state: &'static str },
     }
     let mut fetched = Vec::new();
@@ -337,7 +337,7 @@ pub(super) async fn results(
     }
     #[derive(Serialize)]
     struct Page<'a> {
-        results: Vec<crate::records::TaskJson<'a>>,
+        results: Vec<fnx_api::TaskRecord<'a>>,
         cursor: u64,
     }
     let page = Page {

@@ -159,6 +159,17 @@ impl State {
         }
     }
 
+    /// The API's state.
+    pub fn api(self) -> fnx_api::TaskState {
+        match self {
+            State::Queued => fnx_api::TaskState::Queued,
+            State::Running => fnx_api::TaskState::Running,
+            State::Success => fnx_api::TaskState::Success,
+            State::Failed => fnx_api::TaskState::Failed,
+            State::Cancelled => fnx_api::TaskState::Cancelled,
+        }
+    }
+
     /// The API's name.
     pub fn as_str(self) -> &'static str {
         match self {
