@@ -131,11 +131,13 @@ pub struct FunctionSpec {
     /// Its parameters (None: not known, e.g. a reference).
     #[serde(default)]
     pub signature: Option<Signature>,
-    /// The container its tasks run in.
-    #[serde(default)]
+    /// The container its tasks run in. A stored container this version cannot read (from an
+    /// older one) reads as one without an image: its tasks fail, asking to register the
+    /// function again, rather than run outside it.
+    #[serde(default, deserialize_with = "container_or_unusable")]
     pub container: Option<ContainerSpec>,
-    /// The packages its image is built with.
-    #[serde(default)]
+    /// The packages its image is built with (read leniently, as `container`).
+    #[serde(default, deserialize_with = "dependencies_or_unreadable")]
     pub dependencies: Option<Dependencies>,
     /// The image build its tasks wait for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,7 +147,50 @@ pub struct FunctionSpec {
     pub description: Option<String>,
 }
 
+/// A stored `container`: null, a container, or (anything else) one without an image.
+fn container_or_unusable<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<ContainerSpec>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    if v.is_null() {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::from_value(v).unwrap_or(ContainerSpec {
+        image: String::new(),
+        runtime: None,
+    })))
+}
+
+/// Stored `dependencies`: null, the lists, or (anything else) none known.
+fn dependencies_or_unreadable<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Dependencies>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    if v.is_null() {
+        return Ok(None);
+    }
+    Ok(Some(serde_json::from_value(v).unwrap_or_default()))
+}
+
 impl FunctionSpec {
+    /// The record of a function whose stored record cannot be read: its kind and name (kept
+    /// in their own columns) and nothing it could run.
+    pub fn unreadable(kind: FunctionKind, name: String) -> FunctionSpec {
+        FunctionSpec {
+            kind,
+            name: Some(name),
+            source: None,
+            entry: None,
+            reference: None,
+            command: None,
+            signature: None,
+            container: None,
+            dependencies: None,
+            build: None,
+            description: None,
+        }
+    }
+
     /// What managers run (None for kinds that cannot run yet, or a record without its body).
     pub fn body(&self) -> Option<FunctionBody> {
         match self.kind {
@@ -173,7 +218,11 @@ impl FunctionSpec {
     /// The container its tasks run in: the one it names, or the image built from its
     /// dependencies (an image recorded with the build).
     pub fn function_container(&self) -> Option<FunctionContainer> {
-        self.container.as_ref().map(FunctionContainer::from)
+        self.container.as_ref().map(|c| FunctionContainer {
+            runtime: c.runtime,
+            // Records of older versions kept the image as sent.
+            image: c.image.trim().to_string(),
+        })
     }
 
     /// The key of the image build its tasks wait for.
@@ -334,6 +383,22 @@ mod tests {
         // A record of another shape is an error, not an empty function.
         assert!(serde_json::from_value::<FunctionSpec>(json!({"kind": "fortran"})).is_err());
         assert!(serde_json::from_value::<FunctionSpec>(json!(null)).is_err());
+        // A container or dependencies stored by an older version as they were sent: the
+        // function stays readable; a container it cannot read has no image (its tasks fail
+        // naming it), and an image is trimmed.
+        let old: FunctionSpec = serde_json::from_value(json!({
+            "kind": "python", "ref": "m:f",
+            "container": {"image": "x.sif", "runtime": "lxc", "extra": 1},
+            "dependencies": {"python": "numpy"}
+        }))
+        .unwrap();
+        assert_eq!(old.function_container().unwrap().image, "");
+        assert_eq!(old.dependencies, Some(Dependencies::default()));
+        let spaced: FunctionSpec = serde_json::from_value(json!({
+            "kind": "python", "ref": "m:f", "container": {"image": " /soft/a.sif "}
+        }))
+        .unwrap();
+        assert_eq!(spaced.function_container().unwrap().image, "/soft/a.sif");
     }
 
     #[test]

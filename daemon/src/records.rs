@@ -48,6 +48,8 @@ pub struct FunctionRow {
     pub created: f64,
     /// Deleted (tasks submitted earlier still run).
     pub deleted: bool,
+    /// Why its stored record cannot be read (then `spec` holds only its kind and name).
+    pub damaged: Option<String>,
 }
 
 /// Base64 (standard alphabet, padded).
@@ -144,6 +146,9 @@ impl FunctionRow {
             m.insert("created_at".into(), json!(self.created));
             if self.deleted {
                 m.insert("deleted".into(), json!(true));
+            }
+            if let Some(why) = &self.damaged {
+                m.insert("damaged".into(), json!(why));
             }
         }
         v

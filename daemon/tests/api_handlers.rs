@@ -294,3 +294,56 @@ async fn callers_are_authenticated_and_see_only_their_own_tasks() {
     let (s, e) = api.alice("GET", "/v1/nowhere", None).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
 }
+
+#[tokio::test]
+async fn a_damaged_function_record_is_shown_refused_by_name_and_can_be_deleted() {
+    let mut api = Api::start();
+    let (_, f) = api
+        .alice(
+            "POST",
+            "/v1/functions",
+            Some(json!({"kind": "shell", "command": "true"})),
+        )
+        .await;
+    let fid = f["id"].as_u64().unwrap();
+    let (tx, rx) = channel();
+    api.writer
+        .send(Cmd::Exec(Box::new(move |c| {
+            c.execute(
+                "UPDATE functions SET spec = '{broken' WHERE id = ?1",
+                [fid as i64],
+            )
+            .unwrap();
+            let _ = tx.send(());
+        })))
+        .unwrap();
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    let (s, rec) = api
+        .alice("GET", &format!("/v1/functions/{fid}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{rec}");
+    assert!(
+        rec["damaged"]
+            .as_str()
+            .is_some_and(|d| d.contains("does not decode")),
+        "{rec}"
+    );
+    let bob = api.bob.clone();
+    let (s, e) = api
+        .call("GET", &format!("/v1/functions/{fid}"), Some(&bob), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another user learns nothing: {e}");
+    let (s, e) = api
+        .alice(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"tasks": [{"function": fid}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert!(message(&e).contains("register the function again"), "{e}");
+    let (s, e) = api
+        .alice("DELETE", &format!("/v1/functions/{fid}"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{e}");
+}

@@ -11,10 +11,10 @@ pub enum ToPool {
 }
 
 /// From the pool to the link thread.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum ToLink {
-    /// An encoded message for the interchange.
-    Send(Vec<u8>),
+    /// An encoded message for the interchange (sent on as it is, not copied).
+    Send(zmq::Message),
     /// Stop, first saying `Bye` with this reason to the interchange if there is one.
     Quit(Option<String>),
 }
@@ -52,9 +52,12 @@ impl ToPool {
 
 impl ToLink {
     /// Send it.
-    pub fn send(&self, pair: &zmq::Socket) -> zmq::Result<()> {
+    pub fn send(self, pair: &zmq::Socket) -> zmq::Result<()> {
         match self {
-            ToLink::Send(frame) => pair.send_multipart([&[SEND][..], frame], 0),
+            ToLink::Send(frame) => {
+                pair.send(&[SEND][..], zmq::SNDMORE)?;
+                pair.send(frame, 0)
+            }
             ToLink::Quit(bye) => {
                 let bye = bye.as_deref().unwrap_or("");
                 pair.send_multipart([&[QUIT][..], bye.as_bytes()], 0)
@@ -67,7 +70,7 @@ impl ToLink {
         loop {
             let (tag, body) = recv_two(pair, flags)?;
             match tag {
-                SEND => return Some(ToLink::Send(body.to_vec())),
+                SEND => return Some(ToLink::Send(body)),
                 QUIT => {
                     let bye = (!body.is_empty()).then(|| lossy(&body));
                     return Some(ToLink::Quit(bye));
@@ -126,19 +129,24 @@ mod tests {
         }
         assert!(matches!(ToPool::recv(&b, 0), Some(ToPool::Ended(w)) if w == "gone"));
         assert!(ToPool::recv(&b, zmq::DONTWAIT).is_none());
-        for m in [
-            ToLink::Send(vec![1, 2, 3]),
-            ToLink::Quit(None),
-            ToLink::Quit(Some("drained".into())),
-        ] {
-            m.send(&b).unwrap();
-            assert_eq!(ToLink::recv(&a, 0), Some(m));
+        ToLink::Send(zmq::Message::from(&[1u8, 2, 3][..]))
+            .send(&b)
+            .unwrap();
+        match ToLink::recv(&a, 0) {
+            Some(ToLink::Send(m)) => assert_eq!(&m[..], &[1, 2, 3]),
+            other => panic!("{other:?}"),
+        }
+        for bye in [None, Some("drained".to_string())] {
+            ToLink::Quit(bye.clone()).send(&b).unwrap();
+            assert!(matches!(ToLink::recv(&a, 0), Some(ToLink::Quit(got)) if got == bye));
         }
         // Malformed messages are skipped, not taken for another.
         a.send(&b"F"[..], 0).unwrap();
         a.send_multipart([&b"FF"[..], b"x"], 0).unwrap();
         a.send_multipart([&b"Z"[..], b"x"], 0).unwrap();
-        ToLink::Send(vec![9]).send(&a).unwrap();
-        assert_eq!(ToLink::recv(&b, 0), Some(ToLink::Send(vec![9])));
+        ToLink::Send(zmq::Message::from(&[9u8][..]))
+            .send(&a)
+            .unwrap();
+        assert!(matches!(ToLink::recv(&b, 0), Some(ToLink::Send(m)) if m[..] == [9]));
     }
 }

@@ -237,15 +237,19 @@ impl PythonWorker {
         let _ = self.stdin.write_all(&crate::wire::exit_frame());
     }
 
-    /// Read what its stdout has, then return the complete frames.
-    pub fn read_frames(&mut self, max: usize) -> Result<Vec<(FromWorker, Vec<u8>)>, WireError> {
+    /// Read what its stdout has, then return the complete frames, and the protocol error
+    /// that stopped the reading, if one did (the frames before it count).
+    pub fn read_frames(&mut self, max: usize) -> (Vec<(FromWorker, Vec<u8>)>, Option<WireError>) {
         let eof = self.reader.fill_from(self.stdout.as_raw_fd());
         self.eof = matches!(eof, Ok(true) | Err(_));
         let mut frames = Vec::new();
-        while let Some(frame) = self.reader.next_frame(max)? {
-            frames.push(frame);
+        loop {
+            match self.reader.next_frame(max) {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => return (frames, None),
+                Err(e) => return (frames, Some(e)),
+            }
         }
-        Ok(frames)
     }
 }
 

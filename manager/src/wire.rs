@@ -202,8 +202,9 @@ pub enum FromWorker {
         pid: u32,
         /// Its Python version (`3.11.7`).
         python: String,
-        /// Its interpreter, resolved (`sys.executable`).
-        executable: String,
+        /// Its interpreter, resolved (`sys.executable`; None when Python cannot tell, or
+        /// the path is not UTF-8).
+        executable: Option<String>,
     },
     /// Task `tid` ended: its result's encoding (the payload is the result), or its error.
     Result {
@@ -245,7 +246,7 @@ impl FromWorker {
             Op::Ready => Ok(FromWorker::Ready {
                 pid: h.pid.ok_or_else(|| missing("ready"))?,
                 python: h.python.ok_or_else(|| missing("ready"))?,
-                executable: h.executable.ok_or_else(|| missing("ready"))?,
+                executable: h.executable,
             }),
             Op::Result => {
                 let tid = TaskId(h.tid.ok_or_else(|| missing("result"))?);
@@ -520,7 +521,7 @@ mod tests {
                 FromWorker::Ready {
                     pid: 4242,
                     python: "3.11.7".into(),
-                    executable: "/usr/bin/python3".into(),
+                    executable: Some("/usr/bin/python3".into()),
                 },
                 String::new(),
             ),
@@ -556,7 +557,7 @@ mod tests {
             r#"{"op":"result","tid":1,"ok":true,"enc":"yaml"}"#,
             r#"{"op":"result","tid":-1,"ok":true,"enc":"json"}"#,
             r#"{"op":"result","tid":1,"ok":true,"enc":"json","error":{"kind":"exception","type":"E","message":"m","traceback":null}}"#,
-            r#"{"op":"ready","pid":1}"#,
+            r#"{"op":"ready","pid":1,"executable":"/x"}"#,
             r#"["op","ready"]"#,
             "not json",
         ] {
@@ -568,6 +569,19 @@ mod tests {
                 "{bad} was accepted"
             );
         }
+    }
+
+    #[test]
+    fn a_worker_that_cannot_tell_its_interpreter_is_ready_all_the_same() {
+        let h = br#"{"op":"ready","pid":7,"python":"3.12.1","executable":null}"#;
+        assert_eq!(
+            FromWorker::decode(h).unwrap(),
+            FromWorker::Ready {
+                pid: 7,
+                python: "3.12.1".into(),
+                executable: None
+            }
+        );
     }
 
     #[test]

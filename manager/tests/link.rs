@@ -172,7 +172,9 @@ fn the_link_registers_keeps_its_heartbeat_and_forwards_task_batches_as_received(
     }
     // What the pool sends goes out as it is.
     let results = encode(&ManagerToInterchange::Drain, DEFAULT_MAX_FRAME_BYTES).unwrap();
-    ToLink::Send(results).send(&s.pool).unwrap();
+    ToLink::Send(zmq::Message::from(results))
+        .send(&s.pool)
+        .unwrap();
     assert_eq!(s.recv_msg().1, ManagerToInterchange::Drain);
     // A restarted interchange: registration again, and the pool hears of it.
     s.send(

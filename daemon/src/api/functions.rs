@@ -312,6 +312,7 @@ pub(super) async fn register(
         spec,
         created,
         deleted: false,
+        damaged: None,
     };
     Ok(json_response(StatusCode::CREATED, row_json(&row)))
 }

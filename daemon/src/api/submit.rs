@@ -165,6 +165,11 @@ impl Checker<'_> {
                     e
                 }
             })?;
+            if let Some(why) = &row.damaged {
+                return Err(ApiError::bad(format!(
+                    "function {id}: {why}; register the function again"
+                )));
+            }
             if let Some(info) = row
                 .spec
                 .build_key()

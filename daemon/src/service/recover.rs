@@ -40,6 +40,13 @@ pub(super) fn load(
         .into_iter()
         .filter(|f| !f.deleted || used.contains(&f.id))
         .filter_map(|f| {
+            if let Some(why) = &f.damaged {
+                tracing::error!(
+                    "function {} of {}: {why}; its tasks fail until it is registered again",
+                    f.id,
+                    f.owner
+                );
+            }
             let body = f.spec.body()?;
             let def = FunctionDef {
                 id: f.id,
@@ -59,13 +66,22 @@ pub(super) fn load(
             .query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
-                    r.get::<_, State>(1)?,
+                    r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
                 ))
             })
             .map_err(|e| serr(e.into()))?;
         for row in rows {
             let (owner, state, n) = row.map_err(|e| serr(e.into()))?;
+            // A state code that is none (a damaged row) counts as finished: the row is shown
+            // as a damaged record, and never dispatched.
+            let state = State::from_i64(state).unwrap_or_else(|| {
+                tracing::error!(
+                    "{n} tasks of {owner} have the unknown state code {state} (a damaged \
+                     store): they count as finished"
+                );
+                State::Failed
+            });
             let c = counts.entry(owner).or_default();
             match state {
                 State::Queued => c.queued += n as u64,

@@ -377,24 +377,43 @@ impl Drop for ReadConn<'_> {
     }
 }
 
+/// The outcome a task shows when its stored row is damaged: the row stays readable (one
+/// damaged row must not stop its owner's results), and says what is wrong with it.
+fn damaged_outcome(why: String) -> Outcome {
+    Outcome::Err(fnx_protocol::TaskError::new(
+        fnx_protocol::ErrorKind::Exception,
+        "DamagedRecord",
+        format!("{why}; the task store was damaged (see `fnx daemon --salvage`)"),
+    ))
+}
+
 fn row_task(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRow> {
     let outcome: Option<Vec<u8>> = r.get(9)?;
+    let code: i64 = r.get(4)?;
+    let decoded = outcome.map(|b| {
+        rmp_serde::from_slice::<Outcome>(&b)
+            .unwrap_or_else(|e| damaged_outcome(format!("its stored outcome does not decode: {e}")))
+    });
+    let (state, outcome) = match State::from_i64(code) {
+        Some(s) => (s, decoded),
+        None => (
+            State::Failed,
+            Some(damaged_outcome(format!(
+                "its stored state {code} is not one"
+            ))),
+        ),
+    };
     Ok(TaskRow {
         id: TaskId(r.get::<_, i64>(0)? as u64),
         owner: r.get(1)?,
         function: FunctionId(r.get::<_, i64>(2)? as u64),
         pool: r.get(3)?,
-        state: r.get(4)?,
+        state,
         attempt: Attempt(r.get::<_, i64>(5)? as u32),
         submitted: r.get(6)?,
         finished: r.get(7)?,
         seq: r.get::<_, Option<i64>>(8)?.map(|s| s as u64),
-        outcome: outcome
-            .map(|b| rmp_serde::from_slice::<Outcome>(&b))
-            .transpose()
-            .map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(9, rusqlite::types::Type::Blob, e.into())
-            })?,
+        outcome,
         omitted: false,
     })
 }
@@ -552,7 +571,7 @@ impl Reader {
     pub fn function(&self, id: FunctionId) -> Result<Option<FunctionRow>, StoreError> {
         let c = self.get()?;
         Ok(c.query_row(
-            "SELECT id, owner, spec, created, deleted FROM functions WHERE id = ?1",
+            "SELECT id, owner, spec, created, deleted, kind, name FROM functions WHERE id = ?1",
             [id.0 as i64],
             row_function,
         )
@@ -574,11 +593,11 @@ impl Reader {
     pub fn functions(&self, owner: Option<&str>) -> Result<Vec<FunctionRow>, StoreError> {
         let c = self.get()?;
         let mut st = c.prepare(
-            "SELECT id, owner, spec, created, deleted FROM functions
+            "SELECT id, owner, spec, created, deleted, kind, name FROM functions
              WHERE deleted = 0 AND (?1 IS NULL OR owner = ?1) ORDER BY id",
         )?;
         let rows = st.query_map([owner], row_function)?;
-        readable_functions(rows)
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The size of the store file and its write-ahead log, in bytes.
@@ -592,30 +611,26 @@ impl Reader {
     }
 }
 
-/// A function record that does not decode (damaged, or written by another program).
-#[derive(Debug, Error)]
-#[error("function {id}: its stored record does not decode: {source}")]
-pub struct BadFunctionRecord {
-    /// The function.
-    pub id: u64,
-    /// Why.
-    pub source: serde_json::Error,
-}
-
 fn row_function(r: &rusqlite::Row<'_>) -> rusqlite::Result<FunctionRow> {
-    let id = r.get::<_, i64>(0)? as u64;
     let spec: String = r.get(2)?;
-    let spec = serde_json::from_str(&spec).map_err(|source| {
-        rusqlite::Error::FromSqlConversionFailure(
-            2,
-            rusqlite::types::Type::Text,
-            Box::new(BadFunctionRecord { id, source }),
-        )
-    })?;
+    // A record that does not decode keeps its id, owner, kind and name (their own columns):
+    // it can be listed, shown and deleted, and its tasks are refused naming the damage.
+    let (spec, damaged) = match serde_json::from_str(&spec) {
+        Ok(spec) => (spec, None),
+        Err(e) => {
+            let kind = serde_json::from_value(serde_json::Value::String(r.get(5)?))
+                .unwrap_or(fnx_api::FunctionKind::Python);
+            (
+                fnx_api::FunctionSpec::unreadable(kind, r.get(6)?),
+                Some(format!("its stored record does not decode: {e}")),
+            )
+        }
+    };
     Ok(FunctionRow {
-        id: FunctionId(id),
+        id: FunctionId(r.get::<_, i64>(0)? as u64),
         owner: r.get(1)?,
         spec,
+        damaged,
         created: r.get(3)?,
         deleted: r.get::<_, i64>(4)? != 0,
     })
@@ -687,27 +702,10 @@ pub fn unfinished(conn: &Connection, spill_bytes: u64) -> Result<Vec<Recovered>,
 
 /// Every function, deleted or not (tasks submitted before a delete still run).
 pub fn all_functions(conn: &Connection) -> Result<Vec<FunctionRow>, StoreError> {
-    let mut st = conn.prepare("SELECT id, owner, spec, created, deleted FROM functions")?;
+    let mut st =
+        conn.prepare("SELECT id, owner, spec, created, deleted, kind, name FROM functions")?;
     let rows = st.query_map([], row_function)?;
-    readable_functions(rows)
-}
-
-/// The function rows that decode; one that does not is left out, logged (its tasks fail as
-/// they would for a deleted function), so that one damaged record cannot stop the daemon.
-fn readable_functions(
-    rows: impl Iterator<Item = rusqlite::Result<FunctionRow>>,
-) -> Result<Vec<FunctionRow>, StoreError> {
-    let mut out = Vec::new();
-    for r in rows {
-        match r {
-            Ok(f) => out.push(f),
-            Err(rusqlite::Error::FromSqlConversionFailure(_, _, e)) => {
-                tracing::error!("{e}; the function is left out")
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(out)
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// The stored integer of an encoding.

@@ -153,7 +153,7 @@ fn insert_task(c: &Connection, id: i64, state: i64, encoding: i64, files: Option
 }
 
 #[test]
-fn an_unknown_state_code_is_an_error_not_a_cancelled_task() {
+fn an_unknown_state_code_reads_as_a_damaged_record_not_a_cancelled_task() {
     let (path, c) = scratch_store("state");
     insert_task(&c, 1, 2, 0, None);
     insert_task(&c, 2, 9, 0, None);
@@ -165,34 +165,44 @@ fn an_unknown_state_code_is_an_error_not_a_cancelled_task() {
         row_task,
     );
     assert_eq!(one.unwrap().state, State::Success);
-    let two = conn.query_row(
-        &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = 2"),
-        [],
-        row_task,
-    );
-    let err = two
-        .expect_err("a state code 9 must not read as a state")
-        .to_string();
-    assert!(err.contains('9'), "{err}");
+    let two = conn
+        .query_row(
+            &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = 2"),
+            [],
+            row_task,
+        )
+        .unwrap();
+    assert_eq!(two.state, State::Failed);
+    match two.outcome {
+        Some(Outcome::Err(e)) => {
+            assert!(
+                e.type_name == "DamagedRecord" && e.message.contains("state 9"),
+                "{e:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
-fn an_outcome_that_does_not_decode_is_an_error_not_a_missing_result() {
+fn an_outcome_that_does_not_decode_is_named_and_the_other_results_still_read() {
     let (path, c) = scratch_store("outcome");
-    insert_task(&c, 1, 2, 0, None);
-    c.execute(
-        "UPDATE tasks SET outcome = x'c1c1', seq = 1 WHERE id = 1",
-        [],
-    )
-    .unwrap();
+    for id in 1..=3 {
+        insert_task(&c, id, 2, 0, None);
+    }
+    let ok = rmp_serde::to_vec_named(&Outcome::Ok(Payload::json("1"))).unwrap();
+    c.execute("UPDATE tasks SET outcome = ?1, seq = id", params![ok])
+        .unwrap();
+    c.execute("UPDATE tasks SET outcome = x'c1c1' WHERE id = 2", [])
+        .unwrap();
     let reader = Reader::new(&path);
-    let conn = reader.get().unwrap();
-    let got = conn.query_row(
-        &format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = 1"),
-        [],
-        row_task,
-    );
-    assert!(got.is_err(), "a damaged outcome read as {got:?}");
+    let page = reader.results("u", 0, 10, u64::MAX).unwrap();
+    assert_eq!(page.len(), 3, "one damaged row must not stop the stream");
+    assert!(matches!(page[0].outcome, Some(Outcome::Ok(_))));
+    match &page[1].outcome {
+        Some(Outcome::Err(e)) => assert!(e.message.contains("does not decode"), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -222,24 +232,32 @@ fn recovery_leaves_inputs_that_do_not_decode_in_the_store_for_the_loader_to_name
 }
 
 #[test]
-fn a_function_record_that_does_not_decode_is_left_out_not_read_as_empty() {
+fn a_function_record_that_does_not_decode_keeps_its_owner_and_names_the_damage() {
     let (path, c) = scratch_store("functions");
     let good = r#"{"kind": "python", "ref": "m:f", "name": "f"}"#;
     for (id, spec) in [(1, good), (2, "{not json"), (3, r#"{"kind": "fortran"}"#)] {
         c.execute(
-            "INSERT INTO functions(id, owner, name, kind, spec, created) VALUES (?1, 'u', 'f', 'python', ?2, 0)",
+            "INSERT INTO functions(id, owner, name, kind, spec, created) VALUES (?1, 'u', 'f', 'shell', ?2, 0)",
             params![id, spec],
         )
         .unwrap();
     }
     let all = all_functions(&c).unwrap();
-    assert_eq!(all.iter().map(|f| f.id.0).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(all.len(), 3, "every record is read");
+    assert!(all[0].damaged.is_none() && all[0].spec.body().is_some());
+    for f in &all[1..] {
+        assert!(f.damaged.as_deref().unwrap().contains("does not decode"));
+        assert_eq!(
+            (f.owner.as_str(), f.spec.kind),
+            ("u", fnx_api::FunctionKind::Shell)
+        );
+        assert!(f.spec.body().is_none(), "nothing of a damaged record runs");
+    }
     let reader = Reader::new(&path);
-    assert_eq!(reader.functions(Some("u")).unwrap().len(), 1);
-    let err = reader
-        .function(FunctionId(2))
-        .expect_err("a damaged record")
-        .to_string();
-    assert!(err.contains("function 2"), "{err}");
-    assert!(reader.function(FunctionId(1)).unwrap().is_some());
+    assert_eq!(reader.functions(Some("u")).unwrap().len(), 3);
+    let two = reader.function(FunctionId(2)).unwrap().unwrap();
+    assert_eq!(
+        two.to_json(false)["damaged"].as_str(),
+        two.damaged.as_deref()
+    );
 }

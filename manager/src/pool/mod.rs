@@ -567,7 +567,7 @@ impl<'a> Pool<'a> {
     fn send(&self, msg: &ManagerToInterchange) {
         match encode(msg, self.cfg.max_frame_bytes) {
             Ok(frame) => {
-                if let Err(e) = ToLink::Send(frame).send(self.link) {
+                if let Err(e) = ToLink::Send(zmq::Message::from(frame)).send(self.link) {
                     tracing::error!("cannot hand a message to the link thread: {e}");
                 }
             }

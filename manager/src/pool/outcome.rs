@@ -12,13 +12,13 @@ impl Pool<'_> {
         };
         match &mut proc.kind {
             Kind::Shell(s) => s.read_output(),
-            Kind::Python(w) => match w.read_frames(max) {
-                Ok(frames) => {
-                    for (header, payload) in frames {
-                        self.on_worker_frame(pid, header, payload);
-                    }
+            Kind::Python(w) => {
+                let (frames, broke) = w.read_frames(max);
+                // A result read before a broken frame is the task's.
+                for (header, payload) in frames {
+                    self.on_worker_frame(pid, header, payload);
                 }
-                Err(e) => {
+                if let Some(e) = broke {
                     tracing::error!("worker {pid} broke the protocol: {e}; killing it");
                     let kind = match e {
                         crate::wire::WireError::TooLarge { .. } => ErrorKind::ResultTooLarge,
@@ -26,7 +26,7 @@ impl Pool<'_> {
                     };
                     self.force_kill(pid, TaskError::new(kind, "ProtocolError", e.to_string()));
                 }
-            },
+            }
         }
     }
 
@@ -62,7 +62,7 @@ impl Pool<'_> {
                 self.startup_failures.remove(&proc.env);
                 // Start later workers with the resolved interpreter (skips wrappers such as
                 // pyenv shims, which cost more than Python's own start-up).
-                let exe = executable;
+                let exe = executable.unwrap_or_default();
                 let usable = Path::new(&exe).is_absolute() && Path::new(&exe).exists();
                 if usable && exe != self.cfg.python {
                     tracing::info!(

@@ -629,8 +629,14 @@ def _serve(proto_in, proto_out, max_result):
 
 
 def _ready_header(pid, python, executable):
-    """The header of the worker's first frame."""
-    ready = {"op": "ready", "pid": pid, "python": python, "executable": executable}
+    """The header of the worker's first frame. An interpreter path Python cannot tell, or that
+    is not UTF-8, is sent as null (the manager then keeps its own)."""
+    try:
+        if executable:
+            executable.encode("utf-8")
+    except UnicodeEncodeError:
+        executable = None
+    ready = {"op": "ready", "pid": pid, "python": python, "executable": executable or None}
     return json.dumps(ready, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 

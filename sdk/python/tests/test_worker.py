@@ -613,3 +613,14 @@ def test_golden_frames_the_workers_own_headers_are_written_byte_for_byte():
     error = worker._error_frame(9, "exception", "ValueError", "boom",
                                 "Traceback (most recent call last):\nValueError: boom\n")
     assert error == golden["result_error"]
+
+
+def test_a_ready_header_with_an_interpreter_path_that_is_not_utf8_sends_null():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fnx_worker_ready", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    for exe in [None, "", "/opt/py\udcff/bin/python3"]:
+        header = json.loads(worker._ready_header(1, "3.12.1", exe))
+        assert header == {"op": "ready", "pid": 1, "python": "3.12.1", "executable": None}, exe
