@@ -4,15 +4,18 @@
 //! - [`function`]: a function's record as registered and stored ([`FunctionSpec`]), what a
 //!   client sends to register one ([`FunctionCreate`]), and its parts (container, dependencies,
 //!   signature).
+//! - [`submit`]: a submit's body ([`TaskBatch`]), JSON or msgpack.
 //! - [`task`]: a task's record ([`TaskRecord`]) and a page of results ([`ResultsPage`]).
 
 #![warn(missing_docs)]
 
 pub mod function;
+pub mod submit;
 pub mod task;
 
 pub use function::{
     BuildRef, ContainerSpec, Dependencies, FunctionCreate, FunctionKind, FunctionSpec, Param,
     ParamKind, Signature,
 };
+pub use submit::{FileSubmission, TaskBatch, TaskIds, TaskSubmission};
 pub use task::{ErrorRecord, ResultRecord, ResultsPage, TaskRecord, TaskState};

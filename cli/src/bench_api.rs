@@ -64,14 +64,21 @@ fn throughput(a: &ApiArgs, function: u64) -> Result<Value> {
     let started = Instant::now();
     let submitter = std::thread::spawn(move || -> Result<f64> {
         let mut s = conn.client()?;
-        let one = match payload_kb {
-            0 => json!({"function": function, "args": []}),
-            kb => json!({"function": function, "args": ["x".repeat((kb << 10) as usize)]}),
+        let args = match payload_kb {
+            0 => serde_json::value::to_raw_value(&json!([]))?,
+            kb => serde_json::value::to_raw_value(&json!(["x".repeat((kb << 10) as usize)]))?,
+        };
+        let one = fnx_api::TaskSubmission {
+            function: Some(function),
+            args: Some(&args),
+            ..fnx_api::TaskSubmission::default()
         };
         let mut sent = 0;
         while sent < tasks {
             let n = batch.min(tasks - sent);
-            let body = json!({"tasks": vec![one.clone(); n as usize]});
+            let body = serde_json::to_value(fnx_api::TaskBatch {
+                tasks: Some(vec![one.clone(); n as usize]),
+            })?;
             let r = s.request("POST", "/v1/tasks", Some(&body))?.ok()?;
             if r["ids"].as_array().map_or(0, Vec::len) as u64 != n {
                 bail!("the daemon acknowledged a different number of tasks");

@@ -5,7 +5,7 @@ pub mod http;
 use crate::{EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use fnx_api::{FunctionCreate, FunctionKind};
+use fnx_api::{FileSubmission, FunctionCreate, FunctionKind, TaskBatch, TaskSubmission};
 use http::Client;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -145,7 +145,7 @@ pub struct SubmitArgs {
 }
 
 /// The `files` of a task from `--file [NAME=]PATH` options.
-fn file_entries(specs: &[String]) -> Result<Vec<Value>> {
+fn file_entries(specs: &[String]) -> Result<Vec<FileSubmission>> {
     specs
         .iter()
         .map(|spec| {
@@ -167,9 +167,17 @@ fn file_entries(specs: &[String]) -> Result<Vec<Value>> {
             if len <= 1 << 20 {
                 let bytes = std::fs::read(&abs)
                     .with_context(|| format!("cannot read {}", abs.display()))?;
-                Ok(json!({"name": name, "data_b64": fnx_daemon::records::b64(&bytes)}))
+                Ok(FileSubmission {
+                    name,
+                    data_b64: Some(fnx_daemon::records::b64(&bytes)),
+                    ..FileSubmission::default()
+                })
             } else {
-                Ok(json!({"name": name, "path": abs}))
+                Ok(FileSubmission {
+                    name,
+                    path: Some(abs.display().to_string()),
+                    ..FileSubmission::default()
+                })
             }
         })
         .collect()
@@ -222,24 +230,22 @@ pub fn submit(a: SubmitArgs) -> Result<u8> {
     } else {
         Value::Object(kw)
     };
-    let mut task = json!({"function": function, "args": args});
-    if !a.files.is_empty() {
-        task["files"] = Value::Array(file_entries(&a.files)?);
-    }
-    for (k, v) in [
-        ("pool", a.pool.map(Value::from)),
-        ("priority", a.priority.map(Value::from)),
-        ("walltime", a.walltime.map(Value::from)),
-        ("retries", a.retries.map(Value::from)),
-        ("memory_mb", a.memory_mb.map(Value::from)),
-    ] {
-        if let Some(v) = v {
-            task[k] = v;
-        }
-    }
-    let r = c
-        .request("POST", "/v1/tasks", Some(&json!({"tasks": [task]})))?
-        .ok()?;
+    let args = serde_json::value::to_raw_value(&args)?;
+    let task = TaskSubmission {
+        function: Some(function),
+        args: Some(&args),
+        files: file_entries(&a.files)?,
+        pool: a.pool,
+        priority: a.priority,
+        walltime: a.walltime,
+        retries: a.retries,
+        memory_mb: a.memory_mb.map(u64::from),
+        ..TaskSubmission::default()
+    };
+    let body = serde_json::to_value(TaskBatch {
+        tasks: Some(vec![task]),
+    })?;
+    let r = c.request("POST", "/v1/tasks", Some(&body))?.ok()?;
     let id = r["ids"][0]
         .as_u64()
         .context("the daemon returned no task id")?;

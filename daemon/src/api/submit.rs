@@ -10,55 +10,15 @@ use crate::store::writer::{Cmd, TaskInput};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
-use fnx_api::{FunctionKind, Signature};
+use fnx_api::{FunctionKind, Signature, TaskBatch, TaskSubmission};
 use fnx_protocol::{Encoding, FileSource, FunctionId, Payload, TaskFile};
-use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The longest walltime a task may ask for, in seconds.
 const LONGEST_WAIT_S: f64 = fnx_protocol::LONGEST_WAIT.as_secs() as f64;
-
-/// A task as it arrives in a msgpack body.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MsgpackTask {
-    function: u64,
-    #[serde(default)]
-    encoding: Option<String>,
-    #[serde(with = "serde_bytes", default)]
-    data: Option<Vec<u8>>,
-    #[serde(default)]
-    pool: Option<String>,
-    #[serde(default)]
-    priority: Option<i32>,
-    #[serde(default)]
-    walltime: Option<f64>,
-    #[serde(default)]
-    retries: Option<u32>,
-    #[serde(default)]
-    files: Vec<MsgpackFile>,
-    #[serde(default)]
-    memory_mb: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MsgpackFile {
-    name: String,
-    #[serde(with = "serde_bytes", default)]
-    data: Option<Vec<u8>>,
-    #[serde(default)]
-    path: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MsgpackSubmit {
-    tasks: Vec<MsgpackTask>,
-}
 
 /// The largest memory limit a task may ask for, MiB (1 TiB).
 const MAX_MEMORY_MB: u64 = 1 << 20;
@@ -325,176 +285,114 @@ impl Checker<'_> {
     }
 }
 
-fn encoding_of(text: Option<&str>) -> Result<Encoding, Invalid> {
-    match text {
-        None | Some("json") => Ok(Encoding::Json),
-        Some("pickle") => Ok(Encoding::Pickle),
-        Some(other) => Err(Invalid::at(
-            "encoding",
-            format!("must be \"json\" or \"pickle\", got {other:?}"),
-        )),
-    }
+/// A field's problem in task `i` of a submit, named by its path.
+fn bad_field(i: usize, field: &str, why: impl std::fmt::Display) -> ApiError {
+    ApiError::from(Invalid::at(field, why.to_string()).under(&format!("tasks[{i}]")))
 }
 
-fn raw_from_json(i: usize, v: Value) -> Result<Raw, ApiError> {
-    let at = |m: String| ApiError::bad(format!("tasks[{i}].{m}"));
-    let Value::Object(mut m) = v else {
-        return Err(ApiError::bad(format!(
-            "tasks[{i}]: must be an object, got {}",
-            signature::json_type(&v)
-        )));
-    };
-    const KNOWN: [&str; 10] = [
-        "function",
-        "encoding",
-        "data_b64",
-        "pool",
-        "priority",
-        "walltime",
-        "retries",
-        "files",
-        "args",
-        "memory_mb",
-    ];
-    if let Some(k) = m.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(at(format!(
-            "{k}: unknown field (known: {})",
-            KNOWN.join(", ")
-        )));
-    }
-    let function = match m.get("function") {
-        Some(f) => f
-            .as_u64()
-            .ok_or_else(|| at(format!("function: must be a function id, got {f}")))?,
-        None => return Err(at("function: required".into())),
-    };
-    let encoding =
-        encoding_of(m.get("encoding").and_then(Value::as_str)).map_err(|e| at(e.to_string()))?;
-    let data = match m.get("data_b64") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => {
-            Some(unb64(s).map_err(|e| at(format!("data_b64: not base64: {e}")))?)
+/// A task as submitted, its fields checked for shape (the body's own encoding decides which
+/// byte fields it may use); `Checker::check` checks it against its function and the limits.
+fn raw_of(i: usize, t: TaskSubmission, is_msgpack: bool) -> Result<Raw, ApiError> {
+    let bad = |field: &str, why: &str| bad_field(i, field, why);
+    let function = t
+        .function
+        .ok_or_else(|| bad("function", "required (a function id)"))?;
+    let data = match (is_msgpack, t.data, t.data_b64) {
+        (true, _, Some(_)) => {
+            return Err(bad(
+                "data_b64",
+                "only in JSON bodies; a msgpack body gives the bytes in data",
+            ))
         }
-        Some(other) => {
-            return Err(at(format!(
-                "data_b64: must be a string, got {}",
-                signature::json_type(other)
-            )))
+        (false, Some(_), _) => {
+            return Err(bad(
+                "data",
+                "only in msgpack bodies; a JSON body gives args, or data_b64 with a pickle",
+            ))
         }
-    };
-    let int = |m: &Map<String, Value>,
-               k: &str,
-               default: i64,
-               lo: i64,
-               hi: i64|
-     -> Result<i64, ApiError> {
-        match m.get(k) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_i64()
-                .filter(|n| (lo..=hi).contains(n))
-                .ok_or_else(|| at(format!("{k}: must be an integer in {lo}..={hi}, got {v}"))),
+        (true, data, None) => data,
+        (false, None, Some(s)) => {
+            Some(unb64(&s).map_err(|e| bad_field(i, "data_b64", format!("not base64: {e}")))?)
         }
+        (false, None, None) => None,
     };
-    let priority = int(&m, "priority", 0, i32::MIN as i64, i32::MAX as i64)? as i32;
-    let memory_mb = match m.get("memory_mb") {
-        None | Some(Value::Null) => None,
-        Some(_) => Some(int(&m, "memory_mb", 0, 1, MAX_MEMORY_MB as i64)? as u64),
-    };
-    let retries = int(&m, "retries", 2, 0, 100)? as u32;
-    let walltime = match m.get("walltime") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_f64()
-                .ok_or_else(|| at(format!("walltime: must be a number of seconds, got {v}")))?,
-        ),
-    };
-    let pool = match m.get("pool") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(other) => {
-            return Err(at(format!(
-                "pool: must be a string, got {}",
-                signature::json_type(other)
-            )))
-        }
-    };
-    let files = match m.remove("files") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a
+    let files =
+        t.files
             .into_iter()
             .enumerate()
-            .map(|(j, f)| file_from_json(j, f).map_err(|e| at(e.to_string())))
-            .collect::<Result<_, _>>()?,
-        Some(other) => {
-            return Err(at(format!(
-                "files: must be an array, got {}",
-                signature::json_type(&other)
-            )))
-        }
-    };
+            .map(|(j, f)| {
+                let field = |k: &str| format!("files[{j}].{k}");
+                let inline = match (is_msgpack, f.data, f.data_b64) {
+                    (true, _, Some(_)) => {
+                        return Err(bad_field(
+                            i,
+                            &field("data_b64"),
+                            "only in JSON bodies; use data",
+                        ))
+                    }
+                    (false, Some(_), _) => {
+                        return Err(bad_field(
+                            i,
+                            &field("data"),
+                            "only in msgpack bodies; use data_b64",
+                        ))
+                    }
+                    (true, data, None) => data,
+                    (false, None, Some(s)) => Some(unb64(&s).map_err(|e| {
+                        bad_field(i, &field("data_b64"), format!("not base64: {e}"))
+                    })?),
+                    (false, None, None) => None,
+                };
+                let source = match (inline, f.path) {
+                    (Some(bytes), None) => RawSource::Inline(bytes),
+                    (None, Some(p)) => RawSource::Path(p),
+                    _ => {
+                        let bytes = if is_msgpack { "data" } else { "data_b64" };
+                        return Err(bad_field(
+                            i,
+                            &format!("files[{j}]"),
+                            format!("give exactly one of {bytes} and path"),
+                        ));
+                    }
+                };
+                Ok((f.name, source))
+            })
+            .collect::<Result<_, _>>()?;
     Ok(Raw {
         function,
-        encoding,
-        args: None,
+        encoding: t.encoding.unwrap_or(Encoding::Json),
+        args: t
+            .args
+            .filter(|a| a.get().trim() != "null")
+            .map(ToOwned::to_owned),
         data,
-        pool,
-        priority,
-        walltime,
-        retries,
+        pool: t.pool,
+        priority: t.priority.unwrap_or(0),
+        walltime: t.walltime,
+        retries: t.retries.unwrap_or(2),
         files,
-        memory_mb,
+        memory_mb: t.memory_mb,
     })
 }
 
-/// `{"name": ..., "data_b64": ...}` or `{"name": ..., "path": ...}`.
-fn file_from_json(j: usize, f: Value) -> Result<RawFile, Invalid> {
-    let here = format!("files[{j}]");
-    let Value::Object(m) = f else {
-        return Err(Invalid::at(
-            here,
-            "must be an object {\"name\", \"data_b64\" or \"path\"}",
-        ));
-    };
-    if let Some(k) = m
-        .keys()
-        .find(|k| !["name", "data_b64", "path"].contains(&k.as_str()))
-    {
-        return Err(Invalid::at(
-            format!("{here}.{k}"),
-            "unknown field (known: name, data_b64, path)",
-        ));
+/// A body that does not read as a submit: where, and why.
+fn unreadable<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ApiError {
+    let path = e.path().to_string();
+    match path.as_str() {
+        "." => ApiError::bad(format!("the body: {}", e.inner())),
+        _ => ApiError::bad(format!("{path}: {}", e.inner())),
     }
-    let name = m
-        .get("name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| Invalid::at(format!("{here}.name"), "required (a string)"))?;
-    let data = m.get("data_b64").and_then(Value::as_str);
-    let source = match (data, m.get("path").and_then(Value::as_str)) {
-        (Some(d), None) => RawSource::Inline(
-            unb64(d)
-                .map_err(|e| Invalid::at(format!("{here}.data_b64"), format!("not base64: {e}")))?,
-        ),
-        (None, Some(p)) => RawSource::Path(p.to_string()),
-        _ => {
-            return Err(Invalid::at(
-                here,
-                "give exactly one of data_b64 and path (strings)",
-            ))
-        }
-    };
-    Ok((name.to_string(), source))
 }
 
+/// Read a submit's body, JSON or msgpack, into its tasks. Both are read into the same types
+/// (`fnx_api::TaskBatch`): an error names the field's path (`tasks[3].walltime`), and a JSON
+/// task's `args` keep their own text.
 fn parse_submit(is_msgpack: bool, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
-    if is_msgpack {
+    let batch: TaskBatch = if is_msgpack {
         let mut cursor = std::io::Cursor::new(bytes);
-        let body = MsgpackSubmit::deserialize(&mut rmp_serde::Deserializer::new(&mut cursor))
-            .map_err(|e| {
-                ApiError::bad(format!(
-                    "the msgpack body does not match {{tasks: [...]}}: {e}"
-                ))
-            })?;
+        let batch =
+            serde_path_to_error::deserialize(&mut rmp_serde::Deserializer::new(&mut cursor))
+                .map_err(unreadable)?;
         if cursor.position() != bytes.len() as u64 {
             return Err(ApiError::bad(format!(
                 "the msgpack body has {} bytes after its end (at byte {})",
@@ -502,95 +400,30 @@ fn parse_submit(is_msgpack: bool, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
                 cursor.position()
             )));
         }
-        return body
-            .tasks
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| {
-                Ok(Raw {
-                    function: t.function,
-                    encoding: encoding_of(t.encoding.as_deref())
-                        .map_err(|e| ApiError::from(e.under(&format!("tasks[{i}]"))))?,
-                    args: None,
-                    data: t.data,
-                    pool: t.pool,
-                    priority: t.priority.unwrap_or(0),
-                    walltime: t.walltime,
-                    retries: t.retries.unwrap_or(2),
-                    memory_mb: t.memory_mb,
-                    files: t
-                        .files
-                        .into_iter()
-                        .enumerate()
-                        .map(|(j, f)| match (f.data, f.path) {
-                            (Some(d), None) => Ok((f.name, RawSource::Inline(d))),
-                            (None, Some(p)) => Ok((f.name, RawSource::Path(p))),
-                            _ => Err(ApiError::bad(format!(
-                                "tasks[{i}].files[{j}]: give exactly one of data and path"
-                            ))),
-                        })
-                        .collect::<Result<_, _>>()?,
-                })
-            })
-            .collect();
-    }
-    // Parsed in layers so that each task's `args` keeps its own text (see `Checker::check`).
-    let type_of = |raw: &RawValue| {
-        serde_json::from_str::<Value>(raw.get())
-            .map_or("invalid JSON", |v| signature::json_type(&v))
+        batch
+    } else {
+        // serde_json skips the values it keeps as text without a depth limit, at a byte of
+        // memory per level: `[[[[...` of 256 MiB would cost 2.5 times its size.
+        if let Some(at) = nested_deeper_than(bytes, MAX_JSON_DEPTH) {
+            return Err(ApiError::bad(format!(
+                "the body is not valid JSON here: it nests arrays and objects deeper than \
+                 {MAX_JSON_DEPTH} levels (at byte {at})"
+            )));
+        }
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let batch = serde_path_to_error::deserialize(&mut de).map_err(unreadable)?;
+        de.end()
+            .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))?;
+        batch
     };
-    let v = parse_json_raw(bytes)?;
-    let body: std::collections::BTreeMap<String, Box<RawValue>> = serde_json::from_str(v.get())
-        .map_err(|_| ApiError::bad("the body must be an object {\"tasks\": [...]}"))?;
-    let tasks_raw = body
-        .get("tasks")
+    let tasks = batch
+        .tasks
         .ok_or_else(|| ApiError::bad("tasks: required (an array of tasks)"))?;
-    let tasks: Vec<Box<RawValue>> = serde_json::from_str(tasks_raw.get()).map_err(|_| {
-        ApiError::bad(format!(
-            "tasks: must be an array, got {}",
-            type_of(tasks_raw)
-        ))
-    })?;
     tasks
         .into_iter()
         .enumerate()
-        .map(|(i, t)| {
-            let mut m: std::collections::BTreeMap<String, Box<RawValue>> =
-                serde_json::from_str(t.get()).map_err(|_| {
-                    ApiError::bad(format!(
-                        "tasks[{i}]: must be an object, got {}",
-                        type_of(&t)
-                    ))
-                })?;
-            let args = m.remove("args").filter(|a| a.get().trim() != "null");
-            // Every other field must parse as JSON values do (a number out of range, a lone
-            // surrogate in a string): an error names it, nothing falls back to a default.
-            let rest: Map<String, Value> = m
-                .into_iter()
-                .map(|(k, v)| match serde_json::from_str(v.get()) {
-                    Ok(value) => Ok((k, value)),
-                    Err(e) => Err(ApiError::bad(format!("tasks[{i}].{k}: {e}"))),
-                })
-                .collect::<Result<_, _>>()?;
-            let mut raw = raw_from_json(i, Value::Object(rest))?;
-            raw.args = args;
-            Ok(raw)
-        })
+        .map(|(i, t)| raw_of(i, t, is_msgpack))
         .collect()
-}
-
-/// The body as JSON text checked to be valid.
-fn parse_json_raw(bytes: &[u8]) -> Result<Box<RawValue>, ApiError> {
-    // serde_json skips the values it keeps as text without a depth limit, at a byte of
-    // memory per level: `[[[[...` of 256 MiB would cost 2.5 times its size.
-    if let Some(at) = nested_deeper_than(bytes, MAX_JSON_DEPTH) {
-        return Err(ApiError::bad(format!(
-            "the body is not valid JSON here: it nests arrays and objects deeper than \
-             {MAX_JSON_DEPTH} levels (at byte {at})"
-        )));
-    }
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))
 }
 
 /// Parse a submit body and check each of its tasks.

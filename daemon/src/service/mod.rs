@@ -140,6 +140,15 @@ fn pool_port(cfg: &SiteConfig, i: usize) -> u16 {
     }
 }
 
+/// A listener holding pool `i`'s configured port (None: the pool takes any free port, or the
+/// port cannot be held, which its interchange's bind then reports).
+fn hold_port(cfg: &SiteConfig, i: usize) -> Option<std::net::TcpListener> {
+    match pool_port(cfg, i) {
+        0 => None,
+        port => std::net::TcpListener::bind((cfg.interchange.address.as_str(), port)).ok(),
+    }
+}
+
 fn run_id(pool: &str) -> String {
     format!("fnxd-{}-{pool}", std::process::id())
 }
@@ -511,7 +520,13 @@ pub fn run(
     let loaded = load(&conn, &path, per_user, cfg.limits.spill_bytes)?;
     let mut pools = Vec::new();
     let links = encryption(&cfg)?;
+    // Each pool's port (interchange.port + i) is held from now until its interchange binds
+    // it: the managers of the pools started before connect out from ephemeral ports, and one
+    // of those must not take a later pool's port.
+    let mut held: Vec<Option<std::net::TcpListener>> =
+        (0..cfg.pools.len()).map(|i| hold_port(&cfg, i)).collect();
     for ((i, p), keys) in cfg.pools.iter().enumerate().zip(links) {
+        drop(held[i].take());
         pools.push(start_pool(&cfg, i, p, keys)?);
     }
     let reports: Vec<_> = pools.iter().map(|s| s.report.clone()).collect();
