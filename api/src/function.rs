@@ -177,8 +177,16 @@ impl FunctionSpec {
     /// in their own columns) and nothing it could run.
     pub fn unreadable(kind: FunctionKind, name: String) -> FunctionSpec {
         FunctionSpec {
-            kind,
             name: Some(name),
+            ..FunctionSpec::new(kind)
+        }
+    }
+
+    /// A record of `kind` with nothing else in it yet.
+    pub fn new(kind: FunctionKind) -> FunctionSpec {
+        FunctionSpec {
+            kind,
+            name: None,
             source: None,
             entry: None,
             reference: None,
@@ -404,17 +412,9 @@ mod tests {
     #[test]
     fn a_record_round_trips_with_the_keys_clients_read() {
         let spec = FunctionSpec {
-            kind: FunctionKind::Shell,
             name: Some("echo".into()),
-            source: None,
-            entry: None,
-            reference: None,
             command: Some("echo {x}".into()),
-            signature: None,
-            container: None,
-            dependencies: None,
-            build: None,
-            description: None,
+            ..FunctionSpec::new(FunctionKind::Shell)
         };
         let v = serde_json::to_value(&spec).unwrap();
         // Absent fields clients test for are null, not missing.

@@ -43,15 +43,8 @@ impl Api {
         pools.insert(cfg.pools[0].name.clone(), handle.clone());
         let shared = Arc::new(Shared::new(Stats::default()));
         let wcfg = WriterConfig {
-            max_queued_per_user: cfg.limits.max_queued_per_user,
-            max_queued_bytes_per_user: cfg.limits.max_queued_bytes_per_user,
-            max_size_bytes: None,
-            result_retention: Duration::from_secs(3600),
-            unfetched_retention: Duration::from_secs(3600),
-            prune_interval: Duration::from_secs(3600),
             full_sync: false,
-            per_user: false,
-            spill_bytes: cfg.limits.spill_bytes,
+            ..WriterConfig::of_site(&cfg)
         };
         let writer = Writer::new(conn, wcfg, shared.clone(), pools, false).unwrap();
         let (wtx, wrx) = channel();

@@ -22,17 +22,11 @@ struct Store {
     _dir: tempfile::TempDir,
 }
 
+/// The defaults, without fsync (a test's file is thrown away).
 fn config() -> WriterConfig {
     WriterConfig {
-        max_queued_per_user: 1_000_000,
-        max_queued_bytes_per_user: 1 << 40,
-        max_size_bytes: None,
-        result_retention: Duration::from_secs(3600),
-        unfetched_retention: Duration::from_secs(3600),
-        prune_interval: Duration::from_secs(3600),
         full_sync: false,
-        per_user: false,
-        spill_bytes: 16 << 10,
+        ..WriterConfig::of_site(&fnx_daemon::config::SiteConfig::defaults())
     }
 }
 

@@ -127,17 +127,8 @@ async fn parse(app: &App, caller: &Caller, v: Value) -> Result<Parsed, ApiError>
     let name = string_field(&m, "name")?.map(str::to_string);
     let kind = required(&m, "kind", "(\"python\", \"shell\" or \"mpi\")")?;
     let mut spec = FunctionSpec {
-        kind: FunctionKind::Python,
-        name: None,
-        source: None,
-        entry: None,
-        reference: None,
-        command: None,
-        signature: None,
-        container: None,
-        dependencies: None,
-        build: None,
         description: string_field(&m, "description")?.map(str::to_string),
+        ..FunctionSpec::new(FunctionKind::Python)
     };
     let body = match kind {
         "python" => match (string_field(&m, "source")?, string_field(&m, "ref")?) {

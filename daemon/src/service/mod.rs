@@ -590,17 +590,7 @@ pub fn run(
             report,
         })
         .collect();
-    let wcfg = WriterConfig {
-        max_queued_per_user: cfg.limits.max_queued_per_user,
-        max_queued_bytes_per_user: cfg.limits.max_queued_bytes_per_user,
-        max_size_bytes: cfg.store.max_size_bytes,
-        result_retention: cfg.store.result_retention,
-        unfetched_retention: cfg.store.unfetched_retention,
-        prune_interval: cfg.store.prune_interval,
-        full_sync: cfg.store.sync == SyncMode::Full,
-        per_user: cfg.users.mode == crate::config::UsersMode::Unix,
-        spill_bytes: cfg.limits.spill_bytes,
-    };
+    let wcfg = WriterConfig::of_site(&cfg);
     let writer =
         Writer::new(conn, wcfg, shared.clone(), handles, damage.is_some()).map_err(serr)?;
     let writer_thread = std::thread::Builder::new()

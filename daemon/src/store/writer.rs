@@ -236,6 +236,23 @@ pub struct WriterConfig {
     pub spill_bytes: u64,
 }
 
+impl WriterConfig {
+    /// The writer's settings in a site's configuration.
+    pub fn of_site(cfg: &crate::config::SiteConfig) -> WriterConfig {
+        WriterConfig {
+            max_queued_per_user: cfg.limits.max_queued_per_user,
+            max_queued_bytes_per_user: cfg.limits.max_queued_bytes_per_user,
+            max_size_bytes: cfg.store.max_size_bytes,
+            result_retention: cfg.store.result_retention,
+            unfetched_retention: cfg.store.unfetched_retention,
+            prune_interval: cfg.store.prune_interval,
+            full_sync: cfg.store.sync == crate::config::SyncMode::Full,
+            per_user: cfg.users.mode == crate::config::UsersMode::Unix,
+            spill_bytes: cfg.limits.spill_bytes,
+        }
+    }
+}
+
 /// The writer's state.
 pub struct Writer {
     conn: Connection,
