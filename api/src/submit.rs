@@ -2,15 +2,19 @@
 //! daemon reads both into these types, so an error names the same field path, `tasks[3].args`).
 
 use fnx_protocol::Encoding;
+use serde::de::{DeserializeSeed, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::fmt;
+use std::marker::PhantomData;
 
 /// A submit's body.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskBatch<'a> {
-    /// 1 to `limits.max_tasks_per_request` tasks (None: the field is missing).
-    #[serde(borrow, default)]
+    /// 1 to `limits.max_tasks_per_request` tasks (None: the field is missing). Each task is
+    /// an object (a map), never an array of fields by position.
+    #[serde(borrow, default, deserialize_with = "maps")]
     pub tasks: Option<Vec<TaskSubmission<'a>>>,
 }
 
@@ -52,8 +56,12 @@ pub struct TaskSubmission<'a> {
         skip_serializing_if = "Option::is_none"
     )]
     pub memory_mb: Option<u64>,
-    /// Input files placed in the task's working directory.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Input files placed in the task's working directory (null: none).
+    #[serde(
+        default,
+        deserialize_with = "files",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub files: Vec<FileSubmission>,
 }
 
@@ -75,18 +83,146 @@ pub struct FileSubmission {
     pub path: Option<String>,
 }
 
-/// A number of MiB: null, or a whole number above 0 (an error says so, whatever was given).
-fn mebibytes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    use serde::de::Error;
-    match serde_json::Value::deserialize(d)? {
-        serde_json::Value::Null => Ok(None),
-        v => match v.as_u64().filter(|&n| n > 0) {
-            Some(n) => Ok(Some(n)),
-            None => Err(D::Error::custom(format!(
-                "must be a whole number of MiB above 0, got {v}"
-            ))),
-        },
+/// A number of MiB: null, or a whole number above 0. Anything else is an error saying so,
+/// naming the number or only the kind of value given (never quoting it at length).
+fn mebibytes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    struct Mib;
+    fn bad<E: serde::de::Error>(got: impl fmt::Display) -> E {
+        E::custom(format!("must be a whole number of MiB above 0, got {got}"))
     }
+    impl<'de> Visitor<'de> for Mib {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a whole number of MiB above 0")
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+            if n == 0 {
+                return Err(bad(n));
+            }
+            Ok(Some(n))
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+            match u64::try_from(n) {
+                Ok(n) => self.visit_u64(n),
+                Err(_) => Err(bad(n)),
+            }
+        }
+        fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Self::Value, E> {
+            Err(bad(n))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Err(bad("a string"))
+        }
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Err(bad("a boolean"))
+        }
+        fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<Self::Value, E> {
+            Err(bad("bytes"))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(bad("an array"))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(bad("an object"))
+        }
+    }
+    d.deserialize_any(Mib)
+}
+
+/// Reads a `T` from a map only: an array of its fields by position (which serde takes for a
+/// struct) is refused, so a value is read by its fields' names or not at all.
+pub struct MapOnly<T>(PhantomData<T>);
+
+impl<T> Default for MapOnly<T> {
+    fn default() -> Self {
+        MapOnly(PhantomData)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for MapOnly<T> {
+    type Value = T;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<T, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for MapOnly<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+        T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+    }
+}
+
+/// Null, or an array of objects each read as a `T` ([`MapOnly`]), at most `max` of them.
+pub struct MapsUpTo<T> {
+    /// The most elements taken; one more is an error.
+    pub max: usize,
+    _of: PhantomData<T>,
+}
+
+impl<T> MapsUpTo<T> {
+    /// At most `max` elements.
+    pub fn new(max: usize) -> Self {
+        MapsUpTo {
+            max,
+            _of: PhantomData,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for MapsUpTo<T> {
+    type Value = Option<Vec<T>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for MapsUpTo<T> {
+    type Value = Option<Vec<T>>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "an array of at most {} objects", self.max)
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        // The hint comes from the sender: it sizes nothing.
+        let mut out = Vec::new();
+        while let Some(item) = seq.next_element_seed(MapOnly::<T>::default())? {
+            if out.len() == self.max {
+                return Err(A::Error::custom(format!(
+                    "more than {} in one request",
+                    self.max
+                )));
+            }
+            out.push(item);
+        }
+        Ok(Some(out))
+    }
+}
+
+/// The most tasks a body may hold, whatever `limits.max_tasks_per_request` says (it is
+/// checked against that limit once read).
+pub const MAX_TASKS: usize = 1_000_000;
+
+fn maps<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Vec<T>>, D::Error> {
+    MapsUpTo::new(MAX_TASKS).deserialize(d)
+}
+
+fn files<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<FileSubmission>, D::Error> {
+    Ok(MapsUpTo::new(MAX_TASKS).deserialize(d)?.unwrap_or_default())
 }
 
 /// The answer to a submit.

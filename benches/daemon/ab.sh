@@ -21,7 +21,7 @@ start_daemon() { # NAME BINARY -> writes $WORK/NAME/data/client.json
   for _ in $(seq 200); do curl -sf "http://127.0.0.1:$port/v1/health" >/dev/null && return 0; sleep 0.05; done
   echo "daemon $name did not start; see $WORK/$name/daemon.log" >&2; exit 1
 }
-stop_daemon() { pkill -TERM -f "fnx daemon --config $WORK/$1/" || true; sleep 1; rm -rf "$WORK/$1"; }
+stop_daemon() { pkill -TERM -f " daemon --config $WORK/$1/" || true; sleep 1; rm -rf "$WORK/$1"; }
 
 embedded() { # BINARY -> tasks/s
   local t0 t1; t0=$(date +%s.%N)

@@ -4,7 +4,7 @@
 FNX="${FNX_BIN:-$PWD/target/release/fnx}"
 PY="${PYTHON:-python3}"
 WORK="$(mktemp -d "/tmp/fnx-bench-$1.XXXXXX")"
-trap 'pkill -f "fnx daemon --config $WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+trap 'pkill -f " daemon --config $WORK" 2>/dev/null || true; rm -rf "$WORK"' EXIT
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }

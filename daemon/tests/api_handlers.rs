@@ -340,3 +340,82 @@ async fn a_damaged_function_record_is_shown_refused_by_name_and_can_be_deleted()
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{e}");
 }
+
+#[tokio::test]
+async fn a_hostile_submit_body_is_refused_cheaply_naming_its_field() {
+    let mut api = Api::start();
+    let (_, f) = api
+        .alice(
+            "POST",
+            "/v1/functions",
+            Some(json!({"kind": "shell", "command": "echo {x}"})),
+        )
+        .await;
+    let fid = f["id"].as_u64().unwrap();
+    let raw = |api: &mut Api, body: String| {
+        let token = api.alice.clone();
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/tasks")
+            .header("Authorization", format!("Bearer {token}"))
+            .header("Content-Type", "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        api.router.call(req)
+    };
+    // Tasks and files are objects: fields by position are not fields by name.
+    for (body, field) in [
+        (format!("[[[{fid}]]]"), "the body"),
+        (format!(r#"{{"tasks": [[{fid}, null, [1]]]}}"#), "tasks[0]"),
+        (
+            format!(
+                r#"{{"tasks": [{{"function": {fid}, "args": {{"x": 1}}, "files": [["a", null, null, "/x"]]}}]}}"#
+            ),
+            "tasks[0].files[0]",
+        ),
+        (
+            format!(r#"{{"tasks": [{{"function": {fid}}}], "extra": 1}}"#),
+            "extra",
+        ),
+        (
+            format!(
+                r#"{{"tasks": [{{"function": {fid}, "memory_mb": "{}"}}]}}"#,
+                "x".repeat(100_000)
+            ),
+            "tasks[0].memory_mb",
+        ),
+    ] {
+        let resp = raw(&mut api, body.clone()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{body:.80}");
+        let text = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8_lossy(&text);
+        assert!(text.contains(field), "{body:.80}: {text}");
+        assert!(
+            text.len() < 2000,
+            "the answer quotes the input: {} bytes",
+            text.len()
+        );
+    }
+    // A long hostile value is not quoted whole.
+    let long = format!(
+        r#"{{"tasks": [{{"function": "{}"}}]}}"#,
+        "\u{85}".repeat(50_000)
+    );
+    let resp = raw(&mut api, long).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(text.len() < 4000, "{} bytes", text.len());
+    // More tasks than a request may hold: 413 before they are all read.
+    let many = format!(r#"{{"tasks": [{}]}}"#, vec!["{}"; 10_001].join(","));
+    let resp = raw(&mut api, many).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Files given as null mean none, as before.
+    let (s, e) = api
+        .alice(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"tasks": [{"function": fid, "args": {"x": 1}, "files": null}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{e}");
+}

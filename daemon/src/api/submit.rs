@@ -10,7 +10,7 @@ use crate::store::writer::{Cmd, TaskInput};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
-use fnx_api::{FunctionKind, Signature, TaskBatch, TaskSubmission};
+use fnx_api::{FunctionKind, Signature, TaskSubmission};
 use fnx_protocol::{Encoding, FileSource, FunctionId, Payload, TaskFile};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
@@ -375,24 +375,84 @@ fn raw_of(i: usize, t: TaskSubmission, is_msgpack: bool) -> Result<Raw, ApiError
     })
 }
 
-/// A body that does not read as a submit: where, and why.
-fn unreadable<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ApiError {
+/// The most characters of an error message about a body: serde quotes the value it did not
+/// expect, and a hostile value can be long.
+const MAX_MESSAGE_CHARS: usize = 400;
+
+/// A body that does not read as a submit: where, and why (413 past the task limit).
+fn unreadable<E: std::fmt::Display>(e: serde_path_to_error::Error<E>, max: usize) -> ApiError {
     let path = e.path().to_string();
+    let mut why = e.inner().to_string();
+    if path == "tasks" && why.starts_with("more than ") {
+        return ApiError::too_large(format!(
+            "tasks: more than {max} tasks in one request; the limit is {max} \
+             (limits.max_tasks_per_request)"
+        ));
+    }
+    if let Some((cut, _)) = why.char_indices().nth(MAX_MESSAGE_CHARS) {
+        why.truncate(cut);
+        why.push_str("...");
+    }
     match path.as_str() {
-        "." => ApiError::bad(format!("the body: {}", e.inner())),
-        _ => ApiError::bad(format!("{path}: {}", e.inner())),
+        "." => ApiError::bad(format!("the body: {why}")),
+        _ => ApiError::bad(format!("{path}: {why}")),
     }
 }
 
+/// Reads a submit's body: an object (never an array) with `tasks`, at most `max` of them, each
+/// an object; so a body cannot cost more memory than the tasks it may hold (a task read takes
+/// far more room than its smallest form in a body).
+struct Batch {
+    max: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Batch {
+    type Value = Option<Vec<TaskSubmission<'de>>>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Batch {
+    type Value = Option<Vec<TaskSubmission<'de>>>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object {\"tasks\": [...]}")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        let mut tasks = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<str>>()? {
+            if key != "tasks" {
+                return Err(A::Error::unknown_field(&key, &["tasks"]));
+            }
+            if tasks.is_some() {
+                return Err(A::Error::duplicate_field("tasks"));
+            }
+            tasks = Some(map.next_value_seed(fnx_api::submit::MapsUpTo::new(self.max))?);
+        }
+        Ok(tasks.flatten())
+    }
+}
+
+/// Read `bytes` with `de` into a batch of at most `max` tasks; an error names its path.
+fn read_batch<'de, D: serde::Deserializer<'de>>(
+    de: D,
+    max: usize,
+) -> Result<Option<Vec<TaskSubmission<'de>>>, ApiError> {
+    use serde::de::DeserializeSeed;
+    let mut track = serde_path_to_error::Track::new();
+    Batch { max }
+        .deserialize(serde_path_to_error::Deserializer::new(de, &mut track))
+        .map_err(|e| unreadable(serde_path_to_error::Error::new(track.path(), e), max))
+}
+
 /// Read a submit's body, JSON or msgpack, into its tasks. Both are read into the same types
-/// (`fnx_api::TaskBatch`): an error names the field's path (`tasks[3].walltime`), and a JSON
-/// task's `args` keep their own text.
-fn parse_submit(is_msgpack: bool, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
-    let batch: TaskBatch = if is_msgpack {
+/// (`fnx_api::TaskSubmission`): an error names the field's path (`tasks[3].walltime`), and a
+/// JSON task's `args` keep their own text.
+fn parse_submit(is_msgpack: bool, bytes: &[u8], max: usize) -> Result<Vec<Raw>, ApiError> {
+    let tasks = if is_msgpack {
         let mut cursor = std::io::Cursor::new(bytes);
-        let batch =
-            serde_path_to_error::deserialize(&mut rmp_serde::Deserializer::new(&mut cursor))
-                .map_err(unreadable)?;
+        let tasks = read_batch(&mut rmp_serde::Deserializer::new(&mut cursor), max)?;
         if cursor.position() != bytes.len() as u64 {
             return Err(ApiError::bad(format!(
                 "the msgpack body has {} bytes after its end (at byte {})",
@@ -400,7 +460,7 @@ fn parse_submit(is_msgpack: bool, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
                 cursor.position()
             )));
         }
-        batch
+        tasks
     } else {
         // serde_json skips the values it keeps as text without a depth limit, at a byte of
         // memory per level: `[[[[...` of 256 MiB would cost 2.5 times its size.
@@ -411,14 +471,12 @@ fn parse_submit(is_msgpack: bool, bytes: &[u8]) -> Result<Vec<Raw>, ApiError> {
             )));
         }
         let mut de = serde_json::Deserializer::from_slice(bytes);
-        let batch = serde_path_to_error::deserialize(&mut de).map_err(unreadable)?;
+        let tasks = read_batch(&mut de, max)?;
         de.end()
             .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))?;
-        batch
+        tasks
     };
-    let tasks = batch
-        .tasks
-        .ok_or_else(|| ApiError::bad("tasks: required (an array of tasks)"))?;
+    let tasks = tasks.ok_or_else(|| ApiError::bad("tasks: required (an array of tasks)"))?;
     tasks
         .into_iter()
         .enumerate()
@@ -433,7 +491,7 @@ fn check_submit(
     is_msgpack: bool,
     body: super::ReadBody,
 ) -> Result<Vec<TaskInput>, ApiError> {
-    let raws = parse_submit(is_msgpack, &body)?;
+    let raws = parse_submit(is_msgpack, &body, app.limits.max_tasks_per_request)?;
     drop(body);
     let max = app.limits.max_tasks_per_request;
     if raws.len() > max {

@@ -546,8 +546,11 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
     };
     let l = raw.limits;
     let max_tasks_per_request = l.max_tasks_per_request.unwrap_or(10_000);
-    if max_tasks_per_request == 0 {
-        p.0.push("limits.max_tasks_per_request: must be at least 1".into());
+    if max_tasks_per_request == 0 || max_tasks_per_request > fnx_api::submit::MAX_TASKS {
+        p.0.push(format!(
+            "limits.max_tasks_per_request: must be 1 to {}, got {max_tasks_per_request}",
+            fnx_api::submit::MAX_TASKS
+        ));
     }
     let limits = Limits {
         max_tasks_per_request: max_tasks_per_request.max(1),
@@ -643,6 +646,13 @@ fn validate(raw: RawConfig, path: &Path) -> Result<SiteConfig, ConfigError> {
     let mut raw_pools = raw.pools.0;
     if raw_pools.is_empty() {
         raw_pools.push(("local".into(), RawPool::default()));
+    }
+    let port = interchange.port as usize;
+    if port != 0 && port + raw_pools.len() - 1 > 65535 {
+        p.0.push(format!(
+            "interchange.port: pool i listens on port + i; {port} + {} pools passes 65535",
+            raw_pools.len()
+        ));
     }
     let mut pools = Vec::new();
     for (name, rp) in raw_pools {

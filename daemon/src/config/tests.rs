@@ -140,3 +140,16 @@ fn wrong_types_name_the_line() {
         .to_string();
     assert!(err.contains("max_tasks_per_request"), "{err}");
 }
+
+#[test]
+fn a_pool_port_past_65535_and_a_task_limit_past_what_a_body_may_hold_are_named() {
+    let err = parse(
+        "[interchange]\nport = 65535\n[pools.a]\n[pools.b]\n[limits]\nmax_tasks_per_request = 2000000\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for key in ["interchange.port", "limits.max_tasks_per_request"] {
+        assert!(err.contains(key), "{key} missing from: {err}");
+    }
+    assert!(parse("[interchange]\nport = 65534\n[pools.a]\n[pools.b]\n").is_ok());
+}

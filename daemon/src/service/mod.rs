@@ -136,7 +136,8 @@ fn pool_port(cfg: &SiteConfig, i: usize) -> u16 {
     if cfg.interchange.port == 0 {
         0
     } else {
-        cfg.interchange.port + i as u16
+        // The configuration keeps port + pools within 65535.
+        cfg.interchange.port.saturating_add(i as u16)
     }
 }
 
@@ -255,7 +256,11 @@ fn start_pool(
         identities: crate::identity::Identities::new(&cfg.users),
         idle: cfg.users.user_idle,
     });
-    let bind = format!("tcp://{}:{}", cfg.interchange.address, pool_port(cfg, i));
+    let address = &cfg.interchange.address;
+    let bind = match address.contains(':') {
+        true => format!("tcp://[{address}]:{}", pool_port(cfg, i)),
+        false => format!("tcp://{address}:{}", pool_port(cfg, i)),
+    };
     let opts = PoolOptions {
         bind: bind.clone(),
         report_dispatch: true,
