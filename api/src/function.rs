@@ -4,7 +4,7 @@ use fnx_protocol::{FunctionBody, FunctionContainer, Runtime};
 use serde::{Deserialize, Serialize};
 
 /// What a function runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FunctionKind {
     /// A Python callable: source text with an entry, or a `module:qualname` reference.
@@ -27,7 +27,7 @@ impl FunctionKind {
 }
 
 /// How a parameter can be passed (Python's `inspect.Parameter.kind`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ParamKind {
     /// Before `/`.
@@ -43,7 +43,7 @@ pub enum ParamKind {
 }
 
 /// One parameter.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Param {
     /// Its name.
     pub name: String,
@@ -54,20 +54,21 @@ pub struct Param {
 }
 
 /// A function's parameters: read from Python source, or one per field of a shell template.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Signature {
     /// In order.
     pub params: Vec<Param>,
 }
 
 /// A container image a function runs in.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContainerSpec {
     /// A `.sif` path, a registry reference, ...
     pub image: String,
     /// The runtime (None: the pool's).
     #[serde(default)]
+    #[schema(value_type = Option<crate::schema::RuntimeSchema>)]
     pub runtime: Option<Runtime>,
 }
 
@@ -90,7 +91,7 @@ impl From<&ContainerSpec> for FunctionContainer {
 }
 
 /// Packages an image is built with, validated and normalised by the daemon.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Dependencies {
     /// Python requirements for pip.
     #[serde(default)]
@@ -101,7 +102,7 @@ pub struct Dependencies {
 }
 
 /// The image build a function's tasks run in (its cache key).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BuildRef {
     /// The build's key (the SHA-256 of its definition file).
     pub key: String,
@@ -109,7 +110,7 @@ pub struct BuildRef {
 
 /// A function's record as registered: what `GET /v1/functions/{id}` shows besides its id,
 /// owner and time, and what the store keeps.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FunctionSpec {
     /// What it runs.
     pub kind: FunctionKind,
@@ -248,7 +249,7 @@ impl FunctionSpec {
 }
 
 /// What a client sends to register a function (`POST /v1/functions`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FunctionCreate {
     /// What it runs.
     pub kind: FunctionKind,

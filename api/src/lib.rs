@@ -10,6 +10,9 @@
 #![warn(missing_docs)]
 
 pub mod function;
+pub mod openapi;
+pub mod schema;
+pub mod service;
 pub mod submit;
 pub mod task;
 

@@ -9,7 +9,7 @@ use std::fmt;
 use std::marker::PhantomData;
 
 /// A submit's body.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskBatch<'a> {
     /// 1 to `limits.max_tasks_per_request` tasks (None: the field is missing). Each task is
@@ -19,7 +19,7 @@ pub struct TaskBatch<'a> {
 }
 
 /// One task of a submit.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSubmission<'a> {
     /// The function's id (required; None: the field is missing).
@@ -27,9 +27,11 @@ pub struct TaskSubmission<'a> {
     pub function: Option<u64>,
     /// How the arguments are encoded (default `json`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<crate::schema::EncodingSchema>)]
     pub encoding: Option<Encoding>,
     /// JSON arguments as written: an array (positional) or an object (keywords). JSON bodies.
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub args: Option<&'a RawValue>,
     /// Pickled `(args, kwargs)`, base64. JSON bodies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,7 +69,7 @@ pub struct TaskSubmission<'a> {
 
 /// An input file: its name, and its bytes (`data_b64` in JSON, `data` in msgpack) or an
 /// absolute path on a filesystem the nodes share.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileSubmission {
     /// A plain file name (no `/`).
@@ -226,7 +228,7 @@ fn files<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<FileSubmission>, D::Erro
 }
 
 /// The answer to a submit.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskIds {
     /// The new tasks' ids, in request order.
     pub ids: Vec<u64>,

@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 use std::borrow::Cow;
 
 /// Where a task is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     /// Waiting in the daemon (or for its function's image build).
@@ -45,7 +45,7 @@ impl TaskState {
 }
 
 /// A task as the API shows it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TaskRecord<'a> {
     /// Its id.
     pub id: u64,
@@ -91,12 +91,14 @@ impl TaskRecord<'_> {
 
 /// A task's result: a JSON value as the function returned it (its text, every digit kept),
 /// text that is not JSON, or a pickle in base64.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ResultRecord<'a> {
     /// How the result is encoded.
+    #[schema(value_type = crate::schema::EncodingSchema)]
     pub encoding: Encoding,
     /// The JSON value (`json`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub value: Option<Cow<'a, RawValue>>,
     /// A `json` result that is not valid JSON, as text.
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
@@ -107,9 +109,10 @@ pub struct ResultRecord<'a> {
 }
 
 /// Why a task failed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorRecord<'a> {
     /// What kind of failure.
+    #[schema(value_type = crate::schema::ErrorKindSchema)]
     pub kind: ErrorKind,
     /// The exception's type.
     #[serde(rename = "type", default, borrow)]
@@ -123,7 +126,7 @@ pub struct ErrorRecord<'a> {
 }
 
 /// A page of `GET /v1/results`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ResultsPage<'a> {
     /// Finished tasks in completion order.
     #[serde(borrow)]

@@ -42,6 +42,18 @@ pub enum Phase {
     Ended,
 }
 
+impl Phase {
+    /// Its name in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Pending => "pending",
+            Phase::Running => "running",
+            Phase::Draining => "draining",
+            Phase::Ended => "ended",
+        }
+    }
+}
+
 /// One block, as the status endpoint shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct Block {

@@ -23,6 +23,7 @@ struct Api {
     writer: Sender<Cmd>,
     alice: String,
     bob: String,
+    admin: String,
     /// The text of the last answer (as sent: numbers as they were written).
     last_body: String,
     _handle: Arc<Handle>,
@@ -36,6 +37,7 @@ impl Api {
         let conn = open_writer(&path, false).unwrap();
         let (_, alice) = create_token(&conn, "alice", false, None).unwrap();
         let (_, bob) = create_token(&conn, "bob", false, None).unwrap();
+        let (_, admin) = create_token(&conn, "root", true, None).unwrap();
         let cfg = SiteConfig::defaults();
         let (handle, _events) = driver::start(DriverConfig::new("tcp://127.0.0.1:0")).unwrap();
         let handle = Arc::new(handle);
@@ -78,6 +80,7 @@ impl Api {
             writer: wtx,
             alice,
             bob,
+            admin,
             last_body: String::new(),
             _handle: handle,
             _dir: dir,
@@ -418,4 +421,131 @@ async fn a_hostile_submit_body_is_refused_cheaply_naming_its_field() {
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{e}");
+}
+
+#[tokio::test]
+async fn the_served_openapi_document_is_the_one_made_from_the_types_and_names_real_routes() {
+    let mut api = Api::start();
+    let resp = api
+        .router
+        .call(
+            Request::builder()
+                .uri("/v1/openapi.json")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let served = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(served, fnx_api::openapi::document().as_bytes());
+    // Every operation the document names is a route of the router (not its 404 fallback).
+    let doc: Value = serde_json::from_slice(&served).unwrap();
+    let mut operations = 0;
+    for (path, methods) in doc["paths"].as_object().unwrap() {
+        let concrete = path
+            .replace("{id}", "1")
+            .replace("{pool}", "local")
+            .replace("{action}", "drain");
+        for method in methods.as_object().unwrap().keys() {
+            operations += 1;
+            let token = api.alice.clone();
+            let req = Request::builder()
+                .method(method.to_uppercase().as_str())
+                .uri(concrete.as_str())
+                .header("Authorization", format!("Bearer {token}"))
+                .header("Content-Type", "application/json")
+                .body(Body::from("{}"))
+                .unwrap();
+            let resp = api.router.call(req).await.unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let text = String::from_utf8_lossy(&body);
+            assert!(
+                !text.contains("no such endpoint") && status != StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path}: {status} {text:.200}"
+            );
+        }
+    }
+    assert_eq!(operations, 19);
+}
+
+/// Read an answer as the API type the document gives it.
+fn typed<'a, T: serde::Deserialize<'a>>(what: &str, body: &'a str) -> T {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: {e}: {body:.400}"))
+}
+
+#[tokio::test]
+async fn every_answer_reads_as_the_type_the_document_gives_it() {
+    use fnx_api::openapi::Cancelling;
+    use fnx_api::service::*;
+    let mut api = Api::start();
+    let (s, _) = api.call("GET", "/v1/health", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let _: Health = typed("health", &api.last_body.clone());
+    api.alice("GET", "/v1/whoami", None).await;
+    let me: Whoami = typed("whoami", &api.last_body.clone());
+    assert_eq!(me.user, "alice");
+    let (s, _) = api
+        .alice(
+            "POST",
+            "/v1/functions",
+            Some(json!({"kind": "shell", "command": "echo {x}", "name": "echo"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let f: FunctionRecord = typed("registration", &api.last_body.clone());
+    assert_eq!(f.spec.name.as_deref(), Some("echo"));
+    api.alice("GET", &format!("/v1/functions/{}", f.id), None)
+        .await;
+    let _: FunctionRecord = typed("function", &api.last_body.clone());
+    api.alice("GET", "/v1/functions", None).await;
+    let list: FunctionList = typed("functions", &api.last_body.clone());
+    assert_eq!(list.functions.len(), 1);
+    let (s, _) = api
+        .alice(
+            "POST",
+            "/v1/tasks",
+            Some(json!({"tasks": [{"function": f.id, "args": {"x": 1}}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let ids: fnx_api::TaskIds = typed("submit", &api.last_body.clone());
+    let id = ids.ids[0];
+    api.alice("GET", &format!("/v1/tasks/{id}"), None).await;
+    let body = api.last_body.clone();
+    let _: fnx_api::TaskRecord = typed("task", &body);
+    api.alice("POST", "/v1/tasks/status", Some(json!({"ids": [id, 999]})))
+        .await;
+    let body = api.last_body.clone();
+    let st: TaskStatusList = typed("status of tasks", &body);
+    assert!(matches!(st.tasks[1], TaskStatus::Unknown(_)));
+    api.alice("GET", "/v1/results", None).await;
+    let body = api.last_body.clone();
+    let _: fnx_api::ResultsPage = typed("results", &body);
+    api.alice("GET", "/v1/status", None).await;
+    let mine: StatusDocument = typed("status", &api.last_body.clone());
+    assert!(mine.store.is_none() && mine.users.is_none() && mine.pools[0].queued.is_none());
+    let admin = api.admin.clone();
+    api.call("GET", "/v1/status", Some(&admin), None).await;
+    let all: StatusDocument = typed("status (admin)", &api.last_body.clone());
+    assert!(all.store.is_some() && all.users.is_some() && all.pools[0].queued.is_some());
+    api.call("GET", "/v1/tokens", Some(&admin), None).await;
+    let _: TokenList = typed("tokens (admin)", &api.last_body.clone());
+    let (s, _) = api
+        .alice("POST", "/v1/tokens", Some(json!({"expires_s": 60})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let t: TokenCreated = typed("token", &api.last_body.clone());
+    assert_eq!(t.user, "alice");
+    api.alice("GET", "/v1/tokens", None).await;
+    let _: TokenList = typed("tokens", &api.last_body.clone());
+    api.alice("POST", "/v1/tasks/cancel", Some(json!({"ids": [id]})))
+        .await;
+    let c: Cancelling = typed("cancel", &api.last_body.clone());
+    assert_eq!(c.cancelling, 1);
+    let (s, _) = api.alice("GET", "/v1/tasks/987654", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let e: ErrorBody = typed("error", &api.last_body.clone());
+    assert_eq!(e.error.code, "not_found");
 }

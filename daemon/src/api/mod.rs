@@ -245,6 +245,15 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// A JSON answer serialised straight from `v` (no intermediate tree, which would re-parse
+/// results and lose digits of numbers).
+fn record_response(status: StatusCode, v: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(body) => (status, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => ApiError::bad(format!("cannot encode the answer: {e}")).into_response(),
+    }
+}
+
 fn json_response(status: StatusCode, v: Value) -> Response {
     (status, axum::Json(v)).into_response()
 }
@@ -421,10 +430,16 @@ async fn not_found() -> ApiError {
     ApiError::not_found("no such endpoint; see GET /v1/openapi.json")
 }
 
+/// The OpenAPI document, made once from the API's types (`fnx_api::openapi`).
+fn openapi_document() -> &'static str {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DOC.get_or_init(fnx_api::openapi::document)
+}
+
 async fn openapi() -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        include_str!("../openapi.json"),
+        openapi_document(),
     )
         .into_response()
 }

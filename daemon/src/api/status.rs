@@ -1,12 +1,13 @@
 //! `/v1/health`, `/v1/whoami`, `/v1/status` and `/metrics`.
 
-use super::{json_response, ApiResult, App, Caller};
+use super::{json_response, record_response, ApiResult, App, Caller};
 use crate::store::writer::UserCounts;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use fnx_api::service as api;
 use fnx_interchange::{Counts, ManagerStatus};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::fmt::Write;
 use std::sync::Arc;
 
@@ -58,16 +59,40 @@ async fn pool_states(app: &Arc<App>) -> Vec<(String, Counts, Vec<ManagerStatus>)
     .unwrap_or_default()
 }
 
-fn manager_json(m: &ManagerStatus) -> Value {
-    json!({"id": m.id.0, "uid": m.uid, "user": m.tenant, "host": m.host,
-           "block": m.block_id.map(|b| b.0),
-           "workers": m.slots, "inflight": m.inflight, "completed": m.completed,
-           "idle_s": m.idle_for.map(|d| d.as_secs_f64()).unwrap_or(0.0), "draining": m.draining,
-           "environments": m.workers.iter().map(|w| {
-               let (container, owner) = fnx_protocol::split_env(&w.env);
-               json!({"container": container, "user": owner, "workers": w.workers,
-                      "starts": w.starts})
-           }).collect::<Vec<_>>()})
+fn manager_status(m: &ManagerStatus) -> api::ManagerStatus {
+    api::ManagerStatus {
+        id: m.id.0,
+        uid: m.uid.clone(),
+        user: m.tenant.clone(),
+        host: m.host.clone(),
+        block: m.block_id.map(|b| b.0),
+        workers: m.slots.into(),
+        inflight: m.inflight as u64,
+        completed: m.completed,
+        idle_s: m.idle_for.map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        draining: m.draining,
+        environments: m
+            .workers
+            .iter()
+            .map(|w| {
+                let (container, owner) = fnx_protocol::split_env(&w.env);
+                api::WorkerEnvironment {
+                    container: container.to_string(),
+                    user: owner.map(str::to_string),
+                    workers: w.workers.into(),
+                    starts: w.starts,
+                }
+            })
+            .collect(),
+    }
+}
+
+fn counts(u: &UserCounts) -> api::TaskCounts {
+    api::TaskCounts {
+        queued: u.queued,
+        running: u.running,
+        finished: u.finished,
+    }
 }
 
 pub(super) async fn status(State(app): State<Arc<App>>, c: Caller) -> ApiResult {
@@ -85,56 +110,78 @@ pub(super) async fn status(State(app): State<Arc<App>>, c: Caller) -> ApiResult 
             bytes: a.bytes + u.bytes,
         });
     let states = pool_states(&app).await;
-    let pools: Vec<Value> = states
+    let pools = states
         .iter()
         .zip(&app.pools)
         .map(|((name, counts, managers), pref)| {
             let r = pref.report.lock().map(|r| r.clone()).unwrap_or_default();
             // Non-admins see what the pool offers, not what others run on it, nor any path
-            // on the server (issue 11).
-            let mut p = json!({"name": name, "provider": r.provider, "launcher": r.launcher,
-                               "workers": counts.slots, "managers_connected": counts.managers,
-                               "failed": r.failed.is_some()});
-            if c.admin {
-                p["queued"] = json!(counts.queued);
-                p["held_for_images"] = json!(counts.held);
-                p["running"] = json!(counts.running);
-                p["run_dir"] = json!(r.run_dir);
-                p["failed"] = json!(r.failed);
-                p["submit_error"] = json!(r.submit_error);
-                p["blocks"] = json!(r.blocks);
-                p["managers"] = managers.iter().map(manager_json).collect();
-            } else {
-                // Their own managers (users' managers, in `unix` mode).
-                p["managers"] = managers
+            // on the server (issue 11); their own managers (users' managers, `unix` mode).
+            let admin = c.admin.then_some(());
+            api::PoolStatus {
+                name: name.clone(),
+                provider: r.provider.to_string(),
+                launcher: r.launcher.to_string(),
+                workers: counts.slots,
+                managers_connected: counts.managers as u64,
+                failed: match c.admin {
+                    true => json!(r.failed),
+                    false => json!(r.failed.is_some()),
+                },
+                queued: admin.map(|()| counts.queued as u64),
+                held_for_images: admin.map(|()| counts.held as u64),
+                running: admin.map(|()| counts.running as u64),
+                run_dir: admin.map(|()| r.run_dir.display().to_string()),
+                submit_error: admin.and(r.submit_error.clone()),
+                blocks: admin.map(|()| {
+                    r.blocks
+                        .iter()
+                        .map(|b| api::BlockStatus {
+                            id: b.id,
+                            job: b.job.clone(),
+                            phase: b.phase.name().to_string(),
+                            job_state: b.job_state.clone(),
+                            managers: b.managers as u64,
+                            dir: b.dir.display().to_string(),
+                            stderr: b.stderr.display().to_string(),
+                        })
+                        .collect()
+                }),
+                managers: managers
                     .iter()
-                    .filter(|m| m.tenant == c.user)
-                    .map(manager_json)
-                    .collect();
+                    .filter(|m| c.admin || m.tenant == c.user)
+                    .map(manager_status)
+                    .collect(),
             }
-            p
         })
         .collect();
-    let mut doc = json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_s": app.started.elapsed().as_secs_f64(),
-        "user": c.user,
-        "admin": c.admin,
-        "tasks": if c.admin { total } else { mine },
-        "tasks_per_s": rate,
-        "pools": pools,
-        // The caller's own use of their per-user quota.
-        "quota": {
-            "queued_bytes": mine.bytes,
-            "max_queued_bytes": app.limits.max_queued_bytes_per_user,
+    let doc = api::StatusDocument {
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_s: app.started.elapsed().as_secs_f64(),
+        user: c.user.clone(),
+        admin: c.admin,
+        tasks: counts(if c.admin { &total } else { &mine }),
+        tasks_per_s: rate,
+        pools,
+        quota: api::Quota {
+            queued_bytes: mine.bytes,
+            max_queued_bytes: app.limits.max_queued_bytes_per_user,
         },
-    });
-    if c.admin {
-        doc["users"] = serde_json::to_value(&users).unwrap_or(Value::Null);
-        doc["store"] = json!({"path": app.store_path, "size_bytes": app.reader.size_bytes(),
-                              "healthy": app.shared.stats.lock().map(|s| s.unavailable.is_none()).unwrap_or(false)});
-    }
-    Ok(json_response(StatusCode::OK, doc))
+        users: c
+            .admin
+            .then(|| users.iter().map(|(u, n)| (u.clone(), counts(n))).collect()),
+        store: c.admin.then(|| api::StoreStatus {
+            path: app.store_path.display().to_string(),
+            size_bytes: app.reader.size_bytes(),
+            healthy: app
+                .shared
+                .stats
+                .lock()
+                .map(|s| s.unavailable.is_none())
+                .unwrap_or(false),
+        }),
+    };
+    Ok(record_response(StatusCode::OK, &doc))
 }
 
 pub(super) async fn metrics(State(app): State<Arc<App>>) -> Response {

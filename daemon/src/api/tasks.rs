@@ -2,8 +2,8 @@
 //! cancel, stream results.
 
 use super::{
-    blocking, json_response, parse_id, parse_json, read_body, wait_for_results, wait_param,
-    ApiError, ApiResult, App, Caller, MSGPACK,
+    blocking, json_response, parse_id, parse_json, read_body, record_response, wait_for_results,
+    wait_param, ApiError, ApiResult, App, Caller, MSGPACK,
 };
 use crate::records::TaskRow;
 use crate::store::writer::Cmd;
@@ -201,15 +201,6 @@ pub(super) async fn cancel_many(
         StatusCode::ACCEPTED,
         json!({ "cancelling": n }),
     ))
-}
-
-/// A JSON answer serialised straight from records (no intermediate tree, which would re-parse
-/// results and lose digits of numbers).
-fn record_response(status: StatusCode, v: &impl Serialize) -> Response {
-    match serde_json::to_vec(v) {
-        Ok(body) => (status, [(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => ApiError::bad(format!("cannot encode the answer: {e}")).into_response(),
-    }
 }
 
 /// A result in a msgpack answer: payload bytes stay bytes.
