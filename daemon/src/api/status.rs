@@ -1,6 +1,6 @@
 //! `/v1/health`, `/v1/whoami`, `/v1/status` and `/metrics`.
 
-use super::{json_response, record_response, ApiResult, App, Caller};
+use super::{record_response, ApiResult, App, Caller};
 use crate::store::writer::UserCounts;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -30,16 +30,23 @@ pub(super) async fn health(State(app): State<Arc<App>>) -> Response {
     } else {
         "degraded"
     };
-    json_response(
+    record_response(
         status,
-        json!({"status": state, "version": env!("CARGO_PKG_VERSION"), "store": store}),
+        &api::Health {
+            status: state.into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            store,
+        },
     )
 }
 
 pub(super) async fn whoami(c: Caller) -> ApiResult {
-    Ok(json_response(
+    Ok(record_response(
         StatusCode::OK,
-        json!({"user": c.user, "admin": c.admin}),
+        &api::Whoami {
+            user: c.user,
+            admin: c.admin,
+        },
     ))
 }
 
@@ -322,8 +329,12 @@ pub(super) async fn block_action(
         )));
     }
     r.requests.push(request);
-    Ok(json_response(
+    Ok(record_response(
         StatusCode::ACCEPTED,
-        json!({"pool": pool, "block": id, "action": action}),
+        &fnx_api::openapi::BlockActionAnswer {
+            pool,
+            block: id,
+            action,
+        },
     ))
 }

@@ -2,7 +2,7 @@
 //! (signature, kind, pool, payload and file limits), persist it, answer with the ids.
 
 use super::functions::owned;
-use super::{json_response, read_body, ApiError, ApiResult, App, Caller, MSGPACK};
+use super::{read_body, record_response, ApiError, ApiResult, App, Caller, MSGPACK};
 use crate::invalid::Invalid;
 use crate::records::{unb64, FunctionRow};
 use crate::signature;
@@ -13,7 +13,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use fnx_api::{FunctionKind, Signature, TaskSubmission};
 use fnx_protocol::{Encoding, FileSource, FunctionId, Payload, TaskFile};
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -605,7 +605,7 @@ pub(super) async fn submit(
         .await
         .map_err(|_| ApiError::unavailable("the store is shutting down"))??;
     let ids: Vec<u64> = done.ids.iter().map(|t| t.0).collect();
-    let mut resp = json_response(StatusCode::CREATED, json!({ "ids": ids }));
+    let mut resp = record_response(StatusCode::CREATED, &fnx_api::TaskIds { ids });
     if done.replayed {
         resp.headers_mut().insert(
             "idempotent-replayed",

@@ -2,8 +2,8 @@
 //! cancel, stream results.
 
 use super::{
-    blocking, json_response, parse_id, parse_json, read_body, record_response, wait_for_results,
-    wait_param, ApiError, ApiResult, App, Caller, MSGPACK,
+    blocking, parse_id, parse_json, read_body, record_response, wait_for_results, wait_param,
+    ApiError, ApiResult, App, Caller, MSGPACK,
 };
 use crate::records::TaskRow;
 use crate::store::writer::Cmd;
@@ -13,7 +13,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fnx_protocol::{Outcome, TaskId};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -197,9 +197,11 @@ pub(super) async fn cancel_many(
             p.handle.cancel(ids);
         }
     }
-    Ok(json_response(
+    Ok(record_response(
         StatusCode::ACCEPTED,
-        json!({ "cancelling": n }),
+        &fnx_api::openapi::Cancelling {
+            cancelling: n as u64,
+        },
     ))
 }
 
@@ -285,9 +287,12 @@ pub(super) async fn results(
         // The highest committed completion number of anyone: none of the caller's results is
         // newer, and every later one will be (numbers grow across users and restarts).
         let cursor = *app.shared.seq.borrow();
-        return Ok(json_response(
+        return Ok(record_response(
             StatusCode::OK,
-            json!({ "results": [], "cursor": cursor }),
+            &fnx_api::ResultsPage {
+                results: Vec::new(),
+                cursor,
+            },
         ));
     }
     let since = num("since", 0)?;

@@ -1,14 +1,14 @@
 //! `/v1/tokens`: list, create and revoke tokens. Admins manage everyone's; a user manages
 //! their own (for example a user known by the local socket makes a token for remote use).
 
-use super::{json_response, parse_id, parse_json, read_body, ApiError, ApiResult, App, Caller};
+use super::{parse_id, parse_json, read_body, record_response, ApiError, ApiResult, App, Caller};
 use crate::config::UsersMode;
 use crate::store::writer::Cmd;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -36,7 +36,10 @@ pub(super) async fn list(
         (false, _) => Some(caller.user.clone()),
     };
     let tokens = app.reader.tokens(user.as_deref())?;
-    Ok(json_response(StatusCode::OK, json!({ "tokens": tokens })))
+    Ok(record_response(
+        StatusCode::OK,
+        &fnx_api::service::TokenList { tokens },
+    ))
 }
 
 pub(super) async fn create(
@@ -98,9 +101,15 @@ pub(super) async fn create(
     })
     .await?;
     tracing::info!("{} created token {id} for {user:?}", caller.user);
-    Ok(json_response(
+    Ok(record_response(
         StatusCode::CREATED,
-        json!({"id": id, "user": user, "admin": admin, "expires": expires, "token": token}),
+        &fnx_api::service::TokenCreated {
+            id,
+            user,
+            admin,
+            expires,
+            token,
+        },
     ))
 }
 

@@ -43,23 +43,7 @@ pub fn ensure_user(conn: &Connection, user: &str, admin: bool) -> Result<(), Sto
 }
 
 /// A token as listed (never the token itself: only its hash is stored).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct TokenInfo {
-    /// Its id (for `revoke`).
-    pub id: i64,
-    /// Its user.
-    pub user: String,
-    /// The user is an admin.
-    pub admin: bool,
-    /// Created (seconds since the epoch).
-    pub created: f64,
-    /// Expires (None: never).
-    pub expires: Option<f64>,
-    /// Revoked at (None: not revoked).
-    pub revoked: Option<f64>,
-    /// Neither revoked nor expired.
-    pub live: bool,
-}
+pub use fnx_api::service::TokenInfo;
 
 /// Tokens of `user` (or everyone's), oldest first.
 pub fn list_tokens(conn: &Connection, user: Option<&str>) -> Result<Vec<TokenInfo>, StoreError> {
