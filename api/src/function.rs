@@ -101,16 +101,42 @@ pub struct Dependencies {
     pub system: Vec<String>,
 }
 
-/// The image build a function's tasks run in (its cache key).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+/// The image build a function's tasks run in: its cache key, and (in `GET
+/// /v1/functions/{id}` and the registration answer) where the build stands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BuildRef {
-    /// The build's key (the SHA-256 of its definition file).
+    /// The build's key (the SHA-256 of its definition file; the cache directory's name).
     pub key: String,
+    /// Where the build stands (left out of lists and of the stored record).
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<BuildStatus>,
+}
+
+/// Where an image build stands. Tasks submitted while it is `building` are held; `ready`: they
+/// run in the image; `failed`: they fail with `ImageBuildFailed`, and new submits get 400
+/// until the dependencies are registered again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BuildStatus {
+    /// `building`, `ready` or `failed`.
+    pub state: String,
+    /// `<dir>/<key>/image.sif`.
+    pub image: String,
+    /// `<dir>/<key>/image.def`.
+    pub definition: String,
+    /// `<dir>/<key>/build.log`: every build's output.
+    pub log: String,
+    /// Why the last build failed: `COMMAND exited with status N: <its last output line>`,
+    /// `timed out after S s`, ...
+    pub error: Option<String>,
+    /// When the last build started (Unix seconds).
+    pub started: Option<f64>,
+    /// When it ended (Unix seconds; null while building).
+    pub finished: Option<f64>,
 }
 
 /// A function's record as registered: what `GET /v1/functions/{id}` shows besides its id,
 /// owner and time, and what the store keeps.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FunctionSpec {
     /// What it runs.
     pub kind: FunctionKind,

@@ -17,8 +17,8 @@ pub mod submit;
 pub mod task;
 
 pub use function::{
-    BuildRef, ContainerSpec, Dependencies, FunctionCreate, FunctionKind, FunctionSpec, Param,
-    ParamKind, Signature,
+    BuildRef, BuildStatus, ContainerSpec, Dependencies, FunctionCreate, FunctionKind, FunctionSpec,
+    Param, ParamKind, Signature,
 };
 pub use submit::{FileSubmission, TaskBatch, TaskIds, TaskSubmission};
 pub use task::{ErrorRecord, ResultRecord, ResultsPage, TaskRecord, TaskState};

@@ -45,36 +45,6 @@ pub struct Whoami {
     pub admin: bool,
 }
 
-/// The image build of a function registered with `dependencies`. Tasks submitted while it is
-/// `building` are held; `ready`: they run in the image; `failed`: they fail with
-/// `ImageBuildFailed`, and new submits get 400 until the dependencies are registered again.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
-pub struct BuildStatus {
-    /// SHA-256 of the definition file; the cache directory's name.
-    pub key: String,
-    /// `building`, `ready` or `failed`.
-    #[serde(default)]
-    pub state: Option<String>,
-    /// `<dir>/<key>/image.sif`.
-    #[serde(default)]
-    pub image: Option<String>,
-    /// `<dir>/<key>/image.def`.
-    #[serde(default)]
-    pub definition: Option<String>,
-    /// `<dir>/<key>/build.log`: every build's output.
-    #[serde(default)]
-    pub log: Option<String>,
-    /// Why the last build failed.
-    #[serde(default)]
-    pub error: Option<String>,
-    /// Unix seconds.
-    #[serde(default)]
-    pub started: Option<f64>,
-    /// Unix seconds; null while building.
-    #[serde(default)]
-    pub finished: Option<f64>,
-}
-
 /// A function as `GET /v1/functions/{id}` shows it (lists leave out `source`).
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct FunctionRecord {

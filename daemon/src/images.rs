@@ -6,7 +6,7 @@ use crate::builds::{BuildInfo, BuildState, Builds};
 use crate::invalid::Invalid;
 use fnx_interchange::driver::Handle;
 use fnx_protocol::{ErrorKind, FunctionContainer, FunctionId, Runtime, TaskError};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 use std::sync::Arc;
 
 /// Parse a registration's `container` object: `{"image": "...", "runtime": "apptainer"}`
@@ -80,20 +80,21 @@ pub fn runtime_of_builds(command: &[String]) -> Option<Runtime> {
 }
 
 /// A build's state as the API shows it.
-pub fn build_json(info: &BuildInfo) -> Value {
-    let mut m = Map::new();
-    m.insert("key".into(), json!(info.key));
-    m.insert(
-        "state".into(),
-        serde_json::to_value(&info.state).unwrap_or(Value::Null),
-    );
-    m.insert("image".into(), json!(info.image));
-    m.insert("definition".into(), json!(info.definition));
-    m.insert("log".into(), json!(info.log));
-    m.insert("error".into(), json!(info.error));
-    m.insert("started".into(), json!(info.started));
-    m.insert("finished".into(), json!(info.finished));
-    Value::Object(m)
+pub fn build_status(info: &BuildInfo) -> fnx_api::BuildStatus {
+    fnx_api::BuildStatus {
+        state: match info.state {
+            BuildState::Building => "building",
+            BuildState::Ready => "ready",
+            BuildState::Failed => "failed",
+        }
+        .into(),
+        image: info.image.display().to_string(),
+        definition: info.definition.display().to_string(),
+        log: info.log.display().to_string(),
+        error: info.error.clone(),
+        started: info.started,
+        finished: info.finished,
+    }
 }
 
 /// The error of tasks whose function's image failed to build.
@@ -145,6 +146,7 @@ pub fn release_when_built(builds: &Builds, key: &str, id: FunctionId, pools: Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn containers_parse_strictly() {

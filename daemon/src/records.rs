@@ -5,7 +5,7 @@ use base64::Engine;
 use fnx_api::{ErrorRecord, ResultRecord, TaskRecord};
 use fnx_protocol::{Attempt, Encoding, FunctionId, Outcome, Payload, TaskId};
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::borrow::Cow;
 
 /// A task as stored.
@@ -133,24 +133,18 @@ fn result_record(p: &Payload) -> ResultRecord<'_> {
 
 impl FunctionRow {
     /// The function record of the API; `with_source` keeps the Python source.
-    pub fn to_json(&self, with_source: bool) -> Value {
+    pub fn record(&self, with_source: bool) -> fnx_api::service::FunctionRecord {
         let mut spec = self.spec.clone();
         if !with_source {
             spec.source = None;
         }
-        // A record of strings, options and lists: it always serialises.
-        let mut v = serde_json::to_value(&spec).unwrap_or(Value::Null);
-        if let Value::Object(m) = &mut v {
-            m.insert("id".into(), json!(self.id.0));
-            m.insert("owner".into(), json!(self.owner));
-            m.insert("created_at".into(), json!(self.created));
-            if self.deleted {
-                m.insert("deleted".into(), json!(true));
-            }
-            if let Some(why) = &self.damaged {
-                m.insert("damaged".into(), json!(why));
-            }
+        fnx_api::service::FunctionRecord {
+            id: self.id.0,
+            owner: self.owner.clone(),
+            created_at: self.created,
+            deleted: self.deleted,
+            damaged: self.damaged.clone(),
+            spec,
         }
-        v
     }
 }

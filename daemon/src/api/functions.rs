@@ -1,6 +1,6 @@
 //! `/v1/functions`: register, list, show, delete.
 
-use super::{json_response, parse_id, parse_json, read_body, ApiError, ApiResult, App, Caller};
+use super::{parse_id, parse_json, read_body, record_response, ApiError, ApiResult, App, Caller};
 use crate::builds::recipe;
 use crate::images;
 use crate::records::FunctionRow;
@@ -10,9 +10,10 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
+use fnx_api::service::{FunctionList, FunctionRecord};
 use fnx_api::{BuildRef, ContainerSpec, Dependencies, FunctionKind, FunctionSpec};
 use fnx_protocol::{FunctionBody, FunctionContainer, FunctionId};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,6 +99,7 @@ async fn container(
     });
     spec.build = Some(BuildRef {
         key: info.key.clone(),
+        status: None,
     });
     Ok((Some(c), Some(info.key)))
 }
@@ -290,7 +292,7 @@ pub(super) async fn register(
     })
     .await
     .map_err(|e| ApiError::unavailable(format!("the registration did not finish: {e}")))??;
-    let row_json = |row: &FunctionRow| with_build(&app, row.to_json(false), &row.spec);
+    let shown = |row: &FunctionRow| with_build(&app, row.record(false));
     let name = if name.is_empty() {
         format!("{}-{}", spec.kind.name(), id.0)
     } else {
@@ -305,7 +307,7 @@ pub(super) async fn register(
         deleted: false,
         damaged: None,
     };
-    Ok(json_response(StatusCode::CREATED, row_json(&row)))
+    Ok(record_response(StatusCode::CREATED, &shown(&row)))
 }
 
 /// Release function `id` (held by the store writer) when the build `key` ends. If the build
@@ -336,11 +338,12 @@ fn watch_build(app: &App, key: &str, id: FunctionId) -> Result<(), ApiError> {
 }
 
 /// A function's record with the current state of its image build, if it has one.
-fn with_build(app: &App, mut record: Value, spec: &FunctionSpec) -> Value {
-    if let (Some(key), Value::Object(m)) = (spec.build_key(), &mut record) {
-        if let Some(info) = app.builds.info(key) {
-            m.insert("build".into(), images::build_json(&info));
-        }
+fn with_build(app: &App, mut record: FunctionRecord) -> FunctionRecord {
+    if let Some(build) = record.spec.build.as_mut() {
+        build.status = app
+            .builds
+            .info(&build.key)
+            .map(|i| images::build_status(&i));
     }
     record
 }
@@ -348,8 +351,8 @@ fn with_build(app: &App, mut record: Value, spec: &FunctionSpec) -> Value {
 pub(super) async fn list(State(app): State<Arc<App>>, caller: Caller) -> ApiResult {
     let owner = (!caller.admin).then_some(caller.user.as_str());
     let rows = app.reader.functions(owner)?;
-    let list: Vec<Value> = rows.iter().map(|r| r.to_json(false)).collect();
-    Ok(json_response(StatusCode::OK, json!({ "functions": list })))
+    let functions = rows.iter().map(|r| r.record(false)).collect();
+    Ok(record_response(StatusCode::OK, &FunctionList { functions }))
 }
 
 /// A function the caller may use, or the error to answer with. Another user's function
@@ -367,9 +370,9 @@ pub(super) async fn show(
     Path(id): Path<String>,
 ) -> ApiResult {
     let row = owned(&app, &caller, parse_id(&id, "the function id")?)?;
-    Ok(json_response(
+    Ok(record_response(
         StatusCode::OK,
-        with_build(&app, row.to_json(true), &row.spec),
+        &with_build(&app, row.record(true)),
     ))
 }
 

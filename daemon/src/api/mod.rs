@@ -259,10 +259,6 @@ fn record_response(status: StatusCode, v: &impl serde::Serialize) -> Response {
     }
 }
 
-fn json_response(status: StatusCode, v: Value) -> Response {
-    (status, axum::Json(v)).into_response()
-}
-
 /// A request body as read, holding its share of the daemon's budget for large bodies until it
 /// is dropped (after its request is handled).
 pub(crate) struct ReadBody {
