@@ -107,8 +107,11 @@ pub struct Dependencies {
 pub struct BuildRef {
     /// The build's key (the SHA-256 of its definition file; the cache directory's name).
     pub key: String,
-    /// Where the build stands (left out of lists and of the stored record).
+    /// Where the build stands: in `GET /v1/functions/{id}` and the registration answer the
+    /// record carries the fields of [`BuildStatus`] too (left out of lists and of the stored
+    /// record).
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     pub status: Option<BuildStatus>,
 }
 

@@ -281,7 +281,7 @@ fn get_results() {}
     operation_id = "status",
     tag = "service",
     responses(
-        (status = 200, description = "The status document. `managers` and `store` are shown to admins only.", content((StatusDocument = "application/json"))),
+        (status = 200, description = "The status document. Admins see every pool's load, managers, paths, `users` and the `store`; others their own tasks and managers, and what each pool offers.", content((StatusDocument = "application/json"))),
         (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody)
     )
 )]
@@ -330,11 +330,11 @@ fn cancel_tasks() {}
     post,
     path = "/v1/pools/{pool}/blocks/{id}/{action}",
     operation_id = "blockAction",
-    tag = "status",
+    tag = "service",
     params(
-        ("pool" = String, Path, description = ""),
-        ("id" = u64, Path, description = ""),
-        ("action" = String, Path, description = "")
+        ("pool" = String, Path, description = "The batch pool."),
+        ("id" = u64, Path, description = "The block's number (`GET /v1/status`)."),
+        ("action" = String, Path, description = "`drain` or `cancel`.")
     ),
     responses(
         (status = 202, description = "Requested; `GET /v1/status` shows the block's phase.", content((BlockActionAnswer = "application/json"))),
@@ -441,7 +441,7 @@ impl Modify for BearerAuth {
         (name = "results", description = "Results by long-poll with a cursor."),
     ),
     paths(health, openapi, whoami, register_function, list_functions, get_function, delete_function, submit_tasks, task_status, get_task, cancel_task, get_results, status, metrics, cancel_tasks, block_action, list_tokens, create_token, revoke_token),
-    components(schemas(FunctionSpec, ErrorBody)),
+    components(schemas(FunctionSpec, ErrorBody, crate::function::BuildStatus)),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
@@ -496,5 +496,30 @@ mod tests {
         assert!(
             body.get("application/json").is_some() && body.get("application/msgpack").is_some()
         );
+        // Values of any JSON type are not narrowed to objects; what must be there is required.
+        let schema = |name: &str| doc["components"]["schemas"][name].clone();
+        let any = |v: &serde_json::Value| v.get("type").is_none() && v.get("$ref").is_none();
+        assert!(
+            any(&schema("PoolStatus")["properties"]["failed"]),
+            "{}",
+            schema("PoolStatus")
+        );
+        assert!(
+            !schema("TaskSubmission")["properties"]["args"]["type"]
+                .to_string()
+                .contains("object"),
+            "{}",
+            schema("TaskSubmission")["properties"]["args"]
+        );
+        assert!(schema("TaskBatch")["required"]
+            .to_string()
+            .contains("tasks"));
+        assert!(schema("TaskSubmission")["required"]
+            .to_string()
+            .contains("function"));
+        assert!(schema("UnknownTask")["properties"]["state"]
+            .to_string()
+            .contains("Unknown"));
+        assert!(schema("BuildRef")["properties"].get("status").is_none());
     }
 }

@@ -27,7 +27,7 @@ pub struct ErrorDetail {
 /// `GET /v1/health`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Health {
-    /// `ok`.
+    /// `ok`, or `degraded` (with status 503) while the store cannot commit.
     pub status: String,
     /// The daemon's fnx version.
     pub version: String,
@@ -85,8 +85,16 @@ pub struct TaskIdList {
 pub struct UnknownTask {
     /// The id asked for.
     pub id: u64,
-    /// `unknown`.
-    pub state: String,
+    /// Always `unknown` (no task's state is).
+    pub state: Unknown,
+}
+
+/// The state of a task id that is not the caller's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Unknown {
+    /// Unknown.
+    Unknown,
 }
 
 /// One task of a status answer.
@@ -199,7 +207,7 @@ pub struct PoolStatus {
     /// submitted, without any manager connecting; cleared when one connects). Admins get the
     /// reason (a string naming the last job's stderr file, or null); others `true` or
     /// `false`.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Value)]
     pub failed: serde_json::Value,
     /// Admins: tasks waiting in its interchange.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -15,6 +15,7 @@ pub struct TaskBatch<'a> {
     /// 1 to `limits.max_tasks_per_request` tasks (None: the field is missing). Each task is
     /// an object (a map), never an array of fields by position.
     #[serde(borrow, default, deserialize_with = "maps")]
+    #[schema(required = true)]
     pub tasks: Option<Vec<TaskSubmission<'a>>>,
 }
 
@@ -24,6 +25,7 @@ pub struct TaskBatch<'a> {
 pub struct TaskSubmission<'a> {
     /// The function's id (required; None: the field is missing).
     #[serde(default)]
+    #[schema(required = true)]
     pub function: Option<u64>,
     /// How the arguments are encoded (default `json`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -31,13 +33,14 @@ pub struct TaskSubmission<'a> {
     pub encoding: Option<Encoding>,
     /// JSON arguments as written: an array (positional) or an object (keywords). JSON bodies.
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Value>)]
     pub args: Option<&'a RawValue>,
     /// Pickled `(args, kwargs)`, base64. JSON bodies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_b64: Option<String>,
-    /// The arguments' bytes (JSON text, or a pickle). Msgpack bodies.
+    /// The arguments' bytes (JSON text, or a pickle). Msgpack bodies (binary).
     #[serde(default, with = "serde_bytes", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Binary)]
     pub data: Option<Vec<u8>>,
     /// The pool (default: the first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,8 +80,9 @@ pub struct FileSubmission {
     /// Its bytes, base64 (JSON bodies).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_b64: Option<String>,
-    /// Its bytes (msgpack bodies).
+    /// Its bytes (msgpack bodies, binary).
     #[serde(default, with = "serde_bytes", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = Binary)]
     pub data: Option<Vec<u8>>,
     /// An absolute path the task's directory links to.
     #[serde(default, skip_serializing_if = "Option::is_none")]

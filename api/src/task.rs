@@ -98,7 +98,7 @@ pub struct ResultRecord<'a> {
     pub encoding: Encoding,
     /// The JSON value (`json`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Value>)]
     pub value: Option<Cow<'a, RawValue>>,
     /// A `json` result that is not valid JSON, as text.
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]

@@ -119,38 +119,29 @@ pub(super) async fn status_many(
         .filter(|r| caller.may_see(&r.owner))
         .map(|r| (r.id.0, r))
         .collect();
-    #[derive(Serialize)]
-    #[serde(untagged)]
-    enum Item<'a> {
-        Known(Box<fnx_api::TaskRecord<'a>>),
-        Unknown { id: u64, state: &'static str },
-    }
+    use fnx_api::service::{TaskStatus, TaskStatusList, Unknown, UnknownTask};
     let mut fetched = Vec::new();
-    let out: Vec<Item<'_>> = ids
+    let tasks: Vec<TaskStatus<'_>> = ids
         .iter()
         .map(|&id| match by_id.get(&id) {
             Some(r) => {
                 if r.state.is_terminal() && r.owner == caller.user {
                     fetched.push(r.id);
                 }
-                Item::Known(Box::new(
+                TaskStatus::Known(Box::new(
                     r.record(false).waiting(app.waiting(&r.pool, r.function)),
                 ))
             }
-            None => Item::Unknown {
+            None => TaskStatus::Unknown(UnknownTask {
                 id,
-                state: "unknown",
-            },
+                state: Unknown::Unknown,
+            }),
         })
         .collect();
     if !fetched.is_empty() {
         let _ = app.send(Cmd::FetchedIds(fetched));
     }
-    #[derive(Serialize)]
-    struct Tasks<'a> {
-        tasks: Vec<Item<'a>>,
-    }
-    Ok(record_response(StatusCode::OK, &Tasks { tasks: out }))
+    Ok(record_response(StatusCode::OK, &TaskStatusList { tasks }))
 }
 
 pub(super) async fn cancel(
