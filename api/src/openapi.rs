@@ -11,6 +11,19 @@ use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
+/// A `unauthorized` answer.
+const UNAUTHORIZED: &str = "`unauthorized`: no `Authorization` header, or an unknown token.";
+/// A `bad_request` answer.
+const BAD_REQUEST: &str = "`bad_request`: malformed JSON/msgpack, a missing or wrong field (the message names it, e.g. `tasks[3].walltime` or `dependencies.python[2]`), arguments that do not bind to the function's signature, an unknown pool, a deleted function, a submit to a function whose image build failed, `dependencies` on a daemon that cannot build images.";
+/// A `payload_too_large` answer.
+const PAYLOAD_TOO_LARGE: &str = "`payload_too_large`: a request body (`limits.max_request_mb`), a batch (more than 10,000 tasks) or one task's arguments over a limit; the limit is in the message.";
+/// A `store_unavailable` answer.
+const STORE_UNAVAILABLE: &str = "`store_unavailable`: the store cannot commit (disk full, size limit reached, I/O error), or the image cache cannot be written (a registration with `dependencies`); nothing in the request was accepted; retry later.";
+/// A `not_found` answer.
+const NOT_FOUND: &str = "`not_found`: no such function or task, or an unknown path.";
+/// A `identity_not_allowed` answer.
+const IDENTITY_NOT_ALLOWED: &str = "`identity_not_allowed` (users.mode = \"unix\"): the caller's account may not run tasks on this service (root, the service account, a uid below users.min_uid, or no such account). Deliberately vague; the daemon's log says why.";
+
 /// The answer to `POST /v1/tasks/cancel`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct Cancelling {
@@ -72,7 +85,7 @@ fn openapi() {}
     tag = "service",
     responses(
         (status = 200, description = "The caller.", content((Whoami = "application/json"))),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody)
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
@@ -89,10 +102,10 @@ fn whoami() {}
     request_body(content((FunctionCreate = "application/json"))),
     responses(
         (status = 201, description = "Registered; the function record.", content((FunctionRecord = "application/json"))),
-        (status = 400, description = "`bad_request`: malformed JSON/msgpack, a missing or wrong field (the message names it, e.g. `tasks[3].walltime` or `dependencies.python[2]`), arguments that do not bind to the function's signature, an unknown pool, a deleted function, a submit to a function whose image build failed, `dependencies` on a daemon that cannot build images.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`: a request body (`limits.max_request_mb`), a batch (more than 10,000 tasks) or one task's arguments over a limit; the limit is in the message.", body = ErrorBody),
-        (status = 503, description = "`store_unavailable`: the store cannot commit (disk full, size limit reached, I/O error), or the image cache cannot be written (a registration with `dependencies`); nothing in the request was accepted; retry later.", body = ErrorBody)
+        (status = 400, description = BAD_REQUEST, body = ErrorBody),
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody),
+        (status = 413, description = PAYLOAD_TOO_LARGE, body = ErrorBody),
+        (status = 503, description = STORE_UNAVAILABLE, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
@@ -108,7 +121,7 @@ fn register_function() {}
     tag = "functions",
     responses(
         (status = 200, description = "The function records.", content((FunctionList = "application/json"))),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody)
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
@@ -127,9 +140,9 @@ fn list_functions() {}
     ),
     responses(
         (status = 200, description = "The record plus `source` (Python source functions), with the current state of its image `build` (functions with `dependencies`).", content((FunctionRecord = "application/json"))),
-        (status = 400, description = "`bad_request`: malformed JSON/msgpack, a missing or wrong field (the message names it, e.g. `tasks[3].walltime` or `dependencies.python[2]`), arguments that do not bind to the function's signature, an unknown pool, a deleted function, a submit to a function whose image build failed, `dependencies` on a daemon that cannot build images.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such function or task, or an unknown path.", body = ErrorBody)
+        (status = 400, description = BAD_REQUEST, body = ErrorBody),
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody),
+        (status = 404, description = NOT_FOUND, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
@@ -148,10 +161,10 @@ fn get_function() {}
     ),
     responses(
         (status = 204, description = "Deleted."),
-        (status = 400, description = "`bad_request`: malformed JSON/msgpack, a missing or wrong field (the message names it, e.g. `tasks[3].walltime` or `dependencies.python[2]`), arguments that do not bind to the function's signature, an unknown pool, a deleted function, a submit to a function whose image build failed, `dependencies` on a daemon that cannot build images.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such function or task, or an unknown path.", body = ErrorBody),
-        (status = 503, description = "`store_unavailable`: the store cannot commit (disk full, size limit reached, I/O error), or the image cache cannot be written (a registration with `dependencies`); nothing in the request was accepted; retry later.", body = ErrorBody)
+        (status = 400, description = BAD_REQUEST, body = ErrorBody),
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody),
+        (status = 404, description = NOT_FOUND, body = ErrorBody),
+        (status = 503, description = STORE_UNAVAILABLE, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
@@ -171,13 +184,13 @@ fn delete_function() {}
     request_body(content((TaskBatch = "application/json"), (TaskBatch = "application/msgpack"))),
     responses(
         (status = 201, description = "Committed; the task ids in request order.", content((TaskIds = "application/json"))),
-        (status = 400, description = "`bad_request`: malformed JSON/msgpack, a missing or wrong field (the message names it, e.g. `tasks[3].walltime` or `dependencies.python[2]`), arguments that do not bind to the function's signature, an unknown pool, a deleted function, a submit to a function whose image build failed, `dependencies` on a daemon that cannot build images.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody),
-        (status = 403, description = "`identity_not_allowed` (users.mode = \"unix\"): the caller's account may not run tasks on this service (root, the service account, a uid below users.min_uid, or no such account). Deliberately vague; the daemon's log says why.", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such function or task, or an unknown path.", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`: a request body (`limits.max_request_mb`), a batch (more than 10,000 tasks) or one task's arguments over a limit; the limit is in the message.", body = ErrorBody),
+        (status = 400, description = BAD_REQUEST, body = ErrorBody),
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody),
+        (status = 403, description = IDENTITY_NOT_ALLOWED, body = ErrorBody),
+        (status = 404, description = NOT_FOUND, body = ErrorBody),
+        (status = 413, description = PAYLOAD_TOO_LARGE, body = ErrorBody),
         (status = 429, description = "`queue_limit`: the user's unfinished tasks would exceed `limits.max_queued_per_user`.", body = ErrorBody),
-        (status = 503, description = "`store_unavailable`: the store cannot commit (disk full, size limit reached, I/O error), or the image cache cannot be written (a registration with `dependencies`); nothing in the request was accepted; retry later.", body = ErrorBody),
+        (status = 503, description = STORE_UNAVAILABLE, body = ErrorBody),
         (status = 409, description = "`idempotency_conflict`: the Idempotency-Key was used before with another request body; nothing was created.", body = ErrorBody)
     )
 )]
@@ -195,9 +208,9 @@ fn submit_tasks() {}
     request_body(content((TaskIdList = "application/json"))),
     responses(
         (status = 200, description = "Records in request order; ids that do not exist or are not yours (for an admin: that do not exist) appear as `{\"id\": N, \"state\": \"unknown\"}`.", content((TaskStatusList = "application/json"))),
-        (status = 400, description = "`bad_request`: malformed JSON/msgpack, a missing or wrong field (the message names it, e.g. `tasks[3].walltime` or `dependencies.python[2]`), arguments that do not bind to the function's signature, an unknown pool, a deleted function, a submit to a function whose image build failed, `dependencies` on a daemon that cannot build images.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`: a request body (`limits.max_request_mb`), a batch (more than 10,000 tasks) or one task's arguments over a limit; the limit is in the message.", body = ErrorBody)
+        (status = 400, description = BAD_REQUEST, body = ErrorBody),
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody),
+        (status = 413, description = PAYLOAD_TOO_LARGE, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
@@ -217,9 +230,9 @@ fn task_status() {}
     ),
     responses(
         (status = 200, description = "The task record.", content((TaskRecord = "application/json"))),
-        (status = 400, description = "`bad_request`: malformed JSON/msgpack, a missing or wrong field (the message names it, e.g. `tasks[3].walltime` or `dependencies.python[2]`), arguments that do not bind to the function's signature, an unknown pool, a deleted function, a submit to a function whose image build failed, `dependencies` on a daemon that cannot build images.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such function or task, or an unknown path.", body = ErrorBody)
+        (status = 400, description = BAD_REQUEST, body = ErrorBody),
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody),
+        (status = 404, description = NOT_FOUND, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
@@ -239,10 +252,10 @@ fn get_task() {}
     responses(
         (status = 200, description = "The task is terminal: its state is `cancelled`, or the state it reached first.", content((TaskRecord = "application/json"))),
         (status = 202, description = "The kill is still under way after 5 s; the current record.", content((TaskRecord = "application/json"))),
-        (status = 400, description = "`bad_request`: malformed JSON/msgpack, a missing or wrong field (the message names it, e.g. `tasks[3].walltime` or `dependencies.python[2]`), arguments that do not bind to the function's signature, an unknown pool, a deleted function, a submit to a function whose image build failed, `dependencies` on a daemon that cannot build images.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such function or task, or an unknown path.", body = ErrorBody),
-        (status = 503, description = "`store_unavailable`: the store cannot commit (disk full, size limit reached, I/O error), or the image cache cannot be written (a registration with `dependencies`); nothing in the request was accepted; retry later.", body = ErrorBody)
+        (status = 400, description = BAD_REQUEST, body = ErrorBody),
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody),
+        (status = 404, description = NOT_FOUND, body = ErrorBody),
+        (status = 503, description = STORE_UNAVAILABLE, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
@@ -264,9 +277,9 @@ fn cancel_task() {}
     ),
     responses(
         (status = 200, description = "A page of results and the new cursor.", content((ResultsPage = "application/json"), (ResultsPage = "application/msgpack"))),
-        (status = 400, description = "`bad_request`: malformed JSON/msgpack, a missing or wrong field (the message names it, e.g. `tasks[3].walltime` or `dependencies.python[2]`), arguments that do not bind to the function's signature, an unknown pool, a deleted function, a submit to a function whose image build failed, `dependencies` on a daemon that cannot build images.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody),
-        (status = 503, description = "`store_unavailable`: the store cannot commit (disk full, size limit reached, I/O error), or the image cache cannot be written (a registration with `dependencies`); nothing in the request was accepted; retry later.", body = ErrorBody)
+        (status = 400, description = BAD_REQUEST, body = ErrorBody),
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody),
+        (status = 503, description = STORE_UNAVAILABLE, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
@@ -282,7 +295,7 @@ fn get_results() {}
     tag = "service",
     responses(
         (status = 200, description = "The status document. Admins see every pool's load, managers, paths, `users` and the `store`; others their own tasks and managers, and what each pool offers.", content((StatusDocument = "application/json"))),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody)
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
@@ -315,9 +328,9 @@ fn metrics() {}
     request_body(content((TaskIdList = "application/json"))),
     responses(
         (status = 202, description = "How many of the ids were yours and unfinished; their records reach `cancelled` (or the state they reached first) shortly after.", content((Cancelling = "application/json"))),
-        (status = 400, description = "`bad_request`: malformed JSON/msgpack, a missing or wrong field (the message names it, e.g. `tasks[3].walltime` or `dependencies.python[2]`), arguments that do not bind to the function's signature, an unknown pool, a deleted function, a submit to a function whose image build failed, `dependencies` on a daemon that cannot build images.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`: a request body (`limits.max_request_mb`), a batch (more than 10,000 tasks) or one task's arguments over a limit; the limit is in the message.", body = ErrorBody)
+        (status = 400, description = BAD_REQUEST, body = ErrorBody),
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody),
+        (status = 413, description = PAYLOAD_TOO_LARGE, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
@@ -338,7 +351,7 @@ fn cancel_tasks() {}
     ),
     responses(
         (status = 202, description = "Requested; `GET /v1/status` shows the block's phase.", content((BlockActionAnswer = "application/json"))),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody),
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody),
         (status = 403, description = "Not an admin.", body = ErrorBody),
         (status = 404, description = "No such pool, live block or action.", body = ErrorBody)
     )
@@ -359,8 +372,8 @@ fn block_action() {}
     ),
     responses(
         (status = 200, description = "The tokens.", content((TokenList = "application/json"))),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody),
-        (status = 403, description = "`identity_not_allowed` (users.mode = \"unix\"): the caller's account may not run tasks on this service (root, the service account, a uid below users.min_uid, or no such account). Deliberately vague; the daemon's log says why.", body = ErrorBody)
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody),
+        (status = 403, description = IDENTITY_NOT_ALLOWED, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
@@ -377,10 +390,10 @@ fn list_tokens() {}
     request_body(content((TokenCreate = "application/json"))),
     responses(
         (status = 201, description = "Created.", content((TokenCreated = "application/json"))),
-        (status = 400, description = "`bad_request`: malformed JSON/msgpack, a missing or wrong field (the message names it, e.g. `tasks[3].walltime` or `dependencies.python[2]`), arguments that do not bind to the function's signature, an unknown pool, a deleted function, a submit to a function whose image build failed, `dependencies` on a daemon that cannot build images.", body = ErrorBody),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody),
+        (status = 400, description = BAD_REQUEST, body = ErrorBody),
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody),
         (status = 403, description = "`forbidden`: an admin-only action (block actions), or a token for another user or an admin token asked for by a non-admin.", body = ErrorBody),
-        (status = 503, description = "`store_unavailable`: the store cannot commit (disk full, size limit reached, I/O error), or the image cache cannot be written (a registration with `dependencies`); nothing in the request was accepted; retry later.", body = ErrorBody)
+        (status = 503, description = STORE_UNAVAILABLE, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
@@ -399,9 +412,9 @@ fn create_token() {}
     ),
     responses(
         (status = 204, description = "Revoked."),
-        (status = 401, description = "`unauthorized`: no `Authorization` header, or an unknown token.", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such function or task, or an unknown path.", body = ErrorBody),
-        (status = 503, description = "`store_unavailable`: the store cannot commit (disk full, size limit reached, I/O error), or the image cache cannot be written (a registration with `dependencies`); nothing in the request was accepted; retry later.", body = ErrorBody)
+        (status = 401, description = UNAUTHORIZED, body = ErrorBody),
+        (status = 404, description = NOT_FOUND, body = ErrorBody),
+        (status = 503, description = STORE_UNAVAILABLE, body = ErrorBody)
     )
 )]
 #[allow(dead_code)]
