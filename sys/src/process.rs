@@ -141,6 +141,25 @@ pub fn reap_any() -> Vec<(u32, i32)> {
     }
 }
 
+/// [`reap_any`], with each child's peak resident memory in bytes: the largest of its own and
+/// of the descendants it waited for (the kernel's `ru_maxrss` of `wait4`), so a short spike
+/// that no sample saw is counted.
+pub fn reap_any_with_peak() -> Vec<(u32, i32, u64)> {
+    let mut out = Vec::new();
+    loop {
+        let mut status = 0;
+        // SAFETY: an all-zero rusage is a valid value for wait4 to fill.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: wait4 with WNOHANG writes the status and usage of an exited child, if any.
+        let pid = unsafe { libc::wait4(-1, &mut status, libc::WNOHANG, &mut usage) };
+        if pid <= 0 {
+            return out;
+        }
+        let peak = (usage.ru_maxrss.max(0) as u64).saturating_mul(1024);
+        out.push((pid as u32, status, peak));
+    }
+}
+
 /// Describe a raw wait status: `"exit status 3"` or `"killed by signal 9 (SIGKILL)"`.
 pub fn describe_wait_status(status: i32) -> String {
     if libc::WIFEXITED(status) {

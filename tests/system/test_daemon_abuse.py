@@ -72,7 +72,18 @@ def test_fault_33_stalled_and_idle_connections_are_closed_and_capped_per_peer(ma
     stalled = [connect(d) for _ in range(20)]
     for s in stalled:
         s.sendall(b"G")
-    # The peer is at its cap: the 21st connection gets 503 with Retry-After at once.
+    # Once the daemon has accepted all twenty (asked over the local socket, another peer, whose
+    # own connection counts too: 21 open)...
+    deadline = time.monotonic() + 10
+    while True:
+        text = d.api("GET", "/metrics", token=None, socket_path=d.home / "fnx.sock").body
+        open_now = [float(line.split()[1]) for line in text.splitlines()
+                    if line.startswith("fnx_api_connections ")]
+        if open_now and open_now[0] >= 21:
+            break
+        assert time.monotonic() < deadline, f"the daemon did not accept the 20 connections: {text}"
+        time.sleep(0.05)
+    # ...the peer is at its cap: the 21st connection gets 503 with Retry-After at once.
     t0 = time.monotonic()
     s = connect(d)
     answer = answer_of(s, 5.0)

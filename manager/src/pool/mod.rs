@@ -161,6 +161,8 @@ struct Proc {
     /// starts its walltime clock when it becomes `task`.
     next: Option<Pipelined>,
     exit: Option<i32>,
+    /// Its peak resident memory and that of the descendants it waited for, from its exit.
+    exit_peak: u64,
     log: Option<PathBuf>,
     /// The worker slot whose placement (CPUs, accelerators, environment) it started with.
     slot: usize,
@@ -192,6 +194,7 @@ impl Proc {
             task,
             next: None,
             exit: None,
+            exit_peak: 0,
             log,
             slot,
             env: String::new(),

@@ -155,9 +155,12 @@ impl Pool<'_> {
     }
 
     pub(super) fn reap(&mut self) {
-        for (pid, status) in reap_any() {
+        for (pid, status, peak) in fnx_sys::process::reap_any_with_peak() {
             match self.procs.get_mut(&pid) {
-                Some(p) => p.exit = Some(status),
+                Some(p) => {
+                    p.exit = Some(status);
+                    p.exit_peak = peak;
+                }
                 None => tracing::debug!(
                     "reaped orphaned descendant {pid} ({})",
                     describe_wait_status(status)
@@ -253,16 +256,25 @@ impl Pool<'_> {
             }
             _ => None,
         };
-        let outcome = match (r.forced, limited, &mut proc.kind) {
-            (Some(e), _, _) => Outcome::Err(e),
-            (None, Some(e), _) => {
+        // A shell task's whole process tree peaked over its limit between two samples: the
+        // kernel's count, at its end, says so.
+        let peak = proc.exit_peak.max(r.peak_rss);
+        let shell_over = match (&proc.kind, r.limit) {
+            (Kind::Shell(_), Some(limit)) if peak > limit.bytes => {
+                Some(memory_exceeded(peak, limit))
+            }
+            _ => None,
+        };
+        let outcome = match (r.forced, limited, shell_over, &mut proc.kind) {
+            (Some(e), _, _, _) => Outcome::Err(e),
+            (None, Some(e), _, _) => {
                 tracing::warn!(
                     "task {} reached its memory limit; the kernel killed it in its cgroup",
                     r.id
                 );
                 Outcome::Err(e)
             }
-            (None, None, _) if oom => {
+            (None, None, _, _) if oom => {
                 tracing::warn!(
                     "task {} was killed by the kernel's out-of-memory killer (process {pid})",
                     r.id
@@ -277,7 +289,7 @@ impl Pool<'_> {
                     ),
                 ))
             }
-            (None, None, Kind::Python(_)) => {
+            (None, None, _, Kind::Python(_)) => {
                 let log = proc
                     .log
                     .as_ref()
@@ -292,7 +304,10 @@ impl Pool<'_> {
                     ),
                 ))
             }
-            (None, None, Kind::Shell(s)) => shell_outcome(status, s, self.cfg.max_result_bytes),
+            (None, None, Some(e), Kind::Shell(_)) => Outcome::Err(e),
+            (None, None, None, Kind::Shell(s)) => {
+                shell_outcome(status, s, self.cfg.max_result_bytes)
+            }
         };
         if from_outside {
             tracing::info!(
