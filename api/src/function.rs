@@ -68,7 +68,6 @@ pub struct ContainerSpec {
     pub image: String,
     /// The runtime (None: the pool's).
     #[serde(default)]
-    #[schema(value_type = Option<crate::schema::RuntimeSchema>)]
     pub runtime: Option<Runtime>,
 }
 

@@ -11,7 +11,6 @@
 
 pub mod function;
 pub mod openapi;
-pub mod schema;
 pub mod service;
 pub mod submit;
 pub mod task;

@@ -29,7 +29,6 @@ pub struct TaskSubmission<'a> {
     pub function: Option<u64>,
     /// How the arguments are encoded (default `json`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<crate::schema::EncodingSchema>)]
     pub encoding: Option<Encoding>,
     /// JSON arguments as written: an array (positional) or an object (keywords). JSON bodies.
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
@@ -208,10 +207,7 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for MapsUpTo<T> {
         let mut out = Vec::new();
         while let Some(item) = seq.next_element_seed(MapOnly::<T>::default())? {
             if out.len() == self.max {
-                return Err(A::Error::custom(format!(
-                    "more than {} in one request",
-                    self.max
-                )));
+                return Err(A::Error::custom(format!("more than {} of them", self.max)));
             }
             out.push(item);
         }
@@ -227,8 +223,11 @@ fn maps<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<V
     MapsUpTo::new(MAX_TASKS).deserialize(d)
 }
 
+/// The most input files one task may have.
+pub const MAX_FILES: usize = 10_000;
+
 fn files<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<FileSubmission>, D::Error> {
-    Ok(MapsUpTo::new(MAX_TASKS).deserialize(d)?.unwrap_or_default())
+    Ok(MapsUpTo::new(MAX_FILES).deserialize(d)?.unwrap_or_default())
 }
 
 /// The answer to a submit.

@@ -94,7 +94,6 @@ impl TaskRecord<'_> {
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ResultRecord<'a> {
     /// How the result is encoded.
-    #[schema(value_type = crate::schema::EncodingSchema)]
     pub encoding: Encoding,
     /// The JSON value (`json`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -112,7 +111,6 @@ pub struct ResultRecord<'a> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorRecord<'a> {
     /// What kind of failure.
-    #[schema(value_type = crate::schema::ErrorKindSchema)]
     pub kind: ErrorKind,
     /// The exception's type.
     #[serde(rename = "type", default, borrow)]

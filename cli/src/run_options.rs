@@ -103,28 +103,43 @@ impl RunOptions {
 /// a deadline.
 const MAX_SECONDS: f64 = 1e9;
 
+/// A flag's value that is not a number of seconds it may take.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a number of seconds from 0 to {MAX_SECONDS:e}")]
+pub(crate) struct NotSeconds(String);
+
 /// A flag's number of seconds: finite, from 0 to [`MAX_SECONDS`].
-pub(crate) fn seconds(text: &str) -> Result<f64, String> {
+pub(crate) fn seconds(text: &str) -> Result<f64, NotSeconds> {
     match text.trim().parse::<f64>() {
         Ok(v) if (0.0..=MAX_SECONDS).contains(&v) => Ok(v),
-        _ => Err(format!(
-            "{text:?} is not a number of seconds from 0 to {MAX_SECONDS:e}"
-        )),
+        _ => Err(NotSeconds(text.to_string())),
     }
 }
 
-pub(crate) fn validate_options(o: &RunOptions) -> Result<(), String> {
+/// Run options that cannot go together, or say what cannot be.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BadOptions {
+    /// A walltime of nothing.
+    #[error("--walltime must be above 0 seconds")]
+    NoWalltime,
+    /// The container flags name no usable container.
+    #[error("--container-runtime: {0}")]
+    Container(#[from] fnx_protocol::ContainerError),
+    /// Not a pinning policy.
+    #[error("--cpu-affinity: {0}")]
+    CpuAffinity(#[from] fnx_sys::placement::PlacementError),
+}
+
+pub(crate) fn validate_options(o: &RunOptions) -> Result<(), BadOptions> {
     // The flags' parser bounds every number of seconds; a walltime must also be above zero.
     if o.walltime == Some(0.0) {
-        return Err("--walltime must be above 0 seconds".into());
+        return Err(BadOptions::NoWalltime);
     }
     if let Some(c) = o.container() {
-        c.validate()
-            .map_err(|e| format!("--container-runtime: {e}"))?;
+        c.validate()?;
     }
     if let Some(a) = &o.cpu_affinity {
-        a.parse::<fnx_sys::placement::CpuAffinity>()
-            .map_err(|e| format!("--cpu-affinity: {e}"))?;
+        a.parse::<fnx_sys::placement::CpuAffinity>()?;
     }
     Ok(())
 }

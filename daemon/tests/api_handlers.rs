@@ -412,6 +412,14 @@ async fn a_hostile_submit_body_is_refused_cheaply_naming_its_field() {
     let many = format!(r#"{{"tasks": [{}]}}"#, vec!["{}"; 10_001].join(","));
     let resp = raw(&mut api, many).await.unwrap();
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // At most MAX_FILES files a task, refused before the rest are read.
+    let files = vec![r#"{"name": "a", "path": "/x"}"#; fnx_api::submit::MAX_FILES + 1].join(",");
+    let body =
+        format!(r#"{{"tasks": [{{"function": {fid}, "args": {{"x": 1}}, "files": [{files}]}}]}}"#);
+    let resp = raw(&mut api, body).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&text).contains("tasks[0].files: more than 10000"));
     // Files given as null mean none, as before.
     let (s, e) = api
         .alice(

@@ -69,6 +69,7 @@ pub enum ContainerError {
 
 /// A container runtime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Runtime {
     /// `apptainer exec --bind RUNDIR IMAGE CMD`.

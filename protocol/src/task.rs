@@ -6,6 +6,7 @@ use std::fmt;
 
 /// How a payload's bytes are to be read. Rust never looks inside; workers do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Encoding {
     /// UTF-8 JSON text. For arguments: an array (positional) or an object (keyword arguments).
@@ -214,6 +215,7 @@ pub enum FileNameError {
 
 /// Why a task failed. Every failure carries exactly one kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// The user's code raised (or a shell command exited non-zero). Never retried.
