@@ -17,6 +17,7 @@ const WAIT: Duration = Duration::from_secs(10);
 struct Store {
     tx: Option<Sender<Cmd>>,
     reader: Reader,
+    shared: Arc<Shared>,
     path: PathBuf,
     thread: Option<std::thread::JoinHandle<()>>,
     _dir: tempfile::TempDir,
@@ -42,16 +43,26 @@ impl Store {
         after_loss: bool,
         setup: impl FnOnce(&rusqlite::Connection),
     ) -> Store {
+        Store::start_with(config(), dir, after_loss, setup)
+    }
+
+    fn start_with(
+        cfg: WriterConfig,
+        dir: tempfile::TempDir,
+        after_loss: bool,
+        setup: impl FnOnce(&rusqlite::Connection),
+    ) -> Store {
         let path = dir.path().join("fnx.db");
         let conn = open_writer(&path, false).unwrap();
         setup(&conn);
         let shared = Arc::new(Shared::new(Stats::default()));
-        let writer = Writer::new(conn, config(), shared, HashMap::new(), after_loss).unwrap();
+        let writer = Writer::new(conn, cfg, shared.clone(), HashMap::new(), after_loss).unwrap();
         let (tx, rx) = channel();
         let thread = std::thread::spawn(move || writer.run(rx));
         Store {
             tx: Some(tx),
             reader: Reader::new(&path),
+            shared,
             path,
             thread: Some(thread),
             _dir: dir,
@@ -96,6 +107,11 @@ impl Store {
             let _ = tx.send(());
         })));
         rx.recv_timeout(WAIT).unwrap();
+    }
+
+    /// Why the store refuses new work (what health reports), if it does.
+    fn unavailable(&self) -> Option<String> {
+        self.shared.stats.lock().unwrap().unavailable.clone()
     }
 
     fn exec(&self, f: impl FnOnce(&rusqlite::Connection) + Send + 'static) {
@@ -238,6 +254,65 @@ fn a_full_disk_refuses_submits_and_keeps_reported_outcomes_until_there_is_room()
     }
     assert!(s.state(ids[0]).2.is_some());
     assert_eq!(s.state(ids[1]).0, State::Queued);
+    assert_eq!(s.submit("u", 1, 10).unwrap().len(), 1, "submits work again");
+}
+
+#[test]
+fn a_full_store_stays_unavailable_while_only_small_records_fit_and_recovers_without_a_submit() {
+    // store.max_size_mb = 1, enforced the way the service does (max_page_count).
+    let cfg = WriterConfig {
+        max_size_bytes: Some(1 << 20),
+        ..config()
+    };
+    let s = Store::start_with(cfg, tempfile::tempdir().unwrap(), false, |c| {
+        let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+        c.pragma_update(None, "max_page_count", (1 << 20) / page)
+            .unwrap();
+    });
+    let ids = s.submit("u", 2, 10).unwrap();
+    let mut refused = None;
+    for _ in 0..200 {
+        if let Err(e) = s.submit("u", 10, 8 << 10) {
+            refused = Some(e);
+            break;
+        }
+    }
+    let refused = refused.expect("a 1 MiB store refuses a submit within 16 MiB");
+    assert!(refused.contains("size limit of 1 MiB"), "{refused}");
+    assert!(s.unavailable().is_some());
+
+    // A dispatch record still fits and commits (the writer retries it alone after the failed
+    // round), yet submits would still fail: the store stays unavailable.
+    s.send(Cmd::Dispatched(vec![(ids[0], Attempt(1), true)]));
+    s.sync();
+    let deadline = std::time::Instant::now() + WAIT;
+    while s.state(ids[0]).0 == State::Queued {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dispatch record never committed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.sync();
+    let why = s.unavailable();
+    assert!(
+        why.as_deref().is_some_and(|w| w.contains("size limit")),
+        "a small commit turned a full store available: {why:?}"
+    );
+
+    // Room again (the limit raised): available without waiting for the next submit.
+    s.exec(|c| {
+        c.pragma_update(None, "max_page_count", 1_073_741_823i64)
+            .unwrap();
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    while s.unavailable().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still unavailable with room"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(s.submit("u", 1, 10).unwrap().len(), 1, "submits work again");
 }
 

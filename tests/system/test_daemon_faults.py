@@ -456,7 +456,8 @@ def test_fault_05_store_full(make_daemon, fnx_env):
         fill(mnt / "filler", st.f_bavail * st.f_frsize - 384 * 1024)
         acked, msg = submit_until_503(d, fid, marks, 0, batches=400)
         print(f"\nfault 05: {len(acked)} tasks acknowledged before the store was full: {msg}")
-        # Nothing else commits now: both workers hold the gated tasks, the rest is queued.
+        # Both workers hold the gated tasks and the rest is queued. Dispatch records may still
+        # commit (they are small), but submits fail: health and status say so.
         r = d.api("GET", "/v1/health", token=None)
         assert r.status == 503 and r.body["store"].startswith("unavailable"), r
         s = d.status()

@@ -22,6 +22,8 @@ use tokio::sync::{oneshot, watch};
 const MAX_COMMANDS: usize = 2048;
 /// How soon results that could not be committed are tried again.
 const RETRY: Duration = Duration::from_millis(250);
+/// Free bytes below which the store counts as full (its filesystem, or `store.max_size_mb`).
+const ROOM: u64 = 1 << 20;
 
 /// A task as submitted, validated by the API.
 pub struct TaskInput {
@@ -266,6 +268,8 @@ pub struct Writer {
     pending_dispatched: Vec<(TaskId, Attempt, bool)>,
     pending_started: Vec<(TaskId, Attempt)>,
     pending_finished: Vec<Finished>,
+    /// The last failed commit failed because the store was full (see `available_again`).
+    full: bool,
     /// Bytes of task inputs freed here (left in the store) since the allocator last gave
     /// freed memory back to the kernel.
     spilled: u64,
@@ -290,6 +294,12 @@ pub(super) struct Effects {
     submitted: u64,
     /// Bytes of inputs left in the store and freed.
     spilled: u64,
+}
+
+/// SQLite could not grow the store: its filesystem is full, or it reached `max_page_count`.
+fn is_full(e: &StoreError) -> bool {
+    matches!(e, StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
+        if f.code == rusqlite::ErrorCode::DiskFull)
 }
 
 fn max_id(conn: &Connection, sql: &str) -> Result<u64, StoreError> {
@@ -326,6 +336,7 @@ impl Writer {
             pending_dispatched: Vec::new(),
             pending_started: Vec::new(),
             pending_finished: Vec::new(),
+            full: false,
             spilled: 0,
         })
     }
@@ -339,7 +350,7 @@ impl Writer {
                 || !self.pending_started.is_empty();
             let wait = if retrying {
                 RETRY
-            } else if self.spilled > 0 {
+            } else if self.spilled > 0 || self.full {
                 next_prune
                     .saturating_duration_since(Instant::now())
                     .min(Duration::from_secs(1))
@@ -364,6 +375,10 @@ impl Writer {
             let idle = cmds.is_empty();
             if !idle || retrying {
                 self.round(cmds);
+            } else if self.full && self.has_room() {
+                // Nothing to commit, but space came back: health turns green without waiting
+                // for the next submit.
+                self.mark_available();
             }
             if self.spilled >= TRIM_AFTER_BYTES || (idle && self.spilled > 0) {
                 fnx_sys::memory::release_free_memory();
@@ -448,6 +463,7 @@ impl Writer {
             Err((e, submits_back, registers_back)) => {
                 (self.next_task, self.next_seq, self.next_function) = saved;
                 let msg = self.describe(&e);
+                self.full = is_full(&e);
                 let first = {
                     let mut s = self.shared.stats.lock().expect("stats");
                     s.commit_errors += 1;
@@ -476,9 +492,7 @@ impl Writer {
     }
 
     fn describe(&self, e: &StoreError) -> String {
-        let full = matches!(e, StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _))
-            if f.code == rusqlite::ErrorCode::DiskFull);
-        match (full, self.cfg.max_size_bytes) {
+        match (is_full(e), self.cfg.max_size_bytes) {
             (true, Some(max)) if !self.disk_nearly_full() => format!(
                 "the task store reached its size limit of {} MiB (store.max_size_mb); results are pruned after they are fetched",
                 max >> 20
@@ -488,24 +502,85 @@ impl Writer {
         }
     }
 
-    /// The filesystem holding the store has less than 1 MiB free (so a "full" error is the
+    /// The filesystem holding the store has less than [`ROOM`] free (so a "full" error is the
     /// disk's, not the configured size limit's).
     fn disk_nearly_full(&self) -> bool {
-        let Some(path) = self.conn.path() else {
-            return false;
-        };
+        self.disk_free().is_some_and(|free| free < ROOM)
+    }
+
+    /// Free bytes, for an unprivileged user, of the filesystem holding the store.
+    fn disk_free(&self) -> Option<u64> {
+        let path = self.conn.path()?;
         let dir = std::path::Path::new(path)
             .parent()
             .unwrap_or(std::path::Path::new("/"));
-        let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-            return false;
-        };
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
         // SAFETY: statvfs writes only into the struct it is given; the path is NUL-terminated.
         let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
         if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+
+    /// The store can grow by [`ROOM`] again after it was full: the filesystem has that much
+    /// free, and so has the store below `store.max_size_mb` (pages left under the limit, plus
+    /// free pages inside the file). Unknown counts as room: a probe that cannot read the
+    /// filesystem must not hold the store unavailable forever.
+    fn has_room(&self) -> bool {
+        if self.disk_nearly_full() {
             return false;
         }
-        (st.f_bavail as u64).saturating_mul(st.f_frsize as u64) < (1 << 20)
+        let Some(max_bytes) = self.cfg.max_size_bytes else {
+            return true;
+        };
+        let pragma = |name: &str| -> Option<u64> {
+            self.conn
+                .query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
+                .ok()
+                .and_then(|n| u64::try_from(n).ok())
+        };
+        let (Some(size), Some(count), Some(max), Some(free)) = (
+            pragma("page_size"),
+            pragma("page_count"),
+            pragma("max_page_count"),
+            pragma("freelist_count"),
+        ) else {
+            return true;
+        };
+        (max.saturating_sub(count) + free).saturating_mul(size) >= ROOM.min(max_bytes / 16)
+    }
+
+    fn unavailable(&self) -> bool {
+        self.shared
+            .stats
+            .lock()
+            .expect("stats")
+            .unavailable
+            .is_some()
+    }
+
+    fn mark_available(&mut self) {
+        self.full = false;
+        if self
+            .shared
+            .stats
+            .lock()
+            .expect("stats")
+            .unavailable
+            .take()
+            .is_some()
+        {
+            tracing::info!("the store commits again");
+        }
+    }
+
+    /// After a commit succeeded: whether the store takes new work again. A store that failed
+    /// because it was full is available again when new work committed, or when it has room: a
+    /// retried commit of a few dispatch records fits where the submit that failed did not, and
+    /// must not turn health green while every submit still fails.
+    fn available_again(&self, new_work: bool) -> bool {
+        !self.full || new_work || self.has_room()
     }
 
     fn transaction(
@@ -652,11 +727,12 @@ impl Writer {
 
     fn apply(&mut self, fx: Effects) {
         self.spilled += fx.spilled;
+        let new_work = !fx.replies.is_empty() || !fx.registered.is_empty();
+        if self.unavailable() && self.available_again(new_work) {
+            self.mark_available();
+        }
         {
             let mut s = self.shared.stats.lock().expect("stats");
-            if s.unavailable.take().is_some() {
-                tracing::info!("the store commits again");
-            }
             s.commits += 1;
             s.submitted_total += fx.submitted;
             for (i, n) in fx.finished_states.iter().enumerate() {
