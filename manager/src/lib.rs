@@ -4,9 +4,10 @@
 //! # Layout
 //! - [`link`]: the thread that owns the interchange socket — registration, heartbeats on its own
 //!   clock, silence detection, relaying frames.
-//! - [`pool`]: the main thread's loop — Python workers and shell tasks, walltime (SIGTERM, grace,
-//!   SIGKILL of the process group, then a sweep by environment marker), result batching, cancel,
-//!   zero-work mode.
+//! - [`pool`]: the main thread — a state machine without I/O (Python workers and shell tasks,
+//!   walltime, result batching, cancel, zero-work mode) and its driver (`pool::driver`: the
+//!   poll loop and the real `pool::Io`). Walltime goes SIGTERM, grace, SIGKILL of the process
+//!   group, then a sweep by environment marker.
 //! - [`procs`]: starting and reading worker and shell processes (process groups, death signal,
 //!   markers).
 //! - [`wire`]: frames between the manager and its Python workers.
@@ -391,7 +392,7 @@ pub fn run(b: &ManagerBootstrap) -> Result<PoolEnd, ManagerError> {
             std::env::var("FNX_DRAIN_AT").ok().as_deref(),
         ),
     };
-    let end = pool::Pool::new(pool_cfg, &pool_side, &signals, cgroups).run();
+    let end = pool::driver::run(pool_cfg, &pool_side, &signals, cgroups);
     let _ = link_thread.join();
     tracing::info!("manager {} stopped: {end:?}", b.uid);
     Ok(end)

@@ -6,9 +6,8 @@
 //! tree), which children inherit even after `setsid` — see `fnx_sys::sweep`.
 
 use crate::wire::{def_frame, task_frame_head, FrameReader, FromWorker, WireError};
-use fnx_protocol::{FunctionBody, FunctionId, TaskSpec};
+use fnx_protocol::{FunctionBody, TaskSpec};
 use fnx_sys::placement::SlotPlan;
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -131,12 +130,9 @@ pub struct PythonWorker {
     pub pidfd: OwnedFd,
     /// Its `FNX_PROC` marker.
     pub marker: String,
-    /// Whether it has said `ready`.
-    pub ready: bool,
     stdin: ChildStdin,
     stdout: ChildStdout,
     reader: FrameReader,
-    defined: HashSet<FunctionId>,
     eof: bool,
 }
 
@@ -181,11 +177,9 @@ impl PythonWorker {
             pid,
             pidfd,
             marker,
-            ready: false,
             stdin,
             stdout,
             reader: FrameReader::default(),
-            defined: HashSet::new(),
             eof: false,
         })
     }
@@ -200,19 +194,15 @@ impl PythonWorker {
         self.eof
     }
 
-    /// Whether this worker has been sent the definition of `function`.
-    pub fn knows(&self, function: FunctionId) -> bool {
-        self.defined.contains(&function)
-    }
-
-    /// Send a task (and the function's definition the first time this worker sees it).
+    /// Send a task, after its function's definition `def` (the first time this worker gets
+    /// one of its tasks).
     pub fn send_task(
         &mut self,
+        def: Option<&FunctionBody>,
         spec: &TaskSpec,
-        body: &FunctionBody,
         cwd: Option<&std::path::Path>,
     ) -> io::Result<()> {
-        if self.defined.insert(spec.function) {
+        if let Some(body) = def {
             self.stdin.write_all(&def_frame(spec.function, body))?;
         }
         let head = task_frame_head(

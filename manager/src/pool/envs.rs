@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 /// worker.
 pub(super) const BYPASS_LIMIT: u32 = 32;
 
-impl Pool<'_> {
+impl<I: Io> Pool<I> {
     /// Learn the environment of `def` and how its workers start; returns its name.
     pub(super) fn add_env(&mut self, def: &FunctionDef) -> String {
         let env = def.env();
@@ -70,7 +70,7 @@ impl Pool<'_> {
 
     /// Whether worker `p` can take a task now.
     pub(super) fn is_idle_worker(p: &Proc) -> bool {
-        matches!(&p.kind, Kind::Python(w) if w.ready && !w.eof())
+        p.is_ready()
             && p.task.is_none()
             && p.next.is_none()
             && p.exit.is_none()
@@ -85,7 +85,7 @@ impl Pool<'_> {
         for (&pid, p) in self.procs.iter_mut() {
             if let Some(at) = p.retiring {
                 if now.saturating_duration_since(at) > grace && p.exit.is_none() {
-                    let _ = kill_group(pid, libc::SIGKILL);
+                    self.io.signal_group(pid, libc::SIGKILL);
                 }
                 continue;
             }
@@ -108,10 +108,10 @@ impl Pool<'_> {
         let Some(p) = self.procs.get_mut(&pid) else {
             return;
         };
-        if let Kind::Python(w) = &mut p.kind {
+        if p.is_python() {
             tracing::info!("stopping worker {pid} of environment {:?}: {why}", p.env);
-            w.send_exit();
-            p.retiring = Some(Instant::now());
+            self.io.send_exit(pid);
+            p.retiring = Some(self.now);
         }
     }
 
@@ -171,7 +171,7 @@ impl Pool<'_> {
         let live = self
             .procs
             .values()
-            .filter(|p| matches!(p.kind, Kind::Python(_)) && p.retiring.is_none())
+            .filter(|p| p.is_python() && p.retiring.is_none())
             .filter(|p| p.exit.is_none())
             .count();
         let starts: u64 = self.starts.values().sum();
@@ -180,7 +180,7 @@ impl Pool<'_> {
         }
         let mut workers: BTreeMap<&str, u32> = BTreeMap::new();
         for p in self.procs.values() {
-            if matches!(p.kind, Kind::Python(_)) && p.retiring.is_none() && p.exit.is_none() {
+            if p.is_python() && p.retiring.is_none() && p.exit.is_none() {
                 *workers.entry(p.env.as_str()).or_default() += 1;
             }
         }

@@ -58,7 +58,7 @@ pub fn memory_cgroups(limit: u64) -> Option<fnx_sys::cgroup::MemoryCgroups> {
     }
 }
 
-impl Pool<'_> {
+impl<I: Io> Pool<I> {
     /// With a memory limit: measure each running task's process group every [`MEM_SAMPLE`],
     /// and kill a task over the limit (it fails as `memory_exceeded`; the worker slot is
     /// started again, the other tasks go on).
@@ -76,7 +76,7 @@ impl Pool<'_> {
         if groups.is_empty() {
             return;
         }
-        for (pid, rss) in fnx_sys::memory::rss_of_groups(&groups) {
+        for (pid, rss) in self.io.rss_of_groups(&groups) {
             let Some(r) = self.procs.get_mut(&pid).and_then(|p| p.task.as_mut()) else {
                 continue;
             };
@@ -100,51 +100,20 @@ impl Pool<'_> {
     /// gets that limit (none for a task without one); a worker without a cgroup is moved into
     /// a new one where the node allows it. Where neither works the task is sampled.
     pub(super) fn hold_worker_to_limit(&mut self, pid: u32) {
-        let Some(limit) = self
-            .procs
-            .get(&pid)
-            .and_then(|p| p.task.as_ref())
-            .map(|r| r.limit)
-        else {
+        let Some(r) = self.procs.get_mut(&pid).and_then(|p| p.task.as_mut()) else {
             return;
         };
-        let has_cgroup = self.procs.get(&pid).is_some_and(|p| p.cgroup.is_some());
         // Sampled, the worker's peak so far was measured against the last task's limit: a
         // task with a limit of its own is measured from its start.
-        if limit.is_some_and(|l| l.own) {
-            let _ = fnx_sys::memory::reset_peak_rss(pid);
+        if r.limit.is_some_and(|l| l.own) {
+            self.io.reset_peak_rss(pid);
         }
-        if !has_cgroup {
-            let Some(limit) = limit else {
-                return;
-            };
-            let Some(leaf) = self.memory_leaf(Some(limit.bytes)) else {
-                return;
-            };
-            if let Err(e) = leaf.adopt(pid) {
-                tracing::warn!("cannot move worker {pid} into its memory cgroup: {e}");
-                return;
-            }
-            if let Some(p) = self.procs.get_mut(&pid) {
-                p.cgroup = Some(leaf);
-            }
+        r.held_by_cgroup = self.io.hold(pid, r.limit.map(|l| l.bytes));
+        if r.limit.is_some() && !r.held_by_cgroup {
+            tracing::debug!(
+                "task {} on worker {pid} is sampled, not held by a cgroup",
+                r.id
+            );
         }
-        let Some(p) = self.procs.get_mut(&pid) else {
-            return;
-        };
-        let (Some(leaf), Some(r)) = (p.cgroup.as_mut(), p.task.as_mut()) else {
-            return;
-        };
-        let bytes = limit.map(|l| l.bytes);
-        if leaf.limit != bytes {
-            if let Err(e) = leaf.set_limit(bytes) {
-                tracing::warn!(
-                    "cannot set worker {pid}'s memory cgroup to the limit of task {}: {e}; \
-                     the task is sampled instead",
-                    r.id
-                );
-            }
-        }
-        r.held_by_cgroup = leaf.limit == bytes;
     }
 }

@@ -2,14 +2,21 @@
 //! batches results. Runs on the manager's main thread and never touches the interchange socket
 //! (the link thread does); the two talk over an inproc pair.
 //!
-//! - `mod.rs`: the loop (poll, link messages, signals, cancel, walltime deadlines, result
-//!   batching, stopping every process).
+//! The pool is a state machine without I/O: events in (messages from the interchange, worker
+//! frames, exits, out-of-memory notices, signals, a tick with the time), actions out through
+//! the [`Io`] trait. `manager/tests/pool.rs` drives it with a recording `Io`.
+//!
+//! - `mod.rs`: the state, the interchange's messages, cancel, walltime deadlines, the tick.
+//! - `io.rs`: the [`Io`] trait and the events' data.
+//! - `driver.rs`: the real `Io` (children, pipes, cgroups, the link) and the poll loop.
 //! - `schedule.rs`: starting tasks (workers, shell commands, pipelining).
 //! - `outcome.rs`: worker frames, process exits and each task's outcome.
 //! - `envs.rs`: worker environments (function containers): warm workers per container, idle
 //!   timeouts, start counts and the report of them to the interchange.
 
+pub mod driver;
 mod envs;
+mod io;
 mod memory;
 mod outcome;
 mod report;
@@ -19,16 +26,16 @@ pub use memory::memory_cgroups;
 pub(super) use memory::Limit;
 use outcome::{cancelled, shell_args};
 
-use crate::pair::{ToLink, ToPool};
-use crate::procs::{Markers, PythonWorker, ShellProc};
+pub use io::{Exit, Io, ShellStart, Spawned, WorkerOutput, WorkerStart};
+
+use crate::procs::Markers;
 use fnx_protocol::shell::{self, ShellTemplate};
 use fnx_protocol::{
-    encode, Encoding, ErrorKind, FunctionBody, FunctionId, InterchangeToManager,
-    ManagerToInterchange, Outcome, Payload, TaskError, TaskId, TaskResult, TaskSpec,
+    Encoding, ErrorKind, FunctionBody, FunctionId, InterchangeToManager, ManagerToInterchange,
+    Outcome, Payload, TaskError, TaskId, TaskResult, TaskSpec,
 };
-use fnx_sys::process::{describe_wait_status, kill_group, reap_any};
-use std::collections::{HashMap, VecDeque};
-use std::os::fd::AsRawFd;
+use fnx_sys::process::describe_wait_status;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -126,10 +133,9 @@ impl Running {
         })
     }
 
-    /// A task that starts running now, in a pool whose workers have `pool` bytes of memory:
-    /// its walltime clock starts here.
-    fn start(spec: &TaskSpec, pool: Option<u64>) -> Running {
-        let now = Instant::now();
+    /// A task that starts running at `now`, in a pool whose workers have `pool` bytes of
+    /// memory: its walltime clock starts here.
+    fn start(spec: &TaskSpec, pool: Option<u64>, now: Instant) -> Running {
         Running {
             id: spec.id,
             attempt: spec.attempt,
@@ -147,13 +153,23 @@ impl Running {
     }
 }
 
+/// What a process is, with the state the pool keeps of it.
 enum Kind {
-    Python(PythonWorker),
-    Shell(ShellProc),
+    Python {
+        /// It said `ready`.
+        ready: bool,
+        /// Its stdout closed (it can take no task).
+        eof: bool,
+        /// Functions whose definitions it was sent.
+        defined: HashSet<FunctionId>,
+    },
+    Shell,
 }
 
 struct Proc {
     kind: Kind,
+    /// Its `FNX_PROC` marker.
+    marker: String,
     /// The task running now.
     task: Option<Running>,
     /// A small task already written into a busy Python worker's pipe, so the worker starts it
@@ -172,10 +188,6 @@ struct Proc {
     idle_since: Option<Instant>,
     /// When it was told to exit (idle too long, or its slot is needed by another environment).
     retiring: Option<Instant>,
-    /// Its own memory cgroup, holding it to the limit (where the node allows one).
-    cgroup: Option<fnx_sys::cgroup::Leaf>,
-    /// A Python worker's peak resident size, opened when a sampled task first ends on it.
-    peak: Option<fnx_sys::memory::PeakRss>,
 }
 
 struct Pipelined {
@@ -188,9 +200,16 @@ struct Pipelined {
 const PIPELINE_MAX_ARGS: usize = 16 * 1024;
 
 impl Proc {
-    fn new(kind: Kind, task: Option<Running>, log: Option<PathBuf>, slot: usize) -> Proc {
+    fn new(
+        kind: Kind,
+        marker: String,
+        task: Option<Running>,
+        log: Option<PathBuf>,
+        slot: usize,
+    ) -> Proc {
         Proc {
             kind,
+            marker,
             task,
             next: None,
             exit: None,
@@ -200,44 +219,45 @@ impl Proc {
             env: String::new(),
             idle_since: None,
             retiring: None,
-            cgroup: None,
-            peak: None,
         }
     }
 
-    fn pidfd(&self) -> i32 {
-        match &self.kind {
-            Kind::Python(w) => w.pidfd.as_raw_fd(),
-            Kind::Shell(s) => s.pidfd.as_raw_fd(),
+    fn python() -> Kind {
+        Kind::Python {
+            ready: false,
+            eof: false,
+            defined: HashSet::new(),
         }
     }
-    fn marker(&self) -> &str {
-        match &self.kind {
-            Kind::Python(w) => &w.marker,
-            Kind::Shell(s) => &s.marker,
-        }
-    }
-}
 
-#[derive(Clone, Copy)]
-enum Source {
-    Link,
-    Signal,
-    Exit,
-    Output(u32),
-    /// The kernel killed in this process's memory cgroup.
-    Oom(u32),
+    fn is_python(&self) -> bool {
+        matches!(self.kind, Kind::Python { .. })
+    }
+
+    /// A Python worker that said `ready` and whose stdout is open.
+    fn is_ready(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Python {
+                ready: true,
+                eof: false,
+                ..
+            }
+        )
+    }
 }
 
 const FLUSH_AFTER: Duration = Duration::from_millis(1);
 const FLUSH_COUNT: usize = 1024;
 const FLUSH_BYTES: usize = 4 << 20;
 
-/// The pool's state.
-pub struct Pool<'a> {
+/// The pool's state. It does no I/O of its own: events come in through its `on_*` methods
+/// and [`Pool::tick`], each with the time, and actions go out through `io`.
+pub struct Pool<I: Io> {
     cfg: PoolConfig,
-    link: &'a zmq::Socket,
-    signals: &'a fnx_sys::signals::SignalPipe,
+    io: I,
+    /// The time of the event being handled.
+    now: Instant,
     functions: HashMap<FunctionId, Func>,
     queue: VecDeque<TaskSpec>,
     procs: HashMap<u32, Proc>,
@@ -270,45 +290,26 @@ pub struct Pool<'a> {
     mem_sampled: Instant,
     /// The kernel's count of out-of-memory kills before the last batch of deaths.
     oom_seen: u64,
-    /// That count, read once for the batch of deaths being handled.
-    oom_now: Option<u64>,
     /// When `oom_seen` was last brought up to date while no worker died, and the count then
     /// (it becomes `oom_seen` at the next refresh).
     oom_refreshed: Instant,
     oom_pending: u64,
-    /// The parent of each worker's memory cgroup, if the node lets this manager make them
-    /// (otherwise limits are enforced by sampling alone). Made at start with a pool limit, else
-    /// when the first task with a limit of its own comes.
-    cgroups: Option<fnx_sys::cgroup::MemoryCgroups>,
-    /// Whether making `cgroups` was tried.
-    cgroups_tried: bool,
 }
 
 /// How long the outcome of a task killed from outside is held (see `Pool::held`).
-const HOLD_KILLED: Duration = Duration::from_secs(1);
+pub const HOLD_KILLED: Duration = Duration::from_secs(1);
 
 /// How often running tasks' memory is measured against the limit.
 const MEM_SAMPLE: Duration = Duration::from_millis(100);
 
-impl<'a> Pool<'a> {
-    /// A pool that talks to the link over `link` and watches `signals`. `cgroups`: the
-    /// parent of the workers' memory cgroups if the caller tried to make it (`Some(None)`: it
-    /// could not); `None`: made here when a limit needs it.
-    pub fn new(
-        cfg: PoolConfig,
-        link: &'a zmq::Socket,
-        signals: &'a fnx_sys::signals::SignalPipe,
-        cgroups: Option<Option<fnx_sys::cgroup::MemoryCgroups>>,
-    ) -> Self {
-        let cfg_limit = cfg.mem_limit;
-        let (cgroups, cgroups_tried) = match cgroups {
-            Some(made) => (made, true),
-            None => (cfg_limit.and_then(memory_cgroups), cfg_limit.is_some()),
-        };
+impl<I: Io> Pool<I> {
+    /// A pool that acts through `io`, starting at `now`.
+    pub fn new(cfg: PoolConfig, mut io: I, now: Instant) -> Self {
+        let oom_seen = io.oom_kills().unwrap_or(0);
         Pool {
             cfg,
-            link,
-            signals,
+            io,
+            now,
             functions: HashMap::new(),
             queue: VecDeque::new(),
             procs: HashMap::new(),
@@ -325,112 +326,62 @@ impl<'a> Pool<'a> {
             end: None,
             drain_sent: false,
             held: Vec::new(),
-            mem_sampled: Instant::now(),
-            oom_seen: fnx_sys::memory::oom_kills().unwrap_or(0),
-            oom_now: None,
-            oom_refreshed: Instant::now(),
+            mem_sampled: now,
+            oom_seen,
+            oom_refreshed: now,
             oom_pending: 0,
-            cgroups,
-            cgroups_tried,
         }
     }
 
-    /// Run until the interchange releases or stops this manager, the link ends or a signal
-    /// arrives; then kill every process this manager started.
-    pub fn run(mut self) -> PoolEnd {
-        while self.end.is_none() {
-            self.step();
-        }
-        let end = self.end.clone().expect("loop ended");
-        self.release_held(None);
-        self.flush(true);
-        self.stop_all();
-        let bye = match &end {
-            PoolEnd::Signal(sig) => format!("received {}", fnx_sys::process::signal_name(*sig)),
-            _ => String::new(),
-        };
-        let _ = ToLink::Quit((!bye.is_empty()).then_some(bye)).send(self.link);
-        end
+    /// What it acts through (a test reads what was asked).
+    pub fn io(&mut self) -> &mut I {
+        &mut self.io
     }
 
-    fn step(&mut self) {
-        let mut sources = vec![Source::Link, Source::Signal];
-        let mut fds = vec![self.signals.raw_fd()];
-        // Out-of-memory kills first: a task's result or death read in the same round is
-        // then known to be one.
-        for (&pid, p) in &self.procs {
-            if let Some(fd) = p.cgroup.as_ref().and_then(|c| c.oom_fd()) {
-                sources.push(Source::Oom(pid));
-                fds.push(fd);
-            }
+    /// Why it stopped, once it has.
+    pub fn end(&self) -> Option<&PoolEnd> {
+        self.end.as_ref()
+    }
+
+    /// The pids of its processes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.keys().copied().collect()
+    }
+
+    /// Tasks waiting here for a slot.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The link ended.
+    pub fn on_link_lost(&mut self, why: String) {
+        self.end = Some(PoolEnd::LinkLost(why));
+    }
+
+    /// The manager got termination signal `sig`.
+    pub fn on_signal(&mut self, sig: i32) {
+        tracing::warn!("received {}; stopping", fnx_sys::process::signal_name(sig));
+        self.end = Some(PoolEnd::Signal(sig));
+    }
+
+    /// The kernel's out-of-memory killer acted in the memory cgroup of process `pid`.
+    pub fn on_oom_notice(&mut self, pid: u32) {
+        if let Some(r) = self.procs.get_mut(&pid).and_then(|p| p.task.as_mut()) {
+            r.oom_hit = true;
         }
-        for (&pid, p) in &self.procs {
-            sources.push(Source::Exit);
-            fds.push(p.pidfd());
-            match &p.kind {
-                Kind::Python(w) if !w.eof() => {
-                    sources.push(Source::Output(pid));
-                    fds.push(w.stdout_fd());
-                }
-                Kind::Python(_) => {}
-                Kind::Shell(s) => {
-                    for fd in s.output_fds() {
-                        sources.push(Source::Output(pid));
-                        fds.push(fd);
-                    }
-                }
-            }
-        }
-        let mut items = Vec::with_capacity(sources.len());
-        items.push(self.link.as_poll_item(zmq::POLLIN));
-        items.extend(
-            fds.iter()
-                .map(|&fd| zmq::PollItem::from_fd(fd, zmq::POLLIN)),
-        );
-        let timeout = self.poll_timeout();
-        match zmq::poll(&mut items, timeout) {
-            Ok(_) | Err(zmq::Error::EINTR) => {}
-            Err(e) => tracing::error!("poll failed: {e}"),
-        }
-        let ready: Vec<Source> = items
-            .iter()
-            .zip(&sources)
-            .filter(|(item, _)| item.get_revents().bits() != 0)
-            .map(|(_, s)| *s)
-            .collect();
-        drop(items);
-        let mut exited = false;
-        for source in ready {
-            match source {
-                Source::Link => self.on_link(),
-                Source::Signal => {
-                    if let Some(&sig) = self.signals.drain().first() {
-                        tracing::warn!("received {}; stopping", fnx_sys::process::signal_name(sig));
-                        self.end = Some(PoolEnd::Signal(sig));
-                    }
-                }
-                Source::Exit => exited = true,
-                Source::Output(pid) => self.on_output(pid),
-                Source::Oom(pid) => {
-                    let Some(p) = self.procs.get_mut(&pid) else {
-                        continue;
-                    };
-                    if p.cgroup.as_mut().is_some_and(|c| c.take_oom()) {
-                        if let Some(r) = p.task.as_mut() {
-                            r.oom_hit = true;
-                        }
-                    }
-                }
-            }
-        }
-        let now = Instant::now();
-        if exited {
-            self.reap();
-        } else if now >= self.oom_refreshed + Duration::from_secs(1) {
+    }
+
+    /// After the events of one round: releases held outcomes, enforces walltimes and memory
+    /// limits, drains before the batch job ends, starts tasks, retires idle workers, reports
+    /// warm workers and sends results. `exited`: children died this round (the OOM count is
+    /// then not moved on).
+    pub fn tick(&mut self, now: Instant, exited: bool) {
+        self.now = now;
+        if !exited && now >= self.oom_refreshed + Duration::from_secs(1) {
             // OOM kills elsewhere on the node are not ours: the count moves on without them,
             // a second late, so that a kill whose death is not reaped yet still counts.
             self.oom_refreshed = now;
-            if let Some(n) = fnx_sys::memory::oom_kills() {
+            if let Some(n) = self.io.oom_kills() {
                 self.oom_seen = self
                     .oom_seen
                     .max(std::mem::replace(&mut self.oom_pending, n));
@@ -452,8 +403,8 @@ impl<'a> Pool<'a> {
         self.flush(false);
     }
 
-    fn poll_timeout(&self) -> i64 {
-        let now = Instant::now();
+    /// How long the driver may wait for events before the next [`Pool::tick`] is due.
+    pub fn timeout(&self, now: Instant) -> Duration {
         let mut next = now + Duration::from_secs(1);
         if let Some(at) = self.cfg.drain_at.filter(|_| !self.drain_sent) {
             next = next.min(at);
@@ -481,28 +432,12 @@ impl<'a> Pool<'a> {
                 }
             }
         }
-        let wait = next.saturating_duration_since(now);
-        // zmq::poll takes milliseconds; round up so a 1 ms flush does not spin.
-        (wait.as_micros().div_ceil(1000)) as i64
+        next.saturating_duration_since(now)
     }
 
-    fn on_link(&mut self) {
-        while let Some(m) = ToPool::recv(self.link, zmq::DONTWAIT) {
-            let body = match m {
-                ToPool::Ended(why) => {
-                    self.end = Some(PoolEnd::LinkLost(why));
-                    continue;
-                }
-                ToPool::Frame(body) => body,
-            };
-            match fnx_protocol::decode::<InterchangeToManager>(&body, usize::MAX) {
-                Ok(msg) => self.on_message(msg),
-                Err(e) => tracing::error!("undecodable frame from the link: {e}"),
-            }
-        }
-    }
-
-    fn on_message(&mut self, msg: InterchangeToManager) {
+    /// A message from the interchange.
+    pub fn on_message(&mut self, now: Instant, msg: InterchangeToManager) {
+        self.now = now;
         match msg {
             InterchangeToManager::Tasks { functions, tasks } => {
                 for def in functions {
@@ -567,15 +502,8 @@ impl<'a> Pool<'a> {
     }
 
     /// Hand a message for the interchange to the link thread.
-    fn send(&self, msg: &ManagerToInterchange) {
-        match encode(msg, self.cfg.max_frame_bytes) {
-            Ok(frame) => {
-                if let Err(e) = ToLink::Send(zmq::Message::from(frame)).send(self.link) {
-                    tracing::error!("cannot hand a message to the link thread: {e}");
-                }
-            }
-            Err(e) => tracing::error!("cannot encode a message for the interchange: {e}"),
-        }
+    fn send(&mut self, msg: &ManagerToInterchange) {
+        self.io.send(msg);
     }
 
     fn cancel(&mut self, tasks: &[(TaskId, fnx_protocol::Attempt)]) {
@@ -589,7 +517,7 @@ impl<'a> Pool<'a> {
                 self.push_result(id, attempt, Outcome::Err(cancelled()));
                 continue;
             }
-            let grace = self.cfg.kill_grace;
+            let kill_at = self.now + self.cfg.kill_grace;
             if let Some((&pid, proc)) = self
                 .procs
                 .iter_mut()
@@ -598,8 +526,8 @@ impl<'a> Pool<'a> {
                 let r = proc.task.as_mut().expect("matched");
                 if r.forced.is_none() {
                     r.forced = Some(cancelled());
-                    r.kill_at = Some(Instant::now() + grace);
-                    let _ = kill_group(pid, libc::SIGTERM);
+                    r.kill_at = Some(kill_at);
+                    self.io.signal_group(pid, libc::SIGTERM);
                 }
                 continue;
             }
@@ -625,37 +553,31 @@ impl<'a> Pool<'a> {
                     "walltime exceeded: the task ran past its limit and its processes were killed",
                 ));
                 r.kill_at = Some(now + grace);
-                let _ = kill_group(pid, libc::SIGTERM);
+                self.io.signal_group(pid, libc::SIGTERM);
             } else if r.kill_at.is_some_and(|k| now >= k) {
                 r.kill_at = None;
-                let _ = kill_group(pid, libc::SIGKILL);
+                self.io.signal_group(pid, libc::SIGKILL);
             }
         }
     }
 
-    fn stop_all(&mut self) {
-        for (&pid, p) in self.procs.iter_mut() {
-            if let Kind::Python(w) = &mut p.kind {
-                if p.task.is_none() {
-                    w.send_exit();
-                }
+    /// The pool is over (see [`Pool::end`]): report what is held and gathered, then ask every
+    /// process to stop (idle workers by their pipe, all by SIGTERM to their group). The driver
+    /// reaps them, kills the rest after the grace, and says goodbye to the interchange.
+    pub fn finish(&mut self, now: Instant) {
+        self.now = now;
+        self.release_held(None);
+        self.flush(true);
+        let pids: Vec<(u32, bool)> = self
+            .procs
+            .iter()
+            .map(|(&pid, p)| (pid, p.is_python() && p.task.is_none()))
+            .collect();
+        for (pid, idle) in pids {
+            if idle {
+                self.io.send_exit(pid);
             }
-            let _ = kill_group(pid, libc::SIGTERM);
+            self.io.signal_group(pid, libc::SIGTERM);
         }
-        let deadline = Instant::now() + self.cfg.kill_grace;
-        while !self.procs.is_empty() && Instant::now() < deadline {
-            for (pid, _) in reap_any() {
-                self.procs.remove(&pid);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        for &pid in self.procs.keys() {
-            let _ = kill_group(pid, libc::SIGKILL);
-        }
-        let swept = fnx_sys::sweep::kill_marked("FNX_MANAGER", &self.cfg.markers.manager, 20);
-        if swept > 0 {
-            tracing::info!("killed {swept} leftover processes at exit");
-        }
-        reap_any();
     }
 }

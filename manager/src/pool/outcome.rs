@@ -4,29 +4,26 @@ use super::*;
 use crate::wire::FromWorker;
 use std::path::Path;
 
-impl Pool<'_> {
-    pub(super) fn on_output(&mut self, pid: u32) {
-        let max = self.cfg.max_result_bytes as usize + (1 << 20);
-        let Some(proc) = self.procs.get_mut(&pid) else {
-            return;
-        };
-        match &mut proc.kind {
-            Kind::Shell(s) => s.read_output(),
-            Kind::Python(w) => {
-                let (frames, broke) = w.read_frames(max);
-                // A result read before a broken frame is the task's.
-                for (header, payload) in frames {
-                    self.on_worker_frame(pid, header, payload);
-                }
-                if let Some(e) = broke {
-                    tracing::error!("worker {pid} broke the protocol: {e}; killing it");
-                    let kind = match e {
-                        crate::wire::WireError::TooLarge { .. } => ErrorKind::ResultTooLarge,
-                        crate::wire::WireError::BadHeader(_) => ErrorKind::WorkerLost,
-                    };
-                    self.force_kill(pid, TaskError::new(kind, "ProtocolError", e.to_string()));
-                }
+impl<I: Io> Pool<I> {
+    /// What worker `pid` wrote since the driver last read it.
+    pub fn on_worker_output(&mut self, now: Instant, pid: u32, out: WorkerOutput) {
+        self.now = now;
+        if out.eof {
+            if let Some(Kind::Python { eof, .. }) = self.procs.get_mut(&pid).map(|p| &mut p.kind) {
+                *eof = true;
             }
+        }
+        // A result read before a broken frame is the task's.
+        for (header, payload) in out.frames {
+            self.on_worker_frame(pid, header, payload);
+        }
+        if let Some(e) = out.broke {
+            tracing::error!("worker {pid} broke the protocol: {e}; killing it");
+            let kind = match e {
+                crate::wire::WireError::TooLarge { .. } => ErrorKind::ResultTooLarge,
+                crate::wire::WireError::BadHeader(_) => ErrorKind::WorkerLost,
+            };
+            self.force_kill(pid, TaskError::new(kind, "ProtocolError", e.to_string()));
         }
     }
 
@@ -36,20 +33,15 @@ impl Pool<'_> {
                 r.forced.get_or_insert(error);
             }
         }
-        let _ = kill_group(pid, libc::SIGKILL);
+        self.io.signal_group(pid, libc::SIGKILL);
     }
 
-    pub(super) fn on_worker_frame(
-        &mut self,
-        pid: u32,
-        header: crate::wire::FromWorker,
-        payload: Vec<u8>,
-    ) {
+    fn on_worker_frame(&mut self, pid: u32, header: crate::wire::FromWorker, payload: Vec<u8>) {
         let max_result = self.cfg.max_result_bytes;
         let Some(proc) = self.procs.get_mut(&pid) else {
             return;
         };
-        let Kind::Python(worker) = &mut proc.kind else {
+        let Kind::Python { ready, .. } = &mut proc.kind else {
             return;
         };
         match header {
@@ -58,12 +50,12 @@ impl Pool<'_> {
                 python,
                 executable,
             } => {
-                worker.ready = true;
+                *ready = true;
                 self.startup_failures.remove(&proc.env);
                 // Start later workers with the resolved interpreter (skips wrappers such as
                 // pyenv shims, which cost more than Python's own start-up).
                 let exe = executable.unwrap_or_default();
-                let usable = Path::new(&exe).is_absolute() && Path::new(&exe).exists();
+                let usable = Path::new(&exe).is_absolute() && self.io.exists(Path::new(&exe));
                 if usable && exe != self.cfg.python {
                     tracing::info!(
                         "workers start with {exe} (resolved from {})",
@@ -89,7 +81,11 @@ impl Pool<'_> {
                     return;
                 }
                 if let Some(next) = proc.next.take() {
-                    let mut b = promote(pid, next, self.cfg.kill_grace, self.cfg.mem_limit);
+                    let mut b = promote(next, self.cfg.kill_grace, self.cfg.mem_limit, self.now);
+                    if b.forced.is_some() {
+                        // Cancelled while it waited in the pipe.
+                        self.io.signal_group(pid, libc::SIGTERM);
+                    }
                     // An out-of-memory notice read before this result, which is a success:
                     // the task piped in behind it, already running, is the likelier one.
                     b.oom_hit = r.oom_hit && outcome.is_ok();
@@ -108,27 +104,14 @@ impl Pool<'_> {
                         if outcome.is_ok() {
                             return None;
                         }
-                        let leaf = proc.cgroup.as_mut()?;
-                        let peak = if leaf.oom_fd().is_some() {
-                            r.oom_hit.then(|| leaf.peak())?
-                        } else {
-                            leaf.new_oom_kill()?
-                        };
+                        let peak = self.io.cgroup_kill_peak(pid, r.oom_hit)?;
                         return Some(memory_limit_reached(peak.max(limit.bytes), limit));
                     }
-                    if proc.peak.is_none() {
-                        proc.peak = fnx_sys::memory::PeakRss::open(pid).ok();
-                    }
-                    let peak = proc
-                        .peak
-                        .as_ref()
-                        .and_then(|p| p.read())
-                        .unwrap_or(0)
-                        .max(r.peak_rss);
+                    let peak = self.io.peak_rss(pid).unwrap_or(0).max(r.peak_rss);
                     if peak <= limit.bytes {
                         return None;
                     }
-                    let _ = fnx_sys::memory::reset_peak_rss(pid);
+                    self.io.reset_peak_rss(pid);
                     Some(memory_exceeded(peak, limit))
                 });
                 let outcome = if let Some(e) = over {
@@ -154,41 +137,44 @@ impl Pool<'_> {
         }
     }
 
-    pub(super) fn reap(&mut self) {
-        for (pid, status, peak) in fnx_sys::process::reap_any_with_peak() {
-            match self.procs.get_mut(&pid) {
+    /// Children the driver reaped in one round (their last output already handed over).
+    /// Every death of the round is compared with the OOM count before it: one OOM event that
+    /// killed two workers labels both.
+    pub fn on_exits(&mut self, now: Instant, exits: Vec<Exit>) {
+        self.now = now;
+        for e in &exits {
+            match self.procs.get_mut(&e.pid) {
                 Some(p) => {
-                    p.exit = Some(status);
-                    p.exit_peak = peak;
+                    p.exit = Some(e.status);
+                    p.exit_peak = e.peak;
                 }
                 None => tracing::debug!(
-                    "reaped orphaned descendant {pid} ({})",
-                    describe_wait_status(status)
+                    "reaped orphaned descendant {} ({})",
+                    e.pid,
+                    describe_wait_status(e.status)
                 ),
             }
         }
-        let done: Vec<u32> = self
-            .procs
-            .iter()
-            .filter(|(_, p)| p.exit.is_some())
-            .map(|(&pid, _)| pid)
-            .collect();
-        // Every death of this batch is compared with the OOM count before it: one OOM event
-        // that killed two workers labels both.
-        self.oom_now = None;
-        for pid in done {
-            // Frames or output written just before exit are still in the pipe.
-            self.on_output(pid);
-            if let Some(proc) = self.procs.remove(&pid) {
-                self.finish_proc(pid, proc);
+        let mut oom_now = None;
+        for e in exits {
+            if let Some(proc) = self.procs.remove(&e.pid) {
+                self.finish_proc(e.pid, proc, e.output, &mut oom_now);
             }
         }
-        if let Some(n) = self.oom_now {
+        if let Some(n) = oom_now {
             self.oom_seen = self.oom_seen.max(n);
         }
     }
 
-    pub(super) fn finish_proc(&mut self, pid: u32, mut proc: Proc) {
+    /// `output`: a shell task's stdout and stderr tails. `oom_now`: the node's OOM count,
+    /// read once per round of deaths.
+    fn finish_proc(
+        &mut self,
+        pid: u32,
+        mut proc: Proc,
+        output: Option<(String, String)>,
+        oom_now: &mut Option<u64>,
+    ) {
         if let Some(next) = proc.next.take() {
             // It never started: run it elsewhere (or report it cancelled).
             if next.cancelled {
@@ -202,16 +188,16 @@ impl Pool<'_> {
         let forced = proc.task.as_ref().is_some_and(|r| r.forced.is_some());
         // Leftovers in the group go at once; with a forced end or a crash, also those that left
         // the group (found by their marker).
-        let _ = kill_group(pid, libc::SIGKILL);
+        self.io.signal_group(pid, libc::SIGKILL);
         if forced || !clean {
-            let swept = fnx_sys::sweep::kill_marked("FNX_PROC", proc.marker(), 20);
+            let swept = self.io.sweep(&proc.marker);
             if swept > 0 {
                 tracing::info!("killed {swept} leftover processes of {pid}");
             }
         }
         let Some(r) = proc.task.take() else {
-            if let Kind::Python(w) = &proc.kind {
-                if !w.ready && proc.retiring.is_none() {
+            if let Kind::Python { ready, .. } = &proc.kind {
+                if !ready && proc.retiring.is_none() {
                     let log = proc.log.clone().unwrap_or_default();
                     let failures = self.startup_failures.entry(proc.env.clone());
                     let f = failures.or_insert((0, log.clone()));
@@ -239,33 +225,26 @@ impl Pool<'_> {
             && libc::WIFSIGNALED(status)
             && libc::WTERMSIG(status) == libc::SIGKILL
             && {
-                let n = *self
-                    .oom_now
-                    .get_or_insert_with(|| fnx_sys::memory::oom_kills().unwrap_or(0));
+                let io = &mut self.io;
+                let n = *oom_now.get_or_insert_with(|| io.oom_kills().unwrap_or(0));
                 n > self.oom_seen
             };
         // Killed by the kernel at the limit of its own memory cgroup.
-        let limited = match (r.limit, r.forced.is_none(), proc.cgroup.as_mut()) {
-            (Some(limit), true, Some(leaf)) => {
-                let peak = if leaf.oom_fd().is_some() {
-                    r.oom_hit.then(|| leaf.peak())
-                } else {
-                    leaf.new_oom_kill()
-                };
-                peak.map(|p| memory_limit_reached(p.max(limit.bytes), limit))
-            }
+        let limited = match (r.limit, r.forced.is_none()) {
+            (Some(limit), true) => self
+                .io
+                .cgroup_kill_peak(pid, r.oom_hit)
+                .map(|p| memory_limit_reached(p.max(limit.bytes), limit)),
             _ => None,
         };
         // A shell task's whole process tree peaked over its limit between two samples: the
         // kernel's count, at its end, says so.
         let peak = proc.exit_peak.max(r.peak_rss);
         let shell_over = match (&proc.kind, r.limit) {
-            (Kind::Shell(_), Some(limit)) if peak > limit.bytes => {
-                Some(memory_exceeded(peak, limit))
-            }
+            (Kind::Shell, Some(limit)) if peak > limit.bytes => Some(memory_exceeded(peak, limit)),
             _ => None,
         };
-        let outcome = match (r.forced, limited, shell_over, &mut proc.kind) {
+        let outcome = match (r.forced, limited, shell_over, &proc.kind) {
             (Some(e), _, _, _) => Outcome::Err(e),
             (None, Some(e), _, _) => {
                 tracing::warn!(
@@ -289,7 +268,7 @@ impl Pool<'_> {
                     ),
                 ))
             }
-            (None, None, _, Kind::Python(_)) => {
+            (None, None, _, Kind::Python { .. }) => {
                 let log = proc
                     .log
                     .as_ref()
@@ -304,9 +283,10 @@ impl Pool<'_> {
                     ),
                 ))
             }
-            (None, None, Some(e), Kind::Shell(_)) => Outcome::Err(e),
-            (None, None, None, Kind::Shell(s)) => {
-                shell_outcome(status, s, self.cfg.max_result_bytes)
+            (None, None, Some(e), Kind::Shell) => Outcome::Err(e),
+            (None, None, None, Kind::Shell) => {
+                let (stdout, stderr) = output.unwrap_or_default();
+                shell_outcome(status, &stdout, &stderr, self.cfg.max_result_bytes)
             }
         };
         if from_outside {
@@ -317,31 +297,26 @@ impl Pool<'_> {
                 describe_wait_status(status),
                 super::HOLD_KILLED.as_secs_f64()
             );
-            self.held.push((
-                Instant::now() + super::HOLD_KILLED,
-                r.id,
-                r.attempt,
-                outcome,
-            ));
+            self.held
+                .push((self.now + super::HOLD_KILLED, r.id, r.attempt, outcome));
             return;
         }
         self.push_result(r.id, r.attempt, outcome);
     }
 }
 
-/// A pipelined task became the running one: its walltime starts now; a cancel that came while
-/// it waited in the pipe kills it at once.
+/// A pipelined task became the running one at `now`: its walltime starts then; a cancel that
+/// came while it waited in the pipe has it killed at once (`forced` is set).
 pub(super) fn promote(
-    pid: u32,
     next: Pipelined,
     grace: Duration,
     pool_limit: Option<u64>,
+    now: Instant,
 ) -> Running {
-    let mut r = Running::start(&next.spec, pool_limit);
+    let mut r = Running::start(&next.spec, pool_limit, now);
     if next.cancelled {
         r.forced = Some(cancelled());
-        r.kill_at = Some(Instant::now() + grace);
-        let _ = kill_group(pid, libc::SIGTERM);
+        r.kill_at = Some(now + grace);
     }
     r
 }
@@ -415,9 +390,7 @@ pub(super) fn shell_args(t: &ShellTemplate, args: &Payload) -> Result<Vec<String
     Ok(values)
 }
 
-pub(super) fn shell_outcome(status: i32, s: &ShellProc, max: u64) -> Outcome {
-    let stdout = s.out.text();
-    let stderr = s.err.text();
+pub(super) fn shell_outcome(status: i32, stdout: &str, stderr: &str, max: u64) -> Outcome {
     if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
         /// A shell task's result, fields in this order.
         #[derive(serde::Serialize)]
@@ -428,8 +401,8 @@ pub(super) fn shell_outcome(status: i32, s: &ShellProc, max: u64) -> Outcome {
         }
         let result = ShellResult {
             returncode: 0,
-            stdout: &stdout,
-            stderr: &stderr,
+            stdout,
+            stderr,
         };
         let json = serde_json::to_string(&result).expect("strings serialize");
         if json.len() as u64 > max {
@@ -451,11 +424,11 @@ pub(super) fn shell_outcome(status: i32, s: &ShellProc, max: u64) -> Outcome {
     let mut tb = String::new();
     if !stdout.is_empty() {
         tb.push_str("--- stdout (tail) ---\n");
-        tb.push_str(&stdout);
+        tb.push_str(stdout);
         tb.push('\n');
     }
     tb.push_str("--- stderr (tail) ---\n");
-    tb.push_str(&stderr);
+    tb.push_str(stderr);
     Outcome::Err(TaskError {
         kind: ErrorKind::Exception,
         type_name: type_name.into(),

@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl Pool<'_> {
+impl<I: Io> Pool<I> {
     /// Report held outcomes whose time is up (all of them with `now == None`), unless this
     /// manager is stopping on a signal: then the tasks died with its allocation, and the
     /// interchange retries them when the manager says goodbye.
@@ -43,7 +43,7 @@ impl Pool<'_> {
             attempt,
             outcome,
         });
-        self.batch_since.get_or_insert_with(Instant::now);
+        self.batch_since.get_or_insert(self.now);
         if self.batch.len() >= FLUSH_COUNT || self.batch_bytes >= FLUSH_BYTES {
             self.flush(true);
         }
@@ -55,7 +55,10 @@ impl Pool<'_> {
         };
         // Hold results back briefly to batch them, but only while there is local work to do:
         // a manager with nothing queued needs the interchange to see its free slots now.
-        if !force && !self.queue.is_empty() && since.elapsed() < FLUSH_AFTER {
+        if !force
+            && !self.queue.is_empty()
+            && self.now.saturating_duration_since(since) < FLUSH_AFTER
+        {
             return;
         }
         let results = std::mem::take(&mut self.batch);
@@ -76,6 +79,6 @@ impl Pool<'_> {
     /// results (a daemon crash counts against a task only once it started).
     pub(super) fn note_started(&mut self, id: TaskId, attempt: fnx_protocol::Attempt) {
         self.started.push((id, attempt));
-        self.batch_since.get_or_insert_with(Instant::now);
+        self.batch_since.get_or_insert(self.now);
     }
 }

@@ -3,10 +3,8 @@
 //! one small task behind each running one.
 
 use super::*;
-use crate::procs::Start;
-use crate::sandbox::Sandbox;
 
-impl Pool<'_> {
+impl<I: Io> Pool<I> {
     pub(super) fn busy(&self) -> usize {
         self.procs.values().filter(|p| p.task.is_some()).count()
     }
@@ -23,7 +21,7 @@ impl Pool<'_> {
                 .map(|p| p.slot)
                 .collect()
         };
-        let python_slots = held(&|p| matches!(p.kind, Kind::Python(_)));
+        let python_slots = held(&|p| p.is_python());
         let busy_slots = held(&|p| p.task.is_some());
         let free = |taken: &[usize]| (0..self.cfg.slots).find(|s| !taken.contains(s));
         if python {
@@ -94,10 +92,7 @@ impl Pool<'_> {
             .map(|f| f.env.clone())
             .unwrap_or_default();
         let served = self.procs.values().any(|p| {
-            matches!(p.kind, Kind::Python(_))
-                && p.env == head_env
-                && p.retiring.is_none()
-                && p.exit.is_none()
+            p.is_python() && p.env == head_env && p.retiring.is_none() && p.exit.is_none()
         });
         while self.busy() < self.cfg.slots && (served || self.head_bypass.1 < envs::BYPASS_LIMIT) {
             let idle: Vec<(u32, String)> = self
@@ -145,7 +140,7 @@ impl Pool<'_> {
                 p.next.is_none()
                     && p.exit.is_none()
                     && p.task.as_ref().is_some_and(|r| r.forced.is_none())
-                    && matches!(&p.kind, Kind::Python(w) if w.ready && !w.eof())
+                    && p.is_ready()
             })
             .map(|(&pid, _)| pid)
             .collect();
@@ -157,7 +152,7 @@ impl Pool<'_> {
                 return;
             };
             let proc = self.procs.get_mut(&pid).expect("candidate");
-            let Kind::Python(worker) = &mut proc.kind else {
+            let Kind::Python { defined, .. } = &mut proc.kind else {
                 continue;
             };
             // It starts before the manager hears the running task end: only behind a task with
@@ -167,16 +162,16 @@ impl Pool<'_> {
             if !func.body.is_python()
                 || !spec.files.is_empty()
                 || spec.args.data.len() > PIPELINE_MAX_ARGS
-                || !worker.knows(spec.function)
+                || !defined.contains(&spec.function)
                 || proc.env != func.env
                 || !same_limit
             {
                 return;
             }
             let spec = self.queue.pop_front().expect("front exists");
-            if let Err(e) = worker.send_task(&spec, &func.body, None) {
+            if let Err(e) = self.io.send_task(pid, None, &spec, None) {
                 tracing::warn!("cannot send a task to worker {pid}: {e}");
-                let _ = kill_group(pid, libc::SIGKILL);
+                self.io.signal_group(pid, libc::SIGKILL);
             }
             proc.next = Some(Pipelined {
                 spec,
@@ -209,25 +204,26 @@ impl Pool<'_> {
 
     /// Run `spec` on the idle Python worker `pid`.
     fn run_on(&mut self, pid: u32, spec: TaskSpec) {
-        let sandbox = match Sandbox::prepare(&self.cfg.log_dir.join("tasks"), &spec) {
+        let sandbox = match self.io.sandbox(&spec) {
             Ok(s) => s,
             Err(e) => return self.push_result(spec.id, spec.attempt, Outcome::Err(e)),
         };
         let body = &self.functions[&spec.function].body;
         let proc = self.procs.get_mut(&pid).expect("an idle worker");
-        let Kind::Python(worker) = &mut proc.kind else {
+        let Kind::Python { defined, .. } = &mut proc.kind else {
             unreachable!("found as python")
         };
+        let def = defined.insert(spec.function).then_some(body);
         let cwd = sandbox.as_ref().map(|s| s.dir().to_path_buf());
         proc.task = Some(Running {
             sandbox,
-            ..Running::start(&spec, self.cfg.mem_limit)
+            ..Running::start(&spec, self.cfg.mem_limit, self.now)
         });
         proc.idle_since = None;
-        if let Err(e) = worker.send_task(&spec, body, cwd.as_deref()) {
+        if let Err(e) = self.io.send_task(pid, def, &spec, cwd.as_deref()) {
             tracing::warn!("cannot send a task to worker {pid}: {e}");
             // The worker is gone or broken; its exit is reported as worker_lost.
-            let _ = kill_group(pid, libc::SIGKILL);
+            self.io.signal_group(pid, libc::SIGKILL);
             return;
         }
         self.note_started(spec.id, spec.attempt);
@@ -242,7 +238,7 @@ impl Pool<'_> {
         let mut available: HashMap<&str, usize> = HashMap::new();
         let (mut live, mut stopping) = (0usize, 0usize);
         for p in self.procs.values() {
-            if !matches!(p.kind, Kind::Python(_)) {
+            if !p.is_python() {
                 continue;
             }
             live += 1;
@@ -291,23 +287,6 @@ impl Pool<'_> {
         }
     }
 
-    /// A memory cgroup for a new worker or shell task, held to `limit` bytes (None: no limit,
-    /// no cgroups on this node, or this one could not be made; sampling applies then).
-    pub(super) fn memory_leaf(&mut self, limit: Option<u64>) -> Option<fnx_sys::cgroup::Leaf> {
-        let limit = limit?;
-        if !self.cgroups_tried {
-            self.cgroups_tried = true;
-            self.cgroups = super::memory_cgroups(0);
-        }
-        match self.cgroups.as_mut()?.leaf(limit) {
-            Ok(leaf) => Some(leaf),
-            Err(e) => {
-                tracing::warn!("cannot make a memory cgroup for a worker: {e}");
-                None
-            }
-        }
-    }
-
     /// Start one Python worker of `env`; false if it could not be started (its environment's
     /// queued tasks then fail with the reason).
     fn spawn_worker(&mut self, env: &str) -> bool {
@@ -316,27 +295,19 @@ impl Pool<'_> {
         let slot = self.pick_slot(true);
         let placement = self.slot_plan(slot);
         let wrap = self.env_wrap(env).ok().flatten().cloned();
-        let cgroup = self.memory_leaf(self.cfg.mem_limit);
-        let start = Start {
-            markers: &self.cfg.markers,
+        let start = WorkerStart {
+            serial: self.serial,
+            python: &self.cfg.python,
+            log: &log,
             slot: &placement,
             container: wrap.as_ref(),
-            cgroup: cgroup.as_ref(),
+            mem_limit: self.cfg.mem_limit,
         };
-        match PythonWorker::spawn(
-            &self.cfg.python,
-            &self.cfg.worker_script,
-            &log,
-            &start,
-            self.serial,
-            self.cfg.max_result_bytes,
-        ) {
+        match self.io.spawn_worker(start) {
             Ok(w) => {
-                let pid = w.pid;
-                let mut proc = Proc::new(Kind::Python(w), None, Some(log), slot);
+                let mut proc = Proc::new(Proc::python(), w.marker, None, Some(log), slot);
                 proc.env = env.to_string();
-                proc.cgroup = cgroup;
-                self.procs.insert(pid, proc);
+                self.procs.insert(w.pid, proc);
                 self.count_start(env);
                 true
             }
@@ -399,7 +370,7 @@ impl Pool<'_> {
 
     pub(super) fn start_shell_task(&mut self) {
         let spec = self.queue.pop_front().expect("front exists");
-        let sandbox = match Sandbox::prepare(&self.cfg.log_dir.join("tasks"), &spec) {
+        let sandbox = match self.io.sandbox(&spec) {
             Ok(s) => s,
             Err(e) => return self.push_result(spec.id, spec.attempt, Outcome::Err(e)),
         };
@@ -407,7 +378,6 @@ impl Pool<'_> {
         let slot = self.pick_slot(false);
         let placement = self.slot_plan(slot);
         let limit = super::Limit::of(&spec, self.cfg.mem_limit);
-        let cgroup = self.memory_leaf(limit.map(|l| l.bytes));
         let func = &self.functions[&spec.function];
         let wrap = self.env_wrap(&func.env).ok().flatten().cloned();
         let outcome = match &func.shell {
@@ -418,21 +388,17 @@ impl Pool<'_> {
             )),
             Some(t) => shell_args(t, &spec.args).and_then(|args| {
                 self.serial += 1;
-                let start = Start {
-                    markers: &self.cfg.markers,
+                let start = ShellStart {
+                    serial: self.serial,
+                    script: &t.script,
+                    args: &args,
+                    task: &spec,
+                    cwd: cwd.as_deref(),
                     slot: &placement,
                     container: wrap.as_ref(),
-                    cgroup: cgroup.as_ref(),
+                    mem_limit: limit.map(|l| l.bytes),
                 };
-                ShellProc::spawn(
-                    &t.script,
-                    &args,
-                    &start,
-                    self.serial,
-                    &spec.id.0.to_string(),
-                    cwd.as_deref(),
-                )
-                .map_err(|e| {
+                self.io.spawn_shell(start).map_err(|e| {
                     TaskError::new(
                         ErrorKind::WorkerLost,
                         "SpawnFailed",
@@ -442,16 +408,14 @@ impl Pool<'_> {
             }),
         };
         match outcome {
-            Ok(proc) => {
-                let pid = proc.pid;
+            Ok(started) => {
                 let running = Running {
                     sandbox,
-                    held_by_cgroup: cgroup.is_some(),
-                    ..Running::start(&spec, self.cfg.mem_limit)
+                    held_by_cgroup: started.held,
+                    ..Running::start(&spec, self.cfg.mem_limit, self.now)
                 };
-                let mut proc = Proc::new(Kind::Shell(proc), Some(running), None, slot);
-                proc.cgroup = cgroup;
-                self.procs.insert(pid, proc);
+                let proc = Proc::new(Kind::Shell, started.marker, Some(running), None, slot);
+                self.procs.insert(started.pid, proc);
                 self.note_started(spec.id, spec.attempt);
             }
             Err(e) => self.push_result(spec.id, spec.attempt, Outcome::Err(e)),
