@@ -10,9 +10,8 @@ use crate::store::writer::{Cmd, TaskInput};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
-use fnx_api::{FunctionKind, Signature, TaskSubmission};
+use fnx_api::{FileSubmission, FunctionKind, Signature, TaskSubmission};
 use fnx_protocol::{Encoding, FileSource, FunctionId, Payload, TaskFile};
-use serde_json::value::RawValue;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,24 +34,6 @@ struct Checker<'a> {
     app: &'a App,
     caller: &'a Caller,
     functions: HashMap<u64, Target>,
-}
-
-/// A task's fields before its arguments are checked.
-struct Raw {
-    function: u64,
-    encoding: Encoding,
-    /// JSON arguments (json encoding from a JSON body).
-    args: Option<Box<RawValue>>,
-    /// Bytes (pickle, or anything from a msgpack body).
-    data: Option<Vec<u8>>,
-    pool: Option<String>,
-    priority: i32,
-    walltime: Option<f64>,
-    retries: u32,
-    /// Input files.
-    files: Vec<RawFile>,
-    /// Its own memory limit, MiB.
-    memory_mb: Option<u64>,
 }
 
 /// An input file as given: its name, and its bytes or a path (not checked yet).
@@ -157,11 +138,24 @@ impl Checker<'_> {
         Ok(&self.functions[&id])
     }
 
-    fn check(&mut self, i: usize, raw: Raw) -> Result<TaskInput, ApiError> {
+    /// Task `i` of a submit as read (`is_msgpack`: from a msgpack body), checked against its
+    /// function, its pool and the limits.
+    fn check(
+        &mut self,
+        i: usize,
+        t: TaskSubmission<'_>,
+        is_msgpack: bool,
+    ) -> Result<TaskInput, ApiError> {
         // Every message starts with the field it is about: `tasks[3].args: ...`.
         let at = |m: String| ApiError::bad(format!("tasks[{i}].{m}"));
+        let function = t
+            .function
+            .ok_or_else(|| bad_field(i, "function", "required (a function id)"))?;
+        let raw_data = bytes_of(i, is_msgpack, t.data, t.data_b64)?;
+        let raw_files = files_of(i, is_msgpack, t.files)?;
+        let encoding = t.encoding.unwrap_or(Encoding::Json);
         let max_payload = self.app.limits.max_payload_bytes;
-        let pool = match raw.pool {
+        let pool = match t.pool {
             Some(p) => self.app.pool(&p).map(|p| p.name.clone()).ok_or_else(|| {
                 let names: Vec<_> = self.app.pools.iter().map(|p| p.name.as_str()).collect();
                 at(format!(
@@ -171,27 +165,28 @@ impl Checker<'_> {
             })?,
             None => self.app.pools[0].name.clone(),
         };
-        let function = raw.function;
-        let t = self.target(function).map_err(|e| ApiError {
+        let target = self.target(function).map_err(|e| ApiError {
             message: format!("tasks[{i}]: {}", e.message),
             ..e
         })?;
-        let name = t.row.spec.name.as_deref().unwrap_or("");
-        if t.row.deleted {
+        let name = target.row.spec.name.as_deref().unwrap_or("");
+        if target.row.deleted {
             return Err(at(format!(
                 "function: function {function} ({name}) was deleted"
             )));
         }
-        if t.kind == FunctionKind::Mpi {
+        if target.kind == FunctionKind::Mpi {
             return Err(at(format!(
                 "function: function {function} ({name}) is an mpi function: it is stored, but this version cannot run mpi tasks yet"
             )));
         }
-        let data = match (raw.encoding, raw.args, raw.data) {
-            (Encoding::Pickle, _, _) if t.kind != FunctionKind::Python => {
+        // A JSON `null` is no arguments.
+        let args = t.args.filter(|a| a.get().trim() != "null");
+        let data = match (encoding, args, raw_data) {
+            (Encoding::Pickle, _, _) if target.kind != FunctionKind::Python => {
                 return Err(at(format!(
                     "encoding: {} functions take JSON arguments",
-                    t.kind.name()
+                    target.kind.name()
                 )))
             }
             (Encoding::Pickle, _, None) => {
@@ -210,11 +205,11 @@ impl Checker<'_> {
                     .map_err(|e| at(format!("args: not valid JSON: {e}")))?;
                 let bind_err =
                     |e: signature::BindError| at(format!("args: function {function} ({name}) {e}"));
-                if let Some(params) = &t.shell_params {
+                if let Some(params) = &target.shell_params {
                     let values = signature::shell_values(params, &text).map_err(bind_err)?;
                     serde_json::to_vec(&values).expect("strings serialise")
                 } else {
-                    if let Some(sig) = &t.signature {
+                    if let Some(sig) = &target.signature {
                         signature::check_binding(sig, &args).map_err(bind_err)?;
                     } else if !matches!(args, Value::Array(_) | Value::Object(_)) {
                         return Err(at(format!(
@@ -233,7 +228,7 @@ impl Checker<'_> {
                 max_payload
             )));
         }
-        let walltime_ms = match raw.walltime {
+        let walltime_ms = match t.walltime {
             None => None,
             Some(w) if w > 0.0 && w <= LONGEST_WAIT_S => Some((w * 1000.0).ceil() as u64),
             Some(w) => {
@@ -242,10 +237,11 @@ impl Checker<'_> {
                 )))
             }
         };
-        if raw.retries > 100 {
-            return Err(at(format!("retries: at most 100, got {}", raw.retries)));
+        let retries = t.retries.unwrap_or(2);
+        if retries > 100 {
+            return Err(at(format!("retries: at most 100, got {}", retries)));
         }
-        let files = check_files(raw.files, max_payload - data.len()).map_err(|e| match e {
+        let files = check_files(raw_files, max_payload - data.len()).map_err(|e| match e {
             FilesError::TooLarge { inline, room } => ApiError::too_large(format!(
                 "tasks[{i}].files: {inline} bytes of inline files exceed what the payload limit \
                  leaves ({room} bytes, limits.max_payload_mb); pass large files by \"path\" on \
@@ -254,7 +250,7 @@ impl Checker<'_> {
             FilesError::Invalid(e) => at(e.to_string()),
         })?;
         let worker_mb = self.app.pool(&pool).and_then(|p| p.mem_per_worker_mb);
-        let memory_mb = match (raw.memory_mb, worker_mb) {
+        let memory_mb = match (t.memory_mb, worker_mb) {
             (None, _) => None,
             (Some(m), _) if m == 0 || m > MAX_MEMORY_MB => {
                 return Err(at(format!(
@@ -274,13 +270,10 @@ impl Checker<'_> {
             files,
             function: FunctionId(function),
             pool,
-            priority: raw.priority,
+            priority: t.priority.unwrap_or(0),
             walltime_ms,
-            retries: raw.retries,
-            args: Payload {
-                encoding: raw.encoding,
-                data,
-            },
+            retries,
+            args: Payload { encoding, data },
         })
     }
 }
@@ -290,39 +283,47 @@ fn bad_field(i: usize, field: &str, why: impl std::fmt::Display) -> ApiError {
     ApiError::from(Invalid::at(field, why.to_string()).under(&format!("tasks[{i}]")))
 }
 
-/// A task as submitted, its fields checked for shape (the body's own encoding decides which
-/// byte fields it may use); `Checker::check` checks it against its function and the limits.
-fn raw_of(i: usize, t: TaskSubmission, is_msgpack: bool) -> Result<Raw, ApiError> {
+/// A task's argument bytes: msgpack bodies give them in `data`, JSON bodies in `data_b64`.
+fn bytes_of(
+    i: usize,
+    is_msgpack: bool,
+    data: Option<Vec<u8>>,
+    data_b64: Option<String>,
+) -> Result<Option<Vec<u8>>, ApiError> {
     let bad = |field: &str, why: &str| bad_field(i, field, why);
-    let function = t
-        .function
-        .ok_or_else(|| bad("function", "required (a function id)"))?;
-    let data = match (is_msgpack, t.data, t.data_b64) {
-        (true, _, Some(_)) => {
-            return Err(bad(
-                "data_b64",
-                "only in JSON bodies; a msgpack body gives the bytes in data",
-            ))
-        }
-        (false, Some(_), _) => {
-            return Err(bad(
-                "data",
-                "only in msgpack bodies; a JSON body gives args, or data_b64 with a pickle",
-            ))
-        }
-        (true, data, None) => data,
+    match (is_msgpack, data, data_b64) {
+        (true, _, Some(_)) => Err(bad(
+            "data_b64",
+            "only in JSON bodies; a msgpack body gives the bytes in data",
+        )),
+        (false, Some(_), _) => Err(bad(
+            "data",
+            "only in msgpack bodies; a JSON body gives args, or data_b64 with a pickle",
+        )),
+        (true, data, None) => Ok(data),
         (false, None, Some(s)) => {
-            Some(unb64(&s).map_err(|e| bad_field(i, "data_b64", format!("not base64: {e}")))?)
+            Ok(Some(unb64(&s).map_err(|e| {
+                bad_field(i, "data_b64", format!("not base64: {e}"))
+            })?))
         }
-        (false, None, None) => None,
-    };
-    let files =
-        t.files
-            .into_iter()
-            .enumerate()
-            .map(|(j, f)| {
-                let field = |k: &str| format!("files[{j}].{k}");
-                let inline = match (is_msgpack, f.data, f.data_b64) {
+        (false, None, None) => Ok(None),
+    }
+}
+
+/// A task's input files as given: each with its bytes (by the body's own encoding) or a path,
+/// not both; names and paths are checked by [`check_files`].
+fn files_of(
+    i: usize,
+    is_msgpack: bool,
+    files: Vec<FileSubmission>,
+) -> Result<Vec<RawFile>, ApiError> {
+    files
+        .into_iter()
+        .enumerate()
+        .map(|(j, f)| {
+            let field = |k: &str| format!("files[{j}].{k}");
+            let inline =
+                match (is_msgpack, f.data, f.data_b64) {
                     (true, _, Some(_)) => {
                         return Err(bad_field(
                             i,
@@ -343,36 +344,21 @@ fn raw_of(i: usize, t: TaskSubmission, is_msgpack: bool) -> Result<Raw, ApiError
                     })?),
                     (false, None, None) => None,
                 };
-                let source = match (inline, f.path) {
-                    (Some(bytes), None) => RawSource::Inline(bytes),
-                    (None, Some(p)) => RawSource::Path(p),
-                    _ => {
-                        let bytes = if is_msgpack { "data" } else { "data_b64" };
-                        return Err(bad_field(
-                            i,
-                            &format!("files[{j}]"),
-                            format!("give exactly one of {bytes} and path"),
-                        ));
-                    }
-                };
-                Ok((f.name, source))
-            })
-            .collect::<Result<_, _>>()?;
-    Ok(Raw {
-        function,
-        encoding: t.encoding.unwrap_or(Encoding::Json),
-        args: t
-            .args
-            .filter(|a| a.get().trim() != "null")
-            .map(ToOwned::to_owned),
-        data,
-        pool: t.pool,
-        priority: t.priority.unwrap_or(0),
-        walltime: t.walltime,
-        retries: t.retries.unwrap_or(2),
-        files,
-        memory_mb: t.memory_mb,
-    })
+            let source = match (inline, f.path) {
+                (Some(bytes), None) => RawSource::Inline(bytes),
+                (None, Some(p)) => RawSource::Path(p),
+                _ => {
+                    let bytes = if is_msgpack { "data" } else { "data_b64" };
+                    return Err(bad_field(
+                        i,
+                        &format!("files[{j}]"),
+                        format!("give exactly one of {bytes} and path"),
+                    ));
+                }
+            };
+            Ok((f.name, source))
+        })
+        .collect()
 }
 
 /// The most characters of an error message about a body: serde quotes the value it did not
@@ -448,8 +434,12 @@ fn read_batch<'de, D: serde::Deserializer<'de>>(
 
 /// Read a submit's body, JSON or msgpack, into its tasks. Both are read into the same types
 /// (`fnx_api::TaskSubmission`): an error names the field's path (`tasks[3].walltime`), and a
-/// JSON task's `args` keep their own text.
-fn parse_submit(is_msgpack: bool, bytes: &[u8], max: usize) -> Result<Vec<Raw>, ApiError> {
+/// JSON task's `args` borrow their own text from the body.
+fn parse_submit(
+    is_msgpack: bool,
+    bytes: &[u8],
+    max: usize,
+) -> Result<Vec<TaskSubmission<'_>>, ApiError> {
     let tasks = if is_msgpack {
         let mut cursor = std::io::Cursor::new(bytes);
         let tasks = read_batch(&mut rmp_serde::Deserializer::new(&mut cursor), max)?;
@@ -476,12 +466,7 @@ fn parse_submit(is_msgpack: bool, bytes: &[u8], max: usize) -> Result<Vec<Raw>, 
             .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))?;
         tasks
     };
-    let tasks = tasks.ok_or_else(|| ApiError::bad("tasks: required (an array of tasks)"))?;
-    tasks
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| raw_of(i, t, is_msgpack))
-        .collect()
+    tasks.ok_or_else(|| ApiError::bad("tasks: required (an array of tasks)"))
 }
 
 /// Parse a submit body and check each of its tasks.
@@ -491,16 +476,15 @@ fn check_submit(
     is_msgpack: bool,
     body: super::ReadBody,
 ) -> Result<Vec<TaskInput>, ApiError> {
-    let raws = parse_submit(is_msgpack, &body, app.limits.max_tasks_per_request)?;
-    drop(body);
+    let tasks = parse_submit(is_msgpack, &body, app.limits.max_tasks_per_request)?;
     let max = app.limits.max_tasks_per_request;
-    if raws.len() > max {
+    if tasks.len() > max {
         return Err(ApiError::too_large(format!(
             "{} tasks in one request; the limit is {max} (limits.max_tasks_per_request)",
-            raws.len()
+            tasks.len()
         )));
     }
-    if raws.is_empty() {
+    if tasks.is_empty() {
         return Err(ApiError::bad("tasks: must hold at least one task"));
     }
     let mut checker = Checker {
@@ -508,9 +492,11 @@ fn check_submit(
         caller,
         functions: HashMap::new(),
     };
-    raws.into_iter()
+    // Each task's arguments are copied out of the body once, into what the store keeps.
+    tasks
+        .into_iter()
         .enumerate()
-        .map(|(i, r)| checker.check(i, r))
+        .map(|(i, t)| checker.check(i, t, is_msgpack))
         .collect()
 }
 
