@@ -150,15 +150,43 @@ fn acts(p: &mut TestPool) -> Vec<Act> {
     std::mem::take(&mut p.io().acts)
 }
 
-/// The messages to the interchange since the last call, other acts dropped.
-fn sent(p: &mut TestPool) -> Vec<ManagerToInterchange> {
-    acts(p)
-        .into_iter()
+/// The messages to the interchange among `acts`.
+fn messages(acts: Vec<Act>) -> Vec<ManagerToInterchange> {
+    acts.into_iter()
         .filter_map(|a| match a {
             Act::Send(m) => Some(m),
             _ => None,
         })
         .collect()
+}
+
+/// The messages to the interchange since the last call, other acts dropped.
+fn sent(p: &mut TestPool) -> Vec<ManagerToInterchange> {
+    messages(acts(p))
+}
+
+/// A task of `function` too large to be pipelined behind a running one (it waits in the queue).
+fn big(id: u64, function: FunctionId) -> TaskSpec {
+    TaskSpec {
+        args: Payload::json(format!("[\"{}\"]", "x".repeat(20 << 10))),
+        ..spec(id, function)
+    }
+}
+
+/// One slot, and one idle worker (pid 100) of `owner`'s environment that ran task 1 of `f`.
+fn idle_worker_of(owner: &str, f: FunctionId, t0: Instant) -> TestPool {
+    let mut p = pool(1, t0);
+    p.on_message(
+        t0,
+        tasks(vec![python_def(f, Some(owner))], vec![spec(1, f)]),
+    );
+    p.tick(t0, false);
+    p.on_worker_output(t0, 100, ready(100));
+    p.tick(t0, false);
+    p.on_worker_output(t0, 100, result(1));
+    p.tick(t0, false);
+    acts(&mut p);
+    p
 }
 
 fn python_def(id: FunctionId, owner: Option<&str>) -> FunctionDef {
@@ -298,13 +326,7 @@ fn a_result_read_in_the_round_its_walltime_passes_is_the_outcome_and_nothing_is_
         !a.iter().any(|x| matches!(x, Act::Signal(..))),
         "a finished task was killed: {a:?}"
     );
-    let msgs: Vec<_> = a
-        .into_iter()
-        .filter_map(|x| match x {
-            Act::Send(m) => Some(m),
-            _ => None,
-        })
-        .collect();
+    let msgs = messages(a);
     assert_eq!(outcomes(&msgs), vec![(1, Ok("1".into()))]);
     // Later rounds do not kill or report it again.
     p.tick(late + GRACE * 2, false);
@@ -333,13 +355,7 @@ fn a_result_after_the_walltime_kill_began_is_dropped_and_the_task_fails_once_as_
     p.on_exits(due + GRACE * 2, exit(100, killed_by(libc::SIGKILL)));
     let a = acts(&mut p);
     assert!(a.contains(&Act::Sweep("m.w1".into())), "{a:?}");
-    let msgs: Vec<_> = a
-        .into_iter()
-        .filter_map(|x| match x {
-            Act::Send(m) => Some(m),
-            _ => None,
-        })
-        .collect();
+    let msgs = messages(a);
     p.tick(due + GRACE * 2, true);
     let mut all = msgs;
     all.extend(sent(&mut p));
@@ -419,13 +435,7 @@ fn pipelining_sends_the_next_small_task_once_behind_the_running_one() {
     p.tick(t0, false);
     let a = acts(&mut p);
     assert!(!a.iter().any(|x| matches!(x, Act::Task { .. })), "{a:?}");
-    let msgs: Vec<_> = a
-        .into_iter()
-        .filter_map(|x| match x {
-            Act::Send(m) => Some(m),
-            _ => None,
-        })
-        .collect();
+    let msgs = messages(a);
     assert!(msgs.contains(&ManagerToInterchange::Started(vec![(
         TaskId(2),
         Attempt(1)
@@ -439,11 +449,7 @@ fn pipelining_sends_the_next_small_task_once_behind_the_running_one() {
 fn reregister_drops_the_tasks_not_started_while_the_running_one_finishes_and_reports() {
     let t0 = Instant::now();
     // Tasks 2 and 3 are too large to pipeline: they wait in the queue.
-    let big = |id| TaskSpec {
-        args: Payload::json(format!("[\"{}\"]", "x".repeat(20 << 10))),
-        ..spec(id, F)
-    };
-    let mut p = running_one(t0, None, vec![big(2), big(3)]);
+    let mut p = running_one(t0, None, vec![big(2, F), big(3, F)]);
     assert_eq!(p.queued(), 2);
     p.on_message(
         t0,
@@ -469,13 +475,7 @@ fn reregister_drops_the_tasks_not_started_while_the_running_one_finishes_and_rep
             .any(|x| matches!(x, Act::Task { .. } | Act::SpawnWorker { .. })),
         "a dropped task ran: {a:?}"
     );
-    let msgs: Vec<_> = a
-        .into_iter()
-        .filter_map(|x| match x {
-            Act::Send(m) => Some(m),
-            _ => None,
-        })
-        .collect();
+    let msgs = messages(a);
     assert_eq!(outcomes(&msgs), vec![(1, Ok("1".into()))]);
 }
 
@@ -524,11 +524,7 @@ fn a_held_outcome_is_dropped_when_the_manager_then_stops_on_a_signal_so_the_task
 #[test]
 fn a_cancel_of_a_queued_task_reports_it_without_running_it() {
     let t0 = Instant::now();
-    let big = |id| TaskSpec {
-        args: Payload::json(format!("[\"{}\"]", "x".repeat(20 << 10))),
-        ..spec(id, F)
-    };
-    let mut p = running_one(t0, None, vec![big(2)]);
+    let mut p = running_one(t0, None, vec![big(2, F)]);
     p.on_message(
         t0,
         InterchangeToManager::Cancel {
@@ -552,24 +548,11 @@ fn a_cancel_of_a_queued_task_reports_it_without_running_it() {
 fn the_oldest_task_waits_for_a_worker_of_its_own_environment_at_most_the_bypass_limit() {
     let t0 = Instant::now();
     let (a, b) = (FunctionId(1), FunctionId(2));
-    let mut p = pool(1, t0);
-    p.on_message(
-        t0,
-        tasks(vec![python_def(a, Some("alice"))], vec![spec(1, a)]),
-    );
-    p.tick(t0, false);
-    p.on_worker_output(t0, 100, ready(100));
-    p.tick(t0, false);
-    p.on_worker_output(t0, 100, result(1));
-    p.tick(t0, false);
-    acts(&mut p);
+    let mut p = idle_worker_of("alice", a, t0);
     // Now bob's task first, then alice's: alice's idle worker runs hers meanwhile.
     let mut queue = vec![spec(1000, b)];
-    queue.extend((2..42).map(|i| TaskSpec {
-        // Too large to pipeline: one task per round, each seen by the scheduler.
-        args: Payload::json(format!("[\"{}\"]", "x".repeat(20 << 10))),
-        ..spec(i, a)
-    }));
+    // Too large to pipeline: one task per round, each seen by the scheduler.
+    queue.extend((2..42).map(|i| big(i, a)));
     p.on_message(t0, tasks(vec![python_def(b, Some("bob"))], queue));
     let mut bypassed = 0;
     let mut running = None;
@@ -625,17 +608,7 @@ fn the_oldest_task_waits_for_a_worker_of_its_own_environment_at_most_the_bypass_
 fn an_idle_worker_of_an_environment_without_queued_tasks_gives_its_slot_at_once() {
     let t0 = Instant::now();
     let (a, b) = (FunctionId(1), FunctionId(2));
-    let mut p = pool(1, t0);
-    p.on_message(
-        t0,
-        tasks(vec![python_def(a, Some("alice"))], vec![spec(1, a)]),
-    );
-    p.tick(t0, false);
-    p.on_worker_output(t0, 100, ready(100));
-    p.tick(t0, false);
-    p.on_worker_output(t0, 100, result(1));
-    p.tick(t0, false);
-    acts(&mut p);
+    let mut p = idle_worker_of("alice", a, t0);
     p.on_message(
         t0,
         tasks(vec![python_def(b, Some("bob"))], vec![spec(2, b)]),
@@ -695,15 +668,11 @@ fn results_go_out_in_one_batch_with_the_starts_first_while_work_is_queued() {
     let t0 = Instant::now();
     let mut p = pool(1, t0);
     // 1 runs, 2 is pipelined behind it, 3 and 4 are too large to pipeline and wait.
-    let big = |id| TaskSpec {
-        args: Payload::json(format!("[\"{}\"]", "x".repeat(20 << 10))),
-        ..spec(id, F)
-    };
     p.on_message(
         t0,
         tasks(
             vec![python_def(F, None)],
-            vec![spec(1, F), spec(2, F), big(3), big(4)],
+            vec![spec(1, F), spec(2, F), big(3, F), big(4, F)],
         ),
     );
     p.tick(t0, false);

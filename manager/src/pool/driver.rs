@@ -97,6 +97,20 @@ impl<'a> SysIo<'a> {
         }
     }
 
+    /// Keep a child that started; what the pool is told of it.
+    fn keep(&mut self, pid: u32, marker: String, handle: Handle, cgroup: Option<Leaf>) -> Spawned {
+        let held = cgroup.is_some();
+        self.children.insert(
+            pid,
+            Child {
+                handle,
+                cgroup,
+                peak: None,
+            },
+        );
+        Spawned { pid, marker, held }
+    }
+
     /// What the child `pid` wrote: a worker's frames; a shell's output goes to its tails.
     fn read(&mut self, pid: u32, max: usize) -> Option<WorkerOutput> {
         match &mut self.children.get_mut(&pid)?.handle {
@@ -133,20 +147,8 @@ impl Io for SysIo<'_> {
             w.serial,
             self.max_result_bytes,
         )?;
-        let spawned = Spawned {
-            pid: worker.pid,
-            marker: worker.marker.clone(),
-            held: cgroup.is_some(),
-        };
-        self.children.insert(
-            worker.pid,
-            Child {
-                handle: Handle::Python(worker),
-                cgroup,
-                peak: None,
-            },
-        );
-        Ok(spawned)
+        let (pid, marker) = (worker.pid, worker.marker.clone());
+        Ok(self.keep(pid, marker, Handle::Python(worker), cgroup))
     }
 
     fn spawn_shell(&mut self, s: ShellStart<'_>) -> std::io::Result<Spawned> {
@@ -165,20 +167,8 @@ impl Io for SysIo<'_> {
             &s.task.id.0.to_string(),
             s.cwd,
         )?;
-        let spawned = Spawned {
-            pid: proc.pid,
-            marker: proc.marker.clone(),
-            held: cgroup.is_some(),
-        };
-        self.children.insert(
-            proc.pid,
-            Child {
-                handle: Handle::Shell(proc),
-                cgroup,
-                peak: None,
-            },
-        );
-        Ok(spawned)
+        let (pid, marker) = (proc.pid, proc.marker.clone());
+        Ok(self.keep(pid, marker, Handle::Shell(proc), cgroup))
     }
 
     fn send_task(
