@@ -2,7 +2,9 @@
 //! recorded exactly once whatever races it, nothing reported is lost while the disk is full,
 //! and recovery reads back every state.
 
-use fnx_daemon::store::writer::{Cmd, Shared, Stats, TaskInput, Writer, WriterConfig};
+use fnx_daemon::store::writer::{
+    Cmd, FunctionInput, Shared, Stats, TaskInput, Writer, WriterConfig,
+};
 use fnx_daemon::store::{open_writer, unfinished, Reader, State};
 use fnx_interchange::Finished;
 use fnx_protocol::{Attempt, ErrorKind, FunctionId, Outcome, Payload, TaskError, TaskId};
@@ -280,6 +282,38 @@ fn a_full_store_stays_unavailable_while_only_small_records_fit_and_recovers_with
     let refused = refused.expect("a 1 MiB store refuses a submit within 16 MiB");
     assert!(refused.contains("size limit of 1 MiB"), "{refused}");
     assert!(s.unavailable().is_some());
+    // The store may grow by four pages now, whatever room the refused batch left under the
+    // limit (that depends on SQLite's page layout): enough for a registration and dispatch
+    // records, far from enough for the refused batch.
+    s.exec(|c| {
+        let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0)).unwrap();
+        c.pragma_update(None, "max_page_count", pages + 4).unwrap();
+    });
+
+    // A registration is small and fits, but it is not the work that was refused.
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    s.send(Cmd::Register(
+        Box::new(FunctionInput {
+            owner: "u".into(),
+            name: "f".into(),
+            created: 0.0,
+            spec: fnx_api::FunctionSpec::new(fnx_api::FunctionKind::Shell),
+            body: None,
+            container: None,
+            build: None,
+        }),
+        reply,
+    ));
+    answer
+        .blocking_recv()
+        .unwrap()
+        .expect("a registration fits in four pages");
+    s.sync();
+    let why = s.unavailable();
+    assert!(
+        why.is_some(),
+        "a registration turned a full store available: {why:?}"
+    );
 
     // A dispatch record still fits and commits (the writer retries it alone after the failed
     // round), yet submits would still fail: the store stays unavailable.

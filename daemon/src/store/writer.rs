@@ -268,8 +268,9 @@ pub struct Writer {
     pending_dispatched: Vec<(TaskId, Attempt, bool)>,
     pending_started: Vec<(TaskId, Attempt)>,
     pending_finished: Vec<Finished>,
-    /// The last failed commit failed because the store was full (see `available_again`).
-    full: bool,
+    /// A commit failed because the store was full, and no task committed since: the bytes the
+    /// refused submits need (see `available_again`).
+    full: Option<u64>,
     /// Bytes of task inputs freed here (left in the store) since the allocator last gave
     /// freed memory back to the kernel.
     spilled: u64,
@@ -336,7 +337,7 @@ impl Writer {
             pending_dispatched: Vec::new(),
             pending_started: Vec::new(),
             pending_finished: Vec::new(),
-            full: false,
+            full: None,
             spilled: 0,
         })
     }
@@ -350,7 +351,7 @@ impl Writer {
                 || !self.pending_started.is_empty();
             let wait = if retrying {
                 RETRY
-            } else if self.spilled > 0 || self.full {
+            } else if self.spilled > 0 || self.full.is_some() {
                 next_prune
                     .saturating_duration_since(Instant::now())
                     .min(Duration::from_secs(1))
@@ -375,7 +376,7 @@ impl Writer {
             let idle = cmds.is_empty();
             if !idle || retrying {
                 self.round(cmds);
-            } else if self.full && self.has_room() {
+            } else if self.full.is_some_and(|need| self.has_room(need)) {
                 // Nothing to commit, but space came back: health turns green without waiting
                 // for the next submit.
                 self.mark_available();
@@ -463,7 +464,17 @@ impl Writer {
             Err((e, submits_back, registers_back)) => {
                 (self.next_task, self.next_seq, self.next_function) = saved;
                 let msg = self.describe(&e);
-                self.full = is_full(&e);
+                if is_full(&e) {
+                    // What the refused submits would take, with SQLite's own overhead: the
+                    // room to wait for before health turns green without a submit.
+                    let need: u64 = submits_back
+                        .iter()
+                        .flat_map(|(_, tasks, _, _)| tasks)
+                        .map(|t| super::inputs::input_bytes(&t.args, &t.files))
+                        .sum();
+                    let before = self.full.unwrap_or(0);
+                    self.full = Some(before.max(need.saturating_mul(2)));
+                }
                 let first = {
                     let mut s = self.shared.stats.lock().expect("stats");
                     s.commit_errors += 1;
@@ -523,12 +534,13 @@ impl Writer {
         Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
     }
 
-    /// The store can grow by [`ROOM`] again after it was full: the filesystem has that much
-    /// free, and so has the store below `store.max_size_mb` (pages left under the limit, plus
-    /// free pages inside the file). Unknown counts as room: a probe that cannot read the
-    /// filesystem must not hold the store unavailable forever.
-    fn has_room(&self) -> bool {
-        if self.disk_nearly_full() {
+    /// The store can grow by `need` bytes again after it was full (by at least [`ROOM`]): the
+    /// filesystem has that much free, and so has the store below `store.max_size_mb` (pages left
+    /// under the limit, plus free pages inside the file; at least a sixteenth of the limit).
+    /// Unknown counts as room: a probe that cannot read the filesystem must not hold the store
+    /// unavailable forever.
+    fn has_room(&self, need: u64) -> bool {
+        if self.disk_free().is_some_and(|free| free < need.max(ROOM)) {
             return false;
         }
         let Some(max_bytes) = self.cfg.max_size_bytes else {
@@ -548,7 +560,8 @@ impl Writer {
         ) else {
             return true;
         };
-        (max.saturating_sub(count) + free).saturating_mul(size) >= ROOM.min(max_bytes / 16)
+        (max.saturating_sub(count) + free).saturating_mul(size)
+            >= need.max(ROOM.min(max_bytes / 16))
     }
 
     fn unavailable(&self) -> bool {
@@ -561,7 +574,7 @@ impl Writer {
     }
 
     fn mark_available(&mut self) {
-        self.full = false;
+        self.full = None;
         if self
             .shared
             .stats
@@ -576,11 +589,15 @@ impl Writer {
     }
 
     /// After a commit succeeded: whether the store takes new work again. A store that failed
-    /// because it was full is available again when new work committed, or when it has room: a
-    /// retried commit of a few dispatch records fits where the submit that failed did not, and
-    /// must not turn health green while every submit still fails.
-    fn available_again(&self, new_work: bool) -> bool {
-        !self.full || new_work || self.has_room()
+    /// because it was full is available again when new tasks committed, or when it has room
+    /// for what was refused: a retried commit of a few dispatch records, or a registration,
+    /// fits where the submit that failed did not, and must not turn health green while every
+    /// submit still fails.
+    fn available_again(&self, new_tasks: bool) -> bool {
+        match self.full {
+            None => true,
+            Some(need) => new_tasks || self.has_room(need),
+        }
     }
 
     fn transaction(
@@ -727,8 +744,7 @@ impl Writer {
 
     fn apply(&mut self, fx: Effects) {
         self.spilled += fx.spilled;
-        let new_work = !fx.replies.is_empty() || !fx.registered.is_empty();
-        if self.unavailable() && self.available_again(new_work) {
+        if self.unavailable() && self.available_again(fx.submitted > 0) {
             self.mark_available();
         }
         {
