@@ -27,11 +27,20 @@ enum Act {
     Send(ManagerToInterchange),
 }
 
-/// A world that records and answers like an idle node: pids count up from 100.
-#[derive(Default)]
+/// A world that records and answers like an idle node: pids count up from 100; its clock
+/// reads `clock` (the time a process started, for a task's walltime).
 struct Rec {
     acts: Vec<Act>,
     next_pid: u32,
+    clock: Instant,
+    /// Processes are held by a memory cgroup of their own.
+    cgroups: bool,
+    /// The peak of a cgroup the kernel killed in (None: it did not).
+    cgroup_peak: Option<u64>,
+    /// Resident bytes of each process group.
+    rss: Vec<(u32, u64)>,
+    /// The node's count of out-of-memory kills.
+    oom: u64,
 }
 
 impl Rec {
@@ -42,6 +51,9 @@ impl Rec {
 }
 
 impl Io for Rec {
+    fn now(&mut self) -> Instant {
+        self.clock
+    }
     fn spawn_worker(&mut self, w: WorkerStart<'_>) -> std::io::Result<Spawned> {
         let pid = self.pid();
         self.acts.push(Act::SpawnWorker { pid });
@@ -98,20 +110,24 @@ impl Io for Rec {
         true
     }
     fn oom_kills(&mut self) -> Option<u64> {
-        Some(0)
+        Some(self.oom)
     }
-    fn rss_of_groups(&mut self, _groups: &[u32]) -> Vec<(u32, u64)> {
-        Vec::new()
+    fn rss_of_groups(&mut self, groups: &[u32]) -> Vec<(u32, u64)> {
+        self.rss
+            .iter()
+            .filter(|(g, _)| groups.contains(g))
+            .copied()
+            .collect()
     }
     fn peak_rss(&mut self, _pid: u32) -> Option<u64> {
         None
     }
     fn reset_peak_rss(&mut self, _pid: u32) {}
     fn hold(&mut self, _pid: u32, _limit: Option<u64>) -> bool {
-        false
+        self.cgroups
     }
-    fn cgroup_kill_peak(&mut self, _pid: u32, _noticed: bool) -> Option<u64> {
-        None
+    fn cgroup_kill_peak(&mut self, _pid: u32, noticed: bool) -> Option<u64> {
+        self.cgroup_peak.filter(|_| noticed)
     }
 }
 
@@ -142,7 +158,20 @@ fn config(slots: usize) -> PoolConfig {
 type TestPool = Pool<Rec>;
 
 fn pool(slots: usize, t0: Instant) -> TestPool {
-    Pool::new(config(slots), Rec::default(), t0)
+    pool_with(config(slots), t0)
+}
+
+fn pool_with(cfg: PoolConfig, t0: Instant) -> TestPool {
+    let rec = Rec {
+        acts: Vec::new(),
+        next_pid: 0,
+        clock: t0,
+        cgroups: false,
+        cgroup_peak: None,
+        rss: Vec::new(),
+        oom: 0,
+    };
+    Pool::new(cfg, rec, t0)
 }
 
 /// The acts since the last call.
@@ -334,6 +363,37 @@ fn a_result_read_in_the_round_its_walltime_passes_is_the_outcome_and_nothing_is_
 }
 
 #[test]
+fn a_tasks_walltime_starts_when_its_process_has_it_not_when_the_round_began() {
+    let t0 = Instant::now();
+    let mut p = pool(1, t0);
+    let mut task = spec(1, F);
+    task.walltime_ms = Some(100);
+    p.on_message(t0, tasks(vec![python_def(F, None)], vec![task]));
+    p.tick(t0, false);
+    p.on_worker_output(t0, 100, ready(100));
+    // Placing its input files and writing it to the worker took 50 ms of this round.
+    let started = t0 + Duration::from_millis(50);
+    p.io().clock = started;
+    p.tick(t0, false);
+    assert!(acts(&mut p).contains(&Act::Task {
+        pid: 100,
+        task: 1,
+        def: true
+    }));
+    p.tick(t0 + Duration::from_millis(100), false);
+    assert!(
+        acts(&mut p).is_empty(),
+        "killed before its walltime ran out"
+    );
+    assert_eq!(
+        p.timeout(t0 + Duration::from_millis(100)),
+        Duration::from_millis(50)
+    );
+    p.tick(started + Duration::from_millis(100), false);
+    assert_eq!(acts(&mut p), vec![Act::Signal(100, libc::SIGTERM)]);
+}
+
+#[test]
 fn a_result_after_the_walltime_kill_began_is_dropped_and_the_task_fails_once_as_walltime() {
     let t0 = Instant::now();
     let mut p = running_one(t0, Some(100), Vec::new());
@@ -490,7 +550,11 @@ fn a_task_killed_by_sigterm_from_outside_is_held_then_reported() {
         "reported before the hold"
     );
     let held = fnx_manager::pool::HOLD_KILLED;
-    assert!(p.timeout(t0) <= held, "the driver must wake for it");
+    let half = held / 2;
+    assert!(
+        p.timeout(t0 + half) <= held - half,
+        "the driver must wake for it"
+    );
     p.tick(t0 + held - Duration::from_millis(1), false);
     assert!(outcomes(&sent(&mut p)).is_empty());
     p.tick(t0 + held, false);
@@ -750,4 +814,105 @@ fn a_shell_task_runs_in_its_own_process_and_its_output_is_its_result() {
     let v: serde_json::Value = serde_json::from_str(json).unwrap();
     assert_eq!(v["stdout"], "hi\n");
     assert_eq!(v["returncode"], 0);
+}
+
+const MIB: u64 = 1 << 20;
+
+/// One slot with `mem_per_worker` = 100 MiB; its worker (pid 100) runs task 1. `cgroups`: the
+/// node holds each worker in a memory cgroup.
+fn limited(t0: Instant, cgroups: bool) -> TestPool {
+    let mut p = pool_with(
+        PoolConfig {
+            mem_limit: Some(100 * MIB),
+            ..config(1)
+        },
+        t0,
+    );
+    p.io().cgroups = cgroups;
+    p.on_message(t0, tasks(vec![python_def(F, None)], vec![spec(1, F)]));
+    p.tick(t0, false);
+    p.on_worker_output(t0, 100, ready(100));
+    p.tick(t0, false);
+    acts(&mut p);
+    p
+}
+
+/// The one error sent, by kind, with its message.
+fn error_of(msgs: &[ManagerToInterchange]) -> (ErrorKind, String) {
+    let errors: Vec<_> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            ManagerToInterchange::Results(rs) => Some(rs),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|r| match &r.outcome {
+            Outcome::Err(e) => Some((e.kind, e.message.clone())),
+            Outcome::Ok(_) => None,
+        })
+        .collect();
+    assert_eq!(errors.len(), 1, "{msgs:?}");
+    errors[0].clone()
+}
+
+#[test]
+fn a_task_the_kernel_kills_at_its_cgroups_limit_fails_as_memory_exceeded_with_its_peak() {
+    let t0 = Instant::now();
+    let mut p = limited(t0, true);
+    p.io().cgroup_peak = Some(100 * MIB);
+    // The out-of-memory notice is read before the death, in the same round or earlier.
+    p.on_oom_notice(100);
+    p.on_exits(t0, exit(100, killed_by(libc::SIGKILL)));
+    p.tick(t0, true);
+    let (kind, message) = error_of(&sent(&mut p));
+    assert_eq!(kind, ErrorKind::MemoryExceeded);
+    assert!(
+        message.contains("reached its limit of 100 MiB (the pool's mem_per_worker)"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_sampled_task_over_its_limit_is_killed_at_the_next_sample_and_fails_once() {
+    let t0 = Instant::now();
+    let mut p = limited(t0, false);
+    p.io().rss = vec![(100, 150 * MIB)];
+    // Sampled every 100 ms: not before.
+    p.tick(t0 + Duration::from_millis(50), false);
+    assert!(acts(&mut p).is_empty());
+    p.tick(t0 + Duration::from_millis(100), false);
+    assert_eq!(acts(&mut p), vec![Act::Signal(100, libc::SIGKILL)]);
+    // Its result, read before the kill landed, is not the outcome.
+    p.on_worker_output(t0 + Duration::from_millis(101), 100, result(1));
+    p.on_exits(
+        t0 + Duration::from_millis(102),
+        exit(100, killed_by(libc::SIGKILL)),
+    );
+    p.tick(t0 + Duration::from_millis(102), true);
+    let (kind, message) = error_of(&sent(&mut p));
+    assert_eq!(kind, ErrorKind::MemoryExceeded);
+    assert!(
+        message.contains("used 150 MiB of memory, over its limit of 100 MiB"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_worker_the_nodes_oom_killer_took_fails_its_task_as_oom_killed_and_other_kills_do_not() {
+    let t0 = Instant::now();
+    let mut p = running_one(t0, None, Vec::new());
+    // The node's count moved: this SIGKILL that no one here sent was the OOM killer's.
+    p.io().oom = 1;
+    p.on_exits(t0, exit(100, killed_by(libc::SIGKILL)));
+    p.tick(t0, true);
+    assert_eq!(error_of(&sent(&mut p)).0, ErrorKind::OomKilled);
+    // The next worker dies by a SIGKILL while the count stays: lost, not OOM.
+    p.on_message(t0, tasks(Vec::new(), vec![spec(2, F)]));
+    p.tick(t0, false);
+    p.on_worker_output(t0, 101, ready(101));
+    p.tick(t0, false);
+    acts(&mut p);
+    p.on_exits(t0, exit(101, killed_by(libc::SIGKILL)));
+    p.tick(t0, true);
+    assert_eq!(error_of(&sent(&mut p)).0, ErrorKind::WorkerLost);
 }

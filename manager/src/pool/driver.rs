@@ -131,6 +131,10 @@ impl<'a> SysIo<'a> {
 }
 
 impl Io for SysIo<'_> {
+    fn now(&mut self) -> Instant {
+        Instant::now()
+    }
+
     fn spawn_worker(&mut self, w: WorkerStart<'_>) -> std::io::Result<Spawned> {
         let cgroup = self.memory_leaf(w.mem_limit);
         let start = Start {

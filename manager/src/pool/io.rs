@@ -2,7 +2,8 @@
 //!
 //! The pool decides; an [`Io`] acts. The manager's [`super::driver`] implements it over real
 //! processes, pipes, memory cgroups and the link; the pool's tests record what was asked.
-//! Time never comes from a clock inside the pool: every event carries its `now`.
+//! Time comes with every event (its `now`); the pool reads the clock only through
+//! [`Io::now`], to start a task's walltime after the I/O that started it.
 
 use crate::procs::Wrap;
 use crate::sandbox::Sandbox;
@@ -88,6 +89,10 @@ pub struct WorkerOutput {
 /// The actions of the pool on the world. Each is one system call or a few; none blocks for
 /// long (pipe writes are bounded by what pipelining allows).
 pub trait Io {
+    /// The time now. Events carry their own time; the pool asks only where its own I/O may
+    /// have taken a while: a task's walltime starts when its process has it (after its input
+    /// files were placed and its command started), not when the round began.
+    fn now(&mut self) -> std::time::Instant;
     /// Start a Python worker.
     fn spawn_worker(&mut self, w: WorkerStart<'_>) -> std::io::Result<Spawned>;
     /// Start a shell command.

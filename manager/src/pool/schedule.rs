@@ -215,9 +215,11 @@ impl<I: Io> Pool<I> {
         };
         let def = defined.insert(spec.function).then_some(body);
         let cwd = sandbox.as_ref().map(|s| s.dir().to_path_buf());
+        // Its clock starts now, after its files were placed.
+        let started = self.io.now();
         proc.task = Some(Running {
             sandbox,
-            ..Running::start(&spec, self.cfg.mem_limit, self.now)
+            ..Running::start(&spec, self.cfg.mem_limit, started)
         });
         proc.idle_since = None;
         if let Err(e) = self.io.send_task(pid, def, &spec, cwd.as_deref()) {
@@ -409,10 +411,11 @@ impl<I: Io> Pool<I> {
         };
         match outcome {
             Ok(started) => {
+                // Its clock starts now, with its process.
                 let running = Running {
                     sandbox,
                     held_by_cgroup: started.held,
-                    ..Running::start(&spec, self.cfg.mem_limit, self.now)
+                    ..Running::start(&spec, self.cfg.mem_limit, self.io.now())
                 };
                 let proc = Proc::new(Kind::Shell, started.marker, Some(running), None, slot);
                 self.procs.insert(started.pid, proc);
