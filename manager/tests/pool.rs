@@ -202,17 +202,15 @@ fn big(id: u64, function: FunctionId) -> TaskSpec {
     }
 }
 
-/// One slot, and one idle worker (pid 100) of `owner`'s environment that ran task 1 of `f`.
-fn idle_worker_of(owner: &str, f: FunctionId, t0: Instant) -> TestPool {
+/// One slot, and one idle worker (pid 100) of `owner`'s environment (None: the pool's own)
+/// that ran task 99 of `f` in no time: `f` is known to be quick (its tasks are pipelined).
+fn idle_worker(owner: Option<&str>, f: FunctionId, t0: Instant) -> TestPool {
     let mut p = pool(1, t0);
-    p.on_message(
-        t0,
-        tasks(vec![python_def(f, Some(owner))], vec![spec(1, f)]),
-    );
+    p.on_message(t0, tasks(vec![python_def(f, owner)], vec![spec(99, f)]));
     p.tick(t0, false);
     p.on_worker_output(t0, 100, ready(100));
     p.tick(t0, false);
-    p.on_worker_output(t0, 100, result(1));
+    p.on_worker_output(t0, 100, result(99));
     p.tick(t0, false);
     acts(&mut p);
     p
@@ -320,22 +318,19 @@ fn outcomes(msgs: &[ManagerToInterchange]) -> Vec<(u64, Result<String, ErrorKind
 /// One worker started and ready, running task 1 (of function `F`, walltime `walltime_ms`),
 /// with the acts so far taken.
 fn running_one(t0: Instant, walltime_ms: Option<u64>, more: Vec<TaskSpec>) -> TestPool {
-    let mut p = pool(1, t0);
+    let mut p = idle_worker(None, F, t0);
     let mut first = spec(1, F);
     first.walltime_ms = walltime_ms;
     let mut all = vec![first];
     all.extend(more);
-    p.on_message(t0, tasks(vec![python_def(F, None)], all));
-    p.tick(t0, false);
-    assert_eq!(acts(&mut p)[0], Act::SpawnWorker { pid: 100 });
-    p.on_worker_output(t0, 100, ready(100));
+    p.on_message(t0, tasks(Vec::new(), all));
     p.tick(t0, false);
     let a = acts(&mut p);
     assert!(
         a.contains(&Act::Task {
             pid: 100,
             task: 1,
-            def: true
+            def: false
         }),
         "{a:?}"
     );
@@ -463,13 +458,8 @@ fn a_pipelined_task_cancelled_in_the_pipe_is_killed_as_it_starts_and_reported_on
 #[test]
 fn pipelining_sends_the_next_small_task_once_behind_the_running_one() {
     let t0 = Instant::now();
-    let mut p = pool(1, t0);
-    p.on_message(
-        t0,
-        tasks(vec![python_def(F, None)], vec![spec(1, F), spec(2, F)]),
-    );
-    p.tick(t0, false);
-    p.on_worker_output(t0, 100, ready(100));
+    let mut p = idle_worker(None, F, t0);
+    p.on_message(t0, tasks(Vec::new(), vec![spec(1, F), spec(2, F)]));
     p.tick(t0, false);
     let a: Vec<_> = acts(&mut p)
         .into_iter()
@@ -481,7 +471,7 @@ fn pipelining_sends_the_next_small_task_once_behind_the_running_one() {
             Act::Task {
                 pid: 100,
                 task: 1,
-                def: true
+                def: false
             },
             Act::Task {
                 pid: 100,
@@ -503,6 +493,108 @@ fn pipelining_sends_the_next_small_task_once_behind_the_running_one() {
     p.on_worker_output(t0, 100, result(2));
     p.tick(t0, false);
     assert_eq!(outcomes(&sent(&mut p)), vec![(2, Ok("2".into()))]);
+}
+
+/// Two workers; `n` tasks of `F` (not known yet) where task 2 takes 3 s and the others 100 ms.
+#[test]
+fn no_task_waits_in_a_pipe_behind_a_long_one_while_another_worker_is_idle() {
+    let t0 = Instant::now();
+    let mut p = pool(2, t0);
+    p.on_message(
+        t0,
+        tasks(
+            vec![python_def(F, None)],
+            (1..=8).map(|i| spec(i, F)).collect(),
+        ),
+    );
+    p.tick(t0, false);
+    p.on_worker_output(t0, 100, ready(100));
+    p.on_worker_output(t0, 101, ready(101));
+    p.tick(t0, false);
+    let ran = |a: Vec<Act>| -> Vec<(u32, u64)> {
+        a.into_iter()
+            .filter_map(|x| match x {
+                Act::Task { pid, task, .. } => Some((pid, task)),
+                _ => None,
+            })
+            .collect()
+    };
+    // Nothing is known of F yet: one task per worker, none in a pipe.
+    assert_eq!(ran(acts(&mut p)), vec![(100, 1), (101, 2)]);
+    // Worker 100 finishes a short task every 100 ms and takes the next; worker 101 holds
+    // the long one, and nothing is written behind it.
+    let mut at = t0;
+    let mut running = 1;
+    for next in 3..=8 {
+        at += Duration::from_millis(100);
+        p.on_worker_output(at, 100, result(running));
+        p.tick(at, false);
+        assert_eq!(ran(acts(&mut p)), vec![(100, next)], "at task {next}");
+        running = next;
+    }
+    at += Duration::from_millis(100);
+    p.on_worker_output(at, 100, result(running));
+    p.tick(at, false);
+    p.on_worker_output(t0 + Duration::from_secs(3), 101, result(2));
+    p.tick(t0 + Duration::from_secs(3), false);
+    assert!(ran(acts(&mut p)).is_empty());
+    assert_eq!(p.queued(), 0);
+}
+
+#[test]
+fn a_quick_function_is_no_longer_pipelined_once_one_of_its_tasks_ran_long() {
+    let t0 = Instant::now();
+    let mut p = idle_worker(None, F, t0);
+    p.on_message(t0, tasks(Vec::new(), vec![spec(1, F), spec(2, F)]));
+    p.tick(t0, false);
+    assert_eq!(
+        acts(&mut p)
+            .iter()
+            .filter(|x| matches!(x, Act::Task { .. }))
+            .count(),
+        2,
+        "task 2 is pipelined behind task 1"
+    );
+    p.on_worker_output(t0, 100, result(1));
+    // Task 2 takes 50 ms.
+    let t1 = t0 + Duration::from_millis(50);
+    p.on_worker_output(t1, 100, result(2));
+    p.tick(t1, false);
+    acts(&mut p);
+    p.on_message(t1, tasks(Vec::new(), vec![spec(3, F), spec(4, F)]));
+    p.tick(t1, false);
+    let a = acts(&mut p);
+    assert!(a.contains(&Act::Task {
+        pid: 100,
+        task: 3,
+        def: false
+    }));
+    assert!(
+        !a.iter().any(|x| matches!(x, Act::Task { task: 4, .. })),
+        "pipelined behind a function that just ran 50 ms: {a:?}"
+    );
+    assert_eq!(p.queued(), 1);
+}
+
+#[test]
+fn nothing_is_pipelined_behind_a_task_of_a_quick_function_that_has_run_long() {
+    let t0 = Instant::now();
+    let mut p = running_one(t0, None, Vec::new());
+    // Task 1 has run 5 ms, more than twice what F's tasks take: it may be stuck.
+    let t1 = t0 + Duration::from_millis(5);
+    p.on_message(t1, tasks(Vec::new(), vec![spec(2, F)]));
+    p.tick(t1, false);
+    let a = acts(&mut p);
+    assert!(!a.iter().any(|x| matches!(x, Act::Task { .. })), "{a:?}");
+    assert_eq!(p.queued(), 1);
+    // It ends: task 2 runs at once.
+    p.on_worker_output(t1, 100, result(1));
+    p.tick(t1, false);
+    assert!(acts(&mut p).contains(&Act::Task {
+        pid: 100,
+        task: 2,
+        def: false
+    }));
 }
 
 #[test]
@@ -612,7 +704,7 @@ fn a_cancel_of_a_queued_task_reports_it_without_running_it() {
 fn the_oldest_task_waits_for_a_worker_of_its_own_environment_at_most_the_bypass_limit() {
     let t0 = Instant::now();
     let (a, b) = (FunctionId(1), FunctionId(2));
-    let mut p = idle_worker_of("alice", a, t0);
+    let mut p = idle_worker(Some("alice"), a, t0);
     // Now bob's task first, then alice's: alice's idle worker runs hers meanwhile.
     let mut queue = vec![spec(1000, b)];
     // Too large to pipeline: one task per round, each seen by the scheduler.
@@ -672,7 +764,7 @@ fn the_oldest_task_waits_for_a_worker_of_its_own_environment_at_most_the_bypass_
 fn an_idle_worker_of_an_environment_without_queued_tasks_gives_its_slot_at_once() {
     let t0 = Instant::now();
     let (a, b) = (FunctionId(1), FunctionId(2));
-    let mut p = idle_worker_of("alice", a, t0);
+    let mut p = idle_worker(Some("alice"), a, t0);
     p.on_message(
         t0,
         tasks(vec![python_def(b, Some("bob"))], vec![spec(2, b)]),
@@ -730,17 +822,15 @@ fn a_worker_that_never_gets_ready_three_times_fails_its_environments_tasks_namin
 #[test]
 fn results_go_out_in_one_batch_with_the_starts_first_while_work_is_queued() {
     let t0 = Instant::now();
-    let mut p = pool(1, t0);
+    let mut p = idle_worker(None, F, t0);
     // 1 runs, 2 is pipelined behind it, 3 and 4 are too large to pipeline and wait.
     p.on_message(
         t0,
         tasks(
-            vec![python_def(F, None)],
+            Vec::new(),
             vec![spec(1, F), spec(2, F), big(3, F), big(4, F)],
         ),
     );
-    p.tick(t0, false);
-    p.on_worker_output(t0, 100, ready(100));
     p.tick(t0, false);
     acts(&mut p);
     // Results of 1 and 2 in one read; 3 starts, 4 still waits: held for the batch window.

@@ -97,6 +97,9 @@ struct Func {
 struct Running {
     id: TaskId,
     attempt: fnx_protocol::Attempt,
+    function: FunctionId,
+    /// When it started (its process had it).
+    started: Instant,
     deadline: Option<Instant>,
     forced: Option<TaskError>,
     kill_at: Option<Instant>,
@@ -139,6 +142,8 @@ impl Running {
         Running {
             id: spec.id,
             attempt: spec.attempt,
+            function: spec.function,
+            started: now,
             deadline: spec
                 .walltime_ms
                 .map(|ms| now + fnx_protocol::bounded_ms(ms)),
@@ -198,6 +203,23 @@ struct Pipelined {
 /// Largest argument payload pipelined behind a running task (well inside a pipe's buffer, so
 /// writing it never blocks the manager).
 const PIPELINE_MAX_ARGS: usize = 16 * 1024;
+
+/// A task is pipelined only behind one whose function is known to be this quick, and that
+/// has run no longer than twice this: a task in a pipe cannot move to a worker that becomes
+/// idle meanwhile, so it may wait no longer than a trip through the manager would take.
+const PIPELINE_BEHIND: Duration = Duration::from_millis(1);
+
+/// How long a function's tasks run here: a decaying maximum of the observed run times (the
+/// last one, or seven eighths of the previous figure if that is more), so one long task
+/// stops pipelining behind the function at once and dozens of short ones resume it.
+#[derive(Clone, Copy, Debug, Default)]
+struct RunTime(Duration);
+
+impl RunTime {
+    fn observe(&mut self, took: Duration) {
+        self.0 = took.max(self.0 * 7 / 8);
+    }
+}
 
 impl Proc {
     fn new(
@@ -259,6 +281,8 @@ pub struct Pool<I: Io> {
     /// The time of the event being handled.
     now: Instant,
     functions: HashMap<FunctionId, Func>,
+    /// How long each function's tasks run here (Python tasks with a result).
+    run_times: HashMap<FunctionId, RunTime>,
     queue: VecDeque<TaskSpec>,
     procs: HashMap<u32, Proc>,
     serial: u64,
@@ -311,6 +335,7 @@ impl<I: Io> Pool<I> {
             io,
             now,
             functions: HashMap::new(),
+            run_times: HashMap::new(),
             queue: VecDeque::new(),
             procs: HashMap::new(),
             serial: 0,

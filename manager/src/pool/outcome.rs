@@ -80,6 +80,9 @@ impl<I: Io> Pool<I> {
                     });
                     return;
                 }
+                // A result: how long the function's tasks run (a killed one says nothing).
+                let took = self.now.saturating_duration_since(r.started);
+                self.run_times.entry(r.function).or_default().observe(took);
                 if let Some(next) = proc.next.take() {
                     let mut b = promote(next, self.cfg.kill_grace, self.cfg.mem_limit, self.now);
                     if b.forced.is_some() {

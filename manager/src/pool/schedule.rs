@@ -123,7 +123,9 @@ impl<I: Io> Pool<I> {
     }
 
     /// Every Python worker is busy and tasks wait: write one small task behind each running
-    /// one, so workers go from task to task without waiting for the manager.
+    /// one that will end soon (its function is known to be quick, see [`PIPELINE_BEHIND`]), so
+    /// workers go from task to task without waiting for the manager. Never behind a task that
+    /// may run long: the task in its pipe would wait for it while another worker sits idle.
     pub(super) fn pipeline(&mut self) {
         if self.queue.is_empty()
             || self
@@ -139,7 +141,9 @@ impl<I: Io> Pool<I> {
             .filter(|(_, p)| {
                 p.next.is_none()
                     && p.exit.is_none()
-                    && p.task.as_ref().is_some_and(|r| r.forced.is_none())
+                    && p.task
+                        .as_ref()
+                        .is_some_and(|r| r.forced.is_none() && self.ends_soon(r))
                     && p.is_ready()
             })
             .map(|(&pid, _)| pid)
@@ -178,6 +182,15 @@ impl<I: Io> Pool<I> {
                 cancelled: false,
             });
         }
+    }
+
+    /// Whether running task `r` is quick enough to pipeline another one behind: its function's
+    /// tasks ran at most [`PIPELINE_BEHIND`] here so far, and it has not run twice that.
+    fn ends_soon(&self, r: &Running) -> bool {
+        self.run_times
+            .get(&r.function)
+            .is_some_and(|t| t.0 <= PIPELINE_BEHIND)
+            && self.now.saturating_duration_since(r.started) <= 2 * PIPELINE_BEHIND
     }
 
     /// Hand the queue's head to an idle worker of its environment; `false` if none is ready
