@@ -77,27 +77,71 @@ impl<I: Io> Pool<I> {
             && p.retiring.is_none()
     }
 
+    /// Worker `pid` has no task now (it became ready, or its task ended with nothing behind
+    /// it): it is idle from `now`, and the next task of its environment may take it.
+    pub(super) fn became_idle(&mut self, pid: u32) {
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        if !Self::is_idle_worker(p) {
+            return;
+        }
+        p.idle_since = Some(self.now);
+        if !p.env.is_empty() {
+            let due = self.now + self.cfg.container_idle;
+            super::earlier(&mut self.next_retire, Some(due));
+        }
+        self.idle.entry(p.env.clone()).or_default().push(pid);
+    }
+
+    /// An idle worker of `env` from those that became idle, newest first (the stale entries
+    /// are dropped on the way).
+    pub(super) fn take_idle(&mut self, env: &str) -> Option<u32> {
+        let stack = self.idle.get_mut(env)?;
+        while let Some(pid) = stack.pop() {
+            if self
+                .procs
+                .get(&pid)
+                .is_some_and(|p| Self::is_idle_worker(p) && p.env == env)
+            {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
     /// Stop idle workers of function containers that have had no task for `container_idle`;
-    /// kill stopping workers that outlive the kill grace.
+    /// kill stopping workers that outlive the kill grace. Looks at the workers only when one
+    /// may be due (`next_retire`), then finds the next.
     pub(super) fn retire_idle(&mut self, now: Instant) {
+        if self.next_retire.is_none_or(|at| now < at) {
+            return;
+        }
         let (limit, grace) = (self.cfg.container_idle, self.cfg.kill_grace);
         let mut retire = Vec::new();
+        let mut next = None;
         for (&pid, p) in self.procs.iter_mut() {
             if let Some(at) = p.retiring {
-                if now.saturating_duration_since(at) > grace && p.exit.is_none() {
-                    self.io.signal_group(pid, libc::SIGKILL);
+                if p.exit.is_none() {
+                    if now.saturating_duration_since(at) > grace {
+                        self.io.signal_group(pid, libc::SIGKILL);
+                    } else {
+                        super::earlier(&mut next, Some(at + grace + Duration::from_millis(1)));
+                    }
                 }
                 continue;
             }
-            if !Self::is_idle_worker(p) {
-                p.idle_since = None;
+            if p.env.is_empty() || !Self::is_idle_worker(p) {
                 continue;
             }
             let since = *p.idle_since.get_or_insert(now);
-            if !p.env.is_empty() && now.saturating_duration_since(since) >= limit {
+            if now.saturating_duration_since(since) >= limit {
                 retire.push(pid);
+            } else {
+                super::earlier(&mut next, Some(since + limit));
             }
         }
+        self.next_retire = next;
         for pid in retire {
             self.retire(pid, "idle past container_idle");
         }
@@ -108,10 +152,13 @@ impl<I: Io> Pool<I> {
         let Some(p) = self.procs.get_mut(&pid) else {
             return;
         };
-        if p.is_python() {
+        if p.is_python() && p.retiring.is_none() {
             tracing::info!("stopping worker {pid} of environment {:?}: {why}", p.env);
             self.io.send_exit(pid);
             p.retiring = Some(self.now);
+            self.live -= 1;
+            let kill = self.now + self.cfg.kill_grace + Duration::from_millis(1);
+            super::earlier(&mut self.next_retire, Some(kill));
         }
     }
 
@@ -168,12 +215,7 @@ impl<I: Io> Pool<I> {
     pub(super) fn report_warm(&mut self) {
         // Cheap test first (every step): any change of the workers changes their number or
         // the starts.
-        let live = self
-            .procs
-            .values()
-            .filter(|p| p.is_python() && p.retiring.is_none())
-            .filter(|p| p.exit.is_none())
-            .count();
+        let live = self.live;
         let starts: u64 = self.starts.values().sum();
         if (live, starts) == (self.warm_sent.1, self.warm_sent.2) && !self.warm_sent.0.is_empty() {
             return;

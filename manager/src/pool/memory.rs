@@ -63,7 +63,7 @@ impl<I: Io> Pool<I> {
     /// and kill a task over the limit (it fails as `memory_exceeded`; the worker slot is
     /// started again, the other tasks go on).
     pub(super) fn check_memory(&mut self, now: Instant) {
-        if now < self.mem_sampled + MEM_SAMPLE {
+        if !self.limits || now < self.mem_sampled + MEM_SAMPLE {
             return;
         }
         self.mem_sampled = now;

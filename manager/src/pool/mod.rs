@@ -285,6 +285,26 @@ pub struct Pool<I: Io> {
     run_times: HashMap<FunctionId, RunTime>,
     queue: VecDeque<TaskSpec>,
     procs: HashMap<u32, Proc>,
+    /// Processes running a task (`procs` with a `task`).
+    busy: usize,
+    /// Python workers not told to exit (what the interchange hears of as warm).
+    live: usize,
+    /// Per environment, workers that became idle, newest last. Checked when taken (a worker
+    /// may have been given a task or retired since), so it may hold stale pids: it spares the
+    /// hot path a scan of every worker.
+    idle: HashMap<String, Vec<u32>>,
+    /// Workers whose running task may take another behind it (see `pipeline`), checked when
+    /// taken.
+    pipe_candidates: Vec<u32>,
+    /// No deadline or kill of a running task comes before this (it may be earlier than the
+    /// earliest: the deadlines are looked at then, and it moves on).
+    next_check: Option<Instant>,
+    /// No idle container worker is due to retire, and no retiring worker to be killed, before
+    /// this (the same way).
+    next_retire: Option<Instant>,
+    /// A memory limit applies to some task (the pool's, or a task's own seen so far): memory
+    /// is sampled only then.
+    limits: bool,
     serial: u64,
     /// Start-up failures in a row per environment, with the log of the last one.
     startup_failures: HashMap<String, (u32, PathBuf)>,
@@ -320,6 +340,13 @@ pub struct Pool<I: Io> {
     oom_pending: u64,
 }
 
+/// Bring `slot` forward to `at` if that is earlier.
+fn earlier(slot: &mut Option<Instant>, at: Option<Instant>) {
+    if let Some(at) = at {
+        *slot = Some(slot.map_or(at, |t| t.min(at)));
+    }
+}
+
 /// How long the outcome of a task killed from outside is held (see `Pool::held`).
 pub const HOLD_KILLED: Duration = Duration::from_secs(1);
 
@@ -330,6 +357,7 @@ impl<I: Io> Pool<I> {
     /// A pool that acts through `io`, starting at `now`.
     pub fn new(cfg: PoolConfig, mut io: I, now: Instant) -> Self {
         let oom_seen = io.oom_kills().unwrap_or(0);
+        let limits = cfg.mem_limit.is_some();
         Pool {
             cfg,
             io,
@@ -338,6 +366,13 @@ impl<I: Io> Pool<I> {
             run_times: HashMap::new(),
             queue: VecDeque::new(),
             procs: HashMap::new(),
+            busy: 0,
+            live: 0,
+            idle: HashMap::new(),
+            pipe_candidates: Vec::new(),
+            next_check: None,
+            next_retire: None,
+            limits,
             serial: 0,
             startup_failures: HashMap::new(),
             envs: HashMap::new(),
@@ -440,22 +475,11 @@ impl<I: Io> Pool<I> {
         if let Some(since) = self.batch_since {
             next = next.min(since + FLUSH_AFTER);
         }
-        if self
-            .procs
-            .values()
-            .any(|p| p.task.as_ref().is_some_and(Running::sampled))
-        {
+        if self.limits && self.busy > 0 {
             next = next.min(self.mem_sampled + MEM_SAMPLE);
         }
-        for p in self.procs.values() {
-            if let Some(r) = &p.task {
-                for t in [r.deadline.filter(|_| r.forced.is_none()), r.kill_at]
-                    .into_iter()
-                    .flatten()
-                {
-                    next = next.min(t);
-                }
-            }
+        for at in [self.next_check, self.next_retire].into_iter().flatten() {
+            next = next.min(at);
         }
         next.saturating_duration_since(now)
     }
@@ -480,6 +504,7 @@ impl<I: Io> Pool<I> {
                         },
                     );
                 }
+                self.limits |= tasks.iter().any(|t| t.memory_mb.is_some());
                 if self.cfg.zero_work {
                     for spec in tasks {
                         self.push_result(spec.id, spec.attempt, Outcome::Ok(spec.args));
@@ -553,6 +578,7 @@ impl<I: Io> Pool<I> {
                     r.forced = Some(cancelled());
                     r.kill_at = Some(kill_at);
                     self.io.signal_group(pid, libc::SIGTERM);
+                    self.watch(Some(kill_at));
                 }
                 continue;
             }
@@ -567,8 +593,19 @@ impl<I: Io> Pool<I> {
         }
     }
 
+    /// A running task's deadline or kill is due at `at`: [`Pool::check_deadlines`] looks then.
+    fn watch(&mut self, at: Option<Instant>) {
+        earlier(&mut self.next_check, at);
+    }
+
+    /// Kill the tasks past their walltime (SIGTERM, then SIGKILL after the grace). Looks at
+    /// the running tasks only when one may be due (`next_check`), then finds the next.
     fn check_deadlines(&mut self, now: Instant) {
+        if self.next_check.is_none_or(|at| now < at) {
+            return;
+        }
         let grace = self.cfg.kill_grace;
+        let mut next: Option<Instant> = None;
         for (&pid, p) in self.procs.iter_mut() {
             let Some(r) = p.task.as_mut() else { continue };
             if r.forced.is_none() && r.deadline.is_some_and(|d| now >= d) {
@@ -583,7 +620,14 @@ impl<I: Io> Pool<I> {
                 r.kill_at = None;
                 self.io.signal_group(pid, libc::SIGKILL);
             }
+            for at in [r.deadline.filter(|_| r.forced.is_none()), r.kill_at]
+                .into_iter()
+                .flatten()
+            {
+                next = Some(next.map_or(at, |t| t.min(at)));
+            }
         }
+        self.next_check = next;
     }
 
     /// The pool is over (see [`Pool::end`]): report what is held and gathered, then ask every

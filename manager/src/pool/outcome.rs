@@ -64,6 +64,7 @@ impl<I: Io> Pool<I> {
                     self.cfg.python = exe;
                 }
                 tracing::debug!("worker {pid} ready (Python {python})");
+                self.became_idle(pid);
             }
             FromWorker::Result { tid, outcome } => {
                 let mut promoted = None;
@@ -83,6 +84,7 @@ impl<I: Io> Pool<I> {
                 // A result: how long the function's tasks run (a killed one says nothing).
                 let took = self.now.saturating_duration_since(r.started);
                 self.run_times.entry(r.function).or_default().observe(took);
+                self.busy -= 1;
                 if let Some(next) = proc.next.take() {
                     let mut b = promote(next, self.cfg.kill_grace, self.cfg.mem_limit, self.now);
                     if b.forced.is_some() {
@@ -93,7 +95,11 @@ impl<I: Io> Pool<I> {
                     // the task piped in behind it, already running, is the likelier one.
                     b.oom_hit = r.oom_hit && outcome.is_ok();
                     promoted = Some((b.id, b.attempt));
+                    super::earlier(&mut self.next_check, b.deadline);
+                    super::earlier(&mut self.next_check, b.kill_at);
                     proc.task = Some(b);
+                    self.busy += 1;
+                    self.pipe_candidates.push(pid);
                 }
                 // Held by its cgroup: a process of the task the kernel killed there while the
                 // worker lived on shows in a failed result (a task that got over it is its
@@ -132,9 +138,12 @@ impl<I: Io> Pool<I> {
                     }
                 };
                 self.push_result(r.id, r.attempt, outcome);
-                if let Some((id, attempt)) = promoted {
-                    self.note_started(id, attempt);
-                    self.hold_worker_to_limit(pid);
+                match promoted {
+                    Some((id, attempt)) => {
+                        self.note_started(id, attempt);
+                        self.hold_worker_to_limit(pid);
+                    }
+                    None => self.became_idle(pid),
                 }
             }
         }
@@ -161,6 +170,12 @@ impl<I: Io> Pool<I> {
         let mut oom_now = None;
         for e in exits {
             if let Some(proc) = self.procs.remove(&e.pid) {
+                if proc.task.is_some() {
+                    self.busy -= 1;
+                }
+                if proc.is_python() && proc.retiring.is_none() {
+                    self.live -= 1;
+                }
                 self.finish_proc(e.pid, proc, e.output, &mut oom_now);
             }
         }

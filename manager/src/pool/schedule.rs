@@ -6,7 +6,7 @@ use super::*;
 
 impl<I: Io> Pool<I> {
     pub(super) fn busy(&self) -> usize {
-        self.procs.values().filter(|p| p.task.is_some()).count()
+        self.busy
     }
 
     /// The slot a new process starts in. A Python worker keeps its slot for life (at most
@@ -127,35 +127,33 @@ impl<I: Io> Pool<I> {
     /// workers go from task to task without waiting for the manager. Never behind a task that
     /// may run long: the task in its pipe would wait for it while another worker sits idle.
     pub(super) fn pipeline(&mut self) {
-        if self.queue.is_empty()
-            || self
-                .procs
-                .values()
-                .any(|p| p.task.is_none() && p.exit.is_none())
-        {
+        // Some process without a task: a worker idle or starting.
+        if self.queue.is_empty() || self.procs.len() > self.busy {
             return;
         }
-        let candidates: Vec<u32> = self
-            .procs
-            .iter()
-            .filter(|(_, p)| {
+        while let Some(pid) = self.pipe_candidates.pop() {
+            let Some(spec) = self.queue.front() else {
+                self.pipe_candidates.push(pid);
+                return;
+            };
+            let can = self.procs.get(&pid).is_some_and(|p| {
                 p.next.is_none()
                     && p.exit.is_none()
                     && p.task
                         .as_ref()
                         .is_some_and(|r| r.forced.is_none() && self.ends_soon(r))
                     && p.is_ready()
-            })
-            .map(|(&pid, _)| pid)
-            .collect();
-        for pid in candidates {
-            let Some(spec) = self.queue.front() else {
-                return;
-            };
+            });
+            if !can {
+                // Its task ended, was killed, or may run long: it is not looked at again
+                // until it starts another.
+                continue;
+            }
             let Some(func) = self.functions.get(&spec.function) else {
+                self.pipe_candidates.push(pid);
                 return;
             };
-            let proc = self.procs.get_mut(&pid).expect("candidate");
+            let proc = self.procs.get_mut(&pid).expect("checked above");
             let Kind::Python { defined, .. } = &mut proc.kind else {
                 continue;
             };
@@ -170,6 +168,7 @@ impl<I: Io> Pool<I> {
                 || proc.env != func.env
                 || !same_limit
             {
+                self.pipe_candidates.push(pid);
                 return;
             }
             let spec = self.queue.pop_front().expect("front exists");
@@ -200,12 +199,15 @@ impl<I: Io> Pool<I> {
             .queue
             .front()
             .and_then(|t| self.functions.get(&t.function));
-        let env = env.map(|f| f.env.as_str()).unwrap_or("");
-        let idle = self
-            .procs
-            .iter()
-            .find(|(_, p)| Self::is_idle_worker(p) && p.env == env)
-            .map(|(&pid, _)| pid);
+        let env = env.map(|f| f.env.clone()).unwrap_or_default();
+        let idle = self.take_idle(&env).or_else(|| {
+            // Not found among those that became idle: look at every worker (a worker is
+            // never lost to a missed note).
+            self.procs
+                .iter()
+                .find(|(_, p)| Self::is_idle_worker(p) && p.env == env)
+                .map(|(&pid, _)| pid)
+        });
         let Some(pid) = idle else {
             self.spawn_workers_for_queue();
             return false;
@@ -230,11 +232,16 @@ impl<I: Io> Pool<I> {
         let cwd = sandbox.as_ref().map(|s| s.dir().to_path_buf());
         // Its clock starts now, after its files were placed.
         let started = self.io.now();
-        proc.task = Some(Running {
+        let running = Running {
             sandbox,
             ..Running::start(&spec, self.cfg.mem_limit, started)
-        });
+        };
+        let deadline = running.deadline;
+        proc.task = Some(running);
         proc.idle_since = None;
+        self.busy += 1;
+        self.pipe_candidates.push(pid);
+        super::earlier(&mut self.next_check, deadline);
         if let Err(e) = self.io.send_task(pid, def, &spec, cwd.as_deref()) {
             tracing::warn!("cannot send a task to worker {pid}: {e}");
             // The worker is gone or broken; its exit is reported as worker_lost.
@@ -323,6 +330,7 @@ impl<I: Io> Pool<I> {
                 let mut proc = Proc::new(Proc::python(), w.marker, None, Some(log), slot);
                 proc.env = env.to_string();
                 self.procs.insert(w.pid, proc);
+                self.live += 1;
                 self.count_start(env);
                 true
             }
@@ -430,8 +438,11 @@ impl<I: Io> Pool<I> {
                     held_by_cgroup: started.held,
                     ..Running::start(&spec, self.cfg.mem_limit, self.io.now())
                 };
+                let deadline = running.deadline;
                 let proc = Proc::new(Kind::Shell, started.marker, Some(running), None, slot);
                 self.procs.insert(started.pid, proc);
+                self.busy += 1;
+                self.watch(deadline);
                 self.note_started(spec.id, spec.attempt);
             }
             Err(e) => self.push_result(spec.id, spec.attempt, Outcome::Err(e)),
