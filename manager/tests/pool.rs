@@ -1010,3 +1010,91 @@ fn a_worker_the_nodes_oom_killer_took_fails_its_task_as_oom_killed_and_other_kil
     p.tick(t0, true);
     assert_eq!(error_of(&sent(&mut p)).0, ErrorKind::WorkerLost);
 }
+
+#[test]
+fn an_idle_container_worker_retires_after_container_idle_even_if_it_repeats_ready() {
+    let t0 = Instant::now();
+    let idle = Duration::from_secs(5);
+    let mut p = pool_with(
+        PoolConfig {
+            container_idle: idle,
+            ..config(1)
+        },
+        t0,
+    );
+    p.on_message(
+        t0,
+        tasks(vec![python_def(F, Some("alice"))], vec![spec(1, F)]),
+    );
+    p.tick(t0, false);
+    p.on_worker_output(t0, 100, ready(100));
+    p.tick(t0, false);
+    p.on_worker_output(t0, 100, result(1));
+    p.tick(t0, false);
+    acts(&mut p);
+    // The driver wakes for the retirement.
+    assert_eq!(
+        p.timeout(t0 + Duration::from_millis(4500)),
+        Duration::from_millis(500)
+    );
+    // A worker saying `ready` again (a hostile task's thread, say) does not restart its
+    // idle time.
+    for s in 1..5 {
+        let at = t0 + Duration::from_secs(s);
+        p.on_worker_output(at, 100, ready(100));
+        p.tick(at, false);
+        assert!(acts(&mut p).is_empty());
+    }
+    p.tick(t0 + idle, false);
+    assert!(acts(&mut p).contains(&Act::ExitFrame(100)));
+    // It does not exit: SIGKILL after the grace, and again every grace until it is reaped.
+    p.tick(t0 + idle + GRACE + Duration::from_millis(1), false);
+    assert_eq!(acts(&mut p), vec![Act::Signal(100, libc::SIGKILL)]);
+    p.tick(t0 + idle + GRACE * 2 + Duration::from_millis(1), false);
+    assert_eq!(acts(&mut p), vec![Act::Signal(100, libc::SIGKILL)]);
+}
+
+#[test]
+fn a_pipelined_tasks_walltime_runs_from_when_it_starts() {
+    let t0 = Instant::now();
+    let mut second = spec(2, F);
+    second.walltime_ms = Some(100);
+    let mut p = running_one(t0, None, vec![second]);
+    // Task 1 ends 50 ms later: task 2 starts then.
+    let t1 = t0 + Duration::from_millis(50);
+    p.on_worker_output(t1, 100, result(1));
+    p.tick(t1, false);
+    acts(&mut p);
+    p.tick(t0 + Duration::from_millis(100), false);
+    assert!(
+        acts(&mut p).is_empty(),
+        "killed before its walltime ran out"
+    );
+    assert_eq!(
+        p.timeout(t0 + Duration::from_millis(100)),
+        Duration::from_millis(50)
+    );
+    p.tick(t1 + Duration::from_millis(100), false);
+    assert_eq!(acts(&mut p), vec![Act::Signal(100, libc::SIGTERM)]);
+}
+
+#[test]
+fn a_worker_that_dies_with_a_task_in_its_pipe_frees_its_slot_and_the_task_runs_elsewhere() {
+    let t0 = Instant::now();
+    let mut p = running_one(t0, None, vec![spec(2, F)]);
+    p.on_exits(t0, exit(100, killed_by(libc::SIGSEGV)));
+    p.tick(t0, true);
+    // The slot is free again: a new worker starts for task 2, which never ran.
+    let a = acts(&mut p);
+    assert!(a.contains(&Act::SpawnWorker { pid: 101 }), "{a:?}");
+    // Task 1's outcome goes out with the batch (task 2 waits, so it is held 1 ms).
+    p.tick(t0 + Duration::from_millis(1), false);
+    assert_eq!(error_of(&sent(&mut p)).0, ErrorKind::WorkerLost);
+    p.on_worker_output(t0, 101, ready(101));
+    p.tick(t0, false);
+    assert!(acts(&mut p).contains(&Act::Task {
+        pid: 101,
+        task: 2,
+        def: true
+    }));
+}

@@ -91,7 +91,19 @@ impl<I: Io> Pool<I> {
             let due = self.now + self.cfg.container_idle;
             super::earlier(&mut self.next_retire, Some(due));
         }
-        self.idle.entry(p.env.clone()).or_default().push(pid);
+        let env = p.env.clone();
+        let workers = self.procs.len();
+        let stack = self.idle.entry(env).or_default();
+        stack.push(pid);
+        // Entries of workers given a task by a scan, or gone, stay until popped: compacted
+        // when the stack outgrows the workers.
+        if stack.len() > 2 * workers + 16 {
+            let mut seen = HashSet::new();
+            let procs = &self.procs;
+            stack.retain(|pid| {
+                procs.get(pid).is_some_and(Self::is_idle_worker) && seen.insert(*pid)
+            });
+        }
     }
 
     /// An idle worker of `env` from those that became idle, newest first (the stale entries
@@ -124,7 +136,9 @@ impl<I: Io> Pool<I> {
             if let Some(at) = p.retiring {
                 if p.exit.is_none() {
                     if now.saturating_duration_since(at) > grace {
+                        // Again every grace until it is reaped.
                         self.io.signal_group(pid, libc::SIGKILL);
+                        super::earlier(&mut next, Some(now + grace));
                     } else {
                         super::earlier(&mut next, Some(at + grace + Duration::from_millis(1)));
                     }

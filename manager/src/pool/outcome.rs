@@ -50,7 +50,9 @@ impl<I: Io> Pool<I> {
                 python,
                 executable,
             } => {
-                *ready = true;
+                // Only the first counts: a worker that repeats it neither grows the idle stack
+                // nor restarts its idle time (and so never retires).
+                let first = !std::mem::replace(ready, true);
                 self.startup_failures.remove(&proc.env);
                 // Start later workers with the resolved interpreter (skips wrappers such as
                 // pyenv shims, which cost more than Python's own start-up).
@@ -64,7 +66,9 @@ impl<I: Io> Pool<I> {
                     self.cfg.python = exe;
                 }
                 tracing::debug!("worker {pid} ready (Python {python})");
-                self.became_idle(pid);
+                if first {
+                    self.became_idle(pid);
+                }
             }
             FromWorker::Result { tid, outcome } => {
                 let mut promoted = None;
@@ -99,7 +103,7 @@ impl<I: Io> Pool<I> {
                     super::earlier(&mut self.next_check, b.kill_at);
                     proc.task = Some(b);
                     self.busy += 1;
-                    self.pipe_candidates.push(pid);
+                    self.note_candidate(pid);
                 }
                 // Held by its cgroup: a process of the task the kernel killed there while the
                 // worker lived on shows in a failed result (a task that got over it is its

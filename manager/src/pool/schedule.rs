@@ -183,6 +183,23 @@ impl<I: Io> Pool<I> {
         }
     }
 
+    /// Worker `pid` started a task: a task may be pipelined behind it. The stack is only popped
+    /// while every worker is busy, so it is compacted when it outgrows the workers (to the
+    /// workers that can still take one, each once).
+    pub(super) fn note_candidate(&mut self, pid: u32) {
+        self.pipe_candidates.push(pid);
+        if self.pipe_candidates.len() > 2 * self.procs.len() + 16 {
+            let mut seen = HashSet::new();
+            let procs = &self.procs;
+            self.pipe_candidates.retain(|pid| {
+                procs
+                    .get(pid)
+                    .is_some_and(|p| p.task.is_some() && p.next.is_none())
+                    && seen.insert(*pid)
+            });
+        }
+    }
+
     /// Whether running task `r` is quick enough to pipeline another one behind: its function's
     /// tasks ran at most [`PIPELINE_BEHIND`] here so far, and it has not run twice that.
     fn ends_soon(&self, r: &Running) -> bool {
@@ -240,7 +257,6 @@ impl<I: Io> Pool<I> {
         proc.task = Some(running);
         proc.idle_since = None;
         self.busy += 1;
-        self.pipe_candidates.push(pid);
         super::earlier(&mut self.next_check, deadline);
         if let Err(e) = self.io.send_task(pid, def, &spec, cwd.as_deref()) {
             tracing::warn!("cannot send a task to worker {pid}: {e}");
@@ -248,6 +264,7 @@ impl<I: Io> Pool<I> {
             self.io.signal_group(pid, libc::SIGKILL);
             return;
         }
+        self.note_candidate(pid);
         self.note_started(spec.id, spec.attempt);
         self.hold_worker_to_limit(pid);
     }
