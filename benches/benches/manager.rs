@@ -5,12 +5,11 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use fnx_manager::pool::{Io, Pool, PoolConfig, ShellStart, Spawned, WorkerOutput, WorkerStart};
-use fnx_manager::procs::Markers;
 use fnx_manager::sandbox::Sandbox;
 use fnx_manager::wire::FromWorker;
 use fnx_protocol::*;
 use std::collections::{HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const F: FunctionId = FunctionId(1);
@@ -81,27 +80,7 @@ impl Io for NullIo {
 }
 
 fn config(slots: usize) -> PoolConfig {
-    PoolConfig {
-        slots,
-        python: "python3".into(),
-        worker_script: PathBuf::from("/nonexistent/fnx_worker.py"),
-        log_dir: PathBuf::from("/nonexistent/manager"),
-        markers: Markers {
-            run_id: "r".into(),
-            manager: "m".into(),
-            sandbox: None,
-        },
-        max_result_bytes: 1 << 20,
-        kill_grace: Duration::from_secs(2),
-        zero_work: false,
-        max_frame_bytes: 64 << 20,
-        drain_at: None,
-        run_dir: PathBuf::from("/nonexistent/run"),
-        placement: Vec::new(),
-        container: None,
-        container_idle: Duration::from_secs(300),
-        mem_limit: None,
-    }
+    PoolConfig::detached(slots)
 }
 
 fn spec(id: u64) -> TaskSpec {

@@ -5,11 +5,10 @@
 use fnx_manager::pool::{
     Exit, Io, Pool, PoolConfig, ShellStart, Spawned, WorkerOutput, WorkerStart,
 };
-use fnx_manager::procs::Markers;
 use fnx_manager::sandbox::Sandbox;
 use fnx_manager::wire::FromWorker;
 use fnx_protocol::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const F: FunctionId = FunctionId(7);
@@ -132,27 +131,7 @@ impl Io for Rec {
 }
 
 fn config(slots: usize) -> PoolConfig {
-    PoolConfig {
-        slots,
-        python: "python3".into(),
-        worker_script: PathBuf::from("/nonexistent/fnx_worker.py"),
-        log_dir: PathBuf::from("/nonexistent/manager"),
-        markers: Markers {
-            run_id: "r".into(),
-            manager: "m".into(),
-            sandbox: None,
-        },
-        max_result_bytes: 1 << 20,
-        kill_grace: GRACE,
-        zero_work: false,
-        max_frame_bytes: 64 << 20,
-        drain_at: None,
-        run_dir: PathBuf::from("/nonexistent/run"),
-        placement: Vec::new(),
-        container: None,
-        container_idle: Duration::from_secs(300),
-        mem_limit: None,
-    }
+    PoolConfig::detached(slots)
 }
 
 type TestPool = Pool<Rec>;
@@ -357,6 +336,17 @@ fn a_result_read_in_the_round_its_walltime_passes_is_the_outcome_and_nothing_is_
     assert!(outcomes(&sent(&mut p)).is_empty());
 }
 
+/// The task on worker 100, with a walltime of 100 ms from `started`, is not killed at `early`
+/// (before that), the driver is told to wake for it, and it gets SIGTERM at its deadline.
+fn killed_100ms_after(p: &mut TestPool, started: Instant, early: Instant) {
+    let deadline = started + Duration::from_millis(100);
+    p.tick(early, false);
+    assert!(acts(p).is_empty(), "killed before its walltime ran out");
+    assert_eq!(p.timeout(early), deadline - early);
+    p.tick(deadline, false);
+    assert_eq!(acts(p), vec![Act::Signal(100, libc::SIGTERM)]);
+}
+
 #[test]
 fn a_tasks_walltime_starts_when_its_process_has_it_not_when_the_round_began() {
     let t0 = Instant::now();
@@ -375,17 +365,7 @@ fn a_tasks_walltime_starts_when_its_process_has_it_not_when_the_round_began() {
         task: 1,
         def: true
     }));
-    p.tick(t0 + Duration::from_millis(100), false);
-    assert!(
-        acts(&mut p).is_empty(),
-        "killed before its walltime ran out"
-    );
-    assert_eq!(
-        p.timeout(t0 + Duration::from_millis(100)),
-        Duration::from_millis(50)
-    );
-    p.tick(started + Duration::from_millis(100), false);
-    assert_eq!(acts(&mut p), vec![Act::Signal(100, libc::SIGTERM)]);
+    killed_100ms_after(&mut p, started, t0 + Duration::from_millis(100));
 }
 
 #[test]
@@ -1065,17 +1045,7 @@ fn a_pipelined_tasks_walltime_runs_from_when_it_starts() {
     p.on_worker_output(t1, 100, result(1));
     p.tick(t1, false);
     acts(&mut p);
-    p.tick(t0 + Duration::from_millis(100), false);
-    assert!(
-        acts(&mut p).is_empty(),
-        "killed before its walltime ran out"
-    );
-    assert_eq!(
-        p.timeout(t0 + Duration::from_millis(100)),
-        Duration::from_millis(50)
-    );
-    p.tick(t1 + Duration::from_millis(100), false);
-    assert_eq!(acts(&mut p), vec![Act::Signal(100, libc::SIGTERM)]);
+    killed_100ms_after(&mut p, t1, t0 + Duration::from_millis(100));
 }
 
 #[test]

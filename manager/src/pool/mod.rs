@@ -74,6 +74,34 @@ pub struct PoolConfig {
     pub mem_limit: Option<u64>,
 }
 
+impl PoolConfig {
+    /// A pool of `slots` for a pool driven without a driver (tests and benchmarks, over an
+    /// `Io` of their own): no files of its own exist, no limits apply, a kill grace of 2 s.
+    pub fn detached(slots: usize) -> PoolConfig {
+        PoolConfig {
+            slots,
+            python: "python3".into(),
+            worker_script: PathBuf::from("/nonexistent/fnx_worker.py"),
+            log_dir: PathBuf::from("/nonexistent/manager"),
+            markers: Markers {
+                run_id: "r".into(),
+                manager: "m".into(),
+                sandbox: None,
+            },
+            max_result_bytes: 1 << 20,
+            kill_grace: Duration::from_secs(2),
+            zero_work: false,
+            max_frame_bytes: 64 << 20,
+            drain_at: None,
+            run_dir: PathBuf::from("/nonexistent/run"),
+            placement: Vec::new(),
+            container: None,
+            container_idle: Duration::from_secs(300),
+            mem_limit: None,
+        }
+    }
+}
+
 /// Why the pool stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PoolEnd {
