@@ -29,7 +29,35 @@ pub enum BenchCommand {
     /// Tasks/s and round-trip latency of a running `fnx daemon` through its HTTP API (no-op
     /// Python tasks; submits in batches while a second connection streams results); prints JSON.
     Api(crate::bench_api::ApiArgs),
+    /// Simulated zero-work managers for `fnx bench dispatch`, in a process of their own; they
+    /// stop when standard input closes.
+    #[command(hide = true)]
+    SimManagers(SimArgs),
 }
+
+/// `fnx bench sim-managers` (started by `fnx bench dispatch`).
+#[derive(Args, Debug)]
+pub struct SimArgs {
+    /// The interchange's endpoint
+    #[arg(long)]
+    pub endpoint: String,
+    /// Number of the first manager (their ids are `sim-N`)
+    #[arg(long)]
+    pub first: u32,
+    /// Managers
+    #[arg(long)]
+    pub managers: u32,
+    /// Worker slots per manager
+    #[arg(long)]
+    pub slots: u32,
+    /// Tasks queued per manager beyond its slots
+    #[arg(long)]
+    pub prefetch: u32,
+}
+
+/// Simulated managers per process: each holds a TCP connection and libzmq's own descriptors
+/// (about three), so a process stays well inside a hard limit of 20,000 open files.
+const SIMULATED_PER_PROCESS: u32 = 2_000;
 
 /// `fnx bench transfer`.
 #[derive(Args, Debug)]
@@ -91,6 +119,7 @@ pub fn run(cmd: BenchCommand) -> u8 {
         BenchCommand::Dispatch(args) => dispatch(&args),
         BenchCommand::Transfer(args) => transfer(&args),
         BenchCommand::Api(args) => crate::bench_api::run(&args),
+        BenchCommand::SimManagers(args) => return sim_process(&args),
     };
     match result {
         Ok(json) => {
@@ -169,8 +198,11 @@ fn dispatch(args: &DispatchArgs) -> Result<serde_json::Value> {
         Mode::Simulated => {
             let mut cfg = DriverConfig::new("tcp://127.0.0.1:0");
             cfg.state.heartbeat_threshold = threshold;
+            // One descriptor per manager's connection, on the interchange's side.
+            let fds = fnx_sys::node::raise_fd_limit().unwrap_or(1024);
+            tracing::info!("open-file limit: {fds}");
             let (handle, events) = driver::start(cfg)?;
-            let sim = SimManagers::start(
+            let sim = Sims::start(
                 handle.endpoint(),
                 args.managers,
                 args.slots,
@@ -419,6 +451,86 @@ fn sim_reply(frame: &[u8]) -> Option<Vec<u8>> {
     encode(&reply, DEFAULT_MAX_FRAME_BYTES).ok()
 }
 
+/// The simulated managers of a run: in this process up to [`SIMULATED_PER_PROCESS`], else
+/// spread over child processes (`fnx bench sim-managers`) of that many each.
+enum Sims {
+    Here(SimManagers),
+    Children(Vec<std::process::Child>),
+}
+
+impl Sims {
+    fn start(endpoint: &str, managers: u32, slots: u32, prefetch: u32) -> Result<Sims> {
+        if managers <= SIMULATED_PER_PROCESS {
+            return Ok(Sims::Here(SimManagers::start(
+                endpoint, 0, managers, slots, prefetch,
+            )?));
+        }
+        let exe = std::env::current_exe().context("finding this executable")?;
+        let mut children = Vec::new();
+        let mut first = 0;
+        while first < managers {
+            let n = SIMULATED_PER_PROCESS.min(managers - first);
+            let child = std::process::Command::new(&exe)
+                .args(["bench", "sim-managers", "--endpoint", endpoint])
+                .args(["--first", &first.to_string(), "--managers", &n.to_string()])
+                .args([
+                    "--slots",
+                    &slots.to_string(),
+                    "--prefetch",
+                    &prefetch.to_string(),
+                ])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .context("starting simulated managers")?;
+            children.push(child);
+            first += n;
+        }
+        tracing::info!(
+            "{managers} simulated managers in {} processes",
+            children.len()
+        );
+        Ok(Sims::Children(children))
+    }
+
+    fn stop(self) {
+        match self {
+            Sims::Here(s) => s.stop(),
+            Sims::Children(children) => {
+                for mut c in children {
+                    // Closing its standard input stops it.
+                    drop(c.stdin.take());
+                    let _ = c.wait();
+                }
+            }
+        }
+    }
+}
+
+/// `fnx bench sim-managers`: run the given managers until standard input closes.
+fn sim_process(args: &SimArgs) -> u8 {
+    if let Err(e) = fnx_sys::node::raise_fd_limit() {
+        eprintln!("fnx bench sim-managers: cannot raise the open-file limit: {e}");
+    }
+    let sims = match SimManagers::start(
+        &args.endpoint,
+        args.first,
+        args.managers,
+        args.slots,
+        args.prefetch,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("fnx bench sim-managers: {e:#}");
+            return EXIT_USAGE;
+        }
+    };
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    sims.stop();
+    EXIT_OK
+}
+
 /// Many zero-work managers in one thread: one DEALER socket each, answering every task batch
 /// with one result batch.
 struct SimManagers {
@@ -427,7 +539,14 @@ struct SimManagers {
 }
 
 impl SimManagers {
-    fn start(endpoint: &str, managers: u32, slots: u32, prefetch: u32) -> Result<SimManagers> {
+    /// Managers `sim-FIRST` to `sim-(FIRST + managers - 1)`.
+    fn start(
+        endpoint: &str,
+        first: u32,
+        managers: u32,
+        slots: u32,
+        prefetch: u32,
+    ) -> Result<SimManagers> {
         let mut sockets = Vec::with_capacity(managers as usize);
         // libzmq allows 1023 sockets per context by default: one context per 1000 managers.
         let mut contexts = Vec::new();
@@ -442,7 +561,7 @@ impl SimManagers {
             s.connect(endpoint)
                 .with_context(|| format!("connect of simulated manager {i}"))?;
             let reg = Register {
-                uid: format!("sim-{i}"),
+                uid: format!("sim-{}", first + i),
                 host: "simulated".into(),
                 pid: std::process::id(),
                 cores: slots,

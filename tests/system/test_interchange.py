@@ -320,3 +320,45 @@ def test_fault_10_forgetting_and_cancelling_finished_tasks_drops_no_manager(make
     print(f"\nFAULTS 10: {n} finished tasks cancelled and forgotten in {storm_s:.1f} s with 101 "
           f"managers; heartbeat answer p50 {rtts[len(rtts) // 2] * 1e3:.1f} ms, p99 "
           f"{rtts[int(len(rtts) * 0.99)] * 1e3:.1f} ms, max {worst * 1e3:.1f} ms")
+
+
+def test_bench_dispatch_spreads_simulated_managers_over_processes_and_leaves_none(fnx_env):
+    """`fnx bench dispatch` with more simulated managers than one process holds (2,000) runs
+    them in child processes (`fnx bench sim-managers`): every manager registers, every task
+    completes, and no child outlives the run."""
+    import json
+    import subprocess
+
+    def sims():
+        found = []
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"sim-managers" in argv:
+                found.append(int(pid))
+        return found
+
+    assert not sims(), "simulated managers of another run are alive"
+    proc = subprocess.Popen(
+        [str(fnx_env.bin), "bench", "dispatch", "--managers", "2100", "--slots", "4",
+         "--tasks", "20000", "--memory-tasks", "0"],
+        cwd=fnx_env.dir, env=fnx_env.env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    most = 0
+    deadline = time.monotonic() + 120
+    while proc.poll() is None:
+        most = max(most, len(sims()))
+        assert time.monotonic() < deadline, "fnx bench dispatch did not finish in 120 s"
+        time.sleep(0.05)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert (result["managers"], result["tasks"], result["failed"]) == (2100, 20000, 0), result
+    assert result["workers"] == 2100 * 4
+    assert most == 2, f"{most} sim-managers processes seen, not 2 (2,000 and 100 managers)"
+    wait_for(lambda: not sims(), 10, "the simulated managers' processes exited")
