@@ -13,7 +13,7 @@ import msgpack
 import pytest
 import zmq
 
-from conftest import wait_for
+from conftest import all_pids, read_proc, wait_for
 
 PROTOCOL_VERSION = 4
 
@@ -330,18 +330,9 @@ def test_bench_dispatch_spreads_simulated_managers_over_processes_and_leaves_non
     import subprocess
 
     def sims():
-        found = []
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"sim-managers" in argv:
-                found.append(int(pid))
-        return found
+        procs = (read_proc(pid) for pid in all_pids())
+        return [p.pid for p in procs
+                if p and " sim-managers " in p.cmdline and p.state not in "ZX"]
 
     assert not sims(), "simulated managers of another run are alive"
     proc = subprocess.Popen(
