@@ -151,7 +151,7 @@ impl Checker<'_> {
         let function = t
             .function
             .ok_or_else(|| bad_field(i, "function", "required (a function id)"))?;
-        let raw_data = bytes_of(i, is_msgpack, t.data, t.data_b64)?;
+        let raw_data = bytes_of(i, "", is_msgpack, t.data, t.data_b64)?;
         let raw_files = files_of(i, is_msgpack, t.files)?;
         let encoding = t.encoding.unwrap_or(Encoding::Json);
         let max_payload = self.app.limits.max_payload_bytes;
@@ -283,27 +283,34 @@ fn bad_field(i: usize, field: &str, why: impl std::fmt::Display) -> ApiError {
     ApiError::from(Invalid::at(field, why.to_string()).under(&format!("tasks[{i}]")))
 }
 
-/// A task's argument bytes: msgpack bodies give them in `data`, JSON bodies in `data_b64`.
+/// Bytes given in `data` (msgpack bodies) or `data_b64` (JSON bodies) of task `i`; `at` is the
+/// fields' path inside the task (`""` for its arguments, `files[j].` for a file).
 fn bytes_of(
     i: usize,
+    at: &str,
     is_msgpack: bool,
     data: Option<Vec<u8>>,
     data_b64: Option<String>,
 ) -> Result<Option<Vec<u8>>, ApiError> {
-    let bad = |field: &str, why: &str| bad_field(i, field, why);
+    let bad = |field: &str, why: String| bad_field(i, &format!("{at}{field}"), why);
     match (is_msgpack, data, data_b64) {
         (true, _, Some(_)) => Err(bad(
             "data_b64",
-            "only in JSON bodies; a msgpack body gives the bytes in data",
+            "only in JSON bodies; a msgpack body gives the bytes in data".into(),
         )),
         (false, Some(_), _) => Err(bad(
             "data",
-            "only in msgpack bodies; a JSON body gives args, or data_b64 with a pickle",
+            if at.is_empty() {
+                "only in msgpack bodies; a JSON body gives args, or data_b64 with a pickle"
+            } else {
+                "only in msgpack bodies; a JSON body gives them in data_b64"
+            }
+            .into(),
         )),
         (true, data, None) => Ok(data),
         (false, None, Some(s)) => {
             Ok(Some(unb64(&s).map_err(|e| {
-                bad_field(i, "data_b64", format!("not base64: {e}"))
+                bad("data_b64", format!("not base64: {e}"))
             })?))
         }
         (false, None, None) => Ok(None),
@@ -321,29 +328,8 @@ fn files_of(
         .into_iter()
         .enumerate()
         .map(|(j, f)| {
-            let field = |k: &str| format!("files[{j}].{k}");
-            let inline =
-                match (is_msgpack, f.data, f.data_b64) {
-                    (true, _, Some(_)) => {
-                        return Err(bad_field(
-                            i,
-                            &field("data_b64"),
-                            "only in JSON bodies; use data",
-                        ))
-                    }
-                    (false, Some(_), _) => {
-                        return Err(bad_field(
-                            i,
-                            &field("data"),
-                            "only in msgpack bodies; use data_b64",
-                        ))
-                    }
-                    (true, data, None) => data,
-                    (false, None, Some(s)) => Some(unb64(&s).map_err(|e| {
-                        bad_field(i, &field("data_b64"), format!("not base64: {e}"))
-                    })?),
-                    (false, None, None) => None,
-                };
+            let at = format!("files[{j}].");
+            let inline = bytes_of(i, &at, is_msgpack, f.data, f.data_b64)?;
             let source = match (inline, f.path) {
                 (Some(bytes), None) => RawSource::Inline(bytes),
                 (None, Some(p)) => RawSource::Path(p),
