@@ -525,8 +525,8 @@ fn sim_process(args: &SimArgs) -> u8 {
             return EXIT_USAGE;
         }
     };
-    let mut sink = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    // Nothing is written to it: this returns when the parent closes it (or dies).
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
     sims.stop();
     EXIT_OK
 }
