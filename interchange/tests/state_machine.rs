@@ -17,13 +17,7 @@ fn registration_is_answered_and_tasks_go_out_in_one_batch_up_to_capacity() {
     ic.dispatch(&mut c);
     assert_eq!(
         c.take(),
-        vec![(
-            peer(1),
-            InterchangeToManager::Tasks {
-                functions: vec![fdef()],
-                tasks: vec![spec(1, 1), spec(2, 1), spec(3, 1)]
-            }
-        )]
+        first_batch(1, vec![spec(1, 1), spec(2, 1), spec(3, 1)])
     );
     assert_eq!(ic.counts(), counts(2, 3, 1, 2));
     // A result frees one slot; the next dispatch sends one task and no function body again.

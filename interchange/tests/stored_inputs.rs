@@ -44,13 +44,7 @@ fn stored_inputs_are_loaded_per_dispatch_and_an_unreadable_one_fails_alone() {
     assert_eq!(c.loads, vec![vec![TaskId(1), TaskId(3), TaskId(4)]]);
     assert_eq!(
         c.take(),
-        vec![(
-            peer(1),
-            InterchangeToManager::Tasks {
-                functions: vec![fdef()],
-                tasks: vec![spec(1, 1), spec(2, 1), spec(3, 1)]
-            }
-        )]
+        first_batch(1, vec![spec(1, 1), spec(2, 1), spec(3, 1)])
     );
     assert_eq!(c.finished.len(), 1);
     assert_eq!(c.finished[0].id, TaskId(4));
@@ -131,14 +125,5 @@ fn a_failing_store_leaves_stored_tasks_queued_with_their_attempt_and_definitions
     // The store is back: the same attempt goes out, with the function's definition.
     c.store_down = false;
     ic.dispatch(&mut c);
-    assert_eq!(
-        c.take(),
-        vec![(
-            peer(1),
-            InterchangeToManager::Tasks {
-                functions: vec![fdef()],
-                tasks: vec![spec(5, 1)]
-            }
-        )]
-    );
+    assert_eq!(c.take(), first_batch(1, vec![spec(5, 1)]));
 }

@@ -167,6 +167,17 @@ pub fn one_manager_running(now: Instant, slots: u32, tasks: Vec<NewTask>) -> (In
     (ic, c)
 }
 
+/// What manager `n` is sent when its first tasks of `fdef()` go out: the definition with them.
+pub fn first_batch(n: u8, tasks: Vec<TaskSpec>) -> Vec<(Peer, InterchangeToManager)> {
+    vec![(
+        peer(n),
+        InterchangeToManager::Tasks {
+            functions: vec![fdef()],
+            tasks,
+        },
+    )]
+}
+
 pub fn registered(id: u64) -> InterchangeToManager {
     InterchangeToManager::Registered {
         manager: ManagerId(id),
